@@ -1,0 +1,98 @@
+"""Threshold calibration from data with bounded memory.
+
+Each SFN site keeps two streaming histograms (positive values, magnitudes of
+negative values) whose range doubles, merging bin pairs exactly, when a larger
+value arrives. Memory per site is fixed (``bins`` counters) whatever the data size,
+and a quantile is exact up to one bin width (range / bins).
+"""
+from __future__ import annotations
+
+import torch
+
+from .ir import Graph
+from .passes import configure
+from .progress import progress
+from .runtime import run
+
+
+class StreamingHistogram:
+    """Histogram of non-negative values on [0, hi) with hi doubling on demand."""
+
+    def __init__(self, bins: int = 4096):
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.hi = 0.0
+        self.max = 0.0
+        self.n = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().reshape(-1).to(torch.float64)
+        if values.numel() == 0:
+            return
+        m = float(values.max())
+        self.max = max(self.max, m)
+        self.n += values.numel()
+        if self.hi == 0.0:
+            self.hi = m if m > 0 else 1.0
+        while m >= self.hi:
+            self.counts = torch.cat([self.counts.view(-1, 2).sum(1), torch.zeros(self.bins // 2, dtype=torch.float64)])
+            self.hi *= 2
+        idx = (values / self.hi * self.bins).long().clamp_(0, self.bins - 1)
+        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+
+    def quantile(self, q: float) -> float:
+        """Value below which a fraction q of the samples lie (linear within a bin, never above the max)."""
+        if self.n == 0:
+            return 0.0
+        if q >= 1.0:
+            return self.max
+        target = q * self.n
+        cum = torch.cumsum(self.counts, 0)
+        i = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64)))
+        i = min(i, self.bins - 1)
+        below = float(cum[i - 1]) if i > 0 else 0.0
+        width = self.hi / self.bins
+        frac = (target - below) / float(self.counts[i]) if self.counts[i] > 0 else 0.0
+        return min(i * width + frac * width, self.max)
+
+
+def top_percent(hist: StreamingHistogram, p: float) -> float:
+    """θ as the top-p% largest value: the (100 − p)th percentile (p = 0 gives the maximum)."""
+    return hist.quantile(1.0 - p / 100.0)
+
+
+def calibrate(graph: Graph, batches, percentile: float = 1.0, bins: int = 4096, quiet: bool = False) -> Graph:
+    """Set θ⁺, θ⁻ of every dual site and o_max of every post-softmax site from ANN activations.
+
+    ``batches`` yields input tensors. The histograms are kept on the nodes
+    (``hist_pos``/``hist_neg`` params, ``hist_hi`` attrs) for reports.
+    """
+    if not 0 <= percentile < 100:
+        raise ValueError(f"percentile p must lie in [0, 100), got {percentile}")
+    sites = {n.name: n for n in graph.sites}
+    pos = {k: StreamingHistogram(bins) for k in sites}
+    neg = {k: StreamingHistogram(bins) for k in sites}
+
+    def hook(node, args, out, extra):
+        if node.op == "sfn":
+            x = args[0]
+            pos[node.name].update(x[x > 0])
+            neg[node.name].update(-x[x < 0])
+
+    for xb in progress(batches, "calibrating", quiet=quiet):
+        run(graph, xb, spiking=False, hook=hook)
+    for name, node in sites.items():
+        a = node.attrs
+        a["percentile"] = float(percentile)
+        a["calib_samples"] = pos[name].n + neg[name].n
+        a["max_pos"], a["max_neg"] = pos[name].max, neg[name].max
+        if a["kind"] == "softmax":
+            a["o_max"] = pos[name].max
+        else:
+            a["theta_pos"] = top_percent(pos[name], percentile)
+            a["theta_neg"] = 0.0 if a.get("absorbs") else top_percent(neg[name], percentile)
+        node.params["hist_pos"] = pos[name].counts.to(torch.float32)
+        node.params["hist_neg"] = neg[name].counts.to(torch.float32)
+        a["hist_hi"] = [pos[name].hi, neg[name].hi]
+        configure(node, a["lam"])
+    return graph

@@ -1,0 +1,240 @@
+"""The ``sfn-deploy`` command line (SPEC §6).
+
+Exit codes: 0 success; 2 bad usage or bad input (one line on stderr naming the
+file, layer or field); 1 internal error (traceback with --debug).
+With ``--json`` a command prints exactly one JSON object on stdout and nothing else.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+import warnings
+
+import click
+
+from .errors import UserError
+
+
+def _emit(as_json: bool, payload: dict, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, default=_jsonable))
+    else:
+        click.echo(text)
+
+
+def _jsonable(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def command(fn):
+    """Shared --json/--debug handling and the exit-code contract."""
+    @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
+    @functools.wraps(fn)
+    def wrapper(*args, as_json=False, debug=False, **kwargs):
+        if not debug:
+            warnings.filterwarnings("ignore")
+        try:
+            return fn(*args, as_json=as_json, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # an internal error: say so, keep the traceback behind --debug
+            if debug:
+                traceback.print_exc()
+            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="sfn-deploy")
+def main():
+    """Convert trained PyTorch networks into single-timestep Scale-and-Fire spiking networks."""
+
+
+def model_options(fn):
+    fn = click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (runs code from the file).")(fn)
+    fn = click.option("--model-args", default=None, help="timm keyword arguments, e.g. num_classes=10,img_size=28.")(fn)
+    fn = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                      help="Weights for a timm: model (safetensors or a state dict).")(fn)
+    return fn
+
+
+def convert_options(fn):
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML file with any of these options; flags override it."),
+        click.option("--levels", type=int, default=None, help="M: linear levels per polarity (default 8)."),
+        click.option("--fire", type=click.Choice(["sformer", "linear", "exponential"]), default=None,
+                     help="Fire function (default sformer)."),
+        click.option("--rounding", type=click.Choice(["paper", "nearest"]), default=None,
+                     help="Firing boundaries: the paper's y−1/2, or nearest level (default paper)."),
+        click.option("--percentile", type=float, default=None, help="p: θ is the top-p%% activation (default 1)."),
+        click.option("--search", type=click.Choice(["shared", "per-block", "per-site"]), default=None,
+                     help="λ search space (default shared)."),
+        click.option("--trials", type=int, default=None, help="Search trials (default 50)."),
+        click.option("--val-fraction", type=float, default=None,
+                     help="Random share of --data used to score the search (default 0.02)."),
+        click.option("--storage", default=None, help="Optuna storage URL or SQLite file path."),
+        click.option("--study", default=None, help="Optuna study name (default: from model and options)."),
+        click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
+        click.option("--batch-size", type=int, default=None, help="Batch size (default 256)."),
+        click.option("--calib-limit", type=int, default=None, help="Use at most N samples to calibrate."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+_CFG_KEYS = ("levels", "fire", "rounding", "percentile", "search", "trials", "val_fraction", "storage", "study",
+             "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop")
+
+
+def _config(config_file, kwargs):
+    from .config import load_config
+    overrides = {k: kwargs[k] for k in _CFG_KEYS if kwargs.get(k) is not None}
+    return load_config(config_file, overrides)
+
+
+def _load_model(model, weights, model_args, trust_pickle):
+    from .models import load_model, parse_model_args
+    return load_model(model, weights, parse_model_args(model_args), trust_pickle)
+
+
+def _fmt_front(front: list[dict]) -> str:
+    lines = ["  trial  accuracy  energy ratio  λ"]
+    for r in front:
+        lams = sorted(set(round(v, 3) for v in r["lam"].values()))
+        lam = str(lams[0]) if len(lams) == 1 else f"{min(lams)}..{max(lams)} ({len(r['lam'])} sites)"
+        lines.append(f"  {r['trial']:5d}  {r['accuracy']:7.2f}%  {r['energy_ratio']:12.4f}  {lam}")
+    return "\n".join(lines)
+
+
+@main.command("convert")
+@click.argument("model")
+@click.option("--data", required=True, help="Calibration/validation data: .npz, image folder, sklearn:digits, mnist:DIR.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Converted model file.")
+@click.option("--scale", type=float, default=None, help="Fix λ instead of searching it.")
+@click.option("--tune/--no-tune", default=None, help="Search λ (the default unless --scale is given).")
+@click.option("--max-drop", type=float, default=None,
+              help="Accuracy budget in points: the lowest-energy configuration within it.")
+@convert_options
+@model_options
+@command
+def convert_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
+    """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network."""
+    from .convert import convert, evaluate
+    from .data import load_data
+    from .model_file import save
+
+    cfg = _config(config_file, kw)
+    net, identity = _load_model(model, weights, model_args, trust_pickle)
+    ds = load_data(data)
+    converted = convert(net, ds, cfg, source=identity, quiet=as_json)
+    val, _ = ds.split(cfg.val_fraction, cfg.seed)
+    result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
+    converted.metrics.update({k: result[k] for k in ("accuracy", "ann_accuracy", "agreement", "energy_ratio",
+                                                      "ac_snn", "mac_snn", "mac_ann", "samples")})
+    save(converted, output)
+    lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
+    payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
+               **{k: v for k, v in result.items() if k != "layers"},
+               "chosen": converted.search.get("chosen"), "config": cfg.to_dict()}
+    text = (f"converted {model} -> {output}: {len(converted.sites)} SFN sites, λ = {payload['lam']}\n"
+            f"validation ({result['samples']} samples): ANN {result['ann_accuracy']:.2f}%  "
+            f"SNN {result['accuracy']:.2f}%  agreement {result['agreement']:.2f}%  "
+            f"energy ratio {result['energy_ratio']:.4f}")
+    if converted.search:
+        text += "\n" + f"λ search: {converted.search['trials_completed']} trials, chose trial " \
+                       f"{converted.search['chosen']['trial']} ({converted.search['chosen']['rule']})"
+    _emit(as_json, payload, text)
+
+
+@main.command("tune")
+@click.argument("model")
+@click.option("--data", required=True, help="Calibration/validation data.")
+@click.option("--max-drop", type=float, default=None, help="Also pick the cheapest point within D points.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the converted model at the chosen point.")
+@convert_options
+@model_options
+@command
+def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
+    """Search λ for accuracy and energy together; resumable with --storage/--study."""
+    from .convert import build_graph
+    from .data import load_data
+    from .model_file import ConvertedModel, save
+    from .passes import set_scale
+    from .tuning import choose, run_search
+
+    if kw.get("storage") is None:
+        kw["storage"] = "sfn-tune.db"
+    cfg = _config(config_file, {**kw, "tune": True})
+    net, identity = _load_model(model, weights, model_args, trust_pickle)
+    ds = load_data(data)
+    graph = build_graph(net, ds, cfg, quiet=as_json)
+    result = run_search(graph, ds, cfg, identity, quiet=as_json)
+    chosen = choose(result, cfg.max_drop)
+    result["chosen"] = chosen
+    if output:
+        set_scale(graph, chosen["lam"])
+        save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result), output)
+    text = (f"study {result['study']} in {result['storage']}: {result['trials_completed']} completed trials, "
+            f"ANN validation accuracy {result['ann_accuracy']:.2f}% on {result['val_samples']} samples\n"
+            f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result['pareto_front'])}\n"
+            f"chosen: trial {chosen['trial']} ({chosen['rule']})")
+    _emit(as_json, {**result, "output": output}, text)
+
+
+@main.command("evaluate")
+@click.argument("converted", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Evaluation data.")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", help="Where the SNN runs.")
+@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=int, default=256)
+@click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
+@command
+def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_json):
+    """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
+    from .convert import evaluate
+    from .data import load_data
+    from .model_file import load
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be ≥ 1, got {limit}")
+    model = load(converted)
+    r = evaluate(model, load_data(data), backend, limit, batch_size, quiet=as_json)
+    if not show_layers:
+        r.pop("layers")
+    text = (f"{r['samples']} samples on {backend}: SNN {r['accuracy']:.2f}%  ANN {r['ann_accuracy']:.2f}%  "
+            f"agreement {r['agreement']:.2f}%\nenergy ratio {r['energy_ratio']:.4f}  "
+            f"(#AC_SNN {r['ac_snn']:.4g}, #MAC_SNN {r['mac_snn']:.4g}, #MAC_ANN {r['mac_ann']:.4g} per inference)")
+    _emit(as_json, r, text)
+
+
+@main.command("inspect")
+@click.argument("converted", type=click.Path(dir_okay=False))
+@command
+def inspect_cmd(converted, as_json):
+    """A readable summary: layers, SFN sites, thresholds, λ, the search's Pareto front."""
+    from .inspect import summary, summary_text
+    from .model_file import load
+
+    model = load(converted)
+    s = summary(model)
+    _emit(as_json, s, summary_text(s))
+
+
+if __name__ == "__main__":
+    main()

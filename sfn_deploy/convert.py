@@ -1,0 +1,114 @@
+"""The conversion pipeline and the reference evaluation (torch backend).
+
+``convert`` runs the passes of ``passes.PIPELINE`` and returns a
+:class:`ConvertedModel`; ``evaluate`` runs a converted model on data and reports
+accuracy, agreement with the ANN and the paper's energy ratio.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .calibrate import calibrate
+from .capture import capture
+from .config import ConvertConfig, load_config
+from .data import Dataset
+from .errors import UserError
+from .ir import Graph
+from .model_file import ConvertedModel
+from .passes import fold_batchnorm, insert_sfn, set_scale
+from .progress import progress
+from .runtime import run
+from .simulators.counting import OpCounter
+from .targets import load_target
+
+
+def energy_constants(target: str = "cmos45") -> tuple[float, float]:
+    t = load_target(target)["energy_pj"]
+    return float(t["ac"]), float(t["mac"])
+
+
+def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:
+    want = list(graph.input.shape[1:])
+    got = list(data.x.shape[1:])
+    if want != got:
+        raise UserError(f"{data.name}: samples have shape {'×'.join(map(str, got))} but the {where} expects "
+                        f"{'×'.join(map(str, want))}")
+
+
+def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -> Graph:
+    """capture → fold_batchnorm → insert_sfn → calibrate, with λ = 1 everywhere."""
+    graph = capture(model, data.x[:2])
+    check_data(graph, data)
+    out_shape = graph[graph.output].shape
+    if len(out_shape) != 2:
+        raise UserError(f"the model's output has shape {out_shape}; a classifier returning N×classes is expected")
+    if int(data.y.max()) >= out_shape[1]:
+        raise UserError(f"{data.name}: labels go up to {int(data.y.max())} but the model has {out_shape[1]} outputs")
+    fold_batchnorm(graph)
+    insert_sfn(graph, cfg.levels, cfg.fire, cfg.rounding)
+    if not graph.sites:
+        raise UserError("the model has no activation feeding a weight layer: nothing to convert into spikes")
+    calib = data.limit(cfg.calib_limit)
+    calibrate(graph, calib.batches(cfg.batch_size), cfg.percentile, quiet=quiet)
+    return graph
+
+
+def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = True,
+            quiet: bool = True, desc: str = "evaluating") -> tuple[torch.Tensor, "OpCounter"]:
+    """Predictions (argmax) and op counts of one pass over the data."""
+    counter = OpCounter(graph, spiking)
+    preds = []
+    for xb in progress(data.batches(batch_size), desc, quiet=quiet, total=-(-len(data) // batch_size)):
+        counter.start_batch(xb.shape[0])
+        preds.append(run(graph, xb, spiking=spiking, hook=counter).argmax(-1))
+    return torch.cat(preds), counter
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * float((pred == y).float().mean())
+
+
+def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source: dict | None = None,
+            quiet: bool = True, **overrides) -> ConvertedModel:
+    """Convert a model (ExportedProgram or nn.Module) into a calibrated single-timestep SFN network.
+
+    λ: ``scale`` fixes it; otherwise it is searched (``tune``), choosing the most accurate
+    configuration, or with ``max_drop`` the lowest-energy one within that many points of the ANN.
+    """
+    cfg = config or load_config("", overrides)
+    t0 = time.time()
+    graph = build_graph(model, data, cfg, quiet)
+    search: dict = {}
+    if cfg.scale is not None:
+        set_scale(graph, cfg.scale)
+    else:
+        from .tuning import choose, run_search
+        result = run_search(graph, data, cfg, source or {}, quiet=quiet)
+        chosen = choose(result, cfg.max_drop)
+        set_scale(graph, chosen["lam"])
+        search = {**result, "chosen": chosen}
+    converted = ConvertedModel(graph, list(data.x.shape[1:]), cfg.to_dict(), source or {}, {}, search)
+    converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples":
+                         len(data.limit(cfg.calib_limit))}
+    return converted
+
+
+def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", limit: int | None = None,
+             batch_size: int = 256, quiet: bool = True, target: str = "cmos45") -> dict:
+    """Accuracy of SNN and ANN, their top-1 agreement and the op counts / energy ratio (paper convention)."""
+    if backend != "torch":
+        raise UserError(f"backend {backend!r} is not available yet; available: torch")
+    data = data.limit(limit)
+    graph = converted.graph
+    check_data(graph, data, "converted model")
+    ann_pred, _ = measure(graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN")
+    snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN")
+    counts = counter.result()
+    e_ac, e_mac = energy_constants(target)
+    return {"backend": backend, "samples": len(data), "accuracy": accuracy(snn_pred, data.y),
+            "ann_accuracy": accuracy(ann_pred, data.y),
+            "agreement": 100.0 * float((snn_pred == ann_pred).float().mean()),
+            "energy_ratio": counts.energy_ratio(e_ac, e_mac), "ac_snn": counts.ac_snn, "mac_snn": counts.mac_snn,
+            "mac_ann": counts.mac_ann, "host_ops": counts.host_ops, "layers": counts.reported_layers()}

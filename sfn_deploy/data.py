@@ -1,0 +1,175 @@
+"""Data sets for calibration, tuning and evaluation (SPEC §6 "Data in").
+
+Accepted: an ``.npz`` with ``x`` (float32, N×C×H×W, normalised as the model expects)
+and ``y`` (int64, N); a directory of class folders of images; ``sklearn:digits``;
+``mnist:DIR`` (the IDX files of the MNIST release; ``mnist:DIR[:a:b]`` selects
+images a..b-1). Every problem is a :class:`UserError` naming the file and the field.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Dataset:
+    x: torch.Tensor     # float32, N×C×H×W
+    y: torch.Tensor     # int64, N
+    name: str
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, size: int = 256):
+        for i in range(0, len(self), size):
+            yield self.x[i:i + size]
+
+    def subset(self, idx) -> "Dataset":
+        return Dataset(self.x[idx], self.y[idx], self.name)
+
+    def limit(self, n: int | None) -> "Dataset":
+        return self if n is None or n >= len(self) else Dataset(self.x[:n], self.y[:n], f"{self.name}[:{n}]")
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """A random validation part of the given fraction (at least one sample) and the rest."""
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self), generator=g)
+        k = max(1, int(round(fraction * len(self))))
+        return self.subset(perm[:k]), self.subset(perm[k:])
+
+
+def _check(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
+    if x.ndim != 4:
+        raise UserError(f"{name}: 'x' must have shape N×C×H×W, got {tuple(x.shape)}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise UserError(f"{name}: 'y' must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise UserError(f"{name}: the data set is empty")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise UserError(f"{name}: 'x' must be floating point (normalised), got {x.dtype}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{name}: 'y' must be integer class labels, got {y.dtype}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+        raise UserError(f"{name}: 'x' contains NaN or infinite values in {bad} sample(s)")
+    if (y < 0).any():
+        raise UserError(f"{name}: 'y' contains negative labels")
+    return Dataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                   torch.from_numpy(y.astype(np.int64)), name)
+
+
+def load_npz(path: str) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise UserError(f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})")
+            x, y = f["x"], f["y"]
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file")
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})")
+    return _check(x, y, path)
+
+
+def load_digits() -> Dataset:
+    from sklearn.datasets import load_digits as _digits
+    d = _digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    return _check(x, d.target.astype(np.int64), "sklearn:digits")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read IDX file ({e})")
+    if len(data) < 8:
+        raise UserError(f"{path}: truncated IDX file")
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise UserError(f"{path}: expected {int(np.prod(dims))} values, found {arr.size}")
+    return arr.reshape(dims)
+
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def load_mnist(directory: str, start: int = 0, stop: int | None = None) -> Dataset:
+    """MNIST from the release's IDX files, scaled to [0, 1] and normalised with the usual mean/std."""
+    def find(stem):
+        for name in (stem + ".gz", stem):
+            p = os.path.join(directory, name)
+            if os.path.exists(p):
+                return p
+        raise UserError(f"{directory}: no {stem}[.gz] file")
+    images = _read_idx(find("t10k-images-idx3-ubyte"))[start:stop]
+    labels = _read_idx(find("t10k-labels-idx1-ubyte"))[start:stop]
+    x = ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None]
+    return _check(x, labels.astype(np.int64), f"mnist:{directory}[{start}:{'' if stop is None else stop}]")
+
+
+def load_image_folder(path: str) -> Dataset:
+    from PIL import Image
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise UserError(f"{path}: no class folders found")
+    xs, ys, size = [], [], None
+    for label, cls in enumerate(classes):
+        for fname in sorted(os.listdir(os.path.join(path, cls))):
+            if not fname.lower().endswith(IMAGE_EXT):
+                continue
+            fp = os.path.join(path, cls, fname)
+            try:
+                with Image.open(fp) as im:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"), dtype=np.float32)
+            except Exception as e:
+                raise UserError(f"{fp}: not a readable image ({e})")
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            if size is None:
+                size = arr.shape
+            elif arr.shape != size:
+                raise UserError(f"{fp}: image shape {arr.shape} differs from the first image's {size}")
+            xs.append(arr / 255.0)
+            ys.append(label)
+    if not xs:
+        raise UserError(f"{path}: no images found in the class folders")
+    return _check(np.stack(xs), np.array(ys, dtype=np.int64), path)
+
+
+def load_data(spec: str) -> Dataset:
+    """Load a data set from a path or a built-in name (see module docstring)."""
+    if spec == "sklearn:digits":
+        return load_digits()
+    if spec.startswith("mnist:"):
+        parts = spec[len("mnist:"):].split(":")
+        try:
+            start = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+            stop = int(parts[2]) if len(parts) > 2 and parts[2] else None
+        except ValueError:
+            raise UserError(f"{spec}: expected mnist:DIR[:START:STOP] with integer bounds")
+        return load_mnist(parts[0], start, stop)
+    if os.path.isdir(spec):
+        return load_image_folder(spec)
+    if spec.endswith(".npz"):
+        return load_npz(spec)
+    if not os.path.exists(spec):
+        raise UserError(f"{spec}: no such file or directory")
+    raise UserError(f"{spec}: unknown data format (expected .npz, an image folder, sklearn:digits or mnist:DIR)")

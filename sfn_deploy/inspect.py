@@ -1,0 +1,67 @@
+"""What ``sfn-deploy inspect`` shows: the converted network in plain words."""
+from __future__ import annotations
+
+from collections import Counter
+
+from .ir import OPS
+from .model_file import ConvertedModel
+from .passes import PIPELINE
+from .targets import available
+
+
+def summary(model: ConvertedModel) -> dict:
+    g = model.graph
+    sites = []
+    for s in g.sites:
+        a = s.attrs
+        sites.append({"name": s.name, "role": a["role"], "kind": a["kind"], "source": s.source,
+                      "neurons": _numel(s.shape), "theta_pos": a["theta_pos"], "theta_neg": a["theta_neg"],
+                      "o_max": a.get("o_max"), "lam": a["lam"], "step_pos": float(s.params["steps"][0]),
+                      "step_neg": float(s.params["steps"][1]), "levels": len(a["levels"]),
+                      "top_level": max(a["levels"]), "feeds": a.get("feeds")})
+    kinds = Counter(n.kind for n in g.nodes)
+    layers = [{"name": n.name, "op": n.op, "kind": n.kind, "inputs": n.inputs, "shape": n.shape,
+               "source": n.source} for n in g.nodes]
+    return {"format_version": 1, "source": model.source, "input_shape": model.input_shape,
+            "config": model.config, "passes": [p for p, _ in PIPELINE], "node_kinds": dict(kinds),
+            "layers": layers, "sites": sites, "metrics": model.metrics,
+            "pareto_front": model.search.get("pareto_front", []), "chosen": model.search.get("chosen"),
+            "targets": available()}
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def summary_text(s: dict) -> str:
+    cfg = s["config"]
+    lines = [f"source: {s['source'].get('spec', '?')}   input: {'×'.join(map(str, s['input_shape']))}",
+             f"fire function {cfg.get('fire')} (M = {cfg.get('levels')}), rounding {cfg.get('rounding')}, "
+             f"p = {cfg.get('percentile')}%",
+             "passes: " + " → ".join(s["passes"]),
+             "nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(s["node_kinds"].items())),
+             "", "layers:"]
+    for n in s["layers"]:
+        lines.append(f"  {n['name']:<44} {n['op']:<20} {n['kind']:<8} {'×'.join(map(str, n['shape'][1:])):<14} "
+                     f"{n['source'][:48]}")
+    lines += ["", f"SFN sites ({len(s['sites'])}):",
+              f"  {'name':<44} {'role':<13} {'neurons':>8} {'θ⁺':>9} {'θ⁻':>9} {'λ':>6} {'step⁺':>10} top"]
+    for x in s["sites"]:
+        lines.append(f"  {x['name']:<44} {x['role']:<13} {x['neurons']:>8} {x['theta_pos']:>9.4g} "
+                     f"{x['theta_neg']:>9.4g} {x['lam']:>6.3f} {x['step_pos']:>10.4g} {x['top_level']}")
+    m = s["metrics"]
+    if "accuracy" in m:
+        lines += ["", f"validation at conversion ({m.get('samples')} samples): ANN {m['ann_accuracy']:.2f}%  "
+                      f"SNN {m['accuracy']:.2f}%  energy ratio {m['energy_ratio']:.4f}"]
+    if s["pareto_front"]:
+        lines += ["", "λ search Pareto front (accuracy ↑, energy ratio ↓):"]
+        for r in s["pareto_front"]:
+            mark = "  ← chosen" if s["chosen"] and r["trial"] == s["chosen"]["trial"] else ""
+            lams = sorted(set(round(v, 3) for v in r["lam"].values()))
+            lam = str(lams[0]) if len(lams) == 1 else f"{min(lams)}..{max(lams)}"
+            lines.append(f"  trial {r['trial']:4d}  {r['accuracy']:6.2f}%  ratio {r['energy_ratio']:.4f}  λ {lam}{mark}")
+    lines += ["", "hardware targets: " + ", ".join(s["targets"])]
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Model loading (SPEC §6 "Models in"): torch.export programs, timm names, trusted pickles."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+
+import torch
+
+from .errors import UserError
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_model_args(text: str | None) -> dict:
+    """'num_classes=10,img_size=28' → {'num_classes': 10, 'img_size': 28} (Python literals, else strings)."""
+    out: dict = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise UserError(f"--model-args: expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _load_state_dict(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    return sd
+
+
+def load_model(spec: str, weights: str | None = None, model_args: dict | None = None,
+               trust_pickle: bool = False):
+    """Return (model, identity): model is an ExportedProgram or an eval-mode nn.Module."""
+    identity: dict = {"spec": spec}
+    if spec.startswith("timm:"):
+        import timm
+        name = spec[len("timm:"):]
+        try:
+            model = timm.create_model(name, pretrained=False, **(model_args or {}))
+        except RuntimeError as e:
+            raise UserError(f"{spec}: {str(e).splitlines()[0]}")
+        except TypeError as e:
+            raise UserError(f"{spec}: bad --model-args ({e})")
+        identity["model_args"] = dict(model_args or {})
+        if weights:
+            sd = _load_state_dict(weights)
+            result = model.load_state_dict(sd, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise UserError(f"{weights}: does not match {name} ({len(result.missing_keys)} missing, "
+                                f"{len(result.unexpected_keys)} unexpected keys, e.g. "
+                                f"{(result.missing_keys or result.unexpected_keys)[0]!r})")
+            identity["weights"] = {"path": os.path.basename(weights), "sha256": file_sha256(weights)}
+        else:
+            identity["weights"] = None
+        return model.eval(), identity
+    if not os.path.exists(spec):
+        raise UserError(f"{spec}: no such model file")
+    identity["sha256"] = file_sha256(spec)
+    if spec.endswith(".pt2"):
+        try:
+            ep = torch.export.load(spec)
+        except Exception as e:
+            raise UserError(f"{spec}: not a readable torch.export program ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})")
+        return ep, identity
+    if not trust_pickle:
+        raise UserError(f"{spec}: loading a pickled model can run arbitrary code; pass --trust-pickle if you "
+                        "trust the file, or export it with torch.export.save to a .pt2 file")
+    try:
+        model = torch.load(spec, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{spec}: cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{spec}: the pickle holds a {type(model).__name__}, not an nn.Module")
+    return model.eval(), identity

@@ -1,0 +1,124 @@
+"""Spiking neurons of the conversion theory, as plain tensor functions.
+
+Every function here is elementwise and stateless across samples: the state they
+carry is the membrane potential inside one call (IF over T steps) or nothing at
+all (single-timestep neurons). They are the definitions that the converted
+network, the exporters and the tests share.
+
+Notation (SPEC §4): θ threshold, λ ∈ (0, 1] scale factor, y_1 < ... < y_N the
+integer output levels of a fire function, T timesteps.
+"""
+from __future__ import annotations
+
+import torch
+
+FIRE_FUNCTIONS = ("sformer", "linear", "exponential")
+ROUNDINGS = ("paper", "nearest")
+
+
+def if_neuron(x: torch.Tensor, theta: float, v0: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Integrate-and-fire with soft reset over T steps; returns the mean output rate.
+
+    ``x`` has the time axis first (T, ...). Per step:
+    h(t) = v(t-1) + x(t);  o(t) = θ·H(h(t) − θ);  v(t) = h(t) − o(t);  H(0) = 1.
+    Result: ō = (1/T) Σ_t o(t).
+    """
+    v = torch.as_tensor(v0, dtype=x.dtype).expand_as(x[0]).clone()
+    total = torch.zeros_like(x[0])
+    for xt in x:
+        h = v + xt
+        o = theta * (h >= theta).to(x.dtype)
+        v = h - o
+        total = total + o
+    return total / x.shape[0]
+
+
+def mtn(h: torch.Tensor, theta_m: float, n: int) -> torch.Tensor:
+    """Multi-threshold neuron, one timestep: o = θ_M · clip(floor(h / θ_M), 0, N)."""
+    return theta_m * torch.clamp(torch.floor(h / theta_m), 0, n)
+
+
+def dual_if(x: torch.Tensor, theta_pos: float, theta_neg: float,
+            v0_pos: float = 0.0, v0_neg: float = 0.0) -> torch.Tensor:
+    """Dual IF for signed input: a positive branch on max(0, x) and a negative on −min(0, x)."""
+    pos = if_neuron(torch.clamp(x, min=0), theta_pos, v0_pos)
+    neg = if_neuron(torch.clamp(-x, min=0), theta_neg, v0_neg)
+    return pos - neg
+
+
+def dual_mtn(x_mean: torch.Tensor, theta_pos: float, theta_neg: float, n: int,
+             v0_pos: float = 0.0, v0_neg: float = 0.0) -> torch.Tensor:
+    """Dual MTN at one step; ``x_mean`` is the time-averaged input, v0 the MTN's own start potential."""
+    pos = mtn(torch.clamp(x_mean, min=0) + v0_pos, theta_pos, n)
+    neg = mtn(torch.clamp(-x_mean, min=0) + v0_neg, theta_neg, n)
+    return pos - neg
+
+
+def fire_levels(m: int, fire: str = "sformer") -> list[int]:
+    """Integer output levels y_1 < ... < y_2M of one polarity.
+
+    sformer:     y_k = k (k ≤ M), y_k = M − 1 + 2^(k−M) (M < k ≤ 2M) — dense near zero, wide in the tail
+    linear:      y_k = k, k = 1..2M
+    exponential: y_k = 2^(k−1), k = 1..2M
+    """
+    if m < 1:
+        raise ValueError(f"levels M must be >= 1, got {m}")
+    if fire == "sformer":
+        return [k for k in range(1, m + 1)] + [m - 1 + 2 ** (k - m) for k in range(m + 1, 2 * m + 1)]
+    if fire == "linear":
+        return list(range(1, 2 * m + 1))
+    if fire == "exponential":
+        return [2 ** (k - 1) for k in range(1, 2 * m + 1)]
+    raise ValueError(f"unknown fire function {fire!r}; choose one of {', '.join(FIRE_FUNCTIONS)}")
+
+
+def boundaries(levels: list[int], rounding: str = "paper") -> list[float]:
+    """Firing boundaries in units of the step λθ: input u ≥ b_i reaches level y_i.
+
+    paper:   b_i = y_i − 1/2 (the paper's eq. 11; initial potential λθ/2)
+    nearest: b_i = (y_{i−1} + y_i)/2 with y_0 = 0 (rounds to the nearest level)
+    """
+    if rounding == "paper":
+        return [y - 0.5 for y in levels]
+    if rounding == "nearest":
+        prev = [0] + list(levels[:-1])
+        return [(a + b) / 2 for a, b in zip(prev, levels)]
+    raise ValueError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+
+
+def sfn_level(x: torch.Tensor, bounds_pos: torch.Tensor, bounds_neg: torch.Tensor,
+              table_pos: torch.Tensor, table_neg: torch.Tensor) -> torch.Tensor:
+    """Signed integer spike level of a dual SFN.
+
+    ``bounds_*`` are the absolute firing boundaries (ascending, in input units);
+    ``table_*`` the level reached after crossing k boundaries (table[0] = 0).
+    The positive branch fires at x ≥ bound (H(0) = 1); the negative branch at −x ≥ bound.
+    An empty bound vector disables that branch.
+    """
+    level = table_pos[torch.bucketize(x, bounds_pos, right=True)]
+    if bounds_neg.numel():
+        level = level - table_neg[torch.bucketize(-x, bounds_neg, right=True)]
+    return level
+
+
+def sfn(x: torch.Tensor, step_pos: float, step_neg: float, levels: list[int],
+        rounding: str = "paper") -> torch.Tensor:
+    """Scale-and-Fire neuron at one step: o = λθ⁺·G(x) for x ≥ 0, −λθ⁻·G(−x) below.
+
+    ``step_pos`` = λθ⁺ and ``step_neg`` = λθ⁻ (0 disables the negative branch).
+    """
+    b = boundaries(levels, rounding)
+    table = torch.tensor([0] + list(levels), dtype=torch.int64)
+    bp = torch.tensor([step_pos * v for v in b], dtype=x.dtype)
+    bn = torch.tensor([step_neg * v for v in b] if step_neg > 0 else [], dtype=x.dtype)
+    lv = sfn_level(x, bp, bn, table, table)
+    return torch.where(lv >= 0, lv.to(x.dtype) * step_pos, lv.to(x.dtype) * step_neg)
+
+
+def softmax_step(o_max: float, levels: list[int]) -> float:
+    """Step λθ_softmax of a post-softmax SFN: θ = o_max / (λ·y_N), so λθ = o_max / y_N.
+
+    The top level then reproduces the largest softmax output seen in calibration;
+    the step does not depend on λ.
+    """
+    return o_max / max(levels)

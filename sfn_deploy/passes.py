@@ -1,0 +1,132 @@
+"""Named graph passes of the conversion, in the order ``PIPELINE`` lists them.
+
+Each pass takes a :class:`Graph` and changes it in place; ``sfn-deploy inspect``
+prints the list, and tests run each one alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ir import Graph, Node
+from .neurons import boundaries
+
+# ops a spike tensor passes through unchanged in meaning, so the neuron sits before them
+_SPIKE_TRANSPARENT = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
+                      "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"}
+
+
+def fold_batchnorm(graph: Graph) -> Graph:
+    """Fold an inference BatchNorm into the convolution or linear layer right before it."""
+    users = graph.users()
+    for bn in [n for n in graph.nodes if n.op == "batch_norm"]:
+        prev = graph[bn.inputs[0]]
+        if prev.op not in ("conv2d", "linear") or len(users[prev.name]) != 1:
+            continue
+        if prev.op == "linear" and len(prev.shape) != 2:
+            continue                   # BatchNorm1d over tokens normalises another axis
+        p = bn.params
+        scale = p.get("weight", torch.ones_like(p["running_var"])) / torch.sqrt(p["running_var"] + bn.attrs["eps"])
+        shift = p.get("bias", torch.zeros_like(p["running_mean"])) - p["running_mean"] * scale
+        w = prev.params["weight"]
+        prev.params["weight"] = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        bias = prev.params.get("bias", torch.zeros(w.shape[0], dtype=w.dtype))
+        prev.params["bias"] = bias * scale + shift
+        prev.source = f"{prev.source} + {bn.source} (folded)"
+        graph.replace_uses(bn.name, prev.name)
+        graph.remove(bn.name)
+    return graph
+
+
+def _role(src: Node, consumer: Node, slot: int, graph: Graph) -> str:
+    if src.op == "softmax":
+        return "post-softmax"
+    if consumer.op == "matmul":
+        if graph[consumer.inputs[1]].op == "transpose":      # q·kᵀ
+            return "q" if slot == 0 else "k"
+        return "v" if slot == 1 else "attn"
+    if src.op == "matmul":
+        return "attn-out"
+    tail = consumer.source.split(",")[0].split(".")[-1] if consumer.source else consumer.name
+    return f"post-{src.op}" if src.op in ("relu", "gelu") else f"pre-{tail}"
+
+
+def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: str = "paper") -> Graph:
+    """Put a Scale-and-Fire neuron on every activation that feeds a weight layer or an activation product.
+
+    The neuron sits on the value that the consumer reads, moved back through
+    layout and pooling ops (spikes pass through them) while that value has no other
+    reader. A ReLU right before a neuron is absorbed: the neuron's negative branch is
+    off, which is the same function. The network input and stored constants stay analog.
+    """
+    from .neurons import fire_levels
+
+    users = graph.users()
+    sources: dict[str, tuple[Node, Node, int]] = {}
+    for node in graph.nodes:
+        slots = [0] if node.op in ("conv2d", "linear") else [0, 1] if node.op == "matmul" else []
+        for slot in slots:
+            v = graph[node.inputs[slot]]
+            while v.op in _SPIKE_TRANSPARENT and len(users[v.inputs[0]]) == 1:
+                v = graph[v.inputs[0]]
+            if v.op in ("input", "constant", "sfn") or _analog_only(v, graph):
+                continue
+            sources.setdefault(v.name, (v, node, slot))
+    y = fire_levels(levels, fire)
+    for name, (src, consumer, slot) in sources.items():
+        absorb = src.op == "relu"
+        kind = "softmax" if src.op == "softmax" else "dual"
+        attrs = {"kind": kind, "fire": fire, "M": levels, "levels": y, "rounding": rounding, "lam": 1.0,
+                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, graph),
+                 "absorbs": "relu" if absorb else None, "feeds": consumer.name}
+        sfn = Node(graph.fresh_name(f"sfn_{name}"), "sfn", [src.inputs[0] if absorb else name], attrs, {},
+                   list(src.shape), src.bdim, src.source)
+        graph.insert_after(name, sfn)
+        graph.replace_uses(name, sfn.name, skip=sfn.name)
+        if absorb:
+            graph.remove(name)
+        configure(sfn, 1.0)
+    return graph
+
+
+def _analog_only(v: Node, graph: Graph) -> bool:
+    """True when v is computed from the network input by layout ops only (the input layer stays analog)."""
+    while v.kind == "layout" and v.inputs:
+        v = graph[v.inputs[0]]
+    return v.op in ("input", "constant")
+
+
+def configure(node: Node, lam: float) -> Node:
+    """Derive an SFN's step and float32 firing boundaries from θ⁺, θ⁻ (or o_max) and λ."""
+    a = node.attrs
+    if not 0 < lam <= 1:
+        raise ValueError(f"scale factor λ must lie in (0, 1], got {lam}")
+    a["lam"] = float(lam)
+    b = torch.tensor(boundaries(a["levels"], a["rounding"]), dtype=torch.float64)
+    if a["kind"] == "softmax":
+        step_pos, step_neg = a["o_max"] / max(a["levels"]), 0.0
+        a["theta_softmax"] = step_pos / lam
+    else:
+        step_pos, step_neg = lam * a["theta_pos"], (0.0 if a.get("absorbs") else lam * a["theta_neg"])
+    empty = torch.zeros(0, dtype=torch.float32)
+    node.params["bounds_pos"] = (b * step_pos).to(torch.float32) if step_pos > 0 else empty
+    node.params["bounds_neg"] = (b * step_neg).to(torch.float32) if step_neg > 0 else empty.clone()
+    node.params["steps"] = torch.tensor([step_pos, step_neg], dtype=torch.float32)
+    node.params["table"] = torch.tensor([0] + list(a["levels"]), dtype=torch.int64)
+    return node
+
+
+def set_scale(graph: Graph, lam: float | dict[str, float]) -> Graph:
+    """Set one shared λ, or λ per site (dict site name → λ; missing sites keep theirs)."""
+    for node in graph.sites:
+        value = lam.get(node.name, node.attrs["lam"]) if isinstance(lam, dict) else lam
+        configure(node, value)
+    return graph
+
+
+PIPELINE = [
+    ("capture", "torch.export the model and map every ATen operator to the IR (attention split into q·kᵀ, softmax, ·v)"),
+    ("fold_batchnorm", "fold inference BatchNorm into the preceding conv/linear"),
+    ("insert_sfn", "place an SFN on each activation feeding a weight layer or activation product"),
+    ("calibrate", "θ⁺/θ⁻ = top-p% positive/negative activation per site, o_max per softmax (streaming histograms)"),
+    ("scale", "set λ: fixed, or chosen by the accuracy/energy search"),
+]

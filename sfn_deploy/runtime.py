@@ -1,0 +1,138 @@
+"""Reference interpreter: runs a converted :class:`~sfn_deploy.ir.Graph` in PyTorch.
+
+The same graph runs as the ANN (``spiking=False``: every SFN is the identity, so
+the result equals the source model) or as the single-timestep SNN. Observers see
+every node's inputs and output; calibration and op counting are observers, so
+there is exactly one execution path for all of them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .ir import Graph, Node, resolve_shape
+
+Hook = Callable[[Node, list, torch.Tensor, dict], None]
+
+
+def spike_levels(node: Node, x: torch.Tensor) -> torch.Tensor:
+    """Signed integer spike level of an SFN node for input x (see ir.py for the rule)."""
+    p = node.params
+    table = p["table"]
+    level = table[torch.bucketize(x, p["bounds_pos"], right=True)]
+    if p["bounds_neg"].numel():
+        level = level - table[torch.bucketize(-x, p["bounds_neg"], right=True)]
+    return level
+
+
+def level_values(node: Node, level: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """o = level · λθ⁺ for level ≥ 0 and level · λθ⁻ below."""
+    steps = node.params["steps"].to(dtype)
+    lv = level.to(dtype)
+    if node.params["bounds_neg"].numel():
+        return torch.where(level >= 0, lv * steps[0], lv * steps[1])
+    return lv * steps[0]
+
+
+def _scalar_or(args, a):
+    return args[1] if len(args) > 1 else a["other"]
+
+
+def _cat(node: Node, args, graph: Graph, batch: int):
+    dim = node.attrs["dim"]
+    parts = []
+    for name, t in zip(node.inputs, args):
+        if graph[name].bdim is None and node.bdim is not None and t.shape[node.bdim] != batch:
+            shape = list(t.shape)
+            shape[node.bdim] = batch
+            t = t.expand(shape)
+        parts.append(t)
+    return torch.cat(parts, dim)
+
+
+def _op(node: Node, args: list, graph: Graph, batch: int) -> torch.Tensor:
+    a, p, op = node.attrs, node.params, node.op
+    if op == "conv2d":
+        return F.conv2d(args[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
+    if op == "linear":
+        return F.linear(args[0], p["weight"], p.get("bias"))
+    if op == "matmul":
+        return torch.matmul(args[0], args[1])
+    if op == "relu":
+        return torch.relu(args[0])
+    if op == "gelu":
+        return F.gelu(args[0], approximate=a.get("approximate", "none"))
+    if op == "softmax":
+        return torch.softmax(args[0], a["dim"])
+    if op == "layer_norm":
+        return F.layer_norm(args[0], a["normalized_shape"], p.get("weight"), p.get("bias"), a["eps"])
+    if op == "batch_norm":
+        return F.batch_norm(args[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"),
+                            False, 0.0, a["eps"])
+    if op == "add":
+        return args[0] + a.get("alpha", 1) * _scalar_or(args, a)
+    if op == "sub":
+        return args[0] - a.get("alpha", 1) * _scalar_or(args, a)
+    if op == "mul":
+        return args[0] * _scalar_or(args, a)
+    if op == "div":
+        return args[0] / _scalar_or(args, a)
+    if op == "max_pool2d":
+        return F.max_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    if op == "avg_pool2d":
+        return F.avg_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                            a["count_include_pad"], a.get("divisor_override"))
+    if op == "adaptive_avg_pool2d":
+        return F.adaptive_avg_pool2d(args[0], a["output_size"])
+    if op == "mean":
+        return args[0].mean(a["dims"], keepdim=a["keepdim"])
+    if op == "reshape":
+        return args[0].reshape(resolve_shape(a["shape"], batch))
+    if op == "expand":
+        return args[0].expand(resolve_shape(a["shape"], batch))
+    if op == "permute":
+        return args[0].permute(a["dims"])
+    if op == "transpose":
+        return args[0].transpose(a["dim0"], a["dim1"])
+    if op == "flatten":
+        return args[0].flatten(a["start"], a["end"])
+    if op == "unsqueeze":
+        return args[0].unsqueeze(a["dim"])
+    if op == "squeeze":
+        return args[0].squeeze(a["dims"])
+    if op == "select":
+        return args[0].select(a["dim"], a["index"])
+    if op == "slice":
+        return args[0][(slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)]
+    if op == "cat":
+        return _cat(node, args, graph, batch)
+    raise NotImplementedError(f"runtime has no rule for op {op!r} (node {node.name})")
+
+
+@torch.no_grad()
+def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | None = None) -> torch.Tensor:
+    """Execute the graph on a batch ``x`` (batch axis first) and return the output tensor."""
+    env: dict[str, torch.Tensor] = {}
+    batch = x.shape[0]
+    for node in graph.nodes:
+        extra: dict = {}
+        args = [env[i] for i in node.inputs]
+        if node.op == "input":
+            out = x
+        elif node.op == "constant":
+            out = node.params["value"]
+        elif node.op == "sfn":
+            if spiking:
+                level = spike_levels(node, args[0])
+                out = level_values(node, level, args[0].dtype)
+                extra["level"] = level
+            else:       # the ANN: identity, or the ReLU the neuron absorbed
+                out = torch.relu(args[0]) if node.attrs.get("absorbs") == "relu" else args[0]
+        else:
+            out = _op(node, args, graph, batch)
+        env[node.name] = out
+        if hook is not None:
+            hook(node, args, out, extra)
+    return env[graph.output]

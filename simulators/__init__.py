@@ -1,0 +1,1 @@
+"""Simulators that read the converted network: exact operation counting (``counting``)."""

@@ -1,0 +1,26 @@
+"""Hardware targets as data files (``*.toml`` beside this module), each number with its source."""
+from __future__ import annotations
+
+import os
+
+import tomli
+
+from sfn_deploy.errors import UserError
+
+HERE = os.path.dirname(__file__)
+
+
+def available() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".toml"))
+
+
+def load_target(name_or_path: str) -> dict:
+    """Read a target by name (shipped file) or path; a malformed file is a UserError naming it."""
+    path = name_or_path if name_or_path.endswith(".toml") else os.path.join(HERE, f"{name_or_path}.toml")
+    if not os.path.exists(path):
+        raise UserError(f"unknown target {name_or_path!r}; available: {', '.join(available())}")
+    try:
+        with open(path, "rb") as f:
+            return tomli.load(f)
+    except tomli.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})")
