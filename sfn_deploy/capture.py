@@ -155,6 +155,9 @@ class _Builder:
                 self.handle(fx_node)
             except _Unsupported as e:
                 self.problems.append(f"{_op_name(fx_node.target)} at {_where(fx_node)}: {e}")
+                shape = _meta_shape(fx_node)
+                if shape is not None:   # a stand-in, so later nodes are still checked for their own problems
+                    self.env[fx_node.name] = self.add(Node(fx_node.name, "constant", [], {}, {}, shape, 0)).name
         if self.problems:
             raise UnsupportedOpsError(self.problems)
         graph = Graph(self.nodes, self.ir(out_node).name)
@@ -444,7 +447,7 @@ class _Unsupported(Exception):
 
 
 def _op_name(target) -> str:
-    return str(getattr(target, "__name__", target)).replace("aten::", "aten.")
+    return str(target)
 
 
 def _pair(v) -> list[int]:

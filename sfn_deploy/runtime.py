@@ -21,6 +21,7 @@ def spike_levels(node: Node, x: torch.Tensor) -> torch.Tensor:
     """Signed integer spike level of an SFN node for input x (see ir.py for the rule)."""
     p = node.params
     table = p["table"]
+    x = x.contiguous()
     level = table[torch.bucketize(x, p["bounds_pos"], right=True)]
     if p["bounds_neg"].numel():
         level = level - table[torch.bucketize(-x, p["bounds_neg"], right=True)]

@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sfn_deploy.data import load_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_DIR = os.environ.get("SFN_MNIST", os.path.join(ROOT, "..", "shared", "data", "mnist"))
+MODELS = os.path.join(ROOT, "examples", "models")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_data("sklearn:digits")
+
+
+def train_digits_mlp(digits, seed=0):
+    torch.manual_seed(seed)
+    train, _ = digits.split(0.8, seed=0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(train.x), train.y).backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(digits):
+    return train_digits_mlp(digits)
+
+
+@pytest.fixture(scope="session")
+def digits_pt2(digits_mlp, tmp_path_factory, digits):
+    path = str(tmp_path_factory.mktemp("models") / "digits_mlp.pt2")
+    ep = torch.export.export(digits_mlp, (digits.x[:2],),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    torch.export.save(ep, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    if not os.path.exists(os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
+        pytest.skip("shared MNIST data not found (set SFN_MNIST)")
+    return MNIST_DIR

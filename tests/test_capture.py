@@ -1,0 +1,92 @@
+"""Graph capture: the IR run as an ANN equals the source model, for modules, timm ViTs and .pt2 files."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from sfn_deploy.capture import capture
+from sfn_deploy.errors import UnsupportedOpsError
+from sfn_deploy.passes import fold_batchnorm
+from sfn_deploy.runtime import run
+
+
+def small_vit(**kw):
+    args = dict(num_classes=10, img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+
+
+def cnn():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
+                      nn.Flatten(), nn.Linear(16 * 3 * 3, 10))
+    for mod in m.modules():        # non-trivial BatchNorm statistics
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("make", [cnn, small_vit])
+def test_ir_equals_model_for_other_batch_sizes(make):
+    torch.manual_seed(1)
+    m = make()
+    g = capture(m, torch.randn(2, 1, 28, 28))
+    for b in (1, 3, 17):
+        x = torch.randn(b, 1, 28, 28)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_split_into_products_and_softmax():
+    g = capture(small_vit(depth=1), torch.randn(2, 1, 28, 28))
+    ops = [n.op for n in g.nodes]
+    assert ops.count("matmul") == 2 and ops.count("softmax") == 1
+    assert not any("scaled_dot_product" in n.op for n in g.nodes)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pt2_with_static_batch_runs_at_any_batch(tmp_path, batch):
+    m = small_vit()
+    ep = torch.export.export(m, (torch.randn(batch, 1, 28, 28),))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    g = capture(torch.export.load(tmp_path / "m.pt2"))
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pt2_with_dynamic_batch():
+    m = cnn()
+    ep = torch.export.export(m, (torch.randn(4, 1, 28, 28),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    g = capture(ep)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_folding_is_exact_and_removes_the_nodes():
+    m = cnn()
+    x = torch.randn(4, 1, 28, 28)
+    g = fold_batchnorm(capture(m, x))
+    assert not any(n.op == "batch_norm" for n in g.nodes)
+    torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        return torch.tanh(self.act(self.fc(x.flatten(1)))) * 2
+
+
+def test_unsupported_operations_are_listed_at_once_with_location():
+    with pytest.raises(UnsupportedOpsError) as info:
+        capture(Odd(), torch.randn(2, 1, 2, 2))
+    problems = info.value.problems
+    assert len(problems) == 2
+    assert "sigmoid" in problems[0] and "act" in problems[0]
+    assert "tanh" in problems[1] and "test_capture.py" in problems[1]

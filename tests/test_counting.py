@@ -1,0 +1,108 @@
+"""Exact op counts (SPEC §5): hand-computed values and an independent MAC count."""
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from sfn_deploy.capture import capture
+from sfn_deploy.passes import configure, insert_sfn
+from sfn_deploy.runtime import run, spike_levels
+from sfn_deploy.simulators.counting import OpCounter, count_ops
+
+
+def _fix_sites(g, theta=1.0, lam=1.0):
+    for s in g.sites:
+        s.attrs["theta_pos"] = theta
+        s.attrs["theta_neg"] = theta
+        s.attrs["o_max"] = 1.0
+        configure(s, lam)
+
+
+def test_linear_counts_by_hand():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.eye(4, 3))
+        m[0].bias.zero_()
+    x = torch.tensor([[0.4, 2.0, 7.0]])           # hidden = [0.4, 2, 7, 0] → levels [0, 2, 7, 0] (step 1)
+    g = insert_sfn(capture(m, x))
+    _fix_sites(g)
+    c = count_ops(g, [x])
+    assert c.mac_ann == 3 * 4 + 4 * 2
+    assert c.mac_snn == 3 * 4                      # the analog first layer
+    assert c.ac_snn == (2 + 7) * 2                  # |y|·fan-out, fan-out 2
+    assert abs(c.energy_ratio() - ((18 * 0.9 + 12 * 4.6) / (20 * 4.6))) < 1e-12
+    site = next(layer for layer in c.layers if layer.op == "sfn")
+    assert site.spikes == 9 and site.neurons == 4 and site.firing_rate == 0.5
+
+
+def test_conv_fanout_by_hand_and_against_brute_force():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), nn.Conv2d(1, 2, 3, padding=1, bias=False)).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 0, 0] = 1.0        # corner: 4 output positions × 2 channels
+    x[0, 0, 0, 1] = 3.0        # edge: 6 × 2
+    x[0, 0, 2, 2] = 2.0        # interior: 9 × 2
+    g = insert_sfn(capture(m, torch.cat([x, x])))
+    _fix_sites(g)
+    c = count_ops(g, [x])
+    assert c.ac_snn == 1 * 8 + 3 * 12 + 2 * 18
+    # brute force on random data: Σ over outputs of Σ |y| in the receptive field
+    xr = torch.rand(5, 1, 4, 4) * 6
+    c = count_ops(g, [xr])
+    counter = OpCounter(g)
+    counter.start_batch(5)
+    levels = {}
+    run(g, xr, hook=lambda n, a, o, e: levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
+    y = levels[g.sites[0].name].abs().float()
+    brute = F.conv2d(y, torch.ones(2, 1, 3, 3), padding=1).sum() / 5
+    assert abs(c.ac_snn - float(brute)) < 1e-3
+
+
+def test_attention_products_count_spikes_of_the_left_operand():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=8, patch_size=4,
+                          in_chans=1, embed_dim=8, depth=1, num_heads=2).eval()
+    x = torch.randn(3, 1, 8, 8)
+    g = insert_sfn(capture(m, x))
+    _fix_sites(g, theta=0.5, lam=0.5)
+    levels = {}
+    run(g, x, hook=lambda n, a, o, e: levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
+    c = {layer.name: layer for layer in count_ops(g, [x]).layers}
+    qk = next(n for n in g.nodes if n.name.endswith("_qk"))
+    av = next(n for n in g.nodes if n.name.endswith("_av"))
+    q_site, p_site = g[qk.inputs[0]], g[av.inputs[0]]
+    tokens = 5
+    assert abs(c[qk.name].ac - float(levels[q_site.name].abs().sum()) * tokens / 3) < 1e-6
+    assert abs(c[av.name].ac - float(levels[p_site.name].abs().sum()) * 4 / 3) < 1e-6   # head dim 4
+    assert c[qk.name].mac_ann == 2 * tokens * tokens * 4
+
+
+def test_ann_macs_match_flop_counter_plus_attention():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=28, patch_size=4,
+                          in_chans=1, embed_dim=32, depth=2, num_heads=2).eval()
+    x = torch.randn(1, 1, 28, 28)
+    with FlopCounterMode(display=False) as fc:
+        m(x)
+    attention = 2 * 2 * 2 * 50 * 50 * 16      # blocks × products × heads × N·N·d
+    g = capture(m, torch.randn(2, 1, 28, 28))
+    assert count_ops(g, [x], spiking=False).mac_ann == fc.get_total_flops() / 2 + attention
+
+
+def test_counts_are_per_inference_whatever_the_batching():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 13 * 13, 5)).eval()
+    x = torch.rand(10, 1, 28, 28)
+    g = insert_sfn(capture(m, x))
+    _fix_sites(g, theta=0.3, lam=0.5)
+    a = count_ops(g, [x])
+    b = count_ops(g, [x[:3], x[3:7], x[7:]])
+    assert abs(a.ac_snn - b.ac_snn) < 1e-6 * a.ac_snn and a.mac_ann == b.mac_ann
+    # average pooling is folded: the linear layer sees every spike with fan-out 5
+    counter_levels = {}
+    run(g, x, hook=lambda n, a_, o, e: counter_levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
+    total = float(counter_levels[g.sites[0].name][..., :26, :26].abs().sum()) / 10 * 5
+    assert abs(a.ac_snn - total) < 1e-6 * total
