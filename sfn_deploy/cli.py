@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import traceback
@@ -39,6 +40,7 @@ def command(fn):
     def wrapper(*args, as_json=False, debug=False, **kwargs):
         if not debug:
             warnings.filterwarnings("ignore")
+            logging.getLogger("torch").setLevel(logging.ERROR)
         try:
             return fn(*args, as_json=as_json, **kwargs)
         except UserError as e:

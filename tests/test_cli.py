@@ -1,0 +1,147 @@
+"""The CLI as a user runs it: JSON contracts, exit codes, one-line errors, no partial outputs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sfn_deploy.model_file import load
+
+from click.testing import CliRunner
+
+from sfn_deploy.cli import main
+
+CLI = [sys.executable, "-m", "sfn_deploy.cli"]
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def sfn(*args):
+    """Run the CLI in-process (fast); the fixture below also runs it as a real subprocess."""
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return Result(r.exit_code, r.stdout, r.stderr)
+
+
+def sfn_process(*args):
+    r = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+    return Result(r.returncode, r.stdout, r.stderr)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, digits_pt2):
+    out = tmp_path_factory.mktemp("conv") / "model.pt"
+    r = sfn_process("convert", digits_pt2, "--data", "sklearn:digits", "-o", out, "--trials", 8,
+                    "--val-fraction", 0.3, "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_convert_json(converted):
+    out, payload = converted
+    for key in ("accuracy", "ann_accuracy", "agreement", "energy_ratio", "ac_snn", "mac_ann", "lam", "samples"):
+        assert key in payload
+    assert payload["ann_accuracy"] > 90 and payload["accuracy"] > 85
+    assert 0 < payload["energy_ratio"] < 1
+    m = load(str(out))                       # weights_only load
+    assert m.config["trials"] == 8 and m.search["trials_completed"] == 8
+    assert m.source["sha256"]
+
+
+def test_evaluate_and_inspect_json(converted):
+    out, _ = converted
+    r = sfn("evaluate", out, "--data", "sklearn:digits", "--limit", 300, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["samples"] == 300 and d["backend"] == "torch"
+    assert set(["accuracy", "ann_accuracy", "agreement", "energy_ratio", "ac_snn", "mac_ann"]) <= set(d)
+    r = sfn("inspect", out, "--json")
+    s = json.loads(r.stdout)
+    assert len(s["sites"]) == 2 and s["pareto_front"]
+    r = sfn("inspect", out)
+    assert "SFN sites (2)" in r.stdout and "post-relu" in r.stdout
+
+
+def test_tune_command_resumes(tmp_path, digits_pt2):
+    db = tmp_path / "t.db"
+    r1 = sfn("tune", digits_pt2, "--data", "sklearn:digits", "--trials", 3, "--storage", db, "--json",
+             "--val-fraction", 0.2)
+    r2 = sfn("tune", digits_pt2, "--data", "sklearn:digits", "--trials", 5, "--storage", db, "--json",
+             "--val-fraction", 0.2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    a, b = json.loads(r1.stdout), json.loads(r2.stdout)
+    assert a["study"] == b["study"] and a["trials_completed"] == 3 and b["trials_completed"] == 5
+
+
+def _bad(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, digits_pt2, converted):
+    out = tmp_path / "never.pt"
+    _bad(sfn("convert", tmp_path / "missing.pt2", "--data", "sklearn:digits", "-o", out, "--scale", 0.3),
+         "missing.pt2")
+    np.savez(tmp_path / "nokey.npz", images=np.zeros((2, 1, 8, 8), np.float32))
+    _bad(sfn("convert", digits_pt2, "--data", tmp_path / "nokey.npz", "-o", out, "--scale", 0.3), "nokey.npz", "x")
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    x[1, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(4, np.int64))
+    _bad(sfn("convert", digits_pt2, "--data", tmp_path / "nan.npz", "-o", out, "--scale", 0.3), "NaN")
+    np.savez(tmp_path / "shape.npz", x=np.zeros((4, 1, 28, 28), np.float32), y=np.zeros(4, np.int64))
+    _bad(sfn("convert", digits_pt2, "--data", tmp_path / "shape.npz", "-o", out, "--scale", 0.3), "28×28")
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64))
+    _bad(sfn("convert", digits_pt2, "--data", tmp_path / "empty.npz", "-o", out, "--scale", 0.3), "empty")
+    (tmp_path / "corrupt.pt2").write_bytes(b"not a zip file at all")
+    _bad(sfn("convert", tmp_path / "corrupt.pt2", "--data", "sklearn:digits", "-o", out, "--scale", 0.3),
+         "corrupt.pt2")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated")
+    _bad(sfn("evaluate", converted[0], "--data", tmp_path / "corrupt.npz"), "corrupt.npz")
+    _bad(sfn("evaluate", digits_pt2, "--data", "sklearn:digits"), "not a converted")
+    _bad(sfn("convert", digits_pt2, "--data", "sklearn:digits", "-o", out, "--scale", 1.5), "scale")
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_pickle_refused_without_trust(tmp_path, digits_mlp):
+    path = tmp_path / "m.pth"
+    torch.save(digits_mlp, path)
+    out = tmp_path / "o.pt"
+    _bad(sfn("convert", path, "--data", "sklearn:digits", "-o", out, "--scale", 0.3), "--trust-pickle")
+    r = sfn("convert", path, "--data", "sklearn:digits", "-o", out, "--scale", 0.3, "--trust-pickle", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["lam"] == 0.3
+
+
+def test_unsupported_layer_names_every_node(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 8),
+                            torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    ep = torch.export.export(m.eval(), (torch.zeros(2, 1, 8, 8),))
+    torch.export.save(ep, tmp_path / "odd.pt2")
+    r = sfn("convert", tmp_path / "odd.pt2", "--data", "sklearn:digits", "-o", tmp_path / "o.pt", "--scale", 0.3)
+    _bad(r, "2 unsupported", "sigmoid", "tanh")
+
+
+def test_timm_model_with_local_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    args = dict(num_classes=10, img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    margs = ",".join(f"{k}={v}" for k, v in args.items())
+    r = sfn("convert", "timm:vit_tiny_patch16_224", "--model-args", margs, "--weights", tmp_path / "w.safetensors",
+            "--data", "sklearn:digits", "-o", tmp_path / "v.pt", "--scale", 0.25, "--json", "--calib-limit", 200)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sites"] == 9
+    bad = tmp_path / "bad.safetensors"
+    save_file({"foo": torch.zeros(2)}, str(bad))
+    _bad(sfn("convert", "timm:vit_tiny_patch16_224", "--model-args", margs, "--weights", bad, "--data",
+             "sklearn:digits", "-o", tmp_path / "v2.pt", "--scale", 0.25), "bad.safetensors", "missing")
