@@ -117,6 +117,7 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
     """Execute the graph on a batch ``x`` (batch axis first) and return the output tensor."""
     env: dict[str, torch.Tensor] = {}
     batch = x.shape[0]
+    free = _release_plan(graph)
     for node in graph.nodes:
         extra: dict = {}
         args = [env[i] for i in node.inputs]
@@ -136,4 +137,19 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
         env[node.name] = out
         if hook is not None:
             hook(node, args, out, extra)
+        for name in free.get(node.name, ()):     # bounded memory: drop values nobody reads any more
+            del env[name]
     return env[graph.output]
+
+
+def _release_plan(graph: Graph) -> dict[str, list[str]]:
+    """For each node, the values whose last reader it is (the output is kept)."""
+    last: dict[str, str] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            last[i] = n.name
+    plan: dict[str, list[str]] = {}
+    for value, reader in last.items():
+        if value != graph.output:
+            plan.setdefault(reader, []).append(value)
+    return plan

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sfn_deploy.ir import Graph, Node
-from sfn_deploy.runtime import _op, run
+from sfn_deploy.runtime import _op, _release_plan, run
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
 
@@ -78,6 +78,7 @@ class OpCounter:
         self.samples = 0
         self._shadow: dict[str, torch.Tensor] = {}   # |spike level| carried along spike tensors
         self._fan: dict[str, torch.Tensor] = {}
+        self._free = _release_plan(graph)
 
     def start_batch(self, batch: int) -> None:
         self.samples += batch
@@ -85,6 +86,11 @@ class OpCounter:
         self._shadow = {}
 
     def __call__(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
+        self._count(node, args, out, extra)
+        for name in self._free.get(node.name, ()):
+            self._shadow.pop(name, None)
+
+    def _count(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
         c = self.layers[node.name]
         op = node.op
         if op == "sfn" and "level" in extra:

@@ -2,7 +2,8 @@
 # The README's test command: set up .venv if needed, then run the test suite.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/env.sh" || exit $?
+source "$ROOT/bootstrap.sh" || exit $?
+set +e
 cd "$ROOT"
 python -m pytest -q "$@"
 rc=$?

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.10: lava-nc needs it) and install sfn-deploy with its test tools, once.
-# Sourced by the README's commands; reinstalls only when pyproject.toml changes.
+# Sourced by examples/demo.sh and tests/run.sh (the README's two commands); reinstalls only when pyproject.toml changes.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.sfn-deploy-installed"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The README's main command: set up .venv if needed, then run the whole pipeline that exists so far
+# on the bundled example models and real MNIST data (train on images 0..7999, test on 8000..9999).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/bootstrap.sh"
+cd "$ROOT"
+MNIST="${SFN_MNIST:-$ROOT/../shared/data/mnist}"
+OUT="${SFN_OUT:-$ROOT/runs}"
+mkdir -p "$OUT"
+if [ ! -f "$MNIST/t10k-images-idx3-ubyte.gz" ]; then
+  echo "MNIST not found at $MNIST (set SFN_MNIST); running the sklearn digits example only" >&2
+  sfn-deploy convert examples/models/digits_mlp.pt2 --data sklearn:digits -o "$OUT/digits_mlp.sfn.pt" \
+    --max-drop 0.5 --trials 30 --val-fraction 0.25
+  exit 0
+fi
+TRAIN="mnist:$MNIST:0:8000"
+TEST="mnist:$MNIST:8000:10000"
+for model in mnist_cnn mnist_vit; do
+  echo
+  echo "== $model: convert (calibrate on 8,000 training images, search λ within 0.3 points of the ANN) =="
+  sfn-deploy convert "examples/models/$model.pt2" --data "$TRAIN" -o "$OUT/$model.sfn.pt" \
+    --max-drop 0.3 --trials 40 --val-fraction 0.25 --search per-block
+  echo "== $model: evaluate on the 2,000 held-out test images =="
+  sfn-deploy evaluate "$OUT/$model.sfn.pt" --data "$TEST"
+done
