@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""ONNX backend benchmark (a script, not a test): onnxruntime vs the torch reference, SNN vs ANN.
+
+    python examples/bench_onnx.py [--batch 256] [--repeats 10] [--threads 1] [--models examples/models]
+                                  [--mnist ../shared/data/mnist] [--json out.json]
+
+For each network it converts (λ = 0.2 for the MNIST example models on MNIST images 0..499,
+λ = 0.3 for digits models) and times one forward pass of the same batch, median of --repeats
+after one warm-up, on the same number of threads for torch and onnxruntime:
+
+* torch SNN   ``runtime.run(graph, x)`` (the reference interpreter)
+* ORT SNN     the ``export_onnx`` graph in onnxruntime (CPU provider)
+* ORT ANN     the same graph exported with ``ann=True`` (every neuron the identity / its ReLU)
+
+and checks fidelity on that batch: max |Δlogit| and spike-level agreement against torch.
+Models: ``examples/models/mnist_cnn.pt2`` and ``mnist_vit.pt2`` when they exist (see
+examples/train.py), and three digits models trained here in seconds (MLP, CNN, tiny ViT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnxruntime
+import torch
+import torch.nn as nn
+
+from sfn_deploy import convert, load_data, load_model
+from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
+from sfn_deploy.runtime import run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _train(model, data, steps, lr):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(data.x), data.y).backward()
+        opt.step()
+    return model.eval()
+
+
+def digits_models():
+    import timm
+    data = load_data("sklearn:digits")
+    test, train = data.split(0.2, seed=0)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                        nn.Linear(64, 10))
+    cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=8, patch_size=2,
+                            in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    out = []
+    for name, m, steps, lr in (("digits_mlp", mlp, 150, 1e-2), ("digits_cnn", cnn, 80, 1e-2),
+                               ("digits_vit", vit, 80, 3e-3)):
+        m = _train(m, train, steps, lr)
+        out.append((name, convert(m, train, scale=0.3), test))
+    return out
+
+
+def mnist_models(models_dir, mnist_dir):
+    out = []
+    for name in ("mnist_cnn", "mnist_vit"):
+        path = os.path.join(models_dir, name + ".pt2")
+        if not os.path.exists(path) or not mnist_dir:
+            continue
+        model, identity = load_model(path)
+        calib = load_data(f"mnist:{mnist_dir}:0:500")
+        snn = convert(model, calib, scale=0.2, source=identity)
+        out.append((name, snn, load_data(f"mnist:{mnist_dir}:8000:10000")))
+    return out
+
+
+def timed(fn, repeats):
+    fn()                                        # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(name, snn, data, batch, repeats, threads):
+    x = data.x[:batch]
+    graph = snn.graph
+    ref_levels = {}
+
+    def hook(node, args, out, extra):
+        if "level" in extra:
+            ref_levels[node.name] = extra["level"].numpy()
+    ref = run(graph, x, hook=hook).numpy()
+    ort_snn = OnnxRunner(to_onnx(snn), threads=threads)
+    ort_lv = OnnxRunner(to_onnx(snn, levels=True), threads=threads)
+    ort_ann = OnnxRunner(to_onnx(snn, ann=True), threads=threads)
+    logits, levels = ort_lv.run_with_levels(x)
+    equal = sum(int((levels[k] == ref_levels[k]).sum()) for k in levels)
+    total = sum(levels[k].size for k in levels)
+    xn = x.numpy()
+    row = {
+        "model": name, "sites": len(snn.sites), "batch": int(x.shape[0]),
+        "torch_snn_ms": 1e3 * timed(lambda: run(graph, x), repeats),
+        "torch_ann_ms": 1e3 * timed(lambda: run(graph, x, spiking=False), repeats),
+        "ort_snn_ms": 1e3 * timed(lambda: ort_snn.run(xn), repeats),
+        "ort_ann_ms": 1e3 * timed(lambda: ort_ann.run(xn), repeats),
+        "max_abs_dlogit": float(np.abs(logits - ref).max()),
+        "logit_scale": float(np.abs(ref).max()),
+        "levels_equal_pct": 100.0 * equal / total,
+        "sites_all_equal": sum(np.array_equal(levels[k], ref_levels[k]) for k in levels),
+        "top1_agree_pct": 100.0 * float((logits.argmax(1) == ref.argmax(1)).mean()),
+    }
+    row["torch_over_ort_snn"] = row["torch_snn_ms"] / row["ort_snn_ms"]
+    row["ort_snn_over_ann"] = row["ort_snn_ms"] / row["ort_ann_ms"]
+    row["torch_snn_over_ann"] = row["torch_snn_ms"] / row["torch_ann_ms"]
+    return row
+
+
+COLS = [("model", "model"), ("sites", "SFN sites"), ("batch", "batch"), ("torch_snn_ms", "torch SNN ms"),
+        ("ort_snn_ms", "ORT SNN ms"), ("torch_over_ort_snn", "torch/ORT (SNN)"), ("ort_ann_ms", "ORT ANN ms"),
+        ("ort_snn_over_ann", "ORT SNN/ANN"), ("torch_ann_ms", "torch ANN ms"),
+        ("torch_snn_over_ann", "torch SNN/ANN"), ("max_abs_dlogit", "max |Δlogit|"),
+        ("logit_scale", "max |logit|"), ("levels_equal_pct", "levels equal %"), ("top1_agree_pct", "top-1 agree %")]
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.2e}" if 0 < abs(v) < 1e-2 else f"{v:.2f}"
+    return str(v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--models", default=os.path.join(HERE, "models"))
+    ap.add_argument("--mnist", default=os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
+    ap.add_argument("--only-digits", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    nets = [] if args.only_digits else mnist_models(args.models, args.mnist)
+    nets += digits_models()
+    rows = [bench(name, snn, data, args.batch, args.repeats, args.threads) for name, snn, data in nets]
+    print(f"# ONNX backend: onnxruntime {onnxruntime.__version__} vs torch {torch.__version__}, "
+          f"{args.threads} thread(s), median of {args.repeats}, {platform.processor() or platform.machine()}")
+    print("| " + " | ".join(c[1] for c in COLS) + " |")
+    print("|" + "---|" * len(COLS))
+    for r in rows:
+        print("| " + " | ".join(fmt(r[c[0]]) for c in COLS) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv, "threads": args.threads, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

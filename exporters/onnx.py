@@ -1,0 +1,615 @@
+"""ONNX exporter: the converted SFN network as a standard ONNX model, and a runner for it.
+
+The exported graph uses standard operators of the default domain only (no custom
+ops), so any ONNX runtime executes it; onnxruntime (CPU) is the reference backend
+(:class:`OnnxRunner`). Every IR op is lowered to the operators ``docs/onnx.md``
+lists; an op or attribute combination without an exact standard form is refused
+with a :class:`~sfn_deploy.errors.UserError` naming the node.
+
+The Scale-and-Fire neuron in standard operators, per branch (positive on x,
+negative on −x; an empty boundary vector switches the branch off)::
+
+    fired = Cast<float>(GreaterOrEqual(Unsqueeze(x, -1), bounds))   # [..., N]: x ≥ b_i
+    level = MatMul(fired, increments)                                # Σ (y_i − y_{i−1}) = y_k
+    level = level_pos − level_neg                                    # signed integer, exact in float32
+    o     = Where(level ≥ 0, level · λθ⁺, level · λθ⁻)
+
+``bounds``/``steps`` are the node's stored float32 ``params``, so the comparison
+is the one ``torch.bucketize(x, bounds, right=True)`` makes in the reference
+runtime (it counts boundaries ≤ x) and the spike levels are bit-identical.
+
+Graph interface: input ``"input"`` (float32, ``["batch", *input_shape]``), output
+``"logits"``; with ``levels=True`` one more output per SFN site, named after the
+site node, holding its signed spike level as **int64** (the dtype of
+``runtime.spike_levels``). ``ann=True`` exports the same graph with every neuron
+replaced by the identity (or the ReLU it absorbed): the source ANN.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import UnsupportedOpsError, UserError
+from ..ir import Graph
+from ..model_file import ConvertedModel, atomic_write
+
+__all__ = ["to_onnx", "export_onnx", "OnnxRunner", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET"]
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17      # LayerNormalization appears in opset 17
+MAX_OPSET = 21      # the newest opset the exporter is tested against (onnxruntime 1.23 runs up to 23)
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+LEVEL_DTYPE = "int64"
+BATCH_DIM = "batch"
+
+_F32 = np.float32
+
+
+def _fmt_shape(shape) -> str:
+    return "×".join(str(s) for s in shape) if len(shape) else "scalar"
+
+
+class _Lowering:
+    """Walks the IR in order and appends ONNX nodes and initializers."""
+
+    def __init__(self, model: ConvertedModel, levels: bool, opset: int, ann: bool):
+        self.model, self.graph = model, model.graph
+        self.levels, self.opset, self.ann = levels, opset, ann
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.used: set[str] = {INPUT_NAME, OUTPUT_NAME}
+        self.val: dict[str, str] = {}            # IR node name -> ONNX tensor name of its value
+        self.level_out: dict[str, str] = {}      # site name -> ONNX tensor name of its (int64) level
+        self._consts: dict[tuple, str] = {}
+        self._batch: dict[int, str] = {}
+        self.problems: list[str] = []
+        self.public = {OUTPUT_NAME} | ({s.name for s in self.graph.sites} if levels else set())
+        self.used |= self.public
+        self.current = ""
+
+    # -- naming and emission -------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+    def emit(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.fresh(f"{self.current}/{op_type}")
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.fresh(f"{self.current}:{op_type}"),
+                                           **attrs))
+        return out
+
+    def init(self, array: np.ndarray, base: str) -> str:
+        name = self.fresh(base)
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))   # keeps 0-d arrays 0-d
+        return name
+
+    def param(self, t: torch.Tensor, base: str) -> str:
+        a = t.detach().cpu().numpy()
+        if np.issubdtype(a.dtype, np.floating):
+            a = a.astype(_F32)
+        return self.init(a, f"{self.current}.{base}")
+
+    def const(self, values, dtype=np.int64) -> str:
+        """A small shared constant (shapes, axes, scalars)."""
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(arr, "const")
+        return self._consts[key]
+
+    def scalar(self, v: float) -> str:
+        return self.const(np.float32(v), _F32)
+
+    # -- the batch size at run time -------------------------------------------
+    def batch(self, k: int = 1) -> str:
+        """1-D int64 tensor [B·k], B read from the input's shape at run time."""
+        if 1 not in self._batch:
+            saved, self.current = self.current, "batch"
+            self._batch[1] = self.emit("Shape", [INPUT_NAME], self.fresh("batch_size"), start=0, end=1)
+            self.current = saved
+        if k not in self._batch:
+            self._batch[k] = self.emit("Mul", [self._batch[1], self.const([k])])
+        return self._batch[k]
+
+    def shape_tensor(self, shape: list) -> str:
+        """A shape vector whose "B"/"B*k" entries are computed from the batch size at run time."""
+        if not any(isinstance(s, str) for s in shape):
+            return self.const([int(s) for s in shape])
+        parts, run = [], []
+        for s in shape:
+            if isinstance(s, str):
+                if run:
+                    parts.append(self.const(run))
+                    run = []
+                k = int(s.split("*")[1]) if "*" in s else 1
+                parts.append(self.batch(k))
+            else:
+                run.append(int(s))
+        if run:
+            parts.append(self.const(run))
+        return parts[0] if len(parts) == 1 else self.emit("Concat", parts, axis=0)
+
+    def own_shape(self, n) -> list:
+        """The node's shape with the batch entry restored as "B"."""
+        sh: list = list(n.shape)
+        if n.bdim is not None:
+            sh[n.bdim] = "B"
+        return sh
+
+    # -- the walk ---------------------------------------------------------------
+    def value_name(self, n) -> str:
+        if n.op == "input":
+            return INPUT_NAME
+        base = n.name if n.name not in self.public else f"{n.name}:value"
+        return self.fresh(base)
+
+    def run(self) -> None:
+        for n in self.graph.nodes:
+            self.current = n.name
+            try:
+                out = self.lower(n)
+            except _Unsupported as e:
+                self.problems.append(f"node {n.name!r} ({n.op}{', ' + n.source if n.source else ''}): {e}")
+                out = self.fresh(n.name)       # keep walking to report every problem at once
+            self.val[n.name] = out
+        if self.problems:
+            raise UnsupportedOpsError(self.problems)
+        self.current = "output"
+        self.emit("Identity", [self.val[self.graph.output]], OUTPUT_NAME)
+
+    def lower(self, n) -> str:
+        a, p, op = n.attrs, n.params, n.op
+        xs = [self.val[i] for i in n.inputs]
+        if op == "input":
+            return INPUT_NAME
+        out = self.value_name(n)
+        if op == "constant":
+            if "value" not in p:
+                raise _Unsupported("constant without a stored value")
+            a_ = p["value"].detach().cpu().numpy()
+            if np.issubdtype(a_.dtype, np.floating):
+                a_ = a_.astype(_F32)
+            self.inits.append(numpy_helper.from_array(np.array(a_, order="C"), out))
+            return out
+        if op == "sfn":
+            return self.sfn(n, xs[0], out)
+        fn = getattr(self, "op_" + op, None)
+        if fn is None:
+            raise _Unsupported("no ONNX lowering for this op")
+        return fn(n, a, p, xs, out)
+
+    # -- the neuron -------------------------------------------------------------
+    def sfn(self, n, x: str, out: str) -> str:
+        if self.ann:
+            return self.emit("Relu" if n.attrs.get("absorbs") == "relu" else "Identity", [x], out)
+        p = n.params
+        for k in ("bounds_pos", "bounds_neg", "steps", "table"):
+            if k not in p:
+                raise _Unsupported(f"neuron has no {k!r}: configure the site (set λ) before exporting")
+        table = p["table"].detach().cpu().to(torch.float64).numpy()
+        inc = np.diff(table).astype(_F32)                      # y_i − y_{i−1}
+        if np.any(table != np.round(table)) or np.abs(table).max(initial=0) >= 2 ** 22:
+            raise _Unsupported("spike levels must be integers below 2^22 (sums exact in float32)")
+        steps = p["steps"].detach().cpu().to(torch.float32).numpy()
+        bpos = p["bounds_pos"].detach().cpu().to(torch.float32).numpy()
+        bneg = p["bounds_neg"].detach().cpu().to(torch.float32).numpy()
+        for b, what in ((bpos, "bounds_pos"), (bneg, "bounds_neg")):
+            if b.size and b.size != inc.size:
+                raise _Unsupported(f"{what} has {b.size} entries but the level table has {inc.size} levels")
+        for b, what in ((bpos, "bounds_pos"), (bneg, "bounds_neg")):
+            if np.any(np.diff(b) < 0) or np.any(np.isnan(b)):
+                raise _Unsupported(f"{what} must be ascending (the reference runtime bucketizes them)")
+        # Counting boundaries ≤ x (torch.bucketize, right=True) is Σ_i [x ≥ b_i]; with increments
+        # inc_i = y_i − y_{i−1} the weighted count is the level: Σ_{i≤k} inc_i = y_k − y_0.
+        # The negative branch counts b ≤ −x, i.e. N − #{x > −b}; for float32, x > c ⟺ x ≥ nextup(c),
+        # so both branches become one GreaterOrEqual against one vector and one MatMul:
+        #   level = y_0 + Σ inc·[x ≥ bpos] − (y_N − y_0) + Σ inc·[x ≥ nextup(−bneg)]
+        # Every partial sum is an integer below 2^24, so the float32 sums are exact in any order.
+        y0, yn = float(table[0]), float(table[-1])
+        thresholds, weights, offset = [], [], y0
+        if bpos.size:
+            thresholds.append(bpos)
+            weights.append(inc)
+        if bneg.size:
+            thresholds.append(np.nextafter(-bneg, np.float32(np.inf)).astype(_F32))
+            weights.append(inc)
+            offset -= yn - y0
+        if thresholds:
+            ux = self.emit("Unsqueeze", [x, self.const([-1])])
+            fired = self.emit("GreaterOrEqual", [ux, self.init(np.concatenate(thresholds), f"{n.name}.thresholds")])
+            fired = self.emit("Cast", [fired], to=TensorProto.FLOAT)
+            w = np.concatenate(weights).reshape(-1, 1).astype(_F32)   # 2-D: onnxruntime's fast GEMM path
+            level = self.emit("MatMul", [fired, self.init(w, f"{n.name}.increments")])
+            level = self.emit("Squeeze", [level, self.const([-1])])
+            if offset:
+                level = self.emit("Add", [level, self.scalar(offset)])
+        else:                                          # both branches off: y_0 everywhere
+            level = self.emit("ConstantOfShape", [self.emit("Shape", [x])],
+                              value=numpy_helper.from_array(np.full(1, y0, _F32)))
+        if bneg.size:     # torch: where(level ≥ 0, level·λθ⁺, level·λθ⁻): the same single product
+            step = self.emit("Where", [self.emit("GreaterOrEqual", [level, self.scalar(0.0)]),
+                                       self.scalar(steps[0]), self.scalar(steps[1])])
+            self.emit("Mul", [level, step], out)
+        else:
+            self.emit("Mul", [level, self.scalar(steps[0])], out)
+        if self.levels:
+            self.level_out[n.name] = self.emit("Cast", [level], n.name, to=TensorProto.INT64)
+        return out
+
+    # -- weight layers and products ---------------------------------------------
+    def op_conv2d(self, n, a, p, xs, out):
+        w = p["weight"]
+        if w.dim() != 4:
+            raise _Unsupported(f"weight of shape {list(w.shape)} is not a 2-D convolution kernel")
+        for key in ("stride", "padding", "dilation"):
+            if not (isinstance(a[key], (list, tuple)) and len(a[key]) == 2
+                    and all(isinstance(v, int) for v in a[key])):
+                raise _Unsupported(f"{key}={a[key]!r}: only two integers are supported")
+        ins = [xs[0], self.param(w, "weight")] + ([self.param(p["bias"], "bias")] if p.get("bias") is not None
+                                                  else [])
+        ph, pw = a["padding"]
+        return self.emit("Conv", ins, out, kernel_shape=list(w.shape[2:]), strides=list(a["stride"]),
+                         pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]))
+
+    def op_linear(self, n, a, p, xs, out):
+        w, b = p["weight"], p.get("bias")
+        if w.dim() != 2:
+            raise _Unsupported(f"weight of shape {list(w.shape)} is not a matrix")
+        if len(n.shape) == 2:      # torch runs a 2-D linear as one addmm: so does Gemm
+            ins = [xs[0], self.param(w, "weight")] + ([self.param(b, "bias")] if b is not None else [])
+            return self.emit("Gemm", ins, out, transB=1)
+        wt = self.param(w.t().contiguous(), "weight_t")
+        if b is None:
+            return self.emit("MatMul", [xs[0], wt], out)
+        return self.emit("Add", [self.emit("MatMul", [xs[0], wt]), self.param(b, "bias")], out)
+
+    def op_matmul(self, n, a, p, xs, out):
+        return self.emit("MatMul", xs[:2], out)
+
+    # -- host operations ----------------------------------------------------------
+    def op_relu(self, n, a, p, xs, out):
+        return self.emit("Relu", [xs[0]], out)
+
+    def op_gelu(self, n, a, p, xs, out):
+        x = xs[0]
+        approx = a.get("approximate", "none")
+        if approx not in ("none", "tanh"):
+            raise _Unsupported(f"approximate={approx!r}")
+        if self.opset >= 20:
+            return self.emit("Gelu", [x], out, approximate=approx)
+        if approx == "none":       # x·½·(1 + erf(x/√2)), in torch's order
+            t = self.emit("Erf", [self.emit("Mul", [x, self.scalar(np.sqrt(0.5))])])
+        else:                      # x·½·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            cube = self.emit("Mul", [self.emit("Mul", [x, x]), x])
+            inner = self.emit("Add", [x, self.emit("Mul", [cube, self.scalar(0.044715)])])
+            t = self.emit("Tanh", [self.emit("Mul", [inner, self.scalar(np.sqrt(2.0 / np.pi))])])
+        half = self.emit("Mul", [x, self.scalar(0.5)])
+        return self.emit("Mul", [half, self.emit("Add", [t, self.scalar(1.0)])], out)
+
+    def op_softmax(self, n, a, p, xs, out):
+        return self.emit("Softmax", [xs[0]], out, axis=int(a["dim"]))
+
+    def op_layer_norm(self, n, a, p, xs, out):
+        k = len(a["normalized_shape"])
+        if list(n.shape[len(n.shape) - k:]) != list(a["normalized_shape"]):
+            raise _Unsupported(f"normalized_shape {a['normalized_shape']} is not the trailing shape {n.shape}")
+        w = p.get("weight")
+        scale = self.param(w, "weight") if w is not None else \
+            self.init(np.ones(a["normalized_shape"], _F32), f"{n.name}.ones")
+        ins = [xs[0], scale] + ([self.param(p["bias"], "bias")] if p.get("bias") is not None else [])
+        return self.emit("LayerNormalization", ins, out, axis=-k, epsilon=float(a["eps"]))
+
+    def op_batch_norm(self, n, a, p, xs, out):
+        mean, var = p["running_mean"], p["running_var"]
+        c = mean.numel()
+        w = self.param(p["weight"], "weight") if p.get("weight") is not None else \
+            self.init(np.ones(c, _F32), f"{n.name}.ones")
+        b = self.param(p["bias"], "bias") if p.get("bias") is not None else \
+            self.init(np.zeros(c, _F32), f"{n.name}.zeros")
+        return self.emit("BatchNormalization", [xs[0], w, b, self.param(mean, "running_mean"),
+                                                self.param(var, "running_var")], out, epsilon=float(a["eps"]))
+
+    def _binary(self, onnx_op, n, a, xs, out, alpha_ok):
+        alpha = a.get("alpha", 1)
+        if alpha != 1 and not alpha_ok:
+            raise _Unsupported(f"alpha={alpha}")
+        if len(xs) > 1:
+            other = xs[1] if alpha == 1 else self.emit("Mul", [xs[1], self.scalar(alpha)])
+        elif "other" in a:
+            other = self.scalar(alpha * a["other"])    # torch: float32(alpha·other), one rounding
+        else:
+            raise _Unsupported("second operand missing")
+        return self.emit(onnx_op, [xs[0], other], out)
+
+    def op_add(self, n, a, p, xs, out):
+        return self._binary("Add", n, a, xs, out, True)
+
+    def op_sub(self, n, a, p, xs, out):
+        return self._binary("Sub", n, a, xs, out, True)
+
+    def op_mul(self, n, a, p, xs, out):
+        return self._binary("Mul", n, a, xs, out, False)
+
+    def op_div(self, n, a, p, xs, out):
+        if a.get("rounding_mode") not in (None, "none"):
+            raise _Unsupported(f"rounding_mode={a['rounding_mode']!r}")
+        return self._binary("Div", n, a, xs, out, False)
+
+    # -- pooling ------------------------------------------------------------------
+    def _pool_geometry(self, n, a):
+        src = self.graph[n.inputs[0]]
+        if len(src.shape) != 4 or src.bdim != 0:
+            raise _Unsupported(f"2-D pooling expects an N×C×H×W input, got {_fmt_shape(src.shape)}")
+        k, s, pad = list(a["kernel_size"]), list(a["stride"] or a["kernel_size"]), list(a["padding"])
+        d = list(a.get("dilation", [1, 1]))
+        floor_o, ceil_o, naive_ceil = [], [], []
+        for i in range(2):
+            size, eff = src.shape[2 + i], d[i] * (k[i] - 1) + 1
+            num = size + 2 * pad[i] - eff
+            floor_o.append(num // s[i] + 1)
+            c = -(-num // s[i]) + 1
+            naive_ceil.append(c)
+            if (c - 1) * s[i] >= size + pad[i]:      # torch: the last window must start inside
+                c -= 1
+            ceil_o.append(c)
+        want = ceil_o if a.get("ceil_mode") else floor_o
+        if list(n.shape[2:]) != want:
+            raise _Unsupported(f"pooled shape {_fmt_shape(n.shape[1:])} does not follow from the attributes")
+        overhang = bool(a.get("ceil_mode")) and ceil_o != floor_o
+        if overhang and ceil_o != naive_ceil:
+            raise _Unsupported("ceil_mode windows that start in the padding (torch drops them, ONNX does not)")
+        return dict(kernel_shape=k, strides=s, pads=[pad[0], pad[1], pad[0], pad[1]]), overhang
+
+    def op_max_pool2d(self, n, a, p, xs, out):
+        geo, overhang = self._pool_geometry(n, a)
+        return self.emit("MaxPool", [xs[0]], out, dilations=list(a.get("dilation", [1, 1])),
+                         ceil_mode=int(overhang), **geo)
+
+    def op_avg_pool2d(self, n, a, p, xs, out):
+        if a.get("divisor_override") is not None:
+            raise _Unsupported(f"divisor_override={a['divisor_override']} has no ONNX AveragePool equivalent")
+        geo, overhang = self._pool_geometry(n, a)
+        include = bool(a.get("count_include_pad", True))
+        if overhang and include:
+            if any(geo["pads"]):   # torch counts the padding but not the overhang: no ONNX attribute says that
+                raise _Unsupported("ceil_mode with padding and count_include_pad=True")
+            include = False        # without padding torch divides overhanging windows by their valid size
+        return self.emit("AveragePool", [xs[0]], out, count_include_pad=int(include), ceil_mode=int(overhang),
+                         **geo)
+
+    def op_adaptive_avg_pool2d(self, n, a, p, xs, out):
+        src = self.graph[n.inputs[0]]
+        if len(src.shape) != 4 or src.bdim != 0:
+            raise _Unsupported(f"adaptive pooling expects an N×C×H×W input, got {_fmt_shape(src.shape)}")
+        (h, w), (oh, ow) = src.shape[2:], a["output_size"]
+        if [oh, ow] == [1, 1]:
+            return self.emit("GlobalAveragePool", [xs[0]], out)
+        if h % oh or w % ow:
+            raise _Unsupported(f"adaptive pooling {h}×{w} → {oh}×{ow}: the input size is not a multiple of the "
+                               "output size, so the windows differ in size (no ONNX equivalent)")
+        k = [h // oh, w // ow]
+        return self.emit("AveragePool", [xs[0]], out, kernel_shape=k, strides=k)
+
+    def op_mean(self, n, a, p, xs, out):
+        dims, keep = [int(d) for d in a["dims"]], int(bool(a["keepdim"]))
+        if self.opset >= 18:
+            return self.emit("ReduceMean", [xs[0], self.const(dims)], out, keepdims=keep)
+        return self.emit("ReduceMean", [xs[0]], out, axes=dims, keepdims=keep)
+
+    # -- layout -------------------------------------------------------------------
+    def op_reshape(self, n, a, p, xs, out):
+        shape = list(a["shape"])
+        extra = {"allowzero": 1} if 0 in shape and -1 not in shape else {}
+        return self.emit("Reshape", [xs[0], self.shape_tensor(shape)], out, **extra)
+
+    def op_expand(self, n, a, p, xs, out):
+        # torch's -1 keeps the input's size: ONNX Expand broadcasts, so 1 does the same
+        shape = [1 if s == -1 else s for s in a["shape"]]
+        return self.emit("Expand", [xs[0], self.shape_tensor(shape)], out)
+
+    def op_permute(self, n, a, p, xs, out):
+        return self.emit("Transpose", [xs[0]], out, perm=[int(d) for d in a["dims"]])
+
+    def op_transpose(self, n, a, p, xs, out):
+        perm = list(range(len(n.shape)))
+        d0, d1 = int(a["dim0"]), int(a["dim1"])
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return self.emit("Transpose", [xs[0]], out, perm=perm)
+
+    def op_flatten(self, n, a, p, xs, out):
+        src = self.graph[n.inputs[0]]
+        s, e = int(a["start"]), int(a["end"])
+        if s == e:
+            return self.emit("Identity", [xs[0]], out)
+        if s == 1 and e == len(src.shape) - 1 and src.bdim == 0:
+            return self.emit("Flatten", [xs[0]], out, axis=1)
+        return self.emit("Reshape", [xs[0], self.shape_tensor(self.own_shape(n))], out)
+
+    def op_unsqueeze(self, n, a, p, xs, out):
+        return self.emit("Unsqueeze", [xs[0], self.const([int(a["dim"])])], out)
+
+    def op_squeeze(self, n, a, p, xs, out):
+        dims = [int(d) for d in a["dims"]]
+        if not dims:
+            return self.emit("Identity", [xs[0]], out)
+        return self.emit("Squeeze", [xs[0], self.const(dims)], out)
+
+    def op_select(self, n, a, p, xs, out):
+        return self.emit("Gather", [xs[0], self.const(int(a["index"]))], out, axis=int(a["dim"]))
+
+    def op_slice(self, n, a, p, xs, out):
+        c = self.const
+        return self.emit("Slice", [xs[0], c([int(a["start"])]), c([int(a["end"])]), c([int(a["dim"])]),
+                                   c([int(a["step"])])], out)
+
+    def op_cat(self, n, a, p, xs, out):
+        parts = []
+        for name, x in zip(n.inputs, xs):
+            if self.graph[name].bdim is None and n.bdim is not None:   # a stored tensor: broadcast over B
+                sh: list = [1] * len(n.shape)
+                sh[n.bdim] = "B"
+                x = self.emit("Expand", [x, self.shape_tensor(sh)])
+            parts.append(x)
+        return self.emit("Concat", parts, out, axis=int(a["dim"]))
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _check_args(model, levels: bool, opset: int, ann: bool) -> ConvertedModel:
+    if isinstance(model, Graph):
+        model = ConvertedModel(model, list(model.input.shape[1:]))
+    if not isinstance(model, ConvertedModel):
+        raise UserError(f"export_onnx needs a converted model, got {type(model).__name__}")
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"ONNX opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} "
+                        f"(default {DEFAULT_OPSET}: the first with LayerNormalization)")
+    if levels and ann:
+        raise UserError("levels=True needs the spiking network; the ANN export (ann=True) has no spike levels")
+    graph_shape = list(model.graph.input.shape[1:])
+    if list(model.input_shape) != graph_shape:
+        raise UserError(f"the model's input_shape {_fmt_shape(model.input_shape)} differs from its graph's input "
+                        f"{_fmt_shape(graph_shape)}: damaged converted model")
+    if levels:
+        clash = [s.name for s in model.graph.sites if s.name in (INPUT_NAME, OUTPUT_NAME)]
+        if clash:
+            raise UserError(f"SFN site {clash[0]!r} has the name of a graph input/output; its level output "
+                            "cannot be named after it")
+    return model
+
+
+def to_onnx(model: ConvertedModel, levels: bool = False, opset: int = DEFAULT_OPSET, ann: bool = False
+            ) -> onnx.ModelProto:
+    """Build the ONNX model of a converted network (no I/O). See the module docstring for the interface."""
+    model = _check_args(model, levels, opset, ann)
+    g = model.graph
+    low = _Lowering(model, levels, opset, ann)
+    low.run()
+
+    def info(name, shape, bdim, elem):
+        dims: list = list(shape)
+        if bdim is not None:
+            dims[bdim] = BATCH_DIM
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, *model.input_shape])]
+    out_node = g[g.output]
+    outputs = [info(OUTPUT_NAME, out_node.shape, out_node.bdim, TensorProto.FLOAT)]
+    for site in g.sites:
+        if site.name in low.level_out:
+            outputs.append(info(site.name, site.shape, site.bdim, TensorProto.INT64))
+    graph = helper.make_graph(low.nodes, "sfn_" + ("ann" if ann else "snn"), inputs, outputs, low.inits)
+    opsets = [helper.make_opsetid("", opset)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="sfn-deploy",
+                              producer_version=_version(), doc_string=(
+                                  "Single-timestep Scale-and-Fire network exported by sfn-deploy"
+                                  if not ann else "The source ANN of an sfn-deploy network (neurons as identity)"))
+    proto.ir_version = helper.find_min_ir_version_for(opsets)     # the oldest runtimes that know this opset
+    meta = {"sfn_deploy.mode": "ann" if ann else "snn",
+            "sfn_deploy.input_shape": json.dumps(list(model.input_shape)),
+            "sfn_deploy.sites": json.dumps([{"name": s.name, "role": s.attrs.get("role"),
+                                             "steps": [float(v) for v in s.params["steps"]]
+                                             if "steps" in s.params else None} for s in g.sites]),
+            "sfn_deploy.level_outputs": json.dumps(list(low.level_out)),
+            "sfn_deploy.level_dtype": LEVEL_DTYPE,
+            "sfn_deploy.source": json.dumps(model.source, default=str)}
+    helper.set_model_props(proto, meta)
+    return proto
+
+
+def export_onnx(model: ConvertedModel, path: str, *, levels: bool = False, opset: int = DEFAULT_OPSET,
+                ann: bool = False) -> dict:
+    """Write the network as an ONNX file (atomically: temporary name, then rename) and summarise it."""
+    model = _check_args(model, levels, opset, ann)
+    proto = to_onnx(model, levels=levels, opset=opset, ann=ann)
+    if proto.ByteSize() >= 2 ** 31 - 1:
+        raise UserError(f"{path}: the model is {proto.ByteSize() / 2 ** 30:.1f} GiB, over protobuf's 2 GiB limit "
+                        "for one ONNX file")
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    return {"path": path, "opset": opset, "nodes": len(proto.graph.node), "bytes": os.path.getsize(path),
+            "outputs": [o.name for o in proto.graph.output], "mode": "ann" if ann else "snn",
+            "sites": len(model.graph.sites),
+            "level_dtype": LEVEL_DTYPE if levels else None}
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+class OnnxRunner:
+    """Runs an exported network with onnxruntime's CPU provider.
+
+    ``path_or_proto``: an ``.onnx`` file or a ``ModelProto``; ``threads``: intra-op threads
+    (None: onnxruntime's default, all cores).
+    """
+
+    def __init__(self, path_or_proto, threads: int | None = None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        if isinstance(path_or_proto, onnx.ModelProto):
+            self.name, source = "ONNX model", path_or_proto.SerializeToString()
+        else:
+            self.name = source = os.fspath(path_or_proto)
+            if not os.path.isfile(source):
+                raise UserError(f"{source}: no such file")
+        try:
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            raise UserError(f"{self.name}: onnxruntime cannot load it ({type(e).__name__}: "
+                            f"{msg[0] if msg else 'unreadable'})")
+        inp = self.session.get_inputs()
+        if len(inp) != 1:
+            raise UserError(f"{self.name}: expected one input, the model has {len(inp)}")
+        self.input_name = inp[0].name
+        self.input_shape = list(inp[0].shape[1:])         # per sample; symbolic entries stay strings
+        outs = [o.name for o in self.session.get_outputs()]
+        self.output_name = OUTPUT_NAME if OUTPUT_NAME in outs else outs[0]
+        self.level_names = [o for o in outs if o != self.output_name]
+
+    def _prepare(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise UserError(f"{self.name}: input must be numeric, got dtype {x.dtype}")
+        got = list(x.shape[1:])
+        ok = x.ndim == len(self.input_shape) + 1 and all(
+            isinstance(w, str) or w is None or w == g for w, g in zip(self.input_shape, got))
+        if not ok:
+            want = _fmt_shape(self.input_shape)
+            raise UserError(f"{self.name}: input of shape {_fmt_shape(x.shape)} has per-sample shape "
+                            f"{_fmt_shape(got) if x.ndim else 'none'} but the model expects per-sample shape {want} "
+                            f"(an N×{want} batch)")
+        if x.shape[0] == 0:
+            raise UserError(f"{self.name}: the input batch is empty")
+        return np.ascontiguousarray(x, dtype=_F32)
+
+    def run(self, x) -> np.ndarray:
+        """Logits for a batch (N × per-sample shape), as a float32 array."""
+        return self.session.run([self.output_name], {self.input_name: self._prepare(x)})[0]
+
+    __call__ = run
+
+    def run_with_levels(self, x) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits and the int64 spike level of every SFN site (models exported with ``levels=True``)."""
+        if not self.level_names:
+            raise UserError(f"{self.name}: the model has no spike-level outputs; export it with levels=True")
+        res = self.session.run([self.output_name] + self.level_names, {self.input_name: self._prepare(x)})
+        return res[0], dict(zip(self.level_names, res[1:]))
