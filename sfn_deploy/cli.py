@@ -202,7 +202,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
 @main.command("evaluate")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Evaluation data.")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", help="Where the SNN runs.")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", help="Where the SNN runs.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
@@ -223,6 +223,57 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_js
             f"agreement {r['agreement']:.2f}%\nenergy ratio {r['energy_ratio']:.4f}  "
             f"(#AC_SNN {r['ac_snn']:.4g}, #MAC_SNN {r['mac_snn']:.4g}, #MAC_ANN {r['mac_ann']:.4g} per inference)")
     _emit(as_json, r, text)
+
+
+@main.command("export")
+@click.argument("converted", type=click.Path(dir_okay=False))
+@click.option("--target", required=True, type=click.Choice(["onnx"]), help="Format to write.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output path (default: beside the model, with the target's extension).")
+@click.option("--levels", is_flag=True, help="ONNX: add each SFN site's integer spike levels as outputs.")
+@click.option("--ann", is_flag=True, help="ONNX: export the source ANN (every neuron the identity) instead.")
+@click.option("--opset", type=click.IntRange(17, 21), default=17, help="ONNX opset.")
+@command
+def export_cmd(converted, target, output, levels, ann, opset, as_json):
+    """Write the converted network in a target format (ONNX now; NIR and Lava to come)."""
+    from .exporters.onnx import export_onnx
+    from .model_file import load
+
+    model = load(converted)
+    path = output or os.path.splitext(converted)[0] + ".onnx"
+    info = export_onnx(model, path, levels=levels, opset=opset, ann=ann)
+    text = (f"wrote {info['path']}: ONNX opset {info['opset']}, {info['nodes']} nodes, {info['bytes']:,} bytes, "
+            f"{info['sites']} SFN sites ({info['mode']}); outputs {', '.join(info['outputs'][:4])}"
+            f"{' ...' if len(info['outputs']) > 4 else ''}")
+    _emit(as_json, {"target": target, **info}, text)
+
+
+@main.command("simulate")
+@click.argument("converted", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Input data.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx"]), default=("torch",),
+              help="Backend(s) to run (repeatable); each is compared with the torch reference.")
+@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=int, default=256)
+@click.option("--threads", type=int, default=None, help="CPU threads for every backend.")
+@command
+def simulate_cmd(converted, data, backends, limit, batch_size, threads, as_json):
+    """Run the SNN on backends, with timings and agreement against the torch reference."""
+    from .data import load_data
+    from .model_file import load
+    from .simulate import simulate
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be ≥ 1, got {limit}")
+    r = simulate(load(converted), load_data(data).limit(limit), list(backends), batch_size, quiet=as_json,
+                 threads=threads)
+    lines = [f"{r['samples']} samples, reference torch"]
+    for b, e in r["backends"].items():
+        extra = f"  levels equal {e['level_agreement']:.4f}%" if "level_agreement" in e else ""
+        lines.append(f"  {b:<6} {e['seconds']:8.3f} s  {e['samples_per_s']:9.1f} samples/s  accuracy "
+                     f"{e['accuracy']:.2f}%  max|Δ| {e['max_abs_diff']:.3g}  top-1 agreement "
+                     f"{e['prediction_agreement']:.2f}%{extra}")
+    _emit(as_json, r, "\n".join(lines))
 
 
 @main.command("inspect")

@@ -19,7 +19,7 @@ The ``sfn`` node is the Scale-and-Fire neuron (SPEC §4), one timestep:
 attrs: kind ("dual" or "softmax"), fire, M, levels (y_1..y_N), rounding, lam (λ),
 theta_pos, theta_neg (θ⁻ = 0 disables the negative branch), o_max (softmax sites),
 role (where it sits: post-relu, pre-qkv, q, k, v, post-softmax, ...).
-params (derived by :func:`sfn_deploy.sites.configure`): bounds_pos, bounds_neg
+params (derived by :func:`sfn_deploy.passes.configure`): bounds_pos, bounds_neg
 (float32 absolute boundaries), steps (float32 [λθ⁺, λθ⁻]), table (int64 [0, y_1..y_N]).
 Backends use these stored float32 values, so all of them fire at the same inputs.
 """

@@ -145,3 +145,23 @@ def test_timm_model_with_local_weights(tmp_path):
     save_file({"foo": torch.zeros(2)}, str(bad))
     _bad(sfn("convert", "timm:vit_tiny_patch16_224", "--model-args", margs, "--weights", bad, "--data",
              "sklearn:digits", "-o", tmp_path / "v2.pt", "--scale", 0.25), "bad.safetensors", "missing")
+
+
+def test_export_onnx_simulate_and_evaluate_on_onnx(tmp_path, converted):
+    out, _ = converted
+    onnx_path = tmp_path / "m.onnx"
+    r = sfn("export", "--target", "onnx", out, "-o", onnx_path, "--levels", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert onnx_path.exists() and info["sites"] == 2 and len(info["outputs"]) == 3
+    r = sfn("simulate", out, "--data", "sklearn:digits", "--backend", "onnx", "--limit", 200, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert set(s["timings"]) == {"torch", "onnx"} and s["max_abs_diff"] < 1e-3
+    assert s["backends"]["onnx"]["level_agreement"] == 100.0
+    assert s["backends"]["onnx"]["prediction_agreement"] == 100.0
+    r = sfn("evaluate", out, "--data", "sklearn:digits", "--backend", "onnx", "--limit", 200, "--json")
+    e = json.loads(r.stdout)
+    t = json.loads(sfn("evaluate", out, "--data", "sklearn:digits", "--limit", 200, "--json").stdout)
+    assert e["backend"] == "onnx" and e["accuracy"] == t["accuracy"] and e["ann_accuracy"] == t["ann_accuracy"]
+    _bad(sfn("simulate", out, "--data", "mnist:/nonexistent"), "/nonexistent")

@@ -1,0 +1,65 @@
+"""Run a converted network on several backends and compare each with the torch reference."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .convert import BACKENDS, accuracy, backend_logits, check_data
+from .data import Dataset
+from .errors import UserError
+from .model_file import ConvertedModel
+from .runtime import run
+
+
+def _level_agreement(converted: ConvertedModel, data: Dataset, backend: str, batch_size: int) -> dict:
+    """Share of spike levels equal to the reference at every site, and the first site that differs."""
+    if backend != "onnx":
+        return {}
+    from .exporters.onnx import OnnxRunner, to_onnx
+    runner = OnnxRunner(to_onnx(converted, levels=True))
+    same = total = 0
+    first = None
+    order = [s.name for s in converted.sites]
+    for xb in data.batches(batch_size):
+        ref: dict = {}
+        run(converted.graph, xb, hook=lambda n, a, o, e: ref.__setitem__(n.name, e["level"]) if n.op == "sfn" else None)
+        _, levels = runner.run_with_levels(xb.numpy())
+        for name in order:
+            eq = torch.from_numpy(levels[name]).to(torch.int64) == ref[name]
+            same += int(eq.sum())
+            total += eq.numel()
+            if first is None and not bool(eq.all()):
+                first = name
+    return {"level_agreement": 100.0 * same / max(total, 1), "first_differing_site": first}
+
+
+def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batch_size: int = 256,
+             quiet: bool = True, threads: int | None = None) -> dict:
+    for b in backends:
+        if b not in BACKENDS:
+            raise UserError(f"backend {b!r} is not available; available: {', '.join(BACKENDS)}")
+    check_data(converted.graph, data, "converted model")
+    if threads:
+        torch.set_num_threads(threads)
+    out: dict = {"samples": len(data), "reference": "torch", "backends": {}}
+    t0 = time.perf_counter()
+    ref = backend_logits(converted, data, "torch", batch_size, quiet=quiet)
+    t_ref = time.perf_counter() - t0
+    for b in dict.fromkeys(["torch", *backends]):
+        if b == "torch":
+            logits, secs = ref, t_ref
+        else:
+            t0 = time.perf_counter()
+            logits = backend_logits(converted, data, b, batch_size, quiet=quiet, threads=threads)
+            secs = time.perf_counter() - t0
+        entry = {"seconds": secs, "samples_per_s": len(data) / secs if secs else None,
+                 "accuracy": accuracy(logits.argmax(-1), data.y),
+                 "max_abs_diff": float((logits - ref).abs().max()),
+                 "prediction_agreement": 100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean())}
+        if b != "torch":
+            entry.update(_level_agreement(converted, data, b, batch_size))
+        out["backends"][b] = entry
+    out["timings"] = {b: e["seconds"] for b, e in out["backends"].items()}
+    out["max_abs_diff"] = max(e["max_abs_diff"] for e in out["backends"].values())
+    return out
