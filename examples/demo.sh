@@ -12,6 +12,8 @@ if [ ! -f "$MNIST/t10k-images-idx3-ubyte.gz" ]; then
   echo "MNIST not found at $MNIST (set SFN_MNIST); running the sklearn digits example only" >&2
   sfn-deploy convert examples/models/digits_mlp.pt2 --data sklearn:digits -o "$OUT/digits_mlp.sfn.pt" \
     --max-drop 0.5 --trials 30 --val-fraction 0.25
+  sfn-deploy export --target onnx "$OUT/digits_mlp.sfn.pt" -o "$OUT/digits_mlp.onnx"
+  sfn-deploy simulate "$OUT/digits_mlp.sfn.pt" --data sklearn:digits --backend onnx
   exit 0
 fi
 TRAIN="mnist:$MNIST:0:8000"
@@ -23,4 +25,7 @@ for model in mnist_cnn mnist_vit; do
     --max-drop 0.3 --trials 40 --val-fraction 0.25 --search per-block
   echo "== $model: evaluate on the 2,000 held-out test images =="
   sfn-deploy evaluate "$OUT/$model.sfn.pt" --data "$TEST"
+  echo "== $model: export to ONNX and run it with onnxruntime against the torch reference =="
+  sfn-deploy export --target onnx "$OUT/$model.sfn.pt" -o "$OUT/$model.onnx"
+  sfn-deploy simulate "$OUT/$model.sfn.pt" --data "$TEST" --backend onnx --limit 500
 done
