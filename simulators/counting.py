@@ -16,7 +16,7 @@ All counts are per inference (per sample).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -157,10 +157,8 @@ class OpCounter:
         s = max(self.samples, 1)
         layers = []
         for c in self.layers.values():
-            for f in ("mac_ann", "ac", "mac", "host_ops", "spikes", "active"):
-                setattr(c, f, getattr(c, f) / s)
-            if c.level_hist:
-                c.level_hist = {k: v / s for k, v in c.level_hist.items()}
+            c = replace(c, **{f: getattr(c, f) / s for f in ("mac_ann", "ac", "mac", "host_ops", "spikes", "active")})
+            c.level_hist = {k: v / s for k, v in c.level_hist.items()}
             layers.append(c)
         return OpCounts(layers, self.samples)
 

@@ -106,3 +106,15 @@ def test_counts_are_per_inference_whatever_the_batching():
     run(g, x, hook=lambda n, a_, o, e: counter_levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
     total = float(counter_levels[g.sites[0].name][..., :26, :26].abs().sum()) / 10 * 5
     assert abs(a.ac_snn - total) < 1e-6 * total
+
+
+def test_result_can_be_read_twice():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.rand(4, 3) * 3
+    g = insert_sfn(capture(m, x))
+    _fix_sites(g)
+    counter = OpCounter(g)
+    counter.start_batch(4)
+    run(g, x, hook=counter)
+    a, b = counter.result(), counter.result()
+    assert a.ac_snn == b.ac_snn and a.mac_ann == b.mac_ann == 20
