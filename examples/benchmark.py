@@ -39,7 +39,7 @@ def _fmt(v):
     return "" if v is None else str(v)
 
 
-def fidelity(train, test, names):
+def fidelity(train, test, names, methods=None):
     rows = []
     settings = {
         "paper (shared λ, max accuracy, 50 trials, 2 % val)": dict(search="shared", trials=50, val_fraction=0.02),
@@ -47,7 +47,11 @@ def fidelity(train, test, names):
                                                                            val_fraction=0.25, budget=True),
         "per-block λ, lowest energy within budget (60 trials, 25 % val)": dict(search="per-block", trials=60,
                                                                               val_fraction=0.25, budget=True),
+        "per-block λ, nearest-level rounding, within budget (60 trials, 25 % val)": dict(
+            search="per-block", trials=60, val_fraction=0.25, budget=True, rounding="nearest"),
     }
+    if methods:
+        settings = {k: v for k, v in settings.items() if any(m in k for m in methods)}
     for name in names:
         model, ident = load_model(os.path.join(MODELS, f"{name}.pt2"))
         budget = 0.3 if "cnn" in name else 0.5
@@ -147,6 +151,7 @@ def main():
     ap.add_argument("--only", action="append", choices=["fidelity", "sweep", "ablation", "scale"])
     ap.add_argument("--mnist", default=os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
     ap.add_argument("--models", nargs="+", default=["mnist_cnn", "mnist_vit"])
+    ap.add_argument("--methods", nargs="+", help="fidelity: only methods whose label contains one of these")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "runs", "bench"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -159,7 +164,7 @@ def main():
     for part in parts:
         t0 = time.time()
         if part == "fidelity":
-            rows, md = fidelity(train, test, args.models)
+            rows, md = fidelity(train, test, args.models, args.methods)
         elif part == "sweep":
             rows, md = sweep(train, test, args.out)
         elif part == "ablation":
@@ -167,9 +172,10 @@ def main():
         else:
             rows, md = scale()
         print(f"\n## {part} ({time.time() - t0:.0f} s)\n\n{md}\n", flush=True)
-        with open(os.path.join(args.out, f"{part}.json"), "w") as f:
+        tag = part + ("-" + "-".join(args.methods).replace(" ", "_") if part == "fidelity" and args.methods else "")
+        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
-        with open(os.path.join(args.out, f"{part}.md"), "w") as f:
+        with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
             f.write(md + "\n")
 
 
