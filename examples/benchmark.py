@@ -109,7 +109,7 @@ def ablation(train, test):
     rows = []
     for fire in ("linear", "exponential", "sformer"):
         for scaling in (False, True):
-            kw = {"scale": 1.0} if not scaling else {"search": "shared", "trials": 30, "val_fraction": 0.25}
+            kw = {"scale": 1.0} if not scaling else {"search": "shared", "trials": 20, "val_fraction": 0.1}
             snn = convert(model, train, source=ident, fire=fire, **kw)
             r = evaluate(snn, test)
             lam = snn.sites[0].attrs["lam"]
