@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from sfn_deploy import convert, load_data, load_model
 from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
-from sfn_deploy.runtime import run
+from sfn_deploy.runtime import run, run_with_levels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -95,12 +95,9 @@ def timed(fn, repeats):
 def bench(name, snn, data, batch, repeats, threads):
     x = data.x[:batch]
     graph = snn.graph
-    ref_levels = {}
-
-    def hook(node, args, out, extra):
-        if "level" in extra:
-            ref_levels[node.name] = extra["level"].numpy()
-    ref = run(graph, x, hook=hook).numpy()
+    ref, ref_levels = run_with_levels(graph, x)
+    ref = ref.numpy()
+    ref_levels = {k: v.numpy() for k, v in ref_levels.items()}
     ort_snn = OnnxRunner(to_onnx(snn), threads=threads)
     ort_lv = OnnxRunner(to_onnx(snn, levels=True), threads=threads)
     ort_ann = OnnxRunner(to_onnx(snn, ann=True), threads=threads)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .ir import OPS
 from .model_file import ConvertedModel
 from .passes import PIPELINE
 from .targets import available

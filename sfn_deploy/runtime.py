@@ -142,6 +142,16 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
     return env[graph.output]
 
 
+def run_with_levels(graph: Graph, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The SNN's output and the signed integer spike level of every SFN site, for checking backends."""
+    levels: dict[str, torch.Tensor] = {}
+
+    def keep(node, args, out, extra):
+        if "level" in extra:
+            levels[node.name] = extra["level"]
+    return run(graph, x, hook=keep), levels
+
+
 def _release_plan(graph: Graph) -> dict[str, list[str]]:
     """For each node, the values whose last reader it is (the output is kept)."""
     last: dict[str, str] = {}

@@ -9,7 +9,7 @@ from .convert import BACKENDS, accuracy, backend_logits, check_data
 from .data import Dataset
 from .errors import UserError
 from .model_file import ConvertedModel
-from .runtime import run
+from .runtime import run_with_levels
 
 
 def _level_agreement(converted: ConvertedModel, data: Dataset, backend: str, batch_size: int) -> dict:
@@ -22,8 +22,7 @@ def _level_agreement(converted: ConvertedModel, data: Dataset, backend: str, bat
     first = None
     order = [s.name for s in converted.sites]
     for xb in data.batches(batch_size):
-        ref: dict = {}
-        run(converted.graph, xb, hook=lambda n, a, o, e: ref.__setitem__(n.name, e["level"]) if n.op == "sfn" else None)
+        _, ref = run_with_levels(converted.graph, xb)
         _, levels = runner.run_with_levels(xb.numpy())
         for name in order:
             eq = torch.from_numpy(levels[name]).to(torch.int64) == ref[name]

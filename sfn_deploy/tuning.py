@@ -14,7 +14,6 @@ import json
 import os
 
 import optuna
-import torch
 
 from .config import ConvertConfig
 from .data import Dataset

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sfn_deploy.capture import capture
 from sfn_deploy.passes import configure, insert_sfn
-from sfn_deploy.runtime import run, spike_levels
+from sfn_deploy.runtime import run, run_with_levels
 from sfn_deploy.simulators.counting import OpCounter, count_ops
 
 
@@ -54,8 +54,7 @@ def test_conv_fanout_by_hand_and_against_brute_force():
     c = count_ops(g, [xr])
     counter = OpCounter(g)
     counter.start_batch(5)
-    levels = {}
-    run(g, xr, hook=lambda n, a, o, e: levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
+    _, levels = run_with_levels(g, xr)
     y = levels[g.sites[0].name].abs().float()
     brute = F.conv2d(y, torch.ones(2, 1, 3, 3), padding=1).sum() / 5
     assert abs(c.ac_snn - float(brute)) < 1e-3
@@ -68,8 +67,7 @@ def test_attention_products_count_spikes_of_the_left_operand():
     x = torch.randn(3, 1, 8, 8)
     g = insert_sfn(capture(m, x))
     _fix_sites(g, theta=0.5, lam=0.5)
-    levels = {}
-    run(g, x, hook=lambda n, a, o, e: levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
+    _, levels = run_with_levels(g, x)
     c = {layer.name: layer for layer in count_ops(g, [x]).layers}
     qk = next(n for n in g.nodes if n.name.endswith("_qk"))
     av = next(n for n in g.nodes if n.name.endswith("_av"))
@@ -102,8 +100,7 @@ def test_counts_are_per_inference_whatever_the_batching():
     b = count_ops(g, [x[:3], x[3:7], x[7:]])
     assert abs(a.ac_snn - b.ac_snn) < 1e-6 * a.ac_snn and a.mac_ann == b.mac_ann
     # average pooling is folded: the linear layer sees every spike with fan-out 5
-    counter_levels = {}
-    run(g, x, hook=lambda n, a_, o, e: counter_levels.update({n.name: e["level"]}) if n.op == "sfn" else None)
+    _, counter_levels = run_with_levels(g, x)
     total = float(counter_levels[g.sites[0].name][..., :26, :26].abs().sum()) / 10 * 5
     assert abs(a.ac_snn - total) < 1e-6 * total
 

@@ -21,7 +21,7 @@ from sfn_deploy.exporters.onnx import OnnxRunner, export_onnx, to_onnx
 from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
 from sfn_deploy.passes import configure
-from sfn_deploy.runtime import run, spike_levels
+from sfn_deploy.runtime import run, run_with_levels, spike_levels
 
 
 def _train(model, data, steps, lr=1e-2, seed=0):
@@ -42,12 +42,8 @@ def _train(model, data, steps, lr=1e-2, seed=0):
 
 def reference(graph, x):
     """Logits and per-site int64 levels from the torch reference runtime."""
-    levels = {}
-
-    def hook(node, args, out, extra):
-        if "level" in extra:
-            levels[node.name] = extra["level"].numpy()
-    return run(graph, x, hook=hook).numpy(), levels
+    out, levels = run_with_levels(graph, x)
+    return out.numpy(), {k: v.numpy() for k, v in levels.items()}
 
 
 @pytest.fixture(scope="module")
