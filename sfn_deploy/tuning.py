@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import optuna
 
@@ -54,10 +55,40 @@ def _storage(url: str | None):
         url = "sqlite:///" + os.path.abspath(url)
     try:
         if url.startswith("sqlite"):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            return _sqlite_storage(url)
         return optuna.storages.RDBStorage(url)
     except Exception as e:
         raise UserError(f"--storage {url}: cannot open Optuna storage ({type(e).__name__}: {e})")
+
+
+def _sqlite_storage(url: str, attempts: int = 5):
+    """An RDBStorage whose transactions take SQLite's write lock at BEGIN.
+
+    SQLite ignores SELECT ... FOR UPDATE, so two workers could both read an enqueued trial as
+    WAITING and both run it; BEGIN IMMEDIATE serialises those read-then-write transactions.
+    Workers starting together may also race to create the schema: the loser retries.
+    """
+    from sqlalchemy import event
+
+    for attempt in range(attempts):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            break
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+    @event.listens_for(storage.engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None     # let the "begin" hook below issue BEGIN
+
+    @event.listens_for(storage.engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    storage.engine.dispose()                  # pooled connections were opened before the hooks
+    return storage
 
 
 def _completed(study) -> int:
@@ -75,12 +106,18 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
     groups = site_groups(graph, cfg.search)
     name = cfg.study or study_name(source, cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=_storage(cfg.storage), load_if_exists=True,
-                                directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True))
+    storage = _storage(cfg.storage)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                    directions=["maximize", "minimize"])
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:   # resuming, or another worker made it
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        created = False
     if study.user_attrs.get("groups") not in (None, groups):
         raise UserError(f"study {name!r} was made for other λ groups; choose another --study")
-    if not study.trials:
+    if created:                               # only the creator enqueues the start grid
         study.set_user_attr("groups", groups)
         study.set_user_attr("ann_accuracy", ann_acc)
         study.set_user_attr("val_samples", len(val))
