@@ -1,22 +1,30 @@
-"""Exact operation counts of a converted network on real data (SPEC §5).
+"""Exact operation counts of a converted network on real data (SPEC §5, §8).
 
-Conventions (the paper's, eq. 43–44):
-- ANN: a weight layer costs one MAC per multiply-accumulate (conv: C_in/groups·k_h·k_w per
-  output element, linear: in_features per output element); an activation product A·B costs
-  K per output element (attention q·kᵀ and attn·v included).
-- SNN: a weight layer whose input is a spike tensor costs |y|·F additions (ACs) for each input
-  element at level y with fan-out F; with analog input (the first layer) it costs the same MACs
-  as the ANN. In a product of two spike tensors A·B, A's spikes are the events and B plays the
-  (dynamic) weights: |y_A|·N ACs per element of A (N columns of B).
-- Pooling of spikes before a weight layer is folded into that layer: the spikes keep their
-  own fan-out (sum pooling of |y|), so pooling adds no ACs.
-- Host operations (LayerNorm, softmax, GELU, residual arithmetic) are counted per output
-  element and named; they are outside the paper's ratio and listed for auditing.
-All counts are per inference (per sample).
+One pass over the data records, per layer and per inference, every count a cost model needs;
+prices are applied later (:mod:`sfn_deploy.simulators.estimate`), so one run serves every target.
+
+Synaptic operations into a weight layer fed by spikes, under three multi-spike conventions
+(an input element at level y = table[k], i.e. k thresholds crossed, with fan-out F):
+- ``spike`` (the SFN paper's, eq. 43): a level-y spike is |y| additions, |y|·F ACs;
+- ``event`` (NeuroBench, ECMT; also Loihi 2's graded spikes, one synaptic op per non-zero
+  input per fan-out, each carrying a payload multiply): 1[y ≠ 0]·F;
+- ``channel`` (binary-spike hardware, each SFN lowered to N parallel threshold channels):
+  k·F, one per active channel.
+For the linear fire function y = k, so ``spike`` and ``channel`` agree; for the exponential one
+they do not. With analog input (the first layer) a weight layer costs the ANN's MACs.
+In a product of two spike tensors A·B (attention), A's spikes are the events and B plays the
+(dynamic) weights: |y_A|·N ops per element of A under ``spike`` (N columns of B), likewise for the
+other conventions. Pooling of spikes before a weight layer is folded into that layer (each
+spike keeps its own fan-out), so pooling adds no ops. Host operations (LayerNorm, softmax,
+GELU, residual arithmetic) are counted per output element under their own names; they are
+outside the paper's ratio. ``stage`` is the pipeline step at which a layer runs within one
+single-timestep inference (each weight layer, product or host operation adds one, as each is a
+process with one step of delay on Lava), so "per timestep" totals group by stage.
+All counts are per inference (per sample); sums are accumulated in float64 and are exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,8 @@ from sfn_deploy.ir import Graph, Node
 from sfn_deploy.runtime import _op, _release_plan, run
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
+CONVENTIONS = ("spike", "event", "channel")
+_PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes")
 
 
 @dataclass
@@ -33,23 +43,35 @@ class LayerCount:
     op: str
     kind: str
     source: str = ""
+    stage: int = 0
+    input: str = ""              # weight layers and products: "analog" or "spikes"
     mac_ann: float = 0.0
-    ac: float = 0.0
+    ac: float = 0.0              # synaptic ops, spike convention (the paper's)
+    ac_event: float = 0.0        # ... event convention
+    ac_channel: float = 0.0      # ... channel convention
     mac: float = 0.0
     host_ops: float = 0.0
-    spikes: float = 0.0          # Σ|y| per inference (SFN sites)
-    active: float = 0.0          # neurons with y ≠ 0 per inference
-    neurons: int = 0
+    spikes: float = 0.0          # SFN sites: Σ|y| per inference
+    active: float = 0.0          # SFN sites: neurons with y ≠ 0 (graded events sent)
+    channel_spikes: float = 0.0  # SFN sites: Σk, binary spikes after channel decomposition
+    neurons: int = 0             # SFN sites: neurons; weight layers: output units (compartments)
+    weights: int = 0             # stored weights (weight layers)
+    fan_in: int = 0              # inputs per output unit (weight layers, products)
+    connections: int = 0         # input→output pairs, padding excluded (weight layers)
+    levels: int = 0              # SFN sites: N, thresholds per polarity
+    dual: bool = False           # SFN sites: both polarities fire
     level_hist: dict = field(default_factory=dict)
 
     @property
     def firing_rate(self) -> float:
-        return self.active / self.neurons if self.neurons else 0.0
+        return self.active / self.neurons if self.neurons and self.op == "sfn" else 0.0
+
+    def synops(self, convention: str = "spike") -> float:
+        return {"spike": self.ac, "event": self.ac_event, "channel": self.ac_channel}[convention]
 
     def to_dict(self) -> dict:
-        d = {"name": self.name, "op": self.op, "kind": self.kind, "source": self.source, "mac_ann": self.mac_ann,
-             "ac": self.ac, "mac": self.mac, "host_ops": self.host_ops, "spikes": self.spikes,
-             "neurons": self.neurons, "firing_rate": self.firing_rate}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "level_hist"}
+        d["firing_rate"] = self.firing_rate
         if self.level_hist:
             d["level_hist"] = {str(k): v for k, v in sorted(self.level_hist.items())}
         return d
@@ -68,15 +90,30 @@ def _fanout(node: Node, x: torch.Tensor) -> torch.Tensor:
     return xs.grad[0]
 
 
+def stages(graph: Graph) -> dict[str, int]:
+    """Pipeline step of each node: weight layers, products and host operations each add one."""
+    out: dict[str, int] = {}
+    for n in graph.nodes:
+        s = max((out[i] for i in n.inputs), default=0)
+        out[n.name] = s + (1 if n.kind in ("weight", "product", "host") else 0)
+    return out
+
+
+def _sum(t: torch.Tensor) -> float:
+    return float(t.sum(dtype=torch.float64))
+
+
 class OpCounter:
     """A runtime hook that accumulates per-layer counts over batches."""
 
     def __init__(self, graph: Graph, spiking: bool = True):
         self.graph = graph
         self.spiking = spiking
-        self.layers = {n.name: LayerCount(n.name, n.op, n.kind, n.source) for n in graph.nodes}
+        st = stages(graph)
+        self.layers = {n.name: LayerCount(n.name, n.op, n.kind, n.source, st[n.name]) for n in graph.nodes}
         self.samples = 0
-        self._shadow: dict[str, torch.Tensor] = {}   # |spike level| carried along spike tensors
+        # spike tensors carried along layout/pool ops: (|y|, 1[y≠0], k) per element
+        self._shadow: dict[str, tuple[torch.Tensor, ...]] = {}
         self._fan: dict[str, torch.Tensor] = {}
         self._free = _release_plan(graph)
 
@@ -90,43 +127,72 @@ class OpCounter:
         for name in self._free.get(node.name, ()):
             self._shadow.pop(name, None)
 
+    def _site(self, node: Node, out: torch.Tensor, extra: dict, c: LayerCount) -> None:
+        table = node.params["table"]
+        c.neurons = out[0].numel()
+        c.levels = table.numel() - 1
+        c.dual = bool(node.params["bounds_neg"].numel())
+        if "level" not in extra:
+            return
+        lv = extra["level"]
+        y = lv.abs()
+        k = torch.searchsorted(table, y)                 # thresholds crossed (table is increasing)
+        a, nz, kf = y.to(torch.float32), (lv != 0).to(torch.float32), k.to(torch.float32)
+        self._shadow[node.name] = (a, nz, kf)
+        c.spikes += _sum(a)
+        c.active += _sum(nz)
+        c.channel_spikes += _sum(kf)
+        n = c.levels
+        signed = torch.where(lv < 0, -k, k) + n
+        hist = torch.bincount(signed.flatten(), minlength=2 * n + 1).tolist()
+        for i, cnt in enumerate(hist):
+            if cnt:
+                v = int(table[abs(i - n)]) * (1 if i >= n else -1)
+                c.level_hist[v] = c.level_hist.get(v, 0) + cnt
+
     def _count(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
         c = self.layers[node.name]
         op = node.op
-        if op == "sfn" and "level" in extra:
-            lv = extra["level"]
-            a = lv.abs().to(torch.float32)
-            self._shadow[node.name] = a
-            c.neurons = out[0].numel()
-            c.spikes += float(a.sum())
-            c.active += float((lv != 0).sum())
-            vals, counts = torch.unique(lv, return_counts=True)
-            for v, k in zip(vals.tolist(), counts.tolist()):
-                c.level_hist[v] = c.level_hist.get(v, 0) + k
-        elif op == "sfn":
-            c.neurons = out[0].numel()
+        if op == "sfn":
+            self._site(node, out, extra, c)
         elif op in ("conv2d", "linear"):
-            per_out = node.params["weight"][0].numel() if op == "conv2d" else node.params["weight"].shape[1]
+            w = node.params["weight"]
+            per_out = w[0].numel() if op == "conv2d" else w.shape[1]
             mac = float(out.numel()) * per_out
             c.mac_ann += mac
+            c.weights, c.fan_in, c.neurons = w.numel(), per_out, out[0].numel()
+            if node.name not in self._fan:
+                self._fan[node.name] = _fanout(node, args[0])
+                fan = self._fan[node.name]
+                c.connections = int(fan.sum()) if op == "conv2d" else int(fan[0]) * args[0][0].numel()
             shadow = self._shadow.get(node.inputs[0])
             if shadow is None:
+                c.input = "analog"
                 c.mac += mac
             else:
-                if node.name not in self._fan:
-                    self._fan[node.name] = _fanout(node, args[0])
-                c.ac += float((shadow * self._fan[node.name]).sum())
+                c.input = "spikes"
+                fan = self._fan[node.name]
+                c.ac += _sum(shadow[0] * fan)
+                c.ac_event += _sum(shadow[1] * fan)
+                c.ac_channel += _sum(shadow[2] * fan)
         elif op == "matmul":
             k = args[0].shape[-1]
             mac = float(out.numel()) * k
             c.mac_ann += mac
+            c.fan_in = k
             sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
             if sa is not None:
-                c.ac += float(sa.sum()) * args[1].shape[-1]
+                cols = args[1].shape[-1]
             elif sb is not None:
-                c.ac += float(sb.sum()) * args[0].shape[-2]
-            else:
+                sa, cols = sb, args[0].shape[-2]
+            if sa is None:
+                c.input = "analog"
                 c.mac += mac
+            else:
+                c.input = "spikes"
+                c.ac += _sum(sa[0]) * cols
+                c.ac_event += _sum(sa[1]) * cols
+                c.ac_channel += _sum(sa[2]) * cols
         elif node.kind == "host":
             c.host_ops += float(out.numel())
             if op in ("mul", "div") and len(args) == 1 and node.inputs[0] in self._shadow:
@@ -134,18 +200,19 @@ class OpCounter:
         elif node.inputs and node.inputs[0] in self._shadow:
             s = self._shadow[node.inputs[0]]
             if op in _FOLLOW:
-                self._shadow[node.name] = _op(node, [s], self.graph, self.batch)
+                self._shadow[node.name] = tuple(_op(node, [t], self.graph, self.batch) for t in s)
             elif op == "max_pool2d" and not self.graph[self._site_of(node.inputs[0])].params["bounds_neg"].numel():
-                self._shadow[node.name] = _op(node, [s], self.graph, self.batch)
+                self._shadow[node.name] = tuple(_op(node, [t], self.graph, self.batch) for t in s)
             elif op == "avg_pool2d":
                 a = node.attrs
-                self._shadow[node.name] = F.avg_pool2d(s, a["kernel_size"], a["stride"], a["padding"],
-                                                       a["ceil_mode"], a["count_include_pad"], 1)
+                self._shadow[node.name] = tuple(
+                    F.avg_pool2d(t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                                 a["count_include_pad"], 1) for t in s)
             elif op == "adaptive_avg_pool2d":
-                k = s.shape[-2] * s.shape[-1] / (out.shape[-2] * out.shape[-1])
-                self._shadow[node.name] = F.adaptive_avg_pool2d(s, node.attrs["output_size"]) * k
+                k = s[0].shape[-2] * s[0].shape[-1] / (out.shape[-2] * out.shape[-1])
+                self._shadow[node.name] = tuple(F.adaptive_avg_pool2d(t, node.attrs["output_size"]) * k for t in s)
             elif op == "mean":
-                self._shadow[node.name] = s.sum(node.attrs["dims"], keepdim=node.attrs["keepdim"])
+                self._shadow[node.name] = tuple(t.sum(node.attrs["dims"], keepdim=node.attrs["keepdim"]) for t in s)
 
     def _site_of(self, name: str) -> str:
         n = self.graph[name]
@@ -157,7 +224,7 @@ class OpCounter:
         s = max(self.samples, 1)
         layers = []
         for c in self.layers.values():
-            c = replace(c, **{f: getattr(c, f) / s for f in ("mac_ann", "ac", "mac", "host_ops", "spikes", "active")})
+            c = replace(c, **{f: getattr(c, f) / s for f in _PER_SAMPLE})
             c.level_hist = {k: v / s for k, v in c.level_hist.items()}
             layers.append(c)
         return OpCounts(layers, self.samples)
@@ -184,9 +251,42 @@ class OpCounts:
     def host_ops(self) -> float:
         return sum(c.host_ops for c in self.layers)
 
-    def energy_ratio(self, e_ac: float = 0.9, e_mac: float = 4.6) -> float:
+    def synops(self, convention: str = "spike") -> float:
+        return sum(c.synops(convention) for c in self.layers)
+
+    def host_ops_by_op(self) -> dict[str, float]:
+        """Host work named by operation (``matmul`` here means a product of two analog tensors)."""
+        out: dict[str, float] = {}
+        for c in self.layers:
+            if c.host_ops:
+                out[c.op] = out.get(c.op, 0.0) + c.host_ops
+        return out
+
+    def energy_ratio(self, e_ac: float = 0.9, e_mac: float = 4.6, convention: str = "spike") -> float:
         """(#AC_SNN·E_AC + #MAC_SNN·E_MAC) / (#MAC_ANN·E_MAC), eq. 43."""
-        return (self.ac_snn * e_ac + self.mac_snn * e_mac) / (self.mac_ann * e_mac) if self.mac_ann else 0.0
+        if not self.mac_ann:
+            return 0.0
+        return (self.synops(convention) * e_ac + self.mac_snn * e_mac) / (self.mac_ann * e_mac)
+
+    def energy_ratio_approx(self, e_ac: float = 0.9, e_mac: float = 4.6) -> float:
+        """#AC_SNN·E_AC / (#MAC_ANN·E_MAC), eq. 44 (the paper's approximation: MACs of the first layer dropped)."""
+        return self.ac_snn * e_ac / (self.mac_ann * e_mac) if self.mac_ann else 0.0
+
+    def per_stage(self, convention: str = "spike") -> list[dict]:
+        """Totals per pipeline step: what one inference does at each timestep of the stream."""
+        steps: dict[int, dict] = {}
+        for c in self.layers:
+            if not (c.mac_ann or c.host_ops or c.neurons):
+                continue
+            d = steps.setdefault(c.stage, {"stage": c.stage, "synops": 0.0, "mac": 0.0, "host_ops": 0.0,
+                                           "neuron_updates": 0, "layers": []})
+            d["synops"] += c.synops(convention)
+            d["mac"] += c.mac
+            d["host_ops"] += c.host_ops
+            if c.op == "sfn":
+                d["neuron_updates"] += c.neurons
+            d["layers"].append(c.name)
+        return [steps[k] for k in sorted(steps)]
 
     def reported_layers(self) -> list[dict]:
         return [c.to_dict() for c in self.layers
