@@ -276,6 +276,93 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, as_json)
     _emit(as_json, r, "\n".join(lines))
 
 
+def _target_help(extra: str = "") -> str:
+    from .targets import available
+    return f"Hardware target: a shipped name ({', '.join(available())}) or a target .toml file{extra}."
+
+
+@main.command("report")
+@click.argument("converted", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Data to count operations on (e.g. a validation set).")
+@click.option("--target", "targets", multiple=True, default=("loihi2", "loihi1", "cmos45"), help=_target_help("; repeatable"))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the report: .html (self-contained, with plots), .md or .json.")
+@click.option("--scale", "scales", type=float, multiple=True, help="Compare at this shared λ (repeatable).")
+@click.option("--levels", "levels", type=int, multiple=True, help="Compare at this M (repeatable).")
+@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=int, default=256)
+@command
+def report_cmd(converted, data, targets, output, scales, levels, limit, batch_size, as_json):
+    """Operation counts, core mapping, energy and latency per inference on hardware targets.
+
+    Several model files, or --scale/--levels values, give a side-by-side comparison.
+    """
+    from .data import load_data
+    from .model_file import atomic_write, load
+    from .render import to_html, to_markdown, to_text
+    from .report import build_report, compare, output_format, variant
+    from .targets import load_target
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be ≥ 1, got {limit}")
+    fmt = output_format(output)
+    for t in targets:                       # fail on a bad target before the data pass
+        load_target(t)
+    dataset = load_data(data).limit(limit)
+    reports = []
+    for path in converted:
+        model = load(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        for lam in scales or (None,):
+            for m in levels or (None,):
+                label = name + (f" λ={lam:g}" if lam is not None else "") + (f" M={m}" if m is not None else "")
+                reports.append(build_report(variant(model, lam, m) if lam or m else model, dataset, list(targets),
+                                            label=label, batch_size=batch_size, quiet=as_json))
+    doc = reports[0] if len(reports) == 1 else compare(reports)
+    if output:
+        render = {"json": lambda d: json.dumps(d, indent=1, default=_jsonable), "md": to_markdown,
+                  "html": to_html}[fmt]
+        text = render(doc)
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        atomic_write(output, write)
+    summary = to_text(doc) + (f"\nwrote {output}" if output else "")
+    _emit(as_json, doc, summary)
+
+
+@main.command("check")
+@click.argument("converted", type=click.Path(dir_okay=False))
+@click.option("--target", required=True, help=_target_help())
+@command
+def check_cmd(converted, target, as_json):
+    """Pre-flight hardware check: every violated limit at once. Exit 0 when the network fits, 2 when not."""
+    from .model_file import load
+    from .report import count_static
+    from .targets import load_target
+    from .targets.mapping import map_network
+
+    t = load_target(target)
+    model = load(converted)
+    m = map_network(model.graph, count_static(model), t)
+    d = m.to_dict()
+    d.pop("layers")
+    d["layers"] = [{k: p[k] for k in ("name", "op", "cores", "binding")} for p in m.to_dict()["layers"]]
+    lines = [f"{converted} on {t.name}: {'fits' if m.fits else 'does NOT fit'}"
+             + (f" ({m.cores:,} cores, {m.chips} chip(s); chips bound by {m.chip_binding})" if t.has_cores else "")]
+    lines += [f"  violation: {v}" for v in m.violations]
+    if m.host_work:
+        ops = sorted({h["op"] for h in m.host_work})
+        lines.append(f"  host work (not on neuro cores): {len(m.host_work)} layers ({', '.join(ops)})")
+    if m.unchecked:
+        lines.append(f"  not checked (no figure in the target file): {', '.join(m.unchecked)}")
+    _emit(as_json, d, "\n".join(lines))
+    if not m.fits:
+        click.echo(f"error: {converted} does not fit {t.name}: {len(m.violations)} violation(s)", err=True)
+        sys.exit(2)
+
+
 @main.command("inspect")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @command

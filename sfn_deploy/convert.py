@@ -25,8 +25,8 @@ from .targets import load_target
 
 
 def energy_constants(target: str = "cmos45") -> tuple[float, float]:
-    t = load_target(target)["energy_pj"]
-    return float(t["ac"]), float(t["mac"])
+    t = load_target(target)
+    return t.get("energy_pj", "ac"), t.get("energy_pj", "mac")
 
 
 def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:

@@ -17,15 +17,29 @@ from .ir import Graph, Node, resolve_shape
 Hook = Callable[[Node, list, torch.Tensor, dict], None]
 
 
+def spike_index(node: Node, x: torch.Tensor) -> torch.Tensor:
+    """Signed number of firing boundaries crossed (k⁺ − k⁻): the level is table[|k|] with k's sign.
+
+    Both branches cannot fire at once (all boundaries are positive), so the difference is exact.
+    """
+    p = node.params
+    x = x.contiguous()
+    k = torch.bucketize(x, p["bounds_pos"], right=True)
+    if p["bounds_neg"].numel():
+        k = k - torch.bucketize(-x, p["bounds_neg"], right=True)
+    return k
+
+
+def signed_table(node: Node) -> torch.Tensor:
+    """Level of each signed index −N..N, at position index + N."""
+    t = node.params["table"]
+    return torch.cat([-t.flip(0)[:-1], t])
+
+
 def spike_levels(node: Node, x: torch.Tensor) -> torch.Tensor:
     """Signed integer spike level of an SFN node for input x (see ir.py for the rule)."""
-    p = node.params
-    table = p["table"]
-    x = x.contiguous()
-    level = table[torch.bucketize(x, p["bounds_pos"], right=True)]
-    if p["bounds_neg"].numel():
-        level = level - table[torch.bucketize(-x, p["bounds_neg"], right=True)]
-    return level
+    n = node.params["table"].numel() - 1
+    return signed_table(node)[spike_index(node, x) + n]
 
 
 def level_values(node: Node, level: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -35,6 +49,18 @@ def level_values(node: Node, level: torch.Tensor, dtype=torch.float32) -> torch.
     if node.params["bounds_neg"].numel():
         return torch.where(level >= 0, lv * steps[0], lv * steps[1])
     return lv * steps[0]
+
+
+def fire(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output value, signed index) of an SFN: one bucketize per branch and one lookup.
+
+    The lookup table holds level_values of every level, computed with the same float
+    operations, so the output is bit-identical to level_values(spike_levels(x)).
+    """
+    n = node.params["table"].numel() - 1
+    k = spike_index(node, x)
+    values = level_values(node, signed_table(node), x.dtype)
+    return values[k + n], k
 
 
 def _scalar_or(args, a):
@@ -127,9 +153,7 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
             out = node.params["value"]
         elif node.op == "sfn":
             if spiking:
-                level = spike_levels(node, args[0])
-                out = level_values(node, level, args[0].dtype)
-                extra["level"] = level
+                out, extra["index"] = fire(node, args[0])
             else:       # the ANN: identity, or the ReLU the neuron absorbed
                 out = torch.relu(args[0]) if node.attrs.get("absorbs") == "relu" else args[0]
         else:
@@ -147,8 +171,8 @@ def run_with_levels(graph: Graph, x: torch.Tensor) -> tuple[torch.Tensor, dict[s
     levels: dict[str, torch.Tensor] = {}
 
     def keep(node, args, out, extra):
-        if "level" in extra:
-            levels[node.name] = extra["level"]
+        if "index" in extra:
+            levels[node.name] = signed_table(node)[extra["index"] + node.params["table"].numel() - 1]
     return run(graph, x, hook=keep), levels
 
 

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from sfn_deploy.ir import Graph, Node
-from sfn_deploy.runtime import _op, _release_plan, run
+from sfn_deploy.runtime import _op, _release_plan, run, signed_table
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
+_PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze"}   # every element kept once
 CONVENTIONS = ("spike", "event", "channel")
 _PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes")
 
@@ -103,6 +104,54 @@ def _sum(t: torch.Tensor) -> float:
     return float(t.sum(dtype=torch.float64))
 
 
+class _Spikes:
+    """The spikes a tensor carries: the signed index per element (exact), or, after a summing
+    pool, per-element sums of (|y|, 1[y≠0], k) that weight layers read with their fan-out."""
+
+    def __init__(self, site: Node, index: torch.Tensor | None = None, sums: tuple | None = None,
+                 whole: tuple | None = None):
+        self.site, self.index, self.sums = site, index, sums
+        self.n = site.params["table"].numel() - 1
+        self.whole = whole        # totals, known while only element-preserving layout ops were applied
+
+    def map(self, fn, preserves: bool = False) -> "_Spikes":
+        if self.index is not None:
+            return _Spikes(self.site, index=fn(self.index), whole=self.whole if preserves else None)
+        return _Spikes(self.site, sums=tuple(fn(t) for t in self.sums))
+
+    def triple(self) -> tuple[torch.Tensor, ...]:
+        if self.sums is not None:
+            return self.sums
+        k = self.index.abs()
+        return self.site.params["table"].to(torch.float32)[k], (k != 0).to(torch.float32), k.to(torch.float32)
+
+    def totals(self) -> tuple[float, float, float]:
+        """Σ|y|, Σ1[y≠0], Σk over the whole tensor (exact)."""
+        if self.whole is not None:
+            return self.whole
+        if self.sums is not None:
+            return tuple(_sum(t) for t in self.sums)
+        hist = torch.bincount(self.index.flatten() + self.n, minlength=2 * self.n + 1)
+        return _hist_totals(hist, self.site.params["table"], self.n)
+
+    def weighted(self, fan: torch.Tensor) -> tuple[float, float, float]:
+        """Σ over elements of (|y|, 1[y≠0], k) × fan-out, fan-out given per sample element."""
+        if fan.numel() == 1:
+            return tuple(v * float(fan) for v in self.totals())
+        if self.sums is not None:
+            return tuple(_sum(t.sum(0) * fan) for t in self.sums)
+        k = self.index.abs()
+        a = self.site.params["table"].to(torch.float32)[k].sum(0)
+        return _sum(a * fan), _sum((k != 0).sum(0) * fan), _sum(k.sum(0) * fan)
+
+
+def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int) -> tuple[float, float, float]:
+    mag = torch.cat([table.flip(0)[:-1], table]).to(torch.float64)
+    k = torch.cat([torch.arange(n, 0, -1), torch.arange(0, n + 1)]).to(torch.float64)
+    h = hist.to(torch.float64)
+    return float((h * mag).sum()), float(h.sum() - h[n]), float((h * k).sum())
+
+
 class OpCounter:
     """A runtime hook that accumulates per-layer counts over batches."""
 
@@ -112,9 +161,9 @@ class OpCounter:
         st = stages(graph)
         self.layers = {n.name: LayerCount(n.name, n.op, n.kind, n.source, st[n.name]) for n in graph.nodes}
         self.samples = 0
-        # spike tensors carried along layout/pool ops: (|y|, 1[y≠0], k) per element
-        self._shadow: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._shadow: dict[str, _Spikes] = {}     # spikes carried along layout/pool ops
         self._fan: dict[str, torch.Tensor] = {}
+        self._hist: dict[str, torch.Tensor] = {}
         self._free = _release_plan(graph)
 
     def start_batch(self, batch: int) -> None:
@@ -130,25 +179,18 @@ class OpCounter:
     def _site(self, node: Node, out: torch.Tensor, extra: dict, c: LayerCount) -> None:
         table = node.params["table"]
         c.neurons = out[0].numel()
-        c.levels = table.numel() - 1
+        c.levels = n = table.numel() - 1
         c.dual = bool(node.params["bounds_neg"].numel())
-        if "level" not in extra:
+        if "index" not in extra:
             return
-        lv = extra["level"]
-        y = lv.abs()
-        k = torch.searchsorted(table, y)                 # thresholds crossed (table is increasing)
-        a, nz, kf = y.to(torch.float32), (lv != 0).to(torch.float32), k.to(torch.float32)
-        self._shadow[node.name] = (a, nz, kf)
-        c.spikes += _sum(a)
-        c.active += _sum(nz)
-        c.channel_spikes += _sum(kf)
-        n = c.levels
-        signed = torch.where(lv < 0, -k, k) + n
-        hist = torch.bincount(signed.flatten(), minlength=2 * n + 1).tolist()
-        for i, cnt in enumerate(hist):
-            if cnt:
-                v = int(table[abs(i - n)]) * (1 if i >= n else -1)
-                c.level_hist[v] = c.level_hist.get(v, 0) + cnt
+        k = extra["index"]
+        hist = torch.bincount(k.flatten() + n, minlength=2 * n + 1)
+        self._hist[node.name] = self._hist.get(node.name, 0) + hist
+        spikes, active, channels = _hist_totals(hist, table, n)
+        self._shadow[node.name] = _Spikes(node, index=k, whole=(spikes, active, channels))
+        c.spikes += spikes
+        c.active += active
+        c.channel_spikes += channels
 
     def _count(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
         c = self.layers[node.name]
@@ -162,8 +204,7 @@ class OpCounter:
             c.mac_ann += mac
             c.weights, c.fan_in, c.neurons = w.numel(), per_out, out[0].numel()
             if node.name not in self._fan:
-                self._fan[node.name] = _fanout(node, args[0])
-                fan = self._fan[node.name]
+                self._fan[node.name] = fan = _fanout(node, args[0])
                 c.connections = int(fan.sum()) if op == "conv2d" else int(fan[0]) * args[0][0].numel()
             shadow = self._shadow.get(node.inputs[0])
             if shadow is None:
@@ -171,61 +212,64 @@ class OpCounter:
                 c.mac += mac
             else:
                 c.input = "spikes"
-                fan = self._fan[node.name]
-                c.ac += _sum(shadow[0] * fan)
-                c.ac_event += _sum(shadow[1] * fan)
-                c.ac_channel += _sum(shadow[2] * fan)
+                a, e, k = shadow.weighted(self._fan[node.name])
+                c.ac += a
+                c.ac_event += e
+                c.ac_channel += k
         elif op == "matmul":
-            k = args[0].shape[-1]
-            mac = float(out.numel()) * k
+            kdim = args[0].shape[-1]
+            mac = float(out.numel()) * kdim
             c.mac_ann += mac
-            c.fan_in = k
+            c.fan_in = kdim
             sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
-            if sa is not None:
-                cols = args[1].shape[-1]
-            elif sb is not None:
+            cols = args[1].shape[-1]
+            if sa is None and sb is not None:
                 sa, cols = sb, args[0].shape[-2]
             if sa is None:
                 c.input = "analog"
                 c.mac += mac
             else:
                 c.input = "spikes"
-                c.ac += _sum(sa[0]) * cols
-                c.ac_event += _sum(sa[1]) * cols
-                c.ac_channel += _sum(sa[2]) * cols
+                a, e, k = sa.totals()
+                c.ac += a * cols
+                c.ac_event += e * cols
+                c.ac_channel += k * cols
         elif node.kind == "host":
             c.host_ops += float(out.numel())
             if op in ("mul", "div") and len(args) == 1 and node.inputs[0] in self._shadow:
                 self._shadow[node.name] = self._shadow[node.inputs[0]]   # scaled spikes stay spikes
         elif node.inputs and node.inputs[0] in self._shadow:
             s = self._shadow[node.inputs[0]]
+            a = node.attrs
             if op in _FOLLOW:
-                self._shadow[node.name] = tuple(_op(node, [t], self.graph, self.batch) for t in s)
-            elif op == "max_pool2d" and not self.graph[self._site_of(node.inputs[0])].params["bounds_neg"].numel():
-                self._shadow[node.name] = tuple(_op(node, [t], self.graph, self.batch) for t in s)
+                self._shadow[node.name] = s.map(lambda t: _op(node, [t], self.graph, self.batch),
+                                                preserves=op in _PRESERVE)
+            elif op == "max_pool2d" and not s.site.params["bounds_neg"].numel():
+                # the level is monotone in the index: pooling the index picks the same element
+                self._shadow[node.name] = s.map(
+                    lambda t: _op(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
             elif op == "avg_pool2d":
-                a = node.attrs
-                self._shadow[node.name] = tuple(
+                self._shadow[node.name] = _Spikes(s.site, sums=tuple(
                     F.avg_pool2d(t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-                                 a["count_include_pad"], 1) for t in s)
+                                 a["count_include_pad"], 1) for t in s.triple()))
             elif op == "adaptive_avg_pool2d":
-                k = s[0].shape[-2] * s[0].shape[-1] / (out.shape[-2] * out.shape[-1])
-                self._shadow[node.name] = tuple(F.adaptive_avg_pool2d(t, node.attrs["output_size"]) * k for t in s)
+                t0 = s.triple()
+                k = t0[0].shape[-2] * t0[0].shape[-1] / (out.shape[-2] * out.shape[-1])
+                self._shadow[node.name] = _Spikes(s.site, sums=tuple(
+                    F.adaptive_avg_pool2d(t, a["output_size"]) * k for t in t0))
             elif op == "mean":
-                self._shadow[node.name] = tuple(t.sum(node.attrs["dims"], keepdim=node.attrs["keepdim"]) for t in s)
-
-    def _site_of(self, name: str) -> str:
-        n = self.graph[name]
-        while n.op != "sfn":
-            n = self.graph[n.inputs[0]]
-        return n.name
+                self._shadow[node.name] = _Spikes(s.site, sums=tuple(
+                    t.sum(a["dims"], keepdim=a["keepdim"]) for t in s.triple()))
 
     def result(self) -> "OpCounts":
         s = max(self.samples, 1)
         layers = []
         for c in self.layers.values():
             c = replace(c, **{f: getattr(c, f) / s for f in _PER_SAMPLE})
-            c.level_hist = {k: v / s for k, v in c.level_hist.items()}
+            hist = self._hist.get(c.name)
+            if hist is not None:
+                levels = signed_table(self.graph[c.name]).tolist()
+                c.level_hist = {levels[i]: v / s for i, v in enumerate(hist.tolist()) if v}
             layers.append(c)
         return OpCounts(layers, self.samples)
 

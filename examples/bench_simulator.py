@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Cycle-level simulator speed (a script, not a test): counting every op vs a plain PyTorch ANN forward.
+
+    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--json out.json]
+
+For the MNIST example CNN and tiny ViT (examples/models/*.pt2, converted here at λ = 0.2 on
+MNIST test images), times on the same batches, interleaved, best of --repeats:
+* ANN      the source network as torch.export left it (``ExportedProgram.module()``), plain forward
+* counting ``convert.measure``: the SNN through the reference interpreter with the OpCounter hook,
+           recording every count a report needs (three synaptic-op conventions, MACs, host ops,
+           spikes by level, neuron updates)
+The issue's target: counting runs at least half as fast as the ANN (ratio ANN time / counting time ≥ 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from sfn_deploy import convert, load_data, load_model
+from sfn_deploy.convert import measure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mnist", default=os.environ.get("SFN_MNIST", os.path.join(HERE, "..", "..", "shared", "data", "mnist")))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    calib = load_data(f"mnist:{args.mnist}:0:1000")
+    test = load_data(f"mnist:{args.mnist}").limit(args.samples)
+    rows = []
+    for name in ("mnist_cnn", "mnist_vit"):
+        program, _ = load_model(os.path.join(HERE, "models", f"{name}.pt2"))
+        ann = program.module()
+        snn = convert(program, calib, scale=0.2, quiet=True)
+        batches = list(test.batches(args.batch))
+
+        def plain():
+            with torch.no_grad():
+                for xb in batches:
+                    ann(xb)
+
+        def counting():
+            measure(snn.graph, test, args.batch)
+        plain(), counting()                       # warm-up
+        t_ann, t_sim = [], []
+        for _ in range(args.repeats):             # interleaved, so both see the same machine load
+            t_ann.append(_time(plain))
+            t_sim.append(_time(counting))
+        a, s = min(t_ann), min(t_sim)
+        rows.append({"model": name, "samples": len(test), "batch": args.batch, "threads": torch.get_num_threads(),
+                     "ann_s": a, "counting_s": s, "speed_ratio": a / s})
+    print(f"{'model':<10} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['samples']:>7} {r['ann_s']:>8.3f} {r['counting_s']:>11.3f} {r['speed_ratio']:>13.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Place a converted network's layers onto a target's cores and check every limit at once.
+
+The model (an estimate for planning, not a place-and-route):
+- Each weight layer (conv2d, linear) is a neuron population: one compartment per output unit,
+  which integrates its synaptic input. When its output feeds an SFN site on a binary-spike
+  target, the site is lowered to N threshold channels per polarity, each one more compartment
+  (Loihi-style multi-compartment neuron: the channels share the integrating compartment's
+  synapses). Sites fed by host operations (LayerNorm, softmax) are encoded on the host.
+- Stored synapses: the layer's weights when the target shares weights, else one per
+  connection (each input→output pair, padding excluded). Synaptic memory = synapses × weight bits.
+- Layers are spread evenly over the fewest cores that satisfy neurons per core, synaptic memory
+  per core and input axons per core (a conv core holds a spatial tile with all its channels and
+  needs the tile's receptive field; a linear core needs every input of the tokens it holds).
+  The constraint that set the core count is the layer's binding constraint.
+- Core-to-core fan-out of a layer = cores of the layers its spikes feed (an upper bound).
+- Products of two spike tensors (attention) have no static synapses and, with LayerNorm,
+  softmax, GELU and residual arithmetic, run on the host: listed as host work, not violations.
+A limit the target file does not give is not checked, and the mapping says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from sfn_deploy.ir import Graph, Node
+
+from .schema import Target
+
+_THROUGH = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand",
+            "cat", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"}
+LIMITS = {"neurons": "neurons per core", "synapse_bits": "synaptic memory per core (bits)",
+          "fan_in": "input axons per core", "fan_out": "destination cores per core"}
+
+
+@dataclass
+class Violation:
+    layer: str
+    rule: str
+    limit: float
+    value: float
+    fix: str
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    def __str__(self) -> str:
+        return f"{self.layer}: {self.rule}: {_n(self.value)} > limit {_n(self.limit)}; fix: {self.fix}"
+
+
+@dataclass
+class Placement:
+    name: str
+    op: str
+    source: str
+    units: int
+    compartments: int
+    synapses: int
+    synapse_bits: int
+    fan_in: int
+    axons_per_core: int
+    cores: int
+    binding: str
+    output: str                   # "spikes" (feeds an SFN site), "host" or "network output"
+    channels: int = 0             # threshold channels per unit (binary targets)
+    dest_cores: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class Mapping:
+    target: str
+    layers: list[Placement] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
+    host_work: list[dict] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    cores: int = 0
+    chips: int = 0
+    chip_binding: str = ""
+    compartments: int = 0
+    synapses: int = 0
+
+    @property
+    def fits(self) -> bool:
+        return not self.violations
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "fits": self.fits, "cores": self.cores, "chips": self.chips,
+                "chip_binding": self.chip_binding, "compartments": self.compartments, "synapses": self.synapses,
+                "unchecked": self.unchecked, "violations": [v.to_dict() for v in self.violations],
+                "host_work": self.host_work, "layers": [p.to_dict() for p in self.layers]}
+
+
+def _n(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"
+
+
+def _reach(graph: Graph, users: dict, name: str, stop) -> list[Node]:
+    """Nodes satisfying ``stop`` reached from ``name`` through layout and pooling ops."""
+    found, todo, seen = [], [name], set()
+    while todo:
+        for u in users.get(todo.pop(), []):
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            if stop(u):
+                found.append(u)
+            elif u.op in _THROUGH:
+                todo.append(u.name)
+    return found
+
+
+def _axons(node: Node, graph: Graph, per_core: int, units: int) -> int:
+    """Distinct inputs the neurons on one core need."""
+    x = graph[node.inputs[0]].shape
+    w = node.params["weight"]
+    if node.op == "linear":
+        out_f, in_f = w.shape
+        tokens = max(units // out_f, 1)
+        return min(tokens, math.ceil(per_core / out_f)) * in_f
+    c_out, c_in_g, kh, kw = w.shape
+    a = node.attrs
+    h_out, w_out = node.shape[-2], node.shape[-1]
+    positions = max(math.ceil(per_core / c_out), 1)
+    side = math.ceil(math.sqrt(positions))
+    th, tw = min(side, h_out), min(math.ceil(positions / min(side, h_out)), w_out)
+    ih = min((th - 1) * a["stride"][0] + a["dilation"][0] * (kh - 1) + 1, x[-2])
+    iw = min((tw - 1) * a["stride"][1] + a["dilation"][1] * (kw - 1) + 1, x[-1])
+    channels_here = min(per_core, c_out)
+    groups_here = min(a["groups"], math.ceil(channels_here * a["groups"] / c_out))
+    return ih * iw * c_in_g * groups_here
+
+
+def map_network(graph: Graph, counts, target: Target) -> Mapping:
+    """Map the network with the per-layer statistics of ``counts`` (an OpCounts) onto ``target``."""
+    m = Mapping(target.name)
+    users = graph.users()
+    stats = {c.name: c for c in counts.layers}
+    core = {k: target.get("core", k) for k in LIMITS}
+    chip = {k: target.get("chip", k) for k in ("cores", "neurons", "synapses")}
+    wbits = int(target.get("precision", "weight_bits") or 8)
+    binary = target.spikes == "binary"
+    if not target.has_cores:
+        m.unchecked = ["no core model: this target prices arithmetic only"]
+    else:
+        m.unchecked = [LIMITS[k] for k, v in core.items() if v is None]
+        m.unchecked += [f"{k} per chip" for k, v in chip.items() if v is None and k != "cores"]
+
+    for node in graph.nodes:
+        c = stats[node.name]
+        if node.kind == "host" and c.host_ops:
+            m.host_work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "stage": c.stage,
+                                "why": "not a synaptic operation: runs on the host (embedded or attached CPU)"})
+        elif node.op == "matmul":
+            m.host_work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "stage": c.stage,
+                                "why": "product of two activations: no static synapses to store on a core"})
+        elif node.op == "sfn" and graph[node.inputs[0]].kind == "host":
+            m.host_work.append({"layer": node.name, "op": "sfn", "ops": c.neurons, "stage": c.stage,
+                                "why": f"SFN fed by host op {graph[node.inputs[0]].op}: spikes encoded on the host"})
+        if node.kind != "weight":
+            continue
+        if c.input == "analog" and target.spikes != "none":
+            m.host_work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "stage": c.stage,
+                                "why": "fed by the analog network input: MACs done where the input is encoded "
+                                       "(host), or the input sent as graded spikes"})
+        sites = _reach(graph, users, node.name, lambda u: u.op == "sfn")
+        hosts = _reach(graph, users, node.name, lambda u: u.op != "sfn" and u.op not in _THROUGH)
+        output = "spikes" if sites and not hosts else "host" if hosts else "network output"
+        channels = 0
+        if binary and sites:
+            channels = max(stats[s.name].levels * (2 if stats[s.name].dual else 1) for s in sites)
+        units = c.neurons
+        comp = units * (1 + channels)
+        syn = c.weights if target.weight_sharing else c.connections
+        bits = syn * wbits
+        need = {"neurons": math.ceil(comp / core["neurons"]) if core["neurons"] else 1,
+                "synapse_bits": math.ceil(bits / core["synapse_bits"]) if core["synapse_bits"] else 1}
+        cores, binding = 1, "none"
+        if target.has_cores:
+            binding = max(need, key=need.get)
+            cores = max(need.values())
+            if core["fan_in"]:
+                lo, hi = cores, max(units, cores)
+
+                def fits(k):
+                    return _axons(node, graph, math.ceil(units / k), units) <= core["fan_in"]
+                if not fits(lo):
+                    if fits(hi):
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+                        cores, binding = lo, "fan_in"
+                    else:
+                        cores, binding = hi, "fan_in"
+        axons = _axons(node, graph, math.ceil(units / cores), units)
+        p = Placement(node.name, node.op, node.source, units, comp, syn, bits, c.fan_in, axons, cores,
+                      LIMITS.get(binding, binding), output, channels)
+        m.layers.append(p)
+        if not target.has_cores:
+            continue
+        if core["fan_in"] and c.fan_in > core["fan_in"]:
+            k = math.ceil(c.fan_in / core["fan_in"])
+            m.violations.append(Violation(node.name, "fan-in per neuron", core["fan_in"], c.fan_in,
+                                          f"split the input into {k} partial sums of ≤ {core['fan_in']:,} inputs "
+                                          "accumulated by a second compartment"))
+        elif core["fan_in"] and axons > core["fan_in"]:
+            m.violations.append(Violation(node.name, LIMITS["fan_in"], core["fan_in"], axons,
+                                          "split the layer by output channel or reduce its receptive field"))
+        if core["synapse_bits"] and c.fan_in * wbits > core["synapse_bits"]:
+            m.violations.append(Violation(node.name, "synaptic memory of one neuron (bits)", core["synapse_bits"],
+                                          c.fan_in * wbits, "lower the weight precision or split the input"))
+        if core["neurons"] and 1 + channels > core["neurons"]:
+            m.violations.append(Violation(node.name, "compartments of one neuron", core["neurons"], 1 + channels,
+                                          "lower M (fewer threshold channels)"))
+        if target.spikes == "graded" and sites:
+            top = max(int(s.params["table"].max()) for s in sites)     # the worst case, not just the data's
+            need_bits = max(top, 1).bit_length() + (1 if any(stats[s.name].dual for s in sites) else 0)
+            payload = target.get("precision", "payload_bits")
+            if payload and need_bits > payload:
+                m.violations.append(Violation(node.name, "graded spike payload (bits)", payload, need_bits,
+                                              "lower M or use the linear fire function (levels up to 2M)"))
+
+    by_name = {p.name: p for p in m.layers}
+    for node in graph.nodes:
+        if node.name not in by_name:
+            continue
+        sites = _reach(graph, users, node.name, lambda u: u.op == "sfn")
+        dest = 0
+        for s in sites:
+            dest += sum(by_name[w.name].cores for w in _reach(graph, users, s.name, lambda u: u.kind == "weight"))
+        p = by_name[node.name]
+        p.dest_cores = dest
+        if target.has_cores and core["fan_out"] and dest > core["fan_out"]:
+            m.violations.append(Violation(node.name, LIMITS["fan_out"], core["fan_out"], dest,
+                                          "place consumer layers on fewer, fuller cores or split this layer"))
+
+    m.cores = sum(p.cores for p in m.layers) if target.has_cores else 0
+    m.compartments = sum(p.compartments for p in m.layers)
+    m.synapses = sum(p.synapses for p in m.layers)
+    if target.has_cores:
+        chips = {"cores per chip": math.ceil(m.cores / chip["cores"])}
+        if chip["neurons"]:
+            chips["neurons per chip"] = math.ceil(m.compartments / chip["neurons"])
+        if chip["synapses"]:
+            chips["synapses per chip"] = math.ceil(m.synapses / chip["synapses"])
+        m.chip_binding = max(chips, key=chips.get)
+        m.chips = chips[m.chip_binding]
+    return m
