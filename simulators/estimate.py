@@ -116,7 +116,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
     static_w = target.get("chip", "static_w")
     static = static_w * mapping.chips * lat["latency_s"] if static_w and lat["latency_s"] and mapping.chips else None
     if target.spikes != "none" and static_w is not None:
-        terms.append({"term": "static power", "count": lat["latency_s"], "what": f"{mapping.chips} chip(s) × "
+        terms.append({"term": "static power", "count": lat["latency_s"], "unit": "seconds", "what": f"{mapping.chips} chip(s) × "
                       "static power × single-inference latency", "price": "chip.static_w", "pj_each": None,
                       "joules": static, "priced": static is not None,
                       "source": target.figure("chip", "static_w").source, "evidence": ""})
@@ -136,15 +136,23 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
             "energy_without_memory_j": energy - memory, "energy_terms": terms,
             "priced": [t["term"] for t in terms if t["priced"]],
             "unpriced": [t["term"] for t in terms if not t["priced"] and t["count"]],
-            "proxy_figures": sorted({t["price"] for t in terms if t["priced"] and t["evidence"] == "proxy"}),
+            "proxy_figures": sorted({t["price"] for t in terms if t["priced"] and t["evidence"] == "proxy"}
+                                    | (set(lat.pop("proxy_times")) if lat["timed"] else set())),
+            "figure_caveats": [f"{s}.{k}: {f.evidence} ({f.source})" for s, keys in target.figures.items()
+                               for k, f in keys.items() if f.evidence],
             **lat, "ann": ann,
             "snn_over_int8_ann": energy / compare_to if compare_to else None,
-            "layers": list(per_layer.values())}
+            "snn_over_int8_ann_baseline": ("int8_with_memory_j" if compare_to == ann["int8_with_memory_j"]
+                                           else "int8_j") if compare_to else None,
+            "layers": list(per_layer.values()),
+            "layers_note": "snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
+                           "static power are network totals)"}
 
 
 def _latency(counts, target: Target, mapping: Mapping, fed: dict) -> dict:
     t = {k: target.get("time_ns", k) for k in ("synop", "neuron_update", "neuron_update_inactive", "spike", "barrier")}
-    out = {"latency_s": None, "step_s": None, "throughput_per_s": None, "stages": [], "timed": False}
+    out = {"latency_s": None, "step_s": None, "throughput_per_s": None, "stages": [], "timed": False,
+           "untimed": ["the whole network: the target gives no core model or no time per synaptic op"]}
     if not target.has_cores or t["synop"] is None:
         return out
     stats = {c.name: c for c in counts.layers}
@@ -165,5 +173,7 @@ def _latency(counts, target: Target, mapping: Mapping, fed: dict) -> dict:
     step = max(stage_time.values(), default=0.0) + barrier
     out.update(latency_s=sum(v + barrier for v in stage_time.values()) * 1e-9, step_s=step * 1e-9,
                throughput_per_s=1e9 / step if step else None, stages=stages, timed=True,
-               untimed=["host operations"] if counts.host_ops else [])
+               untimed=["host operations"] if counts.host_ops else [],
+               proxy_times=[f"time_ns.{k}" for k in t if t[k] is not None
+                            and target.figure("time_ns", k).evidence == "proxy"])
     return out

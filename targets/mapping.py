@@ -149,19 +149,24 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
 
     for node in graph.nodes:
         c = stats[node.name]
+        spiking = target.spikes != "none"        # an arithmetic target prices products and encoding as ops
         if node.kind == "host" and c.host_ops:
-            m.host_work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "stage": c.stage,
+            m.host_work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements",
+                                "stage": c.stage,
                                 "why": "not a synaptic operation: runs on the host (embedded or attached CPU)"})
-        elif node.op == "matmul":
-            m.host_work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "stage": c.stage,
+        elif node.op == "matmul" and spiking:
+            m.host_work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "unit": "MACs",
+                                "stage": c.stage,
                                 "why": "product of two activations: no static synapses to store on a core"})
-        elif node.op == "sfn" and graph[node.inputs[0]].kind == "host":
-            m.host_work.append({"layer": node.name, "op": "sfn", "ops": c.neurons, "stage": c.stage,
+        elif node.op == "sfn" and graph[node.inputs[0]].kind == "host" and spiking:
+            m.host_work.append({"layer": node.name, "op": "sfn", "ops": c.neurons, "unit": "neurons",
+                                "stage": c.stage,
                                 "why": f"SFN fed by host op {graph[node.inputs[0]].op}: spikes encoded on the host"})
         if node.kind != "weight":
             continue
-        if c.input == "analog" and target.spikes != "none":
-            m.host_work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "stage": c.stage,
+        if c.input == "analog" and spiking:
+            m.host_work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "unit": "MACs",
+                                "stage": c.stage,
                                 "why": "fed by the analog network input: MACs done where the input is encoded "
                                        "(host), or the input sent as graded spikes"})
         sites = _reach(graph, users, node.name, lambda u: u.op == "sfn")
@@ -193,9 +198,9 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
                         cores, binding = lo, "fan_in"
                     else:
                         cores, binding = hi, "fan_in"
-        axons = _axons(node, graph, math.ceil(units / cores), units)
-        p = Placement(node.name, node.op, node.source, units, comp, syn, bits, c.fan_in, axons, cores,
-                      LIMITS.get(binding, binding), output, channels)
+        axons = _axons(node, graph, math.ceil(units / cores), units) if target.has_cores else 0
+        p = Placement(node.name, node.op, node.source, units, comp, syn, bits, c.fan_in, axons,
+                      cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels)
         m.layers.append(p)
         if not target.has_cores:
             continue

@@ -165,3 +165,60 @@ def test_export_onnx_simulate_and_evaluate_on_onnx(tmp_path, converted):
     t = json.loads(sfn("evaluate", out, "--data", "sklearn:digits", "--limit", 200, "--json").stdout)
     assert e["backend"] == "onnx" and e["accuracy"] == t["accuracy"] and e["ann_accuracy"] == t["ann_accuracy"]
     _bad(sfn("simulate", out, "--data", "mnist:/nonexistent"), "/nonexistent")
+
+
+def test_report_writes_every_format_and_the_json_contract(converted, tmp_path):
+    out, _ = converted
+    r = sfn("report", out, "--data", "sklearn:digits", "--limit", 200, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for key in ("energy_ratio", "ac_snn", "mac_snn", "mac_ann", "layers", "target"):
+        assert key in d
+    for layer in d["layers"]:
+        assert {"name", "kind", "ac", "mac", "host_ops", "spikes", "neurons", "firing_rate"} <= set(layer)
+    assert {"cores", "chips", "energy_j", "latency_s"} <= set(d["target"]) and d["target"]["target"] == "loihi2"
+    assert set(d["targets"]) == {"loihi2", "loihi1", "cmos45"}
+    for ext in ("html", "md", "json"):
+        path = tmp_path / f"report.{ext}"
+        r = sfn("report", out, "--data", "sklearn:digits", "--limit", 100, "--target", "cmos45", "-o", path)
+        assert r.returncode == 0, r.stderr
+        text = path.read_text()
+        assert "cmos45" in text
+        assert oct(os.stat(path).st_mode & 0o044) != "0o0"           # readable by others, like any file
+    assert json.loads((tmp_path / "report.json").read_text())["targets"]["cmos45"]["estimate"]["energy_j"] > 0
+    r = sfn("report", out, "--data", "sklearn:digits", "-o", tmp_path / "report.pdf")
+    assert r.returncode == 2 and "unknown report format .pdf" in r.stderr
+
+
+def test_report_compares_scales(converted):
+    out, _ = converted
+    r = sfn("report", out, "--data", "sklearn:digits", "--limit", 100, "--target", "loihi1",
+            "--scale", 0.2, "--scale", 0.6, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["comparison"]
+    assert [row["lam"]["max"] for row in rows] == [0.2, 0.6]
+    # a larger λ gives coarser steps, so fewer spikes and synaptic ops
+    assert rows[1]["energy_ratio"] < rows[0]["energy_ratio"]
+
+
+def test_check_exit_codes_and_violations(converted, tmp_path):
+    out, _ = converted
+    r = sfn("check", out, "--target", "loihi2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["fits"] is True
+    tight = tmp_path / "tight.toml"
+    tight.write_text('name = "tight"\nconvention = "event"\nspikes = "graded"\n'
+                     '[energy_pj]\nsynop = { value = 1, source = "t" }\n'
+                     '[core]\nneurons = { value = 64, source = "t" }\nfan_in = { value = 32, source = "t" }\n'
+                     '[chip]\ncores = { value = 4, source = "t" }\n'
+                     '[precision]\npayload_bits = { value = 4, source = "t" }\n')
+    r = sfn("check", out, "--target", tight, "--json")
+    assert r.returncode == 2
+    d = json.loads(r.stdout)
+    rules = {v["rule"] for v in d["violations"]}
+    assert {"fan-in per neuron", "graded spike payload (bits)"} <= rules        # all at once
+    assert all(set(v) == {"layer", "rule", "limit", "value", "fix"} for v in d["violations"])
+    assert "does not fit tight" in r.stderr
+    tight.write_text('name = "tight"\nconvention = "event"\nspikes = "graded"\n[energy_pj]\nsynop = 1\n')
+    r = sfn("check", out, "--target", tight)
+    assert r.returncode == 2 and "energy_pj.synop" in r.stderr and "source" in r.stderr
