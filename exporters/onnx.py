@@ -55,6 +55,150 @@ def _fmt_shape(shape) -> str:
     return "×".join(str(s) for s in shape) if len(shape) else "scalar"
 
 
+# -- the neuron as a table lookup ----------------------------------------------------------------------
+#
+# x → cell j = clip(trunc(clip(φ(x) + P, 0, C − 1)), 0, C − 1) with φ a monotone map built from float32
+# operations that are exact in IEEE arithmetic (Mul, Max/Min, Relu, Sqrt, Sub, Add, Clip, Cast), so the
+# exporter computes every cell index exactly as a runtime does (and `_cells` below reproduces it).
+# The scales are chosen so that at most one boundary can fall into a cell; that boundary (if any) is stored
+# per cell, and level = x ≥ boundary[j] ? hi[j] : lo[j] — the comparison with the stored float32 boundary
+# decides, so the result equals counting the boundaries ≤ x (torch.bucketize, right=True).
+
+_SLACK = 2.0 ** -16        # a boundary claims every cell that x within this relative distance of it can reach
+_MAX_CELLS = 1 << 16       # beyond this the export falls back to comparing with every boundary
+_LINEAR_CELLS = 4096       # up to this many cells the plain linear map (the cheapest) is used
+
+
+class FireTable:
+    """The lookup form of one SFN site (see the comment above); ``fire_table`` builds and verifies it."""
+
+    def __init__(self, mapping, scale_pos, scale_neg, offset, cells):
+        self.mapping = mapping                      # "linear": u = x·a (a⁺ for x ≥ 0, a⁻ below)
+        self.scale_pos, self.scale_neg = scale_pos, scale_neg   # "sqrt": u = √(x·a⁺)₊ − √(−x·a⁻)₊
+        self.offset, self.cells = offset, cells     # float32 P, number of cells C
+        self.boundary = self.value = self.level = None   # float32[C], float32[2C], int64[2C] (index 2j + fired)
+
+    def phi(self, x: np.ndarray) -> np.ndarray:
+        """u + P in float32, operation by operation as the exported graph computes it."""
+        x = np.asarray(x, _F32)
+        with np.errstate(all="ignore"):
+            if self.mapping == "linear":
+                sides = [x * s for s in (self.scale_pos, self.scale_neg) if s is not None]
+                if len(sides) == 1:
+                    u = sides[0]
+                else:
+                    u = (np.maximum if self.scale_pos >= self.scale_neg else np.minimum)(*sides)
+            else:
+                pos = np.sqrt(np.maximum(x * self.scale_pos, _F32(0))) if self.scale_pos is not None else None
+                neg = np.sqrt(np.maximum(x * -self.scale_neg, _F32(0))) if self.scale_neg is not None else None
+                u = -neg if pos is None else pos if neg is None else pos - neg
+            return (u + self.offset).astype(_F32) if self.offset else u.astype(_F32)
+
+    def cells_of(self, x: np.ndarray) -> np.ndarray:
+        last = self.cells - 1
+        with np.errstate(all="ignore"):
+            j = np.clip(self.phi(x), _F32(0), _F32(last)).astype(np.int32)     # trunc; NaN → INT_MIN
+        return np.clip(j, 0, last)
+
+    def lookup(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(levels, values) for float32 x, exactly as the exported graph computes them."""
+        x = np.asarray(x, _F32)
+        j = self.cells_of(x)
+        k = 2 * j + (x >= self.boundary[j])
+        return self.level[k], self.value[k]
+
+
+def reference_levels(x, bpos, bneg, table) -> np.ndarray:
+    """torch.bucketize counting (right=True) in numpy: table[#{bpos ≤ x}] − table[#{bneg ≤ −x}]."""
+    x = np.asarray(x, _F32)
+    lv = table[np.searchsorted(bpos, x, side="right")]
+    if bneg.size:
+        lv = lv - table[np.searchsorted(bneg, -x, side="right")]
+    return lv
+
+
+def _spike_values(level, steps, dual) -> np.ndarray:
+    lv = level.astype(_F32)                            # torch: level.to(float32)·step, one float32 product
+    with np.errstate(all="ignore"):
+        return np.where(level >= 0, lv * steps[0], lv * steps[1]).astype(_F32) if dual else \
+            (lv * steps[0]).astype(_F32)
+
+
+def fire_table(bpos, bneg, table, steps) -> FireTable | None:
+    """The verified lookup form of a site, or None when no map keeps one boundary per cell in _MAX_CELLS."""
+    bpos, bneg = np.asarray(bpos, _F32), np.asarray(bneg, _F32)
+    table, steps = np.asarray(table, np.int64), np.asarray(steps, _F32)
+    if not (bpos.size or bneg.size) or not (np.all(np.isfinite(bpos)) and np.all(np.isfinite(bneg))):
+        return None
+    # x crosses a boundary of the negative branch (b ≤ −x stops holding) at x ≥ nextup(−b)
+    cuts = np.unique(np.concatenate([bpos, np.nextafter(-bneg, _F32(np.inf)).astype(_F32)]))
+    pieces = reference_levels(np.concatenate([[_F32(-np.inf)], cuts]), bpos, bneg, table)   # level on [cut_k, cut_k+1)
+    lo_x = np.minimum(cuts.astype(np.float64) * (1 - np.sign(cuts) * _SLACK) - 2.0 ** -140,
+                      np.nextafter(cuts, _F32(-np.inf))).astype(_F32)
+    hi_x = np.maximum(cuts.astype(np.float64) * (1 + np.sign(cuts) * _SLACK) + 2.0 ** -140, cuts).astype(_F32)
+    pos, neg = cuts[cuts >= 0].astype(np.float64), np.sort(-cuts[cuts < 0].astype(np.float64))
+
+    def scale(v, root):                 # one cell per smallest gap between boundaries (in √ space for sqrt)
+        v = np.sqrt(v) if root else v
+        gaps = np.diff(v)
+        gaps = gaps[gaps > 0]
+        if gaps.size:
+            return 1.0 / gaps.min()
+        return 0.5 / v[0] if v.size and v[0] > 0 else 1.0
+
+    def candidate(mapping, mult):
+        root = mapping == "sqrt"
+        sp, sn = scale(pos, root) * mult, scale(neg, root) * mult
+        if root:
+            sp, sn = sp * sp, sn * sn
+        a_pos = _F32(sp) if bpos.size else None
+        a_neg = _F32(sn) if bneg.size else None
+        if a_pos is None and a_neg is None or not all(np.isfinite(a) and a > 0 for a in (a_pos, a_neg)
+                                                      if a is not None):
+            return None
+        t = FireTable(mapping, a_pos, a_neg, _F32(0), 1)
+        u = t.phi(cuts).astype(np.float64)
+        if not np.all(np.isfinite(u)):
+            return None
+        lo, hi = int(np.floor(u.min())) - 1, int(np.floor(u.max())) + 1
+        if hi - lo + 1 > _MAX_CELLS:
+            return None
+        t.offset, t.cells = _F32(-lo), hi - lo + 1
+        return t
+
+    def build(t):
+        first, last = t.cells_of(lo_x), t.cells_of(hi_x)   # cells a boundary may share with x on either side
+        if np.any(last[:-1] >= first[1:]):
+            return False                                    # two boundaries could meet in one cell
+        cells = np.arange(t.cells)
+        below = np.searchsorted(last, cells, side="left")   # boundaries certainly ≤ every x of the cell
+        owner = np.searchsorted(first, cells, side="right") - 1   # the boundary that may cut the cell
+        cut = (owner >= 0) & (owner < cuts.size)
+        cut &= np.where(cut, last[np.clip(owner, 0, cuts.size - 1)] >= cells, False)
+        t.boundary = np.where(cut, cuts[np.clip(owner, 0, cuts.size - 1)], _F32(0)).astype(_F32)
+        lo_lv = pieces[below]
+        hi_lv = np.where(cut, pieces[np.clip(below + 1, 0, cuts.size)], lo_lv)
+        t.level = np.stack([lo_lv, hi_lv], 1).reshape(-1).astype(np.int64)
+        t.value = _spike_values(t.level, steps, bool(bneg.size))
+        # check: every boundary, its neighbouring floats, the slack ends and the extremes
+        probe = np.concatenate([cuts, np.nextafter(cuts, _F32(-np.inf)), np.nextafter(cuts, _F32(np.inf)),
+                                lo_x, hi_x, _F32([0.0, -0.0, np.inf, -np.inf, 3e38, -3e38, 1e-30, -1e-30])])
+        probe = probe.astype(_F32)
+        lv, val = t.lookup(probe)
+        ref = reference_levels(probe, bpos, bneg, table)
+        return bool(np.array_equal(lv, ref) and np.array_equal(val.view(np.int32),
+                                                               _spike_values(ref, steps, bool(bneg.size)).view(np.int32)))
+
+    lin = candidate("linear", 1)
+    order = ["linear", "sqrt"] if lin is not None and lin.cells <= _LINEAR_CELLS else ["sqrt", "linear"]
+    for mapping in order:
+        for mult in (1, 1.5, 2, 4):
+            t = candidate(mapping, mult)
+            if t is not None and build(t):
+                return t
+    return None
+
+
 class _Lowering:
     """Walks the IR in order and appends ONNX nodes and initializers."""
 
@@ -209,6 +353,58 @@ class _Lowering:
         for b, what in ((bpos, "bounds_pos"), (bneg, "bounds_neg")):
             if np.any(np.diff(b) < 0) or np.any(np.isnan(b)):
                 raise _Unsupported(f"{what} must be ascending (the reference runtime bucketizes them)")
+        if not bpos.size and not bneg.size:            # both branches off: y_0 everywhere
+            level = self.emit("ConstantOfShape", [self.emit("Shape", [x])],
+                              value=numpy_helper.from_array(np.full(1, float(table[0]), _F32)))
+            self.emit("Mul", [level, self.scalar(steps[0])], out)
+            if self.levels:
+                self.level_out[n.name] = self.emit("Cast", [level], n.name, to=TensorProto.INT64)
+            return out
+        lut = fire_table(bpos, bneg, p["table"].detach().cpu().numpy().astype(np.int64), steps)
+        if lut is not None:
+            return self._sfn_lookup(n, x, out, lut)
+        return self._sfn_compare(n, x, out, table, inc, steps, bpos, bneg)
+
+    def _sfn_lookup(self, n, x: str, out: str, lut: "FireTable") -> str:
+        """O(1) per element: cell index from a monotone map of x, one comparison with the cell's boundary."""
+        xf = self.emit("Reshape", [x, self.const([-1])])
+        sides = []
+        if lut.mapping == "linear":
+            if lut.scale_pos is not None:
+                sides.append(self.emit("Mul", [xf, self.scalar(lut.scale_pos)]))
+            if lut.scale_neg is not None:
+                sides.append(self.emit("Mul", [xf, self.scalar(lut.scale_neg)]))
+            u = sides[0] if len(sides) == 1 else \
+                self.emit("Max" if lut.scale_pos >= lut.scale_neg else "Min", sides)
+        else:                                          # sqrt: √(x·a⁺)₊ − √(−x·a⁻)₊
+            if lut.scale_pos is not None:
+                sides.append(self.emit("Sqrt", [self.emit("Relu", [self.emit("Mul", [xf, self.scalar(
+                    lut.scale_pos)])])]))
+            if lut.scale_neg is not None:
+                sides.append(self.emit("Sqrt", [self.emit("Relu", [self.emit("Mul", [xf, self.scalar(
+                    -lut.scale_neg)])])]))
+            if lut.scale_pos is None:
+                u = self.emit("Neg", sides)
+            else:
+                u = sides[0] if len(sides) == 1 else self.emit("Sub", sides)
+        if lut.offset:
+            u = self.emit("Add", [u, self.scalar(lut.offset)])
+        last = lut.cells - 1
+        cell = self.emit("Cast", [self.emit("Clip", [u, self.scalar(0.0), self.scalar(last)])], to=TensorProto.INT32)
+        cell = self.emit("Clip", [cell, self.const(0, np.int32), self.const(last, np.int32)])   # NaN → 0
+        thr = self.emit("GatherElements", [self.init(lut.boundary, f"{n.name}.cell_boundary"), cell], axis=0)
+        fired = self.emit("Cast", [self.emit("GreaterOrEqual", [xf, thr])], to=TensorProto.INT32)
+        index = self.emit("Add", [self.emit("Add", [cell, cell]), fired])             # 2·cell + fired
+        shape = self.emit("Shape", [x])
+        value = self.emit("GatherElements", [self.init(lut.value, f"{n.name}.cell_value"), index], axis=0)
+        self.emit("Reshape", [value, shape], out)
+        if self.levels:
+            lv = self.emit("GatherElements", [self.init(lut.level, f"{n.name}.cell_level"), index], axis=0)
+            self.level_out[n.name] = self.emit("Reshape", [lv, shape], n.name)
+        return out
+
+    def _sfn_compare(self, n, x, out, table, inc, steps, bpos, bneg) -> str:
+        """Fallback, O(N) per element: compare with every boundary, sum the increments of those passed."""
         # Counting boundaries ≤ x (torch.bucketize, right=True) is Σ_i [x ≥ b_i]; with increments
         # inc_i = y_i − y_{i−1} the weighted count is the level: Σ_{i≤k} inc_i = y_k − y_0.
         # The negative branch counts b ≤ −x, i.e. N − #{x > −b}; for float32, x > c ⟺ x ≥ nextup(c),
@@ -224,18 +420,14 @@ class _Lowering:
             thresholds.append(np.nextafter(-bneg, np.float32(np.inf)).astype(_F32))
             weights.append(inc)
             offset -= yn - y0
-        if thresholds:
-            ux = self.emit("Unsqueeze", [x, self.const([-1])])
-            fired = self.emit("GreaterOrEqual", [ux, self.init(np.concatenate(thresholds), f"{n.name}.thresholds")])
-            fired = self.emit("Cast", [fired], to=TensorProto.FLOAT)
-            w = np.concatenate(weights).reshape(-1, 1).astype(_F32)   # 2-D: onnxruntime's fast GEMM path
-            level = self.emit("MatMul", [fired, self.init(w, f"{n.name}.increments")])
-            level = self.emit("Squeeze", [level, self.const([-1])])
-            if offset:
-                level = self.emit("Add", [level, self.scalar(offset)])
-        else:                                          # both branches off: y_0 everywhere
-            level = self.emit("ConstantOfShape", [self.emit("Shape", [x])],
-                              value=numpy_helper.from_array(np.full(1, y0, _F32)))
+        ux = self.emit("Unsqueeze", [x, self.const([-1])])
+        fired = self.emit("GreaterOrEqual", [ux, self.init(np.concatenate(thresholds), f"{n.name}.thresholds")])
+        fired = self.emit("Cast", [fired], to=TensorProto.FLOAT)
+        w = np.concatenate(weights).reshape(-1, 1).astype(_F32)   # 2-D: onnxruntime's fast GEMM path
+        level = self.emit("MatMul", [fired, self.init(w, f"{n.name}.increments")])
+        level = self.emit("Squeeze", [level, self.const([-1])])
+        if offset:
+            level = self.emit("Add", [level, self.scalar(offset)])
         if bneg.size:     # torch: where(level ≥ 0, level·λθ⁺, level·λθ⁻): the same single product
             step = self.emit("Where", [self.emit("GreaterOrEqual", [level, self.scalar(0.0)]),
                                        self.scalar(steps[0]), self.scalar(steps[1])])

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from sfn_deploy.capture import capture
 from sfn_deploy.convert import convert
@@ -100,7 +101,8 @@ def test_checker_passes_and_only_standard_operators(models, kind):
         assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == models[kind].input_shape
         assert proto.graph.output[0].name == "logits"
     ops = {n.op_type for n in to_onnx(models[kind]).graph.node}
-    assert {"GreaterOrEqual", "MatMul"} <= ops
+    assert {"GreaterOrEqual", "GatherElements"} <= ops        # the O(1) lookup form of the neuron
+    assert "Unsqueeze" not in ops or kind == "vit"             # no [..., N] comparison tensor per site
     if kind == "vit":
         assert {"LayerNormalization", "Softmax", "Erf"} <= ops
 
@@ -209,13 +211,32 @@ def test_sample_on_a_threshold_through_a_trained_network(digits):
 
 # -- an independent ONNX implementation ---------------------------------------------------------
 
+class GatherElements(OpRun):
+    """GatherElements as the ONNX spec defines it (np.take_along_axis, negative indices counted from the end).
+
+    onnx's own reference kernel is built on np.choose, which takes at most 32 arrays (numpy 1.x; 64 in 2.x),
+    so it rejects a lookup table of more entries with "Need at least 0 and at most 32 array objects".
+    """
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = 0 if axis is None else int(axis)
+        idx = indices.astype(np.int64)
+        idx = np.where(idx < 0, idx + data.shape[axis], idx)
+        return (np.take_along_axis(data, idx, axis=axis),)
+
+
+def reference_evaluator(proto):
+    return ReferenceEvaluator(proto, new_ops=[GatherElements])
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "vit"])
 def test_reference_evaluator_agrees_with_onnxruntime(models, runners, split, kind):
     test, _ = split
     x = test.x[:3].numpy()
     proto = to_onnx(models[kind], levels=True)
     names = [o.name for o in proto.graph.output]
-    outs = dict(zip(names, ReferenceEvaluator(proto).run(None, {"input": x})))
+    outs = dict(zip(names, reference_evaluator(proto).run(None, {"input": x})))
     logits, levels = runners[kind].run_with_levels(x)
     np.testing.assert_allclose(outs["logits"], logits, rtol=0, atol=1e-4 * max(1.0, float(np.abs(logits).max())))
     for name, lv in levels.items():
