@@ -1,6 +1,6 @@
 """Fidelity and cost benchmarks of the conversion (a script, not a test).
 
-    python examples/benchmark.py [--only fidelity|sweep|ablation|scale] [--mnist DIR] [--out runs/bench]
+    python examples/benchmark.py [--only fidelity|sweep|ablation|scale|hardware] [--mnist DIR] [--out runs/bench]
 
 Prints Markdown tables (recorded in docs/benchmarks.md) and writes them with the raw
 numbers to --out. MNIST: calibrate/search on images 0..7999, test on 8000..9999.
@@ -8,6 +8,7 @@ numbers to --out. MNIST: calibrate/search on images 0..7999, test on 8000..9999.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import subprocess
@@ -130,13 +131,17 @@ x = torch.randn(64, 3, 224, 224)
 data = Dataset(x, torch.zeros(64, dtype=torch.int64), "random-64")
 snn = convert(model, data, scale=0.25, batch_size=16, source=ident)
 wall = time.time() - t0
+if len(sys.argv) > 1:       # keep the converted model and 4 of the images for the hardware report
+    from sfn_deploy.model_file import save
+    save(snn, sys.argv[1] + "/vit_b16.sfn.pt")
+    np.savez(sys.argv[1] + "/vit_b16_random4.npz", x=x[:4].numpy(), y=np.zeros(4, dtype=np.int64))
 print(json.dumps({"wall_s": round(wall, 1), "sites": len(snn.sites), "nodes": len(snn.graph.nodes),
                   "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 """
 
 
-def scale():
-    r = subprocess.run([sys.executable, "-c", SCALE_CHILD], capture_output=True, text=True)
+def scale(out):
+    r = subprocess.run([sys.executable, "-c", SCALE_CHILD, out], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     row = json.loads(r.stdout.strip().splitlines()[-1])
@@ -145,9 +150,41 @@ def scale():
     return [row], table([row], ["model", "sites", "nodes", "wall_s", "peak_rss_gb"])
 
 
+CLI = [sys.executable, "-m", "sfn_deploy.cli"]
+
+
+def hardware(out):
+    """Pre-flight check and report of the ViT-B/16 kept by the scale part, on every main target."""
+    model = os.path.join(out, "vit_b16.sfn.pt")
+    if not os.path.exists(model):
+        scale(out)
+    rows = []
+    for target in ("loihi2", "loihi1"):
+        r = subprocess.run([*CLI, "check", model, "--target", target, "--json"], capture_output=True, text=True)
+        d = json.loads(r.stdout)
+        rows.append({"check": target, "exit": r.returncode, "cores": d["cores"], "chips": d["chips"],
+                     "chips bound by": d["chip_binding"], "violations": len(d["violations"]),
+                     "layers bound by": ", ".join(f"{k} ({v})" for k, v in
+                                                  Counter(x["binding"] for x in d["layers"]).most_common())})
+    r = subprocess.run([*CLI, "report", model, "--data", os.path.join(out, "vit_b16_random4.npz"),
+                        "--target", "loihi2", "--target", "loihi1", "--target", "cmos45",
+                        "-o", os.path.join(out, "vit_b16.report.md"), "--json"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    rep = json.loads(r.stdout)
+    for name, t in rep["targets"].items():
+        e = t["estimate"]
+        rows.append({"check": f"report {name}", "cores": e["cores"], "chips": e["chips"],
+                     "energy_j": e["energy_j"], "latency_s": e["latency_s"], "snn/int8": e["snn_over_int8_ann"],
+                     "energy ratio": rep["energy_ratio"]})
+    print(rows, flush=True)
+    return rows, table(rows, ["check", "exit", "cores", "chips", "chips bound by", "violations", "layers bound by",
+                              "energy_j", "latency_s", "snn/int8", "energy ratio"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", choices=["fidelity", "sweep", "ablation", "scale"])
+    ap.add_argument("--only", action="append", choices=["fidelity", "sweep", "ablation", "scale", "hardware"])
     ap.add_argument("--mnist", default=os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
     ap.add_argument("--models", nargs="+", default=["mnist_cnn", "mnist_vit"])
     ap.add_argument("--methods", nargs="+", help="fidelity: only methods whose label contains one of these")
@@ -157,7 +194,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     parts = args.only or ["fidelity", "sweep", "ablation", "scale"]
     train = test = None
-    if set(parts) - {"scale"}:
+    if set(parts) - {"scale", "hardware"}:
         train = load_data(f"mnist:{args.mnist}:0:8000")
         test = load_data(f"mnist:{args.mnist}:8000:10000")
     for part in parts:
@@ -168,8 +205,10 @@ def main():
             rows, md = sweep(train, test, args.out)
         elif part == "ablation":
             rows, md = ablation(train, test)
+        elif part == "scale":
+            rows, md = scale(args.out)
         else:
-            rows, md = scale()
+            rows, md = hardware(args.out)
         print(f"\n## {part} ({time.time() - t0:.0f} s)\n\n{md}\n", flush=True)
         tag = part + ("-" + "-".join(args.methods).replace(" ", "_") if part == "fidelity" and args.methods else "")
         with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
