@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cycle-level simulator speed (a script, not a test): counting every op vs a plain PyTorch ANN forward.
 
-    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--json out.json]
+    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1] [--json out.json]
 
 For the MNIST example CNN and tiny ViT (examples/models/*.pt2, converted here at λ = 0.2 on
 MNIST test images), times on the same batches, interleaved, best of --repeats:
@@ -38,8 +38,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mnist", default=os.environ.get("SFN_MNIST", os.path.join(HERE, "..", "..", "shared", "data", "mnist")))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1 keeps a shared machine fair)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     calib = load_data(f"mnist:{args.mnist}:0:1000")
     test = load_data(f"mnist:{args.mnist}").limit(args.samples)
     rows = []
