@@ -354,7 +354,8 @@ def check_cmd(converted, target, as_json):
     lines += [f"  violation: {v}" for v in m.violations]
     if m.host_work:
         ops = sorted({h["op"] for h in m.host_work})
-        lines.append(f"  host work (not on neuro cores): {len(m.host_work)} layers ({', '.join(ops)})")
+        n = len(m.host_work)
+        lines.append(f"  host work (not synaptic ops on neuro cores): {n} layer{'s' if n != 1 else ''} ({', '.join(ops)})")
     if m.unchecked:
         lines.append(f"  not checked (no figure in the target file): {', '.join(m.unchecked)}")
     _emit(as_json, d, "\n".join(lines))

@@ -134,11 +134,11 @@ def _host_groups(hw: list[dict]) -> list[list[str]]:
             d["tail"] = fed.group(2)
         elif not fed and h["why"] not in d["why"]:
             d["why"].append(h["why"])
-    unit = {"matmul": "MACs", "sfn": "neurons encoded"}
+    units = {h["op"]: h.get("unit", "elements") for h in hw}
     rows = []
     for op, d in g.items():
         why = d["why"] + ([f"SFN fed by host op {' / '.join(d['fed'])}: {d['tail']}"] if d["fed"] else [])
-        rows.append([op, str(d["n"]), count(d["ops"]), unit.get(op, "elements"), _span(d["stages"]), "; ".join(why)])
+        rows.append([op, str(d["n"]), count(d["ops"]), units[op], _span(d["stages"]), "; ".join(why)])
     return rows
 
 
@@ -246,9 +246,11 @@ def _target(name: str, t: dict, level: int) -> list:
 
     a = e["ann"]
     out.append(("h", level + 1, "ANN baselines (source ANN's MACs on the same table)"))
-    rows = [["ANN fp32", energy(a.get("fp32_j")) if a.get("fp32_j") is not None else "not priced"]]
-    if "fp32_with_memory_j" in a:
-        rows.append(["ANN fp32 with weight memory", energy(a["fp32_with_memory_j"])])
+    rows = []
+    if a.get("target_j") is not None:
+        rows.append([a.get("target_label") or "ANN at the target's MAC price", energy(a["target_j"])])
+    if a.get("target_with_memory_j") is not None:
+        rows.append(["… with weight memory", energy(a["target_with_memory_j"])])
     rows += [["ANN int8", energy(a.get("int8_j")) if a.get("int8_j") is not None else "not priced"],
              ["ANN int8 with weight memory",
               energy(a.get("int8_with_memory_j")) if a.get("int8_with_memory_j") is not None else "not priced"],
@@ -449,7 +451,7 @@ def _plot_sites(r: dict):
 def _plot_ann_snn(r: dict):
     from matplotlib.figure import Figure
     pick = None
-    for key in ("ann_fp32_j", "ann_int8_j"):
+    for key in ("ann_target_j", "ann_int8_j"):
         pick = next(((n, t) for n, t in r["targets"].items()
                      if any(x.get(key) is not None for x in t["estimate"].get("layers", []))), None)
         if pick:
@@ -459,10 +461,10 @@ def _plot_ann_snn(r: dict):
     name, t = pick
     order = {d["name"]: i for i, d in enumerate(r["layers"])}     # the estimate lists weights, then products
     layers = sorted(t["estimate"]["layers"], key=lambda d: order.get(d["name"], len(order)))
-    rows = _top(layers, lambda d: max(d.get("ann_fp32_j") or 0, d.get("ann_int8_j") or 0,
+    rows = _top(layers, lambda d: max(d.get("ann_target_j") or 0, d.get("ann_int8_j") or 0,
                                                         d.get("snn_j") or 0))
     series = [(label, [d.get(k) or 0.0 for d in rows]) for label, k in
-              ((f"SNN ({name})", "snn_j"), ("ANN fp32", "ann_fp32_j"), ("ANN int8", "ann_int8_j"))]
+              ((f"SNN ({name})", "snn_j"), (f"ANN ({name} MAC price)", "ann_target_j"), ("ANN int8", "ann_int8_j"))]
     series = [s for s in series if any(s[1])]
     fig = Figure(figsize=(7.5, 1.2 + 0.3 * len(rows)))
     total = len(t["estimate"]["layers"])

@@ -12,9 +12,10 @@ Synaptic operations into a weight layer fed by spikes, under three multi-spike c
   k·F, one per active channel.
 For the linear fire function y = k, so ``spike`` and ``channel`` agree; for the exponential one
 they do not. With analog input (the first layer) a weight layer costs the ANN's MACs.
-In a product of two spike tensors A·B (attention), A's spikes are the events and B plays the
-(dynamic) weights: |y_A|·N ops per element of A under ``spike`` (N columns of B), likewise for the
-other conventions. Pooling of spikes before a weight layer is folded into that layer (each
+In a product of two spike tensors A·B (attention) one operand's spikes are the events and the
+other plays the (dynamic) weights: |y_A|·N ops per element of A (N columns of B), or |y_B|·M per
+element of B (M rows of A); the order that is cheaper over the whole data is counted, per convention (one schedule per
+layer, so the counts do not depend on the batching). Pooling of spikes before a weight layer is folded into that layer (each
 spike keeps its own fan-out), so pooling adds no ops. Host operations (LayerNorm, softmax,
 GELU, residual arithmetic) are counted per output element under their own names; they are
 outside the paper's ratio. ``stage`` is the pipeline step at which a layer runs within one
@@ -164,6 +165,7 @@ class OpCounter:
         self._shadow: dict[str, _Spikes] = {}     # spikes carried along layout/pool ops
         self._fan: dict[str, torch.Tensor] = {}
         self._hist: dict[str, torch.Tensor] = {}
+        self._orders: dict[str, list[list[float]]] = {}   # products: op totals of each operand order
         self._free = _release_plan(graph)
 
     def start_batch(self, batch: int) -> None:
@@ -222,18 +224,20 @@ class OpCounter:
             c.mac_ann += mac
             c.fan_in = kdim
             sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
-            cols = args[1].shape[-1]
-            if sa is None and sb is not None:
-                sa, cols = sb, args[0].shape[-2]
-            if sa is None:
+            # A·B with spikes in A: each spike of A is added into the N columns of B; with spikes in
+            # B, each spike of B into the M rows of A. With both, the cheaper order, per convention.
+            ways = [tuple(v * args[1].shape[-1] for v in sa.totals())] if sa is not None else []
+            if sb is not None:
+                ways.append(tuple(v * args[0].shape[-2] for v in sb.totals()))
+            if not ways:
                 c.input = "analog"
                 c.mac += mac
             else:
                 c.input = "spikes"
-                a, e, k = sa.totals()
-                c.ac += a * cols
-                c.ac_event += e * cols
-                c.ac_channel += k * cols
+                acc = self._orders.setdefault(node.name, [[0.0] * 3 for _ in ways])
+                for total, way in zip(acc, ways):
+                    for i, v in enumerate(way):
+                        total[i] += v
         elif node.kind == "host":
             c.host_ops += float(out.numel())
             if op in ("mul", "div") and len(args) == 1 and node.inputs[0] in self._shadow:
@@ -244,8 +248,8 @@ class OpCounter:
             if op in _FOLLOW:
                 self._shadow[node.name] = s.map(lambda t: _op(node, [t], self.graph, self.batch),
                                                 preserves=op in _PRESERVE)
-            elif op == "max_pool2d" and not s.site.params["bounds_neg"].numel():
-                # the level is monotone in the index: pooling the index picks the same element
+            elif op == "max_pool2d":
+                # the output value is monotone in the signed index: pooling the index picks the same element
                 self._shadow[node.name] = s.map(
                     lambda t: _op(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
             elif op == "avg_pool2d":
@@ -265,6 +269,9 @@ class OpCounter:
         s = max(self.samples, 1)
         layers = []
         for c in self.layers.values():
+            if c.name in self._orders:
+                c = replace(c, **{f: min(order[i] for order in self._orders[c.name])
+                                  for i, f in enumerate(("ac", "ac_event", "ac_channel"))})
             c = replace(c, **{f: getattr(c, f) / s for f in _PER_SAMPLE})
             hist = self._hist.get(c.name)
             if hist is not None:
@@ -299,7 +306,7 @@ class OpCounts:
         return sum(c.synops(convention) for c in self.layers)
 
     def host_ops_by_op(self) -> dict[str, float]:
-        """Host work named by operation (``matmul`` here means a product of two analog tensors)."""
+        """Host work (LayerNorm, softmax, GELU, residual arithmetic, ...) named by operation."""
         out: dict[str, float] = {}
         for c in self.layers:
             if c.host_ops:

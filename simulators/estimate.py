@@ -17,8 +17,10 @@ Latency (targets with ``[time_ns]`` and cores): a layer spread over k cores take
 (synops·t_syn + updates·t_upd + messages·t_spike)/k per timestep; a pipeline stage takes its
 slowest layer, a timestep adds a barrier. Streaming (pipelined) samples leave one per step of
 the slowest stage; a single inference takes the sum of its stages. Host stages are not timed.
-The ANN baselines price the source ANN's MACs on the same table: fp32 at the target's E_MAC
-(arithmetic targets) and int8 from ``[ann_int8]`` with and without weight-memory reads.
+The ANN baselines price the source ANN's MACs on the same table: at the target's own E_MAC
+(arithmetic targets: fp32 on cmos45, int8 on cmos45_int8, ...) and int8 from ``[ann_int8]``, with
+and without weight-memory reads. Static energy is given per single inference (latency × power) and,
+as ``energy_streaming_j``, per inference of a pipelined stream (step time × power).
 """
 from __future__ import annotations
 
@@ -44,6 +46,13 @@ def _sites_fed(graph) -> dict:
             for n in graph.nodes if n.kind == "weight"}
 
 
+def _fired(p, fed: dict, stats: dict, target: Target) -> float:
+    """Compartments of a placed layer that fire per inference: graded events or binary channel spikes."""
+    sites = [stats[s] for s in fed.get(p.name, [])]
+    fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
+    return min(fired, p.compartments)
+
+
 def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
     """Energy terms, totals, per-layer energy, latency and ANN baselines for one target."""
     stats = {c.name: c for c in counts.layers}
@@ -53,7 +62,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
     wbits = int(target.get("precision", "weight_bits") or 8)
     host_ops = counts.host_ops
     terms: list[dict] = []
-    per_layer: dict[str, dict] = {c.name: {"name": c.name, "snn_j": 0.0, "ann_fp32_j": None, "ann_int8_j": None}
+    per_layer: dict[str, dict] = {c.name: {"name": c.name, "snn_j": 0.0, "ann_target_j": None, "ann_int8_j": None}
                                   for c in weights + products}
     fed = _sites_fed(graph)
 
@@ -69,7 +78,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
         for c in weights + products:
             row = per_layer[c.name]
             row["snn_j"] = (c.synops(conv) * e_ac + c.mac * e_mac) * PJ
-            row["ann_fp32_j"] = c.mac_ann * e_mac * PJ
+            row["ann_target_j"] = c.mac_ann * e_mac * PJ
     else:
         syn = sum(c.synops(conv) for c in weights)
         terms.append(_term("synaptic ops", syn, target, "energy_pj", "synop",
@@ -79,20 +88,14 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
                                "one per graded synaptic op"))
         active = inactive = msgs = 0.0
         for p in mapping.layers:
-            sites = [stats[s] for s in fed.get(p.name, [])]
-            if target.spikes == "binary":
-                fired = sum(s.channel_spikes for s in sites)
-                act = min(fired, p.compartments - p.units) + p.units   # integrators always update
-            else:
-                fired = sum(s.active for s in sites)
-                act = min(fired, p.units)
-            active += act
-            inactive += p.compartments - act
+            fired = _fired(p, fed, stats, target)
+            active += fired
+            inactive += p.compartments - fired
             msgs += fired
         terms.append(_term("neuron updates, active", active, target, "energy_pj", "neuron_update",
-                           "compartments that integrate input or fire"))
+                           "compartments that fire (graded events, or binary channel spikes)"))
         terms.append(_term("neuron updates, silent", inactive, target, "energy_pj", "neuron_update_inactive",
-                           "compartments that stay silent"))
+                           "compartments that do not fire (integrators included)"))
         terms.append(_term("spike messages", msgs, target, "energy_pj", "spike",
                            "graded events" if target.spikes == "graded" else "binary channel spikes"))
         terms.append({"term": "analog input layer MACs", "count": counts.mac_snn, "what":
@@ -115,24 +118,29 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
     memory = sum(t["joules"] for t in terms if t["priced"] and t["term"] == "weight memory")
     static_w = target.get("chip", "static_w")
     static = static_w * mapping.chips * lat["latency_s"] if static_w and lat["latency_s"] and mapping.chips else None
-    if target.spikes != "none" and static_w is not None:
-        terms.append({"term": "static power", "count": lat["latency_s"], "unit": "seconds", "what": f"{mapping.chips} chip(s) × "
-                      "static power × single-inference latency", "price": "chip.static_w", "pj_each": None,
-                      "joules": static, "priced": static is not None,
-                      "source": target.figure("chip", "static_w").source, "evidence": ""})
+    streaming_static = static_w * mapping.chips * lat["step_s"] if static is not None else None
+    if target.spikes != "none":
+        fig = target.figure("chip", "static_w")
+        terms.append({"term": "static power", "count": lat["latency_s"], "unit": "seconds",
+                      "what": f"{mapping.chips} chip(s) × static power × single-inference latency",
+                      "price": "chip.static_w", "pj_each": None, "joules": static, "priced": static is not None,
+                      "source": fig.source if fig else "", "evidence": fig.evidence if fig else ""})
     energy = dynamic + (static or 0.0)
     mac_ann = counts.mac_ann
+    e_mac = target.get("energy_pj", "mac")
     ann = {"mac_ann": mac_ann,
-           "fp32_j": mac_ann * target.get("energy_pj", "mac") * PJ if target.get("energy_pj", "mac") else None,
+           "target_j": mac_ann * e_mac * PJ if e_mac else None,
+           "target_label": f"ANN at {target.name}'s MAC price ({e_mac:g} pJ)" if e_mac else "",
            "int8_j": mac_ann * e_int8 * PJ if e_int8 is not None else None,
            "int8_with_memory_j": (mac_ann * e_int8 + mac_ann * 8 * e_int8_mem) * PJ
            if e_int8 is not None and e_int8_mem is not None else None,
            "int8_source": target.figure("ann_int8", "mac").source if e_int8 is not None else ""}
-    if ann["fp32_j"] is not None and target.get("energy_pj", "memory_bit"):
-        ann["fp32_with_memory_j"] = ann["fp32_j"] + mac_ann * wbits * target.get("energy_pj", "memory_bit") * PJ
+    if ann["target_j"] is not None and target.get("energy_pj", "memory_bit"):
+        ann["target_with_memory_j"] = ann["target_j"] + mac_ann * wbits * target.get("energy_pj", "memory_bit") * PJ
     compare_to = ann["int8_with_memory_j"] if memory or target.spikes != "none" else ann["int8_j"]
     return {"target": target.name, "convention": conv, "cores": mapping.cores, "chips": mapping.chips,
             "energy_j": energy, "energy_dynamic_j": dynamic, "energy_static_j": static,
+            "energy_streaming_j": dynamic + streaming_static if streaming_static is not None else None,
             "energy_without_memory_j": energy - memory, "energy_terms": terms,
             "priced": [t["term"] for t in terms if t["priced"]],
             "unpriced": [t["term"] for t in terms if not t["priced"] and t["count"]],
@@ -160,20 +168,22 @@ def _latency(counts, target: Target, mapping: Mapping, fed: dict) -> dict:
     stage_time: dict[int, float] = {}
     for p in mapping.layers:
         c = stats[p.name]
-        sites = [stats[s] for s in fed.get(p.name, [])]
-        fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
-        upd = p.compartments * (t["neuron_update"] or 0.0)
-        if t["neuron_update_inactive"] is not None:
-            act = min(fired + p.units, p.compartments)
-            upd = act * (t["neuron_update"] or 0.0) + (p.compartments - act) * t["neuron_update_inactive"]
+        fired = _fired(p, fed, stats, target)
+        silent = t["neuron_update_inactive"] if t["neuron_update_inactive"] is not None else t["neuron_update"]
+        upd = fired * (t["neuron_update"] or 0.0) + (p.compartments - fired) * (silent or 0.0)
         ns = (c.synops(conv) * t["synop"] + upd + fired * (t["spike"] or 0.0)) / p.cores
         stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), ns)
+    host = target.get("time_ns", "host_op")
+    if host is not None:                       # host work runs serially on one host core
+        for c in counts.layers:
+            if c.host_ops:
+                stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), c.host_ops * host)
     barrier = t["barrier"] or 0.0
     stages = [{"stage": s, "ns": v} for s, v in sorted(stage_time.items())]
     step = max(stage_time.values(), default=0.0) + barrier
     out.update(latency_s=sum(v + barrier for v in stage_time.values()) * 1e-9, step_s=step * 1e-9,
                throughput_per_s=1e9 / step if step else None, stages=stages, timed=True,
-               untimed=["host operations"] if counts.host_ops else [],
+               untimed=["host operations"] if counts.host_ops and host is None else [],
                proxy_times=[f"time_ns.{k}" for k in t if t[k] is not None
                             and target.figure("time_ns", k).evidence == "proxy"])
     return out

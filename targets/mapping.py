@@ -8,6 +8,9 @@ The model (an estimate for planning, not a place-and-route):
   synapses). Sites fed by host operations (LayerNorm, softmax) are encoded on the host.
 - Stored synapses: the layer's weights when the target shares weights, else one per
   connection (each input→output pair, padding excluded). Synaptic memory = synapses × weight bits.
+  On a binary target each threshold channel of the input site is a separate axon carrying its
+  own weight (the level increment folded in), so synapses, fan-in and axons scale by the
+  input site's channel count.
 - Layers are spread evenly over the fewest cores that satisfy neurons per core, synaptic memory
   per core and input axons per core (a conv core holds a spatial tile with all its channels and
   needs the tile's receptive field; a linear core needs every input of the tokens it holds).
@@ -63,6 +66,7 @@ class Placement:
     output: str                   # "spikes" (feeds an SFN site), "host" or "network output"
     channels: int = 0             # threshold channels per unit (binary targets)
     dest_cores: int = 0
+    input_channels: int = 1       # binary targets: axons per input element (the input site's channels)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -109,6 +113,14 @@ def _reach(graph: Graph, users: dict, name: str, stop) -> list[Node]:
             elif u.op in _THROUGH:
                 todo.append(u.name)
     return found
+
+
+def _source_site(graph: Graph, name: str) -> Node | None:
+    """The SFN site whose spikes reach ``name`` through layout and pooling ops, if any."""
+    n = graph[name]
+    while n.op in _THROUGH and n.inputs:
+        n = graph[n.inputs[0]]
+    return n if n.op == "sfn" else None
 
 
 def _axons(node: Node, graph: Graph, per_core: int, units: int) -> int:
@@ -167,17 +179,23 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
         if c.input == "analog" and spiking:
             m.host_work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "unit": "MACs",
                                 "stage": c.stage,
-                                "why": "fed by the analog network input: MACs done where the input is encoded "
-                                       "(host), or the input sent as graded spikes"})
+                                "why": "fed by the analog network input: its neurons are placed on cores, but its "
+                                       "MACs are not synaptic ops (the input must be encoded as spikes first)"})
         sites = _reach(graph, users, node.name, lambda u: u.op == "sfn")
         hosts = _reach(graph, users, node.name, lambda u: u.op != "sfn" and u.op not in _THROUGH)
         output = "spikes" if sites and not hosts else "host" if hosts else "network output"
         channels = 0
         if binary and sites:
             channels = max(stats[s.name].levels * (2 if stats[s.name].dual else 1) for s in sites)
+        # binary spikes: every threshold channel of the input site is its own axon with its own weight
+        ch_in = 1
+        src = _source_site(graph, node.inputs[0])
+        if binary and src is not None:
+            ch_in = stats[src.name].levels * (2 if stats[src.name].dual else 1)
+        fan_in = c.fan_in * ch_in
         units = c.neurons
         comp = units * (1 + channels)
-        syn = c.weights if target.weight_sharing else c.connections
+        syn = (c.weights if target.weight_sharing else c.connections) * ch_in
         bits = syn * wbits
         need = {"neurons": math.ceil(comp / core["neurons"]) if core["neurons"] else 1,
                 "synapse_bits": math.ceil(bits / core["synapse_bits"]) if core["synapse_bits"] else 1}
@@ -189,7 +207,7 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
                 lo, hi = cores, max(units, cores)
 
                 def fits(k):
-                    return _axons(node, graph, math.ceil(units / k), units) <= core["fan_in"]
+                    return _axons(node, graph, math.ceil(units / k), units) * ch_in <= core["fan_in"]
                 if not fits(lo):
                     if fits(hi):
                         while lo < hi:
@@ -198,23 +216,25 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
                         cores, binding = lo, "fan_in"
                     else:
                         cores, binding = hi, "fan_in"
-        axons = _axons(node, graph, math.ceil(units / cores), units) if target.has_cores else 0
-        p = Placement(node.name, node.op, node.source, units, comp, syn, bits, c.fan_in, axons,
-                      cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels)
+        axons = _axons(node, graph, math.ceil(units / cores), units) * ch_in if target.has_cores else 0
+        if cores == 1 and binding != "fan_in":
+            binding = "none (fits one core)"
+        p = Placement(node.name, node.op, node.source, units, comp, syn, bits, fan_in, axons,
+                      cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels, 0, ch_in)
         m.layers.append(p)
         if not target.has_cores:
             continue
-        if core["fan_in"] and c.fan_in > core["fan_in"]:
-            k = math.ceil(c.fan_in / core["fan_in"])
-            m.violations.append(Violation(node.name, "fan-in per neuron", core["fan_in"], c.fan_in,
+        if core["fan_in"] and fan_in > core["fan_in"]:
+            k = math.ceil(fan_in / core["fan_in"])
+            m.violations.append(Violation(node.name, "fan-in per neuron", core["fan_in"], fan_in,
                                           f"split the input into {k} partial sums of ≤ {core['fan_in']:,} inputs "
                                           "accumulated by a second compartment"))
         elif core["fan_in"] and axons > core["fan_in"]:
             m.violations.append(Violation(node.name, LIMITS["fan_in"], core["fan_in"], axons,
                                           "split the layer by output channel or reduce its receptive field"))
-        if core["synapse_bits"] and c.fan_in * wbits > core["synapse_bits"]:
+        if core["synapse_bits"] and fan_in * wbits > core["synapse_bits"]:
             m.violations.append(Violation(node.name, "synaptic memory of one neuron (bits)", core["synapse_bits"],
-                                          c.fan_in * wbits, "lower the weight precision or split the input"))
+                                          fan_in * wbits, "lower the weight precision or split the input"))
         if core["neurons"] and 1 + channels > core["neurons"]:
             m.violations.append(Violation(node.name, "compartments of one neuron", core["neurons"], 1 + channels,
                                           "lower M (fewer threshold channels)"))

@@ -137,7 +137,7 @@ def test_none_everywhere(report):
         for term in e["energy_terms"]:
             term.update(pj_each=None, joules=None, priced=False, source="", price=None)
         for layer in e["layers"]:
-            layer.update(snn_j=None, ann_fp32_j=None, ann_int8_j=None)
+            layer.update(snn_j=None, ann_target_j=None, ann_int8_j=None)
     r["lam"], r["source"] = {}, {}
     md, txt, page = to_markdown(r), to_text(r), to_html(r)
     assert "not timed" in md and "not priced" in md and "not timed" in txt
