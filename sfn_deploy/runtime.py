@@ -52,15 +52,18 @@ def level_values(node: Node, level: torch.Tensor, dtype=torch.float32) -> torch.
 
 
 def fire(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output value, signed index) of an SFN: one bucketize per branch and one lookup.
+    """(output value, signed index) of an SFN: the index from the constant-time grid of
+    :mod:`sfn_deploy.firegrid` (or bucketize), then one lookup.
 
     The lookup table holds level_values of every level, computed with the same float
     operations, so the output is bit-identical to level_values(spike_levels(x)).
     """
+    from .firegrid import grid_for
     n = node.params["table"].numel() - 1
-    k = spike_index(node, x)
     values = level_values(node, signed_table(node), x.dtype)
-    return values[k + n], k
+    grid = grid_for(node) if x.dtype == torch.float32 else None
+    pos = grid.position(x) if grid is not None else spike_index(node, x) + n
+    return torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape), (pos - n).to(torch.int64)
 
 
 def _scalar_or(args, a):

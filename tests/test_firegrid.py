@@ -1,0 +1,65 @@
+"""The constant-time fire function equals the bucketize rule bit for bit, boundaries included."""
+import numpy as np
+import pytest
+import torch
+
+from sfn_deploy.firegrid import grid_for
+from sfn_deploy.ir import Node
+from sfn_deploy.neurons import fire_levels
+from sfn_deploy.passes import configure
+from sfn_deploy.runtime import fire, level_values, spike_index, spike_levels
+
+
+def _site(fire_fn, m, rounding, theta_pos, theta_neg, lam, kind="dual"):
+    attrs = {"kind": kind, "fire": fire_fn, "M": m, "levels": fire_levels(m, fire_fn), "rounding": rounding,
+             "lam": lam, "theta_pos": theta_pos, "theta_neg": theta_neg, "o_max": theta_pos, "absorbs": None}
+    return configure(Node("s", "sfn", ["x"], attrs, {}, [1, 8], 0), lam)
+
+
+def _probes(node, rng):
+    b = torch.cat([node.params["bounds_pos"], -node.params["bounds_neg"]]).numpy()
+    edge = np.concatenate([b, np.nextafter(b, np.float32(np.inf)), np.nextafter(b, np.float32(-np.inf))])
+    scale = float(np.abs(b).max()) if len(b) else 1.0
+    rand = rng.standard_normal(20_000).astype(np.float32) * scale
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e38, -1e38, 1e-40, -1e-40], dtype=np.float32)
+    return torch.from_numpy(np.concatenate([edge.astype(np.float32), rand, special]))
+
+
+CASES = [(f, m, r, tp, tn, lam) for f in ("sformer", "linear", "exponential") for m in (1, 2, 4, 8, 16)
+         for r in ("paper", "nearest") for tp, tn in ((1.0, 0.7), (3.3e-3, 0.0), (250.0, 1e-5))
+         for lam in (0.05, 0.3, 1.0)]
+
+
+@pytest.mark.parametrize("fire_fn, m, rounding, theta_pos, theta_neg, lam", CASES[::3])
+def test_grid_equals_bucketize(fire_fn, m, rounding, theta_pos, theta_neg, lam):
+    node = _site(fire_fn, m, rounding, theta_pos, theta_neg, lam)
+    x = _probes(node, np.random.default_rng(m))
+    out, index = fire(node, x)
+    assert torch.equal(index, spike_index(node, x))
+    ref = level_values(node, spike_levels(node, x))
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))       # bit-identical, ±0 included
+
+
+def test_grid_is_used_for_the_usual_sites_and_rebuilt_after_configure():
+    node = _site("sformer", 8, "paper", 1.0, 0.5, 0.2)
+    g = grid_for(node)
+    assert g is not None and g.ok and 32 - g.shift <= 16
+    assert grid_for(node) is g                       # cached
+    configure(node, 0.4)
+    g2 = grid_for(node)
+    assert g2 is not g
+    x = _probes(node, np.random.default_rng(0))
+    assert torch.equal(fire(node, x)[1], spike_index(node, x))
+
+
+def test_softmax_site_and_nan_do_not_crash():
+    node = _site("sformer", 8, "paper", 0.9, 0.0, 0.3, kind="softmax")
+    x = torch.tensor([float("nan"), 0.1, 0.9, 1.0], dtype=torch.float32)
+    out, index = fire(node, x)
+    assert torch.equal(index[1:], spike_index(node, x)[1:]) and out.shape == x.shape
+
+
+def test_exponential_sixteen_levels_agrees():
+    node = _site("exponential", 16, "paper", 1.0, 1.0, 1.0)     # levels up to 2^31: a wide range
+    x = _probes(node, np.random.default_rng(1))
+    assert torch.equal(fire(node, x)[1], spike_index(node, x))
