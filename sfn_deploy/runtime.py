@@ -52,8 +52,8 @@ def level_values(node: Node, level: torch.Tensor, dtype=torch.float32) -> torch.
 
 
 def fire(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output value, signed index) of an SFN: the index from the constant-time grid of
-    :mod:`sfn_deploy.firegrid` (or bucketize), then one lookup.
+    """(output value, position) of an SFN: position = signed index + N (int32, ≥ 0), from the
+    constant-time table of :mod:`sfn_deploy.firegrid` (or bucketize), then one lookup.
 
     The lookup table holds level_values of every level, computed with the same float
     operations, so the output is bit-identical to level_values(spike_levels(x)).
@@ -62,8 +62,8 @@ def fire(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = node.params["table"].numel() - 1
     values = level_values(node, signed_table(node), x.dtype)
     grid = grid_for(node) if x.dtype == torch.float32 else None
-    pos = grid.position(x) if grid is not None else spike_index(node, x) + n
-    return torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape), (pos - n).to(torch.int64)
+    pos = grid.position(x) if grid is not None else (spike_index(node, x) + n).to(torch.int32)
+    return torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape), pos
 
 
 def _scalar_or(args, a):
@@ -156,7 +156,7 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
             out = node.params["value"]
         elif node.op == "sfn":
             if spiking:
-                out, extra["index"] = fire(node, args[0])
+                out, extra["position"] = fire(node, args[0])
             else:       # the ANN: identity, or the ReLU the neuron absorbed
                 out = torch.relu(args[0]) if node.attrs.get("absorbs") == "relu" else args[0]
         else:
@@ -174,8 +174,9 @@ def run_with_levels(graph: Graph, x: torch.Tensor) -> tuple[torch.Tensor, dict[s
     levels: dict[str, torch.Tensor] = {}
 
     def keep(node, args, out, extra):
-        if "index" in extra:
-            levels[node.name] = signed_table(node)[extra["index"] + node.params["table"].numel() - 1]
+        if "position" in extra:
+            pos = extra["position"]
+            levels[node.name] = torch.index_select(signed_table(node), 0, pos.reshape(-1)).view(pos.shape)
     return run(graph, x, hook=keep), levels
 
 

@@ -106,12 +106,12 @@ def _sum(t: torch.Tensor) -> float:
 
 
 class _Spikes:
-    """The spikes a tensor carries: the signed index per element (exact), or, after a summing
-    pool, per-element sums of (|y|, 1[y≠0], k) that weight layers read with their fan-out."""
+    """The spikes a tensor carries: the position (signed index + N, int32) per element, exact; or,
+    after a summing pool, per-element sums of (|y|, 1[y≠0], k) that weight layers read with their fan-out."""
 
     def __init__(self, site: Node, index: torch.Tensor | None = None, sums: tuple | None = None,
                  whole: tuple | None = None):
-        self.site, self.index, self.sums = site, index, sums
+        self.site, self.index, self.sums = site, index, sums    # index: the position
         self.n = site.params["table"].numel() - 1
         self.whole = whole        # totals, known while only element-preserving layout ops were applied
 
@@ -123,7 +123,7 @@ class _Spikes:
     def triple(self) -> tuple[torch.Tensor, ...]:
         if self.sums is not None:
             return self.sums
-        k = self.index.abs()
+        k = (self.index - self.n).abs_()
         return self.site.params["table"].to(torch.float32)[k], (k != 0).to(torch.float32), k.to(torch.float32)
 
     def totals(self) -> tuple[float, float, float]:
@@ -132,7 +132,7 @@ class _Spikes:
             return self.whole
         if self.sums is not None:
             return tuple(_sum(t) for t in self.sums)
-        hist = torch.bincount(self.index.flatten() + self.n, minlength=2 * self.n + 1)
+        hist = torch.bincount(self.index.reshape(-1), minlength=2 * self.n + 1)
         return _hist_totals(hist, self.site.params["table"], self.n)
 
     def weighted(self, fan: torch.Tensor) -> tuple[float, float, float]:
@@ -141,7 +141,7 @@ class _Spikes:
             return tuple(v * float(fan) for v in self.totals())
         if self.sums is not None:
             return tuple(_sum(t.sum(0) * fan) for t in self.sums)
-        k = self.index.abs()
+        k = (self.index - self.n).abs_()
         a = self.site.params["table"].to(torch.float32)[k].sum(0)
         return _sum(a * fan), _sum((k != 0).sum(0) * fan), _sum(k.sum(0) * fan)
 
@@ -183,10 +183,10 @@ class OpCounter:
         c.neurons = out[0].numel()
         c.levels = n = table.numel() - 1
         c.dual = bool(node.params["bounds_neg"].numel())
-        if "index" not in extra:
+        if "position" not in extra:
             return
-        k = extra["index"]
-        hist = torch.bincount(k.flatten() + n, minlength=2 * n + 1)
+        k = extra["position"]
+        hist = torch.bincount(k.reshape(-1), minlength=2 * n + 1)
         self._hist[node.name] = self._hist.get(node.name, 0) + hist
         spikes, active, channels = _hist_totals(hist, table, n)
         self._shadow[node.name] = _Spikes(node, index=k, whole=(spikes, active, channels))
