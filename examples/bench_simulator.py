@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cycle-level simulator speed (a script, not a test): counting every op vs a plain PyTorch ANN forward.
 
-    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1] [--json out.json]
+    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1] [--vit-b 16] [--json out.json]
 
 For the MNIST example CNN and tiny ViT (examples/models/*.pt2, converted here at λ = 0.2 on
 MNIST test images), times on the same batches, interleaved, best of --repeats:
@@ -38,18 +38,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mnist", default=os.environ.get("SFN_MNIST", os.path.join(HERE, "..", "..", "shared", "data", "mnist")))
+    ap.add_argument("--vit-b", type=int, default=0, metavar="N",
+                    help="also time timm vit_base_patch16_224 (random weights) on N random images, batch 8")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1 keeps a shared machine fair)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     calib = load_data(f"mnist:{args.mnist}:0:1000")
-    test = load_data(f"mnist:{args.mnist}").limit(args.samples)
+    full_test = load_data(f"mnist:{args.mnist}").limit(args.samples)
     rows = []
-    for name in ("mnist_cnn", "mnist_vit"):
-        program, _ = load_model(os.path.join(HERE, "models", f"{name}.pt2"))
-        ann = program.module()
-        snn = convert(program, calib, scale=0.2, quiet=True)
-        batches = list(test.batches(args.batch))
+    for name in ("mnist_cnn", "mnist_vit") + (("vit_b16",) if args.vit_b else ()):
+        if name == "vit_b16":          # random weights and images: speed does not depend on them
+            from sfn_deploy.data import Dataset
+            torch.manual_seed(0)
+            ann, _ = load_model("timm:vit_base_patch16_224")
+            x = torch.randn(args.vit_b, 3, 224, 224)
+            data = Dataset(x, torch.zeros(args.vit_b, dtype=torch.int64), "random")
+            snn = convert(ann, data, scale=0.25, batch_size=8, quiet=True)
+            test, batch = data, 8
+        else:
+            program, _ = load_model(os.path.join(HERE, "models", f"{name}.pt2"))
+            ann = program.module()
+            snn = convert(program, calib, scale=0.2, quiet=True)
+            test, batch = full_test, args.batch
+        batches = list(test.batches(batch))
 
         def plain():
             with torch.no_grad():
@@ -57,14 +69,14 @@ def main() -> None:
                     ann(xb)
 
         def counting():
-            measure(snn.graph, test, args.batch)
+            measure(snn.graph, test, batch)
         plain(), counting()                       # warm-up
         t_ann, t_sim = [], []
         for _ in range(args.repeats):             # interleaved, so both see the same machine load
             t_ann.append(_time(plain))
             t_sim.append(_time(counting))
         a, s = min(t_ann), min(t_sim)
-        rows.append({"model": name, "samples": len(test), "batch": args.batch, "threads": torch.get_num_threads(),
+        rows.append({"model": name, "samples": len(test), "batch": batch, "threads": torch.get_num_threads(),
                      "ann_s": a, "counting_s": s, "speed_ratio": a / s})
     print(f"{'model':<10} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13}")
     for r in rows:
