@@ -243,6 +243,12 @@ def _target(name: str, t: dict, level: int) -> list:
         out.append(("p", s))
     else:
         out.append(("p", "not timed (the target has no core model or no [time_ns] figures)."))
+    tr = e.get("traffic")
+    if tr:
+        out.append(("p", f"Pipeline depth: {e.get('pipeline_steps', '—')} timesteps per inference. Traffic per "
+                         f"inference: {count(tr['synaptic_reads'])} synaptic-memory reads "
+                         f"({count(tr['synaptic_read_bits'])} bits), {count(tr['message_bits'])} spike payload bits "
+                         f"({tr['note']})."))
 
     a = e["ann"]
     out.append(("h", level + 1, "ANN baselines (source ANN's MACs on the same table)"))

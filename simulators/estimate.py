@@ -113,6 +113,26 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
         if e_int8 is not None:
             per_layer[c.name]["ann_int8_j"] = c.mac_ann * e_int8 * PJ
 
+    # traffic: one synaptic-memory read per synaptic op (of weight_bits), and spike payload bits
+    message_bits = 0.0
+    for c in counts.layers:
+        if c.op == "sfn" and target.spikes != "none":
+            table = graph[c.name].params["table"]
+            if target.spikes == "graded":       # one message per event, payload = signed level
+                message_bits += c.active * (int(table.max()).bit_length() + (1 if c.dual else 0))
+            else:                               # one binary spike per active channel
+                message_bits += c.channel_spikes
+    for c in weights + products:
+        # a graded or multi-spike event reads its weight once; a binary channel reads its own weight
+        reads = (c.ac_channel if target.spikes == "binary" else c.ac_event) if c.input == "spikes" else c.mac
+        per_layer[c.name]["synops"] = c.synops(conv)
+        per_layer[c.name]["synaptic_reads"] = reads
+    traffic = {"synaptic_reads": sum(r.get("synaptic_reads", 0.0) for r in per_layer.values()),
+               "synaptic_read_bits": sum(r.get("synaptic_reads", 0.0) for r in per_layer.values()) * wbits,
+               "message_bits": message_bits,
+               "note": "reads: one weight per non-zero input per fan-out (per active channel on binary targets) "
+                       "or per MAC; message bits: spike payloads only (graded: "
+                       "the signed level's bits per event; binary: one per channel spike), no routing headers"}
     lat = _latency(counts, target, mapping, fed)
     dynamic = sum(t["joules"] for t in terms if t["priced"])
     memory = sum(t["joules"] for t in terms if t["priced"] and t["term"] == "weight memory")
@@ -152,6 +172,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
             "snn_over_int8_ann": energy / compare_to if compare_to else None,
             "snn_over_int8_ann_baseline": ("int8_with_memory_j" if compare_to == ann["int8_with_memory_j"]
                                            else "int8_j") if compare_to else None,
+            "traffic": traffic, "pipeline_steps": len({c.stage for c in counts.layers if c.stage}),
             "layers": list(per_layer.values()),
             "layers_note": "snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
                            "static power are network totals)"}

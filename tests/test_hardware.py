@@ -201,6 +201,8 @@ def test_cmos45_estimate_by_hand():
     assert e["ann"]["int8_j"] == pytest.approx(20 * 0.23e-12)
     assert e["ann"]["int8_with_memory_j"] == pytest.approx((20 * 0.23 + 20 * 8 * 0.15625) * 1e-12)
     assert e["unpriced"] == [] and e["latency_s"] is None and e["cores"] == 0
+    assert e["traffic"]["synaptic_reads"] == 2 * 2 + 12 and e["traffic"]["message_bits"] == 0
+    assert e["pipeline_steps"] == 2
 
 
 def test_spiking_estimate_and_latency_by_hand(tmp_path):
@@ -220,3 +222,5 @@ def test_spiking_estimate_and_latency_by_hand(tmp_path):
     assert e["step_s"] == pytest.approx((12 + 100) * 1e-9)
     assert e["latency_s"] == pytest.approx((6.875 + 100 + 12 + 100) * 1e-9)
     assert e["throughput_per_s"] == pytest.approx(1e9 / 112)
+    assert e["traffic"]["synaptic_reads"] == 10 + 3 * 4        # channel reads + the analog layer's MACs
+    assert e["traffic"]["message_bits"] == 5                   # one bit per binary channel spike
