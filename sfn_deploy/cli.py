@@ -21,7 +21,7 @@ from .errors import UserError
 
 def _emit(as_json: bool, payload: dict, text: str) -> None:
     if as_json:
-        click.echo(json.dumps(payload, default=_jsonable))
+        click.echo(json.dumps(payload, default=_jsonable, ensure_ascii=False))
     else:
         click.echo(text)
 
@@ -355,7 +355,8 @@ def check_cmd(converted, target, as_json):
     if m.host_work:
         ops = sorted({h["op"] for h in m.host_work})
         n = len(m.host_work)
-        lines.append(f"  host work (not synaptic ops on neuro cores): {n} layer{'s' if n != 1 else ''} ({', '.join(ops)})")
+        where = "not synaptic ops on neuro cores" if t.has_cores else "host operations"
+        lines.append(f"  host work ({where}): {n} layer{'s' if n != 1 else ''} ({', '.join(ops)})")
     if m.unchecked:
         lines.append(f"  not checked (no figure in the target file): {', '.join(m.unchecked)}")
     _emit(as_json, d, "\n".join(lines))

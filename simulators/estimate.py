@@ -115,23 +115,26 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
 
     # traffic: one synaptic-memory read per synaptic op (of weight_bits), and spike payload bits
     message_bits = 0.0
+    on_core = {name for sites in fed.values() for name in sites}      # the sites whose messages are priced
     for c in counts.layers:
-        if c.op == "sfn" and target.spikes != "none":
+        if c.name in on_core and target.spikes != "none":
             table = graph[c.name].params["table"]
             if target.spikes == "graded":       # one message per event, payload = signed level
                 message_bits += c.active * (int(table.max()).bit_length() + (1 if c.dual else 0))
             else:                               # one binary spike per active channel
                 message_bits += c.channel_spikes
     for c in weights + products:
+        per_layer[c.name]["synops"] = c.synops(conv)
+    for c in weights:                           # products have no stored weights to read
         # a graded or multi-spike event reads its weight once; a binary channel reads its own weight
         reads = (c.ac_channel if target.spikes == "binary" else c.ac_event) if c.input == "spikes" else c.mac
-        per_layer[c.name]["synops"] = c.synops(conv)
         per_layer[c.name]["synaptic_reads"] = reads
     traffic = {"synaptic_reads": sum(r.get("synaptic_reads", 0.0) for r in per_layer.values()),
                "synaptic_read_bits": sum(r.get("synaptic_reads", 0.0) for r in per_layer.values()) * wbits,
                "message_bits": message_bits,
-               "note": "reads: one weight per non-zero input per fan-out (per active channel on binary targets) "
-                       "or per MAC; message bits: spike payloads only (graded: "
+               "note": "reads: one stored weight per non-zero input per fan-out (per active channel on binary "
+                       "targets) or per MAC of a weight layer; message bits: payloads of the spikes sent by on-core "
+                       "neurons only (graded: "
                        "the signed level's bits per event; binary: one per channel spike), no routing headers"}
     lat = _latency(counts, target, mapping, fed)
     dynamic = sum(t["joules"] for t in terms if t["priced"])
@@ -197,8 +200,9 @@ def _latency(counts, target: Target, mapping: Mapping, fed: dict) -> dict:
     host = target.get("time_ns", "host_op")
     if host is not None:                       # host work runs serially on one host core
         for c in counts.layers:
-            if c.host_ops:
-                stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), c.host_ops * host)
+            work = c.host_ops + (c.mac_ann if c.kind == "product" else 0.0)   # products run on the host too
+            if work:
+                stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), work * host)
     barrier = t["barrier"] or 0.0
     stages = [{"stage": s, "ns": v} for s, v in sorted(stage_time.items())]
     step = max(stage_time.values(), default=0.0) + barrier

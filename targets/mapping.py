@@ -118,8 +118,8 @@ def _reach(graph: Graph, users: dict, name: str, stop) -> list[Node]:
 def _source_site(graph: Graph, name: str) -> Node | None:
     """The SFN site whose spikes reach ``name`` through layout and pooling ops, if any."""
     n = graph[name]
-    while n.op in _THROUGH and n.inputs:
-        n = graph[n.inputs[0]]
+    while n.inputs and (n.op in _THROUGH or (n.op in ("mul", "div") and len(n.inputs) == 1)):
+        n = graph[n.inputs[0]]      # layout, pooling and scaling by a constant keep spikes spikes
     return n if n.op == "sfn" else None
 
 

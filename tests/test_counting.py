@@ -60,7 +60,7 @@ def test_conv_fanout_by_hand_and_against_brute_force():
     assert abs(c.ac_snn - float(brute)) < 1e-3
 
 
-def test_attention_products_count_spikes_of_the_left_operand():
+def test_attention_products_count_the_cheaper_operand_order():
     torch.manual_seed(0)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=8, patch_size=4,
                           in_chans=1, embed_dim=8, depth=1, num_heads=2).eval()
@@ -120,3 +120,27 @@ def test_result_can_be_read_twice():
     run(g, x, hook=counter)
     a, b = counter.result(), counter.result()
     assert a.ac_snn == b.ac_snn and a.mac_ann == b.mac_ann == 20
+
+
+def test_max_pooling_of_signed_spikes_is_followed():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 3, padding=1)).eval()
+    x = torch.randn(5, 1, 10, 10) * 2
+    g = insert_sfn(capture(m, x))
+    (site,) = g.sites
+    _fix_sites(g, theta=0.4, lam=0.3)
+    assert site.params["bounds_neg"].numel()                 # GELU dips below 0: a dual site
+    conv = [n for n in g.nodes if n.op == "conv2d"][1]
+    _, levels = run_with_levels(g, x)
+    values = level_values_of(site, levels[site.name])
+    pooled = F.max_pool2d(values, 2)                          # what the second conv really receives
+    lv = F.max_pool2d(levels[site.name].float(), 2)           # its levels: the max picks the same element
+    assert torch.equal(level_values_of(site, lv.long()), pooled)
+    brute = float(F.conv2d(lv.abs(), torch.ones(3, 2, 3, 3), padding=1).sum()) / 5
+    c = {layer.name: layer for layer in count_ops(g, [x]).layers}
+    assert c[conv.name].input == "spikes" and abs(c[conv.name].ac - brute) < 1e-6 * brute
+
+
+def level_values_of(site, level):
+    from sfn_deploy.runtime import level_values
+    return level_values(site, level)
