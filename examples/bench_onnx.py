@@ -2,17 +2,23 @@
 """ONNX backend benchmark (a script, not a test): onnxruntime vs the torch reference, SNN vs ANN.
 
     python examples/bench_onnx.py [--batch 256] [--repeats 10] [--threads 1] [--models examples/models]
-                                  [--mnist ../shared/data/mnist] [--json out.json]
+                                  [--mnist ../shared/data/mnist] [--only-mnist | --only-digits] [--compare-form]
+                                  [--json out.json]
 
 For each network it converts (λ = 0.2 for the MNIST example models on MNIST images 0..499,
 λ = 0.3 for digits models) and times one forward pass of the same batch, median of --repeats
-after one warm-up, on the same number of threads for torch and onnxruntime:
+after one warm-up, on the same number of threads for torch and onnxruntime. The variants are
+timed interleaved (one pass of each per round), so a slow phase of a shared machine affects
+all of them alike:
 
-* torch SNN   ``runtime.run(graph, x)`` (the reference interpreter)
+* torch SNN   ``runtime.run(graph, x)`` (the reference interpreter); torch ANN: ``spiking=False``
 * ORT SNN     the ``export_onnx`` graph in onnxruntime (CPU provider)
 * ORT ANN     the same graph exported with ``ann=True`` (every neuron the identity / its ReLU)
+* (``--compare-form``) ORT SNN with every neuron in the exporter's fallback form, a comparison
+  with every boundary (O(N) per element; the export before the O(1) lookup form)
 
-and checks fidelity on that batch: max |Δlogit| and spike-level agreement against torch.
+and checks fidelity on that batch: max |Δlogit| and spike-level agreement against torch. A second
+table gives the same timings as throughput (samples/s = batch / median time).
 Models: ``examples/models/mnist_cnn.pt2`` and ``mnist_vit.pt2`` when they exist (see
 examples/train.py), and three digits models trained here in seconds (MLP, CNN, tiny ViT).
 """
@@ -32,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from sfn_deploy import convert, load_data, load_model
+from sfn_deploy.exporters import onnx as onnx_exporter
 from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
 from sfn_deploy.runtime import run, run_with_levels
 
@@ -82,17 +89,30 @@ def mnist_models(models_dir, mnist_dir):
     return out
 
 
-def timed(fn, repeats):
-    fn()                                        # warm-up (allocations, kernel selection)
-    times = []
+def timed(fns, repeats):
+    """Median seconds per call of each function, timed round-robin after one warm-up call each."""
+    for fn in fns.values():
+        fn()                                    # warm-up (allocations, kernel selection)
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(name, snn, data, batch, repeats, threads):
+def compare_form(snn):
+    """The SNN export with every site in the fallback form (comparison with every boundary)."""
+    saved = onnx_exporter.fire_table
+    onnx_exporter.fire_table = lambda *args, **kwargs: None      # no lookup table: the exporter falls back
+    try:
+        return to_onnx(snn)
+    finally:
+        onnx_exporter.fire_table = saved
+
+
+def bench(name, snn, data, batch, repeats, threads, with_compare=False):
     x = data.x[:batch]
     graph = snn.graph
     ref, ref_levels = run_with_levels(graph, x)
@@ -105,12 +125,17 @@ def bench(name, snn, data, batch, repeats, threads):
     equal = sum(int((levels[k] == ref_levels[k]).sum()) for k in levels)
     total = sum(levels[k].size for k in levels)
     xn = x.numpy()
+    fns = {"torch_snn": lambda: run(graph, x), "torch_ann": lambda: run(graph, x, spiking=False),
+           "ort_snn": lambda: ort_snn.run(xn), "ort_ann": lambda: ort_ann.run(xn)}
+    if with_compare:
+        ort_cmp = OnnxRunner(compare_form(snn), threads=threads)
+        assert np.array_equal(ort_cmp.run(xn), ort_snn.run(xn))   # the same network, bit for bit
+        fns["ort_snn_compare"] = lambda: ort_cmp.run(xn)
+    t = timed(fns, repeats)
     row = {
         "model": name, "sites": len(snn.sites), "batch": int(x.shape[0]),
-        "torch_snn_ms": 1e3 * timed(lambda: run(graph, x), repeats),
-        "torch_ann_ms": 1e3 * timed(lambda: run(graph, x, spiking=False), repeats),
-        "ort_snn_ms": 1e3 * timed(lambda: ort_snn.run(xn), repeats),
-        "ort_ann_ms": 1e3 * timed(lambda: ort_ann.run(xn), repeats),
+        **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+        **{f"{k}_per_s": x.shape[0] / v for k, v in t.items()},
         "max_abs_dlogit": float(np.abs(logits - ref).max()),
         "logit_scale": float(np.abs(ref).max()),
         "levels_equal_pct": 100.0 * equal / total,
@@ -123,6 +148,9 @@ def bench(name, snn, data, batch, repeats, threads):
     return row
 
 
+THROUGHPUT = [("model", "model"), ("batch", "batch"), ("torch_snn_per_s", "torch SNN samples/s"),
+              ("ort_snn_per_s", "ORT SNN samples/s"), ("ort_ann_per_s", "ORT ANN samples/s"),
+              ("torch_ann_per_s", "torch ANN samples/s"), ("torch_over_ort_snn", "ORT/torch SNN throughput")]
 COLS = [("model", "model"), ("sites", "SFN sites"), ("batch", "batch"), ("torch_snn_ms", "torch SNN ms"),
         ("ort_snn_ms", "ORT SNN ms"), ("torch_over_ort_snn", "torch/ORT (SNN)"), ("ort_ann_ms", "ORT ANN ms"),
         ("ort_snn_over_ann", "ORT SNN/ANN"), ("torch_ann_ms", "torch ANN ms"),
@@ -143,19 +171,36 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--models", default=os.path.join(HERE, "models"))
     ap.add_argument("--mnist", default=os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
-    ap.add_argument("--only-digits", action="store_true")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--only-digits", action="store_true")
+    only.add_argument("--only-mnist", action="store_true", help="only the MNIST example models (no digits)")
+    ap.add_argument("--compare-form", action="store_true",
+                    help="also time the SNN export in the fallback form (comparison with every boundary)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     nets = [] if args.only_digits else mnist_models(args.models, args.mnist)
-    nets += digits_models()
-    rows = [bench(name, snn, data, args.batch, args.repeats, args.threads) for name, snn, data in nets]
+    if not args.only_mnist:
+        nets += digits_models()
+    rows = [bench(name, snn, data, args.batch, args.repeats, args.threads, args.compare_form)
+            for name, snn, data in nets]
+    cols, thr = list(COLS), list(THROUGHPUT)
+    if args.compare_form:
+        cols.insert(cols.index(("ort_ann_ms", "ORT ANN ms")), ("ort_snn_compare_ms", "ORT SNN compare-form ms"))
+        thr.insert(thr.index(("ort_ann_per_s", "ORT ANN samples/s")),
+                   ("ort_snn_compare_per_s", "ORT SNN compare-form samples/s"))
     print(f"# ONNX backend: onnxruntime {onnxruntime.__version__} vs torch {torch.__version__}, "
           f"{args.threads} thread(s), median of {args.repeats}, {platform.processor() or platform.machine()}")
-    print("| " + " | ".join(c[1] for c in COLS) + " |")
-    print("|" + "---|" * len(COLS))
+    print("| " + " | ".join(c[1] for c in cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(fmt(r[c[0]]) for c in COLS) + " |")
+        print("| " + " | ".join(fmt(r[c[0]]) for c in cols) + " |")
+    print()
+    print("| " + " | ".join(c[1] for c in thr) + " |")
+    print("|" + "---|" * len(thr))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c[0]]:.0f}" if c[0].endswith("_per_s") else fmt(r[c[0]])
+                                for c in thr) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "threads": args.threads, "rows": rows}, f, indent=1)

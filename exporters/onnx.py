@@ -6,17 +6,21 @@ ops), so any ONNX runtime executes it; onnxruntime (CPU) is the reference backen
 lists; an op or attribute combination without an exact standard form is refused
 with a :class:`~sfn_deploy.errors.UserError` naming the node.
 
-The Scale-and-Fire neuron in standard operators, per branch (positive on x,
-negative on −x; an empty boundary vector switches the branch off)::
+The Scale-and-Fire neuron in standard operators, O(1) per element: a monotone float32
+map of x picks a cell of a small table holding at most one firing boundary, and one
+comparison with that stored boundary decides (see :func:`fire_table`)::
 
-    fired = Cast<float>(GreaterOrEqual(Unsqueeze(x, -1), bounds))   # [..., N]: x ≥ b_i
-    level = MatMul(fired, increments)                                # Σ (y_i − y_{i−1}) = y_k
-    level = level_pos − level_neg                                    # signed integer, exact in float32
-    o     = Where(level ≥ 0, level · λθ⁺, level · λθ⁻)
+    j = Clip<int32>(Cast<int32>(Clip(x·a + P, 0, C − 1)), 0, C − 1)   # cell; √ map for long tails
+    k = 2·j + Cast<int32>(GreaterOrEqual(x, boundary[j]))             # GatherElements
+    o = value[k]   (level[k]: the int64 spike level)                  # GatherElements
 
-``bounds``/``steps`` are the node's stored float32 ``params``, so the comparison
-is the one ``torch.bucketize(x, bounds, right=True)`` makes in the reference
-runtime (it counts boundaries ≤ x) and the spike levels are bit-identical.
+The boundaries are the node's stored float32 ``params`` and the tables are built and
+verified at export by reproducing the map's float32 arithmetic, so the level is the count
+``torch.bucketize(x, bounds, right=True)`` makes in the reference runtime (boundaries
+≤ x; both branches, the negative one on −x) and the spike value is torch's float32
+product ``level·λθ±``: both bit-identical. A site whose boundaries no such table can
+separate (not produced by the three fire functions) falls back to comparing x with every
+boundary (``_sfn_compare``, O(N) per element, equally exact).
 
 Graph interface: input ``"input"`` (float32, ``["batch", *input_shape]``), output
 ``"logits"``; with ``levels=True`` one more output per SFN site, named after the
@@ -59,7 +63,7 @@ def _fmt_shape(shape) -> str:
 #
 # x → cell j = clip(trunc(clip(φ(x) + P, 0, C − 1)), 0, C − 1) with φ a monotone map built from float32
 # operations that are exact in IEEE arithmetic (Mul, Max/Min, Relu, Sqrt, Sub, Add, Clip, Cast), so the
-# exporter computes every cell index exactly as a runtime does (and `_cells` below reproduces it).
+# exporter computes every cell index exactly as a runtime does (FireTable.cells_of reproduces it).
 # The scales are chosen so that at most one boundary can fall into a cell; that boundary (if any) is stored
 # per cell, and level = x ≥ boundary[j] ? hi[j] : lo[j] — the comparison with the stored float32 boundary
 # decides, so the result equals counting the boundaries ≤ x (torch.bucketize, right=True).
@@ -83,7 +87,7 @@ class FireTable:
         x = np.asarray(x, _F32)
         with np.errstate(all="ignore"):
             if self.mapping == "linear":
-                sides = [x * s for s in (self.scale_pos, self.scale_neg) if s is not None]
+                sides = [x * s for s in self.linear_scales()]
                 if len(sides) == 1:
                     u = sides[0]
                 else:
@@ -93,6 +97,11 @@ class FireTable:
                 neg = np.sqrt(np.maximum(x * -self.scale_neg, _F32(0))) if self.scale_neg is not None else None
                 u = -neg if pos is None else pos if neg is None else pos - neg
             return (u + self.offset).astype(_F32) if self.offset else u.astype(_F32)
+
+    def linear_scales(self) -> list:
+        """The distinct scales of the linear map: one (a shared scale, or one branch) or [a⁺, a⁻]."""
+        s = [v for v in (self.scale_pos, self.scale_neg) if v is not None]
+        return s[:1] if len(s) == 2 and s[0] == s[1] else s
 
     def cells_of(self, x: np.ndarray) -> np.ndarray:
         last = self.cells - 1
@@ -151,6 +160,9 @@ def fire_table(bpos, bneg, table, steps) -> FireTable | None:
         sp, sn = scale(pos, root) * mult, scale(neg, root) * mult
         if root:
             sp, sn = sp * sp, sn * sn
+        elif mapping == "shared":                      # one Mul for both signs: the finer scale everywhere
+            sp = sn = max(sp if bpos.size else 0.0, sn if bneg.size else 0.0)
+            mapping = "linear"
         a_pos = _F32(sp) if bpos.size else None
         a_neg = _F32(sn) if bneg.size else None
         if a_pos is None and a_neg is None or not all(np.isfinite(a) and a > 0 for a in (a_pos, a_neg)
@@ -161,6 +173,8 @@ def fire_table(bpos, bneg, table, steps) -> FireTable | None:
         if not np.all(np.isfinite(u)):
             return None
         lo, hi = int(np.floor(u.min())) - 1, int(np.floor(u.max())) + 1
+        if u.min() >= 0:
+            lo = 0                       # cell 0 holds everything below: no offset to add
         if hi - lo + 1 > _MAX_CELLS:
             return None
         t.offset, t.cells = _F32(-lo), hi - lo + 1
@@ -186,15 +200,19 @@ def fire_table(bpos, bneg, table, steps) -> FireTable | None:
         probe = probe.astype(_F32)
         lv, val = t.lookup(probe)
         ref = reference_levels(probe, bpos, bneg, table)
-        return bool(np.array_equal(lv, ref) and np.array_equal(val.view(np.int32),
-                                                               _spike_values(ref, steps, bool(bneg.size)).view(np.int32)))
+        want = _spike_values(ref, steps, bool(bneg.size))
+        return bool(np.array_equal(lv, ref) and np.array_equal(val.view(np.int32), want.view(np.int32)))
 
-    lin = candidate("linear", 1)
-    order = ["linear", "sqrt"] if lin is not None and lin.cells <= _LINEAR_CELLS else ["sqrt", "linear"]
-    for mapping in order:
-        for mult in (1, 1.5, 2, 4):
+    # cheapest map first (one Mul; a Mul per sign; √ compression for long exponential tails), finer scales
+    # when a boundary pair shares a cell; linear maps beyond _LINEAR_CELLS cells only as the last resort
+    tries = [(m, k) for m in ("shared", "linear", "sqrt") for k in (1, 1.5, 2, 4)]
+    for small in (True, False):
+        for mapping, mult in tries:
             t = candidate(mapping, mult)
-            if t is not None and build(t):
+            if t is None or (small and mapping != "sqrt" and t.cells > _LINEAR_CELLS) or \
+                    (not small and mapping == "sqrt"):
+                continue
+            if build(t):
                 return t
     return None
 
@@ -365,15 +383,12 @@ class _Lowering:
             return self._sfn_lookup(n, x, out, lut)
         return self._sfn_compare(n, x, out, table, inc, steps, bpos, bneg)
 
-    def _sfn_lookup(self, n, x: str, out: str, lut: "FireTable") -> str:
+    def _sfn_lookup(self, n, x: str, out: str, lut: FireTable) -> str:
         """O(1) per element: cell index from a monotone map of x, one comparison with the cell's boundary."""
         xf = self.emit("Reshape", [x, self.const([-1])])
         sides = []
         if lut.mapping == "linear":
-            if lut.scale_pos is not None:
-                sides.append(self.emit("Mul", [xf, self.scalar(lut.scale_pos)]))
-            if lut.scale_neg is not None:
-                sides.append(self.emit("Mul", [xf, self.scalar(lut.scale_neg)]))
+            sides = [self.emit("Mul", [xf, self.scalar(s)]) for s in lut.linear_scales()]
             u = sides[0] if len(sides) == 1 else \
                 self.emit("Max" if lut.scale_pos >= lut.scale_neg else "Min", sides)
         else:                                          # sqrt: √(x·a⁺)₊ − √(−x·a⁻)₊
@@ -390,7 +405,8 @@ class _Lowering:
         if lut.offset:
             u = self.emit("Add", [u, self.scalar(lut.offset)])
         last = lut.cells - 1
-        cell = self.emit("Cast", [self.emit("Clip", [u, self.scalar(0.0), self.scalar(last)])], to=TensorProto.INT32)
+        cell = self.emit("Clip", [u, self.scalar(0.0), self.scalar(last)])
+        cell = self.emit("Cast", [cell], to=TensorProto.INT32)                          # truncation: u ≥ 0
         cell = self.emit("Clip", [cell, self.const(0, np.int32), self.const(last, np.int32)])   # NaN → 0
         thr = self.emit("GatherElements", [self.init(lut.boundary, f"{n.name}.cell_boundary"), cell], axis=0)
         fired = self.emit("Cast", [self.emit("GreaterOrEqual", [xf, thr])], to=TensorProto.INT32)
@@ -751,6 +767,7 @@ class OnnxRunner:
         import onnxruntime as ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL   # onnxruntime's default, explicit
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1

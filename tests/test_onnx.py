@@ -12,15 +12,18 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from sfn_deploy.capture import capture
 from sfn_deploy.convert import convert
 from sfn_deploy.errors import UserError
-from sfn_deploy.exporters.onnx import OnnxRunner, export_onnx, to_onnx
+from sfn_deploy.exporters.onnx import OnnxRunner, export_onnx, fire_table, to_onnx
 from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
+from sfn_deploy.neurons import FIRE_FUNCTIONS, ROUNDINGS, fire_levels
 from sfn_deploy.passes import configure
 from sfn_deploy.runtime import run, run_with_levels, spike_levels
 
@@ -100,9 +103,11 @@ def test_checker_passes_and_only_standard_operators(models, kind):
         dims = proto.graph.input[0].type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == models[kind].input_shape
         assert proto.graph.output[0].name == "logits"
-    ops = {n.op_type for n in to_onnx(models[kind]).graph.node}
-    assert {"GreaterOrEqual", "GatherElements"} <= ops        # the O(1) lookup form of the neuron
-    assert "Unsqueeze" not in ops or kind == "vit"             # no [..., N] comparison tensor per site
+    proto = to_onnx(models[kind])
+    ops = {n.op_type for n in proto.graph.node}
+    for site in models[kind].sites:     # the O(1) lookup form: no [..., N] comparison tensor at any site
+        site_ops = {n.op_type for n in proto.graph.node if n.name.split(":")[0] == site.name}
+        assert {"GatherElements", "GreaterOrEqual"} <= site_ops and not {"MatMul", "Unsqueeze"} & site_ops
     if kind == "vit":
         assert {"LayerNormalization", "Softmax", "Erf"} <= ops
 
@@ -207,6 +212,123 @@ def test_sample_on_a_threshold_through_a_trained_network(digits):
     for name in levels:
         assert np.array_equal(levels[name], ref_levels[name])
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+
+
+# -- the lookup form of the fire function against torch.bucketize, for every fire function ----------------
+
+# both branches; positive only (absorbed ReLU; post-softmax); negative only
+KINDS = ("dual", "relu", "negative", "softmax")
+
+
+def _site(name, fire, rounding, m, kind, theta_pos, theta_neg, lam, width):
+    """A configured SFN site as passes.insert_sfn/configure make them (kind picks which branches fire)."""
+    attrs = {"kind": "softmax" if kind == "softmax" else "dual", "fire": fire, "M": m,
+             "levels": fire_levels(m, fire), "rounding": rounding, "lam": lam,
+             "theta_pos": 0.0 if kind == "negative" else theta_pos,
+             "theta_neg": theta_neg if kind in ("dual", "negative") else 0.0,
+             "o_max": theta_pos, "absorbs": "relu" if kind == "relu" else None}
+    return configure(Node(name, "sfn", ["input"], attrs, shape=[1, width], bdim=0), lam)
+
+
+def _near_boundaries(sites, ulps=2):
+    """Every boundary of both branches as a site input (x = b and x = −b), and the floats up to `ulps` around it."""
+    b = np.concatenate([np.concatenate([s.params["bounds_pos"].numpy(), -s.params["bounds_neg"].numpy()])
+                        for s in sites]).astype(np.float32)
+    out, lo, hi = [b], b, b
+    for _ in range(ulps):
+        lo, hi = np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))
+        out += [lo, hi]
+    return np.concatenate(out).astype(np.float32)
+
+
+_SPECIAL = np.float32([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-30, -1e-30, 1e-45, -1e-45])
+
+
+def _compare_sites(sites, x, independent=True):
+    """ORT levels == torch levels at every site, and the spike values bit for bit (sign of zero included)."""
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    for s in sites:
+        s.shape = [1, x.shape[1]]
+    out = Node("all", "cat", [s.name for s in sites], {"dim": 1}, shape=[1, x.shape[1] * len(sites)], bdim=0)
+    g = Graph([Node("input", "input", shape=[1, x.shape[1]], bdim=0), *sites, out], "all")
+    ref_logits, ref_levels = reference(g, x)
+    proto = to_onnx(ConvertedModel(g, [x.shape[1]]), levels=True)
+    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
+    for s in sites:
+        assert np.array_equal(levels[s.name], ref_levels[s.name]), s.name
+    assert np.array_equal(logits.view(np.int32), ref_logits.view(np.int32))
+    if independent:      # the checker (with shape inference) and onnx's numpy reference runtime
+        onnx.checker.check_model(proto, full_check=True)
+        with np.errstate(all="ignore"):      # numpy warns on ±3.4e38·scale = ±inf, which is intended
+            outs = reference_evaluator(proto).run(None, {"input": x.numpy()})
+        assert np.array_equal(outs[0].view(np.int32), ref_logits.view(np.int32))
+        for s, lv in zip(sites, outs[1:]):
+            assert np.array_equal(lv, ref_levels[s.name]), s.name
+    return proto
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("fire", FIRE_FUNCTIONS)
+def test_every_fire_function_and_m_fires_exactly_as_bucketize(fire, rounding, kind):
+    """M = 1..16 (exponential up to 11: beyond, levels reach 2^22 and the export refuses), one site each."""
+    rng = np.random.default_rng([FIRE_FUNCTIONS.index(fire), ROUNDINGS.index(rounding), KINDS.index(kind)])
+    sites = [_site(f"sfn_m{m}", fire, rounding, m, kind, float(10 ** rng.uniform(-3, 2)),
+                   float(10 ** rng.uniform(-3, 2)), float(rng.uniform(0.05, 1.0)), 1)
+             for m in range(1, 17) if max(fire_levels(m, fire)) < 2 ** 22]
+    top = max(float(np.abs(np.concatenate([s.params["bounds_pos"].numpy(), s.params["bounds_neg"].numpy()])).max())
+              for s in sites)
+    x = np.concatenate([_near_boundaries(sites), _SPECIAL,
+                        rng.standard_normal(3000).astype(np.float32) * np.float32(top / 3),
+                        rng.standard_normal(1000).astype(np.float32) * np.float32(top / 100)])
+    proto = _compare_sites(sites, x)
+    ops = {}
+    for node in proto.graph.node:
+        ops.setdefault(node.name.split(":")[0], set()).add(node.op_type)
+    for s in sites:      # every site took the O(1) lookup form, none the comparison with all boundaries
+        assert "GatherElements" in ops[s.name] and not {"MatMul", "Unsqueeze"} & ops[s.name], s.name
+
+
+@settings(max_examples=150, deadline=None)
+@given(fire=st.sampled_from(FIRE_FUNCTIONS), rounding=st.sampled_from(ROUNDINGS), m=st.integers(1, 16),
+       kind=st.sampled_from(KINDS), theta_pos=st.floats(1e-4, 1e3), theta_neg=st.floats(1e-4, 1e3),
+       lam=st.floats(0.01, 1.0), picks=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(-3, 3)), max_size=40),
+       extra=st.lists(st.floats(width=32, allow_nan=False), max_size=40))
+def test_lookup_equals_bucketize_property(fire, rounding, m, kind, theta_pos, theta_neg, lam, picks, extra):
+    """Random sites and inputs: boundaries moved by −3..3 ulps, and arbitrary float32 values (±∞ included)."""
+    assume(max(fire_levels(m, fire)) < 2 ** 22)
+    site = _site("sfn_x", fire, rounding, m, kind, theta_pos, theta_neg, lam, 1)
+    b = _near_boundaries([site], ulps=0)
+    x = []
+    for i, ulps in picks:
+        v = b[i % b.size]
+        for _ in range(abs(ulps)):
+            v = np.nextafter(v, np.float32(np.inf if ulps > 0 else -np.inf))
+        x.append(v)
+    x = np.concatenate([np.float32(x), np.float32(extra), _SPECIAL[:2]])
+    _compare_sites([site], x, independent=False)
+
+
+def test_irregular_level_table_falls_back_to_comparing_every_boundary():
+    """A level table no cell map can split (gap 1 next to 10^5): the O(N) comparison form, still exact."""
+    site = _site("sfn_x", "linear", "paper", 2, "dual", 0.37, 0.11, 0.3, 1)
+    site.attrs["levels"] = [1, 100000, 100001]
+    configure(site, 0.3)
+    assert fire_table(site.params["bounds_pos"], site.params["bounds_neg"], site.params["table"],
+                      site.params["steps"]) is None
+    proto = _compare_sites([site], np.concatenate([_near_boundaries([site]), _SPECIAL]))
+    assert {"MatMul", "GreaterOrEqual"} <= {n.op_type for n in proto.graph.node if n.name.startswith("sfn_x:")}
+
+
+def test_nan_input_runs():
+    """NaN is not specified (docs/onnx.md), but it must not make a lookup index leave its table."""
+    site = _site("sfn_x", "sformer", "paper", 8, "dual", 0.37, 0.11, 0.3, 4)
+    g = Graph([Node("input", "input", shape=[1, 4], bdim=0), site], "sfn_x")
+    runner = OnnxRunner(to_onnx(ConvertedModel(g, [4]), levels=True), threads=1)
+    logits, levels = runner.run_with_levels(np.float32([[np.nan, 1.0, -np.nan, 0.0]]))
+    assert logits.shape == levels["sfn_x"].shape == (1, 4)
+    assert np.array_equal(levels["sfn_x"][0, [1, 3]], spike_levels(site, torch.tensor([1.0, 0.0])).numpy())
+    assert np.all(levels["sfn_x"][0, [0, 2]] == -max(site.attrs["levels"]))     # cell 0: the lowest level
 
 
 # -- an independent ONNX implementation ---------------------------------------------------------
