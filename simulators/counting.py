@@ -166,6 +166,7 @@ class OpCounter:
         self._fan: dict[str, torch.Tensor] = {}
         self._hist: dict[str, torch.Tensor] = {}
         self._orders: dict[str, list[list[float]]] = {}   # products: op totals of each operand order
+        self._grids: dict[str, object] = {}
         self._free = _release_plan(graph)
 
     def start_batch(self, batch: int) -> None:
@@ -249,9 +250,12 @@ class OpCounter:
                 self._shadow[node.name] = s.map(lambda t: _op(node, [t], self.graph, self.batch),
                                                 preserves=op in _PRESERVE)
             elif op == "max_pool2d":
-                # the output value is monotone in the signed index: pooling the index picks the same element
-                self._shadow[node.name] = s.map(
-                    lambda t: _op(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
+                grid = self._recoverable(s.site) if s.index is not None else None
+                if grid is not None:     # the pooled values are table values: read their positions back
+                    self._shadow[node.name] = _Spikes(s.site, index=grid.position(out))
+                else:                    # the value is monotone in the index: pooling it picks the same element
+                    self._shadow[node.name] = s.map(
+                        lambda t: _op(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
             elif op == "avg_pool2d":
                 self._shadow[node.name] = _Spikes(s.site, sums=tuple(
                     F.avg_pool2d(t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
@@ -264,6 +268,20 @@ class OpCounter:
             elif op == "mean":
                 self._shadow[node.name] = _Spikes(s.site, sums=tuple(
                     t.sum(a["dims"], keepdim=a["keepdim"]) for t in s.triple()))
+
+    def _recoverable(self, site: Node):
+        """The site's fire table if it maps every reachable output value back to its own position."""
+        if site.name not in self._grids:
+            from sfn_deploy.firegrid import grid_for
+            from sfn_deploy.runtime import level_values
+            grid, n = grid_for(site), site.params["table"].numel() - 1
+            if grid is not None:
+                lo = 0 if site.params["bounds_neg"].numel() else n      # one branch: levels 0..N only
+                values = level_values(site, signed_table(site))[lo:]
+                if not torch.equal(grid.position(values).to(torch.int64), torch.arange(lo, 2 * n + 1)):
+                    grid = None
+            self._grids[site.name] = grid
+        return self._grids[site.name]
 
     def result(self) -> "OpCounts":
         s = max(self.samples, 1)

@@ -139,6 +139,16 @@ def test_max_pooling_of_signed_spikes_is_followed():
     brute = float(F.conv2d(lv.abs(), torch.ones(3, 2, 3, 3), padding=1).sum()) / 5
     c = {layer.name: layer for layer in count_ops(g, [x]).layers}
     assert c[conv.name].input == "spikes" and abs(c[conv.name].ac - brute) < 1e-6 * brute
+    # positions read back from the pooled values equal pooling the positions themselves
+    from sfn_deploy.simulators import counting
+    counter = counting.OpCounter(g)
+    assert counter._recoverable(site) is not None
+    counter._grids[site.name] = None
+    counter.start_batch(5)
+    run(g, x, hook=counter)
+    slow = {layer.name: layer for layer in counter.result().layers}
+    for field in ("ac", "ac_event", "ac_channel"):
+        assert getattr(slow[conv.name], field) == getattr(c[conv.name], field)
 
 
 def level_values_of(site, level):
