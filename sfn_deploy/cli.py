@@ -270,7 +270,8 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, as_json)
     lines = [f"{r['samples']} samples, reference torch"]
     for b, e in r["backends"].items():
         extra = f"  levels equal {e['level_agreement']:.4f}%" if "level_agreement" in e else ""
-        lines.append(f"  {b:<6} {e['seconds']:8.3f} s  {e['samples_per_s']:9.1f} samples/s  accuracy "
+        setup = f" (+{e['setup_seconds']:.2f} s set-up)" if e.get("setup_seconds") else ""
+        lines.append(f"  {b:<6} {e['seconds']:8.3f} s{setup}  {e['samples_per_s']:9.1f} samples/s  accuracy "
                      f"{e['accuracy']:.2f}%  max|Δ| {e['max_abs_diff']:.3g}  top-1 agreement "
                      f"{e['prediction_agreement']:.2f}%{extra}")
     _emit(as_json, r, "\n".join(lines))
