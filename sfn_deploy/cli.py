@@ -227,7 +227,7 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_js
 
 @main.command("export")
 @click.argument("converted", type=click.Path(dir_okay=False))
-@click.option("--target", required=True, type=click.Choice(["onnx"]), help="Format to write.")
+@click.option("--target", required=True, type=click.Choice(["onnx", "nir"]), help="Format to write.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output path (default: beside the model, with the target's extension).")
 @click.option("--levels", is_flag=True, help="ONNX: add each SFN site's integer spike levels as outputs.")
@@ -235,12 +235,22 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_js
 @click.option("--opset", type=click.IntRange(17, 21), default=17, help="ONNX opset.")
 @command
 def export_cmd(converted, target, output, levels, ann, opset, as_json):
-    """Write the converted network in a target format (ONNX now; NIR and Lava to come)."""
-    from .exporters.onnx import export_onnx
+    """Write the converted network in a target format (ONNX or NIR; Lava to come)."""
     from .model_file import load
 
     model = load(converted)
-    path = output or os.path.splitext(converted)[0] + ".onnx"
+    path = output or os.path.splitext(converted)[0] + "." + target
+    if target == "nir":
+        from .exporters.nir import export_nir
+        if levels or ann:
+            raise UserError("--levels and --ann apply to --target onnx only")
+        info = export_nir(model, path)
+        text = (f"wrote {info['path']}: NIR, {info['nodes']} nodes, {info['bytes']:,} bytes, {info['sites']} SFN "
+                f"sites; neurons {info['neurons_before']:,} graded -> {info['neurons_after']:,} binary, synapses "
+                f"{info['synapses_before']:,} -> {info['synapses_after']:,}")
+        _emit(as_json, {"target": target, **info}, text)
+        return
+    from .exporters.onnx import export_onnx
     info = export_onnx(model, path, levels=levels, opset=opset, ann=ann)
     text = (f"wrote {info['path']}: ONNX opset {info['opset']}, {info['nodes']} nodes, {info['bytes']:,} bytes, "
             f"{info['sites']} SFN sites ({info['mode']}); outputs {', '.join(info['outputs'][:4])}"

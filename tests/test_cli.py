@@ -222,3 +222,21 @@ def test_check_exit_codes_and_violations(converted, tmp_path):
     tight.write_text('name = "tight"\nconvention = "event"\nspikes = "graded"\n[energy_pj]\nsynop = 1\n')
     r = sfn("check", out, "--target", tight)
     assert r.returncode == 2 and "energy_pj.synop" in r.stderr and "source" in r.stderr
+
+
+def test_export_nir_default_path_summary_and_json(tmp_path, converted):
+    import shutil
+    out, _ = converted
+    model = tmp_path / "model.pt"
+    shutil.copy(out, model)
+    r = sfn("export", "--target", "nir", model)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert "\n" not in line and "NIR" in line and "neurons" in line and "synapses" in line
+    assert (tmp_path / "model.nir").exists()                   # default extension beside the model
+    r = sfn("export", "--target", "nir", model, "-o", tmp_path / "x.nir", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["target"] == "nir" and info["sites"] == 2 and info["bytes"] == (tmp_path / "x.nir").stat().st_size
+    assert info["neurons_after"] > info["neurons_before"] == 96
+    _bad(sfn("export", "--target", "nir", model, "--levels"), "onnx only")
