@@ -202,7 +202,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
 @main.command("evaluate")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Evaluation data.")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", help="Where the SNN runs.")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "nir"]), default="torch", help="Where the SNN runs.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
@@ -261,7 +261,7 @@ def export_cmd(converted, target, output, levels, ann, opset, as_json):
 @main.command("simulate")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Input data.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx"]), default=("torch",),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx", "nir"]), default=("torch",),
               help="Backend(s) to run (repeatable); each is compared with the torch reference.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=int, default=256)

@@ -6,6 +6,7 @@ accuracy, agreement with the ANN and the paper's energy ratio.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -66,21 +67,40 @@ def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = 
     return torch.cat(preds), counter
 
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "nir")
+
+
+def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, threads: int | None = None):
+    """A function batch → logits running the SNN (or, with ann=True, its source ANN) on a backend.
+
+    Building it is the backend's set-up (export, session creation), kept apart so it can be timed apart.
+    The NIR backend writes the file and runs what ``nir.read`` gives back (the ANN has no NIR form: torch).
+    """
+    if backend == "torch" or (backend == "nir" and ann):
+        return lambda xb: run(converted.graph, xb, spiking=not ann)
+    if backend == "onnx":
+        from .exporters.onnx import OnnxRunner, to_onnx
+        runner = OnnxRunner(to_onnx(converted, ann=ann), threads=threads)
+        return lambda xb: torch.from_numpy(runner.run(xb.numpy()))
+    if backend == "nir":
+        import tempfile
+
+        from .exporters.nir import export_nir, load_nir
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.nir")
+            export_nir(converted, path)
+            module = load_nir(path)
+        return module
+    raise UserError(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
 
 
 def backend_logits(converted: ConvertedModel, data: Dataset, backend: str, batch_size: int = 256,
                    ann: bool = False, quiet: bool = True, threads: int | None = None) -> torch.Tensor:
     """Logits of the SNN (or, with ann=True, its source ANN) computed by a backend."""
+    runner = backend_runner(converted, backend, ann, threads)
     batches = progress(data.batches(batch_size), f"{backend}{' ANN' if ann else ''}", quiet=quiet,
                        total=-(-len(data) // batch_size))
-    if backend == "torch":
-        return torch.cat([run(converted.graph, xb, spiking=not ann) for xb in batches])
-    if backend == "onnx":
-        from .exporters.onnx import OnnxRunner, to_onnx
-        runner = OnnxRunner(to_onnx(converted, ann=ann), threads=threads)
-        return torch.cat([torch.from_numpy(runner.run(xb.numpy())) for xb in batches])
-    raise UserError(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
+    return torch.cat([runner(xb) for xb in batches])
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:

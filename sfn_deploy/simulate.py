@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from .convert import BACKENDS, accuracy, backend_logits, check_data
+from .convert import BACKENDS, accuracy, backend_logits, backend_runner, check_data
 from .data import Dataset
 from .errors import UserError
 from .model_file import ConvertedModel
@@ -50,12 +50,11 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
         if b == "torch":
             logits, secs = ref, t_ref
         else:               # export and session creation are set-up, timed apart from the run
-            from .exporters.onnx import OnnxRunner, to_onnx
             t0 = time.perf_counter()
-            runner = OnnxRunner(to_onnx(converted), threads=threads)
+            runner = backend_runner(converted, b, threads=threads)
             setup = time.perf_counter() - t0
             t0 = time.perf_counter()
-            logits = torch.cat([torch.from_numpy(runner.run(xb.numpy())) for xb in data.batches(batch_size)])
+            logits = torch.cat([runner(xb) for xb in data.batches(batch_size)])
             secs = time.perf_counter() - t0
         entry = {"seconds": secs, "setup_seconds": setup, "samples_per_s": len(data) / secs if secs else None,
                  "accuracy": accuracy(logits.argmax(-1), data.y),

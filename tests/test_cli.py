@@ -240,3 +240,15 @@ def test_export_nir_default_path_summary_and_json(tmp_path, converted):
     assert info["target"] == "nir" and info["sites"] == 2 and info["bytes"] == (tmp_path / "x.nir").stat().st_size
     assert info["neurons_after"] > info["neurons_before"] == 96
     _bad(sfn("export", "--target", "nir", model, "--levels"), "onnx only")
+
+
+def test_simulate_and_evaluate_run_the_written_nir_file(converted):
+    out, _ = converted
+    r = sfn("simulate", out, "--data", "sklearn:digits", "--backend", "nir", "--limit", 400, "--json")
+    assert r.returncode == 0, r.stderr
+    nir = json.loads(r.stdout)["backends"]["nir"]
+    assert nir["max_abs_diff"] < 1e-4 and nir["prediction_agreement"] == 100.0 and nir["setup_seconds"] > 0
+    a = json.loads(sfn("evaluate", out, "--data", "sklearn:digits", "--limit", 400, "--json").stdout)
+    b = json.loads(sfn("evaluate", out, "--data", "sklearn:digits", "--limit", 400, "--backend", "nir",
+                       "--json").stdout)
+    assert b["backend"] == "nir" and b["accuracy"] == a["accuracy"] and b["agreement"] == a["agreement"]
