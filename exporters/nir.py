@@ -18,9 +18,11 @@ Channel layout: the expanded tensor is [G·C, ...] with the copy index outermost
 after a flatten copy g occupies one contiguous block of features.
 
 Only what NIR expresses is exported: input, linear, conv2d (groups 1), SFN sites,
-avg_pool2d (no padding), flatten (and flatten-like reshape). Anything else — max pooling
-of spikes (not linear in the spikes), layer_norm, softmax, gelu, products of activations,
-sums of two tensors — is refused with a :class:`UserError` listing every offending node.
+avg_pool2d (no padding), max_pool2d straight after a site (channels are cumulative, so the
+pooled level's channel g is the OR of the window's channel g — a SumPool2d and a Threshold;
+AND for negative channels), flatten (and flatten-like reshape). Anything else — max pooling
+of analog values, layer_norm, softmax, gelu, products of activations, sums of two tensors —
+is refused with a :class:`UserError` listing every offending node.
 
 Running the file: no NIR reader maps ``nir.Threshold`` out of the box
 (``research/nir-readers.md``), so :func:`nir_node_map` gives nirtorch 2.6 the missing
@@ -41,7 +43,7 @@ from ..model_file import ConvertedModel, atomic_write
 __all__ = ["to_nir", "export_nir", "nir_node_map", "load_nir", "check_nir"]
 
 _F32 = np.float32
-_LAYOUT_OK = {"input", "linear", "conv2d", "sfn", "flatten", "reshape", "avg_pool2d"}
+_LAYOUT_OK = {"input", "linear", "conv2d", "sfn", "flatten", "reshape", "avg_pool2d", "max_pool2d"}
 
 
 def _nir():
@@ -63,7 +65,11 @@ def _problem(node: Node, graph: Graph) -> str | None:
     """Why NIR cannot express this node (None when it can)."""
     op, a = node.op, node.attrs
     if op == "max_pool2d":
-        return "max pooling of spikes is not linear in the spikes; NIR has no max-pool primitive (use avg pooling)"
+        if graph[node.inputs[0]].op != "sfn":
+            return "max pooling of analog values: NIR has no max-pool primitive (only spikes straight from an " \
+                   "SFN site are pooled, as OR/AND of threshold channels)"
+        if any(a.get("padding", [0])) or a.get("ceil_mode") or any(d != 1 for d in a.get("dilation", [1])):
+            return "max pooling with padding, dilation or ceil_mode"
     if op not in _LAYOUT_OK:
         return "no NIR primitive expresses it"
     if node.bdim != 0:
@@ -176,6 +182,24 @@ class _Lowering:
             return self.weight_layer(name, "conv2d", np.eye(c).reshape(c, c, 1, 1), None, attrs, x, site)
         raise UserError(f"NIR export: node {name} has a {len(base)}-D value; only 1-D and C×H×W are supported")
 
+    def max_pool(self, node: Node, x: _Value) -> _Value:
+        """Max pooling of threshold channels: the pooled level reaches g iff some input in the window does
+        (OR: window sum > 0.5) and falls to −j iff every input does (AND: window sum > K − 0.5), since the
+        channels of a level are cumulative. A SumPool2d and a Threshold per channel, exact."""
+        a, nir = node.attrs, self.nir
+        k = tuple(a["kernel_size"])
+        st = tuple(a["stride"]) if a.get("stride") else k
+        c, h, w = x.shape
+        oh, ow = (h - k[0]) // st[0] + 1, (w - k[1]) // st[1] + 1
+        n = self.add(node.name, nir.SumPool2d(kernel_size=np.array(k), stride=np.array(st),
+                                              padding=np.array([0, 0])), x.node)
+        per = c // len(x.inc)                       # channels of one copy
+        window = k[0] * k[1]
+        theta = np.where(x.inc > 0, 0.5, window - 0.5).astype(_F32)   # positive copies OR, negative copies AND
+        th = np.broadcast_to(np.repeat(theta, per).reshape(-1, 1, 1), (c, oh, ow))
+        t = self.add(node.name + "_any", nir.Threshold(threshold=np.ascontiguousarray(th, _F32)), n)
+        return _Value(t, (c, oh, ow), x.inc, (x.base[0], oh, ow))
+
     def lower(self) -> None:
         nir, g = self.nir, self.graph
         fused: set[str] = set()
@@ -208,6 +232,8 @@ class _Lowering:
                 oh, ow = (h - k[0]) // st[0] + 1, (w - k[1]) // st[1] + 1
                 base = None if x.base is None else (x.base[0], oh, ow)
                 self.env[node.name] = _Value(n, (c, oh, ow), x.inc, base)
+            elif op == "max_pool2d":
+                self.env[node.name] = self.max_pool(node, x)
             elif op in ("flatten", "reshape"):
                 flat = int(np.prod(x.shape))
                 n = self.add(node.name, nir.Flatten(input_type={"input": np.array(x.shape)}, start_dim=0,
@@ -329,6 +355,10 @@ def _avgpool2d(n):
     return torch.nn.AvgPool2d(_ints(n.kernel_size), _ints(n.stride), _ints(n.padding))
 
 
+def _sumpool2d(n):               # an exact window sum (nirtorch 2.6 maps SumPool2d to LPPool2d)
+    return torch.nn.AvgPool2d(_ints(n.kernel_size), _ints(n.stride), _ints(n.padding), divisor_override=1)
+
+
 def _flatten_batched(n):         # NIR dims exclude the batch axis
     s = n.start_dim + 1 if n.start_dim >= 0 else n.start_dim
     e = n.end_dim + 1 if n.end_dim >= 0 else n.end_dim
@@ -341,7 +371,7 @@ def nir_node_map() -> dict:
     nir = _nir()
     return {nir.Threshold: lambda n: Threshold(n.threshold), nir.Scale: lambda n: Scale(n.scale),
             nir.Affine: _affine, nir.Linear: _linear, nir.Conv2d: _conv2d, nir.AvgPool2d: _avgpool2d,
-            nir.Flatten: _flatten_batched}
+            nir.SumPool2d: _sumpool2d, nir.Flatten: _flatten_batched}
 
 
 class NirModule(torch.nn.Module):

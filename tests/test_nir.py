@@ -149,18 +149,31 @@ def test_refusal_lists_every_node():
     assert "8 node(s)" in lines[0] and len(lines) == 1 + len(refused)
     for (name, op), line in zip(refused, lines[1:]):
         assert line.strip().startswith(f"{name} ({op}):"), line
-    assert "not linear in the spikes" in str(e.value)
+    assert "max pooling of analog values" in str(e.value)
 
 
-def test_bundled_mnist_cnn_is_refused_for_its_max_pooling():
-    """examples/models/mnist_cnn uses MaxPool2d twice: its NIR export is refused, naming both pools."""
+def test_bundled_mnist_cnn_with_max_pooling_roundtrips(tmp_path):
+    """examples/models/mnist_cnn max-pools spikes twice: each pool becomes SumPool2d + Threshold (OR of channels)."""
     ep = torch.export.load(os.path.join(MODELS, "mnist_cnn.pt2"))
     torch.manual_seed(0)
-    data = Dataset(torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,)), "random")
-    with pytest.raises(UserError) as e:
-        check_nir(convert(ep, data, scale=0.3).graph)
-    pools = [line for line in str(e.value).splitlines()[1:] if "(max_pool2d)" in line]
-    assert len(pools) == 2 and len(str(e.value).splitlines()) == 3
+    x = torch.rand(32, 1, 28, 28)
+    snn = convert(ep, Dataset(x, torch.randint(0, 10, (32,)), "random"), scale=0.3)
+    info, got, ref, gl, rl = roundtrip(snn, tmp_path, x)
+    assert_same(got, ref, gl, rl)
+    graph = nir.read(info["path"])
+    assert sum(isinstance(n, nir.SumPool2d) for n in graph.nodes.values()) == 2
+
+
+def test_max_pooling_of_signed_spikes_is_exact(digits, tmp_path):
+    """Without a ReLU the site is dual: positive channels pool as OR, negative ones as AND (all must fire)."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                      nn.Flatten(), nn.Linear(6 * 4 * 4, 10)).eval()
+    snn = convert(m, digits.limit(200), scale=0.3)
+    assert any(s.params["bounds_neg"].numel() for s in snn.sites)
+    assert any(n.op == "max_pool2d" for n in snn.graph.nodes)
+    _, got, ref, gl, rl = roundtrip(snn, tmp_path, digits.x[:300])
+    assert_same(got, ref, gl, rl)
 
 
 def test_atomic_write_keeps_existing_file(mlp_snn, tmp_path, monkeypatch):
