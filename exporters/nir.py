@@ -392,8 +392,19 @@ def load_nir(path_or_graph) -> NirModule:
     nir = _nir()
     import nirtorch
     g = path_or_graph
+    where = "NIR graph"
     if not isinstance(g, nir.NIRGraph):
         if not os.path.exists(g):
             raise UserError(f"{g}: no such file")
-        g = nir.read(g)
+        where = str(g)
+        try:
+            g = nir.read(g)
+        except Exception as e:                  # not HDF5, or not a NIR file
+            raise UserError(f"{g}: not a readable NIR file ({type(e).__name__}: {e})")
+    known = (nir.Input, nir.Output, *nir_node_map())
+    bad = [f"  {name} ({type(n).__name__})" for name, n in g.nodes.items() if not isinstance(n, known)]
+    if bad:
+        names = ", ".join(sorted(t.__name__ for t in known))
+        raise UserError(f"{where}: {len(bad)} node(s) use primitives this runner does not map (it maps {names}):\n"
+                        + "\n".join(bad))
     return NirModule(nirtorch.nir_to_torch(g, nir_node_map()).eval())

@@ -190,3 +190,30 @@ def test_atomic_write_keeps_existing_file(mlp_snn, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_nir(mlp_snn, str(path))
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["m.nir"]
+
+
+def test_graph_written_by_hand_runs_and_foreign_primitives_are_named(tmp_path):
+    """A NIR file this project did not write: supported primitives run; others get one line each."""
+    w1 = np.array([[1.0, -1.0], [0.5, 2.0], [0.0, 1.0]], np.float32)
+    w2 = np.array([[1.0, 2.0, 3.0]], np.float32)
+    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([2])}),
+                            "fc1": nir.Affine(weight=w1, bias=np.array([0.0, 0.0, 0.5], np.float32)),
+                            "spk": nir.Threshold(threshold=np.array([0.0, 1.0, 1.0], np.float32)),
+                            "fc2": nir.Linear(weight=w2),
+                            "output": nir.Output(output_type={"output": np.array([1])})},
+                     edges=[("input", "fc1"), ("fc1", "spk"), ("spk", "fc2"), ("fc2", "output")])
+    path = str(tmp_path / "other.nir")
+    nir.write(path, g)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    v = x @ torch.from_numpy(w1).T + torch.tensor([0.0, 0.0, 0.5])
+    ref = (v > torch.tensor([0.0, 1.0, 1.0])).float() @ torch.from_numpy(w2).T     # NIR's strict threshold
+    assert torch.equal(load_nir(path)(x), ref)
+    g.nodes["lif"] = nir.LIF(tau=np.ones(3), r=np.ones(3), v_leak=np.zeros(3), v_threshold=np.ones(3))
+    g.edges = [("input", "fc1"), ("fc1", "lif"), ("lif", "fc2"), ("fc2", "output")]
+    del g.nodes["spk"]
+    nir.write(path, g)
+    with pytest.raises(UserError, match=r"1 node\(s\) use primitives.*\n  lif \(LIF\)"):
+        load_nir(path)
+    (tmp_path / "junk.nir").write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="not a readable NIR file"):
+        load_nir(str(tmp_path / "junk.nir"))
