@@ -183,7 +183,14 @@ def _totals(r: dict) -> list:
              ["host operations", count(r["host_ops"])]]
     rows += [[f"  host: {op}", count(v)] for op, v in (r.get("host_ops_by_op") or {}).items()]
     rows += [["neuron updates (SFN neurons)", count(r["neuron_updates"])], ["spikes Σ|y|", count(r["spikes"])]]
-    return [("table", ["per inference", "count"], rows)]
+    out = [("table", ["per inference", "count"], rows)]
+    cd = r.get("channel_decomposition")
+    if cd:
+        out.append(("p", f"Binary threshold channels (Loihi 1, NIR) instead of graded spikes: SFN neurons "
+                         f"{count(cd['neurons_graded'])} → {count(cd['neurons_channels'])}, synapses "
+                         f"{count(cd['synapses_graded'])} → {count(cd['synapses_channels'])} (one neuron per "
+                         f"channel, one synapse per incoming channel)."))
+    return out
 
 
 def _target(name: str, t: dict, level: int) -> list:

@@ -42,6 +42,23 @@ def _summary_layers(counts: OpCounts) -> list[dict]:
     return [{k: d[k] for k in keep if k in d} for d in counts.reported_layers()]
 
 
+def channel_cost(converted: ConvertedModel, counts: OpCounts) -> dict:
+    """What lowering every multi-spike neuron to binary threshold channels costs (Loihi 1, NIR):
+    one neuron per channel, and one synapse per incoming channel (the level increment folded into it)."""
+    from .targets.mapping import _source_site
+    stats = {c.name: c for c in counts.layers}
+    channels = {c.name: c.levels * (2 if c.dual else 1) for c in counts.layers if c.op == "sfn"}
+    syn_graded = syn_channels = 0
+    for c in counts.layers:
+        if c.kind == "weight":
+            src = _source_site(converted.graph, converted.graph[c.name].inputs[0])
+            syn_graded += c.connections
+            syn_channels += c.connections * (channels[src.name] if src is not None else 1)
+    neurons = sum(stats[n].neurons for n in channels)
+    return {"neurons_graded": neurons, "neurons_channels": sum(stats[n].neurons * k for n, k in channels.items()),
+            "synapses_graded": syn_graded, "synapses_channels": syn_channels}
+
+
 def plan(converted: ConvertedModel, counts: OpCounts, targets: list[str]) -> dict:
     """Mapping and estimate for each target (no data pass: reuses ``counts``)."""
     out = {}
@@ -75,6 +92,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         "synops": {c: counts.synops(c) for c in CONVENTIONS}, "host_ops_by_op": counts.host_ops_by_op(),
         "neuron_updates": sum(c.neurons for c in counts.layers if c.op == "sfn"),
         "spikes": sum(c.spikes for c in counts.layers if c.op == "sfn"),
+        "channel_decomposition": channel_cost(converted, counts),
         "layers": _summary_layers(counts), "stages": counts.per_stage(),
         "targets": plan(converted, counts, targets),
     }

@@ -224,3 +224,12 @@ def test_spiking_estimate_and_latency_by_hand(tmp_path):
     assert e["throughput_per_s"] == pytest.approx(1e9 / 112)
     assert e["traffic"]["synaptic_reads"] == 10 + 3 * 4        # channel reads + the analog layer's MACs
     assert e["traffic"]["message_bits"] == 5                   # one bit per binary channel spike
+
+
+def test_channel_decomposition_cost_by_hand():
+    from sfn_deploy.model_file import ConvertedModel
+    from sfn_deploy.report import channel_cost
+    g, x = _mlp("exponential", 2)          # hidden site: 4 units, 4 positive channels; 4→2 layer: 8 connections
+    cd = channel_cost(ConvertedModel(g, [3]), count_ops(g, [x]))
+    assert cd == {"neurons_graded": 4, "neurons_channels": 16, "synapses_graded": 12 + 8,
+                  "synapses_channels": 12 + 8 * 4}
