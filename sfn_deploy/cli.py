@@ -358,8 +358,7 @@ def check_cmd(converted, target, as_json):
     model = load(converted)
     m = map_network(model.graph, count_static(model), t)
     d = m.to_dict()
-    d.pop("layers")
-    d["layers"] = [{k: p[k] for k in ("name", "op", "cores", "binding")} for p in m.to_dict()["layers"]]
+    d["layers"] = [{k: p[k] for k in ("name", "op", "cores", "binding")} for p in d["layers"]]
     lines = [f"{converted} on {t.name}: {'fits' if m.fits else 'does NOT fit'}"
              + (f" ({m.cores:,} cores, {m.chips} chip(s); chips bound by {m.chip_binding})" if t.has_cores else "")]
     lines += [f"  violation: {v}" for v in m.violations]

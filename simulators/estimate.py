@@ -38,17 +38,9 @@ def _term(name: str, count: float, target: Target, section: str, key: str, what:
             "priced": priced, "source": fig.source if priced else "", "evidence": fig.evidence if priced else ""}
 
 
-def _sites_fed(graph) -> dict:
-    """SFN sites each weight layer feeds (through layout/pool ops)."""
-    from sfn_deploy.targets.mapping import _reach
-    users = graph.users()
-    return {n.name: [s.name for s in _reach(graph, users, n.name, lambda u: u.op == "sfn")]
-            for n in graph.nodes if n.kind == "weight"}
-
-
-def _fired(p, fed: dict, stats: dict, target: Target) -> float:
+def _fired(p, stats: dict, target: Target) -> float:
     """Compartments of a placed layer that fire per inference: graded events or binary channel spikes."""
-    sites = [stats[s] for s in fed.get(p.name, [])]
+    sites = [stats[s] for s in p.sites]
     fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
     return min(fired, p.compartments)
 
@@ -64,7 +56,6 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
     terms: list[dict] = []
     per_layer: dict[str, dict] = {c.name: {"name": c.name, "snn_j": 0.0, "ann_target_j": None, "ann_int8_j": None}
                                   for c in weights + products}
-    fed = _sites_fed(graph)
 
     if target.spikes == "none":
         syn = sum(c.synops(conv) for c in weights + products)
@@ -88,7 +79,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
                                "one per graded synaptic op"))
         active = inactive = msgs = 0.0
         for p in mapping.layers:
-            fired = _fired(p, fed, stats, target)
+            fired = _fired(p, stats, target)
             active += fired
             inactive += p.compartments - fired
             msgs += fired
@@ -115,7 +106,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
 
     # traffic: one synaptic-memory read per synaptic op (of weight_bits), and spike payload bits
     message_bits = 0.0
-    on_core = {name for sites in fed.values() for name in sites}      # the sites whose messages are priced
+    on_core = {name for p in mapping.layers for name in p.sites}      # the sites whose messages are priced
     for c in counts.layers:
         if c.name in on_core and target.spikes != "none":
             table = graph[c.name].params["table"]
@@ -136,7 +127,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
                        "targets) or per MAC of a weight layer; message bits: payloads of the spikes sent by on-core "
                        "neurons only (graded: "
                        "the signed level's bits per event; binary: one per channel spike), no routing headers"}
-    lat = _latency(counts, target, mapping, fed)
+    lat = _latency(counts, target, mapping)
     dynamic = sum(t["joules"] for t in terms if t["priced"])
     memory = sum(t["joules"] for t in terms if t["priced"] and t["term"] == "weight memory")
     static_w = target.get("chip", "static_w")
@@ -181,7 +172,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
                            "static power are network totals)"}
 
 
-def _latency(counts, target: Target, mapping: Mapping, fed: dict) -> dict:
+def _latency(counts, target: Target, mapping: Mapping) -> dict:
     t = {k: target.get("time_ns", k) for k in ("synop", "neuron_update", "neuron_update_inactive", "spike", "barrier")}
     out = {"latency_s": None, "step_s": None, "throughput_per_s": None, "stages": [], "timed": False,
            "untimed": ["the whole network: the target gives no core model or no time per synaptic op"]}
@@ -192,7 +183,7 @@ def _latency(counts, target: Target, mapping: Mapping, fed: dict) -> dict:
     stage_time: dict[int, float] = {}
     for p in mapping.layers:
         c = stats[p.name]
-        fired = _fired(p, fed, stats, target)
+        fired = _fired(p, stats, target)
         silent = t["neuron_update_inactive"] if t["neuron_update_inactive"] is not None else t["neuron_update"]
         upd = fired * (t["neuron_update"] or 0.0) + (p.compartments - fired) * (silent or 0.0)
         ns = (c.synops(conv) * t["synop"] + upd + fired * (t["spike"] or 0.0)) / p.cores

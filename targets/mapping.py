@@ -67,6 +67,7 @@ class Placement:
     channels: int = 0             # threshold channels per unit (binary targets)
     dest_cores: int = 0
     input_channels: int = 1       # binary targets: axons per input element (the input site's channels)
+    sites: list = field(default_factory=list)   # the SFN sites this layer's output feeds
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -220,7 +221,8 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
         if cores == 1 and binding != "fan_in":
             binding = "none (fits one core)"
         p = Placement(node.name, node.op, node.source, units, comp, syn, bits, fan_in, axons,
-                      cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels, 0, ch_in)
+                      cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels, 0, ch_in,
+                      [site.name for site in sites])
         m.layers.append(p)
         if not target.has_cores:
             continue
@@ -247,17 +249,13 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
                                               "lower M or use the linear fire function (levels up to 2M)"))
 
     by_name = {p.name: p for p in m.layers}
-    for node in graph.nodes:
-        if node.name not in by_name:
-            continue
-        sites = _reach(graph, users, node.name, lambda u: u.op == "sfn")
+    for p in m.layers:
         dest = 0
-        for s in sites:
-            dest += sum(by_name[w.name].cores for w in _reach(graph, users, s.name, lambda u: u.kind == "weight"))
-        p = by_name[node.name]
+        for s in p.sites:
+            dest += sum(by_name[w.name].cores for w in _reach(graph, users, s, lambda u: u.kind == "weight"))
         p.dest_cores = dest
         if target.has_cores and core["fan_out"] and dest > core["fan_out"]:
-            m.violations.append(Violation(node.name, LIMITS["fan_out"], core["fan_out"], dest,
+            m.violations.append(Violation(p.name, LIMITS["fan_out"], core["fan_out"], dest,
                                           "place consumer layers on fewer, fuller cores or split this layer"))
 
     m.cores = sum(p.cores for p in m.layers) if target.has_cores else 0

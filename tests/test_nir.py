@@ -15,7 +15,7 @@ from sfn_deploy.convert import convert
 from sfn_deploy.data import Dataset
 from sfn_deploy.errors import UserError
 from sfn_deploy.exporters import nir as nir_exp
-from sfn_deploy.exporters.nir import check_nir, export_nir, load_nir, to_nir
+from sfn_deploy.exporters.nir import export_nir, load_nir, to_nir
 from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel
 from sfn_deploy.runtime import run_with_levels

@@ -6,8 +6,6 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-import torch
-import torch.nn as nn
 
 from sfn_deploy.convert import convert
 from sfn_deploy.render import count, energy, seconds, to_html, to_markdown, to_text
@@ -31,21 +29,8 @@ TARGETS = ["loihi2", "loihi1", "cmos45"]
 
 
 @pytest.fixture(scope="module")
-def converted(digits):
-    """Trained here on one thread: a fraction of a second even on a busy machine (the shared fixture is slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
-        opt = torch.optim.Adam(m.parameters(), 1e-2)
-        for _ in range(40):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(digits.x), digits.y).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return convert(m.eval(), digits.limit(200), scale=0.3)
+def converted(digits, digits_mlp):
+    return convert(digits_mlp, digits.limit(200), scale=0.3)
 
 
 @pytest.fixture(scope="module")
