@@ -1,0 +1,136 @@
+"""Lava target (SPEC §7): the converted SFN network as Lava processes, simulated with Loihi2SimCfg.
+
+* :func:`export_lava` writes a bundle folder (``manifest.json`` + ``arrays.npz``, see :mod:`.bundle`)
+  holding the lowering in floating and fixed point;
+* :func:`load_network` builds a bundle's processes for one's own Lava program (input and output
+  ports, latency);
+* :func:`run_lava` streams samples through a bundle (one sample per timestep) in a killable
+  subprocess and returns outputs, per-site spike levels and pre-activations, fixed-point counters
+  and timings.
+
+How the network is lowered is in :mod:`.plan`; the processes are in :mod:`.procs.processes`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from ...errors import UserError
+from ...model_file import ConvertedModel
+from .build import LavaNetwork, build
+from .bundle import read_bundle, write_bundle
+from .plan import LOWERINGS, PRECISIONS, Plan, lower
+
+__all__ = ["export_lava", "load_network", "run_lava", "lower", "LOWERINGS", "PRECISIONS", "LavaNetwork"]
+
+
+def plans_for(model: ConvertedModel, lowering: str = "graded", input_abs_max: float | None = None):
+    """Both precisions' plans (fixed point left out, with the reason, where it cannot be planned)."""
+    plans, missing = {}, {}
+    for p in PRECISIONS:
+        try:
+            plans[p] = lower(model, lowering, p, input_abs_max)
+        except UserError as e:
+            if p == "floating_pt":
+                raise
+            missing[p] = str(e)
+    return plans, missing
+
+
+def export_lava(model: ConvertedModel, path: str, lowering: str = "graded",
+                input_abs_max: float | None = None) -> dict:
+    """Write the bundle folder atomically; return a summary (processes by kind, host work, latency)."""
+    plans, missing = plans_for(model, lowering, input_abs_max)
+    info = {"lowering": lowering, "source": model.source, "input_shape": list(model.input_shape),
+            "missing": missing, "input_abs_max": input_abs_max}
+    write_bundle(path, plans, info)
+    plan = plans["floating_pt"]
+    return {"path": path, "format": "lava", "precisions": list(plans), "missing": missing, **plan.summary(),
+            "bytes": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))}
+
+
+def load_network(path: str, precision: str = "floating_pt") -> LavaNetwork:
+    """The bundle's processes, connected, ready to be wired into one's own Lava program."""
+    _, plans = read_bundle(path, precision)
+    return build(plans[precision])
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):       # SIGTERM first: lets Lava's tracker free shared memory
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record: bool = False,
+             timeout: float = 600.0) -> dict:
+    """Stream the samples x (N, *input_shape) through the bundle, one per timestep.
+
+    Returns ``outputs`` (N, *output_shape), and per SFN site (when ``record``) ``levels`` and
+    ``pre`` (membrane: float, or integer in fixed point with its ``scale``), ``counts`` (fixed
+    point: accumulator overflows and membrane saturations per neuron block, wraps per conv), and
+    ``timings``. The run happens in a subprocess in its own process group, killed on timeout."""
+    _, plans = read_bundle(bundle, precision)
+    plan = plans[precision]
+    n = int(x.shape[0])
+    if tuple(x.shape[1:]) != tuple(plan.input_shape):
+        raise UserError(f"Lava run: samples have shape {list(x.shape[1:])}, the bundle expects {plan.input_shape}")
+    steps = n + plan.latency
+    with tempfile.TemporaryDirectory(prefix="sfn-lava-") as work:
+        data = np.zeros((steps, int(np.prod(plan.input_shape))), np.float64)
+        data[:n] = x.reshape(n, -1)
+        np.save(os.path.join(work, "input.npy"), data)
+        job = {"bundle": os.path.abspath(bundle), "precision": precision, "input": os.path.join(work, "input.npy"),
+               "workdir": work, "steps": steps, "record": record}
+        with open(os.path.join(work, "job.json"), "w") as f:
+            json.dump(job, f)
+        t0 = time.perf_counter()
+        with open(os.path.join(work, "log.txt"), "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "sfn_deploy.exporters.lava.worker",
+                                     os.path.join(work, "job.json")], stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                raise UserError(f"Lava run timed out after {timeout:.0f} s ({n} samples, {steps} steps); "
+                                "the simulation was killed")
+            finally:
+                _kill_group(proc)                       # Lava's forked children, whatever happened
+        wall = time.perf_counter() - t0
+        if rc != 0 or not os.path.exists(os.path.join(work, "result.json")):
+            with open(os.path.join(work, "log.txt")) as f:
+                tail = f.read()[-3000:]
+            raise RuntimeError(f"Lava run failed (exit code {rc}):\n{tail}")
+        with open(os.path.join(work, "result.json")) as f:
+            timings = json.load(f)
+        timings["wall_s"] = wall
+        out = np.load(os.path.join(work, "output.npy"))[plan.latency:plan.latency + n]
+        result = {"outputs": out.reshape((n, *plan.output_shape)), "timings": timings, "latency": plan.latency,
+                  "levels": {}, "pre": {}, "counts": {}, "scales": {}}
+        for site, info in plan.sites.items():
+            base = os.path.join(work, info["block"])
+            s = info["stage"]
+            if record:
+                result["levels"][site] = np.load(base + ".level.npy")[s:s + n].copy()
+                result["pre"][site] = np.load(base + ".pre.npy")[s:s + n].copy()
+            result["scales"][site] = info.get("scale", 1.0)
+            if os.path.exists(base + ".count.npy"):
+                result["counts"][info["block"]] = np.load(base + ".count.npy")[0].tolist()
+        for b in plan.blocks:
+            f = os.path.join(work, b.name + ".count.npy")
+            if b.kind == "conv" and os.path.exists(f):
+                result["counts"][b.name] = np.load(f)[0].tolist()
+        return result

@@ -1,0 +1,94 @@
+"""Build Lava processes from a plan, for our runner or for a user's own Lava program.
+
+    net = load_network("bundle/", precision="fixed_pt")
+    my_source.s_out.connect(net.in_port)        # one sample per timestep, flattened C·H·W
+    net.out_port.connect(my_sink.a_in)          # logits, ``net.latency`` steps later
+    my_source.run(condition=RunSteps(n), run_cfg=net.run_config())
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .plan import Plan
+
+
+@dataclass
+class LavaNetwork:
+    """The processes of one plan. ``in_port`` takes the input (float, one sample per step);
+    ``out_port`` gives the output values ``latency`` steps after the sample entered."""
+    plan: Plan
+    processes: dict
+    in_port: object
+    out_port: object
+    latency: int
+
+    def run_config(self):
+        from lava.magma.core.run_configs import Loihi2SimCfg
+        return Loihi2SimCfg(select_tag=self.plan.precision)
+
+
+def _sparse_matrix(b) -> "object":
+    """kron(I_tokens, W) per channel copy, side by side: spikes of copy g of unit (token t, feature j)
+    sit at g·n + t·in + j."""
+    from scipy import sparse
+    w = b.arrays["weight"]
+    t, copies = b.attrs["tokens"], b.attrs["copies"]
+    per = w.shape[1] // copies
+    eye = sparse.identity(t, format="csr")
+    blocks = [sparse.kron(eye, sparse.csr_matrix(w[:, g * per:(g + 1) * per])) for g in range(copies)]
+    return sparse.hstack(blocks, format="csr")
+
+
+def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool = False) -> LavaNetwork:
+    """Instantiate every block as a Lava process and connect them. With ``tap_dir``, neurons and
+    fixed-point convolutions record levels, pre-activations and counters for ``steps`` steps, and the
+    output decoder records the outputs; neurons record levels and pre-activations only with ``record``."""
+    from lava.proc.dense.process import Dense
+    from lava.proc.sparse.process import Sparse
+
+    from .procs.processes import HostOp, SFNConv, SFNNeuron
+
+    fixed = plan.precision == "fixed_pt"
+    tap = (lambda name: os.path.join(tap_dir, name)) if tap_dir else (lambda name: None)
+    procs: dict = {}
+    for b in plan.blocks:
+        a, arr = b.attrs, b.arrays
+        if b.kind == "neuron":
+            dtype = np.int64 if fixed else np.float64
+            procs[b.name] = SFNNeuron(
+                shape=(a["n"],), bias=np.asarray(arr["bias"], dtype), thr_pos=np.asarray(arr["thr_pos"], dtype),
+                thr_neg=np.asarray(arr["thr_neg"], dtype), table_pos=arr["table"], table_neg=arr["table"],
+                channels=a["channels"], tap=tap(b.name), steps=steps, record=record, name=b.name)
+        elif b.kind in ("dense", "sparse", "conv"):
+            bits = 24 if a["graded"] else 0
+            if b.kind == "conv":
+                w = np.asarray(arr["weight"], np.int32 if fixed else np.float64)
+                procs[b.name] = SFNConv(weight=w, input_shape=tuple(a["input_shape"]), padding=tuple(a["padding"]),
+                                        stride=tuple(a["stride"]), dilation=tuple(a["dilation"]), groups=a["groups"],
+                                        num_message_bits=bits, tap=tap(b.name) if fixed else None, steps=steps,
+                                        name=b.name)
+            else:
+                w = _sparse_matrix(b) if b.kind == "sparse" else arr["weight"]
+                w = w.astype(np.int32) if fixed else w.astype(np.float64)
+                kw = {"weight_exp": -1} if fixed else {}     # weights are stored as 2w (see plan.py)
+                cls = Sparse if b.kind == "sparse" else Dense
+                procs[b.name] = cls(weights=w, num_message_bits=bits, name=b.name, **kw)
+        else:
+            program = {"inputs": a["inputs"], "outputs": a["outputs"], "nodes": a["nodes"], "sites": a["sites"],
+                       "lattice": a["lattice"], "arrays": dict(arr)}
+            procs[b.name] = HostOp(in_sizes=[s["size"] for s in a["inputs"]],
+                                   out_sizes={o["port"]: o["size"] for o in a["outputs"]}, program=program,
+                                   tap=tap("output") if b.name == plan.output_block else None, steps=steps,
+                                   name=b.name)
+    for c in plan.connections:
+        src = getattr(procs[c["src"]], c["src_port"])
+        view = c["view"]
+        if view and view[0] == "to_whc":
+            src = src.reshape(tuple(view[1:])).transpose([2, 1, 0])
+        elif view and view[0] == "from_whc":
+            src = src.transpose([2, 1, 0]).flatten()
+        src.connect(getattr(procs[c["dst"]], c["dst_port"]))
+    return LavaNetwork(plan, procs, procs[plan.input_block].in0, procs[plan.output_block].hout0, plan.latency)

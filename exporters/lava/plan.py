@@ -1,0 +1,540 @@
+"""Lowering a converted network to Lava: a plan of processes and connections, as plain data.
+
+The plan is what a bundle stores and what :mod:`.build` turns into Lava processes; it needs
+neither Lava nor torch to read. Each block is one Lava process:
+
+* ``neuron``: an SFN site (:class:`SFNNeuron`), the bias of the synaptic layer in front of it
+  folded in (Lava's Dense and Conv have no bias);
+* ``dense`` / ``sparse`` / ``conv``: a weight layer (Lava's Dense, Sparse, or Conv). The spike
+  scale λθ (graded) or the level increments (y_g − y_{g−1})·λθ (channels) are folded into
+  the weights, so spikes carry integer levels or single bits. A dual site drives one process
+  per polarity, both summed at the consumer. Linear layers over tokens (leading axes besides
+  the batch) are a Sparse block-diagonal matrix: Loihi has no weight sharing across tokens.
+* ``host``: what neuro-cores cannot do (LayerNorm, softmax, GELU, products of two spike tensors,
+  residual adds, max pooling of graded spikes, layout), the input encoder and the output decoder.
+  Host nodes of the same pipeline stage joined by host→host edges share one process.
+
+Timing: every synaptic process adds one step, so a value's *stage* is the number of synaptic
+layers on its longest path from the input; sample b reaches a stage-s value at step b+1+s. Host
+blocks delay their inputs to their own stage (FIFOs on the host), so every multi-input operation
+sees one sample.
+
+Fixed point (Loihi): weights are 8-bit integers with one power-of-two exponent per layer; a
+neuron's membrane is the integer accumulator plus an integer bias (24 bits) compared with
+integer thresholds ceil(b / scale). Values the host sends to the chip are integers: the input
+at 8 bits over its range, a neuron's input at the neuron's scale, spikes as levels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...errors import UserError
+from ...ir import Graph, Node
+
+LOWERINGS = ("graded", "channels")
+PRECISIONS = ("floating_pt", "fixed_pt")
+WEIGHT_BITS = 8
+ACC_BITS = 24
+INPUT_BITS = 8
+_LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
+                "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
+
+
+@dataclass
+class Block:
+    name: str
+    kind: str                                       # neuron | dense | sparse | conv | host
+    stage: int
+    attrs: dict = field(default_factory=dict)       # JSON-able
+    arrays: dict = field(default_factory=dict)      # name -> np.ndarray
+    ir: list = field(default_factory=list)          # converted-graph nodes it computes
+
+    @property
+    def where(self) -> str:
+        return "host" if self.kind == "host" else "neuro-core"
+
+
+@dataclass
+class Plan:
+    lowering: str
+    precision: str
+    blocks: list
+    connections: list            # dicts: src, src_port, dst, dst_port, view (None | ["to_whc", C, H, W] | ["from_whc"])
+    input_block: str
+    output_block: str
+    latency: int                 # steps from a sample entering to its output
+    input_shape: list
+    output_shape: list
+    sites: dict                  # site name -> {"block", "stage", "scale"} (scale of the neuron's membrane)
+
+    def block(self, name: str) -> Block:
+        return next(b for b in self.blocks if b.name == name)
+
+    def summary(self) -> dict:
+        kinds: dict = {}
+        for b in self.blocks:
+            kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        host_ops = sorted({op for b in self.blocks if b.kind == "host" for op in b.attrs.get("ops", [])})
+        return {"lowering": self.lowering, "precision": self.precision, "processes": len(self.blocks),
+                "by_kind": kinds, "latency_steps": self.latency, "host_ops": host_ops,
+                "neuro_core_processes": sum(b.where == "neuro-core" for b in self.blocks),
+                "host_processes": sum(b.where == "host" for b in self.blocks)}
+
+
+# -- fixed-point helpers ----------------------------------------------------------------------------------
+
+def weight_exponent(w_abs_max: float, bits: int = WEIGHT_BITS) -> int:
+    """Smallest e with max|w| / 2^e ≤ 2^(bits−1) − 1."""
+    if w_abs_max <= 0:
+        return 0
+    return int(math.ceil(math.log2(w_abs_max / (2 ** (bits - 1) - 1))))
+
+
+def quantise(w: np.ndarray, e: int, bits: int = WEIGHT_BITS) -> np.ndarray:
+    lim = 2 ** (bits - 1) - 1
+    return np.clip(np.rint(w / 2.0 ** e), -lim, lim).astype(np.int32)
+
+
+def _ceil_div(b: np.ndarray, scale: float) -> np.ndarray:
+    return np.ceil(np.asarray(b, np.float64) / scale).astype(np.int64)
+
+
+# -- the lowering ------------------------------------------------------------------------------------------
+
+def _site_arrays(site: Node):
+    p = site.params
+    table = p["table"].numpy().astype(np.int64)
+    return (p["bounds_pos"].numpy().astype(np.float32), p["bounds_neg"].numpy().astype(np.float32), table,
+            p["steps"].double().numpy())
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape)) if len(shape) else 1
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, input_shape, lowering: str, precision: str, input_abs_max: float | None):
+        if lowering not in LOWERINGS:
+            raise UserError(f"unknown Lava lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown Lava precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.g, self.users = graph, graph.users()
+        self.lowering, self.precision = lowering, precision
+        self.fixed = precision == "fixed_pt"
+        self.input_shape = list(input_shape)
+        self.input_abs_max = input_abs_max
+        self.blocks: list[Block] = []
+        self.conns: list[dict] = []
+        self.stage: dict[str, int] = {}
+        self.lattice: dict[str, str] = {}      # value -> the site whose levels it carries
+        self.block_of: dict[str, str] = {}     # IR node -> block computing it
+        self.acc_scale: dict[str, float] = {}  # synaptic IR node -> scale of its integer accumulator
+        self.sites: dict = {}
+
+    # graph facts
+    def cls(self, n: Node) -> str:
+        if n.op in ("linear", "conv2d"):
+            return "synapse"
+        if n.op == "sfn":
+            return "neuron"
+        if n.op == "constant":
+            return "constant"
+        return "host"
+
+    def analyse(self) -> None:
+        for n in self.g:
+            if n.op == "constant":
+                continue
+            ins = [self.stage[i] for i in n.inputs if i in self.stage]
+            s = max(ins, default=0)
+            self.stage[n.name] = s + 1 if self.cls(n) == "synapse" else s
+            if n.op == "sfn":
+                self.lattice[n.name] = n.name
+            elif n.op in _LATTICE_OPS and n.inputs and n.inputs[0] in self.lattice:
+                self.lattice[n.name] = self.lattice[n.inputs[0]]
+            if n.bdim != 0 and n.op in ("linear", "conv2d", "sfn"):
+                raise UserError(f"Lava export: node {n.name} ({n.op}) has its batch axis elsewhere than first; "
+                                "not supported")
+
+    def host_groups(self) -> list[list[str]]:
+        """Host nodes of equal stage joined by host→host edges (the input node is a host node)."""
+        parent: dict[str, str] = {}
+
+        def find(a):
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+        host = [n.name for n in self.g if self.cls(n) == "host"]
+        for h in host:
+            parent[h] = h
+        for n in self.g:
+            if self.cls(n) != "host":
+                continue
+            for i in n.inputs:
+                if i in parent and self.stage[i] == self.stage[n.name]:
+                    parent[find(i)] = find(n.name)
+        groups: dict[str, list[str]] = {}
+        for h in host:
+            groups.setdefault(find(h), []).append(h)
+        return list(groups.values())
+
+    # blocks
+    def add(self, block: Block) -> Block:
+        self.blocks.append(block)
+        for n in block.ir:
+            self.block_of[n] = block.name
+        return block
+
+    def connect(self, src, src_port, dst, dst_port, view=None) -> None:
+        self.conns.append({"src": src, "src_port": src_port, "dst": dst, "dst_port": dst_port, "view": view})
+
+    def lower(self) -> Plan:
+        self.analyse()
+        g = self.g
+        out_node = g[g.output]
+        groups = {h: grp for grp in self.host_groups() for h in grp}
+        # host programs are filled after every block exists (their ports depend on producers and consumers)
+        host_blocks: dict[str, Block] = {}
+        for n in g:
+            c = self.cls(n)
+            if c == "host" and n.name not in self.block_of:
+                grp = groups[n.name]
+                name = "input" if n.op == "input" else f"host_{n.name}"
+                b = self.add(Block(name, "host", self.stage[n.name], ir=list(grp)))
+                host_blocks[b.name] = b
+            elif c == "neuron":
+                self.neuron(n)
+            elif c == "synapse":
+                self.synapse(n)
+        out = self.add(Block("output", "host", self.stage[out_node.name], ir=[]))
+        host_blocks["output"] = out
+        for b in host_blocks.values():
+            self.host_program(b, out_node)
+        for b in self.blocks:                    # the neurons fed by host blocks know their scale only now
+            if b.kind == "neuron":
+                self.neuron_thresholds(b)
+        for b in host_blocks.values():
+            for o in b.attrs["outputs"]:
+                o.pop("_conn", None)
+                if "neuron" in o:
+                    o["scale"] = self.sites[o["neuron"]]["scale"]
+        self._check_acyclic()
+        return Plan(self.lowering, self.precision, self.blocks, self.conns, "input", "output",
+                    self.stage[out_node.name], self.input_shape, list(out_node.shape[1:]), self.sites)
+
+    # -- neurons
+    def neuron(self, site: Node) -> None:
+        bpos, bneg, table, steps = _site_arrays(site)
+        n = _numel(site.shape)
+        src = self.g[site.inputs[0]]
+        if self.cls(src) == "neuron":
+            raise UserError(f"Lava export: site {site.name} reads another site ({src.name}) directly; not supported")
+        b = self.add(Block(f"sfn_{site.name}", "neuron", self.stage[site.name], ir=[site.name],
+                           attrs={"n": n, "shape": list(site.shape[1:]), "input": src.name,
+                                  "dual": bool(bneg.size), "channels": self.lowering == "channels",
+                                  "n_pos": int(bpos.size), "n_neg": int(bneg.size)},
+                           arrays={"bounds_pos": bpos, "bounds_neg": bneg, "table": table,
+                                   "steps": steps.astype(np.float64)}))
+        self.sites[site.name] = {"block": b.name, "stage": b.stage}
+
+    def neuron_thresholds(self, b: Block) -> None:
+        """Bias and thresholds in the neuron's membrane units (float: the values themselves)."""
+        src = self.g[b.attrs["input"]]
+        n = b.attrs["n"]
+        bias = np.zeros(n)
+        if self.cls(src) == "synapse" and src.params.get("bias") is not None:
+            bias = _expand_bias(src).astype(np.float64)
+        bpos, bneg = b.arrays["bounds_pos"], b.arrays["bounds_neg"]
+        if not self.fixed:
+            b.arrays.update(bias=bias, thr_pos=bpos, thr_neg=bneg)
+            scale = 1.0
+        else:
+            if self.cls(src) == "synapse":
+                scale = self.acc_scale[src.name]
+            else:                           # the host sends the value at a scale resolving every boundary
+                top = float(max(np.abs(bpos).max(initial=0), np.abs(bneg).max(initial=0), 1e-30))
+                scale = 2.0 ** math.ceil(math.log2(top / 2 ** (ACC_BITS - 3)))
+            b.arrays.update(bias=np.rint(bias / scale).astype(np.int64), thr_pos=_ceil_div(bpos, scale),
+                            thr_neg=_ceil_div(bneg, scale))
+        b.attrs["scale"] = scale
+        self.sites[b.ir[0]]["scale"] = scale
+
+    # -- synapses
+    def _spike_source(self, value: str):
+        """(site, producer block, ports) feeding a synaptic layer with spikes, or None for analog input."""
+        site_name = self.lattice.get(value)
+        if site_name is None:
+            return None
+        site = self.g[site_name]
+        producer = self.g[value]
+        if producer.op == "sfn":
+            blk = self.block_of[site_name]
+            return site, blk, ("s_pos", "s_neg")
+        return site, None, None          # through a host block: ports assigned by host_program
+
+    def synapse(self, n: Node) -> None:
+        x = n.inputs[0]
+        w = n.params["weight"].double().numpy()
+        spikes = self._spike_source(x)
+        if spikes is None and self.cls(self.g[x]) != "host":
+            raise UserError(f"Lava export: {n.name} ({n.op}) reads {x} ({self.g[x].op}) directly; a synaptic layer "
+                            "must read spikes or a host value")
+        token_dims = n.op == "linear" and len(n.shape) > 2
+        in_n = _numel(self.g[x].shape)
+        parts = []                      # (polarity, weight matrix or kernel)
+        if spikes is None:
+            parts.append(("analog", w))
+        else:
+            site = spikes[0]
+            bpos, bneg, table, steps = _site_arrays(site)
+            dy = np.diff(table).astype(np.float64)
+            for pol, nb, step, sign in (("pos", bpos.size, steps[0], 1.0), ("neg", bneg.size, steps[1], -1.0)):
+                if nb == 0:
+                    continue
+                if self.lowering == "graded":
+                    parts.append((pol, w * (sign * step)))
+                else:                   # channel g of the site is worth (y_g − y_{g−1})·step
+                    incs = dy[:nb] * step * sign
+                    parts.append((pol, np.concatenate([w * i for i in incs], axis=1)))
+        kind = "conv" if n.op == "conv2d" else "sparse" if token_dims else "dense"
+        if kind == "conv" and self.lowering == "channels" and n.attrs.get("groups", 1) != 1 and spikes is not None:
+            raise UserError(f"Lava export: grouped convolution {n.name} with the channel lowering is not supported")
+        scale_in = 1.0
+        if spikes is None and self.fixed:
+            if self.g[x].op != "input":
+                raise UserError(f"Lava export (fixed point): {n.name} reads an analog value ({x}) that is neither the "
+                                "network input nor spikes; its integer range is unknown. Use --precision floating_pt")
+            if not self.input_abs_max:
+                raise UserError("Lava export (fixed point): the input's range is needed to encode it in "
+                                f"{INPUT_BITS} bits; pass --data")
+            scale_in = 2.0 ** weight_exponent(self.input_abs_max, INPUT_BITS)
+        e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
+        self.acc_scale[n.name] = scale_in * 2.0 ** e
+        tokens = _numel(n.shape[1:-1]) if token_dims else 1
+        for pol, m in parts:
+            arrays = {}
+            if self.fixed:
+                m = quantise(m, e).astype(np.float64)
+            if kind == "conv":
+                arrays["weight"] = np.ascontiguousarray(m[:, :, ::-1, ::-1].transpose(0, 3, 2, 1))  # Lava (C_out, kW, kH, C_in)
+            elif kind == "sparse":
+                arrays["weight"] = m            # expanded to kron(I_tokens, m) when built
+            else:
+                arrays["weight"] = m
+            if self.fixed and kind != "conv":
+                arrays["weight"] = 2 * arrays["weight"]   # Lava drops the LSB of mixed-sign weights: 2w, weight_exp −1
+            src_shape = list(self.g[x].shape[1:])
+            attrs = {"op": n.op, "layer": n.name, "polarity": pol, "input": x, "tokens": tokens, "in_n": in_n,
+                     "copies": m.shape[1] // w.shape[1],
+                     "out_n": _numel(n.shape), "weight_exp": e, "scale": self.acc_scale[n.name],
+                     "graded": spikes is None or self.lowering == "graded" or pol == "analog"}
+            if kind == "conv":
+                a = n.attrs
+                c_in = m.shape[1] * a.get("groups", 1)
+                attrs.update(input_shape=[src_shape[2], src_shape[1], c_in], stride=list(a["stride"])[::-1],
+                             padding=list(a["padding"])[::-1], dilation=list(a["dilation"])[::-1],
+                             groups=a.get("groups", 1), out_chw=list(n.shape[1:]))
+            name = f"{kind}_{n.name}" + ("" if pol in ("analog", "pos") else "_neg")
+            blk = self.add(Block(name, kind, self.stage[n.name], attrs=attrs, arrays=arrays,
+                                 ir=[n.name] if pol in ("analog", "pos") else []))
+            if spikes is not None and spikes[1] is not None:
+                port = "s_pos" if pol == "pos" else "s_neg"
+                view = self._to_conv_view(blk, src_shape, self.lowering == "channels")
+                self.connect(spikes[1], port, blk.name, "s_in", view)
+            blk.attrs["pending_input"] = spikes is None or spikes[1] is None
+            # consumers are connected when they are built: neurons now, host blocks in host_program
+            for user in self.users[n.name]:
+                if user.op == "sfn":
+                    self.connect(blk.name, "a_out", self.block_of[user.name] if user.name in self.block_of
+                                 else f"sfn_{user.name}", "a_in", self._from_conv_view(blk))
+        self.block_of[n.name] = f"{kind}_{n.name}"
+
+    @staticmethod
+    def _to_conv_view(blk: Block, src_shape, channels: bool):
+        if blk.kind != "conv":
+            return None
+        w, h, c = blk.attrs["input_shape"]
+        return ["to_whc", c, h, w]
+
+    @staticmethod
+    def _from_conv_view(blk: Block):
+        return ["from_whc"] if blk.kind == "conv" else None
+
+    # -- host blocks
+    def host_program(self, b: Block, out_node: Node) -> None:
+        """Decide the block's input ports (what arrives, how to decode it, its delay) and output ports
+        (which value, how to encode it for each consumer), and connect them."""
+        g = self.g
+        mine = set(b.ir)
+        nodes = [n for n in g if n.name in mine]
+        consts = sorted({i for n in nodes for i in n.inputs if g[i].op == "constant"})
+        inputs, outputs = [], b.attrs.get("outputs", [])     # host outputs other blocks asked for already
+        needed = [i for n in nodes for i in n.inputs if i not in mine and g[i].op != "constant"]
+        if b.name == "output":
+            needed = [out_node.name]
+        if b.name == "input":
+            needed = []
+        for value in dict.fromkeys(needed):
+            port = f"in{len(inputs)}"
+            inputs.append(self._host_input(b, value, port))
+        if b.name == "input":
+            inputs.append({"port": "in0", "value": g.input.name, "decode": "value", "delay": 0,
+                           "size": _numel(self.input_shape), "shape": list(g.input.shape)})
+        # outputs: every value of the block read outside it
+        for n in nodes:
+            for user in self.users[n.name]:
+                if user.name in mine:
+                    continue
+                self._host_output(b, n, user, outputs)
+        if b.name == "output":
+            outputs.append({"port": "hout0", "value": out_node.name, "encode": "value",
+                            "size": _numel(out_node.shape), "shape": list(out_node.shape)})
+        chip = 0
+        for o in outputs:
+            if o["port"] is None:
+                o["port"] = f"out{chip}"
+                chip += 1
+        program_nodes = [g[c] for c in consts] + nodes
+        for n in program_nodes:
+            for k, t in n.params.items():
+                b.arrays[f"{n.name}.{k}"] = t.numpy()
+        lattice = {v: self.lattice[v] for v in [*needed, *(n.name for n in nodes)] if v in self.lattice}
+        b.attrs.update(inputs=inputs, outputs=outputs, constants=consts,
+                       nodes=[{"name": n.name, "op": n.op, "inputs": list(n.inputs), "attrs": dict(n.attrs),
+                               "params": sorted(n.params), "shape": list(n.shape), "bdim": n.bdim,
+                               "source": n.source} for n in program_nodes],
+                       lattice=lattice, sites={s: self._site_info(s) for s in set(lattice.values())},
+                       ops=sorted({n.op for n in nodes if n.op != "input"}))
+        for o in outputs:
+            for dst, dst_port, view in o.pop("_conn", []):
+                self.connect(b.name, o["port"], dst, dst_port, view)
+        if len(inputs) > 6 or len(outputs) > 6:
+            raise UserError(f"Lava export: host block {b.name} needs {len(inputs)} inputs / {len(outputs)} outputs "
+                            "(at most 6)")
+
+    def _site_info(self, name: str) -> dict:
+        p = self.g[name].params
+        return {"steps": p["steps"].double().tolist(), "table": p["table"].tolist(),
+                "n_pos": int(p["bounds_pos"].numel()), "n_neg": int(p["bounds_neg"].numel())}
+
+    def _host_input(self, b: Block, value: str, port: str) -> dict:
+        g = self.g
+        v = g[value]
+        c = self.cls(v)
+        spec = {"port": port, "value": value, "delay": b.stage - self.stage[value],
+                "size": _numel(v.shape), "shape": list(v.shape), "bdim": v.bdim}
+        if c == "neuron":
+            spec.update(decode="levels", steps=v.params["steps"].double().tolist())
+            self.connect(self.block_of[value], "s_out", b.name, port)
+        elif c == "synapse":
+            bias = _expand_bias(v) if v.params.get("bias") is not None else None
+            spec.update(decode="acc", scale=self.acc_scale[value], bias=bias is not None)
+            if bias is not None:
+                b.arrays[f"{port}.bias"] = bias.astype(np.float32)
+            for blk in self.blocks:        # every polarity of the layer sums into the port
+                if blk.kind in ("dense", "sparse", "conv") and blk.attrs["layer"] == value:
+                    self.connect(blk.name, "a_out", b.name, port, self._from_conv_view(blk))
+        else:                              # another host block's value
+            lat = self.lattice.get(value)
+            spec.update(decode="levels" if lat else "value")
+            if lat:
+                spec["steps"] = g[lat].params["steps"].double().tolist()
+            src = self.blocks_by_name()[self.block_of[value]]
+            src_port = self._find_or_add_host_output(src, value, to_chip=False, encode="levels" if lat else "value")
+            self.connect(src.name, src_port, b.name, port)
+        return spec
+
+    def blocks_by_name(self) -> dict:
+        return {blk.name: blk for blk in self.blocks}
+
+    def _find_or_add_host_output(self, src: Block, value: str, to_chip: bool, encode: str) -> str:
+        """Host→host edges created while lowering a later block: the producer's program is already
+        written, so append the port to it."""
+        outs = src.attrs.setdefault("outputs", [])
+        for o in outs:
+            if o["value"] == value and o["encode"] == encode:
+                return o["port"]
+        port = f"hout{sum(o['port'].startswith('hout') for o in outs if o['port'])}"
+        outs.append({"port": port, "value": value, "encode": encode, "size": _numel(self.g[value].shape),
+                     "to_chip": False, "_conn": []})
+        return port
+
+    def _host_output(self, b: Block, n: Node, user: Node, outputs: list) -> None:
+        c = self.cls(user)
+        lat = self.lattice.get(n.name)
+        if c == "host":
+            return                          # created by the consumer's _host_input (it runs later, or did)
+        if c == "neuron":
+            enc = "int" if self.fixed else "value"
+            dsts = [(f"sfn_{user.name}", "a_in", None)]
+            spec = {"value": n.name, "encode": enc, "neuron": user.name}
+        else:                               # a synaptic layer
+            blks = [blk for blk in self.blocks if blk.kind in ("dense", "sparse", "conv")
+                    and blk.attrs.get("input") == n.name and blk.attrs.get("pending_input")]
+            for blk in blks:
+                pol = blk.attrs["polarity"]
+                if pol == "analog":
+                    enc = "int" if self.fixed else "value"
+                    spec = {"value": n.name, "encode": enc, "scale": blk.attrs["scale"] / 2.0 ** blk.attrs["weight_exp"]
+                            if self.fixed else 1.0}
+                else:
+                    enc = f"{'chan' if self.lowering == 'channels' else 'levels'}_{pol}"
+                    spec = {"value": n.name, "encode": enc, "site": lat}
+                src_shape = list(n.shape[1:])
+                view = self._to_conv_view(blk, src_shape, self.lowering == "channels")
+                self._append_output(outputs, spec, blk, view, n)
+            return
+        self._append_output(outputs, spec, None, None, n, dsts)
+
+    def _append_output(self, outputs, spec, blk, view, n, dsts=None):
+        dsts = dsts or [(blk.name, "s_in", view)]
+        for o in outputs:
+            if o["value"] == spec["value"] and o["encode"] == spec["encode"] and o.get("neuron") == spec.get("neuron"):
+                o["_conn"].extend(dsts)
+                return
+        size = _numel(n.shape)
+        if spec["encode"].startswith("chan_"):
+            site = self.g[spec["site"]]
+            nb = site.params["bounds_pos" if spec["encode"].endswith("pos") else "bounds_neg"].numel()
+            size *= nb
+        outputs.append({**spec, "port": None, "to_chip": True, "size": size, "_conn": list(dsts)})
+
+    def _check_acyclic(self) -> None:
+        """Zero-delay edges (everything but a synaptic process's output) must not form a cycle."""
+        edges: dict[str, set] = {b.name: set() for b in self.blocks}
+        kinds = {b.name: b.kind for b in self.blocks}
+        for c in self.conns:
+            if kinds[c["src"]] not in ("dense", "sparse", "conv"):
+                edges[c["src"]].add(c["dst"])
+        state: dict[str, int] = {}
+
+        def visit(a):
+            state[a] = 1
+            for d in edges[a]:
+                if state.get(d) == 1:
+                    raise UserError(f"Lava export: blocks {a} and {d} form a zero-delay cycle; not supported")
+                if d not in state:
+                    visit(d)
+            state[a] = 2
+        for a in edges:
+            if a not in state:
+                visit(a)
+
+
+def _expand_bias(n: Node) -> np.ndarray:
+    """The layer's bias per output unit, in the flattened (C·H·W or tokens·features) order."""
+    b = n.params["bias"].double().numpy()
+    shape = n.shape[1:]
+    if n.op == "conv2d":
+        return np.repeat(b, _numel(shape[1:]))
+    return np.tile(b, _numel(shape[:-1]))
+
+
+def lower(model, lowering: str = "graded", precision: str = "floating_pt", input_abs_max: float | None = None) -> Plan:
+    """Plan the Lava processes of a converted model (see the module docstring)."""
+    low = _Lowering(model.graph, model.input_shape, lowering, precision, input_abs_max)
+    return low.lower()
