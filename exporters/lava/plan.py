@@ -311,8 +311,11 @@ class _Lowering:
             if not self.input_abs_max:
                 raise UserError("Lava export (fixed point): the input's range is needed to encode it in "
                                 f"{INPUT_BITS} bits; pass --data")
-            scale_in = 2.0 ** weight_exponent(self.input_abs_max, INPUT_BITS)
         e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
+        if spikes is None and self.fixed:   # as many input bits as the 24-bit accumulator allows (≥ 8)
+            row = max(float(np.abs(quantise(m, e)).reshape(m.shape[0], -1).sum(1).max()) for _, m in parts)
+            levels = max(2 ** (INPUT_BITS - 1) - 1, min(2 ** 15 - 1, int((2 ** (ACC_BITS - 1) - 1) // max(row, 1))))
+            scale_in = 2.0 ** math.ceil(math.log2(self.input_abs_max / levels))
         self.acc_scale[n.name] = scale_in * 2.0 ** e
         tokens = _numel(n.shape[1:-1]) if token_dims else 1
         for pol, m in parts:
