@@ -134,3 +134,26 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
             if b.kind == "conv" and os.path.exists(f):
                 result["counts"][b.name] = np.load(f)[0].tolist()
         return result
+
+
+class LavaRunner:
+    """The Lava backend of ``simulate``/``evaluate``: writes a bundle once (set-up), then streams each
+    batch through it. ``last`` keeps the latest run's result (levels, counters, timings)."""
+
+    def __init__(self, model: ConvertedModel, precision: str = "floating_pt", lowering: str = "graded",
+                 input_abs_max: float | None = None, record: bool = False, timeout: float = 900.0):
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown Lava precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self._tmp = tempfile.TemporaryDirectory(prefix="sfn-lava-bundle-")
+        self.path = os.path.join(self._tmp.name, "bundle")
+        amax = input_abs_max if input_abs_max is not None else model.metrics.get("input_abs_max")
+        if precision == "fixed_pt":      # refuse early with the plan's own reason
+            lower(model, lowering, precision, amax)
+        self.info = export_lava(model, self.path, lowering, amax)
+        self.precision, self.record, self.timeout = precision, record, timeout
+        self.last: dict | None = None
+
+    def __call__(self, xb):
+        import torch
+        self.last = run_lava(self.path, xb.numpy(), self.precision, record=self.record, timeout=self.timeout)
+        return torch.from_numpy(np.asarray(self.last["outputs"], np.float32))
