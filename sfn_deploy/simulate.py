@@ -33,8 +33,23 @@ def _level_agreement(converted: ConvertedModel, data: Dataset, backend: str, bat
     return {"level_agreement": 100.0 * same / max(total, 1), "first_differing_site": first}
 
 
+def _lava_entry(runner) -> dict:
+    """What the Lava run did: processes on neuro-cores and on the host, phases of its time, fixed-point
+    counters (accumulator overflows and membrane saturations per neuron block, wraps per conv)."""
+    t = runner.last["timings"]
+    info = runner.info
+    return {"precision": runner.precision, "lowering": info["lowering"], "processes": info["processes"],
+            "neuro_core_processes": info["neuro_core_processes"], "host_processes": info["host_processes"],
+            "host_ops": info["host_ops"], "latency_steps": info["latency_steps"],
+            "steps_per_s": t["steps"] / t["run_s"] if t["run_s"] else None,
+            "phases_s": {k: t[k] for k in ("build_s", "compile_s", "run_s", "stop_s", "wall_s")},
+            "counts": runner.last["counts"],
+            "overflows": sum(v[0] for v in runner.last["counts"].values()),
+            "saturations": sum(v[1] for k, v in runner.last["counts"].items() if not k.startswith("conv_"))}
+
+
 def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batch_size: int = 256,
-             quiet: bool = True, threads: int | None = None) -> dict:
+             quiet: bool = True, threads: int | None = None, lava: dict | None = None) -> dict:
     for b in backends:
         if b not in BACKENDS:
             raise UserError(f"backend {b!r} is not available; available: {', '.join(BACKENDS)}")
@@ -51,16 +66,19 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
             logits, secs = ref, t_ref
         else:               # export and session creation are set-up, timed apart from the run
             t0 = time.perf_counter()
-            runner = backend_runner(converted, b, threads=threads)
+            runner = backend_runner(converted, b, threads=threads, lava=lava)
             setup = time.perf_counter() - t0
             t0 = time.perf_counter()
-            logits = torch.cat([runner(xb) for xb in data.batches(batch_size)])
+            size = len(data) if b == "lava" else batch_size     # Lava: one stream, set-up paid once
+            logits = torch.cat([runner(xb) for xb in data.batches(size)])
             secs = time.perf_counter() - t0
         entry = {"seconds": secs, "setup_seconds": setup, "samples_per_s": len(data) / secs if secs else None,
                  "accuracy": accuracy(logits.argmax(-1), data.y),
                  "max_abs_diff": float((logits - ref).abs().max()),
                  "prediction_agreement": 100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean())}
-        if b != "torch":
+        if b == "lava":
+            entry["lava"] = _lava_entry(runner)
+        elif b != "torch":
             entry.update(_level_agreement(converted, data, b, batch_size))
         out["backends"][b] = entry
     out["timings"] = {b: e["seconds"] for b, e in out["backends"].items()}

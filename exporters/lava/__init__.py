@@ -46,7 +46,11 @@ def plans_for(model: ConvertedModel, lowering: str = "graded", input_abs_max: fl
 
 def export_lava(model: ConvertedModel, path: str, lowering: str = "graded",
                 input_abs_max: float | None = None) -> dict:
-    """Write the bundle folder atomically; return a summary (processes by kind, host work, latency)."""
+    """Write the bundle folder atomically; return a summary (processes by kind, host work, latency).
+    The fixed-point input encoding uses ``input_abs_max``, by default the calibration range the
+    conversion recorded."""
+    if input_abs_max is None:
+        input_abs_max = model.metrics.get("input_abs_max")
     plans, missing = plans_for(model, lowering, input_abs_max)
     info = {"lowering": lowering, "source": model.source, "input_shape": list(model.input_shape),
             "missing": missing, "input_abs_max": input_abs_max}

@@ -133,6 +133,7 @@ class _Lowering:
         self.block_of: dict[str, str] = {}     # IR node -> block computing it
         self.acc_scale: dict[str, float] = {}  # synaptic IR node -> scale of its integer accumulator
         self.sites: dict = {}
+        self.input_like: set = set()
 
     # graph facts
     def cls(self, n: Node) -> str:
@@ -151,6 +152,8 @@ class _Lowering:
             ins = [self.stage[i] for i in n.inputs if i in self.stage]
             s = max(ins, default=0)
             self.stage[n.name] = s + 1 if self.cls(n) == "synapse" else s
+            if n.op == "input" or (n.op in _LATTICE_OPS and n.op != "max_pool2d" and n.inputs[0] in self.input_like):
+                self.input_like.add(n.name)          # the input moved around: its range is the input's
             if n.op == "sfn":
                 self.lattice[n.name] = n.name
             elif n.op in _LATTICE_OPS and n.inputs and n.inputs[0] in self.lattice:
@@ -305,7 +308,7 @@ class _Lowering:
             raise UserError(f"Lava export: grouped convolution {n.name} with the channel lowering is not supported")
         scale_in = 1.0
         if spikes is None and self.fixed:
-            if self.g[x].op != "input":
+            if x not in self.input_like:
                 raise UserError(f"Lava export (fixed point): {n.name} reads an analog value ({x}) that is neither the "
                                 "network input nor spikes; its integer range is unknown. Use --precision floating_pt")
             if not self.input_abs_max:

@@ -1,0 +1,233 @@
+"""Lava target: plan, bundle, processes, runs against the torch reference on real data.
+
+Every Lava run happens in a killable subprocess (run_lava) and is short (tens of samples)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODELS
+from sfn_deploy.convert import convert
+from sfn_deploy.errors import UserError
+from sfn_deploy.exporters.lava import export_lava, load_network, lower, run_lava
+from sfn_deploy.exporters.lava.plan import quantise, weight_exponent
+from sfn_deploy.runtime import run_with_levels
+
+pytest.importorskip("lava.magma")
+
+
+def _levels(lv, n):
+    return {k: v.reshape(n, -1).numpy() for k, v in lv.items()}
+
+
+@pytest.fixture(scope="module")
+def digits_snn(digits_mlp, digits):
+    return convert(digits_mlp, digits.limit(400), scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def mnist_cnn(mnist_dir):
+    from sfn_deploy.data import load_data
+    from sfn_deploy.models import load_model
+    model, ident = load_model(os.path.join(MODELS, "mnist_cnn.pt2"))
+    snn = convert(model, load_data(f"mnist:{mnist_dir}:0:500"), scale=0.2, source=ident)
+    return snn, load_data(f"mnist:{mnist_dir}:8000:8040")        # 40 real test images
+
+
+@pytest.fixture(scope="module")
+def cnn_bundle(mnist_cnn, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("lava") / "cnn")
+    export_lava(mnist_cnn[0], path)
+    return path
+
+
+# -- plan (no Lava run) -------------------------------------------------------------------------------------
+
+def test_plan_of_the_cnn_places_weight_layers_and_neurons_on_cores_and_pooling_on_the_host(mnist_cnn):
+    plan = lower(mnist_cnn[0], "graded", "floating_pt")
+    kinds = [b.kind for b in plan.blocks]
+    assert kinds.count("conv") == 3 and kinds.count("neuron") == 3 and kinds.count("dense") == 1
+    assert plan.latency == 4                      # four synaptic layers on the path: one step each
+    hosts = {b.name: b.attrs["ops"] for b in plan.blocks if b.kind == "host"}
+    assert sorted(op for ops in hosts.values() for op in ops) == ["flatten", "max_pool2d", "max_pool2d"]
+    # pooled spikes go back to the chip as levels, with the spike scale folded into the next weights
+    pool_out = [o for b in plan.blocks if b.kind == "host" for o in b.attrs["outputs"] if o["encode"] == "levels_pos"]
+    assert len(pool_out) == 2
+
+
+def test_fixed_point_weights_are_8_bit_with_one_exponent_per_layer(mnist_cnn):
+    plan = lower(mnist_cnn[0], "graded", "fixed_pt", input_abs_max=2.9)
+    for b in plan.blocks:
+        if b.kind == "conv":
+            assert np.abs(b.arrays["weight"]).max() <= 127
+        elif b.kind in ("dense", "sparse"):     # stored as 2w: Lava drops the LSB of mixed-sign weights
+            w = b.arrays["weight"]
+            assert np.abs(w).max() <= 254 and not np.any(np.asarray(w, np.int64) % 2)
+        elif b.kind == "neuron":
+            assert np.asarray(b.arrays["thr_pos"]).dtype.kind == "i"
+    assert weight_exponent(127.0) == 0 and weight_exponent(128.0) == 1 and weight_exponent(0.5) == -7
+    assert quantise(np.array([1.0, -300.0, 0.26]), -2).tolist() == [4, -127, 1]
+
+
+def test_fixed_point_refuses_an_unknown_input_range(mnist_cnn):
+    with pytest.raises(UserError, match="input's range"):
+        lower(mnist_cnn[0], "graded", "fixed_pt", input_abs_max=None)
+
+
+# -- runs against the torch reference ----------------------------------------------------------------------
+
+def test_float_cnn_gives_the_reference_spike_levels_on_real_images(mnist_cnn, cnn_bundle):
+    snn, data = mnist_cnn
+    ref, lv = run_with_levels(snn.graph, data.x)
+    r = run_lava(cnn_bundle, data.x.numpy(), "floating_pt", record=True, timeout=300)
+    for site, levels in _levels(lv, len(data)).items():
+        assert np.array_equal(r["levels"][site], levels), site
+    assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4
+    assert r["latency"] == 4
+
+
+def test_fixed_point_cnn_keeps_predictions_and_reports_counters(mnist_cnn, cnn_bundle):
+    snn, data = mnist_cnn
+    ref, lv = run_with_levels(snn.graph, data.x)
+    r = run_lava(cnn_bundle, data.x.numpy(), "fixed_pt", record=True, timeout=300)
+    agree = (r["outputs"].argmax(1) == ref.numpy().argmax(1)).mean()
+    assert agree >= 0.95
+    first = snn.sites[0].name
+    assert (r["levels"][first] == _levels(lv, len(data))[first]).mean() > 0.98
+    assert set(r["counts"]) >= {"sfn_" + s.name for s in snn.sites} | {"conv_conv2d"}
+    assert all(len(v) == 2 and min(v) >= 0 for v in r["counts"].values())
+
+
+def test_channel_lowering_equals_graded_in_float(digits_snn, digits, tmp_path):
+    x = digits.x[:30]
+    ref, lv = run_with_levels(digits_snn.graph, x)
+    path = str(tmp_path / "ch")
+    info = export_lava(digits_snn, path, lowering="channels", input_abs_max=float(digits.x.abs().max()))
+    assert info["lowering"] == "channels"
+    r = run_lava(path, x.numpy(), "floating_pt", record=True, timeout=300)
+    for site, levels in _levels(lv, len(x)).items():
+        assert np.array_equal(r["levels"][site], levels), site
+    assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4
+
+
+def test_vit_runs_in_lava_with_host_blocks_and_reference_levels(mnist_dir, tmp_path):
+    from sfn_deploy.data import load_data
+    from sfn_deploy.models import load_model
+    model, ident = load_model(os.path.join(MODELS, "mnist_vit.pt2"))
+    snn = convert(model, load_data(f"mnist:{mnist_dir}:0:200"), scale=0.2, source=ident)
+    x = load_data(f"mnist:{mnist_dir}:8000:8006").x
+    ref, lv = run_with_levels(snn.graph, x)
+    path = str(tmp_path / "vit")
+    info = export_lava(snn, path)
+    assert {"layer_norm", "softmax", "gelu", "matmul", "add"} <= set(info["host_ops"])
+    r = run_lava(path, x.numpy(), "floating_pt", record=True, timeout=600)
+    same = np.mean([np.array_equal(r["levels"][s], v) for s, v in _levels(lv, len(x)).items()])
+    assert same == 1.0
+    assert (r["outputs"].argmax(1) == ref.numpy().argmax(1)).all()
+
+
+def test_a_user_program_wires_the_bundle_between_its_own_source_and_sink(digits_snn, digits, tmp_path):
+    """load_network: one call, input port in, output port out, outputs `latency` steps later."""
+    path = str(tmp_path / "b")
+    export_lava(digits_snn, path, input_abs_max=float(digits.x.abs().max()))
+    x = digits.x[:5]
+    ref = run_with_levels(digits_snn.graph, x)[0].numpy()
+    script = f"""
+import numpy as np, json, sys
+from lava.magma.core.run_conditions import RunSteps
+from lava.proc.io.source import RingBuffer as Source
+from lava.proc.io.sink import RingBuffer as Sink
+from sfn_deploy.exporters.lava import load_network
+net = load_network({path!r}, "floating_pt")
+x = np.load({str(tmp_path / 'x.npy')!r})
+n, L = len(x), net.latency
+src = Source(data=np.concatenate([x, np.zeros((L, x.shape[1]))]).T)
+snk = Sink(shape=(10,), buffer=n + L)
+src.s_out.connect(net.in_port)
+net.out_port.connect(snk.a_in)
+src.run(condition=RunSteps(num_steps=n + L), run_cfg=net.run_config())
+y = snk.data.get()[:, L:].T
+src.stop()
+np.save({str(tmp_path / 'y.npy')!r}, y)
+"""
+    np.save(tmp_path / "x.npy", x.reshape(5, -1).numpy().astype(np.float64))
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, start_new_session=True)
+    y = np.load(tmp_path / "y.npy")
+    assert np.abs(y - ref).max() < 1e-4
+
+
+# -- bundle checks ------------------------------------------------------------------------------------------
+
+def test_bundle_refuses_damage_and_strangers(digits_snn, digits, tmp_path):
+    path = str(tmp_path / "b")
+    export_lava(digits_snn, path, input_abs_max=1.0)
+    assert sorted(os.listdir(path)) == ["arrays.npz", "manifest.json"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    with pytest.raises(UserError, match="not a Lava bundle folder"):
+        load_network(str(tmp_path / "nothing"))
+    man = json.load(open(os.path.join(path, "manifest.json")))
+    with open(os.path.join(path, "arrays.npz"), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(UserError, match="checksum"):
+        load_network(path)
+    man["format_version"] = 99
+    json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
+    with pytest.raises(UserError, match="newer"):
+        load_network(path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "file.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a Lava bundle; refusing"):
+        export_lava(digits_snn, str(other), input_abs_max=1.0)
+
+
+def test_a_run_past_its_timeout_is_killed_with_a_clear_error(digits_snn, digits, tmp_path):
+    path = str(tmp_path / "b")
+    export_lava(digits_snn, path, input_abs_max=1.0)
+    with pytest.raises(UserError, match="timed out"):
+        run_lava(path, digits.x[:50].numpy(), timeout=0.5)
+
+
+def test_wrong_input_shape_is_refused(digits_snn, tmp_path):
+    path = str(tmp_path / "b")
+    export_lava(digits_snn, path, input_abs_max=1.0)
+    with pytest.raises(UserError, match="expects"):
+        run_lava(path, np.zeros((2, 3, 3)))
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sfn_deploy.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_export_simulate_per_layer_and_evaluate_on_lava(digits_snn, tmp_path):
+    from sfn_deploy.model_file import save
+    model = str(tmp_path / "m.sfn.pt")
+    save(digits_snn, model)
+    r = _cli("export", "--target", "lava", model, "-o", str(tmp_path / "bundle"), "--data", "sklearn:digits",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["precisions"] == ["floating_pt", "fixed_pt"] and info["latency_steps"] == 3
+    r = _cli("simulate", model, "--data", "sklearn:digits", "--limit", "20", "--backend", "lava", "--per-layer",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["parity"]
+    assert rows[0]["backend"] == "lava" and rows[0]["first_differing"] is None
+    assert all(row["levels_equal"] == 100.0 for row in rows[0]["layers"])
+    r = _cli("simulate", model, "--data", "sklearn:digits", "--limit", "20", "--backend", "lava",
+             "--precision", "fixed_pt", "--json")
+    assert r.returncode == 0, r.stderr
+    lava = json.loads(r.stdout)["backends"]["lava"]
+    assert lava["lava"]["precision"] == "fixed_pt" and lava["prediction_agreement"] >= 90
+    r = _cli("evaluate", model, "--data", "sklearn:digits", "--limit", "20", "--backend", "lava", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["backend"] == "lava"
+    r = _cli("simulate", model, "--data", "sklearn:digits", "--backend", "torch", "--per-layer")
+    assert r.returncode == 2 and "both are torch" in r.stderr
