@@ -79,7 +79,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record: bool = False,
-             timeout: float = 600.0) -> dict:
+             timeout: float = 600.0, neuron: str = "sfn") -> dict:
     """Stream the samples x (N, *input_shape) through the bundle, one per timestep.
 
     Returns ``outputs`` (N, *output_shape), and per SFN site (when ``record``) ``levels`` and
@@ -97,7 +97,7 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
         data[:n] = x.reshape(n, -1)
         np.save(os.path.join(work, "input.npy"), data)
         job = {"bundle": os.path.abspath(bundle), "precision": precision, "input": os.path.join(work, "input.npy"),
-               "workdir": work, "steps": steps, "record": record}
+               "workdir": work, "steps": steps, "record": record, "neuron": neuron}
         with open(os.path.join(work, "job.json"), "w") as f:
             json.dump(job, f)
         t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
         out = np.load(os.path.join(work, "output.npy"))[plan.latency:plan.latency + n]
         result = {"outputs": out.reshape((n, *plan.output_shape)), "timings": timings, "latency": plan.latency,
                   "levels": {}, "pre": {}, "counts": {}, "scales": {}}
-        for site, info in plan.sites.items():
+        for site, info in (plan.sites.items() if neuron == "sfn" else ()):
             base = os.path.join(work, info["block"])
             s = info["stage"]
             if record:

@@ -42,10 +42,15 @@ def _sparse_matrix(b) -> "object":
     return sparse.hstack(blocks, format="csr")
 
 
-def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool = False) -> LavaNetwork:
+def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool = False,
+          neuron: str = "sfn") -> LavaNetwork:
     """Instantiate every block as a Lava process and connect them. With ``tap_dir``, neurons and
     fixed-point convolutions record levels, pre-activations and counters for ``steps`` steps, and the
-    output decoder records the outputs; neurons record levels and pre-activations only with ``record``."""
+    output decoder records the outputs; neurons record levels and pre-activations only with ``record``.
+
+    ``neuron="lif"`` puts Lava's own LIF process (binary spikes, same size, threshold at the first
+    boundary) where each SFN neuron was: the same network built from Lava's stock neuron, the
+    baseline of the throughput benchmark (its outputs mean nothing)."""
     from lava.proc.dense.process import Dense
     from lava.proc.sparse.process import Sparse
 
@@ -56,7 +61,13 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
     procs: dict = {}
     for b in plan.blocks:
         a, arr = b.attrs, b.arrays
-        if b.kind == "neuron":
+        if b.kind == "neuron" and neuron == "lif":
+            from lava.proc.lif.process import LIF
+            vth = float(np.asarray(arr["thr_pos"])[0]) if len(arr["thr_pos"]) else 1.0
+            decay = 4095 if fixed else 1.0           # no state kept between steps, like the SFN
+            procs[b.name] = LIF(shape=(a["n"],), du=decay, dv=decay, vth=max(int(vth), 1) if fixed else vth,
+                                name=b.name)
+        elif b.kind == "neuron":
             dtype = np.int64 if fixed else np.float64
             procs[b.name] = SFNNeuron(
                 shape=(a["n"],), bias=np.asarray(arr["bias"], dtype), thr_pos=np.asarray(arr["thr_pos"], dtype),
@@ -84,7 +95,12 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
                                    tap=tap("output") if b.name == plan.output_block else None, steps=steps,
                                    name=b.name)
     for c in plan.connections:
-        src = getattr(procs[c["src"]], c["src_port"])
+        port = c["src_port"]
+        if neuron == "lif" and plan.block(c["src"]).kind == "neuron":
+            if port == "s_neg":
+                continue
+            port = "s_out"
+        src = getattr(procs[c["src"]], port)
         view = c["view"]
         if view and view[0] == "to_whc":
             src = src.reshape(tuple(view[1:])).transpose([2, 1, 0])

@@ -22,7 +22,7 @@ def main(job_path: str) -> int:
     _, plans = read_bundle(job["bundle"], job["precision"])
     plan = plans[job["precision"]]
     steps = job["steps"]
-    net = build(plan, tap_dir=job["workdir"], steps=steps, record=job["record"])
+    net = build(plan, tap_dir=job["workdir"], steps=steps, record=job["record"], neuron=job.get("neuron", "sfn"))
     src = NpySource(path=job["input"], shape=plan.input_shape, name="source")
     src.s_out.connect(net.in_port)
     logging.getLogger().handlers.clear()          # every Lava process adds a root handler
