@@ -8,7 +8,7 @@ the difference.
 Per-layer data per backend: torch (levels and pre-activations, from the reference interpreter),
 onnx (levels, from the level-output export), lava (levels and membrane potentials read from the
 neurons' taps; fixed point dequantised with the neuron's scale), nir (levels decoded from each
-site's threshold channels, summed by nirtorch).
+site's threshold channels as nirtorch computes them).
 """
 from __future__ import annotations
 
@@ -50,6 +50,34 @@ def _onnx_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dic
     return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()}, "pre": {}}
 
 
+def _nir_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict:
+    """Levels decoded from each site's threshold channels (copy index outermost: the positive copies,
+    then the negative ones; the level is table[#positive fired] − table[#negative fired])."""
+    from .convert import backend_runner
+    runner = backend_runner(model, "nir")
+    modules = dict(runner.named_modules())
+    levels: dict = {}
+    hooks = []
+    for site in model.sites:
+        mod = modules.get(f"graph_module.{site.name}")
+        if mod is None:
+            continue
+        npos, table = site.params["bounds_pos"].numel(), site.params["table"]
+        g = npos + site.params["bounds_neg"].numel()
+
+        def keep(_m, _inp, out, name=site.name, npos=npos, g=g, table=table):
+            ch = out.reshape(out.shape[0], g, -1).round().long()
+            lv = table[ch[:, :npos].sum(1)] - (table[ch[:, npos:].sum(1)] if g > npos else 0)
+            levels.setdefault(name, []).append(lv.numpy())
+        hooks.append(mod.register_forward_hook(keep))
+    try:
+        outs = [runner(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()}, "pre": {}}
+
+
 def _lava_layers(model: ConvertedModel, x: torch.Tensor, lava: dict | None) -> dict:
     from .exporters.lava import LavaRunner
     runner = LavaRunner(model, record=True, **(lava or {}))
@@ -71,10 +99,7 @@ def layer_outputs(model: ConvertedModel, backend: str, data: Dataset, batch_size
     if backend == "lava":
         return _lava_layers(model, x, lava)
     if backend == "nir":
-        from .convert import backend_runner
-        runner = backend_runner(model, "nir")
-        outs = [runner(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
-        return {"outputs": np.concatenate(outs), "levels": {}, "pre": {}}
+        return _nir_layers(model, x, batch_size)
     raise UserError(f"no per-layer parity for backend {backend!r}")
 
 
