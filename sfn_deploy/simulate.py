@@ -84,3 +84,26 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
     out["timings"] = {b: e["seconds"] for b, e in out["backends"].items()}
     out["max_abs_diff"] = max(e["max_abs_diff"] for e in out["backends"].values())
     return out
+
+
+def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") -> dict:
+    """Run a Lava bundle on data by itself (no converted model, so no reference to compare with)."""
+    from .exporters.lava import read_bundle, run_lava
+    manifest, plans = read_bundle(path, precision)
+    plan = plans[precision]
+    if list(data.x.shape[1:]) != list(plan.input_shape):
+        raise UserError(f"data samples have shape {list(data.x.shape[1:])}, the bundle expects {plan.input_shape}")
+    r = run_lava(path, data.x.numpy(), precision)
+    t = r["timings"]
+    pred = torch.from_numpy(r["outputs"]).reshape(len(data), -1).argmax(-1)
+    s = plan.summary()
+    counts = r["counts"]
+    return {"samples": len(data), "backend": "lava", "bundle": path, "accuracy": accuracy(pred, data.y),
+            "seconds": t["run_s"], "setup_seconds": t["wall_s"] - t["run_s"],
+            "samples_per_s": len(data) / t["run_s"] if t["run_s"] else None,
+            "lava": {"precision": precision, "lowering": manifest["lowering"], "processes": s["processes"],
+                     "neuro_core_processes": s["neuro_core_processes"], "host_processes": s["host_processes"],
+                     "host_ops": s["host_ops"], "latency_steps": s["latency_steps"], "counts": counts,
+                     "overflows": sum(v[0] for v in counts.values()),
+                     "saturations": sum(v[1] for k, v in counts.items() if not k.startswith("conv_")),
+                     "phases_s": {k: t[k] for k in ("build_s", "compile_s", "run_s", "stop_s", "wall_s")}}}

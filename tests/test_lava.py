@@ -229,5 +229,12 @@ def test_cli_export_simulate_per_layer_and_evaluate_on_lava(digits_snn, tmp_path
     r = _cli("evaluate", model, "--data", "sklearn:digits", "--limit", "20", "--backend", "lava", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["backend"] == "lava"
+    r = _cli("simulate", str(tmp_path / "bundle"), "--data", "sklearn:digits", "--limit", "20", "--backend", "lava",
+             "--precision", "fixed_pt", "--json")          # a bundle runs by itself
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["lava"]["precision"] == "fixed_pt" and out["samples"] == 20 and out["accuracy"] > 80
+    r = _cli("simulate", str(tmp_path / "bundle"), "--data", "mnist:/nonexistent", "--backend", "onnx")
+    assert r.returncode == 2 and "Lava bundle" in r.stderr
     r = _cli("simulate", model, "--data", "sklearn:digits", "--backend", "torch", "--per-layer")
     assert r.returncode == 2 and "both are torch" in r.stderr

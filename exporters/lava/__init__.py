@@ -28,7 +28,7 @@ from .build import LavaNetwork, build
 from .bundle import read_bundle, write_bundle
 from .plan import LOWERINGS, PRECISIONS, Plan, lower
 
-__all__ = ["export_lava", "load_network", "run_lava", "lower", "LOWERINGS", "PRECISIONS", "LavaNetwork"]
+__all__ = ["export_lava", "load_network", "run_lava", "read_bundle", "lower", "LOWERINGS", "PRECISIONS", "LavaNetwork"]
 
 
 def plans_for(model: ConvertedModel, lowering: str = "graded", input_abs_max: float | None = None):
