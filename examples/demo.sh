@@ -13,7 +13,7 @@ if [ ! -f "$MNIST/t10k-images-idx3-ubyte.gz" ]; then
   sfn-deploy convert examples/models/digits_mlp.pt2 --data sklearn:digits -o "$OUT/digits_mlp.sfn.pt" \
     --max-drop 0.5 --trials 30 --val-fraction 0.25
   sfn-deploy export --target onnx "$OUT/digits_mlp.sfn.pt" -o "$OUT/digits_mlp.onnx"
-  sfn-deploy simulate "$OUT/digits_mlp.sfn.pt" --data sklearn:digits --backend onnx --backend nir
+  sfn-deploy simulate "$OUT/digits_mlp.sfn.pt" --data sklearn:digits --backend onnx --backend nir --backend lava
   sfn-deploy check "$OUT/digits_mlp.sfn.pt" --target loihi2
   sfn-deploy report "$OUT/digits_mlp.sfn.pt" --data sklearn:digits -o "$OUT/digits_mlp.report.html"
   exit 0
@@ -40,6 +40,10 @@ for model in mnist_cnn mnist_vit; do
     sfn-deploy export --target nir "$OUT/$model.sfn.pt" -o "$OUT/$model.nir"
     sfn-deploy simulate "$OUT/$model.sfn.pt" --data "$TEST" --backend nir --limit 500
   fi
+  echo "== $model: export to a Lava bundle; run it in Lava's Loihi simulation (float, then fixed point layer by layer) =="
+  sfn-deploy export --target lava "$OUT/$model.sfn.pt" -o "$OUT/$model.lava"
+  sfn-deploy simulate "$OUT/$model.sfn.pt" --data "$TEST" --backend lava --limit 200
+  sfn-deploy simulate "$OUT/$model.sfn.pt" --data "$TEST" --backend lava --precision fixed_pt --per-layer --limit 100
   echo "== $model: pre-flight check and hardware report (Loihi 2, Loihi 1, 45 nm CMOS) on the test images =="
   sfn-deploy check "$OUT/$model.sfn.pt" --target loihi2
   sfn-deploy report "$OUT/$model.sfn.pt" --data "$TEST" -o "$OUT/$model.report.html"
