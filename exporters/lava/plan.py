@@ -349,8 +349,7 @@ class _Lowering:
                                  ir=[n.name] if pol in ("analog", "pos") else []))
             if spikes is not None and spikes[1] is not None:
                 port = "s_pos" if pol == "pos" else "s_neg"
-                view = self._to_conv_view(blk, src_shape, self.lowering == "channels")
-                self.connect(spikes[1], port, blk.name, "s_in", view)
+                self.connect(spikes[1], port, blk.name, "s_in", self._to_conv_view(blk))
             blk.attrs["pending_input"] = spikes is None or spikes[1] is None
             # consumers are connected when they are built: neurons now, host blocks in host_program
             for user in self.users[n.name]:
@@ -360,7 +359,8 @@ class _Lowering:
         self.block_of[n.name] = f"{kind}_{n.name}"
 
     @staticmethod
-    def _to_conv_view(blk: Block, src_shape, channels: bool):
+    def _to_conv_view(blk: Block):
+        """Lava's Conv reads (W, H, C): reshape the flat C·H·W spikes and transpose on the way in."""
         if blk.kind != "conv":
             return None
         w, h, c = blk.attrs["input_shape"]
@@ -382,14 +382,11 @@ class _Lowering:
         needed = [i for n in nodes for i in n.inputs if i not in mine and g[i].op != "constant"]
         if b.name == "output":
             needed = [out_node.name]
-        if b.name == "input":
-            needed = []
-        for value in dict.fromkeys(needed):
-            port = f"in{len(inputs)}"
-            inputs.append(self._host_input(b, value, port))
-        if b.name == "input":
+        if b.name == "input":                # the encoder: the network input arrives on in0
             inputs.append({"port": "in0", "value": g.input.name, "decode": "value", "delay": 0,
                            "size": _numel(self.input_shape), "shape": list(g.input.shape)})
+        for value in dict.fromkeys(needed):
+            inputs.append(self._host_input(b, value, f"in{len(inputs)}"))
         # outputs: every value of the block read outside it
         for n in nodes:
             for user in self.users[n.name]:
@@ -490,9 +487,7 @@ class _Lowering:
                 else:
                     enc = f"{'chan' if self.lowering == 'channels' else 'levels'}_{pol}"
                     spec = {"value": n.name, "encode": enc, "site": lat}
-                src_shape = list(n.shape[1:])
-                view = self._to_conv_view(blk, src_shape, self.lowering == "channels")
-                self._append_output(outputs, spec, blk, view, n)
+                self._append_output(outputs, spec, blk, self._to_conv_view(blk), n)
             return
         self._append_output(outputs, spec, None, None, n, dsts)
 
