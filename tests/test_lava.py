@@ -238,3 +238,22 @@ def test_cli_export_simulate_per_layer_and_evaluate_on_lava(digits_snn, tmp_path
     assert r.returncode == 2 and "Lava bundle" in r.stderr
     r = _cli("simulate", model, "--data", "sklearn:digits", "--backend", "torch", "--per-layer")
     assert r.returncode == 2 and "both are torch" in r.stderr
+
+
+def test_a_failing_host_block_fails_the_run_cleanly_instead_of_hanging(digits_snn, tmp_path):
+    """A host model that raises sends a dummy output first, the worker leaves at once, and the caller
+    gets the child's traceback (no deadlock, no timeout)."""
+    path = str(tmp_path / "b")
+    export_lava(digits_snn, path, input_abs_max=1.0)
+    man_path = os.path.join(path, "manifest.json")
+    man = json.load(open(man_path))
+    for b in man["plans"]["floating_pt"]["blocks"]:
+        for n in b["attrs"].get("nodes", []):
+            if n["op"] == "flatten":
+                n["op"], n["attrs"] = "reshape", {"shape": [7, 7, 7]}     # cannot hold 64 values
+    json.dump(man, open(man_path, "w"))
+    import time
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="Lava run failed"):
+        run_lava(path, np.zeros((3, 1, 8, 8)), timeout=120)
+    assert time.time() - t0 < 100

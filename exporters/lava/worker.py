@@ -42,4 +42,13 @@ def main(job_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    try:
+        code = main(sys.argv[1])
+    except BaseException:               # a failed Lava run cannot be stopped cleanly (stop() hangs, and so does
+        import traceback                # a normal exit): report and leave at once; the caller kills the group
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
+    sys.stdout.flush()
+    os._exit(code)
