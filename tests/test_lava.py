@@ -112,6 +112,12 @@ def test_channel_lowering_equals_graded_in_float(digits_snn, digits, tmp_path):
     for site, levels in _levels(lv, len(x)).items():
         assert np.array_equal(r["levels"][site], levels), site
     assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4
+    # fixed point: channel increments span more than 8 bits hold, so copies are split by weight exponent
+    plan = lower(digits_snn, "channels", "fixed_pt", input_abs_max=1.0)
+    shifts = {b.attrs["shift"] for b in plan.blocks if b.kind == "dense" and b.attrs["polarity"] != "analog"}
+    assert len(shifts) > 1 and min(shifts) == 0
+    r = run_lava(path, x.numpy(), "fixed_pt", timeout=300)
+    assert (r["outputs"].argmax(1) == ref.numpy().argmax(1)).mean() >= 0.9
 
 
 def test_vit_runs_in_lava_with_host_blocks_and_reference_levels(mnist_dir, tmp_path):

@@ -30,16 +30,36 @@ class LavaNetwork:
         return Loihi2SimCfg(select_tag=self.plan.precision)
 
 
+def _copy_blocks(b) -> list:
+    """The weights of each channel copy g (None where the process holds no synapse for it: fixed-point
+    channel lowering splits copies by weight exponent, see plan._exponent_groups)."""
+    w, a = b.arrays["weight"], b.attrs
+    ids = a.get("copy_ids") or list(range(a["copies"]))
+    axis = 3 if b.kind == "conv" else 1
+    per = w.shape[axis] // len(ids)
+    held = {g: np.take(w, range(i * per, (i + 1) * per), axis=axis) for i, g in enumerate(ids)}
+    return [held.get(g) for g in range(a["copies"])], per
+
+
+def _full_weight(b) -> np.ndarray:
+    blocks, per = _copy_blocks(b)
+    if b.attrs.get("copy_ids") is None:
+        return b.arrays["weight"]
+    like = next(x for x in blocks if x is not None)
+    return np.concatenate([x if x is not None else np.zeros_like(like) for x in blocks],
+                          axis=3 if b.kind == "conv" else 1)
+
+
 def _sparse_matrix(b) -> "object":
     """kron(I_tokens, W) per channel copy, side by side: spikes of copy g of unit (token t, feature j)
     sit at g·n + t·in + j."""
     from scipy import sparse
-    w = b.arrays["weight"]
-    t, copies = b.attrs["tokens"], b.attrs["copies"]
-    per = w.shape[1] // copies
+    blocks, per = _copy_blocks(b)
+    t = b.attrs["tokens"]
+    rows = t * b.arrays["weight"].shape[0]
     eye = sparse.identity(t, format="csr")
-    blocks = [sparse.kron(eye, sparse.csr_matrix(w[:, g * per:(g + 1) * per])) for g in range(copies)]
-    return sparse.hstack(blocks, format="csr")
+    return sparse.hstack([sparse.kron(eye, sparse.csr_matrix(x)) if x is not None
+                          else sparse.csr_matrix((rows, t * per)) for x in blocks], format="csr")
 
 
 def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool = False,
@@ -76,15 +96,15 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
         elif b.kind in ("dense", "sparse", "conv"):
             bits = 24 if a["graded"] else 0
             if b.kind == "conv":
-                w = np.asarray(arr["weight"], np.int32 if fixed else np.float64)
+                w = np.asarray(_full_weight(b), np.int32 if fixed else np.float64)
                 procs[b.name] = SFNConv(weight=w, input_shape=tuple(a["input_shape"]), padding=tuple(a["padding"]),
                                         stride=tuple(a["stride"]), dilation=tuple(a["dilation"]), groups=a["groups"],
-                                        num_message_bits=bits, tap=tap(b.name) if fixed else None, steps=steps,
+                                        num_message_bits=bits, weight_exp=a.get("shift", 0) if fixed else 0, tap=tap(b.name) if fixed else None, steps=steps,
                                         name=b.name)
             else:
-                w = _sparse_matrix(b) if b.kind == "sparse" else arr["weight"]
+                w = _sparse_matrix(b) if b.kind == "sparse" else _full_weight(b)
                 w = w.astype(np.int32) if fixed else w.astype(np.float64)
-                kw = {"weight_exp": -1} if fixed else {}     # weights are stored as 2w (see plan.py)
+                kw = {"weight_exp": a.get("shift", 0) - 1} if fixed else {}   # weights stored as 2w (see plan.py)
                 cls = Sparse if b.kind == "sparse" else Dense
                 procs[b.name] = cls(weights=w, num_message_bits=bits, name=b.name, **kw)
         else:

@@ -315,16 +315,22 @@ class _Lowering:
                 raise UserError("Lava export (fixed point): the input's range is needed to encode it in "
                                 f"{INPUT_BITS} bits; pass --data")
         e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
+        # (polarity, weights, their exponent, shift to the layer's exponent, channel copies held or None for all)
+        procs = [(pol, m, e, 0, None) for pol, m in parts]
+        if self.fixed and spikes is not None and self.lowering == "channels":
+            procs, e = self._exponent_groups(parts, w.shape[1])
         if spikes is None and self.fixed:   # as many input bits as the 24-bit accumulator allows (≥ 8)
             row = max(float(np.abs(quantise(m, e)).reshape(m.shape[0], -1).sum(1).max()) for _, m in parts)
             levels = max(2 ** (INPUT_BITS - 1) - 1, min(2 ** 15 - 1, int((2 ** (ACC_BITS - 1) - 1) // max(row, 1))))
             scale_in = 2.0 ** math.ceil(math.log2(self.input_abs_max / levels))
         self.acc_scale[n.name] = scale_in * 2.0 ** e
         tokens = _numel(n.shape[1:-1]) if token_dims else 1
-        for pol, m in parts:
+        for k, (pol, m, e_q, shift, ids) in enumerate(procs):
+            copies = m.shape[1] // w.shape[1] if ids is None else next(p[1].shape[1] for p in parts
+                                                                       if p[0] == pol) // w.shape[1]
             arrays = {}
             if self.fixed:
-                m = quantise(m, e).astype(np.float64)
+                m = quantise(m, e_q).astype(np.float64)
             if kind == "conv":
                 arrays["weight"] = np.ascontiguousarray(m[:, :, ::-1, ::-1].transpose(0, 3, 2, 1))  # Lava (C_out, kW, kH, C_in)
             elif kind == "sparse":
@@ -335,18 +341,18 @@ class _Lowering:
                 arrays["weight"] = 2 * arrays["weight"]   # Lava drops the LSB of mixed-sign weights: 2w, weight_exp −1
             src_shape = list(self.g[x].shape[1:])
             attrs = {"op": n.op, "layer": n.name, "polarity": pol, "input": x, "tokens": tokens, "in_n": in_n,
-                     "copies": m.shape[1] // w.shape[1],
+                     "copies": copies, "copy_ids": ids, "shift": shift,
                      "out_n": _numel(n.shape), "weight_exp": e, "scale": self.acc_scale[n.name],
                      "graded": spikes is None or self.lowering == "graded" or pol == "analog"}
             if kind == "conv":
                 a = n.attrs
-                c_in = m.shape[1] * a.get("groups", 1)
+                c_in = copies * w.shape[1] * a.get("groups", 1)
                 attrs.update(input_shape=[src_shape[2], src_shape[1], c_in], stride=list(a["stride"])[::-1],
                              padding=list(a["padding"])[::-1], dilation=list(a["dilation"])[::-1],
                              groups=a.get("groups", 1), out_chw=list(n.shape[1:]))
-            name = f"{kind}_{n.name}" + ("" if pol in ("analog", "pos") else "_neg")
+            name = f"{kind}_{n.name}" + ("" if pol in ("analog", "pos") else "_neg") + (f"_{k}" if k else "")
             blk = self.add(Block(name, kind, self.stage[n.name], attrs=attrs, arrays=arrays,
-                                 ir=[n.name] if pol in ("analog", "pos") else []))
+                                 ir=[n.name] if k == 0 else []))
             if spikes is not None and spikes[1] is not None:
                 port = "s_pos" if pol == "pos" else "s_neg"
                 self.connect(spikes[1], port, blk.name, "s_in", self._to_conv_view(blk))
@@ -357,6 +363,25 @@ class _Lowering:
                     self.connect(blk.name, "a_out", self.block_of[user.name] if user.name in self.block_of
                                  else f"sfn_{user.name}", "a_in", self._from_conv_view(blk))
         self.block_of[n.name] = f"{kind}_{n.name}"
+
+    @staticmethod
+    def _exponent_groups(parts, per: int):
+        """Fixed point with threshold channels: channel increments span two orders of magnitude, more than
+        8-bit weights with one exponent hold. Copies sharing an exponent go to one process (stored: only
+        their weights, ``copy_ids``; the other copies' synapses are zero), each shifting its sum to the
+        layer's smallest exponent (Lava's weight_exp), so all processes add up at the neuron in one unit."""
+        exps = {}
+        for pol, m in parts:
+            for g in range(m.shape[1] // per):
+                exps[(pol, g)] = weight_exponent(float(np.abs(m[:, g * per:(g + 1) * per]).max(initial=0)))
+        e_min = min(exps.values())
+        procs = []
+        for pol, m in parts:
+            for e_g in sorted({v for (p, _), v in exps.items() if p == pol}):
+                ids = [g for g in range(m.shape[1] // per) if exps[(pol, g)] == e_g]
+                sub = np.concatenate([m[:, g * per:(g + 1) * per] for g in ids], axis=1)
+                procs.append((pol, sub, e_g, e_g - e_min, ids))
+        return procs, e_min
 
     @staticmethod
     def _to_conv_view(blk: Block):

@@ -250,14 +250,15 @@ class PySFNConvFloat(_ConvModel):
 @requires(CPU)
 @tag("fixed_pt")
 class PySFNConvFixed(_ConvModel):
-    """Wraps at 24 bits like Lava's PyConvModelFixed; counts the wrapped outputs into the tap."""
+    """Wraps at 24 bits like Lava's PyConvModelFixed; counts the wrapped outputs into the tap. Unlike
+    Lava's model it honours ``weight_exp`` (≥ 0) as the Conv process documents it (weight · 2^weight_exp)."""
     s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int32, precision=24)
     a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
     a_buf: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
     weight: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=8)
 
     def _clamp(self, acc):
-        acc = acc.astype(np.int64)
+        acc = acc.astype(np.int64) << int(self.weight_exp.item())   # the Conv process's weight·2^weight_exp
         lim = 1 << (ACC_BITS - 1)
         wrapped = (acc + lim) % (1 << ACC_BITS) - lim
         n = int(np.count_nonzero(wrapped != acc))
