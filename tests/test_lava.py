@@ -263,3 +263,20 @@ def test_a_failing_host_block_fails_the_run_cleanly_instead_of_hanging(digits_sn
     with pytest.raises(RuntimeError, match="Lava run failed"):
         run_lava(path, np.zeros((3, 1, 8, 8)), timeout=120)
     assert time.time() - t0 < 100
+
+
+def test_channel_lowering_max_pools_on_cores_exactly(mnist_cnn, tmp_path):
+    """Threshold channels are cumulative, so max pooling is an OR per channel: a depthwise sum Conv and a
+    neuron at 1/2, on cores; the CNN then has no host work besides input encoding and output decoding."""
+    snn, data = mnist_cnn
+    plan = lower(snn, "channels", "floating_pt")
+    assert plan.summary()["host_ops"] == [] and plan.latency == 6      # two pooling Convs add a step each
+    assert sum(b.name.startswith("pool_") for b in plan.blocks) == 2
+    x = data.x[:20]
+    ref, lv = run_with_levels(snn.graph, x)
+    path = str(tmp_path / "ch")
+    export_lava(snn, path, lowering="channels")
+    r = run_lava(path, x.numpy(), "floating_pt", record=True, timeout=300)
+    for site, levels in _levels(lv, len(x)).items():
+        assert np.array_equal(r["levels"][site], levels), site
+    assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4

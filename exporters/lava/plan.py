@@ -134,9 +134,15 @@ class _Lowering:
         self.acc_scale: dict[str, float] = {}  # synaptic IR node -> scale of its integer accumulator
         self.sites: dict = {}
         self.input_like: set = set()
+        self.core_pools: set = set()           # channel lowering: max pools done on cores (see _find_core_pools)
+        self.aliases: set = set()              # flattens between such a pool and its synaptic layers
 
     # graph facts
     def cls(self, n: Node) -> str:
+        if n.name in self.core_pools:
+            return "pool"
+        if n.name in self.aliases:
+            return "alias"
         if n.op in ("linear", "conv2d"):
             return "synapse"
         if n.op == "sfn":
@@ -145,13 +151,41 @@ class _Lowering:
             return "constant"
         return "host"
 
+    def _find_core_pools(self) -> None:
+        """With threshold channels, max pooling of a (positive-only) site's spikes is exact on cores: the
+        channels of a level are cumulative, so pooled channel g is the OR of the window's channel g, a
+        depthwise sum (a Conv of ones) and a threshold at 1/2. Done where the pooled spikes reach only
+        synaptic layers (through flattens, which are free in the flat C·H·W order)."""
+        if self.lowering != "channels":
+            return
+        g = self.g
+
+        def reaches_synapses(u: Node, chain: list) -> bool:
+            if u.op in ("linear", "conv2d"):
+                return True
+            if u.op in ("flatten", "reshape") and u.bdim == 0 and len(u.shape) == 2:
+                chain.append(u.name)
+                return all(reaches_synapses(v, chain) for v in self.users[u.name])
+            return False
+        for n in g:
+            a = n.attrs
+            src = g[n.inputs[0]] if n.inputs else None
+            if n.op != "max_pool2d" or src.op != "sfn" or src.params["bounds_neg"].numel() or n.bdim != 0 \
+                    or any(a.get("padding", [0])) or a.get("ceil_mode") or any(d != 1 for d in a.get("dilation", [1])):
+                continue
+            chain: list = []
+            if self.users[n.name] and all(reaches_synapses(u, chain) for u in self.users[n.name]):
+                self.core_pools.add(n.name)
+                self.aliases.update(chain)
+
     def analyse(self) -> None:
+        self._find_core_pools()
         for n in self.g:
             if n.op == "constant":
                 continue
             ins = [self.stage[i] for i in n.inputs if i in self.stage]
             s = max(ins, default=0)
-            self.stage[n.name] = s + 1 if self.cls(n) == "synapse" else s
+            self.stage[n.name] = s + 1 if self.cls(n) in ("synapse", "pool") else s
             if n.op == "input" or (n.op in _LATTICE_OPS and n.op != "max_pool2d" and n.inputs[0] in self.input_like):
                 self.input_like.add(n.name)          # the input moved around: its range is the input's
             if n.op == "sfn":
@@ -213,6 +247,10 @@ class _Lowering:
                 self.neuron(n)
             elif c == "synapse":
                 self.synapse(n)
+            elif c == "pool":
+                self.core_pool(n)
+            elif c == "alias":
+                self.block_of[n.name] = self.block_of[n.inputs[0]]
         out = self.add(Block("output", "host", self.stage[out_node.name], ir=[]))
         host_blocks["output"] = out
         for b in host_blocks.values():
@@ -244,8 +282,37 @@ class _Lowering:
                                    "steps": steps.astype(np.float64)}))
         self.sites[site.name] = {"block": b.name, "stage": b.stage}
 
+    def core_pool(self, p: Node) -> None:
+        """Max pool of threshold channels on cores: depthwise sum Conv over every channel copy, then a
+        neuron per pooled channel firing 1 when the window sum reaches 1 (OR)."""
+        site = self.g[p.inputs[0]]
+        a = p.attrs
+        copies = int(site.params["bounds_pos"].numel())
+        c, h, w = site.shape[1:]
+        k = list(a["kernel_size"])
+        st = list(a["stride"]) if a.get("stride") else k
+        ch = copies * c
+        conv = self.add(Block(f"pool_{p.name}", "conv", self.stage[p.name], arrays={
+            "weight": np.ones((ch, k[1], k[0], 1))}, attrs={
+            "op": "max_pool2d", "layer": p.name, "polarity": "pool", "input": site.name, "tokens": 1, "copies": 1,
+            "copy_ids": None, "shift": 0, "in_n": copies * _numel(site.shape), "out_n": copies * _numel(p.shape),
+            "weight_exp": 0, "scale": 1.0, "graded": False, "input_shape": [w, h, ch], "stride": st[::-1],
+            "padding": [0, 0], "dilation": [1, 1], "groups": ch, "out_chw": [ch, *p.shape[2:]]}))
+        self.connect(self.block_of[site.name], "s_pos", conv.name, "s_in", self._to_conv_view(conv))
+        n = copies * _numel(p.shape)
+        thr = np.array([1 if self.fixed else 0.5])
+        any_ = self.add(Block(f"any_{p.name}", "neuron", self.stage[p.name], ir=[p.name], attrs={
+            "n": n, "shape": [ch, *p.shape[2:]], "input": p.name, "dual": False, "channels": False, "n_pos": 1,
+            "n_neg": 0, "pool": True, "scale": 1.0}, arrays={
+            "bounds_pos": np.array([0.5], np.float32), "bounds_neg": np.zeros(0, np.float32),
+            "table": np.array([0, 1]), "steps": np.array([1.0, 0.0]), "bias": np.zeros(n), "thr_pos": thr,
+            "thr_neg": np.zeros(0)}))
+        self.connect(conv.name, "a_out", any_.name, "a_in", self._from_conv_view(conv))
+
     def neuron_thresholds(self, b: Block) -> None:
         """Bias and thresholds in the neuron's membrane units (float: the values themselves)."""
+        if b.attrs.get("pool"):
+            return
         src = self.g[b.attrs["input"]]
         n = b.attrs["n"]
         bias = np.zeros(n)
@@ -274,9 +341,10 @@ class _Lowering:
             return None
         site = self.g[site_name]
         producer = self.g[value]
-        if producer.op == "sfn":
-            blk = self.block_of[site_name]
-            return site, blk, ("s_pos", "s_neg")
+        while producer.name in self.aliases:
+            producer = self.g[producer.inputs[0]]
+        if producer.op == "sfn" or producer.name in self.core_pools:
+            return site, self.block_of[producer.name], ("s_pos", "s_neg")
         return site, None, None          # through a host block: ports assigned by host_program
 
     def synapse(self, n: Node) -> None:

@@ -29,7 +29,14 @@ def main(job_path: str) -> int:
     t1 = time.perf_counter()
     src.create_runtime(run_cfg=net.run_config())
     t2 = time.perf_counter()
-    src.run(condition=RunSteps(num_steps=steps))
+    try:
+        src.run(condition=RunSteps(num_steps=steps))
+    except Exception:                    # Lava only logs the children's tracebacks: print them
+        for actor in getattr(getattr(src.runtime, "_messaging_infrastructure", None), "actors", []):
+            exc = getattr(actor, "exception", None)
+            if exc is not None:
+                print(f"in Lava process: {exc!r}\n{getattr(actor, 'trace', '') or ''}", file=sys.stderr)
+        raise
     t3 = time.perf_counter()
     models = {name: type(p.model_class).__name__ if not isinstance(p.model_class, type) else p.model_class.__name__
               for name, p in net.processes.items()}

@@ -197,6 +197,12 @@ def lava_conv(x_whc: np.ndarray, w: np.ndarray, stride, padding, dilation, group
     oh = (x.shape[1] - dy * (kh - 1) - 1) // sy + 1
     out = np.empty((ow, oh, c_out), np.float64)
     og = c_out // groups
+    if cg == 1 and og == 1:                            # depthwise (pooling): one window sum per channel
+        for i in range(kw):
+            for j in range(kh):
+                part = x[i * dx:i * dx + sx * (ow - 1) + 1:sx, j * dy:j * dy + sy * (oh - 1) + 1:sy, :] * wf[:, i, j, 0]
+                out = part if i == 0 and j == 0 else out + part
+        return out
     for g in range(groups):
         xg = x[:, :, g * cg:(g + 1) * cg]
         cols = np.empty((ow, oh, kw, kh, cg), np.float64)
@@ -209,11 +215,12 @@ def lava_conv(x_whc: np.ndarray, w: np.ndarray, stride, padding, dilation, group
 
 
 class _ConvModel(PyLoihiProcessModel):
-    kernel_size: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=8)
-    stride: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=8)
-    padding: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=8)
-    dilation: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=8)
-    groups: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=8)
+    # int32, not Lava's int8: a depthwise pooling Conv has hundreds of groups
+    kernel_size: np.ndarray = LavaPyType(np.ndarray, np.int32)
+    stride: np.ndarray = LavaPyType(np.ndarray, np.int32)
+    padding: np.ndarray = LavaPyType(np.ndarray, np.int32)
+    dilation: np.ndarray = LavaPyType(np.ndarray, np.int32)
+    groups: np.ndarray = LavaPyType(np.ndarray, np.int32)
     num_message_bits: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=5)
     weight_exp: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=8)
     num_weight_bits: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=5)
