@@ -116,6 +116,7 @@ def test_channel_lowering_equals_graded_in_float(digits_snn, digits, tmp_path):
     plan = lower(digits_snn, "channels", "fixed_pt", input_abs_max=1.0)
     shifts = {b.attrs["shift"] for b in plan.blocks if b.kind == "dense" and b.attrs["polarity"] != "analog"}
     assert len(shifts) > 1 and min(shifts) == 0
+    assert len({b.name for b in plan.blocks}) == len(plan.blocks)   # group blocks of layer "linear" vs "linear_1"
     r = run_lava(path, x.numpy(), "fixed_pt", timeout=300)
     assert (r["outputs"].argmax(1) == ref.numpy().argmax(1)).mean() >= 0.9
 

@@ -221,6 +221,8 @@ class _Lowering:
 
     # blocks
     def add(self, block: Block) -> Block:
+        if any(b.name == block.name for b in self.blocks):
+            raise RuntimeError(f"Lava lowering: two blocks named {block.name}")     # an internal error
         self.blocks.append(block)
         for n in block.ir:
             self.block_of[n] = block.name
@@ -418,7 +420,8 @@ class _Lowering:
                 attrs.update(input_shape=[src_shape[2], src_shape[1], c_in], stride=list(a["stride"])[::-1],
                              padding=list(a["padding"])[::-1], dilation=list(a["dilation"])[::-1],
                              groups=a.get("groups", 1), out_chw=list(n.shape[1:]))
-            name = f"{kind}_{n.name}" + ("" if pol in ("analog", "pos") else "_neg") + (f"_{k}" if k else "")
+            # "__": never a node name's suffix (node names are Python identifiers made unique with "_k")
+            name = f"{kind}_{n.name}" + ("" if pol in ("analog", "pos") else "__neg") + (f"__g{k}" if k else "")
             blk = self.add(Block(name, kind, self.stage[n.name], attrs=attrs, arrays=arrays,
                                  ir=[n.name] if k == 0 else []))
             if spikes is not None and spikes[1] is not None:
