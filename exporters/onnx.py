@@ -343,7 +343,7 @@ class _Lowering:
                 a_ = a_.astype(_F32)
             self.inits.append(numpy_helper.from_array(np.array(a_, order="C"), out))
             return out
-        if op == "sfn":
+        if op == "sfn" or (op == "if_neuron" and self.ann):     # the ANN of any method: identity / ReLU
             return self.sfn(n, xs[0], out)
         fn = getattr(self, "op_" + op, None)
         if fn is None:
@@ -701,6 +701,9 @@ def to_onnx(model: ConvertedModel, levels: bool = False, opset: int = DEFAULT_OP
             ) -> onnx.ModelProto:
     """Build the ONNX model of a converted network (no I/O). See the module docstring for the interface."""
     model = _check_args(model, levels, opset, ann)
+    if not ann:                 # a multi-timestep baseline (--method if/ecmt) has no single-step form
+        from ..methods import require_single_step
+        require_single_step(model, "ONNX")
     g = model.graph
     low = _Lowering(model, levels, opset, ann)
     low.run()

@@ -99,7 +99,8 @@ def convert_options(fn):
     return fn
 
 
-_CFG_KEYS = ("levels", "fire", "rounding", "percentile", "search", "trials", "val_fraction", "storage", "study",
+_CFG_KEYS = ("method", "timesteps", "v0", "epochs",
+             "levels", "fire", "rounding", "percentile", "search", "trials", "val_fraction", "storage", "study",
              "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop")
 
 
@@ -131,11 +132,21 @@ def _fmt_front(front: list[dict]) -> str:
 @click.option("--tune/--no-tune", default=None, help="Search λ (the default unless --scale is given).")
 @click.option("--max-drop", type=float, default=None,
               help="Accuracy budget in points: the lowest-energy configuration within it.")
+@click.option("--method", type=click.Choice(["sfn", "if", "mtn", "ecmt", "pmsm", "mbe"]), default=None,
+              help="Conversion method (default sfn): sfn = Scale-and-Fire, T = 1; if = rate-coded IF over T steps; "
+                   "mtn = its one-step multi-threshold equivalent (N = T); ecmt = ECMT over T steps; pmsm = "
+                   "PMSM-R (signed multi-spike QAT, T = 1); mbe: not implemented yet. See docs/methods.md.")
+@click.option("--timesteps", "-T", type=int, default=None,
+              help="T for --method if, mtn, ecmt (defaults 64, 64, 4); sfn runs one step.")
+@click.option("--v0", type=float, default=None,
+              help="if/mtn: initial membrane potential in units of θ (0 classic, 0.5 QCFS-style; default 0).")
+@click.option("--epochs", type=float, default=None, help="pmsm: fine-tune epochs over --data (default 1).")
 @convert_options
 @model_options
 @command
 def convert_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
-    """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network."""
+    """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network
+    (or, with --method, into one of the baselines it is compared with)."""
     from .convert import convert, evaluate
     from .data import load_data
     from .model_file import save
@@ -153,7 +164,13 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
                **{k: v for k, v in result.items() if k != "layers"},
                "chosen": converted.search.get("chosen"), "config": cfg.to_dict()}
-    text = (f"converted {model} -> {output}: {len(converted.sites)} SFN sites, λ = {payload['lam']}\n"
+    from .methods import method_of
+    method, steps = method_of(converted.graph)
+    payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
+    what = f"{len(converted.sites)} SFN sites, λ = {payload['lam']}" if method == "sfn" else \
+        f"method {method}, T = {steps}{' (one step, N = T levels)' if method == 'mtn' else ''}, " \
+        f"{len(converted.sites)} neuron sites"
+    text = (f"converted {model} -> {output}: {what}\n"
             f"validation ({result['samples']} samples): ANN {result['ann_accuracy']:.2f}%  "
             f"SNN {result['accuracy']:.2f}%  agreement {result['agreement']:.2f}%  "
             f"energy ratio {result['energy_ratio']:.4f}")
@@ -199,15 +216,33 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     _emit(as_json, {**result, "output": output}, text)
 
 
+def _lava_options(f):
+    f = click.option("--precision", type=click.Choice(["floating_pt", "fixed_pt"]), default="floating_pt",
+                     help="Lava: floating point, or Loihi's fixed point (8-bit weights, 24-bit membranes).")(f)
+    return click.option("--lowering", type=click.Choice(["graded", "channels"]), default="graded",
+                        help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1).")(f)
+
+
+def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
+    """Lava options; the fixed-point input range is the calibration data's (recorded at conversion),
+    else the data at hand's."""
+    amax = model.metrics.get("input_abs_max")
+    if amax is None and ds is not None:
+        amax = float(ds.x.abs().max())
+    return {"precision": precision, "lowering": lowering, "input_abs_max": amax}
+
+
 @main.command("evaluate")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Evaluation data.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "nir"]), default="torch", help="Where the SNN runs.")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "nir", "lava"]), default="torch",
+              help="Where the SNN runs.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
+@_lava_options
 @command
-def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_json):
+def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json):
     """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
     from .convert import evaluate
     from .data import load_data
@@ -216,7 +251,9 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_js
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be ≥ 1, got {limit}")
     model = load(converted)
-    r = evaluate(model, load_data(data), backend, limit, batch_size, quiet=as_json)
+    ds = load_data(data)
+    r = evaluate(model, ds, backend, limit, batch_size, quiet=as_json,
+                 lava=_lava_settings(model, ds, precision, lowering))
     if not show_layers:
         r.pop("layers")
     text = (f"{r['samples']} samples on {backend}: SNN {r['accuracy']:.2f}%  ANN {r['ann_accuracy']:.2f}%  "
@@ -227,23 +264,53 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, as_js
 
 @main.command("export")
 @click.argument("converted", type=click.Path(dir_okay=False))
-@click.option("--target", required=True, type=click.Choice(["onnx", "nir"]), help="Format to write.")
+@click.option("--target", required=True, type=click.Choice(["onnx", "nir", "lava"]), help="Format to write.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output path (default: beside the model, with the target's extension).")
 @click.option("--levels", is_flag=True, help="ONNX: add each SFN site's integer spike levels as outputs.")
 @click.option("--ann", is_flag=True, help="ONNX: export the source ANN (every neuron the identity) instead.")
 @click.option("--opset", type=click.IntRange(17, 21), default=17, help="ONNX opset.")
+@click.option("--partial", is_flag=True,
+              help="NIR: write the largest NIR-expressible regions and describe the host-side remainder "
+                   "(softmax, LayerNorm, activation products, ...) in the file's metadata (docs/nir.md).")
+@click.option("--lowering", type=click.Choice(["graded", "channels"]), default="graded",
+              help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1).")
+@click.option("--data", default=None, help="Lava: data whose range sets the fixed-point input encoding "
+              "(default: the calibration range recorded at conversion).")
 @command
-def export_cmd(converted, target, output, levels, ann, opset, as_json):
-    """Write the converted network in a target format (ONNX or NIR; Lava to come)."""
+def export_cmd(converted, target, output, levels, ann, opset, partial, lowering, data, as_json):
+    """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
     from .model_file import load
 
+    if partial and target != "nir":
+        raise UserError(f"--partial applies to --target nir only (got --target {target})")
     model = load(converted)
     path = output or os.path.splitext(converted)[0] + "." + target
-    if target == "nir":
-        from .exporters.nir import export_nir
+    if target == "lava":
+        from .exporters.lava import export_lava
         if levels or ann:
             raise UserError("--levels and --ann apply to --target onnx only")
+        amax = model.metrics.get("input_abs_max")
+        if data is not None:
+            from .data import load_data
+            amax = float(load_data(data).x.abs().max())
+        info = export_lava(model, path, lowering, amax)
+        text = (f"wrote {info['path']}/: Lava bundle ({info['lowering']} lowering; {', '.join(info['precisions'])}), "
+                f"{info['processes']} processes ({info['neuro_core_processes']} on neuro-cores, "
+                f"{info['host_processes']} on the host: {', '.join(info['host_ops']) or 'input/output only'}), "
+                f"latency {info['latency_steps']} steps, {info['bytes']:,} bytes")
+        for p, why in info["missing"].items():
+            text += f"\n  no {p} plan: {why}"
+        _emit(as_json, {"target": target, **info}, text)
+        return
+    if target == "nir":
+        from .exporters.nir import describe_partial, export_nir, export_nir_partial
+        if levels or ann:
+            raise UserError("--levels and --ann apply to --target onnx only")
+        if partial:
+            info = export_nir_partial(model, path)
+            _emit(as_json, {"target": target, **info}, describe_partial(info))
+            return
         info = export_nir(model, path)
         text = (f"wrote {info['path']}: NIR, {info['nodes']} nodes, {info['bytes']:,} bytes, {info['sites']} SFN "
                 f"sites; neurons {info['neurons_before']:,} graded -> {info['neurons_after']:,} binary, synapses "
@@ -259,24 +326,54 @@ def export_cmd(converted, target, output, levels, ann, opset, as_json):
 
 
 @main.command("simulate")
-@click.argument("converted", type=click.Path(dir_okay=False))
+@click.argument("converted", type=click.Path())
 @click.option("--data", required=True, help="Input data.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx", "nir"]), default=("torch",),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx", "nir", "lava"]),
+              default=("torch",),
               help="Backend(s) to run (repeatable); each is compared with the torch reference.")
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--threads", type=int, default=None, help="CPU threads for every backend.")
+@click.option("--against", type=click.Choice(["torch", "onnx", "nir", "lava"]), default="torch",
+              help="With --per-layer: the backend the others are compared with.")
+@click.option("--per-layer", is_flag=True,
+              help="Compare every SFN site's spike levels (and pre-activations) between each backend and "
+                   "--against; name the first layer that differs.")
+@_lava_options
 @command
-def simulate_cmd(converted, data, backends, limit, batch_size, threads, as_json):
-    """Run the SNN on backends, with timings and agreement against the torch reference."""
+def simulate_cmd(converted, data, backends, limit, batch_size, threads, against, per_layer, precision, lowering,
+                 as_json):
+    """Run the SNN on backends, with timings and agreement against the torch reference.
+
+    CONVERTED is a converted model, or a Lava bundle folder (then only Lava runs, without a reference)."""
     from .data import load_data
     from .model_file import load
-    from .simulate import simulate
+    from .simulate import simulate, simulate_bundle
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be ≥ 1, got {limit}")
-    r = simulate(load(converted), load_data(data).limit(limit), list(backends), batch_size, quiet=as_json,
-                 threads=threads)
+    if os.path.isdir(converted):
+        if set(backends) - {"torch", "lava"} or per_layer:
+            raise UserError(f"{converted} is a Lava bundle: it runs on --backend lava only, without --per-layer")
+        r = simulate_bundle(converted, load_data(data).limit(limit), precision)
+        lv = r["lava"]
+        _emit(as_json, r, f"{r['samples']} samples on Lava ({precision}, {lv['lowering']} lowering, bundle "
+                          f"{converted}): accuracy {r['accuracy']:.2f}%, {r['samples_per_s']:.1f} samples/s "
+                          f"(+{r['setup_seconds']:.2f} s set-up), latency {lv['latency_steps']} steps; overflows "
+                          f"{lv['overflows']}, saturations {lv['saturations']}")
+        return
+    model = load(converted)
+    ds = load_data(data).limit(limit)
+    lava = _lava_settings(model, ds, precision, lowering)
+    if per_layer:
+        from .parity import format_parity, parity
+        rows = parity(model, ds, list(backends), against, batch_size, lava)
+        if not rows:
+            raise UserError(f"--per-layer compares --backend with --against; both are {against}")
+        _emit(as_json, {"samples": len(ds), "against": against, "parity": rows},
+              "\n\n".join(format_parity(r) for r in rows))
+        return
+    r = simulate(model, ds, list(backends), batch_size, quiet=as_json, threads=threads, lava=lava)
     lines = [f"{r['samples']} samples, reference torch"]
     for b, e in r["backends"].items():
         extra = f"  levels equal {e['level_agreement']:.4f}%" if "level_agreement" in e else ""
@@ -284,6 +381,13 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, as_json)
         lines.append(f"  {b:<6} {e['seconds']:8.3f} s{setup}  {e['samples_per_s']:9.1f} samples/s  accuracy "
                      f"{e['accuracy']:.2f}%  max|Δ| {e['max_abs_diff']:.3g}  top-1 agreement "
                      f"{e['prediction_agreement']:.2f}%{extra}")
+        if "lava" in e:
+            lv = e["lava"]
+            lines.append(f"         Lava {lv['precision']}, {lv['lowering']}: {lv['processes']} processes "
+                         f"({lv['neuro_core_processes']} neuro-core, {lv['host_processes']} host: "
+                         f"{', '.join(lv['host_ops']) or 'input/output only'}), latency {lv['latency_steps']} steps, "
+                         f"{lv['steps_per_s']:.0f} steps/s; overflows {lv['overflows']}, saturations "
+                         f"{lv['saturations']}")
     _emit(as_json, r, "\n".join(lines))
 
 

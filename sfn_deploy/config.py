@@ -18,6 +18,11 @@ SEARCH_SPACES = ("shared", "per-block", "per-site")
 
 @dataclass
 class ConvertConfig:
+    method: str = "sfn"             # sfn | if | mtn | ecmt (pmsm, mbe: not yet); docs/methods.md
+    timesteps: int | None = None    # T for the multi-timestep baselines (default per method; sfn: 1)
+    v0: float = 0.0                 # if/mtn: initial membrane potential in units of θ (0 classic, 0.5 QCFS)
+    epochs: float = 1.0             # pmsm: fine-tune epochs over the conversion data (fractions allowed)
+    lr: float = 1e-3                # pmsm: fine-tune learning rate (Adam; 10× for the thresholds)
     levels: int = 8                 # M: linear levels per polarity (2M levels, 4M thresholds in all)
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
@@ -42,8 +47,25 @@ _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPAC
 
 
 def validate(cfg: ConvertConfig) -> ConvertConfig:
+    from .methods import check_method
+
     def bad(key, why):
         raise UserError(f"option '{key}': {why}")
+    check_method(cfg.method)
+    if cfg.timesteps is not None and not 1 <= cfg.timesteps <= 4096:
+        bad("timesteps", f"T must be between 1 and 4096, got {cfg.timesteps}")
+    if cfg.v0 and cfg.method not in ("if", "mtn"):
+        bad("v0", f"applies to --method if and mtn only, not {cfg.method}")
+    if cfg.method == "if" and not 0 <= cfg.v0 < 1:
+        bad("v0", f"must lie in [0, 1) (units of θ), got {cfg.v0}")
+    if cfg.method == "mtn" and cfg.v0 not in (0.0, 0.5):
+        bad("v0", f"the MTN supports v0 = 0 (floor) or 0.5 (round half up), got {cfg.v0}")
+    if cfg.method == "pmsm" and cfg.timesteps != 1:
+        bad("timesteps", f"PMSM-R runs one timestep (its T > 1 mode is not implemented), got {cfg.timesteps}")
+    if cfg.epochs < 0 or cfg.lr <= 0:
+        bad("epochs" if cfg.epochs < 0 else "lr", f"must be positive, got {cfg.epochs if cfg.epochs < 0 else cfg.lr}")
+    if cfg.method == "sfn" and cfg.timesteps not in (None, 1):
+        bad("timesteps", f"the SFN method runs one timestep; T = {cfg.timesteps} applies to --method if, mtn, ecmt")
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
             bad(key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
@@ -103,4 +125,21 @@ def load_config(path: str, overrides: dict) -> ConvertConfig:
         cfg.tune = False
     if cfg.max_drop is not None:
         cfg.tune = True
+    if cfg.method != "sfn":
+        _method_defaults(cfg, values)
     return validate(cfg)
+
+
+def _method_defaults(cfg: ConvertConfig, values: dict) -> None:
+    """A baseline has no λ search: refuse the λ options, and fill the options it defaults differently."""
+    from .methods import DEFAULTS, check_method
+    check_method(cfg.method)
+    given = [k for k in ("scale", "max_drop") if values.get(k) is not None] + \
+        (["tune"] if values.get("tune") is True else [])
+    if given:
+        raise UserError(f"option '{given[0]}' sets the SFN scale factor λ; --method {cfg.method} has no λ "
+                        f"(use --method sfn)")
+    cfg.tune = False
+    for key, value in DEFAULTS[cfg.method].items():
+        if key not in values:
+            setattr(cfg, key, value)

@@ -67,16 +67,23 @@ def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = 
     return torch.cat(preds), counter
 
 
-BACKENDS = ("torch", "onnx", "nir")
+BACKENDS = ("torch", "onnx", "nir", "lava")
 
 
-def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, threads: int | None = None):
+def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, threads: int | None = None,
+                   lava: dict | None = None):
     """A function batch → logits running the SNN (or, with ann=True, its source ANN) on a backend.
 
     Building it is the backend's set-up (export, session creation), kept apart so it can be timed apart.
-    The NIR backend writes the file and runs what ``nir.read`` gives back (the ANN has no NIR form: torch).
+    The NIR backend writes the file and runs what ``nir.read`` gives back (the ANN has no NIR form: torch);
+    a network NIR cannot fully express runs as its partial export (NIR regions plus host nodes).
+    The Lava backend writes a bundle and streams each batch through Lava processes (``lava``: precision,
+    lowering, input_abs_max); the ANN has no Lava form: torch.
     """
-    if backend == "torch" or (backend == "nir" and ann):
+    if backend == "lava" and not ann:
+        from .exporters.lava import LavaRunner
+        return LavaRunner(converted, **(lava or {}))
+    if backend == "torch" or (backend in ("nir", "lava") and ann):
         return lambda xb: run(converted.graph, xb, spiking=not ann)
     if backend == "onnx":
         from .exporters.onnx import OnnxRunner, to_onnx
@@ -85,19 +92,31 @@ def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, t
     if backend == "nir":
         import tempfile
 
-        from .exporters.nir import export_nir, load_nir
+        from .exporters.nir import check_nir, export_nir, export_nir_partial, load_nir, load_partial
+        try:                    # what NIR cannot express (a Transformer's host work) runs beside the NIR regions
+            check_nir(converted.graph)
+            partial = False
+        except UserError:
+            partial = True
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.nir")
-            export_nir(converted, path)
-            module = load_nir(path)
+            if partial:
+                export_nir_partial(converted, path)
+                module = load_partial(path)
+            else:
+                export_nir(converted, path)
+                module = load_nir(path)
         return module
     raise UserError(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
 
 
 def backend_logits(converted: ConvertedModel, data: Dataset, backend: str, batch_size: int = 256,
-                   ann: bool = False, quiet: bool = True, threads: int | None = None) -> torch.Tensor:
+                   ann: bool = False, quiet: bool = True, threads: int | None = None,
+                   lava: dict | None = None) -> torch.Tensor:
     """Logits of the SNN (or, with ann=True, its source ANN) computed by a backend."""
-    runner = backend_runner(converted, backend, ann, threads)
+    runner = backend_runner(converted, backend, ann, threads, lava)
+    if backend == "lava":           # one stream: Lava's set-up is paid once, samples pipeline one per step
+        batch_size = len(data)
     batches = progress(data.batches(batch_size), f"{backend}{' ANN' if ann else ''}", quiet=quiet,
                        total=-(-len(data) // batch_size))
     return torch.cat([runner(xb) for xb in batches])
@@ -109,7 +128,8 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source: dict | None = None,
             quiet: bool = True, **overrides) -> ConvertedModel:
-    """Convert a model (ExportedProgram or nn.Module) into a calibrated single-timestep SFN network.
+    """Convert a model (ExportedProgram or nn.Module) into a calibrated single-timestep SFN network,
+    or with ``method`` (if, mtn, ecmt, pmsm) into one of the baselines of docs/methods.md.
 
     λ: ``scale`` fixes it; otherwise it is searched (``tune``), choosing the most accurate
     configuration, or with ``max_drop`` the lowest-energy one within that many points of the ANN.
@@ -118,7 +138,15 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
     t0 = time.time()
     graph = build_graph(model, data, cfg, quiet)
     search: dict = {}
-    if cfg.scale is not None:
+    extra: dict = {}
+    if cfg.method == "pmsm":        # PMSM-R: entropy init + a short quantisation-aware fine-tune (docs/methods.md)
+        from .pmsm import convert_pmsm
+        extra["finetune"] = convert_pmsm(graph, data, cfg.levels, cfg.epochs, cfg.lr, seed=cfg.seed, quiet=quiet)
+    elif cfg.method != "sfn":       # a baseline of docs/methods.md: its neurons replace the calibrated SFNs
+        from .methods import apply_method
+        apply_method(graph, cfg.method, cfg.timesteps, cfg.percentile, cfg.levels,
+                     len(data.limit(cfg.calib_limit)), cfg.v0)
+    elif cfg.scale is not None:
         set_scale(graph, cfg.scale)
     else:
         from .tuning import choose, run_search
@@ -127,13 +155,14 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
         set_scale(graph, chosen["lam"])
         search = {**result, "chosen": chosen}
     converted = ConvertedModel(graph, list(data.x.shape[1:]), cfg.to_dict(), source or {}, {}, search)
-    converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples":
-                         len(data.limit(cfg.calib_limit))}
+    calib = data.limit(cfg.calib_limit)
+    converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples": len(calib),
+                         "input_abs_max": float(calib.x.abs().max()), **extra}    # input: fixed-point encoding (Lava)
     return converted
 
 
 def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", limit: int | None = None,
-             batch_size: int = 256, quiet: bool = True, target: str = "cmos45") -> dict:
+             batch_size: int = 256, quiet: bool = True, target: str = "cmos45", lava: dict | None = None) -> dict:
     """Accuracy of SNN and ANN, their top-1 agreement and the op counts / energy ratio (paper convention)."""
     if backend not in BACKENDS:
         raise UserError(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
@@ -145,7 +174,7 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
         ann_pred, _ = measure(graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN")
     else:   # the op counts stay the reference counter's; predictions come from the backend
         ann_pred = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet).argmax(-1)
-        snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet).argmax(-1)
+        snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()
     e_ac, e_mac = energy_constants(target)
     return {"backend": backend, "samples": len(data), "accuracy": accuracy(snn_pred, data.y),

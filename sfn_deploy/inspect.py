@@ -21,11 +21,42 @@ def summary(model: ConvertedModel) -> dict:
     kinds = Counter(n.kind for n in g.nodes)
     layers = [{"name": n.name, "op": n.op, "kind": n.kind, "inputs": n.inputs, "shape": n.shape,
                "source": n.source} for n in g.nodes]
-    return {"format_version": 1, "source": model.source, "input_shape": model.input_shape,
-            "config": model.config, "passes": [p for p, _ in PIPELINE], "node_kinds": dict(kinds),
+    from .methods import method_of
+    method, steps = method_of(g)
+    return {"format_version": 1, "method": method, "timesteps": steps, "source": model.source,
+            "input_shape": model.input_shape, "config": model.config, "passes": [p for p, _ in PIPELINE],
+            "node_kinds": dict(kinds),
             "layers": layers, "sites": sites, "metrics": model.metrics,
             "pareto_front": model.search.get("pareto_front", []), "chosen": model.search.get("chosen"),
-            "targets": available()}
+            "targets": available(), "exporters": exporters(model)}
+
+
+def exporters(model: ConvertedModel) -> dict:
+    """What each export target makes of this network (without writing anything)."""
+    from .errors import UserError
+    from .methods import require_single_step
+    try:
+        require_single_step(model, "single-timestep")
+    except UserError:
+        why = f"refused: --method {model.graph.method} keeps state over T = {model.graph.timesteps} steps"
+        return {"onnx": why, "nir": why, "lava": why}
+    out: dict = {"onnx": "full"}
+    try:
+        from .exporters.nir import check_nir
+        check_nir(model.graph)
+        out["nir"] = "full"
+    except UserError as e:
+        out["nir"] = f"partial (--partial): {len(str(e).splitlines()) - 1} node(s) NIR cannot express stay on the host"
+    except ImportError:
+        out["nir"] = "nir not installed"
+    try:
+        from .exporters.lava import lower
+        p = lower(model, "graded", "floating_pt").summary()
+        out["lava"] = (f"{p['processes']} processes ({p['neuro_core_processes']} neuro-core, {p['host_processes']} "
+                       f"host: {', '.join(p['host_ops']) or 'input/output only'}), latency {p['latency_steps']} steps")
+    except UserError as e:
+        out["lava"] = f"refused: {e}"
+    return out
 
 
 def _numel(shape) -> int:
@@ -37,9 +68,11 @@ def _numel(shape) -> int:
 
 def summary_text(s: dict) -> str:
     cfg = s["config"]
+    method = s.get("method", "sfn")
     lines = [f"source: {s['source'].get('spec', '?')}   input: {'×'.join(map(str, s['input_shape']))}",
              f"fire function {cfg.get('fire')} (M = {cfg.get('levels')}), rounding {cfg.get('rounding')}, "
-             f"p = {cfg.get('percentile')}%",
+             f"p = {cfg.get('percentile')}%" if method == "sfn" else
+             f"method {method} (docs/methods.md), T = {s['timesteps']}, p = {cfg.get('percentile')}%",
              "passes: " + " → ".join(s["passes"]),
              "nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(s["node_kinds"].items())),
              "", "layers:"]
@@ -63,4 +96,5 @@ def summary_text(s: dict) -> str:
             lam = str(lams[0]) if len(lams) == 1 else f"{min(lams)}..{max(lams)}"
             lines.append(f"  trial {r['trial']:4d}  {r['accuracy']:6.2f}%  ratio {r['energy_ratio']:.4f}  λ {lam}{mark}")
     lines += ["", "hardware targets: " + ", ".join(s["targets"])]
+    lines += ["exports:"] + [f"  {k:<5} {v}" for k, v in s["exporters"].items()]
     return "\n".join(lines)

@@ -22,6 +22,19 @@ role (where it sits: post-relu, pre-qkv, q, k, v, post-softmax, ...).
 params (derived by :func:`sfn_deploy.passes.configure`): bounds_pos, bounds_neg
 (float32 absolute boundaries), steps (float32 [λθ⁺, λθ⁻]), table (int64 [0, y_1..y_N]).
 Backends use these stored float32 values, so all of them fire at the same inputs.
+
+The ``if_neuron`` node is a multi-level integrate-and-fire neuron run over ``T`` synchronous
+timesteps (the baselines of docs/methods.md: rate-coded IF, ECMT's multi-threshold neuron).
+It fires by the same attrs and params as ``sfn`` (levels, θ±, λ, bounds, steps, table), applied
+to its membrane potential instead of its input, and resets by subtraction:
+
+    m(t) = v(t−1) + x(t);  o(t) = sfn-rule(m(t));  v(t) = m(t) − o(t);  v(0) = v0 · step⁺
+
+extra attrs: method ("if", "ecmt"), T (timesteps), v0 (initial potential in units of the
+positive step). A graph holding such nodes runs T steps (``Graph.timesteps``,
+:mod:`sfn_deploy.temporal`); its output is the mean of the T output values. Single-timestep
+consumers (the ONNX/NIR/Lava exporters) refuse it (:func:`sfn_deploy.methods.require_single_step`).
+``Graph.method`` names the conversion method ("sfn" for files written before methods existed).
 """
 from __future__ import annotations
 
@@ -30,7 +43,8 @@ from dataclasses import dataclass, field
 import torch
 
 FORMAT = "sfn-deploy/converted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2         # 2: multi-timestep methods (if_neuron, Graph.timesteps/method); files with
+                           # only single-step SFN content are still written as version 1
 
 # op -> (kind, description). kind: "weight" (synaptic layer with stored weights),
 # "product" (product of two activations), "neuron", "host" (computed off the neuron
@@ -43,6 +57,7 @@ OPS = {
     "linear": ("weight", "y = x Wᵀ + b over the last axis"),
     "matmul": ("product", "product of two activations (attention q·kᵀ and attn·v)"),
     "sfn": ("neuron", "Scale-and-Fire neuron, one timestep"),
+    "if_neuron": ("neuron", "multi-level integrate-and-fire neuron over T timesteps, soft reset (baselines)"),
     "relu": ("host", "max(0, x); in a converted network it only feeds SFNs"),
     "gelu": ("host", "GELU; attrs approximate"),
     "softmax": ("host", "softmax over attrs dim"),
@@ -67,6 +82,10 @@ OPS = {
     "cat": ("layout", "concatenate along an axis (batchless inputs broadcast over the batch)"),
     "expand": ("layout", "broadcast to attrs shape"),
 }
+
+
+NEURON_OPS = ("sfn", "if_neuron")     # nodes with fire attrs/params (``Graph.sites``)
+STATEFUL_OPS = ("if_neuron",)          # nodes that keep a membrane potential across timesteps
 
 
 def op_kind(op: str) -> str:
@@ -106,6 +125,8 @@ class Node:
 class Graph:
     nodes: list[Node]
     output: str
+    timesteps: int = 1          # T: synchronous steps per inference (1 for SFN)
+    method: str = "sfn"         # the conversion method (docs/methods.md)
 
     def __post_init__(self):
         self._index = {n.name: n for n in self.nodes}
@@ -125,7 +146,13 @@ class Graph:
 
     @property
     def sites(self) -> list[Node]:
-        return [n for n in self.nodes if n.op == "sfn"]
+        """Every spiking neuron site (``sfn`` and ``if_neuron`` nodes)."""
+        return [n for n in self.nodes if n.op in NEURON_OPS]
+
+    @property
+    def stateful(self) -> bool:
+        """True when the graph must run over T timesteps (it holds a stateful neuron)."""
+        return any(n.op in STATEFUL_OPS for n in self.nodes)
 
     def users(self) -> dict[str, list[Node]]:
         out: dict[str, list[Node]] = {n.name: [] for n in self.nodes}
@@ -158,11 +185,13 @@ class Graph:
             self.output = new
 
     def to_dict(self) -> dict:
-        return {"nodes": [n.to_dict() for n in self.nodes], "output": self.output}
+        return {"nodes": [n.to_dict() for n in self.nodes], "output": self.output, "timesteps": self.timesteps,
+                "method": self.method}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Graph":
-        return cls([Node.from_dict(n) for n in d["nodes"]], d["output"])
+        return cls([Node.from_dict(n) for n in d["nodes"]], d["output"], int(d.get("timesteps", 1)),
+                   str(d.get("method", "sfn")))
 
 
 def resolve_shape(shape: list, batch: int) -> list[int]:

@@ -31,7 +31,9 @@ class ConvertedModel:
         return self.graph.sites
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "sfn_deploy_version": __version__,
+        # a plain SFN network stays version 1, so older sfn-deploy releases still read it
+        version = 1 if self.graph.method == "sfn" and not self.graph.stateful else FORMAT_VERSION
+        return {"format": FORMAT, "format_version": version, "sfn_deploy_version": __version__,
                 "graph": self.graph.to_dict(), "input_shape": list(self.input_shape), "config": self.config,
                 "source": self.source, "metrics": self.metrics, "search": self.search}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 FIRE_FUNCTIONS = ("sformer", "linear", "exponential")
-ROUNDINGS = ("paper", "nearest")
+ROUNDINGS = ("paper", "nearest", "floor")
 
 
 def if_neuron(x: torch.Tensor, theta: float, v0: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -77,9 +77,12 @@ def boundaries(levels: list[int], rounding: str = "paper") -> list[float]:
 
     paper:   b_i = y_i − 1/2 (the paper's eq. 11; initial potential λθ/2)
     nearest: b_i = (y_{i−1} + y_i)/2 with y_0 = 0 (rounds to the nearest level)
+    floor:   b_i = y_i (initial potential 0: the multi-threshold neuron floor(h/θ_M) and the IF neuron)
     """
     if rounding == "paper":
         return [y - 0.5 for y in levels]
+    if rounding == "floor":
+        return [float(y) for y in levels]
     if rounding == "nearest":
         prev = [0] + list(levels[:-1])
         return [(a + b) / 2 for a, b in zip(prev, levels)]

@@ -54,7 +54,18 @@ def _nir_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict
     """Levels decoded from each site's threshold channels (copy index outermost: the positive copies,
     then the negative ones; the level is table[#positive fired] − table[#negative fired])."""
     from .convert import backend_runner
+    from .exporters.nir import PartialModule, run_partial
     runner = backend_runner(model, "nir")
+    if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
+        y, spikes = run_partial(runner, x, spikes=True, batch_size=batch_size)
+        levels = {}
+        for site in model.sites:
+            if site.name in spikes:
+                npos, table = site.params["bounds_pos"].numel(), site.params["table"]
+                ch = spikes[site.name].round().long()
+                lv = table[ch[:, :npos].sum(1)] - (table[ch[:, npos:].sum(1)] if ch.shape[1] > npos else 0)
+                levels[site.name] = lv.reshape(len(x), -1).numpy()
+        return {"outputs": y.numpy(), "levels": levels, "pre": {}}
     modules = dict(runner.named_modules())
     levels: dict = {}
     hooks = []

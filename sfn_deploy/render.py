@@ -14,6 +14,8 @@ import html
 import io
 import re
 
+from .ir import NEURON_OPS
+
 DASH = "—"
 TOP = 40          # layers per plot: a ViT has hundreds, a readable plot shows the largest
 TOP_SITES = 60
@@ -190,6 +192,15 @@ def _totals(r: dict) -> list:
                          f"{count(cd['neurons_graded'])} → {count(cd['neurons_channels'])}, synapses "
                          f"{count(cd['synapses_graded'])} → {count(cd['synapses_channels'])} (one neuron per "
                          f"channel, one synapse per incoming channel)."))
+    lv = r.get("lava")
+    if lv and "error" not in lv:
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(lv["by_kind"].items()) if k != "host")
+        out.append(("p", f"Lava target (graded spikes): {lv['processes']} processes, {lv['neuro_core_processes']} on "
+                         f"neuro-cores ({kinds}) and {lv['host_processes']} on the host (input encoding, output "
+                         f"decoding{', ' + ', '.join(lv['host_ops']) if lv['host_ops'] else ''}); latency "
+                         f"{lv['latency_steps']} timesteps from a sample entering to its output."))
+    elif lv:
+        out.append(("p", f"Lava target: not expressible ({lv['error']})."))
     return out
 
 
@@ -278,7 +289,7 @@ def _layers(r: dict, level: int) -> list:
     rows = [[d["name"], d["op"], str(d.get("stage", "")), d.get("input") or DASH, count(d.get("mac_ann")),
              count(d.get("ac")), count(d.get("ac_event")), count(d.get("ac_channel")), count(d.get("mac")),
              count(d.get("host_ops")), count(d.get("neurons")),
-             f"{100 * d['firing_rate']:.1f} %" if d["op"] == "sfn" else DASH] for d in r["layers"]]
+             f"{100 * d['firing_rate']:.1f} %" if d["op"] in NEURON_OPS else DASH] for d in r["layers"]]
     out = [("h", level, "Operations per layer (per inference)"),
            ("table", ["layer", "op", "stage", "input", "MAC ANN", "AC spike", "AC event", "AC channel", "MAC",
                       "host ops", "neurons", "firing rate"], rows)]
@@ -314,13 +325,13 @@ def _comparison_blocks(doc: dict, plots: bool) -> list:
     rows = doc["comparison"]
     targets = list(dict.fromkeys(k for row in rows for k, v in row.items()
                                  if isinstance(v, dict) and "energy_j" in v))
-    head = ["model", "M", "λ", "accuracy", "ANN accuracy", "energy ratio (eq. 43)"]
+    head = ["model", "method", "T", "M", "λ", "accuracy", "ANN accuracy", "energy ratio (eq. 43)"]
     for t in targets:
         head += [f"{t} energy", f"{t} latency", f"{t} cores", f"{t} chips", f"{t} fits", f"{t} SNN/int8"]
     table = []
     for row in rows:
-        cells = [row["model"], _list(row["M"]), _lam(row["lam"]), pct(row["accuracy"]), pct(row["ann_accuracy"]),
-                 ratio(row["energy_ratio"])]
+        cells = [row["model"], row.get("method", "sfn"), str(row.get("timesteps", 1)), _list(row["M"]),
+                 _lam(row["lam"]), pct(row["accuracy"]), pct(row["ann_accuracy"]), ratio(row["energy_ratio"])]
         for t in targets:
             x = row.get(t)
             if x is None:
@@ -384,7 +395,7 @@ def _hbars(fig, names: list[str], series: list[tuple[str, list]], xlabel: str, t
 
 def _plot_ops(r: dict):
     from matplotlib.figure import Figure
-    rows = [d for d in r["layers"] if d["op"] != "sfn" and (d.get("mac_ann") or d.get("host_ops"))]
+    rows = [d for d in r["layers"] if d["op"] not in NEURON_OPS and (d.get("mac_ann") or d.get("host_ops"))]
     if not rows:
         return None
     shown = _top(rows, lambda d: max(d.get("mac_ann", 0), d.get("ac", 0), d.get("host_ops", 0)))
@@ -432,7 +443,7 @@ def _plot_energy(r: dict):
 def _plot_sites(r: dict):
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
-    sites = [d for d in r["layers"] if d["op"] == "sfn" and d.get("neurons")]
+    sites = [d for d in r["layers"] if d["op"] in NEURON_OPS and d.get("neurons")]
     if not sites:
         return None
     shown = _top(sites, lambda d: d.get("spikes", 0.0), TOP_SITES)
@@ -620,7 +631,8 @@ def to_text(doc: dict) -> str:
         return "\n".join(_text_report(doc))
     lines = []
     for row in doc["comparison"]:
-        parts = [f"{row['model']}: accuracy {pct(row['accuracy'])} (ANN {pct(row['ann_accuracy'])}), "
+        how = "" if row.get("method", "sfn") == "sfn" else f" [{row['method']}, T = {row.get('timesteps', 1)}]"
+        parts = [f"{row['model']}{how}: accuracy {pct(row['accuracy'])} (ANN {pct(row['ann_accuracy'])}), "
                  f"ratio {ratio(row['energy_ratio'])}"]
         for k, x in row.items():
             if isinstance(x, dict) and "energy_j" in x:

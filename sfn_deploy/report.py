@@ -14,6 +14,8 @@ from .convert import accuracy, backend_logits, check_data, energy_constants, mea
 from .data import Dataset
 from .errors import UserError
 from .model_file import ConvertedModel
+from .ir import NEURON_OPS
+from .methods import method_of
 from .neurons import fire_levels
 from .passes import configure, set_scale
 from .simulators.counting import CONVENTIONS, OpCounts, count_ops
@@ -24,6 +26,9 @@ from .targets.mapping import map_network
 
 def variant(converted: ConvertedModel, scale: float | None = None, levels: int | None = None) -> ConvertedModel:
     """A copy of the converted network with another shared λ and/or another M (θ and calibration kept)."""
+    if converted.graph.method != "sfn" and (scale is not None or levels is not None):
+        raise UserError(f"--scale and --levels vary an SFN network; this one was converted with --method "
+                        f"{converted.graph.method}")
     out = copy.deepcopy(converted)
     if levels is not None:
         for s in out.sites:
@@ -47,7 +52,7 @@ def channel_cost(converted: ConvertedModel, counts: OpCounts) -> dict:
     one neuron per channel, and one synapse per incoming channel (the level increment folded into it)."""
     from .targets.mapping import _source_site
     stats = {c.name: c for c in counts.layers}
-    channels = {c.name: c.levels * (2 if c.dual else 1) for c in counts.layers if c.op == "sfn"}
+    channels = {c.name: c.levels * (2 if c.dual else 1) for c in counts.layers if c.op in NEURON_OPS}
     syn_graded = syn_channels = 0
     for c in counts.layers:
         if c.kind == "weight":
@@ -57,6 +62,19 @@ def channel_cost(converted: ConvertedModel, counts: OpCounts) -> dict:
     neurons = sum(stats[n].neurons for n in channels)
     return {"neurons_graded": neurons, "neurons_channels": sum(stats[n].neurons * k for n, k in channels.items()),
             "synapses_graded": syn_graded, "synapses_channels": syn_channels}
+
+
+def lava_placement(converted: ConvertedModel) -> dict:
+    """Where each part of the network runs in the Lava target (graded lowering): neuro-core processes
+    (neurons, synaptic layers) and host processes with the operations they do."""
+    from .exporters.lava import lower
+    try:
+        p = lower(converted, "graded", "floating_pt")
+    except UserError as e:
+        return {"error": str(e)}
+    host = [{"block": b.name, "ops": b.attrs["ops"], "stage": b.stage} for b in p.blocks
+            if b.kind == "host" and b.attrs["ops"]]
+    return {**p.summary(), "host_blocks": host}
 
 
 def plan(converted: ConvertedModel, counts: OpCounts, targets: list[str]) -> dict:
@@ -90,9 +108,11 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         "energy_ratio_by_convention": {c: counts.energy_ratio(e_ac, e_mac, c) for c in CONVENTIONS},
         "ac_snn": counts.ac_snn, "mac_snn": counts.mac_snn, "mac_ann": counts.mac_ann, "host_ops": counts.host_ops,
         "synops": {c: counts.synops(c) for c in CONVENTIONS}, "host_ops_by_op": counts.host_ops_by_op(),
-        "neuron_updates": sum(c.neurons for c in counts.layers if c.op == "sfn"),
-        "spikes": sum(c.spikes for c in counts.layers if c.op == "sfn"),
+        "neuron_updates": sum(c.neurons * c.timesteps for c in counts.layers if c.op in NEURON_OPS),
+        "spikes": sum(c.spikes for c in counts.layers if c.op in NEURON_OPS),
+        "method": method_of(converted.graph)[0], "timesteps": method_of(converted.graph)[1],
         "channel_decomposition": channel_cost(converted, counts),
+        "lava": lava_placement(converted),
         "layers": _summary_layers(counts), "stages": counts.per_stage(),
         "targets": plan(converted, counts, targets),
     }
@@ -103,7 +123,8 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
 
 def summary_row(r: dict) -> dict:
     """One line per report for comparison tables: accuracy, the paper's ratio, and each target's figures."""
-    row = {"model": r["model"], "M": r["levels_M"], "lam": r["lam"], "accuracy": r["accuracy"],
+    row = {"model": r["model"], "method": r.get("method", "sfn"), "timesteps": r.get("timesteps", 1),
+           "M": r["levels_M"], "lam": r["lam"], "accuracy": r["accuracy"],
            "ann_accuracy": r["ann_accuracy"], "energy_ratio": r["energy_ratio"]}
     for name, t in r["targets"].items():
         e = t["estimate"]

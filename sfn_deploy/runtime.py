@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .ir import Graph, Node, resolve_shape
+from .ir import NEURON_OPS, Graph, Node, resolve_shape
 
 Hook = Callable[[Node, list, torch.Tensor, dict], None]
 
@@ -143,7 +143,14 @@ def _op(node: Node, args: list, graph: Graph, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | None = None) -> torch.Tensor:
-    """Execute the graph on a batch ``x`` (batch axis first) and return the output tensor."""
+    """Execute the graph on a batch ``x`` (batch axis first) and return the output tensor.
+
+    A graph with stateful neurons (a multi-timestep baseline) runs its T steps as the SNN
+    (:func:`sfn_deploy.temporal.run_steps`: the mean output over the steps).
+    """
+    if spiking and graph.stateful:
+        from .temporal import run_steps
+        return run_steps(graph, x, hook)
     env: dict[str, torch.Tensor] = {}
     batch = x.shape[0]
     free = _release_plan(graph)
@@ -154,7 +161,7 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
             out = x
         elif node.op == "constant":
             out = node.params["value"]
-        elif node.op == "sfn":
+        elif node.op in NEURON_OPS:
             if spiking:
                 out, extra["position"] = fire(node, args[0])
             else:       # the ANN: identity, or the ReLU the neuron absorbed

@@ -22,6 +22,13 @@ outside the paper's ratio. ``stage`` is the pipeline step at which a layer runs 
 single-timestep inference (each weight layer, product or host operation adds one, as each is a
 process with one step of delay on Lava), so "per timestep" totals group by stage.
 All counts are per inference (per sample); sums are accumulated in float64 and are exact.
+
+Multi-timestep graphs (``if_neuron`` sites, :mod:`sfn_deploy.temporal`): the counter sees every
+step, so spikes, synaptic ops, host ops and the MACs of weight layers with time-varying analog
+input add up over the T steps; layers whose input is constant (the first layer on the image) are
+computed, and counted, once; ``mac_ann`` (the ANN reference) is counted once. A product of two
+spike tensors under the expectation compensation (``extra["ecm"]``) does both incremental
+products each step, A(t)·S_B and S_A·B(t): the ops of both operand orders are added.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn.functional as F
 
-from sfn_deploy.ir import Graph, Node
+from sfn_deploy.ir import NEURON_OPS, Graph, Node
 from sfn_deploy.runtime import _op, _release_plan, run, signed_table
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
@@ -62,11 +69,12 @@ class LayerCount:
     connections: int = 0         # input→output pairs, padding excluded (weight layers)
     levels: int = 0              # SFN sites: N, thresholds per polarity
     dual: bool = False           # SFN sites: both polarities fire
+    timesteps: int = 1           # neuron sites: steps per inference (multi-timestep baselines)
     level_hist: dict = field(default_factory=dict)
 
     @property
     def firing_rate(self) -> float:
-        return self.active / self.neurons if self.neurons and self.op == "sfn" else 0.0
+        return self.active / (self.neurons * self.timesteps) if self.neurons and self.op in NEURON_OPS else 0.0
 
     def synops(self, convention: str = "spike") -> float:
         return {"spike": self.ac, "event": self.ac_event, "channel": self.ac_channel}[convention]
@@ -184,6 +192,7 @@ class OpCounter:
         c.neurons = out[0].numel()
         c.levels = n = table.numel() - 1
         c.dual = bool(node.params["bounds_neg"].numel())
+        c.timesteps = int(extra.get("T", 1))
         if "position" not in extra:
             return
         k = extra["position"]
@@ -198,13 +207,14 @@ class OpCounter:
     def _count(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
         c = self.layers[node.name]
         op = node.op
-        if op == "sfn":
+        first = extra.get("t", 0) == 0          # the ANN reference is counted once per inference
+        if op in NEURON_OPS:
             self._site(node, out, extra, c)
         elif op in ("conv2d", "linear"):
             w = node.params["weight"]
             per_out = w[0].numel() if op == "conv2d" else w.shape[1]
             mac = float(out.numel()) * per_out
-            c.mac_ann += mac
+            c.mac_ann += mac if first else 0.0
             c.weights, c.fan_in, c.neurons = w.numel(), per_out, out[0].numel()
             if node.name not in self._fan:
                 self._fan[node.name] = fan = _fanout(node, args[0])
@@ -222,7 +232,7 @@ class OpCounter:
         elif op == "matmul":
             kdim = args[0].shape[-1]
             mac = float(out.numel()) * kdim
-            c.mac_ann += mac
+            c.mac_ann += mac if first else 0.0
             c.fan_in = kdim
             sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
             # A·B with spikes in A: each spike of A is added into the N columns of B; with spikes in
@@ -233,6 +243,13 @@ class OpCounter:
             if not ways:
                 c.input = "analog"
                 c.mac += mac
+            elif extra.get("ecm"):        # A(t)·S_B + S_A·B(t): every spike of either operand is used
+                c.input = "spikes"
+                for way in ways:
+                    c.ac, c.ac_event, c.ac_channel = (c.ac + way[0], c.ac_event + way[1], c.ac_channel + way[2])
+                if sa is None or sb is None:              # the analog operand's increment is a dense product
+                    c.mac += mac
+                c.host_ops += float(out.numel())          # the 1/t scalings of the compensation
             else:
                 c.input = "spikes"
                 acc = self._orders.setdefault(node.name, [[0.0] * 3 for _ in ways])
@@ -352,8 +369,8 @@ class OpCounts:
             d["synops"] += c.synops(convention)
             d["mac"] += c.mac
             d["host_ops"] += c.host_ops
-            if c.op == "sfn":
-                d["neuron_updates"] += c.neurons
+            if c.op in NEURON_OPS:
+                d["neuron_updates"] += c.neurons * c.timesteps
             d["layers"].append(c.name)
         return [steps[k] for k in sorted(steps)]
 

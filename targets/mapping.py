@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sfn_deploy.ir import Graph, Node
+from sfn_deploy.ir import NEURON_OPS, Graph, Node
 
 from .schema import Target
 
@@ -121,7 +121,7 @@ def _source_site(graph: Graph, name: str) -> Node | None:
     n = graph[name]
     while n.inputs and (n.op in _THROUGH or (n.op in ("mul", "div") and len(n.inputs) == 1)):
         n = graph[n.inputs[0]]      # layout, pooling and scaling by a constant keep spikes spikes
-    return n if n.op == "sfn" else None
+    return n if n.op in NEURON_OPS else None
 
 
 def _axons(node: Node, graph: Graph, per_core: int, units: int) -> int:
@@ -171,8 +171,8 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
             m.host_work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "unit": "MACs",
                                 "stage": c.stage,
                                 "why": "product of two activations: no static synapses to store on a core"})
-        elif node.op == "sfn" and graph[node.inputs[0]].kind == "host" and spiking:
-            m.host_work.append({"layer": node.name, "op": "sfn", "ops": c.neurons, "unit": "neurons",
+        elif node.op in NEURON_OPS and graph[node.inputs[0]].kind == "host" and spiking:
+            m.host_work.append({"layer": node.name, "op": node.op, "ops": c.neurons, "unit": "neurons",
                                 "stage": c.stage,
                                 "why": f"SFN fed by host op {graph[node.inputs[0]].op}: spikes encoded on the host"})
         if node.kind != "weight":
@@ -182,8 +182,8 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
                                 "stage": c.stage,
                                 "why": "fed by the analog network input: its neurons are placed on cores, but its "
                                        "MACs are not synaptic ops (the input must be encoded as spikes first)"})
-        sites = _reach(graph, users, node.name, lambda u: u.op == "sfn")
-        hosts = _reach(graph, users, node.name, lambda u: u.op != "sfn" and u.op not in _THROUGH)
+        sites = _reach(graph, users, node.name, lambda u: u.op in NEURON_OPS)
+        hosts = _reach(graph, users, node.name, lambda u: u.op not in NEURON_OPS and u.op not in _THROUGH)
         output = "spikes" if sites and not hosts else "host" if hosts else "network output"
         channels = 0
         if binary and sites:

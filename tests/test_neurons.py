@@ -349,7 +349,8 @@ def test_fire_levels_invalid():
     with pytest.raises(ValueError):
         fire_levels(-3, "linear")
     with pytest.raises(ValueError):
-        boundaries([1, 2, 3], "floor")
+        boundaries([1, 2, 3], "ceil")
+    assert boundaries([1, 2, 3], "floor") == [1.0, 2.0, 3.0]      # the IF / multi-threshold rule (methods)
 
 
 def test_boundaries_rules():

@@ -633,5 +633,7 @@ def _expand_bias(n: Node) -> np.ndarray:
 
 def lower(model, lowering: str = "graded", precision: str = "floating_pt", input_abs_max: float | None = None) -> Plan:
     """Plan the Lava processes of a converted model (see the module docstring)."""
+    from ...methods import require_single_step
+    require_single_step(model, "Lava")        # multi-timestep baselines (if, ecmt) keep state: refused
     low = _Lowering(model.graph, model.input_shape, lowering, precision, input_abs_max)
     return low.lower()

@@ -1,0 +1,186 @@
+"""Conversion methods: the paper's SFN and the baselines it is compared with (docs/methods.md).
+
+Every method starts from the same calibrated graph (capture → fold BatchNorm → neuron sites →
+activation histograms per site, :func:`sfn_deploy.convert.build_graph`) and differs only in the
+neuron placed at each site and in how many timesteps the network runs:
+
+- ``sfn``  Scale-and-Fire neuron, T = 1 (the project's method; λ searched).
+- ``if``   rate-coded integrate-and-fire, soft reset, binary spikes, T steps; θ per site is the
+           top-p% activation (p = 0.1: the 99.9th percentile, Rueckauer et al. 2017). Site kind
+           ``if_neuron`` with one level. Non-linear operations between neurons (Transformers) run
+           under ECMT's expectation compensation (the "classic IF + ECM" extension).
+- ``mtn``  the multi-threshold neuron at one step that Theorem 1 makes equivalent to ``if``:
+           θ_M = θ/T, N = T levels, floor rounding (v(0) = 0); an ``sfn`` site with levels 1..T
+           and λ = 1/T, so it runs, counts and exports like any SFN network.
+- ``ecmt`` ECMT (Huang et al., ACM MM 2024, from the authors' code): two-sided multi-threshold
+           neuron with levels λ·2^k, k < N, one spike per step, round-to-nearest boundaries
+           λ(2^k − 1/2), soft reset, T steps; λ = the top-p% value of *all* elements of the site
+           (p = 1: the 99th percentile; zeros and negatives included), λ = 0.0125 at post-softmax
+           sites; expectation compensation for LayerNorm, softmax, GELU and activation products.
+- ``pmsm`` PMSM-R, reconstructed from the abstract (:mod:`sfn_deploy.pmsm`): K-level signed quantisers,
+           entropy-initialised, a short quantisation-aware fine-tune, then K-level multi-spike SFN sites, T = 1.
+- ``mbe``  not implemented yet (only the abstract exists; see docs/methods.md).
+"""
+from __future__ import annotations
+
+from .calibrate import StreamingHistogram, top_percent
+from .errors import UserError
+from .ir import Graph, Node
+from .passes import configure
+
+METHODS = ("sfn", "if", "mtn", "ecmt", "pmsm", "mbe")
+IMPLEMENTED = ("sfn", "if", "mtn", "ecmt", "pmsm")
+MULTI_STEP = ("if", "ecmt")                 # methods whose network runs T > 1 steps (if_neuron sites)
+
+# per-method defaults of the options a method changes (docs/methods.md)
+DEFAULTS = {
+    "sfn": {"percentile": 1.0, "timesteps": 1},
+    "if": {"percentile": 0.1, "timesteps": 64},
+    "mtn": {"percentile": 0.1, "timesteps": 64},
+    "ecmt": {"percentile": 1.0, "timesteps": 4, "levels": 8},
+    "pmsm": {"percentile": 1.0, "timesteps": 1, "levels": 8},
+}
+ECMT_SOFTMAX_LAMBDA = 0.0125                # the authors' softmax_p: smallest level at post-softmax sites
+
+DESCRIPTIONS = {
+    "sfn": "Scale-and-Fire neurons, one timestep (the main paper)",
+    "if": "rate-coded IF neurons, soft reset, 99.9th-percentile thresholds, T timesteps",
+    "mtn": "multi-threshold neurons at one step, N = T levels of θ/T (Theorem 1's equivalent of IF)",
+    "ecmt": "ECMT: power-of-two multi-threshold neurons + expectation compensation, T timesteps",
+    "pmsm": "PMSM-R: signed multi-spike quantisers, entropy initialisation, short QAT fine-tune, T = 1",
+    "mbe": "MBE: multi-basis exponential-decay neurons for the non-linear operations",
+}
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UserError(f"option 'method': {method!r} is not one of {', '.join(METHODS)}")
+    if method not in IMPLEMENTED:
+        raise UserError(f"method {method!r} ({DESCRIPTIONS[method]}) is not implemented yet; available: "
+                        f"{', '.join(IMPLEMENTED)} (see docs/methods.md)")
+
+
+def _hist(node: Node, polarity: int) -> StreamingHistogram:
+    """The site's calibration histogram of positive values (0) or of negative magnitudes (1)."""
+    h = StreamingHistogram(int(node.params["hist_pos"].numel()))
+    h.counts = node.params["hist_pos" if polarity == 0 else "hist_neg"].to(h.counts.dtype).clone()
+    h.hi = float(node.attrs["hist_hi"][polarity])
+    h.max = float(node.attrs["max_pos" if polarity == 0 else "max_neg"])
+    h.n = int(round(float(h.counts.sum())))
+    return h
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape[1:]:
+        out *= int(s)
+    return out
+
+
+def top_of_all(node: Node, polarity: int, p: float, samples: int) -> float:
+    """The top-p% value of all elements of the site (zeros and the other sign included), as a magnitude.
+
+    ECMT's threshold: the 1 − p/100 quantile of the whole tensor. When fewer than p% of the elements
+    have this sign, that quantile is not of this sign; the top-p% of this sign's values is used instead.
+    """
+    h = _hist(node, polarity)
+    total = _numel(node.shape) * samples
+    if h.n == 0:
+        return 0.0
+    above = p / 100.0 * total
+    if above >= h.n:
+        return top_percent(h, p)
+    return h.quantile(1.0 - above / h.n)
+
+
+def _base_attrs(node: Node, method: str, T: int) -> dict:
+    a = node.attrs
+    if a["kind"] == "softmax":
+        a["kind"] = "dual"
+    a.update({"method": method, "T": int(T), "lam": 1.0})
+    return a
+
+
+def to_if(node: Node, T: int, percentile: float, v0: float = 0.0) -> Node:
+    """A binary IF site: one level, fires at m ≥ θ (per polarity), soft reset, T steps."""
+    a = _base_attrs(node, "if", T)
+    a.update({"fire": "if", "M": 1, "levels": [1], "rounding": "floor", "v0": float(v0),
+              "theta_pos": top_percent(_hist(node, 0), percentile),
+              "theta_neg": 0.0 if a.get("absorbs") else top_percent(_hist(node, 1), percentile)})
+    node.op = "if_neuron"
+    return configure(node, 1.0)
+
+
+def to_mtn(node: Node, T: int, percentile: float, v0: float = 0.0) -> Node:
+    """The single-step equivalent of :func:`to_if` (Theorem 1): levels 1..T of θ/T, floor rounding.
+
+    With the IF's v(0) = θ/2 the MTN's v_M(0) = θ_M/2: boundaries (i − 1/2)·θ_M, the paper's rounding.
+    """
+    if v0 not in (0.0, 0.5):
+        raise UserError(f"option 'v0': the MTN supports v0 = 0 or 0.5, got {v0}")
+    a = _base_attrs(node, "mtn", T)
+    a.update({"fire": "mtn", "M": int(T), "levels": list(range(1, T + 1)), "rounding": "floor" if not v0 else "paper",
+              "v0": float(v0),
+              "theta_pos": top_percent(_hist(node, 0), percentile),
+              "theta_neg": 0.0 if a.get("absorbs") else top_percent(_hist(node, 1), percentile)})
+    return configure(node, 1.0 / T)
+
+
+def to_ecmt(node: Node, T: int, percentile: float, levels: int, samples: int) -> Node:
+    """ECMT's multi-threshold neuron: levels 2^k (k < N) of λ, boundaries λ(2^k − 1/2), one spike per step."""
+    softmax = node.attrs["kind"] == "softmax"
+    a = _base_attrs(node, "ecmt", T)
+    if softmax:
+        pos = neg = ECMT_SOFTMAX_LAMBDA
+    else:
+        pos = top_of_all(node, 0, percentile, samples)
+        neg = 0.0 if a.get("absorbs") else top_of_all(node, 1, percentile, samples)
+    a.update({"fire": "ecmt", "M": int(levels), "levels": [2 ** k for k in range(levels)], "rounding": "paper",
+              "v0": 0.0, "theta_pos": float(pos), "theta_neg": float(neg)})
+    node.op = "if_neuron"
+    return configure(node, 1.0)
+
+
+def apply_method(graph: Graph, method: str, timesteps: int, percentile: float, levels: int = 8,
+                 samples: int = 1, v0: float = 0.0) -> Graph:
+    """Replace every calibrated SFN site of ``graph`` by the method's neuron (in place)."""
+    from .temporal import mark_temporal
+
+    check_method(method)
+    if method == "sfn":
+        return graph
+    if timesteps < 1:
+        raise UserError(f"option 'timesteps': must be ≥ 1, got {timesteps}")
+    for node in graph.sites:
+        if method == "if":
+            to_if(node, timesteps, percentile, v0)
+        elif method == "mtn":
+            to_mtn(node, timesteps, percentile, v0)
+        elif method == "ecmt":
+            to_ecmt(node, timesteps, percentile, levels, samples)
+    graph.method = method
+    graph.timesteps = timesteps if method in MULTI_STEP else 1
+    if graph.stateful:
+        mark_temporal(graph)
+    return graph
+
+
+def method_of(graph: Graph) -> tuple[str, int]:
+    """(method, T it stands for): T is the simulated steps, or for ``mtn`` the IF steps it is equivalent to."""
+    if graph.method == "mtn":
+        return "mtn", max((int(s.attrs.get("T", 1)) for s in graph.sites), default=1)
+    return graph.method, graph.timesteps
+
+
+def require_single_step(model, target: str) -> None:
+    """Refuse, naming the method, a network a single-timestep exporter cannot express.
+
+    ``sfn`` and ``mtn`` networks are single-step SFN graphs and export; ``if`` and ``ecmt`` hold
+    stateful multi-timestep neurons (and expectation-compensated operations) that no exporter lowers.
+    """
+    graph = getattr(model, "graph", model)
+    if graph.stateful:
+        raise UserError(f"{target} export refused: the network was converted with --method {graph.method} "
+                        f"(T = {graph.timesteps} timesteps, stateful if_neuron sites); the {target} exporter "
+                        f"handles single-timestep networks only (--method sfn or mtn). Simulate it with the torch "
+                        f"backend instead.")
