@@ -103,7 +103,7 @@ def _hist(node: Node, polarity: int) -> StreamingHistogram:
     return h(node, polarity)
 
 
-def convert_pmsm(graph: Graph, data, k: int = 8, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
+def convert_pmsm(graph: Graph, data, k: int = 8, epochs: float = 1, lr: float = 1e-3, batch_size: int = 128,
                  seed: int = 0, quiet: bool = True) -> dict:
     """Entropy-initialise, fine-tune and turn every calibrated SFN site into a K-level signed multi-spike site
     (in place). Returns the fine-tune's record (losses, accuracy of the quantised ANN on its data)."""
@@ -127,7 +127,7 @@ def convert_pmsm(graph: Graph, data, k: int = 8, epochs: int = 1, lr: float = 1e
     opt = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": scales, "lr": lr * 10}])
     g = torch.Generator().manual_seed(seed)
     losses, correct, seen = [], 0, 0
-    steps = epochs * -(-len(data) // batch_size)
+    steps = max(1, int(round(epochs * -(-len(data) // batch_size)))) if epochs > 0 else 0
     bar = progress(range(steps), "PMSM fine-tune", quiet=quiet, total=steps)
     batches = iter(())
     try:

@@ -47,3 +47,13 @@ def mnist_dir():
     if not os.path.exists(os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
         pytest.skip("shared MNIST data not found (set SFN_MNIST)")
     return MNIST_DIR
+
+
+def convert_example(name: str, mnist_dir: str, calib: int = 500, scale: float = 0.2, test: int = 40):
+    """A bundled example model converted at a fixed λ on the first ``calib`` MNIST images, and the first
+    ``test`` test images (8000..)."""
+    from sfn_deploy.convert import convert
+    from sfn_deploy.models import load_model
+    model, ident = load_model(os.path.join(MODELS, f"{name}.pt2"))
+    snn = convert(model, load_data(f"mnist:{mnist_dir}:0:{calib}"), scale=scale, source=ident)
+    return snn, load_data(f"mnist:{mnist_dir}:8000:{8000 + test}")

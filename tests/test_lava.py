@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import MODELS
+from conftest import convert_example
 from sfn_deploy.convert import convert
 from sfn_deploy.errors import UserError
 from sfn_deploy.exporters.lava import export_lava, load_network, lower, run_lava
@@ -31,11 +30,7 @@ def digits_snn(digits_mlp, digits):
 
 @pytest.fixture(scope="module")
 def mnist_cnn(mnist_dir):
-    from sfn_deploy.data import load_data
-    from sfn_deploy.models import load_model
-    model, ident = load_model(os.path.join(MODELS, "mnist_cnn.pt2"))
-    snn = convert(model, load_data(f"mnist:{mnist_dir}:0:500"), scale=0.2, source=ident)
-    return snn, load_data(f"mnist:{mnist_dir}:8000:8040")        # 40 real test images
+    return convert_example("mnist_cnn", mnist_dir, calib=500, test=40)     # 40 real test images
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +117,8 @@ def test_channel_lowering_equals_graded_in_float(digits_snn, digits, tmp_path):
 
 
 def test_vit_runs_in_lava_with_host_blocks_and_reference_levels(mnist_dir, tmp_path):
-    from sfn_deploy.data import load_data
-    from sfn_deploy.models import load_model
-    model, ident = load_model(os.path.join(MODELS, "mnist_vit.pt2"))
-    snn = convert(model, load_data(f"mnist:{mnist_dir}:0:200"), scale=0.2, source=ident)
-    x = load_data(f"mnist:{mnist_dir}:8000:8006").x
+    snn, test = convert_example("mnist_vit", mnist_dir, calib=200, test=6)
+    x = test.x
     ref, lv = run_with_levels(snn.graph, x)
     path = str(tmp_path / "vit")
     info = export_lava(snn, path)

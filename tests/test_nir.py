@@ -20,7 +20,7 @@ from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel
 from sfn_deploy.runtime import run, run_with_levels, signed_table
 
-from conftest import MODELS
+from conftest import MODELS, convert_example
 
 
 def nir_levels(module, graph: Graph, x):
@@ -243,11 +243,7 @@ def _levels_from_channels(site: Node, s):
 
 @pytest.fixture(scope="module")
 def mnist_vit_snn(mnist_dir):
-    from sfn_deploy.data import load_data
-    from sfn_deploy.models import load_model
-    model, ident = load_model(os.path.join(MODELS, "mnist_vit.pt2"))
-    snn = convert(model, load_data(f"mnist:{mnist_dir}:0:200"), scale=0.2, source=ident)
-    return snn, load_data(f"mnist:{mnist_dir}:8000:8016")      # 16 real test images
+    return convert_example("mnist_vit", mnist_dir, calib=200, test=16)      # 16 real test images
 
 
 @pytest.fixture(scope="module")

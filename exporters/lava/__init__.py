@@ -26,7 +26,7 @@ from ...errors import UserError
 from ...model_file import ConvertedModel
 from .build import LavaNetwork, build
 from .bundle import read_bundle, write_bundle
-from .plan import LOWERINGS, PRECISIONS, Plan, lower
+from .plan import LOWERINGS, PRECISIONS, lower
 
 __all__ = ["export_lava", "load_network", "run_lava", "read_bundle", "lower", "LOWERINGS", "PRECISIONS", "LavaNetwork"]
 

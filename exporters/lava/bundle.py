@@ -6,7 +6,6 @@ One bundle holds one lowering (graded or channels) in both precisions where it c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import tempfile
 import numpy as np
 
 from ...errors import UserError
+from ...models import file_sha256
 from .plan import PRECISIONS, Block, Plan
 
 FORMAT = "sfn-deploy/lava-bundle"
@@ -44,14 +44,6 @@ def _plan_from_json(d: dict, arrays) -> Plan:
                 d["latency"], d["input_shape"], d["output_shape"], d["sites"])
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_bundle(path: str, plans: dict, info: dict) -> dict:
     """Write plans ({precision: Plan}) to the folder ``path`` atomically: built in a temporary folder
     beside it, then renamed (an existing bundle is replaced only once the new one is complete)."""
@@ -67,7 +59,7 @@ def write_bundle(path: str, plans: dict, info: dict) -> dict:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **info,
                     "plans": {p: _plan_to_json(plan, arrays, p) for p, plan in plans.items()}}
         np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
-        manifest["arrays_sha256"] = _sha256(os.path.join(tmp, "arrays.npz"))
+        manifest["arrays_sha256"] = file_sha256(os.path.join(tmp, "arrays.npz"))
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, default=_json_default)
         os.chmod(tmp, 0o755)
@@ -109,7 +101,7 @@ def read_bundle(path: str, precision: str | None = None) -> tuple[dict, dict]:
     v = manifest.get("format_version")
     if not isinstance(v, int) or v > FORMAT_VERSION:
         raise UserError(f"{path}: bundle format version {v} is newer than this sfn-deploy reads ({FORMAT_VERSION})")
-    if _sha256(arr_path) != manifest.get("arrays_sha256"):
+    if file_sha256(arr_path) != manifest.get("arrays_sha256"):
         raise UserError(f"{path}: arrays.npz does not match the manifest's checksum (damaged or mixed bundles)")
     plans_json = manifest.get("plans", {})
     if precision is not None and precision not in plans_json:
