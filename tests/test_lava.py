@@ -277,3 +277,14 @@ def test_channel_lowering_max_pools_on_cores_exactly(mnist_cnn, tmp_path):
     for site, levels in _levels(lv, len(x)).items():
         assert np.array_equal(r["levels"][site], levels), site
     assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4
+
+
+def test_a_network_too_large_for_lavas_python_simulator_is_refused_before_building(digits_snn, monkeypatch):
+    import sys
+    b = sys.modules["sfn_deploy.exporters.lava.build"]
+    plan = lower(digits_snn, "graded", "floating_pt")
+    n = b.stored_synapses(plan)
+    assert n == sum(int(np.count_nonzero(x.arrays["weight"])) for x in plan.blocks if "weight" in x.arrays)
+    monkeypatch.setattr(b, "MAX_SYNAPSES", n - 1)
+    with pytest.raises(UserError, match="Lava simulation refused"):
+        b.build(plan)

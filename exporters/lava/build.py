@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...errors import UserError
 from .plan import Plan
 
 
@@ -62,6 +63,30 @@ def _sparse_matrix(b) -> "object":
                           else sparse.csr_matrix((rows, t * per)) for x in blocks], format="csr")
 
 
+MAX_SYNAPSES = 300_000_000      # stored weights Lava's Python simulator would hold (~12 bytes each as CSR)
+
+
+def stored_synapses(plan: Plan) -> int:
+    """Weights the built processes hold: Dense matrices, Sparse block-diagonal (tokens × W per held copy),
+    Conv kernels (shared)."""
+    total = 0
+    for b in plan.blocks:
+        w = b.arrays.get("weight")
+        if w is None:
+            continue
+        total += int(np.count_nonzero(w)) * (b.attrs.get("tokens", 1) if b.kind == "sparse" else 1)
+    return total
+
+
+def _check_size(plan: Plan) -> None:
+    n = stored_synapses(plan)
+    if n > MAX_SYNAPSES:
+        raise UserError(f"Lava simulation refused: the network holds {n:,} synapses (over {MAX_SYNAPSES:,}; about "
+                        f"{n * 12 / 2**30:.0f} GiB in Lava's Python processes, which store every synapse, also each "
+                        f"token's copy of a linear layer). The bundle itself is fine; simulate a smaller model, or "
+                        f"run the bundle on hardware")
+
+
 def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool = False,
           neuron: str = "sfn") -> LavaNetwork:
     """Instantiate every block as a Lava process and connect them. With ``tap_dir``, neurons and
@@ -77,6 +102,7 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
     from .procs.processes import HostOp, SFNConv, SFNNeuron
 
     fixed = plan.precision == "fixed_pt"
+    _check_size(plan)
     tap = (lambda name: os.path.join(tap_dir, name)) if tap_dir else (lambda name: None)
     procs: dict = {}
     for b in plan.blocks:
