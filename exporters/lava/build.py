@@ -96,13 +96,13 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
     ``neuron="lif"`` puts Lava's own LIF process (binary spikes, same size, threshold at the first
     boundary) where each SFN neuron was: the same network built from Lava's stock neuron, the
     baseline of the throughput benchmark (its outputs mean nothing)."""
+    _check_size(plan)                     # before importing Lava (it sets the multiprocessing start method)
     from lava.proc.dense.process import Dense
     from lava.proc.sparse.process import Sparse
 
     from .procs.processes import HostOp, SFNConv, SFNNeuron
 
     fixed = plan.precision == "fixed_pt"
-    _check_size(plan)
     tap = (lambda name: os.path.join(tap_dir, name)) if tap_dir else (lambda name: None)
     procs: dict = {}
     for b in plan.blocks:
