@@ -39,6 +39,7 @@ PRECISIONS = ("floating_pt", "fixed_pt")
 WEIGHT_BITS = 8
 ACC_BITS = 24
 INPUT_BITS = 8
+MAX_HOST_PORTS = 6        # of each kind on a HostOp (procs.processes.MAX_PORTS)
 _LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
                 "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
 
@@ -261,6 +262,12 @@ class _Lowering:
             if b.kind == "neuron":
                 self.neuron_thresholds(b)
         for b in host_blocks.values():
+            ports = [p["port"] for p in b.attrs["inputs"] + b.attrs["outputs"]]
+            for kind in ("in", "out", "hout"):
+                k = sum(p.rstrip("0123456789") == kind for p in ports)
+                if k > MAX_HOST_PORTS:
+                    raise UserError(f"Lava export: host block {b.name} needs {k} '{kind}' ports (a HostOp has "
+                                    f"{MAX_HOST_PORTS})")
             for o in b.attrs["outputs"]:
                 o.pop("_conn", None)
                 if "neuron" in o:
@@ -511,9 +518,6 @@ class _Lowering:
         for o in outputs:
             for dst, dst_port, view in o.pop("_conn", []):
                 self.connect(b.name, o["port"], dst, dst_port, view)
-        if len(inputs) > 6 or len(outputs) > 6:
-            raise UserError(f"Lava export: host block {b.name} needs {len(inputs)} inputs / {len(outputs)} outputs "
-                            "(at most 6)")
 
     def _site_info(self, name: str) -> dict:
         p = self.g[name].params
