@@ -151,12 +151,18 @@ def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_
 def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = "torch",
            batch_size: int = 256, lava: dict | None = None) -> list[dict]:
     ref = layer_outputs(model, against, data, batch_size, lava)
-    return [compare(model, ref, layer_outputs(model, b, data, batch_size, lava), against, b)
+    rows = [compare(model, ref, layer_outputs(model, b, data, batch_size, lava), against, b)
             for b in backends if b != against]
+    if "lava" in backends + [against]:
+        for r in rows:
+            r["lava"] = {"precision": (lava or {}).get("precision", "floating_pt"),
+                         "lowering": (lava or {}).get("lowering", "graded")}
+    return rows
 
 
 def format_parity(r: dict) -> str:
-    lines = [f"per-layer parity, {r['backend']} against {r['reference']} ({r['samples']} samples): "
+    lava = f" [Lava {r['lava']['precision']}, {r['lava']['lowering']}]" if "lava" in r else ""
+    lines = [f"per-layer parity, {r['backend']} against {r['reference']}{lava} ({r['samples']} samples): "
              f"outputs max|Δ| {r['output_max_abs_diff']:.3g}, top-1 agreement {r['prediction_agreement']:.2f}%"]
     for row in r["layers"]:
         if row["levels_equal"] is None:
