@@ -11,6 +11,9 @@ MNIST test images), times on the same batches, interleaved, best of --repeats:
            spikes by level, neuron updates)
 * interp. ANN  the reference interpreter running the same graph as the ANN (no spikes, no counting):
            what the interpreter itself costs
+* counting, torch only  the same counting with the fused C fire loop switched off (``SFN_NATIVE=0``):
+           what a machine without a C compiler gets
+The fused loop's one-off set-up (compiling it, or loading it from the cache) is timed apart and printed.
 The issue's target: counting runs at least half as fast as the ANN (ratio ANN time / counting time ≥ 0.5).
 """
 from __future__ import annotations
@@ -47,6 +50,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    import sfn_deploy.firegrid as firegrid
+    t0 = time.perf_counter()
+    cached = os.path.exists(firegrid.cache_path())
+    lib = firegrid.native()
+    setup = time.perf_counter() - t0
+    print(f"fused fire loop: {'available' if lib is not None else 'unavailable (torch operations)'}, set-up "
+          f"{setup:.2f} s ({'loaded from the cache' if cached else 'compiled'})")
     calib = load_data(f"mnist:{args.mnist}:0:1000")
     full_test = load_data(f"mnist:{args.mnist}").limit(args.samples)
     rows = []
@@ -77,19 +87,34 @@ def main() -> None:
         def interp_ann():                         # the same interpreter, every neuron the identity
             for xb in batches:
                 run(snn.graph, xb, spiking=False)
-        plain(), counting(), interp_ann()         # warm-up
-        t_ann, t_sim, t_int = [], [], []
+
+        def counting_torch():                     # the fused loop off: torch operations only
+            old = os.environ.get("SFN_NATIVE")
+            os.environ["SFN_NATIVE"] = "0"
+            try:
+                measure(snn.graph, test, batch)
+            finally:
+                os.environ.pop("SFN_NATIVE") if old is None else os.environ.__setitem__("SFN_NATIVE", old)
+        plain(), counting(), interp_ann(), counting_torch()        # warm-up
+        t_ann, t_sim, t_int, t_tor = [], [], [], []
         for _ in range(args.repeats):             # interleaved, so all see the same machine load
             t_ann.append(_time(plain))
             t_sim.append(_time(counting))
             t_int.append(_time(interp_ann))
-        a, s, i = min(t_ann), min(t_sim), min(t_int)
+            t_tor.append(_time(counting_torch))
+        a, s, i, o = min(t_ann), min(t_sim), min(t_int), min(t_tor)
         rows.append({"model": name, "samples": len(test), "batch": batch, "threads": torch.get_num_threads(),
-                     "ann_s": a, "counting_s": s, "interpreter_ann_s": i, "speed_ratio": a / s})
-    print(f"{'model':<10} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13} {'interp. ANN s':>14}")
+                     "ann_s": a, "counting_s": s, "interpreter_ann_s": i, "speed_ratio": a / s,
+                     "counting_torch_s": o, "speed_ratio_torch": a / o,
+                     "runs": {"ann_s": t_ann, "counting_s": t_sim, "interpreter_ann_s": t_int, "counting_torch_s": t_tor}})
+    print(f"{'model':<10} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13} {'interp. ANN s':>14} "
+          f"{'torch-only s':>13} {'ANN/torch-only':>15}")
     for r in rows:
         print(f"{r['model']:<10} {r['samples']:>7} {r['ann_s']:>8.3f} {r['counting_s']:>11.3f} "
-              f"{r['speed_ratio']:>13.2f} {r['interpreter_ann_s']:>14.3f}")
+              f"{r['speed_ratio']:>13.2f} {r['interpreter_ann_s']:>14.3f} {r['counting_torch_s']:>13.3f} "
+              f"{r['speed_ratio_torch']:>15.2f}")
+        print(f"{'':<10} per interleaved run, ANN/counting: "
+              + " ".join(f"{x / y:.2f}" for x, y in zip(r["runs"]["ann_s"], r["runs"]["counting_s"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

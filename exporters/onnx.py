@@ -343,7 +343,7 @@ class _Lowering:
                 a_ = a_.astype(_F32)
             self.inits.append(numpy_helper.from_array(np.array(a_, order="C"), out))
             return out
-        if op == "sfn" or (op == "if_neuron" and self.ann):     # the ANN of any method: identity / ReLU
+        if op == "sfn" or (op in ("if_neuron", "mbe_neuron") and self.ann):   # the ANN of any method: identity / ReLU
             return self.sfn(n, xs[0], out)
         fn = getattr(self, "op_" + op, None)
         if fn is None:

@@ -135,9 +135,11 @@ def _fmt_front(front: list[dict]) -> str:
 @click.option("--method", type=click.Choice(["sfn", "if", "mtn", "ecmt", "pmsm", "mbe"]), default=None,
               help="Conversion method (default sfn): sfn = Scale-and-Fire, T = 1; if = rate-coded IF over T steps; "
                    "mtn = its one-step multi-threshold equivalent (N = T); ecmt = ECMT over T steps; pmsm = "
-                   "PMSM-R (signed multi-spike QAT, T = 1); mbe: not implemented yet. See docs/methods.md.")
+                   "PMSM-R (signed multi-spike QAT, T = 1); mbe = MBE neurons for GELU/softmax/LayerNorm (T internal "
+                   "steps per neuron, default 16). See docs/methods.md.")
 @click.option("--timesteps", "-T", type=int, default=None,
-              help="T for --method if, mtn, ecmt (defaults 64, 64, 4); sfn runs one step.")
+              help="T for --method if, mtn, ecmt (defaults 64, 64, 4); mbe: internal steps per MBE neuron "
+                   "(default 16); sfn runs one step.")
 @click.option("--v0", type=float, default=None,
               help="if/mtn: initial membrane potential in units of θ (0 classic, 0.5 QCFS-style; default 0).")
 @click.option("--epochs", type=float, default=None, help="pmsm: fine-tune epochs over --data (default 1).")
@@ -167,9 +169,14 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     from .methods import method_of
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
+    if method == "mbe":
+        payload["mbe_placed"] = converted.metrics["mbe"]["placed"]
     what = f"{len(converted.sites)} SFN sites, λ = {payload['lam']}" if method == "sfn" else \
         f"method {method}, T = {steps}{' (one step, N = T levels)' if method == 'mtn' else ''}, " \
         f"{len(converted.sites)} neuron sites"
+    if method == "mbe":
+        what = f"method mbe, T = {steps} internal steps per MBE neuron, " + ", ".join(
+            f"{v} {k}" for k, v in payload["mbe_placed"].items())
     text = (f"converted {model} -> {output}: {what}\n"
             f"validation ({result['samples']} samples): ANN {result['ann_accuracy']:.2f}%  "
             f"SNN {result['accuracy']:.2f}%  agreement {result['agreement']:.2f}%  "

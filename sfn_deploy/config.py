@@ -60,6 +60,8 @@ def validate(cfg: ConvertConfig) -> ConvertConfig:
         bad("v0", f"must lie in [0, 1) (units of θ), got {cfg.v0}")
     if cfg.method == "mtn" and cfg.v0 not in (0.0, 0.5):
         bad("v0", f"the MTN supports v0 = 0 (floor) or 0.5 (round half up), got {cfg.v0}")
+    if cfg.method == "mbe" and not 2 <= cfg.timesteps <= 64:
+        bad("timesteps", f"MBE neurons need 2 to 64 internal steps, got {cfg.timesteps}")
     if cfg.method == "pmsm" and cfg.timesteps != 1:
         bad("timesteps", f"PMSM-R runs one timestep (its T > 1 mode is not implemented), got {cfg.timesteps}")
     if cfg.epochs < 0 or cfg.lr <= 0:

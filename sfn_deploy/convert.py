@@ -142,6 +142,9 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
     if cfg.method == "pmsm":        # PMSM-R: entropy init + a short quantisation-aware fine-tune (docs/methods.md)
         from .pmsm import convert_pmsm
         extra["finetune"] = convert_pmsm(graph, data, cfg.levels, cfg.epochs, cfg.lr, seed=cfg.seed, quiet=quiet)
+    elif cfg.method == "mbe":       # MBE: spiking decompositions of GELU/softmax/LayerNorm (docs/methods.md)
+        from .mbe import convert_mbe
+        extra["mbe"] = convert_mbe(graph, data.limit(cfg.calib_limit), cfg.timesteps, cfg.batch_size)
     elif cfg.method != "sfn":       # a baseline of docs/methods.md: its neurons replace the calibrated SFNs
         from .methods import apply_method
         apply_method(graph, cfg.method, cfg.timesteps, cfg.percentile, cfg.levels,

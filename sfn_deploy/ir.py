@@ -58,6 +58,7 @@ OPS = {
     "matmul": ("product", "product of two activations (attention q·kᵀ and attn·v)"),
     "sfn": ("neuron", "Scale-and-Fire neuron, one timestep"),
     "if_neuron": ("neuron", "multi-level integrate-and-fire neuron over T timesteps, soft reset (baselines)"),
+    "mbe_neuron": ("neuron", "MBE identity neuron: binary encoding of x over T internal steps (--method mbe)"),
     "relu": ("host", "max(0, x); in a converted network it only feeds SFNs"),
     "gelu": ("host", "GELU; attrs approximate"),
     "softmax": ("host", "softmax over attrs dim"),
@@ -86,6 +87,8 @@ OPS = {
 
 NEURON_OPS = ("sfn", "if_neuron")     # nodes with fire attrs/params (``Graph.sites``)
 STATEFUL_OPS = ("if_neuron",)          # nodes that keep a membrane potential across timesteps
+# --method mbe (sfn_deploy/mbe.py): ``mbe_neuron`` nodes, and gelu/softmax/layer_norm nodes with attrs["mbe_fn"]
+# run their spiking MBE form (T internal steps per neuron, one pass of the graph); the ANN ignores the attrs.
 
 
 def op_kind(op: str) -> str:

@@ -19,7 +19,10 @@ neuron placed at each site and in how many timesteps the network runs:
            sites; expectation compensation for LayerNorm, softmax, GELU and activation products.
 - ``pmsm`` PMSM-R, reconstructed from the abstract (:mod:`sfn_deploy.pmsm`): K-level signed quantisers,
            entropy-initialised, a short quantisation-aware fine-tune, then K-level multi-spike SFN sites, T = 1.
-- ``mbe``  not implemented yet (only the abstract exists; see docs/methods.md).
+- ``mbe``  MBE, re-implemented from a secondary transcription (:mod:`sfn_deploy.mbe`): multi-basis
+           exponential-decay neurons approximate GELU, softmax's 2^x and 1/x and LayerNorm's 1/√x over
+           T internal steps per neuron (default 16), training-free; identity neurons encode every weight
+           layer's input and both operands of activation products. One pass of the graph (no global steps).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .ir import Graph, Node
 from .passes import configure
 
 METHODS = ("sfn", "if", "mtn", "ecmt", "pmsm", "mbe")
-IMPLEMENTED = ("sfn", "if", "mtn", "ecmt", "pmsm")
+IMPLEMENTED = ("sfn", "if", "mtn", "ecmt", "pmsm", "mbe")
 MULTI_STEP = ("if", "ecmt")                 # methods whose network runs T > 1 steps (if_neuron sites)
 
 # per-method defaults of the options a method changes (docs/methods.md)
@@ -39,6 +42,7 @@ DEFAULTS = {
     "mtn": {"percentile": 0.1, "timesteps": 64},
     "ecmt": {"percentile": 1.0, "timesteps": 4, "levels": 8},
     "pmsm": {"percentile": 1.0, "timesteps": 1, "levels": 8},
+    "mbe": {"percentile": 1.0, "timesteps": 16},
 }
 ECMT_SOFTMAX_LAMBDA = 0.0125                # the authors' softmax_p: smallest level at post-softmax sites
 
@@ -48,7 +52,7 @@ DESCRIPTIONS = {
     "mtn": "multi-threshold neurons at one step, N = T levels of θ/T (Theorem 1's equivalent of IF)",
     "ecmt": "ECMT: power-of-two multi-threshold neurons + expectation compensation, T timesteps",
     "pmsm": "PMSM-R: signed multi-spike quantisers, entropy initialisation, short QAT fine-tune, T = 1",
-    "mbe": "MBE: multi-basis exponential-decay neurons for the non-linear operations",
+    "mbe": "MBE: multi-basis exponential-decay neurons for GELU, softmax and LayerNorm, T internal steps",
 }
 
 
@@ -169,6 +173,8 @@ def method_of(graph: Graph) -> tuple[str, int]:
     """(method, T it stands for): T is the simulated steps, or for ``mtn`` the IF steps it is equivalent to."""
     if graph.method == "mtn":
         return "mtn", max((int(s.attrs.get("T", 1)) for s in graph.sites), default=1)
+    if graph.method == "mbe":      # T = internal steps of each MBE neuron (the graph runs one pass)
+        return "mbe", max((int(n.attrs.get("T", 1)) for n in graph.nodes if "mbe_fn" in n.attrs), default=1)
     return graph.method, graph.timesteps
 
 
@@ -176,9 +182,16 @@ def require_single_step(model, target: str) -> None:
     """Refuse, naming the method, a network a single-timestep exporter cannot express.
 
     ``sfn`` and ``mtn`` networks are single-step SFN graphs and export; ``if`` and ``ecmt`` hold
-    stateful multi-timestep neurons (and expectation-compensated operations) that no exporter lowers.
+    stateful multi-timestep neurons (and expectation-compensated operations) that no exporter lowers;
+    ``mbe`` holds MBE neurons (T internal steps) and spiking decompositions that no exporter lowers.
     """
     graph = getattr(model, "graph", model)
+    if graph.method == "mbe":
+        T = method_of(graph)[1]
+        raise UserError(f"{target} export refused: the network was converted with --method mbe (MBE neurons of "
+                        f"T = {T} internal steps, spiking softmax/LayerNorm/GELU decompositions and spike-"
+                        f"coincidence products); the {target} exporter has no lowering for them. Simulate it with "
+                        f"the torch backend instead (the source ANN still exports with --ann to ONNX).")
     if graph.stateful:
         raise UserError(f"{target} export refused: the network was converted with --method {graph.method} "
                         f"(T = {graph.timesteps} timesteps, stateful if_neuron sites); the {target} exporter "

@@ -108,8 +108,9 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         "energy_ratio_by_convention": {c: counts.energy_ratio(e_ac, e_mac, c) for c in CONVENTIONS},
         "ac_snn": counts.ac_snn, "mac_snn": counts.mac_snn, "mac_ann": counts.mac_ann, "host_ops": counts.host_ops,
         "synops": {c: counts.synops(c) for c in CONVENTIONS}, "host_ops_by_op": counts.host_ops_by_op(),
-        "neuron_updates": sum(c.neurons * c.timesteps for c in counts.layers if c.op in NEURON_OPS),
-        "spikes": sum(c.spikes for c in counts.layers if c.op in NEURON_OPS),
+        "neuron_updates": sum(c.neurons * c.timesteps for c in counts.layers if c.op in NEURON_OPS)
+        + sum(c.bases * c.timesteps for c in counts.layers if c.bases),     # MBE: basis units × internal steps
+        "spikes": sum(c.spikes for c in counts.layers if c.op in NEURON_OPS or c.bases),
         "method": method_of(converted.graph)[0], "timesteps": method_of(converted.graph)[1],
         "channel_decomposition": channel_cost(converted, counts),
         "lava": lava_placement(converted),

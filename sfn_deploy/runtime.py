@@ -58,12 +58,34 @@ def fire(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The lookup table holds level_values of every level, computed with the same float
     operations, so the output is bit-identical to level_values(spike_levels(x)).
     """
+    out, pos, _ = _fire(node, x)
+    return out, pos
+
+
+def _fire(node: Node, x: torch.Tensor, hist: bool = False, position: bool = True):
+    """fire(), plus the histogram of positions (int64, 2N+1 bins) when asked (else None); the position is
+    None when not asked for."""
     from .firegrid import grid_for
     n = node.params["table"].numel() - 1
-    values = level_values(node, signed_table(node), x.dtype)
     grid = grid_for(node) if x.dtype == torch.float32 else None
-    pos = grid.position(x) if grid is not None else (spike_index(node, x) + n).to(torch.int32)
-    return torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape), pos
+    values = _level_table(node, x.dtype)
+    if grid is not None:
+        return grid.fire(x, values, hist, position)
+    pos = (spike_index(node, x) + n).to(torch.int32)
+    out = torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape)
+    return out, pos if position else None, torch.bincount(pos.reshape(-1), minlength=2 * n + 1) if hist else None
+
+
+def _level_table(node: Node, dtype) -> torch.Tensor:
+    """level_values of every signed index (at position index + N), cached per node, dtype and the tensors
+    it is computed from (``passes.configure`` replaces them)."""
+    p = node.params
+    key = (p["table"], p["steps"], p["bounds_neg"], dtype)
+    cached = node.__dict__.get("_level_table")
+    if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+        cached = (key, level_values(node, signed_table(node), dtype).contiguous())
+        node.__dict__["_level_table"] = cached
+    return cached[1]
 
 
 def _scalar_or(args, a):
@@ -101,10 +123,11 @@ def _op(node: Node, args: list, graph: Graph, batch: int) -> torch.Tensor:
     if op == "batch_norm":
         return F.batch_norm(args[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"),
                             False, 0.0, a["eps"])
-    if op == "add":
-        return args[0] + a.get("alpha", 1) * _scalar_or(args, a)
-    if op == "sub":
-        return args[0] - a.get("alpha", 1) * _scalar_or(args, a)
+    if op in ("add", "sub"):
+        other, alpha = _scalar_or(args, a), a.get("alpha", 1)
+        if not (type(alpha) is int and alpha == 1 and isinstance(other, torch.Tensor) and other.is_floating_point()):
+            other = alpha * other      # (1 · t is t bit for bit, same dtype: that pass is skipped)
+        return args[0] + other if op == "add" else args[0] - other
     if op == "mul":
         return args[0] * _scalar_or(args, a)
     if op == "div":
@@ -154,6 +177,10 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
     env: dict[str, torch.Tensor] = {}
     batch = x.shape[0]
     free = _release_plan(graph)
+    # A hook may ask for each site's histogram of positions (extra["hist"]) and name the sites whose
+    # positions it does not read (no extra["position"] there); the default hook gets positions only.
+    wants_hist = bool(getattr(hook, "wants_hist", False))
+    skip_positions = getattr(hook, "skip_positions", None) or ()
     for node in graph.nodes:
         extra: dict = {}
         args = [env[i] for i in node.inputs]
@@ -161,9 +188,21 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
             out = x
         elif node.op == "constant":
             out = node.params["value"]
+        elif node.op == "mbe_neuron" or (spiking and "mbe_fn" in node.attrs):
+            if spiking:         # --method mbe: the spiking MBE form (sfn_deploy/mbe.py)
+                from .mbe import apply
+                out, more = apply(node, args)
+                extra.update(more)
+            else:
+                out = torch.relu(args[0]) if node.attrs.get("absorbs") == "relu" else args[0]
         elif node.op in NEURON_OPS:
             if spiking:
-                out, extra["position"] = fire(node, args[0])
+                position = node.name not in skip_positions
+                out, pos, hist = _fire(node, args[0], wants_hist, position)
+                if position:
+                    extra["position"] = pos
+                if hist is not None:
+                    extra["hist"] = hist
             else:       # the ANN: identity, or the ReLU the neuron absorbed
                 out = torch.relu(args[0]) if node.attrs.get("absorbs") == "relu" else args[0]
         else:

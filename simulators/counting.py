@@ -29,6 +29,14 @@ input add up over the T steps; layers whose input is constant (the first layer o
 computed, and counted, once; ``mac_ann`` (the ANN reference) is counted once. A product of two
 spike tensors under the expectation compensation (``extra["ecm"]``) does both incremental
 products each step, A(t)·S_B and S_A·B(t): the ops of both operand orders are added.
+
+MBE graphs (``--method mbe``, :mod:`sfn_deploy.mbe`; the runtime passes ``extra["mbe"]``): every MBE neuron's
+binary basis spikes over its T internal steps are counted as ``spikes`` and charged one AC each (the MBE paper's
+"MBE ops": a spike accumulates its intensity); the spikes of identity and GELU neurons then drive the next
+weight layer (spike convention: one AC per basis spike per fan-out; event convention: one per neuron-step with
+a spike); a product of two MBE-encoded operands (``attrs["mbe_product"]``) and the FP multiplies inside the
+spiking softmax/LayerNorm are charged one AC per coincidence (pair of spikes of the two operands; event
+convention: pair of events). Their float work (exponent split/add, sums, means, affine) is host work.
 """
 from __future__ import annotations
 
@@ -69,11 +77,14 @@ class LayerCount:
     connections: int = 0         # input→output pairs, padding excluded (weight layers)
     levels: int = 0              # SFN sites: N, thresholds per polarity
     dual: bool = False           # SFN sites: both polarities fire
-    timesteps: int = 1           # neuron sites: steps per inference (multi-timestep baselines)
+    timesteps: int = 1           # neuron sites: steps per inference (multi-timestep baselines); MBE: internal steps
+    bases: int = 0               # MBE nodes: basis units (neurons × N bases) per inference
     level_hist: dict = field(default_factory=dict)
 
     @property
     def firing_rate(self) -> float:
+        if self.bases:           # MBE: spikes per basis unit per internal step
+            return self.spikes / (self.bases * self.timesteps)
         return self.active / (self.neurons * self.timesteps) if self.neurons and self.op in NEURON_OPS else 0.0
 
     def synops(self, convention: str = "spike") -> float:
@@ -120,12 +131,16 @@ class _Spikes:
     def __init__(self, site: Node, index: torch.Tensor | None = None, sums: tuple | None = None,
                  whole: tuple | None = None):
         self.site, self.index, self.sums = site, index, sums    # index: the position
-        self.n = site.params["table"].numel() - 1
+        self.n = site.params["table"].numel() - 1 if "table" in site.params else 0    # MBE: sums only
         self.whole = whole        # totals, known while only element-preserving layout ops were applied
 
     def map(self, fn, preserves: bool = False) -> "_Spikes":
         if self.index is not None:
             return _Spikes(self.site, index=fn(self.index), whole=self.whole if preserves else None)
+        if self.sums is None:          # positions not kept (nothing downstream reads them): totals only
+            if not preserves:
+                raise RuntimeError(f"positions of {self.site.name} were not kept but are needed")
+            return self
         return _Spikes(self.site, sums=tuple(fn(t) for t in self.sums))
 
     def triple(self) -> tuple[torch.Tensor, ...]:
@@ -154,15 +169,53 @@ class _Spikes:
         return _sum(a * fan), _sum((k != 0).sum(0) * fan), _sum(k.sum(0) * fan)
 
 
-def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int) -> tuple[float, float, float]:
-    mag = torch.cat([table.flip(0)[:-1], table]).to(torch.float64)
-    k = torch.cat([torch.arange(n, 0, -1), torch.arange(0, n + 1)]).to(torch.float64)
-    h = hist.to(torch.float64)
-    return float((h * mag).sum()), float(h.sum() - h[n]), float((h * k).sum())
+def _position_free(graph: Graph) -> set[str]:
+    """Sites whose positions the counter never reads: every consumer of their spikes needs only the
+    site's totals (a linear layer, a spike product, a scaling, element-preserving layout ops leading to
+    those). The runtime then writes no position tensor for them (``OpCounter.skip_positions``)."""
+    readers: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        for i in dict.fromkeys(n.inputs):
+            readers.setdefault(i, []).append(n)
+
+    def totals_only(name: str) -> bool:
+        for r in readers.get(name, ()):
+            if r.op == "linear" or (r.op == "matmul" and not r.attrs.get("mbe_product")):
+                continue
+            if r.kind == "host":
+                if r.op in ("mul", "div") and len(r.inputs) == 1 and not totals_only(r.name):
+                    return False
+                continue
+            if r.inputs[0] != name:
+                continue                       # the counter follows spikes through first inputs only
+            if r.op in _PRESERVE:
+                if not totals_only(r.name):
+                    return False
+            elif r.op in _FOLLOW or r.op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"):
+                return False
+        return True
+    return {n.name for n in graph.nodes if n.op in NEURON_OPS and totals_only(n.name)}
+
+
+def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
+    """|y| and k of each position, the weights that turn a histogram into totals."""
+    t = table.tolist()
+    return t[:0:-1] + t, list(range(n, 0, -1)) + list(range(n + 1))
+
+
+def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int, weights: tuple | None = None
+                 ) -> tuple[float, float, float]:
+    """Σ|y|, Σ1[y≠0], Σk from a histogram of positions: integer arithmetic, exact."""
+    mag, k = weights if weights is not None else _hist_weights(table, n)
+    h = hist.tolist()
+    return (float(sum(a * b for a, b in zip(h, mag))), float(sum(h) - h[n]),
+            float(sum(a * b for a, b in zip(h, k))))
 
 
 class OpCounter:
     """A runtime hook that accumulates per-layer counts over batches."""
+
+    wants_hist = True        # runtime.run hands each site's histogram of positions (extra["hist"])
 
     def __init__(self, graph: Graph, spiking: bool = True):
         self.graph = graph
@@ -175,7 +228,9 @@ class OpCounter:
         self._hist: dict[str, torch.Tensor] = {}
         self._orders: dict[str, list[list[float]]] = {}   # products: op totals of each operand order
         self._grids: dict[str, object] = {}
+        self._weights: dict[str, tuple] = {}      # sites: |y| and k per position (batch-independent)
         self._free = _release_plan(graph)
+        self.skip_positions = _position_free(graph) if spiking else set()
 
     def start_batch(self, batch: int) -> None:
         self.samples += batch
@@ -193,12 +248,17 @@ class OpCounter:
         c.levels = n = table.numel() - 1
         c.dual = bool(node.params["bounds_neg"].numel())
         c.timesteps = int(extra.get("T", 1))
-        if "position" not in extra:
+        k, hist = extra.get("position"), extra.get("hist")
+        if k is None and hist is None:
             return
-        k = extra["position"]
-        hist = torch.bincount(k.reshape(-1), minlength=2 * n + 1)
-        self._hist[node.name] = self._hist.get(node.name, 0) + hist
-        spikes, active, channels = _hist_totals(hist, table, n)
+        if hist is None:
+            hist = torch.bincount(k.reshape(-1), minlength=2 * n + 1)
+        acc = self._hist.get(node.name)
+        self._hist[node.name] = hist.clone() if acc is None else acc.add_(hist)
+        weights = self._weights.get(node.name)
+        if weights is None or weights[0] is not table:
+            weights = self._weights[node.name] = (table, _hist_weights(table, n))
+        spikes, active, channels = _hist_totals(hist, table, n, weights[1])
         self._shadow[node.name] = _Spikes(node, index=k, whole=(spikes, active, channels))
         c.spikes += spikes
         c.active += active
@@ -208,6 +268,21 @@ class OpCounter:
         c = self.layers[node.name]
         op = node.op
         first = extra.get("t", 0) == 0          # the ANN reference is counted once per inference
+        mbe = extra.get("mbe")
+        if mbe is not None:                     # an MBE neuron or spiking decomposition (--method mbe)
+            b = max(self.batch, 1)
+            c.spikes += mbe["spikes"]
+            c.active += mbe["events"]
+            c.channel_spikes += mbe["spikes"]
+            c.ac += mbe["spikes"] + mbe["coincidences"]
+            c.ac_event += mbe["events"] + mbe["coincidence_events"]
+            c.ac_channel += mbe["spikes"] + mbe["coincidences"]
+            c.host_ops += mbe["host_ops"]
+            c.neurons, c.bases, c.timesteps = mbe["neurons"] // b, mbe["bases"] // b, int(mbe["T"])
+            if "counts" in extra:               # its spikes drive the next layer
+                ns, ne = extra["counts"]
+                self._shadow[node.name] = _Spikes(node, sums=(ns, ne, ns))
+            return
         if op in NEURON_OPS:
             self._site(node, out, extra, c)
         elif op in ("conv2d", "linear"):
@@ -235,6 +310,13 @@ class OpCounter:
             c.mac_ann += mac if first else 0.0
             c.fan_in = kdim
             sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
+            if node.attrs.get("mbe_product") and sa is not None and sb is not None:
+                (ca, ea, _), (cb, eb, _) = sa.triple(), sb.triple()    # spike and event counts per element
+                coinc = _sum(torch.matmul(ca, cb))
+                c.input = "spikes"
+                c.ac, c.ac_channel = c.ac + coinc, c.ac_channel + coinc
+                c.ac_event += _sum(torch.matmul(ea, eb))
+                return
             # A·B with spikes in A: each spike of A is added into the N columns of B; with spikes in
             # B, each spike of B into the M rows of A. With both, the cheaper order, per convention.
             ways = [tuple(v * args[1].shape[-1] for v in sa.totals())] if sa is not None else []

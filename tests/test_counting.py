@@ -154,3 +154,69 @@ def test_max_pooling_of_signed_spikes_is_followed():
 def level_values_of(site, level):
     from sfn_deploy.runtime import level_values
     return level_values(site, level)
+
+
+def test_counts_are_the_same_with_and_without_the_fused_loop_and_histograms(monkeypatch):
+    """The fused fire loop, runtime histograms and skipped positions change no count."""
+    from sfn_deploy.simulators import counting
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=8, patch_size=4,
+                          in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
+    x = torch.randn(40, 1, 8, 8)
+    g = insert_sfn(capture(m, x))
+    _fix_sites(g, theta=0.5, lam=0.3)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 5 * 5, 5)).eval()
+    xc = torch.randn(30, 1, 28, 28)
+    gc = insert_sfn(capture(cnn, xc))
+    _fix_sites(gc, theta=0.4, lam=0.3)
+    for graph, data in ((g, x), (gc, xc)):
+        fast = count_ops(graph, [data[:17], data[17:]])
+        monkeypatch.setattr(counting.OpCounter, "wants_hist", False)    # positions only, bincount here
+        monkeypatch.setattr(counting, "_position_free", lambda graph: set())
+        monkeypatch.setenv("SFN_NATIVE", "0")
+        slow = count_ops(graph, [data[:17], data[17:]])
+        monkeypatch.undo()
+        assert [c.to_dict() for c in fast.layers] == [c.to_dict() for c in slow.layers]
+    # the ViT's sites all feed linear layers and products: no position tensor is written for them;
+    # the CNN's feed convolutions and pooling: all are kept
+    assert counting._position_free(g) == {s.name for s in g.sites}
+    assert counting._position_free(gc) == set()
+
+
+def test_run_hands_histograms_and_skips_positions_only_when_asked():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.rand(5000, 3) * 3
+    g = insert_sfn(capture(m, x[:4]))
+    _fix_sites(g)
+    site = g.sites[0].name
+    seen = {}
+
+    def plain(node, args, out, extra):
+        if node.name == site:
+            seen["plain"] = dict(extra)
+
+    class Asking:
+        wants_hist, skip_positions = True, {site}
+
+        def __call__(self, node, args, out, extra):
+            if node.name == site:
+                seen["asking"] = dict(extra)
+    a, b = run(g, x, hook=plain), run(g, x, hook=Asking())
+    assert torch.equal(a, b)
+    assert set(seen["plain"]) == {"position"} and set(seen["asking"]) == {"hist"}
+    assert torch.equal(seen["asking"]["hist"], torch.bincount(seen["plain"]["position"].reshape(-1),
+                                                              minlength=seen["asking"]["hist"].numel()))
+
+
+def test_add_with_unit_alpha_is_bit_identical():
+    from sfn_deploy.ir import Node
+    from sfn_deploy.runtime import _op
+    a, b = torch.randn(100), torch.randn(100)
+    b[0] = -0.0
+    for op, alpha, ref in (("add", 1, a + 1 * b), ("sub", 1, a - 1 * b), ("add", 2, a + 2 * b),
+                           ("add", 1.0, a + 1.0 * b)):
+        out = _op(Node("n", op, ["a", "b"], {"alpha": alpha}, {}, [100], 0), [a, b], None, 1)
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    i, j = torch.arange(5, dtype=torch.int32), torch.ones(5, dtype=torch.bool)
+    assert _op(Node("n", "add", ["a", "b"], {}, {}, [5], 0), [i, j], None, 1).dtype == (i + 1 * j).dtype

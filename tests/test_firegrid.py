@@ -67,3 +67,37 @@ def test_exponential_sixteen_levels_agrees():
     node = _site("exponential", 16, "paper", 1.0, 1.0, 1.0)     # levels up to 2^31: a wide range
     x = _probes(node, np.random.default_rng(1))
     assert torch.equal(_index(node, x), spike_index(node, x))
+
+
+@pytest.mark.parametrize("fire_fn, m, rounding, theta_pos, theta_neg, lam", CASES[1::3])
+def test_native_loop_equals_torch_ops(fire_fn, m, rounding, theta_pos, theta_neg, lam, monkeypatch):
+    """The fused C loop gives the torch path's output bits, positions and histogram, NaN included."""
+    from sfn_deploy import firegrid
+    from sfn_deploy.runtime import _level_table
+    if firegrid.native() is None:
+        pytest.skip("no C compiler: the torch operations run")
+    node = _site(fire_fn, m, rounding, theta_pos, theta_neg, lam)
+    grid = grid_for(node)
+    if grid is None:
+        pytest.skip("bucketize site")
+    x = _probes(node, np.random.default_rng(m))
+    x = torch.cat([x, torch.tensor([float("nan"), -float("nan")])]).view(-1, 2)[:, 0]   # strided input
+    values = _level_table(node, torch.float32)
+    out, pos, hist = grid.fire(x, values, hist=True)
+    _, none, hist2 = grid.fire(x, values, hist=True, position=False)
+    monkeypatch.setenv("SFN_NATIVE", "0")
+    ref_out, ref_pos, ref_hist = grid.fire(x, values, hist=True)
+    assert torch.equal(out.view(torch.int32), ref_out.view(torch.int32)) and out.is_contiguous()
+    assert torch.equal(pos, ref_pos) and pos.dtype == torch.int32
+    assert torch.equal(hist, ref_hist) and torch.equal(hist2, ref_hist) and none is None
+    assert int(hist.sum()) == x.numel()
+
+
+def test_fire_is_the_same_with_and_without_the_native_loop(monkeypatch):
+    node = _site("sformer", 8, "paper", 1.0, 0.5, 0.2)
+    x = torch.randn(64, 33, 7)[:, ::2]                  # non-contiguous, above the native threshold
+    out, pos = fire(node, x)
+    monkeypatch.setenv("SFN_NATIVE", "0")
+    ref_out, ref_pos = fire(node, x)
+    assert torch.equal(out.view(torch.int32), ref_out.view(torch.int32)) and torch.equal(pos, ref_pos)
+    assert out.shape == pos.shape == x.shape

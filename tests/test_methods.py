@@ -265,7 +265,7 @@ def test_cli_convert_methods(tmp_path, digits_pt2):
     d = json.loads(r.stdout)
     assert d["method"] == "if" and d["timesteps"] == 8 and d["config"]["percentile"] == 0.1
     assert "convert_seconds" in d and d["ann_accuracy"] > 80
-    for args, msg in ((["--method", "mbe"], "not implemented yet"),
+    for args, msg in ((["--method", "mbe"], "has none"),       # MBE needs GELU/softmax/LayerNorm
                       (["--method", "pmsm", "-T", "4"], "one timestep"),
                       (["--method", "if", "--scale", "0.2"], "has no λ"),
                       (["--timesteps", "4"], "one timestep"),
