@@ -30,21 +30,10 @@ from sfn_deploy.convert import accuracy, build_graph, energy_constants, measure
 from sfn_deploy.errors import UserError
 from sfn_deploy.methods import apply_method, method_of
 
+from benchmark import table      # the same Markdown tables as the other benchmarks (this folder is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "models")
-
-
-def table_md(rows: list[dict], cols: list[str]) -> str:
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    return "\n".join(out)
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
-    return "" if v is None else str(v)
 
 
 def score(graph, test, batch_size=250) -> dict:
@@ -107,7 +96,7 @@ def fig3b(train, test, out, ts, half_max=None):
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     fig.savefig(os.path.join(out, "figures", "fig3b_if_vs_mtn.png"), dpi=120)
     md = (f"ANN accuracy {ann_acc:.2f} %; calibration (8,000 images, shared by all rows) {calib_s:.1f} s\n\n"
-          + table_md(rows, ["method", "v(0)", "T", "SNN acc %", "energy (paper)", "energy (event)", "sim s"]))
+          + table(rows, ["method", "v(0)", "T", "SNN acc %", "energy (paper)", "energy (event)", "sim s"]))
     return rows, md
 
 
@@ -136,7 +125,7 @@ def comparison(train, test, names, settings):
                  "convert s": round(secs, 1), "λ": lam[0] if m == "sfn" and len(lam) == 1 else None}
             rows.append(r)
             print(r, flush=True)
-    md = table_md(rows, ["model", "method", "T", "steps run", "ANN acc %", "SNN acc %", "energy (paper)",
+    md = table(rows, ["model", "method", "T", "steps run", "ANN acc %", "SNN acc %", "energy (paper)",
                          "energy (event)", "convert s", "sim s", "λ"])
     return rows, md
 

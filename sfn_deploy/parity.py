@@ -50,6 +50,15 @@ def _onnx_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dic
     return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()}, "pre": {}}
 
 
+def _channel_levels(site, ch: torch.Tensor) -> torch.Tensor:
+    """Signed levels from binary threshold channels (batch, G, ...), positive copies first: the level is
+    table[#positive fired] − table[#negative fired] (channels of a level are cumulative)."""
+    npos, table = site.params["bounds_pos"].numel(), site.params["table"]
+    ch = ch.round().long()
+    lv = table[ch[:, :npos].sum(1)]
+    return lv - table[ch[:, npos:].sum(1)] if ch.shape[1] > npos else lv
+
+
 def _nir_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict:
     """Levels decoded from each site's threshold channels (copy index outermost: the positive copies,
     then the negative ones; the level is table[#positive fired] − table[#negative fired])."""
@@ -58,13 +67,8 @@ def _nir_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict
     runner = backend_runner(model, "nir")
     if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
         y, spikes = run_partial(runner, x, spikes=True, batch_size=batch_size)
-        levels = {}
-        for site in model.sites:
-            if site.name in spikes:
-                npos, table = site.params["bounds_pos"].numel(), site.params["table"]
-                ch = spikes[site.name].round().long()
-                lv = table[ch[:, :npos].sum(1)] - (table[ch[:, npos:].sum(1)] if ch.shape[1] > npos else 0)
-                levels[site.name] = lv.reshape(len(x), -1).numpy()
+        levels = {s.name: _channel_levels(s, spikes[s.name]).reshape(len(x), -1).numpy()
+                  for s in model.sites if s.name in spikes}
         return {"outputs": y.numpy(), "levels": levels, "pre": {}}
     modules = dict(runner.named_modules())
     levels: dict = {}
@@ -73,13 +77,10 @@ def _nir_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict
         mod = modules.get(f"graph_module.{site.name}")
         if mod is None:
             continue
-        npos, table = site.params["bounds_pos"].numel(), site.params["table"]
-        g = npos + site.params["bounds_neg"].numel()
+        g = site.params["bounds_pos"].numel() + site.params["bounds_neg"].numel()
 
-        def keep(_m, _inp, out, name=site.name, npos=npos, g=g, table=table):
-            ch = out.reshape(out.shape[0], g, -1).round().long()
-            lv = table[ch[:, :npos].sum(1)] - (table[ch[:, npos:].sum(1)] if g > npos else 0)
-            levels.setdefault(name, []).append(lv.numpy())
+        def keep(_m, _inp, out, site=site, g=g):
+            levels.setdefault(site.name, []).append(_channel_levels(site, out.reshape(out.shape[0], g, -1)).numpy())
         hooks.append(mod.register_forward_hook(keep))
     try:
         outs = [runner(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]

@@ -33,19 +33,16 @@ def _level_agreement(converted: ConvertedModel, data: Dataset, backend: str, bat
     return {"level_agreement": 100.0 * same / max(total, 1), "first_differing_site": first}
 
 
-def _lava_entry(runner) -> dict:
-    """What the Lava run did: processes on neuro-cores and on the host, phases of its time, fixed-point
-    counters (accumulator overflows and membrane saturations per neuron block, wraps per conv)."""
-    t = runner.last["timings"]
-    info = runner.info
-    return {"precision": runner.precision, "lowering": info["lowering"], "processes": info["processes"],
-            "neuro_core_processes": info["neuro_core_processes"], "host_processes": info["host_processes"],
-            "host_ops": info["host_ops"], "latency_steps": info["latency_steps"],
+def _lava_entry(summary: dict, precision: str, result: dict) -> dict:
+    """What a Lava run did: processes on neuro-cores and on the host (the plan's ``summary``), phases of its
+    time, fixed-point counters (accumulator overflows and membrane saturations per neuron block, wraps per conv)."""
+    t = result["timings"]
+    return {"precision": precision, "lowering": summary["lowering"], "processes": summary["processes"],
+            "neuro_core_processes": summary["neuro_core_processes"], "host_processes": summary["host_processes"],
+            "host_ops": summary["host_ops"], "latency_steps": summary["latency_steps"],
             "steps_per_s": t["steps"] / t["run_s"] if t["run_s"] else None,
             "phases_s": {k: t[k] for k in ("build_s", "compile_s", "run_s", "stop_s", "wall_s")},
-            "counts": runner.last["counts"],
-            "overflows": sum(v[0] for v in runner.last["counts"].values()),
-            "saturations": sum(v[1] for k, v in runner.last["counts"].items() if not k.startswith("conv_"))}
+            "counts": result["counts"], "overflows": result["overflows"], "saturations": result["saturations"]}
 
 
 def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batch_size: int = 256,
@@ -81,7 +78,7 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
                  "max_abs_diff": float((logits - ref).abs().max()),
                  "prediction_agreement": 100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean())}
         if b == "lava":
-            entry["lava"] = _lava_entry(runner)
+            entry["lava"] = _lava_entry(runner.summary, runner.precision, runner.last)
         elif b != "torch":
             entry.update(_level_agreement(converted, data, b, batch_size))
         out["backends"][b] = entry
@@ -93,21 +90,14 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
 def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") -> dict:
     """Run a Lava bundle on data by itself (no converted model, so no reference to compare with)."""
     from .exporters.lava import read_bundle, run_lava
-    manifest, plans = read_bundle(path, precision)
+    _, plans = read_bundle(path, precision)
     plan = plans[precision]
     if list(data.x.shape[1:]) != list(plan.input_shape):
         raise UserError(f"data samples have shape {list(data.x.shape[1:])}, the bundle expects {plan.input_shape}")
     r = run_lava(path, data.x.numpy(), precision)
     t = r["timings"]
     pred = torch.from_numpy(r["outputs"]).reshape(len(data), -1).argmax(-1)
-    s = plan.summary()
-    counts = r["counts"]
     return {"samples": len(data), "backend": "lava", "bundle": path, "accuracy": accuracy(pred, data.y),
             "seconds": t["run_s"], "setup_seconds": t["wall_s"] - t["run_s"],
             "samples_per_s": len(data) / t["run_s"] if t["run_s"] else None,
-            "lava": {"precision": precision, "lowering": manifest["lowering"], "processes": s["processes"],
-                     "neuro_core_processes": s["neuro_core_processes"], "host_processes": s["host_processes"],
-                     "host_ops": s["host_ops"], "latency_steps": s["latency_steps"], "counts": counts,
-                     "overflows": sum(v[0] for v in counts.values()),
-                     "saturations": sum(v[1] for k, v in counts.items() if not k.startswith("conv_")),
-                     "phases_s": {k: t[k] for k in ("build_s", "compile_s", "run_s", "stop_s", "wall_s")}}}
+            "lava": _lava_entry(plan.summary(), precision, r)}

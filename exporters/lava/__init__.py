@@ -57,6 +57,7 @@ def export_lava(model: ConvertedModel, path: str, lowering: str = "graded",
     write_bundle(path, plans, info)
     plan = plans["floating_pt"]
     return {"path": path, "format": "lava", "precisions": list(plans), "missing": missing, **plan.summary(),
+            "summaries": {p: pl.summary() for p, pl in plans.items()},
             "bytes": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))}
 
 
@@ -84,8 +85,8 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
 
     Returns ``outputs`` (N, *output_shape), and per SFN site (when ``record``) ``levels`` and
     ``pre`` (membrane: float, or integer in fixed point with its ``scale``), ``counts`` (fixed
-    point: accumulator overflows and membrane saturations per neuron block, wraps per conv), and
-    ``timings``. The run happens in a subprocess in its own process group, killed on timeout."""
+    point: accumulator overflows and membrane saturations per neuron block, wraps per conv, and their
+    totals ``overflows`` and ``saturations``), and ``timings``. The run happens in a subprocess in its own process group, killed on timeout."""
     _, plans = read_bundle(bundle, precision)
     plan = plans[precision]
     n = int(x.shape[0])
@@ -131,12 +132,12 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
                 result["levels"][site] = np.load(base + ".level.npy")[s:s + n].copy()
                 result["pre"][site] = np.load(base + ".pre.npy")[s:s + n].copy()
             result["scales"][site] = info.get("scale", 1.0)
-            if os.path.exists(base + ".count.npy"):
-                result["counts"][info["block"]] = np.load(base + ".count.npy")[0].tolist()
-        for b in plan.blocks:
+        for b in plan.blocks:           # neurons: [overflows, saturations]; fixed-point convs: [wraps, 0]
             f = os.path.join(work, b.name + ".count.npy")
-            if b.kind == "conv" and os.path.exists(f):
+            if os.path.exists(f):
                 result["counts"][b.name] = np.load(f)[0].tolist()
+        result["overflows"] = sum(v[0] for v in result["counts"].values())
+        result["saturations"] = sum(v[1] for v in result["counts"].values())
         return result
 
 
@@ -150,10 +151,10 @@ class LavaRunner:
             raise UserError(f"unknown Lava precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self._tmp = tempfile.TemporaryDirectory(prefix="sfn-lava-bundle-")
         self.path = os.path.join(self._tmp.name, "bundle")
-        amax = input_abs_max if input_abs_max is not None else model.metrics.get("input_abs_max")
-        if precision == "fixed_pt":      # refuse early with the plan's own reason
-            lower(model, lowering, precision, amax)
-        self.info = export_lava(model, self.path, lowering, amax)
+        self.info = export_lava(model, self.path, lowering, input_abs_max)
+        if precision in self.info["missing"]:       # refuse with the plan's own reason
+            raise UserError(self.info["missing"][precision])
+        self.summary = self.info["summaries"][precision]
         self.precision, self.record, self.timeout = precision, record, timeout
         self.last: dict | None = None
 

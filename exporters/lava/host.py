@@ -16,10 +16,9 @@ import torch
 
 from ...ir import Graph, Node
 from ...runtime import _op
+from .plan import LATTICE_OPS, ACC_BITS
 
-_LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
-                "max_pool2d"}
-_LIM = (1 << 23) - 1
+_LIM = (1 << (ACC_BITS - 1)) - 1
 
 
 class HostRunner:
@@ -95,7 +94,7 @@ class HostRunner:
             if node.op == "input":
                 continue
             lattice_in = node.inputs and node.inputs[0] in self.lattice
-            if node.op in _LATTICE_OPS and lattice_in and node.name in self.lattice:
+            if node.op in LATTICE_OPS and lattice_in and node.name in self.lattice:
                 args = [env[node.inputs[0]]]             # levels pass through
             else:
                 args = [self._values(i, env[i]) for i in node.inputs]

@@ -40,7 +40,7 @@ WEIGHT_BITS = 8
 ACC_BITS = 24
 INPUT_BITS = 8
 MAX_HOST_PORTS = 6        # of each kind on a HostOp (procs.processes.MAX_PORTS)
-_LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
+LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
                 "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
 
 
@@ -128,6 +128,7 @@ class _Lowering:
         self.input_shape = list(input_shape)
         self.input_abs_max = input_abs_max
         self.blocks: list[Block] = []
+        self.by_name: dict[str, Block] = {}
         self.conns: list[dict] = []
         self.stage: dict[str, int] = {}
         self.lattice: dict[str, str] = {}      # value -> the site whose levels it carries
@@ -187,11 +188,11 @@ class _Lowering:
             ins = [self.stage[i] for i in n.inputs if i in self.stage]
             s = max(ins, default=0)
             self.stage[n.name] = s + 1 if self.cls(n) in ("synapse", "pool") else s
-            if n.op == "input" or (n.op in _LATTICE_OPS and n.op != "max_pool2d" and n.inputs[0] in self.input_like):
+            if n.op == "input" or (n.op in LATTICE_OPS and n.op != "max_pool2d" and n.inputs[0] in self.input_like):
                 self.input_like.add(n.name)          # the input moved around: its range is the input's
             if n.op == "sfn":
                 self.lattice[n.name] = n.name
-            elif n.op in _LATTICE_OPS and n.inputs and n.inputs[0] in self.lattice:
+            elif n.op in LATTICE_OPS and n.inputs and n.inputs[0] in self.lattice:
                 self.lattice[n.name] = self.lattice[n.inputs[0]]
             if n.bdim != 0 and n.op in ("linear", "conv2d", "sfn"):
                 raise UserError(f"Lava export: node {n.name} ({n.op}) has its batch axis elsewhere than first; "
@@ -222,9 +223,10 @@ class _Lowering:
 
     # blocks
     def add(self, block: Block) -> Block:
-        if any(b.name == block.name for b in self.blocks):
+        if block.name in self.by_name:
             raise RuntimeError(f"Lava lowering: two blocks named {block.name}")     # an internal error
         self.blocks.append(block)
+        self.by_name[block.name] = block
         for n in block.ir:
             self.block_of[n] = block.name
         return block
@@ -434,7 +436,6 @@ class _Lowering:
             if spikes is not None and spikes[1] is not None:
                 port = "s_pos" if pol == "pos" else "s_neg"
                 self.connect(spikes[1], port, blk.name, "s_in", self._to_conv_view(blk))
-            blk.attrs["pending_input"] = spikes is None or spikes[1] is None
             # consumers are connected when they are built: neurons now, host blocks in host_program
             for user in self.users[n.name]:
                 if user.op == "sfn":
@@ -546,15 +547,12 @@ class _Lowering:
             spec.update(decode="levels" if lat else "value")
             if lat:
                 spec["steps"] = g[lat].params["steps"].double().tolist()
-            src = self.blocks_by_name()[self.block_of[value]]
-            src_port = self._find_or_add_host_output(src, value, to_chip=False, encode="levels" if lat else "value")
+            src = self.by_name[self.block_of[value]]
+            src_port = self._find_or_add_host_output(src, value, encode="levels" if lat else "value")
             self.connect(src.name, src_port, b.name, port)
         return spec
 
-    def blocks_by_name(self) -> dict:
-        return {blk.name: blk for blk in self.blocks}
-
-    def _find_or_add_host_output(self, src: Block, value: str, to_chip: bool, encode: str) -> str:
+    def _find_or_add_host_output(self, src: Block, value: str, encode: str) -> str:
         """Host→host edges created while lowering a later block: the producer's program is already
         written, so append the port to it."""
         outs = src.attrs.setdefault("outputs", [])
@@ -577,7 +575,7 @@ class _Lowering:
             spec = {"value": n.name, "encode": enc, "neuron": user.name}
         else:                               # a synaptic layer
             blks = [blk for blk in self.blocks if blk.kind in ("dense", "sparse", "conv")
-                    and blk.attrs.get("input") == n.name and blk.attrs.get("pending_input")]
+                    and blk.attrs["layer"] == user.name]     # every polarity / exponent group of this layer
             for blk in blks:
                 pol = blk.attrs["polarity"]
                 if pol == "analog":

@@ -38,8 +38,7 @@ def main(job_path: str) -> int:
                 print(f"in Lava process: {exc!r}\n{getattr(actor, 'trace', '') or ''}", file=sys.stderr)
         raise
     t3 = time.perf_counter()
-    models = {name: type(p.model_class).__name__ if not isinstance(p.model_class, type) else p.model_class.__name__
-              for name, p in net.processes.items()}
+    models = {name: p.model_class.__name__ for name, p in net.processes.items()}
     src.stop()
     t4 = time.perf_counter()
     with open(os.path.join(job["workdir"], "result.json"), "w") as f:

@@ -230,7 +230,7 @@ class _ConvModel(PyLoihiProcessModel):
 
     def run_spk(self):
         if self.buf is None:
-            self.buf = np.zeros(self.a_out.shape, self.a_out._dtype if hasattr(self.a_out, "_dtype") else float)
+            self.buf = np.zeros(self.a_out.shape)      # cast to the port's type when sent
         self.a_out.send(self.buf)
         s = self.s_in.recv()
         if self.num_message_bits.item() == 0:
