@@ -85,11 +85,12 @@ class FireGrid:
         values = values.contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
         pos = torch.empty(x.shape, dtype=torch.int32) if position else None
-        h = torch.zeros(4 * bins, dtype=torch.int64) if hist else None
-        lib.sfn_fire(x.data_ptr(), x.numel(), self.shift, self.base.data_ptr(), self.inner.data_ptr(),
-                     values.data_ptr(), out.data_ptr(), pos.data_ptr() if position else None,
-                     h.data_ptr() if hist else None, bins)
-        return out, pos, h[:bins] if hist else None
+        n, parts = x.numel(), _parts(x.numel())
+        h = torch.zeros(parts, 4 * bins, dtype=torch.int64) if hist else None
+        lib.sfn_fire_parts(x.data_ptr(), n, self.shift, self.base.data_ptr(), self.inner.data_ptr(),
+                           values.data_ptr(), out.data_ptr(), pos.data_ptr() if position else None,
+                           h.data_ptr() if hist else None, bins, parts)
+        return out, pos, h[:, :bins].sum(0) if hist else None
 
     def position(self, x: torch.Tensor) -> torch.Tensor:
         """signed index + n (the row of the site's level table), int32, same shape as x."""
@@ -155,7 +156,49 @@ void sfn_fire(const float *x, int64_t n, int shift, const int32_t *base, const f
     if (hist)
         for (i = 0; i < bins; i++) hist[i] += hist[bins + i] + hist[2 * bins + i] + hist[3 * bins + i];
 }
+
+/* per sample element e, sums over the batch of |y|, 1[y != 0] and k read from each position (int64, exact):
+   acc[e], acc[elems + e], acc[2 * elems + e] += (mag, active, k)[pos[b * elems + e]] */
+void sfn_spike_sums(const int32_t *pos, int64_t batch, int64_t elems, const int64_t *mag, const int64_t *active,
+                    const int64_t *k, int64_t *acc) {
+    int64_t *a = acc, *e = acc + elems, *c = acc + 2 * elems;
+    for (int64_t b = 0; b < batch; b++) {
+        const int32_t *p = pos + b * elems;
+        for (int64_t i = 0; i < elems; i++) {
+            int32_t q = p[i];
+            a[i] += mag[q];
+            e[i] += active[q];
+            c[i] += k[q];
+        }
+    }
+}
+
+/* the same over `parts` equal ranges (whole 64-byte lines), on OpenMP threads when built with it; part j
+   counts into hist + j * 4 * bins (its first bins hold its histogram) */
+void sfn_fire_parts(const float *x, int64_t n, int shift, const int32_t *base, const float *inner,
+                    const float *values, float *out, int32_t *pos, int64_t *hist, int64_t bins, int parts) {
+    int64_t step = (n + 16 * (int64_t)parts - 1) / (16 * (int64_t)parts) * 16;
+    if (parts <= 1) {
+        sfn_fire(x, n, shift, base, inner, values, out, pos, hist, bins);
+        return;
+    }
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int j = 0; j < parts; j++) {
+        int64_t start = j * step, stop = start + step < n ? start + step : n;
+        if (start < stop)
+            sfn_fire(x + start, stop - start, shift, base, inner, values, out + start, pos ? pos + start : 0,
+                     hist ? hist + j * 4 * bins : 0, bins);
+    }
+}
 """
+_PART_MIN = 1 << 16         # elements per thread below which splitting costs more than it saves
+
+
+def _parts(n: int) -> int:
+    """How many threads share a call: as many as torch may use, each with at least _PART_MIN elements."""
+    return max(1, min(torch.get_num_threads(), n // _PART_MIN))
+
+
 _NATIVE_MIN = 4096          # below this the torch operations are as fast (no call overhead to win back)
 _native_lib: list = []      # [] not tried yet; [None] unavailable; [lib]
 
@@ -190,13 +233,21 @@ def _build():
                 with open(src, "w") as f:
                     f.write(_SOURCE)
                 so = os.path.join(tmp, "firegrid.so")
-                subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", so, src], check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+                for openmp in (["-fopenmp"], []):        # threads shared with torch's OpenMP, if the compiler can
+                    built = subprocess.run([cc, "-O2", "-shared", "-fPIC", *openmp, "-o", so, src],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+                    if built.returncode == 0:
+                        break
+                built.check_returncode()
                 os.replace(so, path)
         lib = ctypes.CDLL(path)
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.sfn_fire.argtypes = [p, i64, ctypes.c_int, p, p, p, p, p, p, i64]
         lib.sfn_fire.restype = None
+        lib.sfn_fire_parts.argtypes = [p, i64, ctypes.c_int, p, p, p, p, p, p, i64, ctypes.c_int]
+        lib.sfn_fire_parts.restype = None
+        lib.sfn_spike_sums.argtypes = [p, i64, i64, p, p, p, p]
+        lib.sfn_spike_sums.restype = None
         return lib
     except (OSError, subprocess.SubprocessError):
         return None

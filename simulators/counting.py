@@ -164,9 +164,35 @@ class _Spikes:
             return tuple(v * float(fan) for v in self.totals())
         if self.sums is not None:
             return tuple(_sum(t.sum(0) * fan) for t in self.sums)
+        sums = _native_spike_sums(self.site, self.index)
+        if sums is not None:
+            return tuple(float(v) for v in (sums.to(torch.float64) * fan.reshape(-1).to(torch.float64)).sum(1))
         k = (self.index - self.n).abs_()
         a = self.site.params["table"].to(torch.float32)[k].sum(0)
         return _sum(a * fan), _sum((k != 0).sum(0) * fan), _sum(k.sum(0) * fan)
+
+
+def _native_spike_sums(site: Node, index: torch.Tensor) -> torch.Tensor | None:
+    """Per sample element, the batch sums of (|y|, 1[y≠0], k) (int64, 3 × elements) in one pass of the
+    compiled loop (:mod:`sfn_deploy.firegrid`); None without it."""
+    from sfn_deploy.firegrid import native
+    lib = native()
+    if lib is None or index.dtype != torch.int32:
+        return None
+    n = site.params["table"].numel() - 1
+    cached = site.__dict__.get("_spike_weights")
+    if cached is None or cached[0] is not site.params["table"]:
+        mag, k = _hist_weights(site.params["table"], n)
+        w = torch.tensor([mag, [int(v != 0) for v in k], k], dtype=torch.int64)
+        cached = site.__dict__["_spike_weights"] = (site.params["table"], w)
+    w = cached[1]
+    index = index.contiguous()
+    batch = index.shape[0]
+    elems = index.numel() // max(batch, 1)
+    acc = torch.zeros(3, elems, dtype=torch.int64)
+    lib.sfn_spike_sums(index.data_ptr(), batch, elems, w[0].data_ptr(), w[1].data_ptr(), w[2].data_ptr(),
+                       acc.data_ptr())
+    return acc
 
 
 def _position_free(graph: Graph) -> set[str]:
@@ -351,7 +377,9 @@ class OpCounter:
             elif op == "max_pool2d":
                 grid = self._recoverable(s.site) if s.index is not None else None
                 if grid is not None:     # the pooled values are table values: read their positions back
-                    self._shadow[node.name] = _Spikes(s.site, index=grid.position(out))
+                    from sfn_deploy.runtime import _level_table      # one pass of the fire loop
+                    _, index, _ = grid.fire(out, _level_table(s.site, out.dtype))
+                    self._shadow[node.name] = _Spikes(s.site, index=index)
                 else:                    # the value is monotone in the index: pooling it picks the same element
                     self._shadow[node.name] = s.map(
                         lambda t: _op(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))

@@ -101,3 +101,26 @@ def test_fire_is_the_same_with_and_without_the_native_loop(monkeypatch):
     ref_out, ref_pos = fire(node, x)
     assert torch.equal(out.view(torch.int32), ref_out.view(torch.int32)) and torch.equal(pos, ref_pos)
     assert out.shape == pos.shape == x.shape
+
+
+def test_native_loop_split_over_threads_is_the_same(monkeypatch):
+    """Parts on several threads (each its own histogram) give the single-thread bits, positions and counts."""
+    from sfn_deploy import firegrid
+    from sfn_deploy.runtime import _level_table
+    if firegrid.native() is None:
+        pytest.skip("no C compiler: the torch operations run")
+    node = _site("sformer", 8, "paper", 1.0, 0.5, 0.2)
+    grid, values = grid_for(node), _level_table(node, torch.float32)
+    x = torch.randn(50_001) * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = grid.fire(x, values, hist=True)
+        monkeypatch.setattr(firegrid, "_PART_MIN", 1000)
+        torch.set_num_threads(3)
+        assert firegrid._parts(x.numel()) == 3
+        got = grid.fire(x, values, hist=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0].view(torch.int32), ref[0].view(torch.int32))
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]) and int(got[2].sum()) == x.numel()
