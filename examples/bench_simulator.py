@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cycle-level simulator speed (a script, not a test): counting every op vs a plain PyTorch ANN forward.
 
-    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1] [--vit-b 16] [--json out.json]
+    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1,all] [--vit-b 16] [--json out.json]
 
 For the MNIST example CNN and tiny ViT (examples/models/*.pt2, converted here at λ = 0.2 on
 MNIST test images), times on the same batches, interleaved, best of --repeats:
@@ -14,6 +14,8 @@ MNIST test images), times on the same batches, interleaved, best of --repeats:
 * counting, torch only  the same counting with the fused C fire loop switched off (``SFN_NATIVE=0``):
            what a machine without a C compiler gets
 The fused loop's one-off set-up (compiling it, or loading it from the cache) is timed apart and printed.
+Each --threads setting (a comma list; ``all`` = torch's default, one per core) gives both sides the same
+number of threads: torch's kernels use them, and so does the fire loop (its parts run on torch's OpenMP pool).
 The issue's target: counting runs at least half as fast as the ANN (ratio ANN time / counting time ≥ 0.5).
 """
 from __future__ import annotations
@@ -46,10 +48,12 @@ def main() -> None:
     ap.add_argument("--mnist", default=os.environ.get("SFN_MNIST", os.path.join(HERE, "..", "..", "shared", "data", "mnist")))
     ap.add_argument("--vit-b", type=int, default=0, metavar="N",
                     help="also time timm vit_base_patch16_224 (random weights) on N random images, batch 8")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1 keeps a shared machine fair)")
+    ap.add_argument("--threads", default="1,all",
+                    help="torch threads for both sides, a comma list (all: torch's default, one per core)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    every = torch.get_num_threads()
+    settings = list(dict.fromkeys(every if t.strip() == "all" else int(t) for t in args.threads.split(",")))
     import sfn_deploy.firegrid as firegrid
     t0 = time.perf_counter()
     cached = os.path.exists(firegrid.cache_path())
@@ -95,25 +99,29 @@ def main() -> None:
                 measure(snn.graph, test, batch)
             finally:
                 os.environ.pop("SFN_NATIVE") if old is None else os.environ.__setitem__("SFN_NATIVE", old)
-        plain(), counting(), interp_ann(), counting_torch()        # warm-up
-        t_ann, t_sim, t_int, t_tor = [], [], [], []
-        for _ in range(args.repeats):             # interleaved, so all see the same machine load
-            t_ann.append(_time(plain))
-            t_sim.append(_time(counting))
-            t_int.append(_time(interp_ann))
-            t_tor.append(_time(counting_torch))
-        a, s, i, o = min(t_ann), min(t_sim), min(t_int), min(t_tor)
-        rows.append({"model": name, "samples": len(test), "batch": batch, "threads": torch.get_num_threads(),
-                     "ann_s": a, "counting_s": s, "interpreter_ann_s": i, "speed_ratio": a / s,
-                     "counting_torch_s": o, "speed_ratio_torch": a / o,
-                     "runs": {"ann_s": t_ann, "counting_s": t_sim, "interpreter_ann_s": t_int, "counting_torch_s": t_tor}})
-    print(f"{'model':<10} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13} {'interp. ANN s':>14} "
+        for threads in settings:
+            torch.set_num_threads(threads)
+            plain(), counting(), interp_ann(), counting_torch()        # warm-up
+            t_ann, t_sim, t_int, t_tor = [], [], [], []
+            for _ in range(args.repeats):             # interleaved, so all see the same machine load
+                t_ann.append(_time(plain))
+                t_sim.append(_time(counting))
+                t_int.append(_time(interp_ann))
+                t_tor.append(_time(counting_torch))
+            a, s, i, o = min(t_ann), min(t_sim), min(t_int), min(t_tor)
+            rows.append({"model": name, "samples": len(test), "batch": batch, "threads": threads,
+                         "ann_s": a, "counting_s": s, "interpreter_ann_s": i, "speed_ratio": a / s,
+                         "counting_torch_s": o, "speed_ratio_torch": a / o,
+                         "runs": {"ann_s": t_ann, "counting_s": t_sim, "interpreter_ann_s": t_int,
+                                  "counting_torch_s": t_tor}})
+    torch.set_num_threads(every)
+    print(f"{'model':<10} {'threads':>7} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13} {'interp. ANN s':>14} "
           f"{'torch-only s':>13} {'ANN/torch-only':>15}")
     for r in rows:
-        print(f"{r['model']:<10} {r['samples']:>7} {r['ann_s']:>8.3f} {r['counting_s']:>11.3f} "
+        print(f"{r['model']:<10} {r['threads']:>7} {r['samples']:>7} {r['ann_s']:>8.3f} {r['counting_s']:>11.3f} "
               f"{r['speed_ratio']:>13.2f} {r['interpreter_ann_s']:>14.3f} {r['counting_torch_s']:>13.3f} "
               f"{r['speed_ratio_torch']:>15.2f}")
-        print(f"{'':<10} per interleaved run, ANN/counting: "
+        print(f"{'':<18} per interleaved run, ANN/counting: "
               + " ".join(f"{x / y:.2f}" for x, y in zip(r["runs"]["ann_s"], r["runs"]["counting_s"])))
     if args.json:
         with open(args.json, "w") as f:

@@ -15,7 +15,10 @@ The same rule also runs as one fused C loop (:func:`native`: cell, comparison, v
 asked, the histogram of positions, in one pass over the data instead of six), compiled once with the
 system's C compiler (about a second, cached under ``$SFN_CACHE`` or ``~/.cache/sfn_deploy``) and called
 through ctypes. It does the very same float32 comparisons and copies, so its results are bit-identical;
-without a compiler, or with ``SFN_NATIVE=0``, the torch operations run instead.
+without a compiler, or with ``SFN_NATIVE=0``, the torch operations run instead. A large tensor is split
+over as many threads as torch may use (``torch.get_num_threads()``), each part with its own histogram;
+built with ``-fopenmp`` the parts run on the OpenMP runtime torch already loaded, so the simulator and
+torch's kernels share one pool of threads (a compiler without OpenMP gives a serial build: same results).
 """
 from __future__ import annotations
 
@@ -212,33 +215,37 @@ def native():
     return _native_lib[0]
 
 
-def cache_path() -> str:
-    """Where the compiled loop is kept (one file per version of its source)."""
+def cache_path(openmp: bool = True) -> str:
+    """Where the compiled loop is kept (one file per version of its source, with and without OpenMP)."""
     key = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
     root = os.environ.get("SFN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sfn_deploy")
-    return os.path.join(root, f"firegrid_{key}.so")
+    return os.path.join(root, f"firegrid_{key}{'_omp' if openmp else ''}.so")
 
 
 def _build():
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    path = cache_path()
-    root = os.path.dirname(path)
+    """The OpenMP build (its threads are torch's own when torch uses GNU OpenMP), else the serial one."""
+    for openmp in (True, False):
+        lib = _load(cache_path(openmp), ["-fopenmp"] if openmp else [])
+        if lib is not None:
+            return lib
+    return None
+
+
+def _load(path: str, flags: list[str]):
     try:
         if not os.path.exists(path):
+            cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
             if cc is None:
                 return None
+            root = os.path.dirname(path)
             os.makedirs(root, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=root) as tmp:      # built aside, then moved in whole
                 src = os.path.join(tmp, "firegrid.c")
                 with open(src, "w") as f:
                     f.write(_SOURCE)
                 so = os.path.join(tmp, "firegrid.so")
-                for openmp in (["-fopenmp"], []):        # threads shared with torch's OpenMP, if the compiler can
-                    built = subprocess.run([cc, "-O2", "-shared", "-fPIC", *openmp, "-o", so, src],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-                    if built.returncode == 0:
-                        break
-                built.check_returncode()
+                subprocess.run([cc, "-O2", "-shared", "-fPIC", *flags, "-o", so, src], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
                 os.replace(so, path)
         lib = ctypes.CDLL(path)
         p, i64 = ctypes.c_void_p, ctypes.c_int64
