@@ -124,24 +124,29 @@ def grid_for(node) -> FireGrid | None:
     return grid if grid.ok else None
 
 
-# The fused loop. A cell is (bits ^ 2^31) >> shift, which equals (int32 bits >> shift) + offset; the
-# comparison is the same float32 ``x >= inner`` (false for NaN) and the value a copy of values[position].
+# The fused loop. A cell is (bits ^ 2^31) >> shift, which equals (int32 bits >> shift) + offset: the loop
+# shifts the signed bits arithmetically and reads tables based at their middle (one instruction fewer per element);
+# the comparison is the same float32 ``x >= inner`` (false for NaN) and the value a copy of values[position].
 # Four partial histograms avoid a store-to-load stall when neighbours share a position.
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
+/* base, inner: the tables' middle entries (cell offset), so that a negative signed cell reads below them */
 static inline int32_t cell_pos(const float *x, int shift, const int32_t *base, const float *inner) {
-    uint32_t b;
+    int32_t b;
     memcpy(&b, x, 4);
-    uint32_t c = (b ^ 0x80000000u) >> shift;
+    int32_t c = b >> shift;       /* arithmetic: gcc and clang */
     return base[c] + (*x >= inner[c]);
 }
 
 /* n elements: out = values[k], pos = k (pos may be NULL), hist += counts of k (NULL: none; else 4 x bins
    partial histograms, folded into the first bins at the end) */
-void sfn_fire(const float *x, int64_t n, int shift, const int32_t *base, const float *inner,
+void sfn_fire(const float *x, int64_t n, int shift, const int32_t *base0, const float *inner0,
               const float *values, float *out, int32_t *pos, int64_t *hist, int64_t bins) {
+    const int64_t offset = (int64_t)1 << (31 - shift);
+    const int32_t *base = base0 + offset;
+    const float *inner = inner0 + offset;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
         int32_t k0 = cell_pos(x + i, shift, base, inner), k1 = cell_pos(x + i + 1, shift, base, inner);
