@@ -140,6 +140,28 @@ static inline int32_t cell_pos(const float *x, int shift, const int32_t *base, c
     return base[c] + (*x >= inner[c]);
 }
 
+/* the loop for fixed choices of writing positions and counting (a copy each: no tests per element) */
+static inline __attribute__((always_inline)) void fire_loop(
+        const float *x, int64_t n, int shift, const int32_t *base, const float *inner, const float *values,
+        float *out, int32_t *pos, int64_t *hist, int64_t bins, const int with_pos, const int with_hist) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        int32_t k0 = cell_pos(x + i, shift, base, inner), k1 = cell_pos(x + i + 1, shift, base, inner);
+        int32_t k2 = cell_pos(x + i + 2, shift, base, inner), k3 = cell_pos(x + i + 3, shift, base, inner);
+        out[i] = values[k0]; out[i + 1] = values[k1]; out[i + 2] = values[k2]; out[i + 3] = values[k3];
+        if (with_pos) { pos[i] = k0; pos[i + 1] = k1; pos[i + 2] = k2; pos[i + 3] = k3; }
+        if (with_hist) { hist[k0]++; hist[bins + k1]++; hist[2 * bins + k2]++; hist[3 * bins + k3]++; }
+    }
+    for (; i < n; i++) {
+        int32_t k = cell_pos(x + i, shift, base, inner);
+        out[i] = values[k];
+        if (with_pos) pos[i] = k;
+        if (with_hist) hist[k]++;
+    }
+    if (with_hist)
+        for (i = 0; i < bins; i++) hist[i] += hist[bins + i] + hist[2 * bins + i] + hist[3 * bins + i];
+}
+
 /* n elements: out = values[k], pos = k (pos may be NULL), hist += counts of k (NULL: none; else 4 x bins
    partial histograms, folded into the first bins at the end) */
 void sfn_fire(const float *x, int64_t n, int shift, const int32_t *base0, const float *inner0,
@@ -147,22 +169,14 @@ void sfn_fire(const float *x, int64_t n, int shift, const int32_t *base0, const 
     const int64_t offset = (int64_t)1 << (31 - shift);
     const int32_t *base = base0 + offset;
     const float *inner = inner0 + offset;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        int32_t k0 = cell_pos(x + i, shift, base, inner), k1 = cell_pos(x + i + 1, shift, base, inner);
-        int32_t k2 = cell_pos(x + i + 2, shift, base, inner), k3 = cell_pos(x + i + 3, shift, base, inner);
-        out[i] = values[k0]; out[i + 1] = values[k1]; out[i + 2] = values[k2]; out[i + 3] = values[k3];
-        if (pos) { pos[i] = k0; pos[i + 1] = k1; pos[i + 2] = k2; pos[i + 3] = k3; }
-        if (hist) { hist[k0]++; hist[bins + k1]++; hist[2 * bins + k2]++; hist[3 * bins + k3]++; }
-    }
-    for (; i < n; i++) {
-        int32_t k = cell_pos(x + i, shift, base, inner);
-        out[i] = values[k];
-        if (pos) pos[i] = k;
-        if (hist) hist[k]++;
-    }
-    if (hist)
-        for (i = 0; i < bins; i++) hist[i] += hist[bins + i] + hist[2 * bins + i] + hist[3 * bins + i];
+    if (pos && hist)
+        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 1, 1);
+    else if (pos)
+        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 1, 0);
+    else if (hist)
+        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 0, 1);
+    else
+        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 0, 0);
 }
 
 /* per sample element e, sums over the batch of |y|, 1[y != 0] and k read from each position (int64, exact):
