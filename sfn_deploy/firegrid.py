@@ -75,7 +75,7 @@ class FireGrid:
     def fire(self, x: torch.Tensor, values: torch.Tensor, hist: bool = False, position: bool = True):
         """(values[position], position or None, histogram of positions or None) for float32 x: the output
         contiguous, the position int32 of x's shape (only if ``position``), the histogram int64 over the
-        2n+1 positions (only if ``hist``). One fused pass over x when the native loop is
+        2n+1 positions (only if ``hist``). One fused pass over x, split over torch's threads, when the native loop is
         available; otherwise the torch operations."""
         lib = native() if x.numel() >= _NATIVE_MIN and x.device.type == "cpu" else None
         bins = 2 * self.n + 1
