@@ -30,7 +30,7 @@ from sfn_deploy.convert import accuracy, build_graph, energy_constants, measure
 from sfn_deploy.errors import UserError
 from sfn_deploy.methods import apply_method, method_of
 
-from benchmark import table      # the same Markdown tables as the other benchmarks (this folder is on sys.path)
+from benchmark import save_part, table      # the same Markdown tables and files as the other benchmarks (this folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "models")
@@ -163,10 +163,7 @@ def main():
             else f"{part}-{'-'.join(args.models)}"
         tag += f"-{'-'.join(args.methods)}" if part == "table" and args.methods else ""
         print(f"\n## {part} ({time.time() - t0:.0f} s)\n\n{md}\n", flush=True)
-        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-            json.dump(rows, f, indent=1, default=str)
-        with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-            f.write(md + "\n")
+        save_part(args.out, tag, rows, md)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,14 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(out)
 
 
+def save_part(out: str, tag: str, rows, md: str) -> None:
+    """One benchmark part's rows (JSON) and its Markdown table, as OUT/TAG.json and OUT/TAG.md."""
+    with open(os.path.join(out, f"{tag}.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    with open(os.path.join(out, f"{tag}.md"), "w") as f:
+        f.write(md + "\n")
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
@@ -211,10 +219,7 @@ def main():
             rows, md = hardware(args.out)
         print(f"\n## {part} ({time.time() - t0:.0f} s)\n\n{md}\n", flush=True)
         tag = part + ("-" + "-".join(args.methods).replace(" ", "_") if part == "fidelity" and args.methods else "")
-        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-            json.dump(rows, f, indent=1, default=str)
-        with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-            f.write(md + "\n")
+        save_part(args.out, tag, rows, md)
 
 
 if __name__ == "__main__":
