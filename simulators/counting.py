@@ -179,13 +179,7 @@ def _native_spike_sums(site: Node, index: torch.Tensor) -> torch.Tensor | None:
     lib = native()
     if lib is None or index.dtype != torch.int32:
         return None
-    n = site.params["table"].numel() - 1
-    cached = site.__dict__.get("_spike_weights")
-    if cached is None or cached[0] is not site.params["table"]:
-        mag, k = _hist_weights(site.params["table"], n)
-        w = torch.tensor([mag, [int(v != 0) for v in k], k], dtype=torch.int64)
-        cached = site.__dict__["_spike_weights"] = (site.params["table"], w)
-    w = cached[1]
+    w = _site_weights(site)[1]
     index = index.contiguous()
     batch = index.shape[0]
     elems = index.numel() // max(batch, 1)
@@ -229,6 +223,18 @@ def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
     return t[:0:-1] + t, list(range(n, 0, -1)) + list(range(n + 1))
 
 
+def _site_weights(site: Node) -> tuple[tuple[list[int], list[int]], torch.Tensor]:
+    """The site's (|y|, k) per position as lists, and (|y|, 1[y≠0], k) as an int64 3 × positions tensor for
+    the compiled loop; cached on the node, rebuilt when ``passes.configure`` replaces its table."""
+    table = site.params["table"]
+    cached = site.__dict__.get("_spike_weights")
+    if cached is None or cached[0] is not table:
+        mag, k = _hist_weights(table, table.numel() - 1)
+        w = torch.tensor([mag, [int(v != 0) for v in k], k], dtype=torch.int64)
+        cached = site.__dict__["_spike_weights"] = (table, (mag, k), w)
+    return cached[1], cached[2]
+
+
 def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int, weights: tuple | None = None
                  ) -> tuple[float, float, float]:
     """Σ|y|, Σ1[y≠0], Σk from a histogram of positions: integer arithmetic, exact."""
@@ -254,7 +260,6 @@ class OpCounter:
         self._hist: dict[str, torch.Tensor] = {}
         self._orders: dict[str, list[list[float]]] = {}   # products: op totals of each operand order
         self._grids: dict[str, object] = {}
-        self._weights: dict[str, tuple] = {}      # sites: |y| and k per position (batch-independent)
         self._free = _release_plan(graph)
         self.skip_positions = _position_free(graph) if spiking else set()
 
@@ -281,10 +286,7 @@ class OpCounter:
             hist = torch.bincount(k.reshape(-1), minlength=2 * n + 1)
         acc = self._hist.get(node.name)
         self._hist[node.name] = hist.clone() if acc is None else acc.add_(hist)
-        weights = self._weights.get(node.name)
-        if weights is None or weights[0] is not table:
-            weights = self._weights[node.name] = (table, _hist_weights(table, n))
-        spikes, active, channels = _hist_totals(hist, table, n, weights[1])
+        spikes, active, channels = _hist_totals(hist, table, n, _site_weights(node)[0])
         self._shadow[node.name] = _Spikes(node, index=k, whole=(spikes, active, channels))
         c.spikes += spikes
         c.active += active
