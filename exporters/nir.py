@@ -301,11 +301,17 @@ class _Plan:
 
 def check_nir(graph: Graph) -> None:
     """Raise a UserError listing every node NIR cannot express, one per line."""
+    _full_plan(graph)
+
+
+def _full_plan(graph: Graph) -> "_Plan":
+    """The plan of a full export, or check_nir's UserError."""
     plan = _Plan(graph, partial=False)
     if plan.host:
         bad = [f"  {name} ({graph[name].op}): {why}" for name, why in plan.host.items()]
         raise UserError(f"NIR export refused: {len(bad)} node(s) NIR cannot express (export --partial writes "
                         f"the NIR-expressible regions and leaves these to the host):\n" + "\n".join(bad))
+    return plan
 
 
 # -- lowering ---------------------------------------------------------------------------------------------
@@ -496,8 +502,7 @@ def to_nir(model: ConvertedModel):
     """The converted network as a ``nir.NIRGraph`` of standard primitives (see the module docstring)."""
     _single_step(model)
     g = model.graph
-    check_nir(g)
-    plan = _Plan(g, partial=False)
+    plan = _full_plan(g)
     low = _Lowering(g, plan, [n.name for n in plan.members()], g.input.name, [g.output], model.input_shape)
     low.lower()
     return low.nir.NIRGraph(nodes=low.nodes, edges=low.edges, type_check=False)
