@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -32,6 +33,22 @@ def _jsonable(o):
     return str(o)
 
 
+def _error_line(e: BaseException) -> str:
+    """One line for the user: the message's first line, without library advice that does not apply."""
+    from .untrusted import reason
+    text = str(e).strip()
+    first = text.splitlines()[0].strip() if text else type(e).__name__
+    return reason(e) if "weights_only" in text or "warnings above" in first else first
+
+
+def _fail(as_json: bool, message: str, code: int, **extra) -> None:
+    """The exit-code contract: one line on stderr; with --json also one JSON object on stdout."""
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code, **extra}, ensure_ascii=False))
+    click.echo(("" if code == 130 else "error: " if code == 2 else "internal error: ") + message, err=True)
+    sys.exit(code)
+
+
 def command(fn):
     """Shared --json/--debug handling and the exit-code contract."""
     @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
@@ -41,25 +58,63 @@ def command(fn):
         if not debug:
             warnings.filterwarnings("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
+            logging.getLogger("optuna").setLevel(logging.ERROR)
         try:
             return fn(*args, as_json=as_json, **kwargs)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            if debug:
+                traceback.print_exc()
+            _fail(as_json, _error_line(e), 2)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            _fail(as_json, "interrupted", 130)
         except click.exceptions.Exit:
             raise
+        except OSError as e:    # the file system refused: a read-only folder, a full disk, a vanished file
+            if debug:
+                traceback.print_exc()
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(as_json, f"{where}{e.strerror or _error_line(e)}", 2)
         except Exception as e:  # an internal error: say so, keep the traceback behind --debug
             if debug:
                 traceback.print_exc()
-            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-            sys.exit(1)
+            _fail(as_json, f"{type(e).__name__}: {_error_line(e)} (rerun with --debug for the traceback)", 1)
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses nan (which compares false with both bounds)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{v} is not a finite number", param, ctx)
+        return v
+
+
+class _Group(click.Group):
+    """Click's usage errors as one line (and one JSON object with --json), like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:   # a bare command: its help, as --help would
+            click.echo(e.ctx.get_help())
+            rv = 0
+        except click.exceptions.UsageError as e:
+            where = e.ctx.command_path + ": " if e.ctx is not None else ""
+            message = where + " ".join(e.format_message().split()) + " (see --help)"
+            _fail("--json" in argv, message, 2)
+        except click.exceptions.ClickException as e:
+            _fail("--json" in argv, " ".join(e.format_message().split()), 2)
+        except click.exceptions.Abort:
+            _fail("--json" in argv, "interrupted", 130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="sfn-deploy")
 def main():
     """Convert trained PyTorch networks into single-timestep Scale-and-Fire spiking networks."""
@@ -115,6 +170,17 @@ def _load_model(model, weights, model_args, trust_pickle):
     return load_model(model, weights, parse_model_args(model_args), trust_pickle)
 
 
+def _check_convert_paths(model, data, output, config_file, weights, storage) -> None:
+    """convert/tune: no output (the model file, the study database) may be one of the command's inputs."""
+    from .outputs import check_output, data_paths, storage_path
+    inputs = [None if model.startswith("timm:") else model, weights, config_file, *data_paths(data)]
+    db = storage_path(storage)
+    if db is not None:
+        check_output(db, inputs + [output], "--storage")
+    if output:
+        check_output(output, inputs + [db])
+
+
 def _fmt_front(front: list[dict]) -> str:
     lines = ["  trial  accuracy  energy ratio  λ"]
     for r in front:
@@ -154,6 +220,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     from .model_file import save
 
     cfg = _config(config_file, kw)
+    _check_convert_paths(model, data, output, config_file, weights, cfg.storage)
     net, identity = _load_model(model, weights, model_args, trust_pickle)
     ds = load_data(data)
     converted = convert(net, ds, cfg, source=identity, quiet=as_json)
@@ -207,6 +274,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     if kw.get("storage") is None:
         kw["storage"] = "sfn-tune.db"
     cfg = _config(config_file, {**kw, "tune": True})
+    _check_convert_paths(model, data, output, config_file, weights, cfg.storage)
     net, identity = _load_model(model, weights, model_args, trust_pickle)
     ds = load_data(data)
     graph = build_graph(net, ds, cfg, quiet=as_json)
@@ -224,10 +292,21 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
 
 
 def _lava_options(f):
-    f = click.option("--precision", type=click.Choice(["floating_pt", "fixed_pt"]), default="floating_pt",
-                     help="Lava: floating point, or Loihi's fixed point (8-bit weights, 24-bit membranes).")(f)
-    return click.option("--lowering", type=click.Choice(["graded", "channels"]), default="graded",
-                        help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1).")(f)
+    f = click.option("--precision", type=click.Choice(["floating_pt", "fixed_pt"]), default=None,
+                     help="Lava: floating point, or Loihi's fixed point (8-bit weights, 24-bit membranes) "
+                          "[default: floating_pt].")(f)
+    return click.option("--lowering", type=click.Choice(["graded", "channels"]), default=None,
+                        help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1) "
+                             "[default: graded].")(f)
+
+
+def _lava_choice(backends, precision, lowering) -> tuple[str, str]:
+    """--precision/--lowering apply to the Lava backend only: refuse them elsewhere rather than ignore them."""
+    if "lava" not in backends:
+        given = [o for o, v in (("--precision", precision), ("--lowering", lowering)) if v is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to --backend lava only (got --backend {', '.join(backends)})")
+    return precision or "floating_pt", lowering or "graded"
 
 
 def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
@@ -244,8 +323,8 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 @click.option("--data", required=True, help="Evaluation data.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "nir", "lava"]), default="torch",
               help="Where the SNN runs.")
-@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
-@click.option("--batch-size", type=int, default=256)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
 @_lava_options
 @command
@@ -255,8 +334,7 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
     from .data import load_data
     from .model_file import load
 
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be ≥ 1, got {limit}")
+    precision, lowering = _lava_choice([backend], precision, lowering)
     model = load(converted)
     ds = load_data(data)
     r = evaluate(model, ds, backend, limit, batch_size, quiet=as_json,
@@ -272,8 +350,9 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
 @main.command("export")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--target", required=True, type=click.Choice(["onnx", "nir", "lava"]), help="Format to write.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Output path (default: beside the model, with the target's extension).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output path (default: beside the model, with the target's extension); a Lava bundle is a "
+                   "folder, replaced as a whole once the new one is complete.")
 @click.option("--levels", is_flag=True, help="ONNX: add each SFN site's integer spike levels as outputs.")
 @click.option("--ann", is_flag=True, help="ONNX: export the source ANN (every neuron the identity) instead.")
 @click.option("--opset", type=click.IntRange(17, 21), default=17, help="ONNX opset.")
@@ -291,8 +370,10 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
 
     if partial and target != "nir":
         raise UserError(f"--partial applies to --target nir only (got --target {target})")
-    model = load(converted)
+    from .outputs import check_output, data_paths
     path = output or os.path.splitext(converted)[0] + "." + target
+    check_output(path, [converted, *data_paths(data)], folder=target == "lava")
+    model = load(converted)
     if target == "lava":
         from .exporters.lava import export_lava
         if levels or ann:
@@ -338,9 +419,9 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx", "nir", "lava"]),
               default=("torch",),
               help="Backend(s) to run (repeatable); each is compared with the torch reference.")
-@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
-@click.option("--batch-size", type=int, default=256)
-@click.option("--threads", type=int, default=None, help="CPU threads for every backend.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=None, help="CPU threads for every backend.")
 @click.option("--against", type=click.Choice(["torch", "onnx", "nir", "lava"]), default="torch",
               help="With --per-layer: the backend the others are compared with.")
 @click.option("--per-layer", is_flag=True,
@@ -357,8 +438,7 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
     from .model_file import load
     from .simulate import simulate, simulate_bundle
 
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be ≥ 1, got {limit}")
+    precision, lowering = _lava_choice(["lava"] if os.path.isdir(converted) else backends, precision, lowering)
     if os.path.isdir(converted):
         if set(backends) - {"torch", "lava"} or per_layer:
             raise UserError(f"{converted} is a Lava bundle: it runs on --backend lava only, without --per-layer")
@@ -409,10 +489,12 @@ def _target_help(extra: str = "") -> str:
 @click.option("--target", "targets", multiple=True, default=("loihi2", "loihi1", "cmos45"), help=_target_help("; repeatable"))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report: .html (self-contained, with plots), .md or .json.")
-@click.option("--scale", "scales", type=float, multiple=True, help="Compare at this shared λ (repeatable).")
-@click.option("--levels", "levels", type=int, multiple=True, help="Compare at this M (repeatable).")
-@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
-@click.option("--batch-size", type=int, default=256)
+@click.option("--scale", "scales", type=_FiniteRange(0, 1, min_open=True), multiple=True,
+              help="Compare at this shared λ in (0, 1] (repeatable).")
+@click.option("--levels", "levels", type=click.IntRange(1, 16), multiple=True,
+              help="Compare at this M, 1 to 16 (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @command
 def report_cmd(converted, data, targets, output, scales, levels, limit, batch_size, as_json):
     """Operation counts, core mapping, energy and latency per inference on hardware targets.
@@ -425,11 +507,12 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
     from .report import build_report, compare, output_format, variant
     from .targets import load_target
 
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be ≥ 1, got {limit}")
+    from .outputs import check_output, data_paths
     fmt = output_format(output)
     for t in targets:                       # fail on a bad target before the data pass
         load_target(t)
+    if output:
+        check_output(output, [*converted, *data_paths(data), *targets])
     dataset = load_data(data).limit(limit)
     reports = []
     for path in converted:

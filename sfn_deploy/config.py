@@ -6,11 +6,13 @@ the file, and the converted model stores the effective record.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import tomli
 
 from .errors import UserError
+from .untrusted import read_bytes
 from .neurons import FIRE_FUNCTIONS, ROUNDINGS
 
 SEARCH_SPACES = ("shared", "per-block", "per-site")
@@ -52,6 +54,10 @@ def validate(cfg: ConvertConfig) -> ConvertConfig:
     def bad(key, why):
         raise UserError(f"option '{key}': {why}")
     check_method(cfg.method)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f.name, f"must be a finite number, got {value}")
     if cfg.timesteps is not None and not 1 <= cfg.timesteps <= 4096:
         bad("timesteps", f"T must be between 1 and 4096, got {cfg.timesteps}")
     if cfg.v0 and cfg.method not in ("if", "mtn"):
@@ -101,20 +107,33 @@ def _typecheck(key: str, value, typ) -> object:
     return float(value) if base == "float" else value
 
 
+def _read_toml(path: str) -> dict:
+    """The options of a config file: top-level keys, or one [convert] table; any other key or table is refused."""
+    blob = read_bytes(path, "config file")
+    try:
+        raw = tomli.loads(blob.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a TOML config file (not UTF-8 text)")
+    except tomli.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})")
+    if "convert" not in raw:
+        return raw
+    if not isinstance(raw["convert"], dict):
+        raise UserError(f"{path}: 'convert' must be a table ([convert]), got {type(raw['convert']).__name__}")
+    other = [k for k in raw if k != "convert"]
+    if other:
+        kind = "section" if isinstance(raw[other[0]], dict) else "key"
+        raise UserError(f"{path}: unknown {kind} '{other[0]}' (a config file holds the [convert] table's options, "
+                        "which convert and tune read)")
+    return raw["convert"]
+
+
 def load_config(path: str, overrides: dict) -> ConvertConfig:
     """Read a TOML file (optional), apply command-line overrides, validate. Unknown keys are errors."""
     values: dict = {}
     types = {f.name: f.type for f in fields(ConvertConfig)}
     if path:
-        try:
-            with open(path, "rb") as f:
-                raw = tomli.load(f)
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such config file")
-        except tomli.TOMLDecodeError as e:
-            raise UserError(f"{path}: not valid TOML ({e})")
-        raw = raw.get("convert", raw)
-        for key, value in raw.items():
+        for key, value in _read_toml(path).items():
             k = key.replace("-", "_")
             if k not in types:
                 raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(types))})")

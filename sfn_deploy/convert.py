@@ -36,6 +36,10 @@ def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:
     if want != got:
         raise UserError(f"{data.name}: samples have shape {'×'.join(map(str, got))} but the {where} expects "
                         f"{'×'.join(map(str, want))}")
+    out_shape = graph[graph.output].shape
+    if len(out_shape) == 2 and len(data) and int(data.y.max()) >= out_shape[1]:
+        raise UserError(f"{data.name}: labels go up to {int(data.y.max())} but the {where} has {out_shape[1]} "
+                        "outputs")
 
 
 def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -> Graph:
@@ -45,8 +49,6 @@ def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -
     out_shape = graph[graph.output].shape
     if len(out_shape) != 2:
         raise UserError(f"the model's output has shape {out_shape}; a classifier returning N×classes is expected")
-    if int(data.y.max()) >= out_shape[1]:
-        raise UserError(f"{data.name}: labels go up to {int(data.y.max())} but the model has {out_shape[1]} outputs")
     fold_batchnorm(graph)
     insert_sfn(graph, cfg.levels, cfg.fire, cfg.rounding)
     if not graph.sites:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .untrusted import regular_file
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -68,6 +70,7 @@ def _check(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
 
 
 def load_npz(path: str) -> Dataset:
+    regular_file(path, ".npz data file")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]
@@ -91,12 +94,13 @@ def load_digits() -> Dataset:
 
 
 def _read_idx(path: str) -> np.ndarray:
+    regular_file(path, "IDX file")
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read IDX file ({e})")
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})")
     if len(data) < 8:
         raise UserError(f"{path}: truncated IDX file")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
@@ -136,7 +140,7 @@ def load_image_folder(path: str) -> Dataset:
         for fname in sorted(os.listdir(os.path.join(path, cls))):
             if not fname.lower().endswith(IMAGE_EXT):
                 continue
-            fp = os.path.join(path, cls, fname)
+            fp = regular_file(os.path.join(path, cls, fname), "image file")
             try:
                 with Image.open(fp) as im:
                     arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"), dtype=np.float32)
@@ -161,10 +165,14 @@ def load_data(spec: str) -> Dataset:
     if spec.startswith("mnist:"):
         parts = spec[len("mnist:"):].split(":")
         try:
+            if len(parts) > 3:
+                raise ValueError
             start = int(parts[1]) if len(parts) > 1 and parts[1] else 0
             stop = int(parts[2]) if len(parts) > 2 and parts[2] else None
+            if start < 0 or (stop is not None and stop <= start):
+                raise ValueError
         except ValueError:
-            raise UserError(f"{spec}: expected mnist:DIR[:START:STOP] with integer bounds")
+            raise UserError(f"{spec}: expected mnist:DIR[:START:STOP] with integer bounds 0 ≤ START < STOP")
         return load_mnist(parts[0], start, stop)
     if os.path.isdir(spec):
         return load_image_folder(spec)

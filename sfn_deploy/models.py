@@ -8,6 +8,7 @@ import os
 import torch
 
 from .errors import UserError
+from .untrusted import load_exported_program, read_bytes, reason, regular_file, torch_load
 
 
 def file_sha256(path: str) -> str:
@@ -37,15 +38,14 @@ def parse_model_args(text: str | None) -> dict:
 
 
 def _load_state_dict(path: str) -> dict:
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such weights file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load
+        try:
+            sd = load(read_bytes(path, "weights file"))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({reason(e)})")
+    else:
+        sd = torch_load(path, "weights file")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -79,23 +79,18 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
         else:
             identity["weights"] = None
         return model.eval(), identity
-    if not os.path.exists(spec):
-        raise UserError(f"{spec}: no such model file")
-    identity["sha256"] = file_sha256(spec)
+    regular_file(spec, "model file")
     if spec.endswith(".pt2"):
-        try:
-            ep = torch.export.load(spec)
-        except Exception as e:
-            raise UserError(f"{spec}: not a readable torch.export program ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})")
+        ep, identity["sha256"] = load_exported_program(spec)
         return ep, identity
+    identity["sha256"] = file_sha256(spec)
     if not trust_pickle:
         raise UserError(f"{spec}: loading a pickled model can run arbitrary code; pass --trust-pickle if you "
                         "trust the file, or export it with torch.export.save to a .pt2 file")
     try:
         model = torch.load(spec, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"{spec}: cannot unpickle ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise UserError(f"{spec}: cannot unpickle ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{spec}: the pickle holds a {type(model).__name__}, not an nn.Module")
     return model.eval(), identity
