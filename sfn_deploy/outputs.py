@@ -61,8 +61,8 @@ def check_output(output: str, inputs: list[str | None], option: str = "-o", fold
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise UserError(f"{output}: output folder {parent} does not exist")
-    for path in inputs:
-        if not path or not os.path.exists(path):
+    for path in inputs:          # a path not yet there (a study database) is compared by name
+        if not path:
             continue
         if _same(output, path):
             raise UserError(f"{output}: {option} is the input {path}; writing it would destroy the input")
