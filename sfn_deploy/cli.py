@@ -177,7 +177,7 @@ def _check_convert_paths(model, data, output, config_file, weights, storage) -> 
     db = storage_path(storage)
     if db is not None:
         check_output(db, inputs + [output], "--storage")
-    if output:
+    if output is not None:
         check_output(output, inputs + [db])
 
 
@@ -371,7 +371,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
     if partial and target != "nir":
         raise UserError(f"--partial applies to --target nir only (got --target {target})")
     from .outputs import check_output, data_paths
-    path = output or os.path.splitext(converted)[0] + "." + target
+    path = os.path.splitext(converted)[0] + "." + target if output is None else output
     check_output(path, [converted, *data_paths(data)], folder=target == "lava")
     model = load(converted)
     if target == "lava":
@@ -508,11 +508,11 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
     from .targets import load_target
 
     from .outputs import check_output, data_paths
+    if output is not None:
+        check_output(output, [*converted, *data_paths(data), *targets])
     fmt = output_format(output)
     for t in targets:                       # fail on a bad target before the data pass
         load_target(t)
-    if output:
-        check_output(output, [*converted, *data_paths(data), *targets])
     dataset = load_data(data).limit(limit)
     reports = []
     for path in converted:
