@@ -4,15 +4,50 @@ The study is an ordinary Optuna study, so any Optuna storage works: a SQLite fil
 resumes an interrupted search (completed trials are kept, the rerun only runs the
 missing ones), and a shared database (PostgreSQL, MySQL) lets several machines work
 on one study. ``--trials N`` means N completed trials in the study, however many
-workers run: a trial that would exceed N is pruned before it evaluates anything
-(the lowest-numbered running trials win).
+workers run. A worker starts a trial only while the completed trials plus the running
+trials of live workers are fewer than N; otherwise it waits (polling, at most every
+2 s) until those trials end or their workers are found dead. Two workers that start
+trials at the same moment are told apart by trial number: the lower-numbered running
+trials win, and a trial that would exceed N is pruned before it evaluates anything.
+A worker whose trials are pruned (or taken over, below) more than max(5, N) times
+gives up with a UserError, so no worker can flood the study with pruned trials.
+
+Dead workers: a worker on a database storage records a heartbeat for its running
+trial every ``HEARTBEAT_INTERVAL`` seconds (Optuna's RDBStorage heartbeat) and marks
+the trial with a user attribute ``worker`` (a hash of the boot id and process
+namespace, its pid, the trial number). A running trial counts as dead, and is set to
+FAIL by whichever worker sees it first, when
+
+* its heartbeat is older than ``GRACE_PERIOD`` seconds (Optuna's own
+  ``fail_stale_trials``, which ``study.optimize`` also runs before each trial);
+* its mark names a process of this machine's process namespace that no longer runs
+  (Linux only: a rerun right after ``kill -9`` takes over at once instead of
+  waiting out the grace period);
+* it has no mark (a worker killed between creating the trial and its first
+  heartbeat, or a trial left by a version without heartbeats) and started more than
+  ``GRACE_PERIOD`` seconds ago by this machine's clock.
+
+A dead trial's parameters are queued again (Optuna's
+``RetryHeartbeatStaleTrialCallback``, at most ``MAX_RETRY`` times), so an enqueued
+start point is not lost. A live worker whose trial another worker declared dead (it
+was suspended longer than the grace period) drops that trial and goes on. A worker
+waits as long as a running trial's heartbeat is fresh: a hung worker whose heartbeat
+thread still runs holds back the end of the search until it is killed. An in-memory study has one
+worker and no heartbeat. Ctrl-C fails the running trial (Optuna sets it to FAIL; a
+rerun runs a new trial in its place) and propagates KeyboardInterrupt. Storage errors
+(a missing folder, a file that is not SQLite, a read-only database, an unreachable
+server) are UserErrors of one line naming the storage, with a password in a URL
+hidden.
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import hashlib
 import json
 import os
 import time
+import warnings
 
 import optuna
 
@@ -22,6 +57,10 @@ from .errors import UserError
 from .ir import Graph
 from .passes import set_scale
 from .progress import progress
+
+HEARTBEAT_INTERVAL = 10     # s between heartbeats of a running trial (one small write each)
+GRACE_PERIOD = 30           # s without a heartbeat before a running trial is declared dead
+MAX_RETRY = 2               # times a dead trial's parameters are queued again
 
 SHARED_GRID = [0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0]
 
@@ -48,20 +87,67 @@ def study_name(source: dict, cfg: ConvertConfig) -> str:
     return "sfn-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _storage(url: str | None):
+def _first_line(e: BaseException) -> str:
+    """The driver's message of a storage error, first line only (no SQL text, no SQLAlchemy link)."""
+    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+        e = e.__cause__                       # Optuna's wrapper around the SQLAlchemy error
+    inner = getattr(e, "orig", None) or e
+    text = str(inner).strip().splitlines()
+    return text[0] if text else type(inner).__name__
+
+
+def _shown(url: str) -> str:
+    """The storage as the user gave it, a password in a URL replaced by ***."""
+    if "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://")[0] + "://..."
+
+
+def _check_sqlite_file(path: str, shown: str) -> None:
+    """Clear errors for the usual mistakes before SQLAlchemy sees the file."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"--storage {shown}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"--storage {shown}: is a folder, not a SQLite file")
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(16)
+        except OSError as e:
+            raise UserError(f"--storage {shown}: cannot read ({e.strerror})") from None
+        if magic != b"SQLite format 3\0":
+            raise UserError(f"--storage {shown}: not a SQLite database")
+
+
+def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
     if url is None:
         return optuna.storages.InMemoryStorage()
+    shown = _shown(url)
     if "://" not in url:                      # a plain path means a SQLite file
+        _check_sqlite_file(os.path.abspath(url), shown)
         url = "sqlite:///" + os.path.abspath(url)
-    try:
-        if url.startswith("sqlite"):
-            return _sqlite_storage(url)
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:
-        raise UserError(f"--storage {url}: cannot open Optuna storage ({type(e).__name__}: {e})")
+    elif url.startswith("sqlite:///") and not url.startswith("sqlite:///file:"):
+        path = url[len("sqlite:///"):].split("?")[0]
+        if path and path != ":memory:":
+            _check_sqlite_file(path, shown)
+    with warnings.catch_warnings():           # the heartbeat options are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        kw = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                  heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY))
+        try:
+            if url.startswith("sqlite"):
+                return _sqlite_storage(url, **kw)
+            return optuna.storages.RDBStorage(url, **kw)
+        except Exception as e:
+            raise UserError(f"--storage {shown}: cannot open Optuna storage ({_first_line(e)})") from None
 
 
-def _sqlite_storage(url: str, attempts: int = 5):
+def _sqlite_storage(url: str, attempts: int = 5, **kw):
     """An RDBStorage whose transactions take SQLite's write lock at BEGIN.
 
     SQLite ignores SELECT ... FOR UPDATE, so two workers could both read an enqueued trial as
@@ -72,10 +158,10 @@ def _sqlite_storage(url: str, attempts: int = 5):
 
     for attempt in range(attempts):
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kw)
             break
-        except Exception:
-            if attempt == attempts - 1:
+        except Exception as e:
+            if attempt == attempts - 1 or "readonly" in str(e) or "unable to open" in str(e):
                 raise
             time.sleep(0.2 * (attempt + 1))
 
@@ -95,8 +181,96 @@ def _completed(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, quiet: bool = True) -> dict:
-    """Run (or continue) the study until it holds ``cfg.trials`` completed trials; return its Pareto front."""
+def _namespace() -> str | None:
+    """This boot's process namespace (Linux), so that a pid in a worker mark can be checked here."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {ns}".encode()).hexdigest()[:16]
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    try:                                      # a killed child its parent has not reaped yet
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_dead(t, here: str | None, grace: int) -> bool:
+    """A running trial that fail_stale_trials cannot see as dead (see the module docstring)."""
+    mark = t.user_attrs.get("worker")
+    if not isinstance(mark, dict) or mark.get("trial") != t.number:   # unmarked (or a retry's copied mark)
+        start = t.datetime_start
+        return start is not None and (datetime.datetime.now() - start).total_seconds() > grace
+    pid = mark.get("pid")
+    return here is not None and mark.get("ns") == here and isinstance(pid, int) and pid > 0 and _process_gone(pid)
+
+
+def _fail(study, storage, trial_id: int) -> None:
+    """Set one running trial to FAIL and queue its parameters again, as fail_stale_trials does."""
+    try:
+        if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+            return
+    except optuna.exceptions.UpdateFinishedTrialError:   # another worker failed it first
+        return
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
+def _census(study, storage, grace: int, here: str | None, exclude: int | None = None,
+            fail_stale: bool = True) -> tuple[int, list]:
+    """The number of completed trials and the running trials of live workers, after failing the dead ones."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    rdb = isinstance(storage, optuna.storages.RDBStorage)
+    if rdb and fail_stale:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    completed, live = 0, []
+    for t in study.get_trials(deepcopy=False, states=states):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            completed += 1
+        elif t.number == exclude:
+            continue
+        elif rdb and _is_dead(t, here, grace):
+            _fail(study, storage, t._trial_id)
+        else:
+            live.append(t)
+    return completed, live
+
+
+def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, quiet: bool = True, *,
+               heartbeat_interval: int | None = None, grace_period: int | None = None) -> dict:
+    """Run (or continue) the study until it holds ``cfg.trials`` completed trials; return its Pareto front.
+
+    ``heartbeat_interval`` and ``grace_period`` (whole seconds; default ``HEARTBEAT_INTERVAL`` and
+    ``GRACE_PERIOD``) apply to database storages: see the module docstring for how the trials of dead
+    workers are recognised.
+    """
+    import sqlalchemy.exc
+
+    heartbeat_interval = heartbeat_interval or HEARTBEAT_INTERVAL
+    grace_period = grace_period or GRACE_PERIOD
+    shown = _shown(cfg.storage) if cfg.storage else "memory"
+    storage = _storage(cfg.storage, heartbeat_interval, grace_period)
+    try:
+        return _run(graph, data, cfg, source, quiet, storage, grace_period)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        raise UserError(f"--storage {shown}: {_first_line(e)}") from None
+
+
+def _run(graph, data, cfg, source, quiet, storage, grace):
     from .convert import accuracy, energy_constants, measure
 
     val, _ = data.split(cfg.val_fraction, cfg.seed)
@@ -105,16 +279,19 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
     e_ac, e_mac = energy_constants()
     groups = site_groups(graph, cfg.search)
     name = cfg.study or study_name(source, cfg)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(cfg.storage)
+    if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
+        optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                    directions=["maximize", "minimize"])
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:   # resuming, or another worker made it
+    created = False
+    try:                                      # load first: a finished study can be read from a read-only file
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        created = False
+    except KeyError:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        directions=["maximize", "minimize"])
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:   # another worker made it meanwhile
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     if study.user_attrs.get("groups") not in (None, groups):
         raise UserError(f"study {name!r} was made for other λ groups; choose another --study")
     if created:                               # only the creator enqueues the start grid
@@ -124,37 +301,81 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
         for v in SHARED_GRID:
             study.enqueue_trial({f"lam:{g}": v for g in groups})
 
+    here = _namespace()
+    rdb = isinstance(storage, optuna.storages.RDBStorage)
+    state = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
+
     def objective(trial: optuna.Trial):
-        ahead = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                 if t.number < trial.number]
-        if _completed(study) + len(ahead) >= cfg.trials:
-            raise optuna.TrialPruned("the study already has the requested number of trials")
-        lam = {g: trial.suggest_float(f"lam:{g}", 0.02, 1.0, log=True) for g in groups}
-        per_site = {s: lam[g] for g, members in groups.items() for s in members}
-        set_scale(graph, per_site)
-        pred, counter = measure(graph, val, cfg.batch_size)
-        acc = accuracy(pred, val.y)
-        ratio = counter.result().energy_ratio(e_ac, e_mac)
-        trial.set_user_attr("lam", per_site)
+        state["trial_id"] = trial._trial_id
+        try:
+            if rdb:                           # heartbeat first, then the mark: a marked trial always has one
+                storage.record_heartbeat(trial._trial_id)
+                trial.set_user_attr("worker", {"ns": here, "pid": os.getpid(), "trial": trial.number})
+            # Optuna failed the stale trials just before this one: only the other rules are left to apply
+            completed, live = _census(study, storage, grace, here, exclude=trial.number, fail_stale=False)
+            ahead = [t for t in live if t.number < trial.number]
+            if completed + len(ahead) >= cfg.trials:
+                state["pruned"] = True
+                raise optuna.TrialPruned("the study already has the requested number of trials")
+            lam = {g: trial.suggest_float(f"lam:{g}", 0.02, 1.0, log=True) for g in groups}
+            per_site = {s: lam[g] for g, members in groups.items() for s in members}
+            set_scale(graph, per_site)
+            pred, counter = measure(graph, val, cfg.batch_size)
+            acc = accuracy(pred, val.y)
+            ratio = counter.result().energy_ratio(e_ac, e_mac)
+            trial.set_user_attr("lam", per_site)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            state["superseded"] = True        # another worker declared this trial dead and failed it
+            raise
+        state["returned"] = True
         return acc, ratio
 
     done = _completed(study)
     bar = progress(None, "λ search", quiet=quiet, total=cfg.trials)
-    bar.update(done)
-
-    def stop_when_full(study, trial):
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            bar.update(1)
-        if _completed(study) >= cfg.trials:
-            study.stop()
-
-    if done < cfg.trials:
-        study.optimize(objective, callbacks=[stop_when_full], catch=())
-    bar.close()
+    bar.update(min(done, cfg.trials))
+    shown_done = min(done, cfg.trials)
+    wasted, wasted_limit = 0, max(5, cfg.trials)     # pruned or superseded trials of this worker
+    pause = 0.1
+    try:
+        while True:
+            done, live = _census(study, storage, grace, here)
+            if min(done, cfg.trials) > shown_done:
+                bar.update(min(done, cfg.trials) - shown_done)
+                shown_done = min(done, cfg.trials)
+            if done >= cfg.trials:
+                break
+            if done + len(live) >= cfg.trials:        # the missing trials are running elsewhere
+                bar.set_postfix_str(f"waiting for {len(live)} running trial(s)")
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                continue
+            if pause > 0.1:
+                bar.set_postfix_str("")
+            pause = 0.1
+            state.update(pruned=False, superseded=False, returned=False, trial_id=None)
+            try:
+                study.optimize(objective, n_trials=1, catch=())
+            except Exception:
+                # another worker declared this trial dead and failed it (during the trial, or between the
+                # trial's end and Optuna's tell): drop it and go on
+                state["superseded"] = state["superseded"] or (
+                    rdb and state["returned"]
+                    and storage.get_trial(state["trial_id"]).state == optuna.trial.TrialState.FAIL)
+                if not state["superseded"]:
+                    raise
+            if state["pruned"] or state["superseded"]:
+                wasted += 1
+                if wasted > wasted_limit:
+                    raise UserError(f"λ search: {wasted} trials of this worker were pruned or taken over "
+                                    f"before reaching {cfg.trials} completed trials in study {name!r}; "
+                                    "check the other workers")
+    finally:
+        bar.close()
     front = sorted(({"trial": t.number, "accuracy": t.values[0], "energy_ratio": t.values[1],
                      "lam": t.user_attrs["lam"]} for t in study.best_trials),
                    key=lambda r: (r["energy_ratio"], -r["accuracy"]))
-    return {"study": name, "storage": cfg.storage or "memory", "trials_completed": _completed(study),
+    return {"study": name, "storage": _shown(cfg.storage) if cfg.storage else "memory",
+            "trials_completed": _completed(study),
             "ann_accuracy": study.user_attrs.get("ann_accuracy", ann_acc), "val_samples": len(val),
             "groups": {g: len(m) for g, m in groups.items()}, "pareto_front": front}
 
