@@ -58,7 +58,9 @@ def command(fn):
         if not debug:
             warnings.filterwarnings("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
-            logging.getLogger("optuna").setLevel(logging.ERROR)
+            if "optuna" in sys.modules or fn.__name__ in ("convert_cmd", "tune_cmd"):
+                import optuna           # importing optuna resets its logger: set its own verbosity
+                optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             return fn(*args, as_json=as_json, **kwargs)
         except UserError as e:

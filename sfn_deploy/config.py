@@ -42,7 +42,21 @@ class ConvertConfig:
     calib_limit: int | None = None  # use at most this many samples for calibration
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The record saved in converted models and printed: a storage URL's password is never in it."""
+        d = asdict(self)
+        d["storage"] = redacted(self.storage)
+        return d
+
+
+def redacted(url: str | None) -> str | None:
+    """A storage as the user gave it, with a password in a URL replaced by ***."""
+    if url is None or "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://")[0] + "://..."
 
 
 _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPACES}

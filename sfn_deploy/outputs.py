@@ -26,7 +26,8 @@ def storage_path(url: str | None) -> str | None:
     if "://" not in url:
         return url
     if url.startswith("sqlite:///"):
-        return url[len("sqlite:///"):] or None
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        return path[len("file:"):] if path.startswith("file:") else path or None
     return None
 
 

@@ -51,7 +51,7 @@ import warnings
 
 import optuna
 
-from .config import ConvertConfig
+from .config import ConvertConfig, redacted
 from .data import Dataset
 from .errors import UserError
 from .ir import Graph
@@ -96,17 +96,6 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(inner).__name__
 
 
-def _shown(url: str) -> str:
-    """The storage as the user gave it, a password in a URL replaced by ***."""
-    if "://" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("://")[0] + "://..."
-
-
 def _check_sqlite_file(path: str, shown: str) -> None:
     """Clear errors for the usual mistakes before SQLAlchemy sees the file."""
     folder = os.path.dirname(path) or "."
@@ -127,7 +116,7 @@ def _check_sqlite_file(path: str, shown: str) -> None:
 def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
     if url is None:
         return optuna.storages.InMemoryStorage()
-    shown = _shown(url)
+    shown = redacted(url)
     if "://" not in url:                      # a plain path means a SQLite file
         _check_sqlite_file(os.path.abspath(url), shown)
         url = "sqlite:///" + os.path.abspath(url)
@@ -262,7 +251,7 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
 
     heartbeat_interval = heartbeat_interval or HEARTBEAT_INTERVAL
     grace_period = grace_period or GRACE_PERIOD
-    shown = _shown(cfg.storage) if cfg.storage else "memory"
+    shown = redacted(cfg.storage) if cfg.storage else "memory"
     storage = _storage(cfg.storage, heartbeat_interval, grace_period)
     try:
         return _run(graph, data, cfg, source, quiet, storage, grace_period)
@@ -374,7 +363,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace):
     front = sorted(({"trial": t.number, "accuracy": t.values[0], "energy_ratio": t.values[1],
                      "lam": t.user_attrs["lam"]} for t in study.best_trials),
                    key=lambda r: (r["energy_ratio"], -r["accuracy"]))
-    return {"study": name, "storage": _shown(cfg.storage) if cfg.storage else "memory",
+    return {"study": name, "storage": redacted(cfg.storage) if cfg.storage else "memory",
             "trials_completed": _completed(study),
             "ann_accuracy": study.user_attrs.get("ann_accuracy", ann_acc), "val_samples": len(val),
             "groups": {g: len(m) for g, m in groups.items()}, "pareto_front": front}
