@@ -75,12 +75,17 @@ class _Builder:
         self.ep = ep
         sig = ep.graph_signature
         self.state: dict[str, torch.Tensor] = {}
+        self.origin: dict[str, str] = {}       # placeholder -> "parameter 'fc1.weight'" (for messages)
+        self.checked: set[str] = set()
         for ph, key in sig.inputs_to_parameters.items():
             self.state[ph] = ep.state_dict[key].detach()
+            self.origin[ph] = f"parameter {key!r}"
         for ph, key in sig.inputs_to_buffers.items():
             self.state[ph] = (ep.state_dict[key] if key in ep.state_dict else ep.constants[key]).detach()
+            self.origin[ph] = f"buffer {key!r}"
         for ph, key in sig.inputs_to_lifted_tensor_constants.items():
             self.state[ph] = ep.constants[key].detach()
+            self.origin[ph] = f"tensor constant {key!r}"
         self.nodes: list[Node] = []
         self.index: dict[str, Node] = {}
         self.env: dict[str, str] = {}          # fx node name -> IR node name
@@ -102,7 +107,7 @@ class _Builder:
             if arg.name in self.env:
                 return self.index[self.env[arg.name]]
             if arg.name in self.state:      # a parameter used as data
-                t = self.state[arg.name]
+                t = self.stored(arg.name)
                 node = self.add(Node(arg.name, "constant", [], {}, {"value": t}, list(t.shape), None,
                                      arg.name))
                 self.env[arg.name] = node.name
@@ -113,8 +118,19 @@ class _Builder:
         if arg is None:
             return None
         if isinstance(arg, torch.fx.Node) and arg.name in self.state:
-            return self.state[arg.name]
+            return self.stored(arg.name)
         raise _Unsupported("weights must be stored parameters, not computed tensors")
+
+    def stored(self, ph: str) -> torch.Tensor:
+        """A stored tensor the graph reads (parameter, buffer or constant), refused when it holds NaN/Inf:
+        the converted network would compute NaN silently (and a saved model holding one does not load)."""
+        t = self.state[ph]
+        if ph not in self.checked:
+            if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise UserError(f"{self.origin.get(ph, repr(ph))} holds NaN/Inf values ({bad} of {t.numel()})")
+            self.checked.add(ph)
+        return t
 
     def is_param(self, arg) -> bool:
         return isinstance(arg, torch.fx.Node) and arg.name in self.state and arg.name not in self.env
@@ -204,7 +220,7 @@ class _Builder:
         if t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
             a, b = args[0], args[1]
             if self.is_param(b) and self.state[b.name].dim() == 2:
-                node = self.emit(n, "linear", [a], {}, {"weight": self.state[b.name].t().contiguous()}, shape)
+                node = self.emit(n, "linear", [a], {}, {"weight": self.stored(b.name).t().contiguous()}, shape)
             elif self.is_param(a) or self.is_param(b):
                 raise _Unsupported("product with a stored tensor that is not a 2-D weight matrix")
             else:

@@ -206,3 +206,425 @@ def resolve_shape(shape: list, batch: int) -> list[int]:
         else:
             out.append(int(s))
     return out
+
+
+# ---------------------------------------------------------------- validation
+
+class GraphError(ValueError):
+    """A graph that breaks the rules of this module (the message names the node); a loaded file holding one
+    is damaged or was edited by hand."""
+
+
+_NODE_FIELDS = ("name", "op", "inputs", "attrs", "params", "shape", "bdim", "source")
+_MBE_FNS = {"identity": (), "gelu": ("mbe_gelu_pos", "mbe_gelu_neg"), "softmax": ("mbe_exp2", "mbe_inv"),
+            "layer_norm": ("mbe_invsqrt",)}
+_NEURON_PARAMS = ("bounds_pos", "bounds_neg", "steps", "table")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _label(i: int, nd) -> str:
+    name = nd.get("name") if isinstance(nd, dict) else None
+    return f"node {name!r}" if isinstance(name, str) and name else f"node #{i}"
+
+
+def check_graph_dict(d) -> None:
+    """Check the plain structure of ``Graph.to_dict()`` output (types of every field) before it is built,
+    so that garbage gives one :class:`GraphError` naming the place instead of a TypeError deep inside."""
+    if not isinstance(d, dict):
+        raise GraphError(f"the graph is a {type(d).__name__}, not a dict")
+    nodes = d.get("nodes")
+    if not isinstance(nodes, list):
+        raise GraphError("the graph has no node list")
+    if not nodes:
+        raise GraphError("the graph has no nodes")
+    for i, nd in enumerate(nodes):
+        where = _label(i, nd)
+        if not isinstance(nd, dict):
+            raise GraphError(f"{where} is a {type(nd).__name__}, not a dict")
+        extra = [k for k in nd if k not in _NODE_FIELDS]
+        if extra:
+            raise GraphError(f"{where}: unknown field(s) {', '.join(map(repr, extra))}")
+        for key, types, what in (("name", str, "a string"), ("op", str, "a string"),
+                                 ("inputs", list, "a list"), ("attrs", dict, "a dict"),
+                                 ("params", dict, "a dict"), ("shape", list, "a list"),
+                                 ("source", str, "a string")):
+            if key in nd and not isinstance(nd[key], types):
+                raise GraphError(f"{where}: field {key!r} is a {type(nd[key]).__name__}, not {what}")
+        if "name" not in nd or "op" not in nd:
+            raise GraphError(f"{where}: missing field {'name' if 'name' not in nd else 'op'!r}")
+        if not nd["name"]:
+            raise GraphError(f"{where}: empty name")
+        if nd["op"] not in OPS:
+            raise GraphError(f"{where}: unknown op {nd['op']!r}")
+        if not all(isinstance(x, str) for x in nd.get("inputs", [])):
+            raise GraphError(f"{where}: 'inputs' must hold node names (strings)")
+        if not all(isinstance(k, str) for k in nd.get("attrs", {})):
+            raise GraphError(f"{where}: attribute names must be strings")
+        for k, v in nd.get("params", {}).items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise GraphError(f"{where}: param {k!r} is a {type(v).__name__}, not a tensor")
+        if not all(_is_int(s) for s in nd.get("shape", [])):
+            raise GraphError(f"{where}: 'shape' must hold integers")
+        if "bdim" in nd and nd["bdim"] is not None and not _is_int(nd["bdim"]):
+            raise GraphError(f"{where}: 'bdim' must be an integer or None")
+    if not isinstance(d.get("output"), str):
+        raise GraphError("the graph names no output node")
+    if "timesteps" in d and not _is_int(d["timesteps"]):
+        raise GraphError(f"'timesteps' is a {type(d['timesteps']).__name__}, not an integer")
+    if "method" in d and not isinstance(d["method"], str):
+        raise GraphError(f"'method' is a {type(d['method']).__name__}, not a string")
+
+
+def _arity(node: Node) -> tuple[int, int]:
+    """(fewest, most) inputs of a node of this op."""
+    if node.op in ("input", "constant"):
+        return 0, 0
+    if node.op == "matmul":
+        return 2, 2
+    if node.op in ("add", "sub", "mul", "div"):
+        return (1 if "other" in node.attrs else 2), 2
+    if node.op == "cat":
+        return 1, 1 << 30
+    return 1, 1
+
+
+def _check_tensor(where: str, key: str, t, *, floating: bool | None = None, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{where}: param {key!r} is a {type(t).__name__}, not a tensor")
+    if t.layout != torch.strided or t.is_quantized:
+        raise GraphError(f"{where}: param {key!r} is not a dense tensor")
+    if floating is True and not t.is_floating_point():
+        raise GraphError(f"{where}: param {key!r} must be floating point, it is {t.dtype}")
+    if floating is False and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise GraphError(f"{where}: param {key!r} must be an integer tensor, it is {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise GraphError(f"{where}: param {key!r} must have {dim} dimension(s), it has shape {list(t.shape)}")
+
+
+def _finite(where: str, key: str, t: torch.Tensor) -> None:
+    if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta" or not t.numel():
+        return
+    if bool(torch.isfinite(t.sum())):      # a finite sum means every value is finite (NaN/Inf propagate);
+        return                             # an infinite one may be overflow: count exactly (8x the cost)
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise GraphError(f"{where}: param {key!r} holds NaN/Inf values ({bad} of {t.numel()})")
+
+
+def _need_attrs(where: str, a: dict, keys) -> None:
+    missing = [k for k in keys if k not in a]
+    if missing:
+        raise GraphError(f"{where}: missing attr(s) {', '.join(map(repr, missing))}")
+
+
+def _check_number(where: str, a: dict, key: str, lo: float | None = None, hi: float | None = None,
+                  low_open: bool = False) -> None:
+    v = a[key]
+    if not _is_number(v) or v != v or v in (float("inf"), float("-inf")):
+        raise GraphError(f"{where}: attr {key!r} must be a finite number, got {v!r}")
+    if lo is not None and (v < lo or (low_open and v == lo)) or hi is not None and v > hi:
+        raise GraphError(f"{where}: attr {key!r} = {v!r} is out of range")
+
+
+def _check_neuron(where: str, node: Node) -> None:
+    """The attrs and derived params every backend reads from an sfn / if_neuron site."""
+    a, p = node.attrs, node.params
+    _need_attrs(where, a, ("kind", "levels", "lam", "theta_pos", "theta_neg"))
+    if a["kind"] not in ("dual", "softmax"):
+        raise GraphError(f"{where}: attr 'kind' must be 'dual' or 'softmax', got {a['kind']!r}")
+    levels = a["levels"]
+    if not isinstance(levels, list) or not levels or not all(_is_int(y) and y > 0 for y in levels) \
+            or any(b <= c for c, b in zip(levels, levels[1:])):
+        raise GraphError(f"{where}: attr 'levels' must be a non-empty increasing list of positive integers")
+    _check_number(where, a, "lam", 0.0, 1.0, low_open=True)
+    for key in ("theta_pos", "theta_neg"):         # (a threshold ≤ 0 leaves that branch without boundaries)
+        _check_number(where, a, key)
+    if a["kind"] == "softmax":
+        _need_attrs(where, a, ("o_max",))
+        _check_number(where, a, "o_max")
+    if node.op == "if_neuron":
+        _need_attrs(where, a, ("T",))
+        if not _is_int(a["T"]) or a["T"] < 1:
+            raise GraphError(f"{where}: attr 'T' must be an integer ≥ 1, got {a['T']!r}")
+    missing = [k for k in _NEURON_PARAMS if k not in p]
+    if missing:
+        raise GraphError(f"{where}: missing param(s) {', '.join(map(repr, missing))}")
+    n = len(levels)
+    for key in ("bounds_pos", "bounds_neg"):
+        b = p[key]
+        _check_tensor(where, key, b, floating=True, dim=1)
+        if b.numel() not in (0, n):
+            raise GraphError(f"{where}: param {key!r} holds {b.numel()} boundaries for {n} levels")
+        if b.numel() > 1 and b.device.type != "meta" and not bool((b[1:] >= b[:-1]).all()):
+            raise GraphError(f"{where}: param {key!r} is not ascending")
+    _check_tensor(where, "steps", p["steps"], floating=True, dim=1)
+    if p["steps"].numel() != 2:
+        raise GraphError(f"{where}: param 'steps' must hold 2 values, it holds {p['steps'].numel()}")
+    _check_tensor(where, "table", p["table"], floating=False, dim=1)
+    if p["table"].numel() != n + 1:
+        raise GraphError(f"{where}: param 'table' must hold {n + 1} values (0 and the levels), "
+                         f"it holds {p['table'].numel()}")
+
+
+def _check_mbe(where: str, node: Node) -> None:
+    a = node.attrs
+    _need_attrs(where, a, ("mbe_fn", "T"))
+    fn = a["mbe_fn"]
+    if fn not in _MBE_FNS:
+        raise GraphError(f"{where}: unknown MBE function {fn!r}")
+    if not _is_int(a["T"]) or a["T"] < 1:
+        raise GraphError(f"{where}: attr 'T' must be an integer ≥ 1, got {a['T']!r}")
+    if fn != ("identity" if node.op == "mbe_neuron" else node.op):
+        raise GraphError(f"{where}: mbe_fn {fn!r} does not fit the op")
+    if fn == "identity":
+        _need_attrs(where, a, ("amax",))
+        _check_number(where, a, "amax", 0.0)
+    if fn == "layer_norm":
+        _need_attrs(where, a, ("delta_amax", "eps", "normalized_shape"))
+        _check_number(where, a, "delta_amax", 0.0)
+    missing = [k for k in _MBE_FNS[fn] if k not in node.params]
+    if missing:
+        raise GraphError(f"{where}: missing param(s) {', '.join(map(repr, missing))}")
+
+
+def _check_params(where: str, node: Node) -> None:
+    p = node.params
+    for key, t in p.items():
+        _check_tensor(where, key, t)
+        _finite(where, key, t)
+    need = {"constant": ("value",), "conv2d": ("weight",), "linear": ("weight",),
+            "batch_norm": ("running_mean", "running_var")}.get(node.op, ())
+    missing = [k for k in need if k not in p]
+    if missing:
+        raise GraphError(f"{where}: missing param(s) {', '.join(map(repr, missing))}")
+    if node.op in ("conv2d", "linear"):
+        w = p["weight"]
+        _check_tensor(where, "weight", w, floating=True, dim=4 if node.op == "conv2d" else 2)
+        if "bias" in p:
+            _check_tensor(where, "bias", p["bias"], floating=True, dim=1)
+            if p["bias"].shape[0] != w.shape[0]:
+                raise GraphError(f"{where}: param 'bias' has {p['bias'].shape[0]} entries for "
+                                 f"{w.shape[0]} outputs")
+        if node.op == "conv2d":
+            _need_attrs(where, node.attrs, ("stride", "padding", "dilation", "groups"))
+
+
+def _like(x: torch.Tensor, key: str, t: torch.Tensor) -> None:
+    if t.dtype != x.dtype:
+        raise ValueError(f"param {key!r} is {t.dtype}, its input {x.dtype}")
+
+
+def _same(node: Node, args):
+    x = args[0]
+    if node.op == "gelu" and node.attrs.get("approximate", "none") not in ("none", "tanh"):
+        raise ValueError(f"attr 'approximate' must be 'none' or 'tanh', got {node.attrs['approximate']!r}")
+    if node.op == "softmax" and (not _is_int(node.attrs["dim"]) or not -x.dim() <= node.attrs["dim"] < x.dim()):
+        raise ValueError(f"attr 'dim' {node.attrs['dim']!r} is no axis of its input")
+    return list(x.shape), x.dtype
+
+
+def _linear_shape(node: Node, args):
+    x, w = args[0], node.params["weight"]          # (2-D, with a matching 1-D bias: _check_params)
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"its input has {x.shape[-1] if x.dim() else 0} features, the weight "
+                         f"{list(w.shape)} takes {w.shape[1]}")
+    for k in ("weight", "bias"):
+        if k in node.params:
+            _like(x, k, node.params[k])
+    return list(x.shape[:-1]) + [w.shape[0]], x.dtype
+
+
+def _pair(a: dict, key: str, least: int) -> list[int]:
+    v = a[key]
+    v = [v, v] if _is_int(v) else v
+    if not isinstance(v, list) or len(v) != 2 or not all(_is_int(i) and i >= least for i in v):
+        raise ValueError(f"attr {key!r} must be two integers ≥ {least}, got {a[key]!r}")
+    return v
+
+
+def _conv2d_shape(node: Node, args):
+    x, w, a = args[0], node.params["weight"], node.attrs       # (4-D weight, matching bias: _check_params)
+    stride, padding, dilation = _pair(a, "stride", 1), _pair(a, "padding", 0), _pair(a, "dilation", 1)
+    g = a["groups"]
+    if not _is_int(g) or g < 1 or w.shape[0] % g:
+        raise ValueError(f"attr 'groups' {g!r} does not divide the {w.shape[0]} output channels")
+    if x.dim() != 4:
+        raise ValueError(f"its input has {x.dim()} axes, a 2-D convolution reads 4")
+    if x.shape[1] != w.shape[1] * g:
+        raise ValueError(f"its input has {x.shape[1]} channels, the weight {list(w.shape)} with groups {g} "
+                         f"takes {w.shape[1] * g}")
+    for k in ("weight", "bias"):
+        if k in node.params:
+            _like(x, k, node.params[k])
+    out = [x.shape[0], w.shape[0]]
+    for i in range(2):
+        size = (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+        if size < 1:
+            raise ValueError(f"the kernel {list(w.shape[2:])} is larger than the padded input {list(x.shape[2:])}")
+        out.append(size)
+    return out, x.dtype
+
+
+def _layer_norm_shape(node: Node, args):
+    x, ns, eps = args[0], node.attrs["normalized_shape"], node.attrs["eps"]
+    if not isinstance(ns, list) or not ns or not all(_is_int(s) for s in ns) or not _is_number(eps):
+        raise ValueError("attrs normalized_shape (a list of integers) and eps (a number) are required")
+    if list(x.shape[x.dim() - len(ns):]) != ns:
+        raise ValueError(f"normalized_shape {ns} does not end its input shape {list(x.shape)}")
+    for k in ("weight", "bias"):
+        if k in node.params:
+            if list(node.params[k].shape) != ns:
+                raise ValueError(f"param {k!r} has shape {list(node.params[k].shape)}, normalized_shape is {ns}")
+            _like(x, k, node.params[k])
+    return list(x.shape), x.dtype
+
+
+def _batch_norm_shape(node: Node, args):
+    x = args[0]
+    if x.dim() < 2 or not _is_number(node.attrs["eps"]):
+        raise ValueError("a batch norm reads an input with a channel axis and needs attr eps (a number)")
+    for k in ("running_mean", "running_var", "weight", "bias"):
+        if k in node.params:
+            if list(node.params[k].shape) != [x.shape[1]]:
+                raise ValueError(f"param {k!r} has shape {list(node.params[k].shape)} for {x.shape[1]} channels")
+            _like(x, k, node.params[k])
+    return list(x.shape), x.dtype
+
+
+def _broadcast(a, b) -> list[int]:
+    """torch's broadcasting of two shapes (torch.broadcast_shapes imports sympy on first use)."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x, y = (a[-i] if i <= len(a) else 1), (b[-i] if i <= len(b) else 1)
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"shapes {list(a)} and {list(b)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return out[::-1]
+
+
+def _binary_shape(node: Node, args):
+    x = args[0]
+    other = args[1] if len(args) > 1 else node.attrs["other"]
+    if isinstance(other, torch.Tensor):
+        return _broadcast(x.shape, other.shape), torch.promote_types(x.dtype, other.dtype)
+    if not _is_number(other) or not _is_number(node.attrs.get("alpha", 1)):
+        raise ValueError(f"attr 'other' must be a number, got {other!r}")
+    return list(x.shape), x.dtype
+
+
+# Shape rules (torch's own, as (shape, dtype)) of the ops that carry weights or are the commonest: no arithmetic,
+# so a big network validates in milliseconds. Every other op (layout, pooling, products, means) runs through
+# runtime._op on zero tensors of batch 1, which costs little. (Meta tensors would do the same without the
+# arithmetic, but their first use imports torch._dynamo and sympy: ~1 s on every command that loads a model.)
+_SHAPE_RULES = {"linear": _linear_shape, "conv2d": _conv2d_shape, "layer_norm": _layer_norm_shape,
+                "batch_norm": _batch_norm_shape, "gelu": _same, "relu": _same, "softmax": _same,
+                "add": _binary_shape, "sub": _binary_shape, "mul": _binary_shape, "div": _binary_shape}
+
+
+def _zeros(shape, dtype=torch.float32) -> torch.Tensor:
+    """A zero tensor of this shape that holds one element (a stride-0 view), so a value costs no memory."""
+    return torch.zeros((), dtype=dtype).expand(list(shape))
+
+
+def _shape_run(graph: Graph, where_of) -> None:
+    """Run the ANN once on a zero input of batch 1 (shape rules for the weight layers and the commonest ops,
+    runtime._op on zeros for the rest) and compare every node's output shape with its stored ``shape`` (the
+    batch axis is not compared: a reshape that merges axes into it makes it k at batch 1)."""
+    from .runtime import _op
+
+    env: dict[str, torch.Tensor] = {}
+    for node in graph.nodes:
+        where = where_of(node)
+        args = [env[i] for i in node.inputs]
+        try:
+            if node.op == "input":
+                out = _zeros(node.shape)
+            elif node.op == "constant":
+                out = _zeros(node.params["value"].shape, node.params["value"].dtype)
+            elif node.op in NEURON_OPS or node.op == "mbe_neuron":
+                out = args[0]          # the ANN: identity, or the ReLU it absorbed (same shape)
+            elif node.op in _SHAPE_RULES:
+                shape, dtype = _SHAPE_RULES[node.op](node, args)
+                out = _zeros(shape, dtype)
+            else:
+                out = _op(node, args, graph, 1)
+        except KeyError as e:
+            raise GraphError(f"{where}: missing attr {e.args[0]!r}") from None
+        except Exception as e:  # wrong shapes, bad attr values: the rule or torch names the problem
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            shapes = ", ".join("×".join(map(str, a.shape)) for a in args)
+            raise GraphError(f"{where}: cannot run on input shape(s) {shapes or '(none)'} ({msg})") from None
+        if not isinstance(out, torch.Tensor):
+            raise GraphError(f"{where}: does not compute a tensor")
+        got, want = list(out.shape), list(node.shape)
+        b = node.bdim
+        if b is not None and not 0 <= b < len(want):
+            raise GraphError(f"{where}: batch axis {b} outside its shape {want}")
+        if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != b):
+            raise GraphError(f"{where}: computes shape {got} but the graph records {want} "
+                             f"(a parameter or attribute of this node or an earlier one has the wrong shape)")
+        env[node.name] = out
+
+
+def validate_graph(graph: Graph, shapes: bool = True) -> None:
+    """Raise :class:`GraphError` naming the node when ``graph`` breaks the IR's rules.
+
+    Checks: at least one node; exactly one ``input`` node; unique names; every input names an *earlier*
+    node (no dangling or cyclic references) and each op has its number of inputs; the output names a
+    node; every op is in :data:`OPS`; params are dense tensors with finite values; weight layers, neuron
+    sites and MBE nodes carry the attrs and params the backends read; and (``shapes``) one run of the ANN
+    on a zero batch of 1 reproduces every node's stored shape, so a weight of the wrong shape is named
+    here rather than failing inside an exporter. Cost: one pass over the parameters (the finite check)
+    plus shape arithmetic (weight layers are never computed).
+    """
+    if not isinstance(graph.nodes, list) or not graph.nodes:
+        raise GraphError("the graph has no nodes")
+    seen: set[str] = set()
+    names = {n.name for n in graph.nodes}
+    inputs = 0
+
+    def where_of(node: Node) -> str:
+        return f"node {node.name!r} ({node.op})"
+
+    for node in graph.nodes:
+        where = where_of(node)
+        if not isinstance(node.name, str) or not node.name:
+            raise GraphError(f"a node has the name {node.name!r}")
+        if node.name in seen:
+            raise GraphError(f"{where}: the name is used twice")
+        if node.op not in OPS:
+            raise GraphError(f"{where}: unknown op")
+        if node.op == "input":
+            inputs += 1
+        for i in node.inputs:
+            if i not in seen:
+                why = "which is the node itself (a cycle)" if i == node.name else \
+                    "which is a later node (a cycle)" if i in names else "which names no node (a dangling reference)"
+                raise GraphError(f"{where}: reads {i!r}, {why}; inputs must name earlier nodes")
+        lo, hi = _arity(node)
+        if not lo <= len(node.inputs) <= hi:
+            raise GraphError(f"{where}: has {len(node.inputs)} input(s), the op takes "
+                             f"{lo if lo == hi else f'{lo} to {hi}'}")
+        if not isinstance(node.attrs, dict) or not isinstance(node.params, dict):
+            raise GraphError(f"{where}: attrs and params must be dicts")
+        _check_params(where, node)
+        if node.op in NEURON_OPS:
+            _check_neuron(where, node)
+        if node.op == "mbe_neuron" or "mbe_fn" in node.attrs:
+            _check_mbe(where, node)
+        seen.add(node.name)
+    if inputs != 1:
+        raise GraphError(f"the graph has {inputs} input nodes; exactly one is required")
+    if graph.output not in names:
+        raise GraphError(f"the output names {graph.output!r}, which is no node of the graph")
+    if not _is_int(graph.timesteps) or graph.timesteps < 1:
+        raise GraphError(f"timesteps must be an integer ≥ 1, got {graph.timesteps!r}")
+    if shapes:
+        _shape_run(graph, where_of)
