@@ -300,17 +300,26 @@ class _Plan:
 
 
 def check_nir(graph: Graph) -> None:
-    """Raise a UserError listing every node NIR cannot express, one per line."""
+    """Raise a one-line UserError naming what NIR cannot express, by operation."""
     _full_plan(graph)
+
+
+def nir_host_nodes(graph: Graph) -> dict[str, str]:
+    """{node: why} for every node a full NIR export cannot express (empty: NIR holds the whole network)."""
+    return _Plan(graph, partial=False).host
 
 
 def _full_plan(graph: Graph) -> "_Plan":
     """The plan of a full export, or check_nir's UserError."""
     plan = _Plan(graph, partial=False)
     if plan.host:
-        bad = [f"  {name} ({graph[name].op}): {why}" for name, why in plan.host.items()]
-        raise UserError(f"NIR export refused: {len(bad)} node(s) NIR cannot express (export --partial writes "
-                        f"the NIR-expressible regions and leaves these to the host):\n" + "\n".join(bad))
+        by_op: dict[str, list[str]] = {}
+        for name in plan.host:
+            by_op.setdefault(graph[name].op, []).append(name)
+        what = "; ".join(f"{op} ×{len(names)} (e.g. {names[0]}: {plan.host[names[0]]})" for op, names in by_op.items())
+        raise UserError(f"NIR export refused: {len(plan.host)} node(s) NIR cannot express: {what}; export --partial "
+                        "writes the NIR-expressible regions and leaves these to the host (with --json it lists every "
+                        "node and why)")
     return plan
 
 
