@@ -16,7 +16,7 @@ from .capture import capture
 from .config import ConvertConfig, load_config
 from .data import Dataset
 from .errors import UserError
-from .ir import Graph
+from .ir import Graph, GraphError, validate_graph
 from .model_file import ConvertedModel
 from .passes import fold_batchnorm, insert_sfn, set_scale
 from .progress import progress
@@ -55,6 +55,10 @@ def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -
         raise UserError("the model has no activation feeding a weight layer: nothing to convert into spikes")
     calib = data.limit(cfg.calib_limit)
     calibrate(graph, calib.batches(cfg.batch_size), cfg.percentile, quiet=quiet)
+    try:        # e.g. a BatchNorm with a negative running_var folds into NaN weights
+        validate_graph(graph, shapes=False)
+    except GraphError as e:
+        raise UserError(f"the model converts into an invalid network ({e})") from None
     return graph
 
 

@@ -54,6 +54,14 @@ def _load_state_dict(path: str) -> dict:
     return sd
 
 
+def _check_finite(path: str, kind: str, tensors: dict) -> None:
+    """NaN or Inf weights make every later number meaningless: refuse them naming the first one."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{path}: {kind} {name!r} holds NaN/Inf values ({bad} of {t.numel()})")
+
+
 def load_model(spec: str, weights: str | None = None, model_args: dict | None = None,
                trust_pickle: bool = False):
     """Return (model, identity): model is an ExportedProgram or an eval-mode nn.Module."""
@@ -75,6 +83,7 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
                 raise UserError(f"{weights}: does not match {name} ({len(result.missing_keys)} missing, "
                                 f"{len(result.unexpected_keys)} unexpected keys, e.g. "
                                 f"{(result.missing_keys or result.unexpected_keys)[0]!r})")
+            _check_finite(weights, "weight", sd)
             identity["weights"] = {"path": os.path.basename(weights), "sha256": file_sha256(weights)}
         else:
             identity["weights"] = None
@@ -82,6 +91,8 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
     regular_file(spec, "model file")
     if spec.endswith(".pt2"):
         ep, identity["sha256"] = load_exported_program(spec)
+        _check_finite(spec, "parameter", ep.state_dict)
+        _check_finite(spec, "tensor constant", ep.constants)
         return ep, identity
     identity["sha256"] = file_sha256(spec)
     if not trust_pickle:
