@@ -27,6 +27,7 @@ from ...model_file import ConvertedModel
 from .build import LavaNetwork, build
 from .bundle import read_bundle, write_bundle
 from .plan import LOWERINGS, PRECISIONS, lower
+from .worker import USER_ERROR
 
 __all__ = ["export_lava", "load_network", "run_lava", "read_bundle", "lower", "LOWERINGS", "PRECISIONS", "LavaNetwork"]
 
@@ -86,8 +87,11 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
     Returns ``outputs`` (N, *output_shape), and per SFN site (when ``record``) ``levels`` and
     ``pre`` (membrane: float, or integer in fixed point with its ``scale``), ``counts`` (fixed
     point: accumulator overflows and membrane saturations per neuron block, wraps per conv, and their
-    totals ``overflows`` and ``saturations``), and ``timings``. The run happens in a subprocess in its own process group, killed on timeout."""
-    _, plans = read_bundle(bundle, precision)
+    totals ``overflows`` and ``saturations``), and ``timings``. The run happens in a subprocess in its own process group, killed on timeout.
+
+    The bundle is checked here (checksum, structure) before the subprocess starts; the worker runs it only
+    if it still has the checksum checked here."""
+    manifest, plans = read_bundle(bundle, precision)
     plan = plans[precision]
     n = int(x.shape[0])
     if tuple(x.shape[1:]) != tuple(plan.input_shape):
@@ -98,7 +102,7 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
         data[:n] = x.reshape(n, -1)
         np.save(os.path.join(work, "input.npy"), data)
         job = {"bundle": os.path.abspath(bundle), "precision": precision, "input": os.path.join(work, "input.npy"),
-               "workdir": work, "steps": steps, "record": record, "neuron": neuron}
+               "workdir": work, "steps": steps, "record": record, "neuron": neuron, "sha256": manifest["sha256"]}
         with open(os.path.join(work, "job.json"), "w") as f:
             json.dump(job, f)
         t0 = time.perf_counter()
@@ -115,6 +119,10 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
             finally:
                 _kill_group(proc)                       # Lava's forked children, whatever happened
         wall = time.perf_counter() - t0
+        refused = os.path.join(work, "user_error.txt")
+        if rc == USER_ERROR and os.path.exists(refused):
+            with open(refused) as f:
+                raise UserError(f.read().strip())
         if rc != 0 or not os.path.exists(os.path.join(work, "result.json")):
             with open(os.path.join(work, "log.txt")) as f:
                 tail = f.read()[-3000:]
