@@ -79,8 +79,21 @@ def command(fn):
         except Exception as e:  # an internal error: say so, keep the traceback behind --debug
             if debug:
                 traceback.print_exc()
+            if _during_interrupt(e):
+                _fail(as_json, "interrupted", 130)
             _fail(as_json, f"{type(e).__name__}: {_error_line(e)} (rerun with --debug for the traceback)", 1)
     return wrapper
+
+
+def _during_interrupt(e: BaseException) -> bool:
+    """An error raised while a library unwound from Ctrl-C (Optuna's trial bookkeeping can fail that way)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__ or e.__cause__
+    return False
 
 
 class _FiniteRange(click.FloatRange):
