@@ -41,21 +41,45 @@ def nir_levels(module, graph: Graph, x):
     return out, levels
 
 
+class Levels(dict):
+    """A run's spike levels by site, with the reference's pre-activations and graph (to recognise float ties)."""
+    pre: dict
+    graph: Graph
+
+
 def roundtrip(model: ConvertedModel, tmp_path, x):
     path = str(tmp_path / "m.nir")
     info = export_nir(model, path)
     module = load_nir(path)                              # nir.read + nirtorch.nir_to_torch
     got, got_levels = nir_levels(module, model.graph, x)
     ref, ref_levels = run_with_levels(model.graph, x)
+    ref_levels = Levels(ref_levels)
+    ref_levels.pre, ref_levels.graph = {}, model.graph
+    run(model.graph, x, hook=lambda node, args, out, extra: ref_levels.pre.__setitem__(node.name, args[0])
+        if node.name in ref_levels else None)
     return info, got, ref, got_levels, ref_levels
 
 
+def _ties(graph, site: str, pre: torch.Tensor) -> torch.Tensor:
+    """Where a pre-activation lies within float32 rounding (a few ulps) of one of the site's firing boundaries:
+    there the NIR graph's channel sums, added in another order, may fall on the other side."""
+    s = graph[site]
+    b = torch.cat([s.params["bounds_pos"], -s.params["bounds_neg"]]).reshape(-1, *[1] * pre.dim())
+    return ((pre.unsqueeze(0) - b).abs() <= 8 * torch.finfo(torch.float32).eps * pre.abs().clamp(min=1)).any(0)
+
+
 def assert_same(got, ref, got_levels, ref_levels):
+    """Levels equal, except one level apart at a float tie with a boundary; outputs equal where no level moved."""
     assert set(got_levels) == set(ref_levels)
+    moved = torch.zeros(ref.shape[0], dtype=torch.bool)
     for k in ref_levels:
-        assert torch.equal(got_levels[k], ref_levels[k]), k
-    assert (got - ref).abs().max().item() < 1e-4
-    assert torch.equal(got.argmax(1), ref.argmax(1))
+        diff = got_levels[k] != ref_levels[k]
+        assert not (diff & ~_ties(ref_levels.graph, k, ref_levels.pre[k])).any(), k
+        assert (got_levels[k] - ref_levels[k]).abs().max() <= 1, k
+        assert int(diff.sum()) <= max(1, diff.numel() // 10_000), k
+        moved |= diff.reshape(diff.shape[0], -1).any(1)
+    assert (got - ref)[~moved].abs().max().item() < 1e-4
+    assert (got.argmax(1) != ref.argmax(1)).sum() <= int(moved.sum())
 
 
 @pytest.fixture(scope="module")
