@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
-import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ import torch
 from . import __version__
 from .errors import UserError
 from .ir import FORMAT, FORMAT_VERSION, Graph, GraphError, check_graph_dict, validate_graph
+from .untrusted import file_kind, torch_load
 
 HASH_KEY = "content_sha256"          # the file's own field: hex SHA-256 of the rest (content_hash)
-ZIP_MAGIC = b"PK\x03\x04"           # every torch.save archive (the zip format) starts with it
 _HASH_DOMAIN = b"sfn-deploy/content-hash/1\n"
 _MAX_DEPTH = 64
 
@@ -60,15 +59,6 @@ class ConvertedModel:
                    d.get("metrics", {}), d.get("search", {}))
 
 
-def _file_kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
 def _reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
@@ -93,7 +83,7 @@ def atomic_write(path: str, write) -> None:
     except OSError as e:
         raise WriteError(f"{path}: cannot write ({_reason(e)})") from None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path}: exists and is {_file_kind(st.st_mode)}, not a regular file; "
+        raise UserError(f"{path}: exists and is {file_kind(st.st_mode)}, not a regular file; "
                         f"refusing to replace it (give a file name)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -228,44 +218,7 @@ def save(model: ConvertedModel, path: str) -> None:
 
 
 def _read(path: str):
-    """torch.load(weights_only=True) of a regular file that starts like a zip archive, with every failure a
-    UserError in words of this project (torch's own text, which suggests weights_only=False, never shows)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({_reason(e)})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path}: is {_file_kind(st.st_mode)}, not a converted sfn-deploy model file")
-    try:        # O_NONBLOCK: should the path have become a FIFO since the stat, open does not wait on it
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({_reason(e)})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{path}: is {_file_kind(st.st_mode)}, not a converted sfn-deploy model file")
-        if st.st_size == 0:
-            raise UserError(f"{path}: empty file, not a converted sfn-deploy model (run 'sfn-deploy convert')")
-        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
-            raise UserError(f"{path}: not a converted sfn-deploy model (not a torch.save archive; "
-                            f"run 'sfn-deploy convert')")
-        f.seek(0)
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            text = str(e)
-            if "Weights only load failed" in text or "WeightsUnpickler" in text or \
-                    e.__class__.__name__ == "UnpicklingError":
-                m = re.search(r"GLOBAL ([\w.]+)", text)
-                if m:
-                    raise UserError(f"{path}: refused: the file holds pickled objects other than tensors and "
-                                    f"plain data (loading them could run code): {m.group(1)}") from None
-                raise UserError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
-                                f"data (loading them could run code), or its pickled content is damaged") from None
-            raise UserError(f"{path}: damaged or not a converted sfn-deploy model (the torch archive cannot be "
-                            f"read: truncated or corrupted)") from None
+    return torch_load(path, "converted sfn-deploy model (run 'sfn-deploy convert')")
 
 
 def _check_top(d: dict) -> None:

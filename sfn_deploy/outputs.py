@@ -8,6 +8,7 @@ import os
 import stat
 
 from .errors import UserError
+from .untrusted import file_kind
 
 
 def data_paths(spec: str | None) -> list[str]:
@@ -58,7 +59,8 @@ def check_output(output: str, inputs: list[str | None], option: str = "-o", fold
         if stat.S_ISDIR(st.st_mode) and not folder:
             raise UserError(f"{output}: is a folder; {option} needs a file path")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            raise UserError(f"{output}: exists and is not a regular file; refusing to write over it")
+            raise UserError(f"{output}: exists and is {file_kind(st.st_mode)}, not a regular file; refusing to "
+                            "write over it")
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise UserError(f"{output}: output folder {parent} does not exist")

@@ -37,27 +37,41 @@ _OPERATOR_TARGETS = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod
 _FILE_OPS = {"from_file"}     # aten ops that open files
 
 
+def file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def regular_file(path: str, what: str = "file") -> str:
     """Refuse a missing path or one that is not a regular file (a folder, FIFO, device: /dev/zero would hang)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise UserError(f"{path}: no such {what}")
+        raise UserError(f"{path}: no such {what}") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})")
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise UserError(f"{path}: {kind}; expected a {what}")
+        raise UserError(f"{path}: is {file_kind(st.st_mode)}, not a regular file; expected a {what}")
     return path
 
 
 def read_bytes(path: str, what: str = "file") -> bytes:
+    """The whole file, opened non-blocking and checked again once open (a path swapped for a FIFO after the
+    check cannot make the read wait forever)."""
     regular_file(path, what)
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise UserError(f"{path}: is {file_kind(mode)}, not a regular file; expected a {what}")
             return f.read()
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})")
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def reason(e: BaseException) -> str:
@@ -89,17 +103,21 @@ def weights_only():
 
 
 def torch_load(path: str, what: str = "file"):
-    """``torch.load`` of an untrusted file: tensors and plain containers only."""
+    """``torch.load`` of an untrusted ``torch.save`` archive: tensors and plain containers only; PyTorch's own
+    text (which suggests ``weights_only=False``) never reaches the user."""
     data = read_bytes(path, what)
     if not data:
-        raise UserError(f"{path}: empty file")
+        raise UserError(f"{path}: empty file, not a {what}")
+    if not data.startswith(ZIP_MAGIC):
+        raise UserError(f"{path}: not a {what} (not a torch.save archive)")
     try:
         with weights_only():
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         why = reason(e)
-        raise UserError(f"{path}: refused: the file {why}" if why.startswith("holds pickled") else
-                        f"{path}: not a readable {what} ({why})")
+        if why.startswith("holds pickled"):
+            raise UserError(f"{path}: refused: the file {why}") from None
+        raise UserError(f"{path}: damaged or not a {what} (the torch archive cannot be read: {why})") from None
 
 
 # ---- torch.export archives -------------------------------------------------------------------
