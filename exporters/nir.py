@@ -54,6 +54,7 @@ import torch
 from ..errors import UserError
 from ..ir import Graph, Node
 from ..model_file import ConvertedModel, atomic_write
+from ..untrusted import reason, regular_file
 
 __all__ = ["to_nir", "export_nir", "nir_node_map", "load_nir", "check_nir", "to_nir_partial",
            "export_nir_partial", "load_partial", "run_partial", "PARTIAL_FORMAT"]
@@ -872,12 +873,11 @@ def _read(path_or_graph):
     g = path_or_graph
     if isinstance(g, nir.NIRGraph):
         return g, "NIR graph"
-    if not os.path.exists(g):
-        raise UserError(f"{g}: no such file")
+    regular_file(g, "NIR file")           # HDF5 read by h5py: arrays and strings, nothing unpickled
     try:
         return nir.read(g), str(g)
     except Exception as e:                  # not HDF5, or not a NIR file
-        raise UserError(f"{g}: not a readable NIR file ({type(e).__name__}: {e})")
+        raise UserError(f"{g}: not a readable NIR file ({reason(e)})") from None
 
 
 def _is_partial(g) -> bool:

@@ -438,3 +438,13 @@ def test_kill_during_export_never_leaves_a_partial_file(ws, tmp_path, sig):
             assert visible == os.listdir(tmp_path)
     assert hashlib.sha256((tmp_path / "m.sfn.pt").read_bytes()).hexdigest() == before
     load(str(tmp_path / "m.sfn.pt"))
+
+
+@pytest.mark.parametrize("name", ["truncated.npz", "random.sfn.pt", "folder.pt2", "fifo.pt2"])
+def test_nir_reader_refuses_what_is_not_a_nir_file(ws, name):
+    """sfn_deploy.exporters.nir.load_nir (the Python API for a NIR file from elsewhere): one-line UserError."""
+    from sfn_deploy.errors import UserError
+    from sfn_deploy.exporters.nir import load_nir
+    with pytest.raises(UserError) as e:
+        load_nir(str(ws / name))
+    assert len(str(e.value).splitlines()) == 1 and name in str(e.value)
