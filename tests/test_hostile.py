@@ -393,20 +393,27 @@ def _start(args, cwd):
                             start_new_session=True)
 
 
-def test_sigint_during_convert_leaves_nothing(ws, tmp_path):
-    """Ctrl-C in the λ search: exit 130, one line, no output, no temporary file; the study resumes."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_kill_during_convert_leaves_nothing(ws, tmp_path, sig):
+    """Ctrl-C or kill -9 in the λ search: no output, no visible temporary file, the input unchanged; Ctrl-C exits
+    130 with one line; the rerun resumes the study and completes."""
     shutil.copy(ws / "good.pt2", tmp_path / "m.pt2")
+    before = hashlib.sha256((tmp_path / "m.pt2").read_bytes()).hexdigest()
     db = tmp_path / "s.db"
     args = ["convert", "m.pt2", "--data", "sklearn:digits", "-o", "out.sfn.pt", "--val-fraction", "0.5",
             "--storage", str(db)]
     proc = _start(args + ["--trials", "400"], tmp_path)
     _wait_for(lambda: db.exists() and db.stat().st_size > 0)
     time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["interrupted"]
-    assert sorted(os.listdir(tmp_path)) == ["m.pt2", "s.db"]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines() == ["interrupted"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".tmp-")) == ["m.pt2", "s.db"]
+    assert hashlib.sha256((tmp_path / "m.pt2").read_bytes()).hexdigest() == before
     r = subprocess.run(CLI + args + ["--trials", "12", "--json"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
