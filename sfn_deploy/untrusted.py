@@ -205,6 +205,9 @@ def _pickled_entries(path: str, entries: dict, model: str) -> list[str]:
             name = meta.get("path_name") if isinstance(meta, dict) else None
             if not isinstance(name, str) or os.path.normpath(name) != name or name.startswith(("/", "..")):
                 raise UserError(f"{path}: damaged .pt2 archive (entry {config}: bad path for {fqn!r})")
+            if folder + name not in entries:
+                raise UserError(f"{path}: damaged .pt2 archive ({config} names entry {folder}{name}, which is "
+                                "missing)")
             if name.startswith("custom_obj"):
                 raise UserError(f"{path}: refused: constant {fqn!r} is a TorchScript object (entry {folder}{name}); "
                                 "sfn-deploy reads tensors only")

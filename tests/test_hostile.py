@@ -87,6 +87,24 @@ def ws(tmp_path_factory, digits_pt2, digits):
     marker = p(MARKER)
     for name, edit in pt2_variants(p("good.pt2"), marker).items():
         rewrite_zip(p("good.pt2"), p(f"planted_{name}.pt2"), edit)
+    def unknown_op(rel, blob):          # a hand edit of the program: an operator PyTorch does not have
+        if rel.startswith("models/") and rel.endswith(".json"):
+            return blob.replace(b"torch.ops.aten.relu.default", b"torch.ops.aten.nosuchop.default")
+        return None if rel == "__add__" else blob
+
+    def missing_weight(rel, blob):      # a weights entry the config names is gone
+        return None if rel in ("data/weights/weight_0", "__add__") else blob
+
+    def escaping_path(rel, blob):       # a weights config pointing outside its folder
+        if rel == "data/weights/model_weights_config.json":
+            cfg = json.loads(blob)
+            next(iter(cfg["config"].values()))["path_name"] = "../../../etc/passwd"
+            return json.dumps(cfg).encode()
+        return None if rel == "__add__" else blob
+
+    for name, edit in (("unknown_op", unknown_op), ("missing_weight", missing_weight),
+                       ("escaping_path", escaping_path)):
+        rewrite_zip(p("good.pt2"), p(f"edited_{name}.pt2"), edit)
     with open(p("planted.sfn.pt"), "wb") as f:
         f.write(torch_save_payload(marker))
     with open(p("planted_weights.pt"), "wb") as f:
@@ -191,6 +209,9 @@ CASES = [
        2, f"{k}.pt2") for k in ("truncated", "zero", "random", "bitflip")],
     *[(f"sfnpt_{k}", ["evaluate", f"{{{k}.sfn.pt}}", "--data", "sklearn:digits"], 2, f"{k}.sfn.pt")
       for k in ("truncated", "zero", "random", "bitflip")],
+    *[(f"pt2_edited_{k}", ["convert", f"{{edited_{k}.pt2}}", "--data", "sklearn:digits", "--scale", "0.2", "-o",
+                            "{out.sfn.pt}"], 2, f"edited_{k}.pt2") for k in ("unknown_op", "missing_weight",
+                                                                               "escaping_path")],
     ("sfnpt_wrong_shape", ["export", "--target", "onnx", "{wrongshape.sfn.pt}", "-o", "{out.onnx}"], 2,
      "wrongshape.sfn.pt"),
     ("pt2_nan_weight", ["convert", "{nan.pt2}", "--data", "sklearn:digits", "--scale", "0.2", "-o", "{out.sfn.pt}"],
