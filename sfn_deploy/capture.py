@@ -14,7 +14,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .errors import UnsupportedOpsError, UserError
-from .ir import Graph, Node
+from .ir import Graph, Node, nonfinite
 
 aten = torch.ops.aten
 
@@ -126,8 +126,8 @@ class _Builder:
         the converted network would compute NaN silently (and a saved model holding one does not load)."""
         t = self.state[ph]
         if ph not in self.checked:
-            if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+            bad = nonfinite(t)
+            if bad:
                 raise UserError(f"{self.origin.get(ph, repr(ph))} holds NaN/Inf values ({bad} of {t.numel()})")
             self.checked.add(ph)
         return t

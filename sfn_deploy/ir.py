@@ -308,12 +308,17 @@ def _check_tensor(where: str, key: str, t, *, floating: bool | None = None, dim:
         raise GraphError(f"{where}: param {key!r} must have {dim} dimension(s), it has shape {list(t.shape)}")
 
 
-def _finite(where: str, key: str, t: torch.Tensor) -> None:
+def nonfinite(t: torch.Tensor) -> int:
+    """How many NaN/Inf values a tensor holds (0 for integer tensors)."""
     if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta" or not t.numel():
-        return
+        return 0
     if bool(torch.isfinite(t.sum())):      # a finite sum means every value is finite (NaN/Inf propagate);
-        return                             # an infinite one may be overflow: count exactly (8x the cost)
-    bad = int((~torch.isfinite(t)).sum())
+        return 0                           # an infinite one may be overflow: count exactly (8x the cost)
+    return int((~torch.isfinite(t)).sum())
+
+
+def _finite(where: str, key: str, t: torch.Tensor) -> None:
+    bad = nonfinite(t)
     if bad:
         raise GraphError(f"{where}: param {key!r} holds NaN/Inf values ({bad} of {t.numel()})")
 

@@ -8,6 +8,7 @@ import os
 import torch
 
 from .errors import UserError
+from .ir import nonfinite
 from .untrusted import load_exported_program, read_bytes, reason, regular_file, torch_load
 
 
@@ -57,8 +58,8 @@ def _load_state_dict(path: str) -> dict:
 def _check_finite(path: str, kind: str, tensors: dict) -> None:
     """NaN or Inf weights make every later number meaningless: refuse them naming the first one."""
     for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        bad = nonfinite(t) if isinstance(t, torch.Tensor) else 0
+        if bad:
             raise UserError(f"{path}: {kind} {name!r} holds NaN/Inf values ({bad} of {t.numel()})")
 
 
