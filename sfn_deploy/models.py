@@ -9,7 +9,7 @@ import torch
 
 from .errors import UserError
 from .ir import nonfinite
-from .untrusted import load_exported_program, read_bytes, reason, regular_file, torch_load
+from .untrusted import load_exported_program, read_bytes, reason, regular_file, torch_loads
 
 
 def file_sha256(path: str) -> str:
@@ -38,21 +38,23 @@ def parse_model_args(text: str | None) -> dict:
     return out
 
 
-def _load_state_dict(path: str) -> dict:
+def _load_state_dict(path: str) -> tuple[dict, str]:
+    """(state dict, sha256 of the file), from one read of the file."""
+    data = read_bytes(path, "weights file")
     if path.endswith(".safetensors"):
         from safetensors.torch import load
         try:
-            sd = load(read_bytes(path, "weights file"))
+            sd = load(data)
         except Exception as e:
             raise UserError(f"{path}: not a readable safetensors file ({reason(e)})")
     else:
-        sd = torch_load(path, "weights file")
+        sd = torch_loads(data, path, "weights file")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: expected a state dict of tensors")
-    return sd
+    return sd, hashlib.sha256(data).hexdigest()
 
 
 def _check_finite(path: str, kind: str, tensors: dict) -> None:
@@ -78,14 +80,14 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
             raise UserError(f"{spec}: bad --model-args ({e})")
         identity["model_args"] = dict(model_args or {})
         if weights:
-            sd = _load_state_dict(weights)
+            sd, digest = _load_state_dict(weights)
             result = model.load_state_dict(sd, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise UserError(f"{weights}: does not match {name} ({len(result.missing_keys)} missing, "
                                 f"{len(result.unexpected_keys)} unexpected keys, e.g. "
                                 f"{(result.missing_keys or result.unexpected_keys)[0]!r})")
             _check_finite(weights, "weight", sd)
-            identity["weights"] = {"path": os.path.basename(weights), "sha256": file_sha256(weights)}
+            identity["weights"] = {"path": os.path.basename(weights), "sha256": digest}
         else:
             identity["weights"] = None
         return model.eval(), identity

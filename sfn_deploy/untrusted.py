@@ -105,7 +105,11 @@ def weights_only():
 def torch_load(path: str, what: str = "file"):
     """``torch.load`` of an untrusted ``torch.save`` archive: tensors and plain containers only; PyTorch's own
     text (which suggests ``weights_only=False``) never reaches the user."""
-    data = read_bytes(path, what)
+    return torch_loads(read_bytes(path, what), path, what)
+
+
+def torch_loads(data: bytes, path: str, what: str = "file"):
+    """:func:`torch_load` of the bytes already read from ``path``."""
     if not data:
         raise UserError(f"{path}: empty file, not a {what}")
     if not data.startswith(ZIP_MAGIC):
