@@ -187,7 +187,9 @@ def _load_model(model, weights, model_args, trust_pickle):
 
 def _check_convert_paths(model, data, output, config_file, weights, storage) -> None:
     """convert/tune: no output (the model file, the study database) may be one of the command's inputs."""
-    from .outputs import check_output, data_paths, storage_path
+    from .config import storage_path
+    from .data import data_paths
+    from .outputs import check_output
     inputs = [None if model.startswith("timm:") else model, weights, config_file, *data_paths(data)]
     db = storage_path(storage)
     if db is not None:
@@ -385,7 +387,8 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
 
     if partial and target != "nir":
         raise UserError(f"--partial applies to --target nir only (got --target {target})")
-    from .outputs import check_output, data_paths
+    from .data import data_paths
+    from .outputs import check_output
     path = os.path.splitext(converted)[0] + "." + target if output is None else output
     check_output(path, [converted, *data_paths(data)], folder=target == "lava")
     model = load(converted)
@@ -522,7 +525,8 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
     from .report import build_report, compare, output_format, variant
     from .targets import load_target
 
-    from .outputs import check_output, data_paths
+    from .data import data_paths
+    from .outputs import check_output
     if output is not None:
         check_output(output, [*converted, *data_paths(data), *targets])
     fmt = output_format(output)

@@ -59,6 +59,18 @@ def redacted(url: str | None) -> str | None:
         return url.split("://")[0] + "://..."
 
 
+def storage_path(url: str | None) -> str | None:
+    """The SQLite file behind an Optuna storage (a plain path or sqlite:///PATH), else None."""
+    if not url:
+        return None
+    if "://" not in url:
+        return url
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        return path[len("file:"):] if path.startswith("file:") else path or None
+    return None
+
+
 _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPACES}
 
 

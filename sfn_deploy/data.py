@@ -158,6 +158,15 @@ def load_image_folder(path: str) -> Dataset:
     return _check(np.stack(xs), np.array(ys, dtype=np.int64), path)
 
 
+def data_paths(spec: str | None) -> list[str]:
+    """The files or folders a ``--data`` spec reads."""
+    if not spec or spec.startswith("sklearn:"):
+        return []
+    if spec.startswith("mnist:"):
+        return [spec[len("mnist:"):].split(":")[0]]
+    return [spec]
+
+
 def load_data(spec: str) -> Dataset:
     """Load a data set from a path or a built-in name (see module docstring)."""
     if spec == "sklearn:digits":

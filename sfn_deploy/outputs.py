@@ -11,27 +11,6 @@ from .errors import UserError
 from .untrusted import file_kind
 
 
-def data_paths(spec: str | None) -> list[str]:
-    """The files or folders a ``--data`` spec reads."""
-    if not spec or spec.startswith("sklearn:"):
-        return []
-    if spec.startswith("mnist:"):
-        return [spec[len("mnist:"):].split(":")[0]]
-    return [spec]
-
-
-def storage_path(url: str | None) -> str | None:
-    """The SQLite file behind an Optuna storage (a plain path or sqlite:///PATH), else None."""
-    if not url:
-        return None
-    if "://" not in url:
-        return url
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-        return path[len("file:"):] if path.startswith("file:") else path or None
-    return None
-
-
 def _same(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -51,7 +51,7 @@ import warnings
 
 import optuna
 
-from .config import ConvertConfig, redacted
+from .config import ConvertConfig, redacted, storage_path
 from .data import Dataset
 from .errors import UserError
 from .ir import Graph
@@ -117,13 +117,11 @@ def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
     if url is None:
         return optuna.storages.InMemoryStorage()
     shown = redacted(url)
+    path = storage_path(url)
+    if path and path != ":memory:" and not url.startswith("sqlite:///file:"):   # (a URI names its own file)
+        _check_sqlite_file(os.path.abspath(path), shown)
     if "://" not in url:                      # a plain path means a SQLite file
-        _check_sqlite_file(os.path.abspath(url), shown)
         url = "sqlite:///" + os.path.abspath(url)
-    elif url.startswith("sqlite:///") and not url.startswith("sqlite:///file:"):
-        path = url[len("sqlite:///"):].split("?")[0]
-        if path and path != ":memory:":
-            _check_sqlite_file(path, shown)
     with warnings.catch_warnings():           # the heartbeat options are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         kw = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
