@@ -27,6 +27,7 @@ import torch
 from .errors import UserError
 
 ZIP_MAGIC = b"PK\x03\x04"
+MAX_EXPANSION = 1 << 30     # a zip's members may expand to max(1 GiB, 20 × the archive) (zip bombs)
 MAX_EXPR_CHARS = 10_000
 _TARGET = re.compile(
     r"^(torch\.ops\.(aten|prims|higher_order)\.\w+(\.\w+)?"
@@ -72,6 +73,13 @@ def read_bytes(path: str, what: str = "file") -> bytes:
             return f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def zip_overexpands(infos: list, size: int) -> int | None:
+    """The bytes a zip archive of ``size`` bytes expands to, when that is beyond max(MAX_EXPANSION, 20 × size)
+    (a zip bomb); None when it is not."""
+    total = sum(i.file_size for i in infos)
+    return total if total > max(MAX_EXPANSION, 20 * size) else None
 
 
 def reason(e: BaseException) -> str:
@@ -150,8 +158,8 @@ def _checked_archive(path: str, data: bytes) -> bytes:
         infos = zin.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"{path}: damaged .pt2 archive ({reason(e)})")
-    total = sum(i.file_size for i in infos)
-    if total > max(1 << 30, 20 * len(data)):
+    total = zip_overexpands(infos, len(data))
+    if total:
         raise UserError(f"{path}: damaged .pt2 archive (entries expand to {total:,} bytes from {len(data):,})")
     roots = {i.filename.split("/", 1)[0] for i in infos}
     if len(roots) != 1 or any("/" not in i.filename for i in infos):

@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 
 from ...errors import UserError
-from ...untrusted import read_bytes, reason, regular_file
+from ...untrusted import read_bytes, reason, regular_file, zip_overexpands
 from .plan import PRECISIONS, Block, Plan
 from .validate import one_line as _one_line
 from .validate import show, validate_plan
@@ -34,7 +34,6 @@ FORMAT = "sfn-deploy/lava-bundle"
 FORMAT_VERSION = 2          # 2: "sha256" over the manifest and (through arrays_sha256) the arrays; version 1
                             # bundles carry no checksum over the manifest and are refused (re-export them)
 FILES = ("manifest.json", "arrays.npz")
-MAX_EXPANSION = 1 << 30     # arrays.npz members may expand to max(1 GiB, 20 × the file) (zip bombs)
 
 
 # -- checksum -----------------------------------------------------------------------------------------------
@@ -250,10 +249,10 @@ def _open_arrays(path: str, f):
     try:
         f.seek(0)
         with zipfile.ZipFile(f) as z:
-            total = sum(i.file_size for i in z.infolist())
+            total = zip_overexpands(z.infolist(), size)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise UserError(f"{where}: damaged arrays file, not an .npz archive ({_one_line(reason(e))})")
-    if total > max(MAX_EXPANSION, 20 * size):
+    if total:
         raise UserError(f"{where}: damaged arrays file (members expand to {total:,} bytes from {size:,})")
     try:
         f.seek(0)
