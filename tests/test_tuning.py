@@ -256,20 +256,34 @@ def test_running_trial_without_heartbeat_is_given_up(tmp_path, digits, digits_ml
     _assert_finished(url, 4)
 
 
+def _on_measure(monkeypatch, action, at: int | None = None):
+    """Wrap sfn_deploy.convert.measure (one trial's evaluation) to call action() on its spiking call number
+    ``at`` (on every spiking call when None); return the real measure."""
+    convert = importlib.import_module("sfn_deploy.convert")
+    real, calls = convert.measure, []
+
+    def measure(graph, data, batch_size=256, spiking=True, **kw):
+        if spiking:
+            calls.append(1)
+            if at is None or len(calls) == at:
+                action()
+        return real(graph, data, batch_size, spiking=spiking, **kw)
+    monkeypatch.setattr(convert, "measure", measure)
+    return real
+
+
+def _raise(e: BaseException):
+    def action():
+        raise e
+    return action
+
+
 def test_ctrl_c_fails_the_running_trial_and_propagates(tmp_path, digits, digits_mlp, monkeypatch):
     convert = importlib.import_module("sfn_deploy.convert")
     url = f"sqlite:///{tmp_path / 'int.db'}"
     cfg = load_config("", {"trials": 4, "storage": url, "study": "s", "val_fraction": 0.3})
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
-    calls, real = [], convert.measure
-
-    def interrupted(graph, data, batch_size=256, spiking=True, **kw):
-        if spiking:
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-        return real(graph, data, batch_size, spiking=spiking, **kw)
-    monkeypatch.setattr(convert, "measure", interrupted)
+    real = _on_measure(monkeypatch, _raise(KeyboardInterrupt()), at=2)
     with pytest.raises(KeyboardInterrupt):
         run_search(g, digits, cfg, {})
     states = _states(url)
@@ -283,7 +297,6 @@ def test_ctrl_c_fails_the_running_trial_and_propagates(tmp_path, digits, digits_
 @pytest.mark.parametrize("when", ["during the trial", "before its tell"])
 def test_trial_failed_by_another_worker_is_dropped(tmp_path, digits, digits_mlp, monkeypatch, when):
     """A live worker whose trial another worker declared dead (suspended past the grace period) goes on."""
-    convert = importlib.import_module("sfn_deploy.convert")
     url = f"sqlite:///{tmp_path / 'taken.db'}"
     cfg = load_config("", {"trials": 3, "storage": url, "study": "s", "val_fraction": 0.3})
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
@@ -296,15 +309,7 @@ def test_trial_failed_by_another_worker_is_dropped(tmp_path, digits, digits_mlp,
         other.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
 
     if when == "during the trial":
-        real = convert.measure
-
-        def measure(graph, data, batch_size=256, spiking=True, **kw):
-            if spiking:
-                calls.append(1)
-                if len(calls) == 2:
-                    fail_running()
-            return real(graph, data, batch_size, spiking=spiking, **kw)
-        monkeypatch.setattr(convert, "measure", measure)
+        _on_measure(monkeypatch, fail_running, at=2)
     else:
         real = optuna.Trial.set_user_attr
 
@@ -320,17 +325,10 @@ def test_trial_failed_by_another_worker_is_dropped(tmp_path, digits, digits_mlp,
 
 
 def test_a_failing_trial_still_raises(tmp_path, digits, digits_mlp, monkeypatch):
-    convert = importlib.import_module("sfn_deploy.convert")
     url = f"sqlite:///{tmp_path / 'bug.db'}"
     cfg = load_config("", {"trials": 3, "storage": url, "study": "s", "val_fraction": 0.3})
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
-    real = convert.measure
-
-    def broken(graph, data, batch_size=256, spiking=True, **kw):
-        if spiking:
-            raise RuntimeError("boom")
-        return real(graph, data, batch_size, spiking=spiking, **kw)
-    monkeypatch.setattr(convert, "measure", broken)
+    _on_measure(monkeypatch, _raise(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         run_search(g, digits, cfg, {})
 
