@@ -1,0 +1,41 @@
+"""Graph capture: a torch.export program (or an nn.Module, exported here) → :class:`~sfn_deploy.ir.Graph`.
+
+One rule per ATen operator family maps it onto the op vocabulary of ``ir.OPS``
+(:mod:`.builder` explains the rule contract). Every operator without a rule is
+collected and reported at once, with the module path and source line.
+
+Adding a rule: write ``@rule(torch.ops.aten.<op>.<overload>)`` on a function
+``(b, n) -> Node`` in the module of its family (or a new module imported below).
+"""
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+
+from ..errors import UserError
+from ..ir import Graph
+from . import activations, arithmetic, attention, layout, normalization, passthrough, pooling, weights  # noqa: F401  (rules register on import)
+from .builder import RULES, Builder
+
+__all__ = ["RULES", "capture", "export_module"]
+
+
+def export_module(model: torch.nn.Module, example: torch.Tensor) -> ExportedProgram:
+    """torch.export an eval-mode module on an example batch of two (fixes the batch axis unambiguously)."""
+    model = model.eval()
+    x = example[:1].expand(2, *example.shape[1:]).clone() if example.shape[0] != 2 else example
+    try:
+        return torch.export.export(model, (x,), strict=False)
+    except Exception as e:  # torch.export's own errors name the construct that failed
+        raise UserError(f"torch.export could not capture the model: {str(e).splitlines()[0]}") from e
+
+
+def capture(model, example: torch.Tensor | None = None) -> Graph:
+    """Build the IR graph from an ExportedProgram, or from a module and an example input."""
+    if isinstance(model, ExportedProgram):
+        ep = model
+    else:
+        if example is None:
+            raise UserError("capturing an nn.Module needs an example input")
+        ep = export_module(model, example)
+    return Builder(ep).build()

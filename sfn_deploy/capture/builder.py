@@ -1,0 +1,272 @@
+"""The capture loop and the rule registry: each ATen operator is handled by one small rule.
+
+A rule is a function ``rule(b, n) -> Node | None`` registered for one or more ATen
+overloads with :func:`rule`. It reads the fx node ``n`` (targets, args, kwargs, the
+example value in ``n.meta["val"]``) and returns the IR node that now stands for its
+value (a new node made with ``b.emit``, or an existing one for a pass-through), or
+None when the operator carries no data (shape queries, asserts). A rule that cannot
+map its operator raises :class:`Unsupported` with the reason; the builder collects
+every such problem and reports them all at once.
+
+Operators whose tensor inputs are all stored tensors (parameters, buffers, constants,
+or values folded from them) are evaluated once here and become constants, so tables
+that a model computes from its own parameters (relative position biases, masks)
+need no rule of their own.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.export import ExportedProgram
+
+from ..errors import UnsupportedOpsError, UserError
+from ..ir import Graph, Node, nonfinite
+
+Rule = Callable[["Builder", torch.fx.Node], "Node | None"]
+RULES: dict[object, Rule] = {}
+
+# ops that would turn a stored tensor into a batch-sized one: folding them would fix the example's batch
+_NO_FOLD = {torch.ops.aten.expand.default, torch.ops.aten.repeat.default}
+
+
+def rule(*targets) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the rule for each ATen overload in ``targets`` (one rule per operator)."""
+    def register(fn: Rule) -> Rule:
+        for t in targets:
+            if t in RULES:
+                raise RuntimeError(f"two capture rules for {t}: {RULES[t].__name__} and {fn.__name__}")
+            RULES[t] = fn
+        return fn
+    return register
+
+
+class Unsupported(Exception):
+    """Raised by a rule: this operator (or this use of it) has no conversion; the message says why."""
+
+
+def prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
+
+
+def concrete(s) -> int:
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        if hint is None:
+            raise UserError(f"symbolic size {s} has no example value; export with a concrete example input")
+        return int(hint)
+    return int(s)
+
+
+def meta_shape(fx_node, item: int | None = None) -> list[int] | None:
+    """The example shape of an fx node's value (of its ``item``-th output for a tuple)."""
+    val = fx_node.meta.get("val")
+    if item is not None and isinstance(val, (list, tuple)):
+        val = val[item]
+    if isinstance(val, torch.Tensor):
+        return [concrete(s) for s in val.shape]
+    return None
+
+
+def sym_entries(fx_node) -> list[bool]:
+    """Which entries of the node's shape are symbolic (a dynamic batch)."""
+    val = fx_node.meta.get("val")
+    return [isinstance(s, torch.SymInt) and not isinstance(s.node.maybe_as_int(), int) for s in val.shape]
+
+
+def pair(v) -> list[int]:
+    if isinstance(v, (list, tuple)):
+        return [int(v[0]), int(v[-1])] if len(v) else [0, 0]
+    return [int(v), int(v)]
+
+
+def arg(n: torch.fx.Node, i: int, name: str, default=None):
+    """Argument ``i`` of an fx call, given positionally or by keyword."""
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def where(fx_node) -> str:
+    """Module path and source line of an fx node, for messages."""
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    trace = fx_node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    loc = ""
+    if lines:
+        parts = lines[-1].split('"')
+        if len(parts) >= 3:
+            lineno = parts[2].split(",")[1].strip().replace("line ", "")
+            loc = f"{parts[1].rsplit('/', 1)[-1]}:{lineno}"
+    return ", ".join(x for x in (path, loc) if x) or "unknown location"
+
+
+def _rank_aligned_bdim(ins: list[Node], out_rank: int) -> int | None:
+    for i in ins:
+        if i.bdim is not None:
+            return i.bdim + (out_rank - len(i.shape))
+    return None
+
+
+class Builder:
+    """State of one capture: the IR nodes made so far and what each fx node maps to."""
+
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        sig = ep.graph_signature
+        self.state: dict[str, torch.Tensor] = {}   # placeholder or folded fx node -> stored tensor
+        self.origin: dict[str, str] = {}           # placeholder -> "parameter 'fc1.weight'" (for messages)
+        self.checked: set[str] = set()
+        for ph, key in sig.inputs_to_parameters.items():
+            self.state[ph] = ep.state_dict[key].detach()
+            self.origin[ph] = f"parameter {key!r}"
+        for ph, key in sig.inputs_to_buffers.items():
+            self.state[ph] = (ep.state_dict[key] if key in ep.state_dict else ep.constants[key]).detach()
+            self.origin[ph] = f"buffer {key!r}"
+        for ph, key in sig.inputs_to_lifted_tensor_constants.items():
+            self.state[ph] = ep.constants[key].detach()
+            self.origin[ph] = f"tensor constant {key!r}"
+        self.nodes: list[Node] = []
+        self.index: dict[str, Node] = {}
+        self.env: dict[str, str] = {}          # fx node name -> IR node name
+        self.problems: list[str] = []
+        self.batch = 0
+        self.tuples: dict[str, list[Node]] = {}   # fx node with several outputs -> one IR node per output
+
+    # -- what rules use --------------------------------------------------------
+    def add(self, node: Node) -> Node:
+        base, k = node.name, 1
+        while node.name in self.index:
+            k += 1
+            node.name = f"{base}_{k}"
+        self.nodes.append(node)
+        self.index[node.name] = node
+        return node
+
+    def ir(self, a) -> Node:
+        """The IR node holding the value of fx argument ``a`` (a stored tensor becomes a constant node)."""
+        if isinstance(a, torch.fx.Node):
+            if a.name in self.env:
+                return self.index[self.env[a.name]]
+            if a.name in self.state:      # a parameter used as data
+                t = self.stored(a.name)
+                node = self.add(Node(a.name, "constant", [], {}, {"value": t}, list(t.shape), None, a.name))
+                self.env[a.name] = node.name
+                return node
+        raise Unsupported(f"argument {a!r} is not a tensor the converter can follow")
+
+    def param(self, a) -> torch.Tensor | None:
+        """A stored tensor read as a weight (None stays None)."""
+        if a is None:
+            return None
+        if isinstance(a, torch.fx.Node) and a.name in self.state:
+            return self.stored(a.name)
+        raise Unsupported("weights must be stored parameters, not computed tensors")
+
+    def stored(self, ph: str) -> torch.Tensor:
+        """A stored tensor the graph reads (parameter, buffer or constant), refused when it holds NaN/Inf:
+        the converted network would compute NaN silently (and a saved model holding one does not load)."""
+        t = self.state[ph]
+        if ph not in self.checked:
+            bad = nonfinite(t) if t.is_floating_point() else 0
+            if bad:
+                raise UserError(f"{self.origin.get(ph, repr(ph))} holds NaN/Inf values ({bad} of {t.numel()})")
+            self.checked.add(ph)
+        return t
+
+    def is_param(self, a) -> bool:
+        return isinstance(a, torch.fx.Node) and a.name in self.state and a.name not in self.env
+
+    def emit(self, fx_node, op, inputs, attrs=None, params=None, shape=None, bdim="same", name=None) -> Node:
+        """Add an IR node for ``fx_node``; ``bdim="same"`` aligns the batch axis with the first batched input."""
+        ins = [i if isinstance(i, Node) else self.ir(i) for i in inputs]
+        if bdim == "same":
+            bdim = _rank_aligned_bdim(ins, len(shape) if shape is not None else len(ins[0].shape))
+        node = Node(name or fx_node.name, op, [i.name for i in ins], attrs or {}, params or {},
+                    list(shape) if shape is not None else list(ins[0].shape), bdim, where(fx_node))
+        return self.add(node)
+
+    # -- the loop --------------------------------------------------------------
+    def build(self) -> Graph:
+        gm = self.ep.graph_module
+        user_inputs = [s.arg.name for s in self.ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        if len(user_inputs) != 1:
+            raise UserError(f"the model must take exactly one tensor input, it takes {len(user_inputs)}")
+        out_node = None
+        for fx_node in gm.graph.nodes:
+            if fx_node.op == "placeholder":
+                if fx_node.name == user_inputs[0]:
+                    shape = meta_shape(fx_node)
+                    self.batch = shape[0]
+                    self.env[fx_node.name] = self.add(Node("input", "input", [], {}, {}, shape, 0, "input")).name
+                continue
+            if fx_node.op == "output":
+                outs = fx_node.args[0]
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                if len(outs) != 1:
+                    raise UserError(f"the model must return one tensor (the logits), it returns {len(outs)}")
+                out_node = outs[0]
+                continue
+            if fx_node.op != "call_function":
+                self.problems.append(f"{fx_node.op} {fx_node.target} at {where(fx_node)}")
+                continue
+            self._visit(fx_node)
+        if self.problems:
+            raise UnsupportedOpsError(self.problems)
+        graph = Graph(self.nodes, self.ir(out_node).name)
+        for n in graph.nodes:                     # per-sample shapes from here on
+            if n.bdim is not None and n.shape:
+                n.shape[n.bdim] = 1
+        return prune(graph)
+
+    def _visit(self, fx_node) -> None:
+        try:
+            if self._fold(fx_node):
+                return
+            fn = RULES.get(fx_node.target)
+            if fn is None:
+                raise Unsupported("no conversion rule for this operator")
+            out = fn(self, fx_node)
+            if out is not None:
+                self.env[fx_node.name] = out.name
+        except Unsupported as e:
+            self.problems.append(f"{fx_node.target} at {where(fx_node)}: {e}")
+            shape = meta_shape(fx_node)
+            if shape is not None:   # a stand-in, so later nodes are still checked for their own problems
+                self.env[fx_node.name] = self.add(Node(fx_node.name, "constant", [], {}, {}, shape, 0)).name
+
+    def _fold(self, fx_node) -> bool:
+        """Evaluate an operator computed from stored tensors only, once, as a constant."""
+        ins = list(fx_node.all_input_nodes)
+        if not ins or fx_node.target in _NO_FOLD or not isinstance(fx_node.target, torch._ops.OpOverload) \
+                or not all(i.name in self.state for i in ins):
+            return False
+        if any(sym_entries(fx_node)) if isinstance(fx_node.meta.get("val"), torch.Tensor) else True:
+            return False
+
+        def value(a):
+            return self.stored(a.name) if isinstance(a, torch.fx.Node) else a
+        args = torch.fx.node.map_aggregate(fx_node.args, value)
+        kwargs = torch.fx.node.map_aggregate(fx_node.kwargs, value)
+        with torch.no_grad():
+            out = fx_node.target(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return False
+        self.state[fx_node.name] = out.detach()
+        self.origin[fx_node.name] = f"a tensor computed from stored tensors ({fx_node.target})"
+        return True
+
+
+def prune(graph: Graph) -> Graph:
+    """Drop nodes the output does not depend on (shape computations, unused constants)."""
+    live = {graph.output}
+    for n in reversed(graph.nodes):
+        if n.name in live:
+            live.update(n.inputs)
+    graph.nodes = [n for n in graph.nodes if n.name in live or n.op == "input"]
+    graph.reindex()
+    return graph

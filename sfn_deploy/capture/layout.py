@@ -1,0 +1,182 @@
+"""Operators that move, select or broadcast data without arithmetic; each keeps track of the batch axis."""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .builder import Unsupported, meta_shape, prod, rule, sym_entries
+
+aten = torch.ops.aten
+
+
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def reshape(b, n):
+    x, shape = b.ir(n.args[0]), meta_shape(n)
+    sh, bdim = batch_reshape(x, shape, sym_entries(n))
+    return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, bdim)
+
+
+@rule(aten.flatten.using_ints)
+def flatten(b, n):
+    x = b.ir(n.args[0])
+    r = len(x.shape)
+    s, e = (n.args[1] if len(n.args) > 1 else 0) % r, (n.args[2] if len(n.args) > 2 else -1) % r
+    if x.bdim is not None and s <= x.bdim <= e and s != e:
+        raise Unsupported("flattening the batch axis into others")
+    bdim = None if x.bdim is None else (x.bdim if x.bdim < s else x.bdim - (e - s) if x.bdim > e else s)
+    return b.emit(n, "flatten", [x], {"start": s, "end": e}, {}, meta_shape(n), bdim)
+
+
+@rule(aten.permute.default)
+def permute(b, n):
+    x = b.ir(n.args[0])
+    dims = [d % len(x.shape) for d in n.args[1]]
+    bdim = None if x.bdim is None else dims.index(x.bdim)
+    return b.emit(n, "permute", [x], {"dims": dims}, {}, meta_shape(n), bdim)
+
+
+@rule(aten.transpose.int, aten.t.default)
+def transpose(b, n):
+    x = b.ir(n.args[0])
+    r = len(x.shape)
+    d0, d1 = (n.args[1] % r, n.args[2] % r) if n.target == aten.transpose.int else (0, 1)
+    bdim = {d0: d1, d1: d0}.get(x.bdim, x.bdim)
+    return b.emit(n, "transpose", [x], {"dim0": d0, "dim1": d1}, {}, meta_shape(n), bdim)
+
+
+@rule(aten.unsqueeze.default)
+def unsqueeze(b, n):
+    x = b.ir(n.args[0])
+    d = n.args[1] % (len(x.shape) + 1)
+    bdim = None if x.bdim is None else x.bdim + (d <= x.bdim)
+    return b.emit(n, "unsqueeze", [x], {"dim": d}, {}, meta_shape(n), bdim)
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims)
+def squeeze(b, n):
+    x = b.ir(n.args[0])
+    r = len(x.shape)
+    ds = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+    ds = sorted(d % r for d in ds if x.shape[d % r] == 1 and d % r != x.bdim)
+    bdim = None if x.bdim is None else x.bdim - sum(d < x.bdim for d in ds)
+    return b.emit(n, "squeeze", [x], {"dims": ds}, {}, meta_shape(n), bdim)
+
+
+def select(b, n, x, d: int, index: int, shape):
+    if d == x.bdim:
+        raise Unsupported("indexing along the batch axis")
+    bdim = None if x.bdim is None else x.bdim - (d < x.bdim)
+    return b.emit(n, "select", [x], {"dim": d, "index": index % x.shape[d]}, {}, shape, bdim)
+
+
+@rule(aten.select.int)
+def select_int(b, n):
+    x = b.ir(n.args[0])
+    return select(b, n, x, n.args[1] % len(x.shape), int(n.args[2]), meta_shape(n))
+
+
+@rule(aten.unbind.int)
+def unbind(b, n):
+    x = b.ir(n.args[0])
+    d = (n.args[1] if len(n.args) > 1 else 0) % len(x.shape)
+    n.meta["_sfn_unbind_dim"] = d
+    return x
+
+
+@rule(operator.getitem)
+def getitem(b, n):
+    src, i = n.args[0], int(n.args[1])
+    if "_sfn_unbind_dim" in src.meta:
+        x = b.ir(src)
+        return select(b, n, x, src.meta["_sfn_unbind_dim"], i, meta_shape(n))
+    if src.name in b.tuples:
+        return b.tuples[src.name][i]
+    if i == 0 and src.name in b.env and src.name not in b.tuples:     # batch norm's (out, mean, invstd), max pool's (out, indices)
+        return b.ir(src)
+    raise Unsupported("tuple output the converter cannot follow")
+
+
+def slice_node(b, n, x, d: int, start, end, step: int, shape, name=None):
+    if d == x.bdim:
+        raise Unsupported("slicing along the batch axis")
+    start = 0 if start is None else start
+    end = x.shape[d] if end is None else end
+    start, end = int(start), int(end)
+    start = max(0, min(start + x.shape[d] if start < 0 else start, x.shape[d]))
+    end = max(0, min(end + x.shape[d] if end < 0 else end, x.shape[d]))
+    if start == 0 and end == x.shape[d] and step == 1:
+        return x
+    return b.emit(n, "slice", [x], {"dim": d, "start": start, "end": end, "step": int(step)}, {}, shape, x.bdim,
+                  name=name)
+
+
+@rule(aten.slice.Tensor)
+def slice_tensor(b, n):
+    x = b.ir(n.args[0])
+    d = (n.args[1] if len(n.args) > 1 else 0) % len(x.shape)
+    return slice_node(b, n, x, d, n.args[2] if len(n.args) > 2 else None, n.args[3] if len(n.args) > 3 else None,
+                      n.args[4] if len(n.args) > 4 else 1, meta_shape(n))
+
+
+@rule(aten.cat.default)
+def cat(b, n):
+    xs = [b.ir(a) for a in n.args[0]]
+    shape = meta_shape(n)
+    d = (n.args[1] if len(n.args) > 1 else 0) % len(shape)
+    bd = [x.bdim for x in xs if x.bdim is not None]
+    bdim = bd[0] if bd else None
+    if bdim == d:
+        raise Unsupported("concatenation along the batch axis")
+    return b.emit(n, "cat", xs, {"dim": d}, {}, shape, bdim)
+
+
+@rule(aten.expand.default)
+def expand(b, n):
+    x, shape = b.ir(n.args[0]), meta_shape(n)
+    sym = sym_entries(n)
+    sh: list = []
+    off = len(shape) - len(x.shape)
+    bdim = None if x.bdim is None else x.bdim + off
+    if bdim is None and shape and shape[0] == b.batch and (off > 0 or x.shape[0] == 1) and b.batch > 1:
+        bdim = 0                      # a stored tensor broadcast over the (static) batch
+    for i, s in enumerate(shape):
+        if sym[i] or i == bdim:
+            sh.append("B")
+            bdim = i
+        elif i >= off and x.shape[i - off] == s:
+            sh.append(-1)
+        else:
+            sh.append(s)
+    return b.emit(n, "expand", [x], {"shape": sh}, {}, shape, bdim)
+
+
+def batch_reshape(x, out: list[int], sym: list[bool]) -> tuple[list, int | None]:
+    """Locate the batch axis of a reshape's output and write its entry as "B" or "B*k"."""
+    if x.bdim is None:
+        return list(out), None
+    p, s_in = x.bdim, x.shape
+    size = s_in[p]
+    before = prod(s_in[:p])
+    candidates = []
+    for q in range(len(out)):
+        if prod(out[:q]) != before:
+            continue
+        k, j = 1, p + 1
+        while True:
+            if out[q] == size * k:
+                candidates.append((q, k))
+                break
+            if j >= len(s_in) or size * k > out[q]:
+                break
+            k *= s_in[j]
+            j += 1
+    if any(sym):                                       # dynamic export: trust the symbols
+        candidates = [c for c in candidates if sym[c[0]]] or candidates
+    if not candidates:
+        raise Unsupported(f"cannot follow the batch axis through reshape {s_in} -> {out}; "
+                          "export the model with a dynamic batch dimension")
+    q, k = candidates[0]
+    sh: list = list(out)
+    sh[q] = "B" if k == 1 else f"B*{k}"
+    return sh, q

@@ -1,0 +1,38 @@
+"""Normalisation layers (host ops; an inference BatchNorm after a weight layer is folded later)."""
+from __future__ import annotations
+
+import torch
+
+from .builder import Unsupported, meta_shape, rule
+
+aten = torch.ops.aten
+
+
+@rule(aten.layer_norm.default)
+def layer_norm(b, n):
+    args = n.args
+    params = {}
+    if len(args) > 2 and args[2] is not None:
+        params["weight"] = b.param(args[2])
+    if len(args) > 3 and args[3] is not None:
+        params["bias"] = b.param(args[3])
+    eps = float(args[4]) if len(args) > 4 else 1e-5
+    attrs = {"normalized_shape": [int(s) for s in args[1]], "eps": eps}
+    return b.emit(n, "layer_norm", [args[0]], attrs, params, meta_shape(n))
+
+
+@rule(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
+def batch_norm(b, n):
+    if n.target == aten.batch_norm.default:
+        x, w, bias, mean, var, training, _, eps = n.args[:8]
+        if training:
+            raise Unsupported("BatchNorm in training mode; call model.eval() before exporting")
+    else:
+        x, w, bias, mean, var, _, eps = n.args[:7]
+    params = {"running_mean": b.param(mean), "running_var": b.param(var)}
+    if w is not None:
+        params["weight"] = b.param(w)
+    if bias is not None:
+        params["bias"] = b.param(bias)
+    shape = meta_shape(n, 0)
+    return b.emit(n, "batch_norm", [x], {"eps": float(eps)}, params, shape if shape is not None else b.ir(x).shape)

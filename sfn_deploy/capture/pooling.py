@@ -1,0 +1,47 @@
+"""Pooling and reductions over spatial or token axes."""
+from __future__ import annotations
+
+import torch
+
+from .builder import Unsupported, meta_shape, pair, rule
+
+aten = torch.ops.aten
+
+
+@rule(aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
+def max_pool2d(b, n):
+    args = n.args
+    k = pair(args[1])
+    stride = pair(args[2]) if len(args) > 2 and args[2] else k
+    attrs = {"kernel_size": k, "stride": stride, "padding": pair(args[3] if len(args) > 3 else 0),
+             "dilation": pair(args[4] if len(args) > 4 else 1), "ceil_mode": bool(args[5]) if len(args) > 5 else False}
+    return b.emit(n, "max_pool2d", [args[0]], attrs, {}, meta_shape(n, 0))
+
+
+@rule(aten.avg_pool2d.default)
+def avg_pool2d(b, n):
+    args = n.args
+    k = pair(args[1])
+    stride = pair(args[2]) if len(args) > 2 and args[2] else k
+    attrs = {"kernel_size": k, "stride": stride, "padding": pair(args[3] if len(args) > 3 else 0),
+             "ceil_mode": bool(args[4]) if len(args) > 4 else False,
+             "count_include_pad": bool(args[5]) if len(args) > 5 else True,
+             "divisor_override": args[6] if len(args) > 6 else None}
+    return b.emit(n, "avg_pool2d", [args[0]], attrs, {}, meta_shape(n))
+
+
+@rule(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
+def adaptive_avg_pool2d(b, n):
+    return b.emit(n, "adaptive_avg_pool2d", [n.args[0]], {"output_size": pair(n.args[1])}, {}, meta_shape(n))
+
+
+@rule(aten.mean.dim)
+def mean(b, n):
+    x = b.ir(n.args[0])
+    dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+    dims = sorted(d % len(x.shape) for d in dims)
+    keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+    if x.bdim in dims:
+        raise Unsupported("mean over the batch axis")
+    bdim = None if x.bdim is None else (x.bdim if keep else x.bdim - sum(d < x.bdim for d in dims))
+    return b.emit(n, "mean", [x], {"dims": dims, "keepdim": keep}, {}, meta_shape(n), bdim)
