@@ -755,7 +755,7 @@ def export_onnx(model: ConvertedModel, path: str, *, levels: bool = False, opset
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
     return __version__
 
 

@@ -8,11 +8,10 @@ Python API (the CLI calls the same functions)::
     snn = convert(model, data, scale=0.2)
     print(evaluate(snn, load_data("mnist:../shared/data/mnist:8000:10000")))
 """
-__version__ = "0.1.0"
-
-from .convert import convert, evaluate  # noqa: E402
-from .data import load_data  # noqa: E402
-from .model_file import ConvertedModel, load, save  # noqa: E402
-from .models import load_model  # noqa: E402
+from .convert import convert, evaluate
+from .data import load_data
+from .model_file import ConvertedModel, load, save
+from .models import load_model
+from .version import __version__
 
 __all__ = ["convert", "evaluate", "load", "save", "load_data", "load_model", "ConvertedModel", "__version__"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import UserError
 from .ir import FORMAT, FORMAT_VERSION, Graph, GraphError, check_graph_dict, validate_graph
 from .untrusted import file_kind, torch_load
