@@ -974,7 +974,8 @@ class PartialModule(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x, spikes: bool = False):
-        from ..runtime import _op, fire
+        from ..ops import apply
+        from ..runtime import fire
         env = {self.spec["input"]: x}
         caught: dict[str, torch.Tensor] = {}
         batch = x.shape[0]
@@ -994,7 +995,7 @@ class PartialModule(torch.nn.Module):
                 elif node.op == "sfn":
                     out = fire(node, args[0])[0]
                 else:
-                    out = _op(node, args, self.graph, batch)
+                    out = apply(node, args, self.graph, batch)
                 env[name] = out
         y = env[self.spec["output"]]
         return (y, caught) if spikes else y

@@ -42,47 +42,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops import TABLE, apply, resolve_shape  # noqa: F401  (resolve_shape: part of ir's API)
+
 FORMAT = "sfn-deploy/converted"
 FORMAT_VERSION = 2         # 2: multi-timestep methods (if_neuron, Graph.timesteps/method); files with
                            # only single-step SFN content are still written as version 1
 
-# op -> (kind, description). kind: "weight" (synaptic layer with stored weights),
-# "product" (product of two activations), "neuron", "host" (computed off the neuron
-# cores: normalisation, nonlinearities, residual arithmetic), "layout" (moves or
-# selects data, no arithmetic), "pool", "io".
-OPS = {
-    "input": ("io", "the network input"),
-    "constant": ("io", "a stored tensor used as data (class token, position embedding)"),
-    "conv2d": ("weight", "2-D convolution; attrs stride, padding, dilation, groups"),
-    "linear": ("weight", "y = x Wᵀ + b over the last axis"),
-    "matmul": ("product", "product of two activations (attention q·kᵀ and attn·v)"),
-    "sfn": ("neuron", "Scale-and-Fire neuron, one timestep"),
-    "if_neuron": ("neuron", "multi-level integrate-and-fire neuron over T timesteps, soft reset (baselines)"),
-    "mbe_neuron": ("neuron", "MBE identity neuron: binary encoding of x over T internal steps (--method mbe)"),
-    "relu": ("host", "max(0, x); in a converted network it only feeds SFNs"),
-    "gelu": ("host", "GELU; attrs approximate"),
-    "softmax": ("host", "softmax over attrs dim"),
-    "layer_norm": ("host", "LayerNorm over the last len(normalized_shape) axes"),
-    "batch_norm": ("host", "inference BatchNorm not foldable into a convolution"),
-    "add": ("host", "a + alpha·b (tensor or attrs scalar)"),
-    "sub": ("host", "a − b"),
-    "mul": ("host", "a · b"),
-    "div": ("host", "a / b"),
-    "max_pool2d": ("pool", "2-D max pooling"),
-    "avg_pool2d": ("pool", "2-D average pooling"),
-    "adaptive_avg_pool2d": ("pool", "adaptive 2-D average pooling"),
-    "mean": ("pool", "mean over attrs dims"),
-    "reshape": ("layout", "reshape to attrs shape"),
-    "permute": ("layout", "permute axes"),
-    "transpose": ("layout", "swap two axes"),
-    "flatten": ("layout", "flatten axes start..end"),
-    "unsqueeze": ("layout", "insert an axis"),
-    "squeeze": ("layout", "remove size-1 axes"),
-    "select": ("layout", "pick one index along an axis"),
-    "slice": ("layout", "a strided range along an axis"),
-    "cat": ("layout", "concatenate along an axis (batchless inputs broadcast over the batch)"),
-    "expand": ("layout", "broadcast to attrs shape"),
-}
+# op -> (kind, description), from the op table (sfn_deploy/ops.py: add an op there). kind: "weight" (synaptic
+# layer with stored weights), "product" (product of two activations), "neuron", "host" (computed off the neuron
+# cores: normalisation, nonlinearities, residual arithmetic), "layout" (moves or selects data, no arithmetic),
+# "pool", "io".
+OPS = {name: (spec.kind, spec.description) for name, spec in TABLE.items()}
 
 
 NEURON_OPS = ("sfn", "if_neuron")     # nodes with fire attrs/params (``Graph.sites``)
@@ -195,17 +165,6 @@ class Graph:
     def from_dict(cls, d: dict) -> "Graph":
         return cls([Node.from_dict(n) for n in d["nodes"]], d["output"], int(d.get("timesteps", 1)),
                    str(d.get("method", "sfn")))
-
-
-def resolve_shape(shape: list, batch: int) -> list[int]:
-    """Replace the batch entries "B" / "B*k" of a stored shape by numbers."""
-    out = []
-    for s in shape:
-        if isinstance(s, str):
-            out.append(batch * (int(s.split("*")[1]) if "*" in s else 1))
-        else:
-            out.append(int(s))
-    return out
 
 
 # ---------------------------------------------------------------- validation
@@ -526,7 +485,7 @@ def _binary_shape(node: Node, args):
 
 # Shape rules (torch's own, as (shape, dtype)) of the ops that carry weights or are the commonest: no arithmetic,
 # so a big network validates in milliseconds. Every other op (layout, pooling, products, means) runs through
-# runtime._op on zero tensors of batch 1, which costs little. (Meta tensors would do the same without the
+# the op table (ops.apply) on zero tensors of batch 1, which costs little. (Meta tensors would do the same without the
 # arithmetic, but their first use imports torch._dynamo and sympy: ~1 s on every command that loads a model.)
 _SHAPE_RULES = {"linear": _linear_shape, "conv2d": _conv2d_shape, "layer_norm": _layer_norm_shape,
                 "batch_norm": _batch_norm_shape, "gelu": _same, "relu": _same, "softmax": _same,
@@ -540,10 +499,8 @@ def _zeros(shape, dtype=torch.float32) -> torch.Tensor:
 
 def _shape_run(graph: Graph, where_of) -> None:
     """Run the ANN once on a zero input of batch 1 (shape rules for the weight layers and the commonest ops,
-    runtime._op on zeros for the rest) and compare every node's output shape with its stored ``shape`` (the
+    the op table on zeros for the rest) and compare every node's output shape with its stored ``shape`` (the
     batch axis is not compared: a reshape that merges axes into it makes it k at batch 1)."""
-    from .runtime import _op
-
     env: dict[str, torch.Tensor] = {}
     for node in graph.nodes:
         where = where_of(node)
@@ -559,7 +516,7 @@ def _shape_run(graph: Graph, where_of) -> None:
                 shape, dtype = _SHAPE_RULES[node.op](node, args)
                 out = _zeros(shape, dtype)
             else:
-                out = _op(node, args, graph, 1)
+                out = apply(node, args, graph, 1)
         except KeyError as e:
             raise GraphError(f"{where}: missing attr {e.args[0]!r}") from None
         except Exception as e:  # wrong shapes, bad attr values: the rule or torch names the problem

@@ -78,7 +78,8 @@ def quantise(z: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor |
 
 def forward(graph: Graph, x: torch.Tensor, thetas: dict, k: int) -> torch.Tensor:
     """The fake-quantised ANN, differentiable (the runtime's operations, quantisers at the sites)."""
-    from .runtime import _op, _release_plan
+    from .ops import apply
+    from .runtime import _release_plan
     env: dict = {}
     free = _release_plan(graph)
     for node in graph.nodes:
@@ -91,7 +92,7 @@ def forward(graph: Graph, x: torch.Tensor, thetas: dict, k: int) -> torch.Tensor
             tp, tn = thetas[node.name]
             out = quantise(args[0], tp.exp(), None if tn is None else tn.exp(), k)
         else:
-            out = _op(node, args, graph, x.shape[0])
+            out = apply(node, args, graph, x.shape[0])
         env[node.name] = out
         for name in free.get(node.name, ()):
             del env[name]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .ir import NEURON_OPS, Graph, Node, resolve_shape
+from .ir import NEURON_OPS, Graph, Node
+from .ops import apply as apply_op
 
 Hook = Callable[[Node, list, torch.Tensor, dict], None]
 
@@ -88,82 +88,6 @@ def _level_table(node: Node, dtype) -> torch.Tensor:
     return cached[1]
 
 
-def _scalar_or(args, a):
-    return args[1] if len(args) > 1 else a["other"]
-
-
-def _cat(node: Node, args, graph: Graph, batch: int):
-    dim = node.attrs["dim"]
-    parts = []
-    for name, t in zip(node.inputs, args):
-        if graph[name].bdim is None and node.bdim is not None and t.shape[node.bdim] != batch:
-            shape = list(t.shape)
-            shape[node.bdim] = batch
-            t = t.expand(shape)
-        parts.append(t)
-    return torch.cat(parts, dim)
-
-
-def _op(node: Node, args: list, graph: Graph, batch: int) -> torch.Tensor:
-    a, p, op = node.attrs, node.params, node.op
-    if op == "conv2d":
-        return F.conv2d(args[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
-    if op == "linear":
-        return F.linear(args[0], p["weight"], p.get("bias"))
-    if op == "matmul":
-        return torch.matmul(args[0], args[1])
-    if op == "relu":
-        return torch.relu(args[0])
-    if op == "gelu":
-        return F.gelu(args[0], approximate=a.get("approximate", "none"))
-    if op == "softmax":
-        return torch.softmax(args[0], a["dim"])
-    if op == "layer_norm":
-        return F.layer_norm(args[0], a["normalized_shape"], p.get("weight"), p.get("bias"), a["eps"])
-    if op == "batch_norm":
-        return F.batch_norm(args[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"),
-                            False, 0.0, a["eps"])
-    if op in ("add", "sub"):
-        other, alpha = _scalar_or(args, a), a.get("alpha", 1)
-        if not (type(alpha) is int and alpha == 1 and isinstance(other, torch.Tensor) and other.is_floating_point()):
-            other = alpha * other      # (1 · t is t bit for bit, same dtype: that pass is skipped)
-        return args[0] + other if op == "add" else args[0] - other
-    if op == "mul":
-        return args[0] * _scalar_or(args, a)
-    if op == "div":
-        return args[0] / _scalar_or(args, a)
-    if op == "max_pool2d":
-        return F.max_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
-    if op == "avg_pool2d":
-        return F.avg_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-                            a["count_include_pad"], a.get("divisor_override"))
-    if op == "adaptive_avg_pool2d":
-        return F.adaptive_avg_pool2d(args[0], a["output_size"])
-    if op == "mean":
-        return args[0].mean(a["dims"], keepdim=a["keepdim"])
-    if op == "reshape":
-        return args[0].reshape(resolve_shape(a["shape"], batch))
-    if op == "expand":
-        return args[0].expand(resolve_shape(a["shape"], batch))
-    if op == "permute":
-        return args[0].permute(a["dims"])
-    if op == "transpose":
-        return args[0].transpose(a["dim0"], a["dim1"])
-    if op == "flatten":
-        return args[0].flatten(a["start"], a["end"])
-    if op == "unsqueeze":
-        return args[0].unsqueeze(a["dim"])
-    if op == "squeeze":
-        return args[0].squeeze(a["dims"])
-    if op == "select":
-        return args[0].select(a["dim"], a["index"])
-    if op == "slice":
-        return args[0][(slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)]
-    if op == "cat":
-        return _cat(node, args, graph, batch)
-    raise NotImplementedError(f"runtime has no rule for op {op!r} (node {node.name})")
-
-
 @torch.no_grad()
 def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | None = None) -> torch.Tensor:
     """Execute the graph on a batch ``x`` (batch axis first) and return the output tensor.
@@ -206,7 +130,7 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook: Hook | Non
             else:       # the ANN: identity, or the ReLU the neuron absorbed
                 out = torch.relu(args[0]) if node.attrs.get("absorbs") == "relu" else args[0]
         else:
-            out = _op(node, args, graph, batch)
+            out = apply_op(node, args, graph, batch)
         env[node.name] = out
         if hook is not None:
             hook(node, args, out, extra)

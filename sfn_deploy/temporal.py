@@ -153,7 +153,8 @@ def run_steps(graph: Graph, x: torch.Tensor, hook=None, timesteps: int | None = 
 
 
 def _apply(node: Node, args: list, graph: Graph, batch: int, extra: dict | None = None) -> torch.Tensor:
-    from .runtime import _op, fire
+    from .ops import apply
+    from .runtime import fire
     if node.op == "sfn":
         out, pos = fire(node, args[0])
         if extra is not None:
@@ -161,4 +162,4 @@ def _apply(node: Node, args: list, graph: Graph, batch: int, extra: dict | None 
         return out
     if node.op in STATEFUL_OPS:      # ECM never wraps a neuron; kept for completeness
         raise ValueError(f"node {node.name}: a stateful neuron cannot be applied statelessly")
-    return _op(node, args, graph, batch)
+    return apply(node, args, graph, batch)

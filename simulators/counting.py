@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from sfn_deploy.ir import NEURON_OPS, Graph, Node
-from sfn_deploy.runtime import _op, _release_plan, run, signed_table
+from sfn_deploy.ops import apply
+from sfn_deploy.runtime import _release_plan, run, signed_table
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
 _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze"}   # every element kept once
@@ -374,7 +375,7 @@ class OpCounter:
             s = self._shadow[node.inputs[0]]
             a = node.attrs
             if op in _FOLLOW:
-                self._shadow[node.name] = s.map(lambda t: _op(node, [t], self.graph, self.batch),
+                self._shadow[node.name] = s.map(lambda t: apply(node, [t], self.graph, self.batch),
                                                 preserves=op in _PRESERVE)
             elif op == "max_pool2d":
                 grid = self._recoverable(s.site) if s.index is not None else None
@@ -384,7 +385,7 @@ class OpCounter:
                     self._shadow[node.name] = _Spikes(s.site, index=index)
                 else:                    # the value is monotone in the index: pooling it picks the same element
                     self._shadow[node.name] = s.map(
-                        lambda t: _op(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
+                        lambda t: apply(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
             elif op == "avg_pool2d":
                 self._shadow[node.name] = _Spikes(s.site, sums=tuple(
                     F.avg_pool2d(t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],

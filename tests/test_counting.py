@@ -211,7 +211,7 @@ def test_run_hands_histograms_and_skips_positions_only_when_asked():
 
 def test_add_with_unit_alpha_is_bit_identical():
     from sfn_deploy.ir import Node
-    from sfn_deploy.runtime import _op
+    from sfn_deploy.ops import apply as _op
     a, b = torch.randn(100), torch.randn(100)
     b[0] = -0.0
     for op, alpha, ref in (("add", 1, a + 1 * b), ("sub", 1, a - 1 * b), ("add", 2, a + 2 * b),

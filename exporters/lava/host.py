@@ -1,6 +1,6 @@
 """The host side of a Lava run: what a :class:`HostOp` process computes each timestep.
 
-Host work uses the torch reference interpreter's own operations (``runtime._op``) on one
+Host work uses the torch reference interpreter's own operations (the op table, ``ops.apply``) on one
 sample, so LayerNorm, softmax and GELU give the reference's floats; torch runs single-threaded
 (Lava forks its processes, and a multi-threaded OpenMP pool does not survive a fork).
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ...ir import Graph, Node
-from ...runtime import _op
+from ...ops import apply
 from .plan import LATTICE_OPS, ACC_BITS
 
 _LIM = (1 << (ACC_BITS - 1)) - 1
@@ -98,7 +98,7 @@ class HostRunner:
                 args = [env[node.inputs[0]]]             # levels pass through
             else:
                 args = [self._values(i, env[i]) for i in node.inputs]
-            env[node.name] = _op(node, args, self.graph, 1)
+            env[node.name] = apply(node, args, self.graph, 1)
         outs = [self._encode(o, o["value"], env) for o in self.outputs]
         if self.tap is not None and time_step <= self.steps:
             if self.tap_file is None:
