@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.10: lava-nc needs it) and install sfn-deploy with its test tools, once.
-# Sourced by examples/demo.sh and tests/run.sh (the README's two commands); reinstalls only when pyproject.toml changes.
+# Sourced by examples/demo.sh and tests/run.sh (the README's two commands); reinstalls only when pyproject.toml or
+# requirements.lock changes. Versions come from requirements.lock (exact, used as pip constraints), so two fresh clones
+# get the same packages; regenerate it with `bash .ci/lock` after changing a dependency in pyproject.toml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.sfn-deploy-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     PY=""
@@ -23,7 +25,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   fi
   echo "installing sfn-deploy and its dependencies into .venv (first time: a few minutes)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" >&2
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/requirements.lock" -e "$ROOT[test]" >&2
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

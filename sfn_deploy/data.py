@@ -86,8 +86,17 @@ def load_npz(path: str) -> Dataset:
     return _check(x, y, path)
 
 
+DIGITS_INSTALL = "pip install 'sfn-deploy[digits]'"
+
+
 def load_digits() -> Dataset:
-    from sklearn.datasets import load_digits as _digits
+    """scikit-learn's 8×8 digits (an optional dependency: the extra ``sfn-deploy[digits]``)."""
+    try:
+        from sklearn.datasets import load_digits as _digits
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "sklearn":
+            raise  # scikit-learn is there but broken: its own error says why
+        raise UserError(f"sklearn:digits needs scikit-learn, which is not installed: {DIGITS_INSTALL}") from None
     d = _digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
     return _check(x, d.target.astype(np.int64), "sklearn:digits")

@@ -13,6 +13,7 @@ MODELS = os.path.join(ROOT, "examples", "models")
 
 @pytest.fixture(scope="session")
 def digits():
+    pytest.importorskip("sklearn", reason="sklearn:digits needs scikit-learn (pip install 'sfn-deploy[digits]')")
     return load_data("sklearn:digits")
 
 
