@@ -602,11 +602,16 @@ class _Lowering:
         (h, w), (oh, ow) = src.shape[2:], a["output_size"]
         if [oh, ow] == [1, 1]:
             return self.emit("GlobalAveragePool", [xs[0]], out)
-        if h % oh or w % ow:
-            raise _Unsupported(f"adaptive pooling {h}×{w} → {oh}×{ow}: the input size is not a multiple of the "
-                               "output size, so the windows differ in size (no ONNX equivalent)")
-        k = [h // oh, w // ow]
-        return self.emit("AveragePool", [xs[0]], out, kernel_shape=k, strides=k)
+        if h % oh == 0 and w % ow == 0:
+            k = [h // oh, w // ow]
+            return self.emit("AveragePool", [xs[0]], out, kernel_shape=k, strides=k)
+        # windows of different sizes (or repeated pixels, 1×1 → 7×7): each output is the sum of its window
+        # (a 0/1 matrix over the H·W pixels) divided by the window's size, as torch computes it
+        ones, counts = _adaptive_windows(h, w, oh, ow)
+        flat = self.emit("Reshape", [xs[0], self.shape_tensor(["B", src.shape[1], h * w])])
+        summed = self.emit("MatMul", [flat, self.init(ones, f"{n.name}.windows")])
+        mean = self.emit("Div", [summed, self.init(counts, f"{n.name}.window_sizes")])
+        return self.emit("Reshape", [mean, self.shape_tensor(["B", src.shape[1], oh, ow])], out)
 
     def op_mean(self, n, a, p, xs, out):
         dims, keep = [int(d) for d in a["dims"]], int(bool(a["keepdim"]))
@@ -671,8 +676,104 @@ class _Lowering:
         return self.emit("Concat", parts, out, axis=int(a["dim"]))
 
 
+    # -- the model zoo's operators (each in torch's own order of operations) --------
+    def op_hardtanh(self, n, a, p, xs, out):
+        return self.emit("Clip", [xs[0], self.scalar(a["min_val"]), self.scalar(a["max_val"])], out)
+
+    def _relu6_of_x_plus_3(self, x):
+        return self.emit("Clip", [self.emit("Add", [x, self.scalar(3.0)]), self.scalar(0.0), self.scalar(6.0)])
+
+    def op_hardswish(self, n, a, p, xs, out):       # torch: x · min(max(x + 3, 0), 6) / 6
+        return self.emit("Div", [self.emit("Mul", [xs[0], self._relu6_of_x_plus_3(xs[0])]), self.scalar(6.0)], out)
+
+    def op_hardsigmoid(self, n, a, p, xs, out):     # torch: min(max(x + 3, 0), 6) / 6
+        return self.emit("Div", [self._relu6_of_x_plus_3(xs[0]), self.scalar(6.0)], out)
+
+    def op_silu(self, n, a, p, xs, out):            # torch: x / (1 + exp(−x))
+        e = self.emit("Exp", [self.emit("Neg", [xs[0]])])
+        return self.emit("Div", [xs[0], self.emit("Add", [e, self.scalar(1.0)])], out)
+
+    def op_sigmoid(self, n, a, p, xs, out):
+        return self.emit("Sigmoid", [xs[0]], out)
+
+    def op_tanh(self, n, a, p, xs, out):
+        return self.emit("Tanh", [xs[0]], out)
+
+    def op_mish(self, n, a, p, xs, out):
+        if self.opset >= 18:
+            return self.emit("Mish", [xs[0]], out)
+        return self.emit("Mul", [xs[0], self.emit("Tanh", [self.emit("Softplus", [xs[0]])])], out)
+
+    def _reduce(self, onnx_op, dims, keep, x, out):
+        if onnx_op == "ReduceSum" or self.opset >= 18:      # axes as an input (ReduceSum: from opset 13)
+            return self.emit(onnx_op, [x, self.const([int(d) for d in dims])], out, keepdims=int(keep))
+        return self.emit(onnx_op, [x], out, axes=[int(d) for d in dims], keepdims=int(keep))
+
+    def op_sum(self, n, a, p, xs, out):
+        return self._reduce("ReduceSum", a["dims"], a["keepdim"], xs[0], out)
+
+    def op_vector_norm(self, n, a, p, xs, out):
+        op = {1.0: "ReduceL1", 2.0: "ReduceL2"}.get(float(a["ord"]))
+        if op is None:
+            raise _Unsupported(f"vector norm of order {a['ord']}")
+        return self._reduce(op, a["dims"], a["keepdim"], xs[0], out)
+
+    def op_group_norm(self, n, a, p, xs, out):
+        """(x − mean) / √(var + eps) per sample and group, then the per-channel affine map."""
+        src = self.graph[n.inputs[0]]
+        if src.bdim != 0 or len(src.shape) < 2:
+            raise _Unsupported(f"GroupNorm expects an N×C×… input, got {_fmt_shape(src.shape)}")
+        c, g = src.shape[1], int(a["num_groups"])
+        grouped = self.emit("Reshape", [xs[0], self.shape_tensor(["B", g, -1])])
+        mean = self.emit("ReduceMean", [grouped, self.const([2])], keepdims=1) if self.opset >= 18 else \
+            self.emit("ReduceMean", [grouped], axes=[2], keepdims=1)
+        d = self.emit("Sub", [grouped, mean])
+        var = self.emit("ReduceMean", [self.emit("Mul", [d, d]), self.const([2])], keepdims=1) \
+            if self.opset >= 18 else self.emit("ReduceMean", [self.emit("Mul", [d, d])], axes=[2], keepdims=1)
+        y = self.emit("Div", [d, self.emit("Sqrt", [self.emit("Add", [var, self.scalar(a["eps"])])])])
+        y = self.emit("Reshape", [y, self.shape_tensor(["B"] + list(src.shape[1:]))])
+        trail = [1] * (len(src.shape) - 2)
+        if p.get("weight") is not None:
+            y = self.emit("Mul", [y, self.param(p["weight"].reshape(c, *trail), "weight")])
+        if p.get("bias") is not None:
+            y = self.emit("Add", [y, self.param(p["bias"].reshape(c, *trail), "bias")])
+        return self.emit("Identity", [y], out)
+
+    def op_pad(self, n, a, p, xs, out):
+        widths, rank = [int(v) for v in a["pad"]], len(n.shape)
+        begin, end = [0] * rank, [0] * rank
+        for i in range(0, len(widths), 2):          # torch: (last axis begin, end, next-to-last ...)
+            begin[rank - 1 - i // 2], end[rank - 1 - i // 2] = widths[i], widths[i + 1]
+        return self.emit("Pad", [xs[0], self.const(begin + end), self.scalar(a["value"])], out, mode="constant")
+
+    def op_roll(self, n, a, p, xs, out):
+        x = xs[0]
+        for shift, dim in zip(a["shifts"], a["dims"]):
+            size = n.shape[int(dim)]
+            k = int(shift) % size
+            if k:
+                c = self.const
+                tail = self.emit("Slice", [x, c([size - k]), c([size]), c([int(dim)])])
+                head = self.emit("Slice", [x, c([0]), c([size - k]), c([int(dim)])])
+                x = self.emit("Concat", [tail, head], axis=int(dim))
+        return self.emit("Identity", [x], out)
+
+
 class _Unsupported(Exception):
     pass
+
+
+def _adaptive_windows(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch's adaptive pooling windows [floor(i·H/OH), ceil((i+1)·H/OH)) as a (H·W)×(OH·OW) 0/1 matrix,
+    and each window's pixel count."""
+    ones = np.zeros((h * w, oh * ow), _F32)
+    for i in range(oh):
+        r0, r1 = (i * h) // oh, -(-((i + 1) * h) // oh)
+        for j in range(ow):
+            c0, c1 = (j * w) // ow, -(-((j + 1) * w) // ow)
+            for r in range(r0, r1):
+                ones[r * w + c0:r * w + c1, i * ow + j] = 1.0
+    return ones, ones.sum(0).astype(_F32)
 
 
 def _check_args(model, levels: bool, opset: int, ann: bool) -> ConvertedModel:

@@ -262,3 +262,67 @@ def _cat(node, args, graph, batch):
 @register("expand", "layout", "broadcast to attrs shape")
 def _expand(node, args, graph, batch):
     return args[0].expand(resolve_shape(node.attrs["shape"], batch))
+
+
+# ---------------------------------------------------------------- the model zoo's operators
+
+@register("hardtanh", "host", "clamp to [attrs min_val, attrs max_val] (ReLU6)")
+def _hardtanh(node, args, graph, batch):
+    return torch.clamp(args[0], node.attrs["min_val"], node.attrs["max_val"])
+
+
+@register("hardswish", "host", "x · relu6(x + 3) / 6")
+def _hardswish(node, args, graph, batch):
+    return F.hardswish(args[0])
+
+
+@register("hardsigmoid", "host", "relu6(x + 3) / 6")
+def _hardsigmoid(node, args, graph, batch):
+    return F.hardsigmoid(args[0])
+
+
+@register("silu", "host", "x · sigmoid(x) (Swish)")
+def _silu(node, args, graph, batch):
+    return F.silu(args[0])
+
+
+@register("sigmoid", "host", "1 / (1 + exp(−x))")
+def _sigmoid(node, args, graph, batch):
+    return torch.sigmoid(args[0])
+
+
+@register("tanh", "host", "tanh(x)")
+def _tanh(node, args, graph, batch):
+    return torch.tanh(args[0])
+
+
+@register("mish", "host", "x · tanh(softplus(x))")
+def _mish(node, args, graph, batch):
+    return F.mish(args[0])
+
+
+@register("group_norm", "host", "GroupNorm: attrs num_groups, eps; params weight, bias (per channel)")
+def _group_norm(node, args, graph, batch):
+    a, p = node.attrs, node.params
+    return F.group_norm(args[0], a["num_groups"], p.get("weight"), p.get("bias"), a["eps"])
+
+
+@register("vector_norm", "host", "the attrs ord-norm (1 or 2) over attrs dims")
+def _vector_norm(node, args, graph, batch):
+    a = node.attrs
+    return torch.linalg.vector_norm(args[0], a["ord"], a["dims"], keepdim=a["keepdim"])
+
+
+@register("sum", "pool", "sum over attrs dims")
+def _sum(node, args, graph, batch):
+    return args[0].sum(node.attrs["dims"], keepdim=node.attrs["keepdim"])
+
+
+@register("pad", "layout", "constant padding: attrs pad (F.pad order: last axis first), value")
+def _pad(node, args, graph, batch):
+    return F.pad(args[0], node.attrs["pad"], "constant", node.attrs["value"])
+
+
+@register("roll", "layout", "cyclic shift: attrs shifts along attrs dims (shifted windows)")
+def _roll(node, args, graph, batch):
+    return torch.roll(args[0], node.attrs["shifts"], node.attrs["dims"])

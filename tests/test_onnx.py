@@ -430,16 +430,25 @@ def test_unsupported_opset_is_refused(mlp_snn):
 
 def test_unsupported_combinations_name_every_node():
     m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2, divisor_override=3),
-                      nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 10)).eval()
+                      nn.AvgPool2d(3, 2, 1, ceil_mode=True), nn.Flatten(), nn.Linear(36, 10)).eval()
     g = capture(m, torch.randn(2, 1, 8, 8))
-    pool = next(n.name for n in g.nodes if n.op == "avg_pool2d")
-    adaptive = next(n.name for n in g.nodes if n.op == "adaptive_avg_pool2d")
+    pool, overhang = [n.name for n in g.nodes if n.op == "avg_pool2d"]
     with pytest.raises(UserError) as e:
         to_onnx(ConvertedModel(g, [1, 8, 8]))
     msg = str(e.value)
     assert "\n" not in msg
     assert f"'{pool}'" in msg and "divisor_override" in msg
-    assert f"'{adaptive}'" in msg and "4×4 → 3×3" in msg
+    assert f"'{overhang}'" in msg and "ceil_mode with padding" in msg
+
+
+@pytest.mark.parametrize("size,out", [(4, 3), (5, 3), (1, 7), (7, 7), (6, 4)])
+def test_adaptive_pooling_to_any_size_matches_torch(size, out):
+    """Windows of unequal size (4×4 → 3×3) and repeated pixels (VGG's 1×1 → 7×7) export too."""
+    m = nn.Sequential(nn.AdaptiveAvgPool2d(out), nn.Flatten(), nn.Linear(2 * out * out, 3)).eval()
+    x = torch.randn(5, 2, size, size)
+    g = capture(m, x)
+    onnx_out = OnnxRunner(to_onnx(ConvertedModel(g, [2, size, size]), ann=True), threads=1).run(x)
+    torch.testing.assert_close(torch.as_tensor(onnx_out), m(x).detach(), rtol=1e-5, atol=1e-6)
 
 
 # -- files, atomic writes and the runner -----------------------------------------------------------

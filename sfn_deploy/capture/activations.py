@@ -22,3 +22,38 @@ def gelu(b, n):
 def softmax(b, n):
     shape = meta_shape(n)
     return b.emit(n, "softmax", [n.args[0]], {"dim": n.args[1] % len(shape)}, {}, shape)
+
+
+@rule(aten.hardtanh.default, aten.hardtanh_.default)
+def hardtanh(b, n):
+    lo, hi = float(arg(n, 1, "min_val", -1.0)), float(arg(n, 2, "max_val", 1.0))
+    if lo == 0.0 and hi == float("inf"):
+        return b.emit(n, "relu", [n.args[0]], {}, {}, meta_shape(n))
+    return b.emit(n, "hardtanh", [n.args[0]], {"min_val": lo, "max_val": hi}, {}, meta_shape(n))
+
+
+@rule(aten.clamp.default, aten.clamp_.default)
+def clamp(b, n):
+    lo, hi = arg(n, 1, "min"), arg(n, 2, "max")
+    lo = float("-inf") if lo is None else float(lo)
+    hi = float("inf") if hi is None else float(hi)
+    if lo == 0.0 and hi == float("inf"):
+        return b.emit(n, "relu", [n.args[0]], {}, {}, meta_shape(n))
+    return b.emit(n, "hardtanh", [n.args[0]], {"min_val": lo, "max_val": hi}, {}, meta_shape(n))
+
+
+def _pointwise(op: str, *targets):
+    """A parameter-free pointwise nonlinearity mapped one to one onto IR op ``op``."""
+    @rule(*targets)
+    def handler(b, n):
+        return b.emit(n, op, [n.args[0]], {}, {}, meta_shape(n))
+    handler.__name__ = op
+    return handler
+
+
+hardswish = _pointwise("hardswish", aten.hardswish.default, aten.hardswish_.default)
+hardsigmoid = _pointwise("hardsigmoid", aten.hardsigmoid.default, aten.hardsigmoid_.default)
+silu = _pointwise("silu", aten.silu.default, aten.silu_.default)
+sigmoid = _pointwise("sigmoid", aten.sigmoid.default, aten.sigmoid_.default)
+tanh = _pointwise("tanh", aten.tanh.default, aten.tanh_.default)
+mish = _pointwise("mish", aten.mish.default, aten.mish_.default)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .builder import Unsupported, meta_shape, rule
+from .builder import Unsupported, arg, meta_shape, rule
 
 aten = torch.ops.aten
 
@@ -25,3 +25,21 @@ def binary(b, n):
         return b.emit(n, op, [x, y], attrs, {}, meta_shape(n))
     attrs["other"] = float(y)
     return b.emit(n, op, [x], attrs, {}, meta_shape(n))
+
+
+@rule(aten.neg.default)
+def neg(b, n):
+    return b.emit(n, "mul", [n.args[0]], {"other": -1.0}, {}, meta_shape(n))
+
+
+@rule(aten.addcmul.default)
+def addcmul(b, n):
+    """input + value · t1 · t2 (ResMLP's affine layers): a product and a sum."""
+    x, t1, t2 = n.args[:3]
+    value = float(arg(n, 3, "value", 1.0))
+    shape = meta_shape(n)
+    prod_shape = list(torch.broadcast_shapes(tuple(b.ir(t1).shape), tuple(b.ir(t2).shape)))
+    p = b.emit(n, "mul", [t1, t2], {}, {}, prod_shape, name=n.name + "_mul")
+    if value != 1.0:
+        p = b.emit(n, "mul", [p], {"other": value}, {}, prod_shape, name=n.name + "_scale")
+    return b.emit(n, "add", [x, p], {}, {}, shape)

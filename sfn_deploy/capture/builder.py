@@ -218,9 +218,9 @@ class Builder:
         if self.problems:
             raise UnsupportedOpsError(self.problems)
         graph = Graph(self.nodes, self.ir(out_node).name)
-        for n in graph.nodes:                     # per-sample shapes from here on
+        for n in graph.nodes:                     # per-sample shapes from here on ("B*k" axes hold k)
             if n.bdim is not None and n.shape:
-                n.shape[n.bdim] = 1
+                n.shape[n.bdim] = max(1, n.shape[n.bdim] // self.batch)
         return prune(graph)
 
     def _visit(self, fx_node) -> None:

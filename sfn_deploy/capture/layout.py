@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from .builder import Unsupported, meta_shape, prod, rule, sym_entries
+from .builder import Unsupported, arg, meta_shape, prod, rule, sym_entries
 
 aten = torch.ops.aten
 
@@ -13,8 +13,100 @@ aten = torch.ops.aten
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 def reshape(b, n):
     x, shape = b.ir(n.args[0]), meta_shape(n)
-    sh, bdim = batch_reshape(x, shape, sym_entries(n))
+    sh, bdim = batch_reshape(x, shape, sym_entries(n), b.batch)
     return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, bdim)
+
+
+@rule(aten.reshape_as.default, aten.view_as.default)
+def reshape_as(b, n):
+    x, shape = b.ir(n.args[0]), meta_shape(n)
+    sh, bdim = batch_reshape(x, shape, sym_entries(n), b.batch)
+    return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, bdim)
+
+
+@rule(aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+def to_dtype(b, n):
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
+        raise Unsupported(f"conversion to {getattr(val, 'dtype', '?')}: the converted network computes in float32")
+    return b.ir(n.args[0])
+
+
+@rule(aten.constant_pad_nd.default, aten.pad.default)
+def pad(b, n):
+    x = b.ir(n.args[0])
+    widths = [int(v) for v in n.args[1]]
+    mode = arg(n, 2, "mode", "constant") if n.target == aten.pad.default else "constant"
+    value = arg(n, 3, "value", None) if n.target == aten.pad.default else arg(n, 2, "value", 0)
+    if mode != "constant":
+        raise Unsupported(f"{mode} padding (constant padding is supported)")
+    r = len(x.shape)
+    padded = [r - 1 - i // 2 for i in range(0, len(widths), 2) if widths[i] or widths[i + 1]]
+    if x.bdim in padded:
+        raise Unsupported("padding the batch axis")
+    if any(v < 0 for v in widths):
+        raise Unsupported("negative padding (cropping)")
+    return b.emit(n, "pad", [x], {"pad": widths, "value": float(value or 0.0)}, {}, meta_shape(n))
+
+
+@rule(aten.roll.default)
+def roll(b, n):
+    x = b.ir(n.args[0])
+    shifts = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+    dims = arg(n, 2, "dims", [])
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:
+        raise Unsupported("roll over the flattened tensor")
+    dims = [d % len(x.shape) for d in dims]
+    if x.bdim in dims:
+        raise Unsupported("roll along the batch axis")
+    return b.emit(n, "roll", [x], {"shifts": [int(v) for v in shifts], "dims": dims}, {}, meta_shape(n))
+
+
+def _split(b, n, x, sizes: list[int], d: int):
+    """A tuple of slices along axis d (split, chunk): one IR slice per output, read by getitem."""
+    parts, start = [], 0
+    for i, size in enumerate(sizes):
+        shape = list(x.shape)
+        shape[d] = size
+        parts.append(slice_node(b, n, x, d, start, start + size, 1, shape, name=f"{n.name}_{i}"))
+        start += size
+    b.tuples[n.name] = parts
+
+
+@rule(aten.split_with_sizes.default, aten.split.Tensor, aten.unsafe_split.Tensor, aten.chunk.default,
+      aten.split_with_sizes_copy.default, aten.split.sizes)
+def split(b, n):
+    x = b.ir(n.args[0])
+    d = int(arg(n, 2, "dim", 0)) % len(x.shape)
+    total = x.shape[d]
+    if n.target == aten.chunk.default:
+        step = -(-total // int(n.args[1]))
+        sizes = [min(step, total - s) for s in range(0, total, step)]
+    elif isinstance(n.args[1], (list, tuple)):
+        sizes = [int(v) for v in n.args[1]]
+    else:
+        step = int(n.args[1])
+        sizes = [min(step, total - s) for s in range(0, total, step)]
+    _split(b, n, x, sizes, d)
+    return None
+
+
+@rule(aten.stack.default)
+def stack(b, n):
+    xs = [b.ir(a) for a in n.args[0]]
+    shape = meta_shape(n)
+    d = int(arg(n, 1, "dim", 0)) % len(shape)
+    ups = []
+    for i, x in enumerate(xs):
+        bdim = None if x.bdim is None else x.bdim + (d <= x.bdim)
+        up_shape = list(x.shape)
+        up_shape.insert(d, 1)
+        ups.append(b.emit(n, "unsqueeze", [x], {"dim": d}, {}, up_shape, bdim, name=f"{n.name}_{i}"))
+    bd = [u.bdim for u in ups if u.bdim is not None]
+    if bd and bd[0] == d:
+        raise Unsupported("stacking along the batch axis")
+    return b.emit(n, "cat", ups, {"dim": d}, {}, shape, bd[0] if bd else None)
 
 
 @rule(aten.flatten.using_ints)
@@ -23,7 +115,12 @@ def flatten(b, n):
     r = len(x.shape)
     s, e = (n.args[1] if len(n.args) > 1 else 0) % r, (n.args[2] if len(n.args) > 2 else -1) % r
     if x.bdim is not None and s <= x.bdim <= e and s != e:
-        raise Unsupported("flattening the batch axis into others")
+        if x.bdim != s:
+            raise Unsupported("flattening axes before the batch axis into it")
+        shape = meta_shape(n)           # the batch axis takes the axes after it in: "B*k"
+        sh: list = list(shape)
+        sh[s] = f"B*{shape[s] // b.batch}"
+        return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, s)
     bdim = None if x.bdim is None else (x.bdim if x.bdim < s else x.bdim - (e - s) if x.bdim > e else s)
     return b.emit(n, "flatten", [x], {"start": s, "end": e}, {}, meta_shape(n), bdim)
 
@@ -151,26 +248,35 @@ def expand(b, n):
     return b.emit(n, "expand", [x], {"shape": sh}, {}, shape, bdim)
 
 
-def batch_reshape(x, out: list[int], sym: list[bool]) -> tuple[list, int | None]:
-    """Locate the batch axis of a reshape's output and write its entry as "B" or "B*k"."""
+def batch_reshape(x, out: list[int], sym: list[bool], batch: int) -> tuple[list, int | None]:
+    """Locate the batch axis of a reshape's output and write its entry as "B" or "B*k".
+
+    The batch axis may take k following axes in (windows or tokens folded into the batch, "B*k") or give
+    them back (the folded axis split into B and the rest): both keep the batch outermost in its entry.
+    """
     if x.bdim is None:
         return list(out), None
     p, s_in = x.bdim, x.shape
-    size = s_in[p]
+    size = s_in[p]                                     # batch · k for a value with k items folded in
     before = prod(s_in[:p])
     candidates = []
     for q in range(len(out)):
-        if prod(out[:q]) != before:
+        if prod(out[:q]) != before or out[q] % batch:
             continue
-        k, j = 1, p + 1
-        while True:
+        if out[q] >= size:                             # the batch entry takes following axes in
+            k, j = 1, p + 1
+            while size * k < out[q] and j < len(s_in):
+                k *= s_in[j]
+                j += 1
             if out[q] == size * k:
-                candidates.append((q, k))
-                break
-            if j >= len(s_in) or size * k > out[q]:
-                break
-            k *= s_in[j]
-            j += 1
+                candidates.append((q, out[q] // batch))
+        elif size % out[q] == 0:                       # the folded entry is split: batch first
+            rest, j = size // out[q], q + 1
+            while rest > 1 and j < len(out) and rest % out[j] == 0:
+                rest //= out[j]
+                j += 1
+            if rest == 1:
+                candidates.append((q, out[q] // batch))
     if any(sym):                                       # dynamic export: trust the symbols
         candidates = [c for c in candidates if sym[c[0]]] or candidates
     if not candidates:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .builder import Unsupported, meta_shape, rule
+from .builder import Unsupported, arg, meta_shape, rule
 
 aten = torch.ops.aten
 
@@ -36,3 +36,31 @@ def batch_norm(b, n):
         params["bias"] = b.param(bias)
     shape = meta_shape(n, 0)
     return b.emit(n, "batch_norm", [x], {"eps": float(eps)}, params, shape if shape is not None else b.ir(x).shape)
+
+
+@rule(aten.group_norm.default)
+def group_norm(b, n):
+    x = n.args[0]
+    params = {}
+    if arg(n, 2, "weight") is not None:
+        params["weight"] = b.param(arg(n, 2, "weight"))
+    if arg(n, 3, "bias") is not None:
+        params["bias"] = b.param(arg(n, 3, "bias"))
+    attrs = {"num_groups": int(arg(n, 1, "num_groups")), "eps": float(arg(n, 4, "eps", 1e-5))}
+    return b.emit(n, "group_norm", [x], attrs, params, meta_shape(n))
+
+
+@rule(aten.linalg_vector_norm.default)
+def vector_norm(b, n):
+    x = b.ir(n.args[0])
+    order = float(arg(n, 1, "ord", 2.0))
+    dims = arg(n, 2, "dim")
+    dims = list(range(len(x.shape))) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    dims = sorted(d % len(x.shape) for d in dims)
+    keep = bool(arg(n, 3, "keepdim", False))
+    if x.bdim in dims:
+        raise Unsupported("norm over the batch axis")
+    if order not in (1.0, 2.0):
+        raise Unsupported(f"vector norm of order {order} (orders 1 and 2 are supported)")
+    bdim = None if x.bdim is None else (x.bdim if keep else x.bdim - sum(d < x.bdim for d in dims))
+    return b.emit(n, "vector_norm", [x], {"ord": order, "dims": dims, "keepdim": keep}, {}, meta_shape(n), bdim)

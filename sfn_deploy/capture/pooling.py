@@ -35,13 +35,14 @@ def adaptive_avg_pool2d(b, n):
     return b.emit(n, "adaptive_avg_pool2d", [n.args[0]], {"output_size": pair(n.args[1])}, {}, meta_shape(n))
 
 
-@rule(aten.mean.dim)
+@rule(aten.mean.dim, aten.sum.dim_IntList)
 def mean(b, n):
     x = b.ir(n.args[0])
     dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
     dims = sorted(d % len(x.shape) for d in dims)
     keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
     if x.bdim in dims:
-        raise Unsupported("mean over the batch axis")
+        raise Unsupported("reduction over the batch axis")
     bdim = None if x.bdim is None else (x.bdim if keep else x.bdim - sum(d < x.bdim for d in dims))
-    return b.emit(n, "mean", [x], {"dims": dims, "keepdim": keep}, {}, meta_shape(n), bdim)
+    op = "mean" if n.target == aten.mean.dim else "sum"
+    return b.emit(n, op, [x], {"dims": dims, "keepdim": keep}, {}, meta_shape(n), bdim)
