@@ -975,7 +975,7 @@ class PartialModule(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x, spikes: bool = False):
         from ..ops import apply
-        from ..runtime import fire
+        from ..neurons import fire
         env = {self.spec["input"]: x}
         caught: dict[str, torch.Tensor] = {}
         batch = x.shape[0]

@@ -12,7 +12,7 @@ import torch
 from .ir import Graph
 from .passes import configure
 from .progress import progress
-from .runtime import run
+from .simulators.interpreter import Event, Observer, run
 
 
 class StreamingHistogram:
@@ -61,6 +61,30 @@ def top_percent(hist: StreamingHistogram, p: float) -> float:
     return hist.quantile(1.0 - p / 100.0)
 
 
+class _SiteInputs(Observer):
+    """Streams the ANN's input to every ``sfn`` site into that site's two histograms."""
+
+    def __init__(self, pos: dict, neg: dict):
+        self.pos, self.neg = pos, neg
+
+    def __call__(self, event: Event) -> None:
+        if event.node.op == "sfn":
+            x = event.args[0]
+            self.pos[event.node.name].update(x[x > 0])
+            self.neg[event.node.name].update(-x[x < 0])
+
+
+def site_histogram(node, polarity: int) -> StreamingHistogram:
+    """A calibrated site's histogram of positive values (0) or of negative magnitudes (1), from what
+    :func:`calibrate` stored on the node."""
+    h = StreamingHistogram(int(node.params["hist_pos"].numel()))
+    h.counts = node.params["hist_pos" if polarity == 0 else "hist_neg"].to(h.counts.dtype).clone()
+    h.hi = float(node.attrs["hist_hi"][polarity])
+    h.max = float(node.attrs["max_pos" if polarity == 0 else "max_neg"])
+    h.n = int(round(float(h.counts.sum())))
+    return h
+
+
 def calibrate(graph: Graph, batches, percentile: float = 1.0, bins: int = 4096, quiet: bool = False) -> Graph:
     """Set θ⁺, θ⁻ of every dual site and o_max of every post-softmax site from ANN activations.
 
@@ -73,14 +97,8 @@ def calibrate(graph: Graph, batches, percentile: float = 1.0, bins: int = 4096, 
     pos = {k: StreamingHistogram(bins) for k in sites}
     neg = {k: StreamingHistogram(bins) for k in sites}
 
-    def hook(node, args, out, extra):
-        if node.op == "sfn":
-            x = args[0]
-            pos[node.name].update(x[x > 0])
-            neg[node.name].update(-x[x < 0])
-
     for xb in progress(batches, "calibrating", quiet=quiet):
-        run(graph, xb, spiking=False, hook=hook)
+        run(graph, xb, spiking=False, hook=_SiteInputs(pos, neg))
     for name, node in sites.items():
         a = node.attrs
         a["percentile"] = float(percentile)

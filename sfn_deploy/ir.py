@@ -32,7 +32,7 @@ to its membrane potential instead of its input, and resets by subtraction:
 
 extra attrs: method ("if", "ecmt"), T (timesteps), v0 (initial potential in units of the
 positive step). A graph holding such nodes runs T steps (``Graph.timesteps``,
-:mod:`sfn_deploy.temporal`); its output is the mean of the T output values. Single-timestep
+:mod:`sfn_deploy.simulators.temporal`); its output is the mean of the T output values. Single-timestep
 consumers (the ONNX/NIR/Lava exporters) refuse it (:func:`sfn_deploy.methods.require_single_step`).
 ``Graph.method`` names the conversion method ("sfn" for files written before methods existed).
 """

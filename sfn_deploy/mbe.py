@@ -337,7 +337,7 @@ def convert_mbe(graph, data, T: int = DEFAULT_T, batch_size: int = 256) -> dict:
     neuron's own spikes feed the next layer); products of two activations are counted as coincidences.
     """
     from .errors import UserError
-    from .runtime import run
+    from .simulators.interpreter import run
 
     if not _has(graph, ("gelu", "softmax", "layer_norm")):
         raise UserError("--method mbe approximates a Transformer's GELU, softmax and LayerNorm; this network has "

@@ -26,7 +26,7 @@ neuron placed at each site and in how many timesteps the network runs:
 """
 from __future__ import annotations
 
-from .calibrate import StreamingHistogram, top_percent
+from .calibrate import site_histogram, top_percent
 from .errors import UserError
 from .ir import Graph, Node
 from .passes import configure
@@ -64,16 +64,6 @@ def check_method(method: str) -> None:
                         f"{', '.join(IMPLEMENTED)} (see docs/methods.md)")
 
 
-def _hist(node: Node, polarity: int) -> StreamingHistogram:
-    """The site's calibration histogram of positive values (0) or of negative magnitudes (1)."""
-    h = StreamingHistogram(int(node.params["hist_pos"].numel()))
-    h.counts = node.params["hist_pos" if polarity == 0 else "hist_neg"].to(h.counts.dtype).clone()
-    h.hi = float(node.attrs["hist_hi"][polarity])
-    h.max = float(node.attrs["max_pos" if polarity == 0 else "max_neg"])
-    h.n = int(round(float(h.counts.sum())))
-    return h
-
-
 def _numel(shape) -> int:
     out = 1
     for s in shape[1:]:
@@ -87,7 +77,7 @@ def top_of_all(node: Node, polarity: int, p: float, samples: int) -> float:
     ECMT's threshold: the 1 − p/100 quantile of the whole tensor. When fewer than p% of the elements
     have this sign, that quantile is not of this sign; the top-p% of this sign's values is used instead.
     """
-    h = _hist(node, polarity)
+    h = site_histogram(node, polarity)
     total = _numel(node.shape) * samples
     if h.n == 0:
         return 0.0
@@ -109,8 +99,8 @@ def to_if(node: Node, T: int, percentile: float, v0: float = 0.0) -> Node:
     """A binary IF site: one level, fires at m ≥ θ (per polarity), soft reset, T steps."""
     a = _base_attrs(node, "if", T)
     a.update({"fire": "if", "M": 1, "levels": [1], "rounding": "floor", "v0": float(v0),
-              "theta_pos": top_percent(_hist(node, 0), percentile),
-              "theta_neg": 0.0 if a.get("absorbs") else top_percent(_hist(node, 1), percentile)})
+              "theta_pos": top_percent(site_histogram(node, 0), percentile),
+              "theta_neg": 0.0 if a.get("absorbs") else top_percent(site_histogram(node, 1), percentile)})
     node.op = "if_neuron"
     return configure(node, 1.0)
 
@@ -125,8 +115,8 @@ def to_mtn(node: Node, T: int, percentile: float, v0: float = 0.0) -> Node:
     a = _base_attrs(node, "mtn", T)
     a.update({"fire": "mtn", "M": int(T), "levels": list(range(1, T + 1)), "rounding": "floor" if not v0 else "paper",
               "v0": float(v0),
-              "theta_pos": top_percent(_hist(node, 0), percentile),
-              "theta_neg": 0.0 if a.get("absorbs") else top_percent(_hist(node, 1), percentile)})
+              "theta_pos": top_percent(site_histogram(node, 0), percentile),
+              "theta_neg": 0.0 if a.get("absorbs") else top_percent(site_histogram(node, 1), percentile)})
     return configure(node, 1.0 / T)
 
 
@@ -148,7 +138,7 @@ def to_ecmt(node: Node, T: int, percentile: float, levels: int, samples: int) ->
 def apply_method(graph: Graph, method: str, timesteps: int, percentile: float, levels: int = 8,
                  samples: int = 1, v0: float = 0.0) -> Graph:
     """Replace every calibrated SFN site of ``graph`` by the method's neuron (in place)."""
-    from .temporal import mark_temporal
+    from .simulators.temporal import mark_temporal
 
     check_method(method)
     if method == "sfn":

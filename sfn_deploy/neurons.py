@@ -7,8 +7,17 @@ network, the exporters and the tests share.
 
 Notation (SPEC §4): θ threshold, λ ∈ (0, 1] scale factor, y_1 < ... < y_N the
 integer output levels of a fire function, T timesteps.
+
+The fire rule of an IR neuron node (``sfn``, ``if_neuron``: attrs and params in :mod:`sfn_deploy.ir`)
+lives here once: :func:`crossings` counts the boundaries an input crosses, and everything else
+(:func:`spike_index`, :func:`spike_levels`, :func:`level_values`, :func:`fire`, and :func:`sfn_level`
+on bare tensors) reads levels from it. :func:`level_table` is cached per node in :data:`NODE_CACHE`,
+which also holds the compiled fire tables of :mod:`sfn_deploy.simulators.firegrid`.
 """
 from __future__ import annotations
+
+import weakref
+from typing import Callable
 
 import torch
 
@@ -89,6 +98,14 @@ def boundaries(levels: list[int], rounding: str = "paper") -> list[float]:
     raise ValueError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
 
 
+def crossings(x: torch.Tensor, bounds_pos: torch.Tensor, bounds_neg: torch.Tensor):
+    """(k⁺, k⁻): how many boundaries the positive branch (x ≥ b, H(0) = 1) and the negative branch
+    (−x ≥ b) cross; k⁻ is None when ``bounds_neg`` is empty (one-sided neuron)."""
+    x = x.contiguous()
+    kp = torch.bucketize(x, bounds_pos, right=True)
+    return kp, torch.bucketize(-x, bounds_neg, right=True) if bounds_neg.numel() else None
+
+
 def sfn_level(x: torch.Tensor, bounds_pos: torch.Tensor, bounds_neg: torch.Tensor,
               table_pos: torch.Tensor, table_neg: torch.Tensor) -> torch.Tensor:
     """Signed integer spike level of a dual SFN.
@@ -98,10 +115,89 @@ def sfn_level(x: torch.Tensor, bounds_pos: torch.Tensor, bounds_neg: torch.Tenso
     The positive branch fires at x ≥ bound (H(0) = 1); the negative branch at −x ≥ bound.
     An empty bound vector disables that branch.
     """
-    level = table_pos[torch.bucketize(x, bounds_pos, right=True)]
-    if bounds_neg.numel():
-        level = level - table_neg[torch.bucketize(-x, bounds_neg, right=True)]
+    kp, kn = crossings(x, bounds_pos, bounds_neg)
+    level = table_pos[kp]
+    if kn is not None:
+        level = level - table_neg[kn]
     return level
+
+
+# ---------------------------------------------------------------- the fire rule of an IR neuron node
+
+def spike_index(node, x: torch.Tensor) -> torch.Tensor:
+    """Signed number of firing boundaries crossed (k⁺ − k⁻): the level is table[|k|] with k's sign.
+
+    Both branches cannot fire at once (all boundaries are positive), so the difference is exact.
+    """
+    kp, kn = crossings(x, node.params["bounds_pos"], node.params["bounds_neg"])
+    return kp if kn is None else kp - kn
+
+
+def signed_table(node) -> torch.Tensor:
+    """Level of each signed index −N..N, at position index + N."""
+    t = node.params["table"]
+    return torch.cat([-t.flip(0)[:-1], t])
+
+
+def spike_levels(node, x: torch.Tensor) -> torch.Tensor:
+    """Signed integer spike level of a neuron node for input x (see ir.py for the rule)."""
+    n = node.params["table"].numel() - 1
+    return signed_table(node)[spike_index(node, x) + n]
+
+
+def level_values(node, level: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """o = level · λθ⁺ for level ≥ 0 and level · λθ⁻ below."""
+    steps = node.params["steps"].to(dtype)
+    lv = level.to(dtype)
+    if node.params["bounds_neg"].numel():
+        return torch.where(level >= 0, lv * steps[0], lv * steps[1])
+    return lv * steps[0]
+
+
+class NodeCache:
+    """Values derived from a node's params, kept while the node lives (keyed on the node's identity,
+    dropped when it is collected) and rebuilt when any tensor they were derived from was replaced
+    (``passes.configure`` assigns new tensors). An entry holds those tensors, so their ids stay unique."""
+
+    def __init__(self):
+        self._entries: dict[int, dict] = {}
+
+    def get(self, node, tag, sources: tuple, build: Callable):
+        per_node = self._entries.get(id(node))
+        if per_node is None:
+            per_node = self._entries[id(node)] = {}
+            weakref.finalize(node, self._entries.pop, id(node), None)
+        hit = per_node.get(tag)
+        if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
+            return hit[1]
+        value = build()
+        per_node[tag] = (sources, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+NODE_CACHE = NodeCache()
+
+
+def level_table(node, dtype=torch.float32) -> torch.Tensor:
+    """level_values of every signed index (at position index + N), cached per node and dtype."""
+    p = node.params
+    return NODE_CACHE.get(node, ("levels", dtype), (p["table"], p["steps"], p["bounds_neg"]),
+                          lambda: level_values(node, signed_table(node), dtype).contiguous())
+
+
+def fire(node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output value, position) of a neuron node: position = signed index + N (int32, ≥ 0), the
+    output one lookup in :func:`level_table`, so it is bit-identical to level_values(spike_levels(x)).
+
+    This is the reference (bucketize); the simulators' :func:`sfn_deploy.simulators.firegrid.fire`
+    gives the same bits in constant time per element."""
+    n = node.params["table"].numel() - 1
+    pos = (spike_index(node, x) + n).to(torch.int32)
+    values = level_table(node, x.dtype)
+    return torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape), pos
 
 
 def sfn(x: torch.Tensor, step_pos: float, step_neg: float, levels: list[int],

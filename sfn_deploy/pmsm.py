@@ -22,10 +22,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .calibrate import StreamingHistogram
+from .calibrate import StreamingHistogram, site_histogram
 from .ir import Graph, Node
 from .passes import configure
 from .progress import progress
+from .simulators.interpreter import Event, Interpreter
 
 PERCENTILE_GRID = (90.0, 95.0, 99.0, 99.5, 99.9, 99.99, 100.0)
 
@@ -76,32 +77,24 @@ def quantise(z: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor |
     return pos - theta_neg * torch.clamp(_round_ste(torch.clamp(-z, min=0) / theta_neg), 0, k)
 
 
+class FakeQuantInterpreter(Interpreter):
+    """The fake-quantised ANN, differentiable: the op table's operations, the quantiser at every ``sfn`` site
+    (θ± = exp of the trained log-thresholds)."""
+
+    def __init__(self, graph: Graph, thetas: dict, k: int):
+        super().__init__(graph)
+        self.thetas, self.k = thetas, k
+
+    def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
+        if node.op != "sfn":
+            return super().fire(node, args, event)
+        tp, tn = self.thetas[node.name]
+        return quantise(args[0], tp.exp(), None if tn is None else tn.exp(), self.k)
+
+
 def forward(graph: Graph, x: torch.Tensor, thetas: dict, k: int) -> torch.Tensor:
-    """The fake-quantised ANN, differentiable (the runtime's operations, quantisers at the sites)."""
-    from .ops import apply
-    from .runtime import _release_plan
-    env: dict = {}
-    free = _release_plan(graph)
-    for node in graph.nodes:
-        args = [env[i] for i in node.inputs]
-        if node.op == "input":
-            out = x
-        elif node.op == "constant":
-            out = node.params["value"]
-        elif node.op == "sfn":
-            tp, tn = thetas[node.name]
-            out = quantise(args[0], tp.exp(), None if tn is None else tn.exp(), k)
-        else:
-            out = apply(node, args, graph, x.shape[0])
-        env[node.name] = out
-        for name in free.get(node.name, ()):
-            del env[name]
-    return env[graph.output]
-
-
-def _hist(node: Node, polarity: int) -> StreamingHistogram:
-    from .methods import _hist as h
-    return h(node, polarity)
+    """The fake-quantised ANN's output on ``x`` (:class:`FakeQuantInterpreter`)."""
+    return FakeQuantInterpreter(graph, thetas, k).run(x)
 
 
 def convert_pmsm(graph: Graph, data, k: int = 8, epochs: float = 1, lr: float = 1e-3, batch_size: int = 128,
@@ -113,8 +106,8 @@ def convert_pmsm(graph: Graph, data, k: int = 8, epochs: float = 1, lr: float = 
     for s in sites:
         a = s.attrs
         signed = not a.get("absorbs") and a["kind"] != "softmax"
-        tp = entropy_init(_hist(s, 0), k) or 1.0
-        tn = (entropy_init(_hist(s, 1), k) or tp) if signed else None
+        tp = entropy_init(site_histogram(s, 0), k) or 1.0
+        tn = (entropy_init(site_histogram(s, 1), k) or tp) if signed else None
         thetas[s.name] = (torch.tensor(math.log(tp), requires_grad=True),
                           None if tn is None else torch.tensor(math.log(tn), requires_grad=True))
     weights = []

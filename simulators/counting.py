@@ -23,14 +23,14 @@ single-timestep inference (each weight layer, product or host operation adds one
 process with one step of delay on Lava), so "per timestep" totals group by stage.
 All counts are per inference (per sample); sums are accumulated in float64 and are exact.
 
-Multi-timestep graphs (``if_neuron`` sites, :mod:`sfn_deploy.temporal`): the counter sees every
+Multi-timestep graphs (``if_neuron`` sites, :mod:`sfn_deploy.simulators.temporal`): the counter sees every
 step, so spikes, synaptic ops, host ops and the MACs of weight layers with time-varying analog
 input add up over the T steps; layers whose input is constant (the first layer on the image) are
 computed, and counted, once; ``mac_ann`` (the ANN reference) is counted once. A product of two
-spike tensors under the expectation compensation (``extra["ecm"]``) does both incremental
+spike tensors under the expectation compensation (``event.ecm``) does both incremental
 products each step, A(t)·S_B and S_A·B(t): the ops of both operand orders are added.
 
-MBE graphs (``--method mbe``, :mod:`sfn_deploy.mbe`; the runtime passes ``extra["mbe"]``): every MBE neuron's
+MBE graphs (``--method mbe``, :mod:`sfn_deploy.mbe`; the interpreter passes ``event.mbe``): every MBE neuron's
 binary basis spikes over its T internal steps are counted as ``spikes`` and charged one AC each (the MBE paper's
 "MBE ops": a spike accumulates its intensity); the spikes of identity and GELU neurons then drive the next
 weight layer (spike convention: one AC per basis spike per fan-out; event convention: one per neuron-step with
@@ -46,8 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from sfn_deploy.ir import NEURON_OPS, Graph, Node
+from sfn_deploy.neurons import NODE_CACHE, level_table, level_values, signed_table
 from sfn_deploy.ops import apply
-from sfn_deploy.runtime import _release_plan, run, signed_table
+
+from .firegrid import grid_for, native
+from .interpreter import Event, Observer, release_plan, run
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
 _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze"}   # every element kept once
@@ -175,8 +178,7 @@ class _Spikes:
 
 def _native_spike_sums(site: Node, index: torch.Tensor) -> torch.Tensor | None:
     """Per sample element, the batch sums of (|y|, 1[y≠0], k) (int64, 3 × elements) in one pass of the
-    compiled loop (:mod:`sfn_deploy.firegrid`); None without it."""
-    from sfn_deploy.firegrid import native
+    compiled loop (:mod:`sfn_deploy.simulators.firegrid`); None without it."""
     lib = native()
     if lib is None or index.dtype != torch.int32:
         return None
@@ -193,7 +195,7 @@ def _native_spike_sums(site: Node, index: torch.Tensor) -> torch.Tensor | None:
 def _position_free(graph: Graph) -> set[str]:
     """Sites whose positions the counter never reads: every consumer of their spikes needs only the
     site's totals (a linear layer, a spike product, a scaling, element-preserving layout ops leading to
-    those). The runtime then writes no position tensor for them (``OpCounter.skip_positions``)."""
+    those). The interpreter then writes no position tensor for them (``OpCounter.skip_positions``)."""
     readers: dict[str, list[Node]] = {}
     for n in graph.nodes:
         for i in dict.fromkeys(n.inputs):
@@ -226,14 +228,14 @@ def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
 
 def _site_weights(site: Node) -> tuple[tuple[list[int], list[int]], torch.Tensor]:
     """The site's (|y|, k) per position as lists, and (|y|, 1[y≠0], k) as an int64 3 × positions tensor for
-    the compiled loop; cached on the node, rebuilt when ``passes.configure`` replaces its table."""
+    the compiled loop; cached per node (``neurons.NODE_CACHE``), rebuilt when ``passes.configure`` replaces its
+    table."""
     table = site.params["table"]
-    cached = site.__dict__.get("_spike_weights")
-    if cached is None or cached[0] is not table:
+
+    def build():
         mag, k = _hist_weights(table, table.numel() - 1)
-        w = torch.tensor([mag, [int(v != 0) for v in k], k], dtype=torch.int64)
-        cached = site.__dict__["_spike_weights"] = (table, (mag, k), w)
-    return cached[1], cached[2]
+        return (mag, k), torch.tensor([mag, [int(v != 0) for v in k], k], dtype=torch.int64)
+    return NODE_CACHE.get(site, "spike_weights", (table,), build)
 
 
 def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int, weights: tuple | None = None
@@ -245,10 +247,10 @@ def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int, weights: tuple
             float(sum(a * b for a, b in zip(h, k))))
 
 
-class OpCounter:
-    """A runtime hook that accumulates per-layer counts over batches."""
+class OpCounter(Observer):
+    """An interpreter observer that accumulates per-layer counts over batches."""
 
-    wants_hist = True        # runtime.run hands each site's histogram of positions (extra["hist"])
+    wants_hist = True        # the interpreter hands each site's histogram of positions (event.hist)
 
     def __init__(self, graph: Graph, spiking: bool = True):
         self.graph = graph
@@ -261,7 +263,7 @@ class OpCounter:
         self._hist: dict[str, torch.Tensor] = {}
         self._orders: dict[str, list[list[float]]] = {}   # products: op totals of each operand order
         self._grids: dict[str, object] = {}
-        self._free = _release_plan(graph)
+        self._free = release_plan(graph)
         self.skip_positions = _position_free(graph) if spiking else set()
 
     def start_batch(self, batch: int) -> None:
@@ -269,18 +271,19 @@ class OpCounter:
         self.batch = batch
         self._shadow = {}
 
-    def __call__(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
-        self._count(node, args, out, extra)
+    def __call__(self, event: Event) -> None:
+        node = event.node
+        self._count(node, event.args, event.out, event)
         for name in self._free.get(node.name, ()):
             self._shadow.pop(name, None)
 
-    def _site(self, node: Node, out: torch.Tensor, extra: dict, c: LayerCount) -> None:
+    def _site(self, node: Node, out: torch.Tensor, event: Event, c: LayerCount) -> None:
         table = node.params["table"]
         c.neurons = out[0].numel()
         c.levels = n = table.numel() - 1
         c.dual = bool(node.params["bounds_neg"].numel())
-        c.timesteps = int(extra.get("T", 1))
-        k, hist = extra.get("position"), extra.get("hist")
+        c.timesteps = int(event.T or 1)
+        k, hist = event.position, event.hist
         if k is None and hist is None:
             return
         if hist is None:
@@ -293,11 +296,11 @@ class OpCounter:
         c.active += active
         c.channel_spikes += channels
 
-    def _count(self, node: Node, args: list, out: torch.Tensor, extra: dict) -> None:
+    def _count(self, node: Node, args: list, out: torch.Tensor, event: Event) -> None:
         c = self.layers[node.name]
         op = node.op
-        first = extra.get("t", 0) == 0          # the ANN reference is counted once per inference
-        mbe = extra.get("mbe")
+        first = (event.t or 0) == 0          # the ANN reference is counted once per inference
+        mbe = event.mbe
         if mbe is not None:                     # an MBE neuron or spiking decomposition (--method mbe)
             b = max(self.batch, 1)
             c.spikes += mbe["spikes"]
@@ -308,12 +311,12 @@ class OpCounter:
             c.ac_channel += mbe["spikes"] + mbe["coincidences"]
             c.host_ops += mbe["host_ops"]
             c.neurons, c.bases, c.timesteps = mbe["neurons"] // b, mbe["bases"] // b, int(mbe["T"])
-            if "counts" in extra:               # its spikes drive the next layer
-                ns, ne = extra["counts"]
+            if event.counts is not None:        # its spikes drive the next layer
+                ns, ne = event.counts
                 self._shadow[node.name] = _Spikes(node, sums=(ns, ne, ns))
             return
         if op in NEURON_OPS:
-            self._site(node, out, extra, c)
+            self._site(node, out, event, c)
         elif op in ("conv2d", "linear"):
             w = node.params["weight"]
             per_out = w[0].numel() if op == "conv2d" else w.shape[1]
@@ -354,7 +357,7 @@ class OpCounter:
             if not ways:
                 c.input = "analog"
                 c.mac += mac
-            elif extra.get("ecm"):        # A(t)·S_B + S_A·B(t): every spike of either operand is used
+            elif event.ecm:        # A(t)·S_B + S_A·B(t): every spike of either operand is used
                 c.input = "spikes"
                 for way in ways:
                     c.ac, c.ac_event, c.ac_channel = (c.ac + way[0], c.ac_event + way[1], c.ac_channel + way[2])
@@ -380,8 +383,7 @@ class OpCounter:
             elif op == "max_pool2d":
                 grid = self._recoverable(s.site) if s.index is not None else None
                 if grid is not None:     # the pooled values are table values: read their positions back
-                    from sfn_deploy.runtime import _level_table      # one pass of the fire loop
-                    _, index, _ = grid.fire(out, _level_table(s.site, out.dtype))
+                    _, index, _ = grid.fire(out, level_table(s.site, out.dtype))      # one pass of the fire loop
                     self._shadow[node.name] = _Spikes(s.site, index=index)
                 else:                    # the value is monotone in the index: pooling it picks the same element
                     self._shadow[node.name] = s.map(
@@ -402,8 +404,6 @@ class OpCounter:
     def _recoverable(self, site: Node):
         """The site's fire table if it maps every reachable output value back to its own position."""
         if site.name not in self._grids:
-            from sfn_deploy.firegrid import grid_for
-            from sfn_deploy.runtime import level_values
             grid, n = grid_for(site), site.params["table"].numel() - 1
             if grid is not None:
                 lo = 0 if site.params["bounds_neg"].numel() else n      # one branch: levels 0..N only

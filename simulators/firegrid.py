@@ -32,6 +32,8 @@ import tempfile
 import numpy as np
 import torch
 
+from sfn_deploy.neurons import NODE_CACHE, level_table, spike_index
+
 MAX_BITS = 20          # at most 2^20 cells (8 MB of tables)
 
 
@@ -104,7 +106,6 @@ class FireGrid:
         return k.view(x.shape)
 
     def _agrees(self, node, t: np.ndarray, low: np.ndarray, top: np.ndarray) -> bool:
-        from .runtime import spike_index
         ends = np.concatenate([low, top])
         ends = ends[np.isfinite(ends)]
         probes = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf)),
@@ -114,14 +115,31 @@ class FireGrid:
 
 
 def grid_for(node) -> FireGrid | None:
-    """The node's table, rebuilt whenever its boundaries were replaced (``passes.configure``)."""
-    bp, bn = node.params["bounds_pos"], node.params["bounds_neg"]
-    cached = node.__dict__.get("_fire_grid")
-    if cached is None or cached[0] is not bp or cached[1] is not bn:    # holds the tensors: ids stay unique
-        cached = (bp, bn, FireGrid(node))
-        node.__dict__["_fire_grid"] = cached
-    grid = cached[2]
+    """The node's table (None where bucketize must serve), rebuilt whenever its boundaries were replaced
+    (``passes.configure``); kept in :data:`sfn_deploy.neurons.NODE_CACHE`."""
+    p = node.params
+    grid = NODE_CACHE.get(node, "grid", (p["bounds_pos"], p["bounds_neg"]), lambda: FireGrid(node))
     return grid if grid.ok else None
+
+
+def fire(node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, position) of a neuron node: :func:`sfn_deploy.neurons.fire`, bit for bit, in constant time."""
+    out, pos, _ = fire_with(node, x)
+    return out, pos
+
+
+def fire_with(node, x: torch.Tensor, hist: bool = False, position: bool = True):
+    """(output, position or None, histogram of positions or None) of a neuron node: the fire rule of
+    :func:`sfn_deploy.neurons.fire`, bit for bit, through the node's grid for float32 (else bucketize).
+    ``position``: return the int32 positions (signed index + N); ``hist``: their int64 histogram (2N+1 bins)."""
+    n = node.params["table"].numel() - 1
+    values = level_table(node, x.dtype)
+    grid = grid_for(node) if x.dtype == torch.float32 else None
+    if grid is not None:
+        return grid.fire(x, values, hist, position)
+    pos = (spike_index(node, x) + n).to(torch.int32)
+    out = torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape)
+    return out, pos if position else None, torch.bincount(pos.reshape(-1), minlength=2 * n + 1) if hist else None
 
 
 # The fused loop. A cell is (bits ^ 2^31) >> shift, which equals (int32 bits >> shift) + offset: the loop

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sfn_deploy.capture import capture
 from sfn_deploy.passes import configure, insert_sfn
-from sfn_deploy.runtime import run, run_with_levels
+from sfn_deploy.simulators.interpreter import run, run_with_levels
 from sfn_deploy.simulators.counting import OpCounter, count_ops
 
 
@@ -152,7 +152,7 @@ def test_max_pooling_of_signed_spikes_is_followed():
 
 
 def level_values_of(site, level):
-    from sfn_deploy.runtime import level_values
+    from sfn_deploy.neurons import level_values
     return level_values(site, level)
 
 

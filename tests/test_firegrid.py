@@ -3,11 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from sfn_deploy.firegrid import grid_for
 from sfn_deploy.ir import Node
-from sfn_deploy.neurons import fire_levels
+from sfn_deploy.neurons import fire_levels, level_values, spike_index, spike_levels
 from sfn_deploy.passes import configure
-from sfn_deploy.runtime import fire, level_values, spike_index, spike_levels
+from sfn_deploy.simulators.firegrid import fire, grid_for
 
 
 def _site(fire_fn, m, rounding, theta_pos, theta_neg, lam, kind="dual"):
@@ -72,8 +71,8 @@ def test_exponential_sixteen_levels_agrees():
 @pytest.mark.parametrize("fire_fn, m, rounding, theta_pos, theta_neg, lam", CASES[1::3])
 def test_native_loop_equals_torch_ops(fire_fn, m, rounding, theta_pos, theta_neg, lam, monkeypatch):
     """The fused C loop gives the torch path's output bits, positions and histogram, NaN included."""
-    from sfn_deploy import firegrid
-    from sfn_deploy.runtime import _level_table
+    from sfn_deploy.neurons import level_table as _level_table
+    from sfn_deploy.simulators import firegrid
     if firegrid.native() is None:
         pytest.skip("no C compiler: the torch operations run")
     node = _site(fire_fn, m, rounding, theta_pos, theta_neg, lam)
@@ -105,8 +104,8 @@ def test_fire_is_the_same_with_and_without_the_native_loop(monkeypatch):
 
 def test_native_loop_split_over_threads_is_the_same(monkeypatch):
     """Parts on several threads (each its own histogram) give the single-thread bits, positions and counts."""
-    from sfn_deploy import firegrid
-    from sfn_deploy.runtime import _level_table
+    from sfn_deploy.neurons import level_table as _level_table
+    from sfn_deploy.simulators import firegrid
     if firegrid.native() is None:
         pytest.skip("no C compiler: the torch operations run")
     node = _site("sformer", 8, "paper", 1.0, 0.5, 0.2)

@@ -75,7 +75,7 @@ def test_conventions_by_hand():
 def test_event_and_channel_counts_through_a_pool_match_brute_force():
     torch.manual_seed(0)
     import torch.nn.functional as F
-    from sfn_deploy.runtime import run_with_levels
+    from sfn_deploy.simulators.interpreter import run_with_levels
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.AvgPool2d(2), nn.Conv2d(2, 3, 3, padding=1)).eval()
     x = torch.randn(6, 1, 10, 10) * 2
     g = insert_sfn(capture(m, x))

@@ -14,7 +14,7 @@ from sfn_deploy.convert import convert
 from sfn_deploy.errors import UserError
 from sfn_deploy.exporters.lava import export_lava, load_network, lower, run_lava
 from sfn_deploy.exporters.lava.plan import quantise, weight_exponent
-from sfn_deploy.runtime import run_with_levels
+from sfn_deploy.simulators.interpreter import run_with_levels
 
 pytest.importorskip("lava.magma")
 

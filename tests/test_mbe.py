@@ -14,7 +14,7 @@ from sfn_deploy.errors import UserError
 from sfn_deploy.ir import Node
 from sfn_deploy.mbe import PRIMITIVES, apply, fit, grid_error, identity, primitive, _pack
 from sfn_deploy.models import load_model
-from sfn_deploy.runtime import run
+from sfn_deploy.simulators.interpreter import run
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models")
 T = 16

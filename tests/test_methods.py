@@ -19,9 +19,9 @@ from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
 from sfn_deploy.neurons import if_neuron
 from sfn_deploy.passes import configure
-from sfn_deploy.runtime import run
+from sfn_deploy.simulators.interpreter import run
 from sfn_deploy.simulators.counting import count_ops
-from sfn_deploy.temporal import temporal_plan
+from sfn_deploy.simulators.temporal import temporal_plan
 
 from conftest import MODELS
 

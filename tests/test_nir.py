@@ -18,7 +18,8 @@ from sfn_deploy.exporters import nir as nir_exp
 from sfn_deploy.exporters.nir import export_nir, load_nir, to_nir
 from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel
-from sfn_deploy.runtime import run, run_with_levels, signed_table
+from sfn_deploy.neurons import signed_table
+from sfn_deploy.simulators.interpreter import run, run_with_levels
 
 from conftest import MODELS, convert_example
 

@@ -25,7 +25,8 @@ from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
 from sfn_deploy.neurons import FIRE_FUNCTIONS, ROUNDINGS, fire_levels
 from sfn_deploy.passes import configure
-from sfn_deploy.runtime import run, run_with_levels, spike_levels
+from sfn_deploy.neurons import spike_levels
+from sfn_deploy.simulators.interpreter import run, run_with_levels
 
 
 def _train(model, data, steps, lr=1e-2, seed=0):

@@ -5,9 +5,9 @@ import torch.nn as nn
 
 from sfn_deploy.calibrate import calibrate
 from sfn_deploy.capture import capture
-from sfn_deploy.neurons import fire_levels, sfn
+from sfn_deploy.neurons import fire_levels, sfn, spike_levels
 from sfn_deploy.passes import configure, fold_batchnorm, insert_sfn, set_scale
-from sfn_deploy.runtime import run, spike_levels
+from sfn_deploy.simulators.interpreter import run
 
 
 def vit():

@@ -1,0 +1,360 @@
+"""The reference interpreter: runs a converted :class:`~sfn_deploy.ir.Graph` in PyTorch, node by node.
+
+One loop serves every way the graph is executed; each is a subclass that overrides hooks, as
+``torch.fx.Interpreter`` subclasses do:
+
+- :class:`Interpreter`: ``run(x)`` walks the nodes in order, ``run_node`` computes one (input,
+  constant, a registered neuron kind, a neuron through ``fire``, anything else through ``call_op``,
+  the op table's :func:`sfn_deploy.ops.apply`), then hands an :class:`Event` to the observer and
+  drops the values nobody reads any more (:func:`release_plan`).
+- :class:`AnnInterpreter`: every neuron is the identity (or the ReLU it absorbed): the source model.
+- :class:`SnnInterpreter`: the single-timestep SNN; neurons fire by the rule of
+  :mod:`sfn_deploy.neurons` (constant time through :mod:`sfn_deploy.simulators.firegrid`), and
+  nodes of a registered neuron kind (:func:`register_neuron_kind`: ``--method mbe``) run its function.
+- :class:`TemporalInterpreter`: graphs with stateful neurons over T steps, by the plan of
+  :mod:`sfn_deploy.simulators.temporal`; the output is the mean over the steps.
+- ``pmsm.forward`` subclasses :class:`Interpreter` with a differentiable fake-quantiser as ``fire``.
+
+Observers (calibration, the op counter, parity, :func:`run_with_levels`) are called once per node
+evaluation with an :class:`Event`. :func:`run` also accepts the older hook form
+``hook(node, args, out, extra)``, whose ``extra`` dict is :meth:`Event.extra`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from sfn_deploy.ir import NEURON_OPS, OPS, STATEFUL_OPS, Graph, Node
+from sfn_deploy.neurons import signed_table
+from sfn_deploy.ops import apply
+
+from .firegrid import fire_with
+from .temporal import gate, temporal_plan
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """One evaluation of one node, as an observer sees it.
+
+    position/hist: a neuron's int32 positions (signed index + N) and their histogram, when computed;
+    t/T: the step of a multi-timestep run (None for single-step runs and for ``static`` nodes, which
+    are evaluated once per inference); ecm: computed by the expectation compensation; mbe/counts: an
+    MBE neuron's totals and per-element spike tensors (``sfn_deploy.mbe.apply``)."""
+    node: Node
+    args: list
+    out: Optional[torch.Tensor] = None
+    position: Optional[torch.Tensor] = None
+    hist: Optional[torch.Tensor] = None
+    t: Optional[int] = None
+    T: Optional[int] = None
+    static: bool = False
+    ecm: bool = False
+    mbe: Optional[dict] = None
+    counts: Optional[tuple] = None
+
+    def extra(self) -> dict:
+        """The fields that are set, as the dict the older ``hook(node, args, out, extra)`` form received."""
+        d: dict[str, Any] = {}
+        if self.static:
+            d["static"] = True
+        if self.t is not None:
+            d["t"], d["T"] = self.t, self.T
+        if self.position is not None:
+            d["position"] = self.position
+        if self.hist is not None:
+            d["hist"] = self.hist
+        if self.ecm:
+            d["ecm"] = True
+        if self.mbe is not None:
+            d["mbe"] = self.mbe
+        if self.counts is not None:
+            d["counts"] = self.counts
+        return d
+
+
+class Observer:
+    """Called with every :class:`Event`. ``wants_hist``: single-step runs hand each site's histogram of
+    positions (``event.hist``); ``skip_positions``: names of sites whose positions it never reads (no
+    ``event.position`` there, which saves writing them)."""
+    wants_hist: bool = False
+    skip_positions: Any = ()
+
+    def __call__(self, event: Event) -> None:
+        raise NotImplementedError
+
+
+class _HookObserver(Observer):
+    """The older hook form, ``hook(node, args, out, extra)``, with its wants_hist/skip_positions."""
+
+    def __init__(self, hook: Callable):
+        self.hook = hook
+        self.wants_hist = bool(getattr(hook, "wants_hist", False))
+        self.skip_positions = getattr(hook, "skip_positions", None) or ()
+
+    def __call__(self, event: Event) -> None:
+        self.hook(event.node, event.args, event.out, event.extra())
+
+
+def as_observer(hook) -> Observer | None:
+    """An :class:`Observer` as is; a plain ``hook(node, args, out, extra)`` wrapped; None stays None."""
+    if hook is None or isinstance(hook, Observer):
+        return hook
+    return _HookObserver(hook)
+
+
+# ---------------------------------------------------------------- neuron kinds
+
+@dataclass
+class NeuronKind:
+    """Nodes that ``matches`` selects run ``spike(node, args) -> (out, stats)`` in the spiking modes;
+    stats keys are :class:`Event` fields (``mbe``, ``counts``). ``spike`` may be given as
+    ``"module:function"``, imported on first use, so that a conversion method above the simulators
+    (``sfn_deploy.mbe``, which runs this interpreter itself) provides it without an import cycle."""
+    name: str
+    matches: Callable[[Node], bool]
+    spike: Any
+
+    def function(self) -> Callable:
+        if isinstance(self.spike, str):
+            module, attr = self.spike.split(":")
+            self.spike = getattr(importlib.import_module(module), attr)
+        return self.spike
+
+
+NEURON_KINDS: list[NeuronKind] = []
+
+
+def register_neuron_kind(name: str, matches: Callable[[Node], bool], spike) -> NeuronKind:
+    """Add a neuron kind that the spiking interpreters check before the SFN rule."""
+    kind = NeuronKind(name, matches, spike)
+    NEURON_KINDS[:] = [k for k in NEURON_KINDS if k.name != name] + [kind]
+    return kind
+
+
+# --method mbe: ``mbe_neuron`` nodes, and gelu/softmax/layer_norm nodes with attrs["mbe_fn"], run their spiking
+# MBE form (T internal steps per neuron, one pass of the graph); the ANN ignores the attrs.
+register_neuron_kind("mbe", lambda node: node.op == "mbe_neuron" or "mbe_fn" in node.attrs, "sfn_deploy.mbe:apply")
+
+
+# ---------------------------------------------------------------- the interpreters
+
+def release_plan(graph: Graph) -> dict[str, list[str]]:
+    """For each node, the values whose last reader it is (the output is kept)."""
+    last: dict[str, str] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            last[i] = n.name
+    plan: dict[str, list[str]] = {}
+    for value, reader in last.items():
+        if value != graph.output:
+            plan.setdefault(reader, []).append(value)
+    return plan
+
+
+def _absorbed(node: Node, x: torch.Tensor) -> torch.Tensor:
+    """A neuron in the ANN: the identity, or the ReLU it absorbed."""
+    return torch.relu(x) if node.attrs.get("absorbs") == "relu" else x
+
+
+class Interpreter:
+    """Runs a graph on one batch (batch axis first); subclasses override the hooks below."""
+
+    kinds: list[NeuronKind] = []       # neuron kinds checked before ``fire`` (the spiking modes: NEURON_KINDS)
+
+    def __init__(self, graph: Graph, observer: Observer | None = None):
+        self.graph = graph
+        self.observer = observer
+        self.wants_hist = bool(getattr(observer, "wants_hist", False))
+        self.skip_positions = getattr(observer, "skip_positions", None) or ()
+        self.x: torch.Tensor | None = None
+        self.batch = 0
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The graph's output on the batch ``x``."""
+        self.x, self.batch = x, x.shape[0]
+        env: dict[str, torch.Tensor] = {}
+        free = release_plan(self.graph)
+        observer = self.observer
+        for node in self.graph.nodes:
+            args = [env[i] for i in node.inputs]
+            event = Event(node, args)
+            event.out = out = self.run_node(node, args, event)
+            env[node.name] = out
+            if observer is not None:
+                observer(event)
+            for name in free.get(node.name, ()):     # bounded memory: drop values nobody reads any more
+                del env[name]
+        return env[self.graph.output]
+
+    def run_node(self, node: Node, args: list, event: Event) -> torch.Tensor:
+        op = node.op
+        if op == "input":
+            return self.x
+        if op == "constant":
+            return node.params["value"]
+        for kind in self.kinds:
+            if kind.matches(node):
+                return self.call_kind(kind, node, args, event)
+        if OPS[op][0] == "neuron":
+            return self.fire(node, args, event)
+        return self.call_op(node, args)
+
+    def call_op(self, node: Node, args: list) -> torch.Tensor:
+        """A non-neuron op, by the op table."""
+        return apply(node, args, self.graph, self.batch)
+
+    def call_kind(self, kind: NeuronKind, node: Node, args: list, event: Event) -> torch.Tensor:
+        """A node of a registered neuron kind: its function's output, its stats onto the event."""
+        out, stats = kind.function()(node, args)
+        for key, value in stats.items():
+            setattr(event, key, value)
+        return out
+
+    def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
+        """A neuron node (op kind "neuron"): its output; positions/histogram onto the event."""
+        raise NotImplementedError(f"{type(self).__name__} has no rule for neuron {node.name} ({node.op})")
+
+
+class AnnInterpreter(Interpreter):
+    """The ANN: every neuron is the identity or the ReLU it absorbed, so the result is the source model's."""
+
+    def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
+        return _absorbed(node, args[0])
+
+
+class SnnInterpreter(Interpreter):
+    """The single-timestep SNN."""
+
+    kinds = NEURON_KINDS
+
+    def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
+        if node.op not in NEURON_OPS:
+            raise NotImplementedError(f"no neuron kind is registered for node {node.name} ({node.op})")
+        position = node.name not in self.skip_positions
+        out, event.position, event.hist = fire_with(node, args[0], self.wants_hist, position)
+        return out
+
+
+class TemporalInterpreter(Interpreter):
+    """T synchronous steps on the same input (direct coding); the output is the mean over the steps.
+
+    Each node behaves by :func:`~sfn_deploy.simulators.temporal.temporal_plan`: static nodes are computed
+    once (their event has ``static``), the others every step (``t``, ``T``); observers always get positions."""
+
+    def __init__(self, graph: Graph, observer: Observer | None = None, timesteps: int | None = None):
+        super().__init__(graph, observer)
+        self.T = int(timesteps or graph.timesteps)
+        if self.T < 1:
+            raise ValueError(f"timesteps must be ≥ 1, got {self.T}")
+        self.plan = temporal_plan(graph)
+        self.wants_hist, self.skip_positions = False, ()
+        self.state: dict[str, Any] = {}
+        self.t = 0
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        self.x, self.batch = x, x.shape[0]
+        graph, plan, T, observer = self.graph, self.plan, self.T, self.observer
+        free = release_plan(graph)
+        static: dict[str, torch.Tensor] = {}
+        self.state = {}
+        total = None
+        for t in range(T):
+            self.t = t
+            env: dict[str, torch.Tensor] = dict(static)
+            for node in graph.nodes:
+                how = plan[node.name]
+                if how == "static" and t > 0:
+                    continue
+                args = [env[i] for i in node.inputs]
+                event = Event(node, args, static=True) if how == "static" else Event(node, args, t=t, T=T)
+                event.out = out = self.run_node(node, args, event)
+                env[node.name] = out
+                if how == "static":
+                    static[node.name] = out
+                if observer is not None:
+                    observer(event)
+                for name in free.get(node.name, ()):
+                    if name in env and name not in static:
+                        del env[name]
+            y = env[graph.output]
+            total = y.clone() if total is None else total + y
+        return total / T
+
+    def run_node(self, node: Node, args: list, event: Event) -> torch.Tensor:
+        if node.op == "input":
+            return self.x
+        if node.op == "constant":
+            return node.params["value"]
+        how, state, t = self.plan[node.name], self.state, self.t
+        if how == "state":          # m = v + x(t); fire; v = m − o (soft reset); v(0) = v0·step⁺
+            v = state.get(node.name)
+            if v is None:
+                v0 = float(node.attrs.get("v0", 0.0)) * float(node.params["steps"][0])
+                v = torch.full_like(args[0], v0)
+            m = v + args[0]
+            out = self.fire(node, [m], event)
+            state[node.name] = m - out
+            return out
+        if how == "gate":
+            count = state.get(node.name)
+            count = args[0].clone() if count is None else count + args[0]
+            state[node.name] = count
+            return gate(node, args[0], count)
+        if how == "ecm":            # O(t) = t·f(S(t)/t) − (t−1)·f(S(t−1)/(t−1)), S the running input sums
+            varying = [self.plan[i] != "static" for i in node.inputs]
+            sums, prev = state.get(node.name, (None, None))
+            sums = [a.clone() if v else a for v, a in zip(varying, args)] if sums is None \
+                else [s + a if v else s for v, s, a in zip(varying, sums, args)]
+            means = [s / (t + 1) if v else s for v, s in zip(varying, sums)]
+            cum = (t + 1) * self.step(node, means, None)
+            state[node.name] = (sums, cum)
+            event.ecm = True
+            return cum if prev is None else cum - prev
+        return self.step(node, args, event)
+
+    def step(self, node: Node, args: list, event: Event | None) -> torch.Tensor:
+        """A stateless node at one step: an ``sfn`` fires (positions onto the event, if any), others by the op table."""
+        if node.op == "sfn":
+            return self.fire(node, args, event)
+        if node.op in STATEFUL_OPS:      # ECM never wraps a neuron; kept for completeness
+            raise ValueError(f"node {node.name}: a stateful neuron cannot be applied statelessly")
+        return self.call_op(node, args)
+
+    def fire(self, node: Node, args: list, event: Event | None) -> torch.Tensor:
+        out, position, _ = fire_with(node, args[0])
+        if event is not None:
+            event.position = position
+        return out
+
+
+@torch.no_grad()
+def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook=None) -> torch.Tensor:
+    """Execute the graph on a batch ``x`` (batch axis first) and return the output tensor: the ANN
+    (``spiking=False``), the single-timestep SNN, or, for a graph with stateful neurons, the mean SNN
+    output over its T steps. ``hook``: an :class:`Observer`, or a ``hook(node, args, out, extra)``."""
+    observer = as_observer(hook)
+    if not spiking:
+        return AnnInterpreter(graph, observer).run(x)
+    if graph.stateful:
+        return TemporalInterpreter(graph, observer).run(x)
+    return SnnInterpreter(graph, observer).run(x)
+
+
+class _Levels(Observer):
+    def __init__(self):
+        self.levels: dict[str, torch.Tensor] = {}
+
+    def __call__(self, event: Event) -> None:
+        pos = event.position
+        if pos is not None:
+            self.levels[event.node.name] = torch.index_select(signed_table(event.node), 0,
+                                                              pos.reshape(-1)).view(pos.shape)
+
+
+def run_with_levels(graph: Graph, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The SNN's output and the signed integer spike level of every neuron site, for checking backends."""
+    keep = _Levels()
+    return run(graph, x, hook=keep), keep.levels
