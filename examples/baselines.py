@@ -26,8 +26,9 @@ import torch
 from sfn_deploy import convert, load_data, load_model
 from sfn_deploy.capture import capture
 from sfn_deploy.config import load_config
-from sfn_deploy.convert import accuracy, build_graph, energy_constants, measure
+from sfn_deploy.convert import build_graph
 from sfn_deploy.errors import UserError
+from sfn_deploy.evaluation import accuracy, energy_constants, measure
 from sfn_deploy.methods import apply_method, method_of
 
 from benchmark import save_part, table      # the same Markdown tables and files as the other benchmarks (this folder is on sys.path)

@@ -6,7 +6,7 @@
 For the MNIST example CNN and tiny ViT (examples/models/*.pt2, converted here at λ = 0.2 on
 MNIST test images), times on the same batches, interleaved, best of --repeats:
 * ANN      the source network as torch.export left it (``ExportedProgram.module()``), plain forward
-* counting ``convert.measure``: the SNN through the reference interpreter with the OpCounter hook,
+* counting ``evaluation.measure``: the SNN through the reference interpreter with the OpCounter hook,
            recording every count a report needs (three synaptic-op conventions, MACs, host ops,
            spikes by level, neuron updates)
 * interp. ANN  the reference interpreter running the same graph as the ANN (no spikes, no counting):
@@ -28,7 +28,7 @@ import time
 import torch
 
 from sfn_deploy import convert, load_data, load_model
-from sfn_deploy.convert import measure
+from sfn_deploy.evaluation import measure
 from sfn_deploy.runtime import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -82,7 +82,7 @@ def fidelity(train, test, names, methods=None):
 def sweep(train, test, out):
     model, _ = load_model(os.path.join(MODELS, "mnist_vit.pt2"))
     graph = build_graph(model, train, load_config("", {"scale": 1.0}), quiet=True)
-    from sfn_deploy.convert import accuracy, measure
+    from sfn_deploy.evaluation import accuracy, measure
     ann, _ = measure(graph, test, spiking=False)
     rows = []
     for lam in [0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0]:

@@ -1028,3 +1028,96 @@ def run_partial(path_or_graph, x, *, spikes: bool = False, batch_size: int = 256
         outs.append(r)
     y = torch.cat(outs)
     return (y, {k: torch.cat(v) for k, v in caught.items()}) if spikes else y
+
+
+def _channel_levels(site: Node, ch: torch.Tensor) -> torch.Tensor:
+    """Signed levels from binary threshold channels (batch, G, ...), positive copies first: the level is
+    table[#positive fired] − table[#negative fired] (channels of a level are cumulative)."""
+    npos, table = site.params["bounds_pos"].numel(), site.params["table"]
+    ch = ch.round().long()
+    lv = table[ch[:, :npos].sum(1)]
+    return lv - table[ch[:, npos:].sum(1)] if ch.shape[1] > npos else lv
+
+
+class NirBackend:
+    """The ``nir`` backend of :mod:`sfn_deploy.backends`: the file written, read back with ``nir.read`` and run
+    by nirtorch; a network NIR cannot fully express runs as its partial export (NIR regions plus host nodes).
+    The ANN has no NIR form (it runs on the reference)."""
+    runs_ann = False
+    one_stream = False
+    writes_folder = False
+
+    def runner(self, model: ConvertedModel, *, ann: bool = False, threads: int | None = None,
+               options: dict | None = None):
+        import tempfile
+        try:                    # what NIR cannot express (a Transformer's host work) runs beside the NIR regions
+            check_nir(model.graph)
+            partial = False
+        except UserError:
+            partial = True
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.nir")
+            if partial:
+                export_nir_partial(model, path)
+                return load_partial(path)
+            export_nir(model, path)
+            return load_nir(path)
+
+    def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
+        """Levels decoded from each site's threshold channels (copy index outermost: the positive copies,
+        then the negative ones), as nirtorch computes them."""
+        runner = self.runner(model)
+        if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
+            y, spikes = run_partial(runner, x, spikes=True, batch_size=batch_size)
+            levels = {s.name: _channel_levels(s, spikes[s.name]).reshape(len(x), -1).numpy()
+                      for s in model.sites if s.name in spikes}
+            return {"outputs": y.numpy(), "levels": levels, "pre": {}}
+        modules = dict(runner.named_modules())
+        levels: dict = {}
+        hooks = []
+        for site in model.sites:
+            mod = modules.get(f"graph_module.{site.name}")
+            if mod is None:
+                continue
+            g = site.params["bounds_pos"].numel() + site.params["bounds_neg"].numel()
+
+            def keep(_m, _inp, out, site=site, g=g):
+                levels.setdefault(site.name, []).append(
+                    _channel_levels(site, out.reshape(out.shape[0], g, -1)).numpy())
+            hooks.append(mod.register_forward_hook(keep))
+        try:
+            outs = [runner(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+        finally:
+            for h in hooks:
+                h.remove()
+        return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()},
+                "pre": {}}
+
+    def split_time(self, runner, seconds: float) -> tuple[float, float]:
+        return 0.0, seconds
+
+    def details(self, runner, model: ConvertedModel, data, batch_size: int) -> dict:
+        return {}
+
+    def parity_info(self, options: dict | None) -> dict:
+        return {}
+
+    def export(self, model: ConvertedModel, path: str, *, partial: bool = False, **_other) -> dict:
+        return export_nir_partial(model, path) if partial else export_nir(model, path)
+
+    def describe_export(self, info: dict) -> str:
+        if info.get("partial"):
+            return describe_partial(info)
+        return (f"wrote {info['path']}: NIR, {info['nodes']} nodes, {info['bytes']:,} bytes, {info['sites']} SFN "
+                f"sites; neurons {info['neurons_before']:,} graded -> {info['neurons_after']:,} binary, synapses "
+                f"{info['synapses_before']:,} -> {info['synapses_after']:,}")
+
+    def support(self, model: ConvertedModel) -> str:
+        try:
+            host = nir_host_nodes(model.graph)
+        except ImportError:
+            return "nir not installed"
+        return f"partial (--partial): {len(host)} node(s) NIR cannot express stay on the host" if host else "full"
+
+
+BACKEND = NirBackend()

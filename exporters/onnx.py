@@ -926,3 +926,66 @@ class OnnxRunner:
             raise UserError(f"{self.name}: the model has no spike-level outputs; export it with levels=True")
         res = self.session.run([self.output_name] + self.level_names, {self.input_name: self._prepare(x)})
         return res[0], dict(zip(self.level_names, res[1:]))
+
+
+class OnnxBackend:
+    """The ``onnx`` backend of :mod:`sfn_deploy.backends`: the exported network on onnxruntime."""
+    runs_ann = True
+    one_stream = False
+    writes_folder = False
+
+    def runner(self, model: ConvertedModel, *, ann: bool = False, threads: int | None = None,
+               options: dict | None = None):
+        runner = OnnxRunner(to_onnx(model, ann=ann), threads=threads)
+        return lambda xb: torch.from_numpy(runner.run(xb.numpy()))
+
+    def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
+        """Levels from the level-output export."""
+        runner = OnnxRunner(to_onnx(model, levels=True))
+        outs, levels = [], {}
+        for i in range(0, len(x), batch_size):
+            y, lv = runner.run_with_levels(x[i:i + batch_size].numpy())
+            outs.append(y)
+            for k, v in lv.items():
+                levels.setdefault(k, []).append(v.reshape(v.shape[0], -1).astype(np.int64))
+        return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()},
+                "pre": {}}
+
+    def split_time(self, runner, seconds: float) -> tuple[float, float]:
+        return 0.0, seconds
+
+    def details(self, runner, model: ConvertedModel, data, batch_size: int) -> dict:
+        """Share of spike levels equal to the reference at every site, and the first site that differs."""
+        from ..runtime import run_with_levels
+        levels_runner = OnnxRunner(to_onnx(model, levels=True))
+        same = total = 0
+        first = None
+        order = [s.name for s in model.sites]
+        for xb in data.batches(batch_size):
+            _, ref = run_with_levels(model.graph, xb)
+            _, levels = levels_runner.run_with_levels(xb.numpy())
+            for name in order:
+                eq = torch.from_numpy(levels[name]).to(torch.int64) == ref[name]
+                same += int(eq.sum())
+                total += eq.numel()
+                if first is None and not bool(eq.all()):
+                    first = name
+        return {"level_agreement": 100.0 * same / max(total, 1), "first_differing_site": first}
+
+    def parity_info(self, options: dict | None) -> dict:
+        return {}
+
+    def export(self, model: ConvertedModel, path: str, *, levels: bool = False, ann: bool = False,
+               opset: int = DEFAULT_OPSET, **_other) -> dict:
+        return export_onnx(model, path, levels=levels, opset=opset, ann=ann)
+
+    def describe_export(self, info: dict) -> str:
+        return (f"wrote {info['path']}: ONNX opset {info['opset']}, {info['nodes']} nodes, {info['bytes']:,} bytes, "
+                f"{info['sites']} SFN sites ({info['mode']}); outputs {', '.join(info['outputs'][:4])}"
+                f"{' ...' if len(info['outputs']) > 4 else ''}")
+
+    def support(self, model: ConvertedModel) -> str:
+        return "full"
+
+
+BACKEND = OnnxBackend()

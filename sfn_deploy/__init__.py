@@ -8,8 +8,9 @@ Python API (the CLI calls the same functions)::
     snn = convert(model, data, scale=0.2)
     print(evaluate(snn, load_data("mnist:../shared/data/mnist:8000:10000")))
 """
-from .convert import convert, evaluate
+from .convert import convert
 from .data import load_data
+from .evaluation import evaluate
 from .model_file import ConvertedModel, load, save
 from .models import load_model
 from .version import __version__

@@ -17,7 +17,10 @@ import warnings
 
 import click
 
+from .backends import export_targets, help_text
+from .backends import names as backend_names
 from .errors import UserError
+from .methods import METHODS
 
 
 def _emit(as_json: bool, payload: dict, text: str) -> None:
@@ -215,7 +218,7 @@ def _fmt_front(front: list[dict]) -> str:
 @click.option("--tune/--no-tune", default=None, help="Search λ (the default unless --scale is given).")
 @click.option("--max-drop", type=float, default=None,
               help="Accuracy budget in points: the lowest-energy configuration within it.")
-@click.option("--method", type=click.Choice(["sfn", "if", "mtn", "ecmt", "pmsm", "mbe"]), default=None,
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
               help="Conversion method (default sfn): sfn = Scale-and-Fire, T = 1; if = rate-coded IF over T steps; "
                    "mtn = its one-step multi-threshold equivalent (N = T); ecmt = ECMT over T steps; pmsm = "
                    "PMSM-R (signed multi-spike QAT, T = 1); mbe = MBE neurons for GELU/softmax/LayerNorm (T internal "
@@ -232,8 +235,9 @@ def _fmt_front(front: list[dict]) -> str:
 def convert_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
     """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network
     (or, with --method, into one of the baselines it is compared with)."""
-    from .convert import convert, evaluate
+    from .convert import convert
     from .data import load_data
+    from .evaluation import evaluate
     from .model_file import save
 
     cfg = _config(config_file, kw)
@@ -338,8 +342,8 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 @main.command("evaluate")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Evaluation data.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "nir", "lava"]), default="torch",
-              help="Where the SNN runs.")
+@click.option("--backend", type=click.Choice(backend_names()), default="torch",
+              help=f"Where the SNN runs: {help_text()}.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
@@ -347,8 +351,8 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 @command
 def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json):
     """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
-    from .convert import evaluate
     from .data import load_data
+    from .evaluation import evaluate
     from .model_file import load
 
     precision, lowering = _lava_choice([backend], precision, lowering)
@@ -366,7 +370,8 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
 
 @main.command("export")
 @click.argument("converted", type=click.Path(dir_okay=False))
-@click.option("--target", required=True, type=click.Choice(["onnx", "nir", "lava"]), help="Format to write.")
+@click.option("--target", required=True, type=click.Choice(export_targets()),
+              help=f"Format to write: {help_text(export_targets())}.")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output path (default: beside the model, with the target's extension); a Lava bundle is a "
                    "folder, replaced as a whole once the new one is complete.")
@@ -383,64 +388,39 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
 @command
 def export_cmd(converted, target, output, levels, ann, opset, partial, lowering, data, as_json):
     """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
-    from .model_file import load
-
-    if partial and target != "nir":
-        raise UserError(f"--partial applies to --target nir only (got --target {target})")
+    from .backends import BACKENDS, get, takes
     from .data import data_paths
+    from .model_file import load
     from .outputs import check_output
+
+    accepts = BACKENDS[target].export_options or ()
+    if partial and "partial" not in accepts:
+        raise UserError(f"--partial applies to --target {', '.join(takes('partial'))} only (got --target {target})")
+    exporter = get(target)
     path = os.path.splitext(converted)[0] + "." + target if output is None else output
-    check_output(path, [converted, *data_paths(data)], folder=target == "lava")
+    check_output(path, [converted, *data_paths(data)], folder=exporter.writes_folder)
     model = load(converted)
-    if target == "lava":
-        from .exporters.lava import export_lava
-        if levels or ann:
-            raise UserError("--levels and --ann apply to --target onnx only")
-        amax = model.metrics.get("input_abs_max")
-        if data is not None:
-            from .data import load_data
-            amax = float(load_data(data).x.abs().max())
-        info = export_lava(model, path, lowering, amax)
-        text = (f"wrote {info['path']}/: Lava bundle ({info['lowering']} lowering; {', '.join(info['precisions'])}), "
-                f"{info['processes']} processes ({info['neuro_core_processes']} on neuro-cores, "
-                f"{info['host_processes']} on the host: {', '.join(info['host_ops']) or 'input/output only'}), "
-                f"latency {info['latency_steps']} steps, {info['bytes']:,} bytes")
-        for p, why in info["missing"].items():
-            text += f"\n  no {p} plan: {why}"
-        _emit(as_json, {"target": target, **info}, text)
-        return
-    if target == "nir":
-        from .exporters.nir import describe_partial, export_nir, export_nir_partial
-        if levels or ann:
-            raise UserError("--levels and --ann apply to --target onnx only")
-        if partial:
-            info = export_nir_partial(model, path)
-            _emit(as_json, {"target": target, **info}, describe_partial(info))
-            return
-        info = export_nir(model, path)
-        text = (f"wrote {info['path']}: NIR, {info['nodes']} nodes, {info['bytes']:,} bytes, {info['sites']} SFN "
-                f"sites; neurons {info['neurons_before']:,} graded -> {info['neurons_after']:,} binary, synapses "
-                f"{info['synapses_before']:,} -> {info['synapses_after']:,}")
-        _emit(as_json, {"target": target, **info}, text)
-        return
-    from .exporters.onnx import export_onnx
-    info = export_onnx(model, path, levels=levels, opset=opset, ann=ann)
-    text = (f"wrote {info['path']}: ONNX opset {info['opset']}, {info['nodes']} nodes, {info['bytes']:,} bytes, "
-            f"{info['sites']} SFN sites ({info['mode']}); outputs {', '.join(info['outputs'][:4])}"
-            f"{' ...' if len(info['outputs']) > 4 else ''}")
-    _emit(as_json, {"target": target, **info}, text)
+    if (levels or ann) and "levels" not in accepts:
+        raise UserError(f"--levels and --ann apply to --target {', '.join(takes('levels'))} only")
+    options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "lowering": lowering}
+    if "data" in accepts:       # the range of --data sets the fixed-point input encoding
+        from .data import load_data
+        options["input_abs_max"] = (float(load_data(data).x.abs().max()) if data is not None
+                                    else model.metrics.get("input_abs_max"))
+    info = exporter.export(model, path, **options)
+    _emit(as_json, {"target": target, **info}, exporter.describe_export(info))
 
 
 @main.command("simulate")
 @click.argument("converted", type=click.Path())
 @click.option("--data", required=True, help="Input data.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnx", "nir", "lava"]),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(backend_names()),
               default=("torch",),
               help="Backend(s) to run (repeatable); each is compared with the torch reference.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option("--threads", type=click.IntRange(min=1, max=1024), default=None, help="CPU threads for every backend.")
-@click.option("--against", type=click.Choice(["torch", "onnx", "nir", "lava"]), default="torch",
+@click.option("--against", type=click.Choice(backend_names()), default="torch",
               help="With --per-layer: the backend the others are compared with.")
 @click.option("--per-layer", is_flag=True,
               help="Compare every SFN site's spike levels (and pre-activations) between each backend and "

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+from . import backends
+from .convert import PIPELINE
+from .errors import UserError
+from .methods import method_of, require_single_step
 from .model_file import ConvertedModel
-from .passes import PIPELINE
 from .targets import available
 
 
@@ -21,40 +24,25 @@ def summary(model: ConvertedModel) -> dict:
     kinds = Counter(n.kind for n in g.nodes)
     layers = [{"name": n.name, "op": n.op, "kind": n.kind, "inputs": n.inputs, "shape": n.shape,
                "source": n.source} for n in g.nodes]
-    from .methods import method_of
     method, steps = method_of(g)
     return {"format_version": 1, "method": method, "timesteps": steps, "source": model.source,
-            "input_shape": model.input_shape, "config": model.config, "passes": [p for p, _ in PIPELINE],
+            "input_shape": model.input_shape, "config": model.config, "passes": [p.name for p in PIPELINE],
             "node_kinds": dict(kinds),
             "layers": layers, "sites": sites, "metrics": model.metrics,
             "pareto_front": model.search.get("pareto_front", []), "chosen": model.search.get("chosen"),
-            "targets": available(), "exporters": exporters(model)}
+            "targets": available(), "exporters": exporters(model),
+            "backends": {name: e.description for name, e in backends.BACKENDS.items()}}
 
 
 def exporters(model: ConvertedModel) -> dict:
     """What each export target makes of this network (without writing anything)."""
-    from .errors import UserError
-    from .methods import require_single_step
+    targets = backends.export_targets()
     try:
         require_single_step(model, "single-timestep")
     except UserError:
         why = f"refused: --method {model.graph.method} keeps state over T = {model.graph.timesteps} steps"
-        return {"onnx": why, "nir": why, "lava": why}
-    out: dict = {"onnx": "full"}
-    try:
-        from .exporters.nir import nir_host_nodes
-        host = nir_host_nodes(model.graph)
-        out["nir"] = f"partial (--partial): {len(host)} node(s) NIR cannot express stay on the host" if host else "full"
-    except ImportError:
-        out["nir"] = "nir not installed"
-    try:
-        from .exporters.lava import lower
-        p = lower(model, "graded", "floating_pt").summary()
-        out["lava"] = (f"{p['processes']} processes ({p['neuro_core_processes']} neuro-core, {p['host_processes']} "
-                       f"host: {', '.join(p['host_ops']) or 'input/output only'}), latency {p['latency_steps']} steps")
-    except UserError as e:
-        out["lava"] = f"refused: {e}"
-    return out
+        return {name: why for name in targets}
+    return {name: backends.get(name).support(model) for name in targets}
 
 
 def _numel(shape) -> int:

@@ -2,7 +2,8 @@
 
 Every method starts from the same calibrated graph (capture → fold BatchNorm → neuron sites →
 activation histograms per site, :func:`sfn_deploy.convert.build_graph`) and differs only in the
-neuron placed at each site and in how many timesteps the network runs:
+neuron placed at each site and in how many timesteps the network runs. Each is one :class:`Method`
+in the registry :data:`METHODS`, whose ``apply`` the pipeline's last pass runs:
 
 - ``sfn``  Scale-and-Fire neuron, T = 1 (the project's method; λ searched).
 - ``if``   rate-coded integrate-and-fire, soft reset, binary spikes, T steps; θ per site is the
@@ -26,42 +27,67 @@ neuron placed at each site and in how many timesteps the network runs:
 """
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
+
 from .calibrate import site_histogram, top_percent
 from .errors import UserError
 from .ir import Graph, Node
 from .passes import configure
 
-METHODS = ("sfn", "if", "mtn", "ecmt", "pmsm", "mbe")
-IMPLEMENTED = ("sfn", "if", "mtn", "ecmt", "pmsm", "mbe")
-MULTI_STEP = ("if", "ecmt")                 # methods whose network runs T > 1 steps (if_neuron sites)
 
-# per-method defaults of the options a method changes (docs/methods.md)
-DEFAULTS = {
-    "sfn": {"percentile": 1.0, "timesteps": 1},
-    "if": {"percentile": 0.1, "timesteps": 64},
-    "mtn": {"percentile": 0.1, "timesteps": 64},
-    "ecmt": {"percentile": 1.0, "timesteps": 4, "levels": 8},
-    "pmsm": {"percentile": 1.0, "timesteps": 1, "levels": 8},
-    "mbe": {"percentile": 1.0, "timesteps": 16},
-}
+@dataclass
+class Applied:
+    """What a method's ``apply`` leaves beside the graph it changed in place."""
+    metrics: dict = field(default_factory=dict)     # added to the converted model's metrics (pmsm, mbe)
+    search: dict = field(default_factory=dict)      # the λ search and its chosen point (sfn without --scale)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A conversion method: the last pass of :data:`sfn_deploy.convert.PIPELINE` runs its ``apply``.
+
+    ``apply`` ("module:function") names ``f(graph, data, config, *, source, quiet) -> Applied``, which turns
+    the calibrated SFN sites of ``graph`` (λ = 1) into the method's neurons in place. It is imported when
+    the method runs, so that listing the methods (config checks, ``--help``) imports none of them.
+    """
+    name: str
+    description: str
+    defaults: dict              # the options it changes (docs/methods.md)
+    apply_ref: str
+    multi_step: bool = False    # its network runs T > 1 steps (if_neuron sites)
+
+    def load(self):
+        module, function = self.apply_ref.split(":")
+        return getattr(importlib.import_module(module), function)
+
+    def apply(self, graph: Graph, data, config, *, source: dict | None = None, quiet: bool = True) -> Applied:
+        return self.load()(graph, data, config, source=source or {}, quiet=quiet)
+
+
+# Adding a method: a module with its apply function, and one line here.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sfn", "Scale-and-Fire neurons, one timestep (the main paper)",
+           {"percentile": 1.0, "timesteps": 1}, "sfn_deploy.tuning:apply_sfn"),
+    Method("if", "rate-coded IF neurons, soft reset, 99.9th-percentile thresholds, T timesteps",
+           {"percentile": 0.1, "timesteps": 64}, "sfn_deploy.methods:apply_baseline", multi_step=True),
+    Method("mtn", "multi-threshold neurons at one step, N = T levels of θ/T (Theorem 1's equivalent of IF)",
+           {"percentile": 0.1, "timesteps": 64}, "sfn_deploy.methods:apply_baseline"),
+    Method("ecmt", "ECMT: power-of-two multi-threshold neurons + expectation compensation, T timesteps",
+           {"percentile": 1.0, "timesteps": 4, "levels": 8}, "sfn_deploy.methods:apply_baseline", multi_step=True),
+    Method("pmsm", "PMSM-R: signed multi-spike quantisers, entropy initialisation, short QAT fine-tune, T = 1",
+           {"percentile": 1.0, "timesteps": 1, "levels": 8}, "sfn_deploy.method_adapters:apply_pmsm"),
+    Method("mbe", "MBE: multi-basis exponential-decay neurons for GELU, softmax and LayerNorm, T internal steps",
+           {"percentile": 1.0, "timesteps": 16}, "sfn_deploy.method_adapters:apply_mbe"),
+)}
+MULTI_STEP = tuple(n for n, m in METHODS.items() if m.multi_step)
+DEFAULTS = {n: m.defaults for n, m in METHODS.items()}         # per-method option defaults (config reads them)
 ECMT_SOFTMAX_LAMBDA = 0.0125                # the authors' softmax_p: smallest level at post-softmax sites
-
-DESCRIPTIONS = {
-    "sfn": "Scale-and-Fire neurons, one timestep (the main paper)",
-    "if": "rate-coded IF neurons, soft reset, 99.9th-percentile thresholds, T timesteps",
-    "mtn": "multi-threshold neurons at one step, N = T levels of θ/T (Theorem 1's equivalent of IF)",
-    "ecmt": "ECMT: power-of-two multi-threshold neurons + expectation compensation, T timesteps",
-    "pmsm": "PMSM-R: signed multi-spike quantisers, entropy initialisation, short QAT fine-tune, T = 1",
-    "mbe": "MBE: multi-basis exponential-decay neurons for GELU, softmax and LayerNorm, T internal steps",
-}
 
 
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise UserError(f"option 'method': {method!r} is not one of {', '.join(METHODS)}")
-    if method not in IMPLEMENTED:
-        raise UserError(f"method {method!r} ({DESCRIPTIONS[method]}) is not implemented yet; available: "
-                        f"{', '.join(IMPLEMENTED)} (see docs/methods.md)")
 
 
 def _numel(shape) -> int:
@@ -145,18 +171,25 @@ def apply_method(graph: Graph, method: str, timesteps: int, percentile: float, l
         return graph
     if timesteps < 1:
         raise UserError(f"option 'timesteps': must be ≥ 1, got {timesteps}")
+    neuron = {"if": lambda node: to_if(node, timesteps, percentile, v0),
+              "mtn": lambda node: to_mtn(node, timesteps, percentile, v0),
+              "ecmt": lambda node: to_ecmt(node, timesteps, percentile, levels, samples)}.get(method)
+    if neuron is None:
+        raise UserError(f"method {method!r} is not a baseline of docs/methods.md (if, mtn, ecmt)")
     for node in graph.sites:
-        if method == "if":
-            to_if(node, timesteps, percentile, v0)
-        elif method == "mtn":
-            to_mtn(node, timesteps, percentile, v0)
-        elif method == "ecmt":
-            to_ecmt(node, timesteps, percentile, levels, samples)
+        neuron(node)
     graph.method = method
     graph.timesteps = timesteps if method in MULTI_STEP else 1
     if graph.stateful:
         mark_temporal(graph)
     return graph
+
+
+def apply_baseline(graph: Graph, data, config, *, source: dict | None = None, quiet: bool = True) -> Applied:
+    """``apply`` of if, mtn and ecmt (:class:`Method`)."""
+    apply_method(graph, config.method, config.timesteps, config.percentile, config.levels,
+                 len(data.limit(config.calib_limit)), config.v0)
+    return Applied()
 
 
 def method_of(graph: Graph) -> tuple[str, int]:

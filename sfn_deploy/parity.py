@@ -5,114 +5,25 @@ integer spike levels and pre-activations (the neuron's input). Sites are compare
 so the first one that differs is where the two simulations part ways; everything after it inherits
 the difference.
 
-Per-layer data per backend: torch (levels and pre-activations, from the reference interpreter),
-onnx (levels, from the level-output export), lava (levels and membrane potentials read from the
-neurons' taps; fixed point dequantised with the neuron's scale), nir (levels decoded from each
-site's threshold channels as nirtorch computes them).
+Each backend gives its per-layer data through :meth:`sfn_deploy.backends.Backend.layers`: torch (levels
+and pre-activations, from the reference interpreter), onnx (levels, from the level-output export), lava
+(levels and membrane potentials read from the neurons' taps; fixed point dequantised with the neuron's
+scale), nir (levels decoded from each site's threshold channels as nirtorch computes them).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from .backends import REFERENCE, get
 from .data import Dataset
 from .errors import UserError
 from .model_file import ConvertedModel
-from .runtime import run, signed_table
-
-
-def _torch_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict:
-    levels: dict = {}
-    pre: dict = {}
-    outs = []
-
-    def keep(node, args, out, extra):
-        if "position" in extra:
-            pos = extra["position"]
-            lv = torch.index_select(signed_table(node), 0, pos.reshape(-1)).view(pos.shape)
-            levels.setdefault(node.name, []).append(lv.reshape(lv.shape[0], -1).numpy())
-            pre.setdefault(node.name, []).append(args[0].reshape(args[0].shape[0], -1).numpy())
-    for i in range(0, len(x), batch_size):
-        outs.append(run(model.graph, x[i:i + batch_size], hook=keep).numpy())
-    cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}     # noqa: E731
-    return {"outputs": np.concatenate(outs), "levels": cat(levels), "pre": cat(pre)}
-
-
-def _onnx_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict:
-    from .exporters.onnx import OnnxRunner, to_onnx
-    runner = OnnxRunner(to_onnx(model, levels=True))
-    outs, levels = [], {}
-    for i in range(0, len(x), batch_size):
-        y, lv = runner.run_with_levels(x[i:i + batch_size].numpy())
-        outs.append(y)
-        for k, v in lv.items():
-            levels.setdefault(k, []).append(v.reshape(v.shape[0], -1).astype(np.int64))
-    return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()}, "pre": {}}
-
-
-def _channel_levels(site, ch: torch.Tensor) -> torch.Tensor:
-    """Signed levels from binary threshold channels (batch, G, ...), positive copies first: the level is
-    table[#positive fired] − table[#negative fired] (channels of a level are cumulative)."""
-    npos, table = site.params["bounds_pos"].numel(), site.params["table"]
-    ch = ch.round().long()
-    lv = table[ch[:, :npos].sum(1)]
-    return lv - table[ch[:, npos:].sum(1)] if ch.shape[1] > npos else lv
-
-
-def _nir_layers(model: ConvertedModel, x: torch.Tensor, batch_size: int) -> dict:
-    """Levels decoded from each site's threshold channels (copy index outermost: the positive copies,
-    then the negative ones; the level is table[#positive fired] − table[#negative fired])."""
-    from .convert import backend_runner
-    from .exporters.nir import PartialModule, run_partial
-    runner = backend_runner(model, "nir")
-    if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
-        y, spikes = run_partial(runner, x, spikes=True, batch_size=batch_size)
-        levels = {s.name: _channel_levels(s, spikes[s.name]).reshape(len(x), -1).numpy()
-                  for s in model.sites if s.name in spikes}
-        return {"outputs": y.numpy(), "levels": levels, "pre": {}}
-    modules = dict(runner.named_modules())
-    levels: dict = {}
-    hooks = []
-    for site in model.sites:
-        mod = modules.get(f"graph_module.{site.name}")
-        if mod is None:
-            continue
-        g = site.params["bounds_pos"].numel() + site.params["bounds_neg"].numel()
-
-        def keep(_m, _inp, out, site=site, g=g):
-            levels.setdefault(site.name, []).append(_channel_levels(site, out.reshape(out.shape[0], g, -1)).numpy())
-        hooks.append(mod.register_forward_hook(keep))
-    try:
-        outs = [runner(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()}, "pre": {}}
-
-
-def _lava_layers(model: ConvertedModel, x: torch.Tensor, lava: dict | None) -> dict:
-    from .exporters.lava import LavaRunner
-    runner = LavaRunner(model, record=True, **(lava or {}))
-    y = runner(x).numpy()
-    r = runner.last
-    pre = {k: v.astype(np.float64) * r["scales"].get(k, 1.0) for k, v in r["pre"].items()}
-    return {"outputs": y, "levels": {k: v.astype(np.int64) for k, v in r["levels"].items()}, "pre": pre,
-            "counts": r["counts"], "timings": r["timings"]}
 
 
 def layer_outputs(model: ConvertedModel, backend: str, data: Dataset, batch_size: int = 256,
                   lava: dict | None = None) -> dict:
     """Output, and per-site levels / pre-activations where the backend exposes them."""
-    x = data.x
-    if backend == "torch":
-        return _torch_layers(model, x, batch_size)
-    if backend == "onnx":
-        return _onnx_layers(model, x, batch_size)
-    if backend == "lava":
-        return _lava_layers(model, x, lava)
-    if backend == "nir":
-        return _nir_layers(model, x, batch_size)
-    raise UserError(f"no per-layer parity for backend {backend!r}")
+    return get(backend).layers(model, data.x, batch_size, lava)
 
 
 def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_name: str) -> dict:
@@ -149,15 +60,16 @@ def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_
             "compared_sites": sum(r["levels_equal"] is not None for r in layers)}
 
 
-def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = "torch",
+def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = REFERENCE,
            batch_size: int = 256, lava: dict | None = None) -> list[dict]:
     ref = layer_outputs(model, against, data, batch_size, lava)
     rows = [compare(model, ref, layer_outputs(model, b, data, batch_size, lava), against, b)
             for b in backends if b != against]
-    if "lava" in backends + [against]:
-        for r in rows:
-            r["lava"] = {"precision": (lava or {}).get("precision", "floating_pt"),
-                         "lowering": (lava or {}).get("lowering", "graded")}
+    info: dict = {}             # each involved backend's settings (Lava: precision, lowering), on every row
+    for b in dict.fromkeys([*backends, against]):
+        info.update(get(b).parity_info(lava))
+    for r in rows:
+        r.update(info)
     return rows
 
 

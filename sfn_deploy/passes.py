@@ -121,12 +121,3 @@ def set_scale(graph: Graph, lam: float | dict[str, float]) -> Graph:
         value = lam.get(node.name, node.attrs["lam"]) if isinstance(lam, dict) else lam
         configure(node, value)
     return graph
-
-
-PIPELINE = [
-    ("capture", "torch.export the model and map every ATen operator to the IR (attention split into q·kᵀ, softmax, ·v)"),
-    ("fold_batchnorm", "fold inference BatchNorm into the preceding conv/linear"),
-    ("insert_sfn", "place an SFN on each activation feeding a weight layer or activation product"),
-    ("calibrate", "θ⁺/θ⁻ = top-p% positive/negative activation per site, o_max per softmax (streaming histograms)"),
-    ("scale", "set λ: fixed, or chosen by the accuracy/energy search"),
-]

@@ -10,9 +10,9 @@ import os
 
 import torch
 
-from .convert import accuracy, backend_logits, check_data, energy_constants, measure
 from .data import Dataset
 from .errors import UserError
+from .evaluation import accuracy, backend_logits, check_data, energy_constants, measure
 from .model_file import ConvertedModel
 from .ir import NEURON_OPS
 from .methods import method_of

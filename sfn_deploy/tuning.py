@@ -51,10 +51,12 @@ import warnings
 
 import optuna
 
+from . import evaluation
 from .config import ConvertConfig, redacted, storage_path
 from .data import Dataset
 from .errors import UserError
 from .ir import Graph
+from .methods import Applied
 from .passes import set_scale
 from .progress import progress
 
@@ -258,12 +260,10 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
 
 
 def _run(graph, data, cfg, source, quiet, storage, grace):
-    from .convert import accuracy, energy_constants, measure
-
     val, _ = data.split(cfg.val_fraction, cfg.seed)
-    ann_pred, _ = measure(graph, val, cfg.batch_size, spiking=False)
-    ann_acc = accuracy(ann_pred, val.y)
-    e_ac, e_mac = energy_constants()
+    ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
+    ann_acc = evaluation.accuracy(ann_pred, val.y)
+    e_ac, e_mac = evaluation.energy_constants()
     groups = site_groups(graph, cfg.search)
     name = cfg.study or study_name(source, cfg)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
@@ -307,8 +307,8 @@ def _run(graph, data, cfg, source, quiet, storage, grace):
             lam = {g: trial.suggest_float(f"lam:{g}", 0.02, 1.0, log=True) for g in groups}
             per_site = {s: lam[g] for g, members in groups.items() for s in members}
             set_scale(graph, per_site)
-            pred, counter = measure(graph, val, cfg.batch_size)
-            acc = accuracy(pred, val.y)
+            pred, counter = evaluation.measure(graph, val, cfg.batch_size)
+            acc = evaluation.accuracy(pred, val.y)
             ratio = counter.result().energy_ratio(e_ac, e_mac)
             trial.set_user_attr("lam", per_site)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -379,3 +379,16 @@ def choose(result: dict, max_drop: float | None) -> dict:
     if not ok:
         return {**best, "rule": f"no configuration within {max_drop} points; most accurate taken"}
     return {**min(ok, key=lambda r: r["energy_ratio"]), "rule": f"lowest energy within {max_drop} points"}
+
+
+def apply_sfn(graph: Graph, data: Dataset, config: ConvertConfig, *, source: dict | None = None,
+              quiet: bool = True) -> Applied:
+    """``apply`` of the sfn method (:mod:`sfn_deploy.methods`): λ fixed by ``scale``, else searched here and
+    chosen by :func:`choose`."""
+    if config.scale is not None:
+        set_scale(graph, config.scale)
+        return Applied()
+    result = run_search(graph, data, config, source or {}, quiet=quiet)
+    chosen = choose(result, config.max_drop)
+    set_scale(graph, chosen["lam"])
+    return Applied(search={**result, "chosen": chosen})

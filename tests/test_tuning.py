@@ -108,18 +108,18 @@ import os, sys, time
 import importlib
 import torch
 torch.set_num_threads(1)
-convert = importlib.import_module("sfn_deploy.convert")
+evaluation = importlib.import_module("sfn_deploy.evaluation")
 import sfn_deploy.tuning as tuning
 from sfn_deploy.config import load_config
 from sfn_deploy.convert import build_graph
 from sfn_deploy.data import load_data
-_measure = convert.measure
+_measure = evaluation.measure
 def slow_measure(graph, data, batch_size=256, spiking=True, **kw):
     if spiking:                              # one λ trial: tell the test, then take a while
         open({marker!r} + f".{{os.getpid()}}", "a").close()
         time.sleep({sleep})
     return _measure(graph, data, batch_size, spiking=spiking, **kw)
-convert.measure = slow_measure
+evaluation.measure = slow_measure
 if {remote}:                                 # pretend to run on another machine: only heartbeats tell
     tuning._namespace = lambda: "another-machine"
 tuning.HEARTBEAT_INTERVAL, tuning.GRACE_PERIOD = {heartbeat}
@@ -257,10 +257,10 @@ def test_running_trial_without_heartbeat_is_given_up(tmp_path, digits, digits_ml
 
 
 def _on_measure(monkeypatch, action, at: int | None = None):
-    """Wrap sfn_deploy.convert.measure (one trial's evaluation) to call action() on its spiking call number
+    """Wrap sfn_deploy.evaluation.measure (one trial's evaluation) to call action() on its spiking call number
     ``at`` (on every spiking call when None); return the real measure."""
-    convert = importlib.import_module("sfn_deploy.convert")
-    real, calls = convert.measure, []
+    evaluation = importlib.import_module("sfn_deploy.evaluation")
+    real, calls = evaluation.measure, []
 
     def measure(graph, data, batch_size=256, spiking=True, **kw):
         if spiking:
@@ -268,7 +268,7 @@ def _on_measure(monkeypatch, action, at: int | None = None):
             if at is None or len(calls) == at:
                 action()
         return real(graph, data, batch_size, spiking=spiking, **kw)
-    monkeypatch.setattr(convert, "measure", measure)
+    monkeypatch.setattr(evaluation, "measure", measure)
     return real
 
 
@@ -279,7 +279,7 @@ def _raise(e: BaseException):
 
 
 def test_ctrl_c_fails_the_running_trial_and_propagates(tmp_path, digits, digits_mlp, monkeypatch):
-    convert = importlib.import_module("sfn_deploy.convert")
+    evaluation = importlib.import_module("sfn_deploy.evaluation")
     url = f"sqlite:///{tmp_path / 'int.db'}"
     cfg = load_config("", {"trials": 4, "storage": url, "study": "s", "val_fraction": 0.3})
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
@@ -290,7 +290,7 @@ def test_ctrl_c_fails_the_running_trial_and_propagates(tmp_path, digits, digits_
     assert len(states[optuna.trial.TrialState.COMPLETE]) == 1
     assert len(states[optuna.trial.TrialState.FAIL]) == 1
     assert not states[optuna.trial.TrialState.RUNNING]
-    monkeypatch.setattr(convert, "measure", real)
+    monkeypatch.setattr(evaluation, "measure", real)
     assert run_search(g, digits, cfg, {})["trials_completed"] == 4
 
 

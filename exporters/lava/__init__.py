@@ -170,3 +170,74 @@ class LavaRunner:
         import torch
         self.last = run_lava(self.path, xb.numpy(), self.precision, record=self.record, timeout=self.timeout)
         return torch.from_numpy(np.asarray(self.last["outputs"], np.float32))
+
+
+def run_summary(summary: dict, precision: str, result: dict) -> dict:
+    """What a Lava run did: processes on neuro-cores and on the host (the plan's ``summary``), phases of its
+    time, fixed-point counters (accumulator overflows and membrane saturations per neuron block, wraps per conv)."""
+    t = result["timings"]
+    return {"precision": precision, "lowering": summary["lowering"], "processes": summary["processes"],
+            "neuro_core_processes": summary["neuro_core_processes"], "host_processes": summary["host_processes"],
+            "host_ops": summary["host_ops"], "latency_steps": summary["latency_steps"],
+            "steps_per_s": t["steps"] / t["run_s"] if t["run_s"] else None,
+            "phases_s": {k: t[k] for k in ("build_s", "compile_s", "run_s", "stop_s", "wall_s")},
+            "counts": result["counts"], "overflows": result["overflows"], "saturations": result["saturations"]}
+
+
+class LavaBackend:
+    """The ``lava`` backend of :mod:`sfn_deploy.backends`: a bundle written once, each batch streamed through
+    Lava processes (``options``: precision, lowering, input_abs_max). The ANN has no Lava form (it runs on the
+    reference)."""
+    runs_ann = False
+    one_stream = True
+    writes_folder = True
+
+    def runner(self, model: ConvertedModel, *, ann: bool = False, threads: int | None = None,
+               options: dict | None = None) -> LavaRunner:
+        return LavaRunner(model, **(options or {}))
+
+    def layers(self, model: ConvertedModel, x, batch_size: int, options: dict | None = None) -> dict:
+        """Levels and membrane potentials read from the neurons' taps (fixed point dequantised with the
+        neuron's scale), with the run's counters and timings."""
+        runner = LavaRunner(model, record=True, **(options or {}))
+        y = runner(x).numpy()
+        r = runner.last
+        pre = {k: v.astype(np.float64) * r["scales"].get(k, 1.0) for k, v in r["pre"].items()}
+        return {"outputs": y, "levels": {k: v.astype(np.int64) for k, v in r["levels"].items()}, "pre": pre,
+                "counts": r["counts"], "timings": r["timings"]}
+
+    def split_time(self, runner: LavaRunner, seconds: float) -> tuple[float, float]:
+        """The worker's start, Lava's compile and stop are set-up; the run is the stream."""
+        run_s = runner.last["timings"]["run_s"]
+        return seconds - run_s, run_s
+
+    def details(self, runner: LavaRunner, model: ConvertedModel, data, batch_size: int) -> dict:
+        return {"lava": run_summary(runner.summary, runner.precision, runner.last)}
+
+    def parity_info(self, options: dict | None) -> dict:
+        return {"lava": {"precision": (options or {}).get("precision", "floating_pt"),
+                         "lowering": (options or {}).get("lowering", "graded")}}
+
+    def export(self, model: ConvertedModel, path: str, *, lowering: str = "graded",
+               input_abs_max: float | None = None, **_other) -> dict:
+        return export_lava(model, path, lowering, input_abs_max)
+
+    def describe_export(self, info: dict) -> str:
+        text = (f"wrote {info['path']}/: Lava bundle ({info['lowering']} lowering; {', '.join(info['precisions'])}), "
+                f"{info['processes']} processes ({info['neuro_core_processes']} on neuro-cores, "
+                f"{info['host_processes']} on the host: {', '.join(info['host_ops']) or 'input/output only'}), "
+                f"latency {info['latency_steps']} steps, {info['bytes']:,} bytes")
+        for p, why in info["missing"].items():
+            text += f"\n  no {p} plan: {why}"
+        return text
+
+    def support(self, model: ConvertedModel) -> str:
+        try:
+            p = lower(model, "graded", "floating_pt").summary()
+        except UserError as e:
+            return f"refused: {e}"
+        return (f"{p['processes']} processes ({p['neuro_core_processes']} neuro-core, {p['host_processes']} "
+                f"host: {', '.join(p['host_ops']) or 'input/output only'}), latency {p['latency_steps']} steps")
+
+
+BACKEND = LavaBackend()
