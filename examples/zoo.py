@@ -1,0 +1,245 @@
+"""The model zoo coverage table: which popular architectures convert, run and export, and how faithfully.
+
+    python examples/zoo.py                      # every row, writes docs/zoo.md (about half an hour on 2 cores)
+    python examples/zoo.py resnet18 swin_tiny   # some rows, printed only
+    python examples/zoo.py --one resnet18       # one row as JSON (what each subprocess runs)
+
+Each architecture is built with random weights in a small configuration (reduced input size, and reduced
+depth/width where the family allows it, listed in ``ZOO``) and run in its own process, so its time and peak
+memory are its own. Calibration uses 256 CIFAR-10 training images and the SNN/ANN agreement 200 others
+(``../shared/data/cifar10/train``, resized to the model's input, file k of every class in turn: random-weight
+models make the labels meaningless, so only agreement is reported). λ is fixed (``--scale``, no search): this table is about coverage; fidelity on trained models
+is in docs/zoo.md's second table.
+
+Columns: convert (capture, calibration), agreement (top-1 SNN vs ANN on the reference interpreter),
+energy ratio (paper convention, cmos45), ONNX (top-1 agreement with the torch SNN, and the share of spike
+levels that are equal), Lava float / fixed (the Lava plan is built and its checks pass; the processes
+are not run here), NIR (full graph, or why not), time and peak RSS of the whole row.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
+
+# name -> (constructor, keyword arguments of the small configuration, input size)
+_VIT = {"img_size": 64, "depth": 2}
+ZOO: dict[str, tuple[str, dict, int]] = {
+    "resnet18": ("timm", {}, 64),
+    "resnet50": ("timm", {}, 64),
+    "resnet26d": ("timm", {}, 64),
+    "resnext26ts": ("timm", {}, 64),
+    "seresnet18": ("timm", {}, 64),
+    "regnetx_002": ("timm", {}, 64),
+    "regnety_002": ("timm", {}, 64),
+    "densenet121": ("timm", {}, 64),
+    "vgg11_bn": ("timm", {}, 32),
+    "repvgg_a0": ("timm", {}, 64),
+    "mobilenetv2_100": ("timm", {}, 64),
+    "mobilenetv3_small_100": ("timm", {}, 64),
+    "mobilenetv3_large_100": ("timm", {}, 64),
+    "efficientnet_b0": ("timm", {}, 64),
+    "efficientnet_lite0": ("timm", {}, 64),
+    "mnasnet_100": ("timm", {}, 64),
+    "ghostnet_100": ("timm", {}, 64),
+    "convnext_atto": ("timm", {}, 64),
+    "convnextv2_atto": ("timm", {}, 64),
+    "poolformer_s12": ("timm", {}, 64),
+    "mixer_b16_224": ("timm-mixer", {"img_size": 64, "patch_size": 16, "num_blocks": 2, "embed_dim": 768}, 64),
+    "resmlp_12_224": ("timm-mixer", {"img_size": 64, "patch_size": 16, "num_blocks": 2, "embed_dim": 384,
+                                     "mlp_ratio": 4, "resmlp": True}, 64),
+    "deit_tiny_patch16_224": ("timm", _VIT, 64),
+    "deit_tiny_distilled_patch16_224": ("timm", _VIT, 64),
+    "vit_small_patch16_224": ("timm", _VIT, 64),
+    "swin_tiny_patch4_window7_224": ("timm", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
+    "levit_128s": ("timm", {"img_size": 64}, 64),
+    "efficientformer_l1": ("timm", {}, 224),
+    "mobilevit_xxs": ("timm", {}, 64),
+    "cait_xxs24_224": ("timm", {"img_size": 64, "depth": 2, "depth_token_only": 1}, 64),
+    "eva02_tiny_patch14_224": ("timm", {"img_size": 56, "depth": 2}, 56),
+    "tv:resnet18": ("torchvision", {}, 64),
+    "tv:mobilenet_v2": ("torchvision", {}, 64),
+    "tv:shufflenet_v2_x0_5": ("torchvision", {}, 64),
+    "tv:squeezenet1_1": ("torchvision", {}, 64),
+    "resnet20_cifar": ("local", {}, 32),
+}
+
+
+def build(name: str):
+    """The model (eval mode, seed 0) and its input size."""
+    import torch
+    kind, kw, size = ZOO[name]
+    torch.manual_seed(0)
+    if kind == "timm":
+        import timm
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kw)
+    elif kind == "timm-mixer":      # the variant's own constructor fixes the depth: build the class directly
+        from timm.models import mlp_mixer
+        kw = dict(kw)
+        if kw.pop("resmlp", False):
+            kw.update(block_layer=mlp_mixer.ResBlock, norm_layer=mlp_mixer.Affine)
+        model = mlp_mixer.MlpMixer(num_classes=10, **kw)
+    elif kind == "torchvision":
+        import torchvision
+        model = getattr(torchvision.models, name[3:])(num_classes=10, **kw)
+    else:
+        sys.path.insert(0, HERE)
+        from architectures.resnet_cifar import resnet20
+        model = resnet20(num_classes=10)
+    return model.eval(), size
+
+
+def cifar(n: int, size: int):
+    """n CIFAR-10 training images at size×size in [0, 1]: file k of every class folder in turn (sorted), k = 0, 1, …"""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from sfn_deploy.data import Dataset
+    classes = sorted(os.listdir(CIFAR))
+    names = {c: sorted(os.listdir(os.path.join(CIFAR, c))) for c in classes}
+    files = [(os.path.join(CIFAR, c, names[c][k]), i) for k in range(n // len(classes) + 1)
+             for i, c in enumerate(classes)][:n]
+    xs = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0 for p, _ in files])
+    x = torch.from_numpy(xs)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return Dataset(x.contiguous(), torch.tensor([c for _, c in files]), f"cifar10[{n}]")
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+
+
+def one(name: str, scale: float, samples: int) -> dict:
+    """Every column of one row; a failing stage records its one-line reason and the row goes on."""
+    import torch
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from sfn_deploy.convert import convert
+    from sfn_deploy.evaluation import evaluate
+    t0 = time.time()
+    row: dict = {"model": name}
+    model, size = build(name)
+    data = cifar(256 + samples, size)
+    calib, test = data.subset(torch.arange(256)), data.subset(torch.arange(256, 256 + samples))
+    try:
+        converted = convert(model, calib, scale=scale, quiet=True)
+        row["convert"] = "yes"
+        row["sites"] = len(converted.graph.sites)
+    except Exception as e:
+        row["convert"] = f"refused: {_short(e)}"
+        row.update(seconds=round(time.time() - t0, 1), peak_mb=_peak_mb())
+        return row
+    res = evaluate(converted, test, quiet=True)
+    row["agreement"] = round(res["agreement"], 1)
+    row["energy_ratio"] = round(res["energy_ratio"], 3)
+    row["onnx"] = _onnx(converted, test)
+    row["lava_float"] = _lava(converted, "floating_pt")
+    row["lava_fixed"] = _lava(converted, "fixed_pt")
+    row["nir"] = _nir(converted)
+    row.update(seconds=round(time.time() - t0, 1), peak_mb=_peak_mb())
+    return row
+
+
+def _onnx(converted, test) -> str:
+    try:
+        from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
+        from sfn_deploy.runtime import run_with_levels
+        logits, levels = OnnxRunner(to_onnx(converted, levels=True), threads=1).run_with_levels(test.x)
+        ref, ref_levels = run_with_levels(converted.graph, test.x)
+        top1 = 100.0 * float((torch_tensor(logits).argmax(-1) == ref.argmax(-1)).float().mean())
+        same = sum(int((torch_tensor(levels[k]) == v).sum()) for k, v in ref_levels.items())
+        total = sum(v.numel() for v in ref_levels.values())
+        return f"{top1:.1f} % top-1, {100.0 * same / max(total, 1):.2f} % levels"
+    except Exception as e:
+        return f"refused: {_short(e)}"
+
+
+def torch_tensor(a):
+    import torch
+    return torch.as_tensor(a)
+
+
+def _lava(converted, precision: str) -> str:
+    try:
+        from sfn_deploy.exporters.lava import lower
+        lower(converted, precision=precision, input_abs_max=converted.metrics.get("input_abs_max"))
+        return "plan ok"
+    except Exception as e:
+        return f"refused: {_short(e)}"
+
+
+def _nir(converted) -> str:
+    try:
+        from sfn_deploy.exporters.nir import check_nir
+        check_nir(converted.graph)
+        return "full"
+    except Exception as e:
+        return f"partial only: {_short(e)}"
+
+
+def _peak_mb() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+COLUMNS = ["model", "convert", "agreement", "energy_ratio", "onnx", "lava_float", "lava_fixed", "nir", "seconds",
+           "peak_mb"]
+
+
+def table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "".join("| " + " | ".join(str(r.get(c, "")).replace("|", "/") for c in COLUMNS) + " |\n"
+                          for r in rows)
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="rows to run (default: all, and write docs/zoo.md)")
+    ap.add_argument("--one", help="run one row in this process and print it as JSON")
+    ap.add_argument("--scale", type=float, default=0.5, help="the fixed λ (default 0.5)")
+    ap.add_argument("--samples", type=int, default=200, help="images for the agreement columns (default 200)")
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.one, args.scale, args.samples)))
+        return
+    names = args.names or list(ZOO)
+    rows = []
+    for name in names:
+        r = subprocess.run([sys.executable, __file__, "--one", name, "--scale", str(args.scale),
+                            "--samples", str(args.samples)], capture_output=True, text=True)
+        try:
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            row = {"model": name, "convert": f"crashed: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}"}
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+    if not args.names:
+        with open(os.path.join(ROOT, "docs", "zoo.md"), "w") as f:
+            f.write(_DOC.format(table=table(rows), scale=args.scale, samples=args.samples))
+
+
+_DOC = """# Model zoo coverage
+
+Generated by `python examples/zoo.py` (random weights, small configurations: see `ZOO` in examples/zoo.py;
+λ = {scale} fixed, 256 CIFAR-10 calibration images, agreement on {samples} others). The same
+configurations run in CI as `tests/test_zoo.py`.
+
+{table}
+Lava columns: the Lava plan (process graph and fixed-point checks) is built; the processes are not run by
+this script (`sfn-deploy simulate --backend lava` runs them). NIR: `full` means the whole graph is
+expressible in NIR; otherwise `sfn-deploy export --target nir --partial` writes the spiking regions.
+"""
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,48 @@
+"""The model zoo's rows (examples/zoo.py) as tests: every architecture captures to a graph that computes the
+model exactly, converts, and exports to ONNX with the torch SNN's spike levels. Small configurations and a
+few random images keep each row to seconds (random weights: fidelity on trained models is a benchmark)."""
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import zoo  # noqa: E402
+
+from sfn_deploy.convert import convert  # noqa: E402
+from sfn_deploy.data import Dataset  # noqa: E402
+from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx  # noqa: E402
+from sfn_deploy.runtime import run, run_with_levels  # noqa: E402
+
+# architectures refused at capture, with the reason they are refused (a test checks the message)
+REFUSED = {"mobilevit_xxs": "cannot follow the batch axis through reshape"}
+
+
+def _data(n: int, size: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(torch.rand(n, 3, size, size, generator=g), torch.zeros(n, dtype=torch.long), "random")
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_zoo_row(name):
+    warnings.filterwarnings("ignore")
+    model, size = zoo.build(name)
+    calib, test = _data(8, size, 0), _data(4, size, 1)
+    with torch.no_grad():
+        ref = model(test.x)
+    if name in REFUSED:
+        with pytest.raises(Exception, match=REFUSED[name]):
+            convert(model, calib, scale=0.5)
+        return
+    converted = convert(model, calib, scale=0.5)
+    g = converted.graph
+    torch.testing.assert_close(run(g, test.x, spiking=False), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert g.sites, "no SFN was placed"
+    snn, levels = run_with_levels(g, test.x)
+    assert torch.isfinite(snn).all()
+    logits, onnx_levels = OnnxRunner(to_onnx(converted, levels=True), threads=1).run_with_levels(test.x)
+    same = sum(int((torch.as_tensor(onnx_levels[k]) == v).sum()) for k, v in levels.items())
+    total = sum(v.numel() for v in levels.values())
+    assert same >= 0.99 * total, f"ONNX spike levels agree on {same} of {total}"
