@@ -956,7 +956,7 @@ class OnnxBackend:
 
     def details(self, runner, model: ConvertedModel, data, batch_size: int) -> dict:
         """Share of spike levels equal to the reference at every site, and the first site that differs."""
-        from ..runtime import run_with_levels
+        from ..simulators.interpreter import run_with_levels
         levels_runner = OnnxRunner(to_onnx(model, levels=True))
         same = total = 0
         first = None

@@ -11,8 +11,9 @@ writes files) named ``BACKEND``, and one :class:`Entry` line in :data:`BACKENDS`
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from .errors import UserError
 

@@ -62,7 +62,7 @@ def command(fn):
             warnings.filterwarnings("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
             if "optuna" in sys.modules or fn.__name__ in ("convert_cmd", "tune_cmd"):
-                import optuna           # importing optuna resets its logger: set its own verbosity
+                import optuna  # importing optuna resets its logger: set its own verbosity
                 optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             return fn(*args, as_json=as_json, **kwargs)
@@ -212,7 +212,8 @@ def _fmt_front(front: list[dict]) -> str:
 
 @main.command("convert")
 @click.argument("model")
-@click.option("--data", required=True, help="Calibration/validation data: .npz, image folder, sklearn:digits, mnist:DIR.")
+@click.option("--data", required=True,
+              help="Calibration/validation data: .npz, image folder, sklearn:digits, mnist:DIR.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Converted model file.")
 @click.option("--scale", type=float, default=None, help="Fix λ instead of searching it.")
 @click.option("--tune/--no-tune", default=None, help="Search λ (the default unless --scale is given).")
@@ -416,7 +417,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
 @click.option("--data", required=True, help="Input data.")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(backend_names()),
               default=("torch",),
-              help="Backend(s) to run (repeatable); each is compared with the torch reference.")
+              help=f"Backend(s) to run (repeatable); each is compared with the torch reference: {help_text()}.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option("--threads", type=click.IntRange(min=1, max=1024), default=None, help="CPU threads for every backend.")
@@ -484,7 +485,8 @@ def _target_help(extra: str = "") -> str:
 @main.command("report")
 @click.argument("converted", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Data to count operations on (e.g. a validation set).")
-@click.option("--target", "targets", multiple=True, default=("loihi2", "loihi1", "cmos45"), help=_target_help("; repeatable"))
+@click.option("--target", "targets", multiple=True, default=("loihi2", "loihi1", "cmos45"),
+              help=_target_help("; repeatable"))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report: .html (self-contained, with plots), .md or .json.")
 @click.option("--scale", "scales", type=_FiniteRange(0, 1, min_open=True), multiple=True,
@@ -499,14 +501,12 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
 
     Several model files, or --scale/--levels values, give a side-by-side comparison.
     """
-    from .data import load_data
+    from .data import data_paths, load_data
     from .model_file import atomic_write, load
+    from .outputs import check_output
     from .render import to_html, to_markdown, to_text
     from .report import build_report, compare, output_format, variant
     from .targets import load_target
-
-    from .data import data_paths
-    from .outputs import check_output
     if output is not None:
         check_output(output, [*converted, *data_paths(data), *targets])
     fmt = output_format(output)

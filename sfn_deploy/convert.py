@@ -9,8 +9,9 @@ The passes up to ``calibrate`` (:func:`build_graph`) give every method the same 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .calibrate import calibrate
 from .capture import capture

@@ -14,8 +14,8 @@ from .errors import UserError
 from .ir import Graph
 from .model_file import ConvertedModel
 from .progress import progress
-from .runtime import run
 from .simulators.counting import OpCounter
+from .simulators.interpreter import run
 from .targets import load_target
 
 

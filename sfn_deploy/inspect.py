@@ -80,7 +80,8 @@ def summary_text(s: dict) -> str:
             mark = "  ← chosen" if s["chosen"] and r["trial"] == s["chosen"]["trial"] else ""
             lams = sorted(set(round(v, 3) for v in r["lam"].values()))
             lam = str(lams[0]) if len(lams) == 1 else f"{min(lams)}..{max(lams)}"
-            lines.append(f"  trial {r['trial']:4d}  {r['accuracy']:6.2f}%  ratio {r['energy_ratio']:.4f}  λ {lam}{mark}")
+            lines.append(f"  trial {r['trial']:4d}  {r['accuracy']:6.2f}%  ratio {r['energy_ratio']:.4f}  "
+                         f"λ {lam}{mark}")
     lines += ["", "hardware targets: " + ", ".join(s["targets"])]
     lines += ["exports:"] + [f"  {k:<5} {v}" for k, v in s["exporters"].items()]
     return "\n".join(lines)

@@ -13,9 +13,9 @@ import torch
 from .data import Dataset
 from .errors import UserError
 from .evaluation import accuracy, backend_logits, check_data, energy_constants, measure
-from .model_file import ConvertedModel
 from .ir import NEURON_OPS
 from .methods import method_of
+from .model_file import ConvertedModel
 from .neurons import fire_levels
 from .passes import configure, set_scale
 from .simulators.counting import CONVENTIONS, OpCounts, count_ops
@@ -100,11 +100,13 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
     lams = [s.attrs["lam"] for s in converted.sites]
     report = {
         "model": label, "source": converted.source, "samples": len(data),
-        "levels_M": sorted({s.attrs["M"] for s in converted.sites}), "fire": sorted({s.attrs["fire"] for s in converted.sites}),
+        "levels_M": sorted({s.attrs["M"] for s in converted.sites}),
+        "fire": sorted({s.attrs["fire"] for s in converted.sites}),
         "lam": {"min": min(lams), "max": max(lams)} if lams else {},
         "accuracy": accuracy(snn_pred, data.y), "ann_accuracy": accuracy(ann_pred, data.y),
         "agreement": 100.0 * float((snn_pred == ann_pred).float().mean()),
-        "energy_ratio": counts.energy_ratio(e_ac, e_mac), "energy_ratio_approx": counts.energy_ratio_approx(e_ac, e_mac),
+        "energy_ratio": counts.energy_ratio(e_ac, e_mac),
+        "energy_ratio_approx": counts.energy_ratio_approx(e_ac, e_mac),
         "energy_ratio_by_convention": {c: counts.energy_ratio(e_ac, e_mac, c) for c in CONVENTIONS},
         "ac_snn": counts.ac_snn, "mac_snn": counts.mac_snn, "mac_ann": counts.mac_ann, "host_ops": counts.host_ops,
         "synops": {c: counts.synops(c) for c in CONVENTIONS}, "host_ops_by_op": counts.host_ops_by_op(),

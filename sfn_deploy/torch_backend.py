@@ -5,7 +5,25 @@ import numpy as np
 import torch
 
 from .model_file import ConvertedModel
-from .runtime import run, signed_table
+from .neurons import signed_table
+from .simulators.interpreter import Event, Observer, run
+
+
+class _SiteRecorder(Observer):
+    """Each site's signed levels and pre-activations (one row per sample), batch after batch."""
+
+    def __init__(self):
+        self.levels: dict[str, list] = {}
+        self.pre: dict[str, list] = {}
+
+    def __call__(self, event: Event) -> None:
+        pos = event.position
+        if pos is None:
+            return
+        lv = torch.index_select(signed_table(event.node), 0, pos.reshape(-1)).view(pos.shape)
+        self.levels.setdefault(event.node.name, []).append(lv.reshape(lv.shape[0], -1).numpy())
+        x = event.args[0]
+        self.pre.setdefault(event.node.name, []).append(x.reshape(x.shape[0], -1).numpy())
 
 
 class TorchBackend:
@@ -17,21 +35,11 @@ class TorchBackend:
         return lambda xb: run(model.graph, xb, spiking=not ann)
 
     def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
-        """Levels and pre-activations of every site, read from the interpreter's hook."""
-        levels: dict = {}
-        pre: dict = {}
-        outs = []
-
-        def keep(node, args, out, extra):
-            if "position" in extra:
-                pos = extra["position"]
-                lv = torch.index_select(signed_table(node), 0, pos.reshape(-1)).view(pos.shape)
-                levels.setdefault(node.name, []).append(lv.reshape(lv.shape[0], -1).numpy())
-                pre.setdefault(node.name, []).append(args[0].reshape(args[0].shape[0], -1).numpy())
-        for i in range(0, len(x), batch_size):
-            outs.append(run(model.graph, x[i:i + batch_size], hook=keep).numpy())
+        """Levels and pre-activations of every site, as the interpreter's observer sees them."""
+        keep = _SiteRecorder()
+        outs = [run(model.graph, x[i:i + batch_size], hook=keep).numpy() for i in range(0, len(x), batch_size)]
         cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}     # noqa: E731
-        return {"outputs": np.concatenate(outs), "levels": cat(levels), "pre": cat(pre)}
+        return {"outputs": np.concatenate(outs), "levels": cat(keep.levels), "pre": cat(keep.pre)}
 
     def split_time(self, runner, seconds: float) -> tuple[float, float]:
         return 0.0, seconds
