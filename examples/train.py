@@ -33,7 +33,6 @@ import os
 import platform
 import sys
 import time
-
 import warnings
 
 import torch
@@ -172,7 +171,9 @@ class ActivationRecorder:
         def h(mod, inp, out):
             if self.collect_stats:
                 s = self.stats[name]
-                s[0] += float(out.sum()); s[1] += float((out > 0).sum()); s[2] += out.numel()
+                s[0] += float(out.sum())
+                s[1] += float((out > 0).sum())
+                s[2] += out.numel()
             elif mod.training:
                 self.outputs.append(out)
         return h
@@ -288,7 +289,8 @@ def activation_stats(model: nn.Module, data: Dataset) -> dict:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             def h(mod, inp, out, name=name):
                 s = inputs.setdefault(name, [0.0, 0.0])
-                s[0] += float((inp[0] != 0).sum()); s[1] += inp[0].numel()
+                s[0] += float((inp[0] != 0).sum())
+                s[1] += inp[0].numel()
             hooks.append(m.register_forward_hook(h))
     model.eval()
     for xb in data.batches(500):
@@ -359,7 +361,8 @@ def mnist_split(mnist_dir: str, validate: bool = False) -> tuple[Dataset, Datase
     tr = load_mnist(mnist_dir, *MNIST_TRAIN)
     te = load_mnist(mnist_dir, *MNIST_TEST)
     split = {"dataset": "MNIST t10k (IDX release files)", "normalisation": {"mean": MNIST_MEAN, "std": MNIST_STD},
-             "train": {"indices": list(MNIST_TRAIN), "n": len(tr), "spec": f"mnist:DIR:{MNIST_TRAIN[0]}:{MNIST_TRAIN[1]}"},
+             "train": {"indices": list(MNIST_TRAIN), "n": len(tr),
+                       "spec": f"mnist:DIR:{MNIST_TRAIN[0]}:{MNIST_TRAIN[1]}"},
              "test": {"indices": list(MNIST_TEST), "n": len(te), "spec": f"mnist:DIR:{MNIST_TEST[0]}:{MNIST_TEST[1]}"},
              "note": "indices are [start, stop) into t10k-images-idx3-ubyte; the test part was not used "
                      "for any model selection (fixed epochs, last epoch kept)"}
@@ -413,7 +416,8 @@ def run_mnist_vit(args) -> dict:
             "epochs": epochs, "train_seconds": t["train_seconds"],
             "macs_per_sample": {"weight_layers": total, "attention_matmuls": attn, "total": total + attn,
                                 "first_layer": macs[0][1], "first_layer_fraction": macs[0][1] / (total + attn)},
-            "hyperparameter_selection": VIT_SELECTION, "seed": SEED, **{k: t[k] for k in ("optimizer", "augmentation", "history")}}
+            "hyperparameter_selection": VIT_SELECTION, "seed": SEED,
+            **{k: t[k] for k in ("optimizer", "augmentation", "history")}}
     sizes = save_all("mnist_vit", model, te.x[:64], meta, args.out)
     return {"model": "mnist_vit", "params": meta["params"], "test_acc": acc,
             "first_frac": macs[0][1] / (total + attn), "train_seconds": t["train_seconds"], "epochs": epochs,
@@ -477,7 +481,8 @@ def main(argv=None) -> int:
         print(f"== {name}", flush=True)
         results.append(RUNNERS[name](args))
     print()
-    head = f"{'model':<11} {'params':>8} {'epochs':>6} {'test acc':>8} {'1st-layer MACs':>14} {'train s':>8}  files (KiB)"
+    head = (f"{'model':<11} {'params':>8} {'epochs':>6} {'test acc':>8} {'1st-layer MACs':>14} {'train s':>8}"
+            "  files (KiB)")
     print(head)
     print("-" * len(head))
     for r in results:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NoReturn
 
 import tomli
 
 from .errors import UserError
-from .untrusted import read_bytes
 from .neurons import FIRE_FUNCTIONS, ROUNDINGS
+from .untrusted import read_bytes
 
 SEARCH_SPACES = ("shared", "per-block", "per-site")
 
@@ -74,56 +75,69 @@ def storage_path(url: str | None) -> str | None:
 _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPACES}
 
 
+def _bad(key: str, why: str) -> NoReturn:
+    raise UserError(f"option '{key}': {why}")
+
+
+def _check_method_options(cfg: ConvertConfig) -> None:
+    """Options whose meaning depends on the method: timesteps, v0, the PMSM training loop."""
+    if cfg.timesteps is not None and not 1 <= cfg.timesteps <= 4096:
+        _bad("timesteps", f"T must be between 1 and 4096, got {cfg.timesteps}")
+    if cfg.v0 and cfg.method not in ("if", "mtn"):
+        _bad("v0", f"applies to --method if and mtn only, not {cfg.method}")
+    if cfg.method == "if" and not 0 <= cfg.v0 < 1:
+        _bad("v0", f"must lie in [0, 1) (units of θ), got {cfg.v0}")
+    if cfg.method == "mtn" and cfg.v0 not in (0.0, 0.5):
+        _bad("v0", f"the MTN supports v0 = 0 (floor) or 0.5 (round half up), got {cfg.v0}")
+    if cfg.method == "mbe" and cfg.timesteps is not None and not 2 <= cfg.timesteps <= 64:
+        _bad("timesteps", f"MBE neurons need 2 to 64 internal steps, got {cfg.timesteps}")
+    if cfg.method == "pmsm" and cfg.timesteps != 1:
+        _bad("timesteps", f"PMSM-R runs one timestep (its T > 1 mode is not implemented), got {cfg.timesteps}")
+    if cfg.epochs < 0 or cfg.lr <= 0:
+        _bad("epochs" if cfg.epochs < 0 else "lr", f"must be positive, got {cfg.epochs if cfg.epochs < 0 else cfg.lr}")
+    if cfg.method == "sfn" and cfg.timesteps not in (None, 1):
+        _bad("timesteps", f"the SFN method runs one timestep; T = {cfg.timesteps} applies to --method if, mtn, ecmt")
+
+
+def _check_ranges(cfg: ConvertConfig) -> None:
+    """Numeric options of every method: each within its range."""
+    if not 1 <= cfg.levels <= 16:
+        _bad("levels", f"M must be between 1 and 16, got {cfg.levels}")
+    if not 0 <= cfg.percentile < 100:
+        _bad("percentile", f"p must lie in [0, 100), got {cfg.percentile}")
+    if cfg.scale is not None and not 0 < cfg.scale <= 1:
+        _bad("scale", f"λ must lie in (0, 1], got {cfg.scale}")
+    if cfg.max_drop is not None and cfg.max_drop < 0:
+        _bad("max_drop", f"must be ≥ 0 points, got {cfg.max_drop}")
+    if cfg.trials < 1:
+        _bad("trials", f"must be ≥ 1, got {cfg.trials}")
+    if not 0 < cfg.val_fraction <= 1:
+        _bad("val_fraction", f"must lie in (0, 1], got {cfg.val_fraction}")
+    if cfg.batch_size < 1:
+        _bad("batch_size", f"must be ≥ 1, got {cfg.batch_size}")
+    if cfg.calib_limit is not None and cfg.calib_limit < 1:
+        _bad("calib_limit", f"must be ≥ 1, got {cfg.calib_limit}")
+
+
 def validate(cfg: ConvertConfig) -> ConvertConfig:
+    """Refuse a configuration that cannot run, naming the option (UserError)."""
     from .methods import check_method
 
-    def bad(key, why):
-        raise UserError(f"option '{key}': {why}")
     check_method(cfg.method)
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            bad(f.name, f"must be a finite number, got {value}")
-    if cfg.timesteps is not None and not 1 <= cfg.timesteps <= 4096:
-        bad("timesteps", f"T must be between 1 and 4096, got {cfg.timesteps}")
-    if cfg.v0 and cfg.method not in ("if", "mtn"):
-        bad("v0", f"applies to --method if and mtn only, not {cfg.method}")
-    if cfg.method == "if" and not 0 <= cfg.v0 < 1:
-        bad("v0", f"must lie in [0, 1) (units of θ), got {cfg.v0}")
-    if cfg.method == "mtn" and cfg.v0 not in (0.0, 0.5):
-        bad("v0", f"the MTN supports v0 = 0 (floor) or 0.5 (round half up), got {cfg.v0}")
-    if cfg.method == "mbe" and not 2 <= cfg.timesteps <= 64:
-        bad("timesteps", f"MBE neurons need 2 to 64 internal steps, got {cfg.timesteps}")
-    if cfg.method == "pmsm" and cfg.timesteps != 1:
-        bad("timesteps", f"PMSM-R runs one timestep (its T > 1 mode is not implemented), got {cfg.timesteps}")
-    if cfg.epochs < 0 or cfg.lr <= 0:
-        bad("epochs" if cfg.epochs < 0 else "lr", f"must be positive, got {cfg.epochs if cfg.epochs < 0 else cfg.lr}")
-    if cfg.method == "sfn" and cfg.timesteps not in (None, 1):
-        bad("timesteps", f"the SFN method runs one timestep; T = {cfg.timesteps} applies to --method if, mtn, ecmt")
+            _bad(f.name, f"must be a finite number, got {value}")
+    _check_method_options(cfg)
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
-            bad(key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
-    if not 1 <= cfg.levels <= 16:
-        bad("levels", f"M must be between 1 and 16, got {cfg.levels}")
-    if not 0 <= cfg.percentile < 100:
-        bad("percentile", f"p must lie in [0, 100), got {cfg.percentile}")
-    if cfg.scale is not None and not 0 < cfg.scale <= 1:
-        bad("scale", f"λ must lie in (0, 1], got {cfg.scale}")
-    if cfg.max_drop is not None and cfg.max_drop < 0:
-        bad("max_drop", f"must be ≥ 0 points, got {cfg.max_drop}")
-    if cfg.trials < 1:
-        bad("trials", f"must be ≥ 1, got {cfg.trials}")
-    if not 0 < cfg.val_fraction <= 1:
-        bad("val_fraction", f"must lie in (0, 1], got {cfg.val_fraction}")
-    if cfg.batch_size < 1:
-        bad("batch_size", f"must be ≥ 1, got {cfg.batch_size}")
-    if cfg.calib_limit is not None and cfg.calib_limit < 1:
-        bad("calib_limit", f"must be ≥ 1, got {cfg.calib_limit}")
+            _bad(key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+    _check_ranges(cfg)
     return cfg
 
 
 def _typecheck(key: str, value, typ) -> object:
-    want = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    want: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
     base = typ.replace(" | None", "")
     if value is None and "None" in typ:
         return None
@@ -139,9 +153,9 @@ def _read_toml(path: str) -> dict:
     try:
         raw = tomli.loads(blob.decode("utf-8"))
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not a TOML config file (not UTF-8 text)")
+        raise UserError(f"{path}: not a TOML config file (not UTF-8 text)") from None
     except tomli.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})")
+        raise UserError(f"{path}: not valid TOML ({e})") from e
     if "convert" not in raw:
         return raw
     if not isinstance(raw["convert"], dict):

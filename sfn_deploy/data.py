@@ -35,13 +35,13 @@ class Dataset:
         for i in range(0, len(self), size):
             yield self.x[i:i + size]
 
-    def subset(self, idx) -> "Dataset":
+    def subset(self, idx) -> Dataset:
         return Dataset(self.x[idx], self.y[idx], self.name)
 
-    def limit(self, n: int | None) -> "Dataset":
+    def limit(self, n: int | None) -> Dataset:
         return self if n is None or n >= len(self) else Dataset(self.x[:n], self.y[:n], f"{self.name}[:{n}]")
 
-    def split(self, fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+    def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """A random validation part of the given fraction (at least one sample) and the rest."""
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
@@ -80,9 +80,9 @@ def load_npz(path: str) -> Dataset:
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file") from None
     except Exception as e:
-        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})")
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     return _check(x, y, path)
 
 
@@ -109,7 +109,7 @@ def _read_idx(path: str) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})")
+        raise UserError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from e
     if len(data) < 8:
         raise UserError(f"{path}: truncated IDX file")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
@@ -154,7 +154,7 @@ def load_image_folder(path: str) -> Dataset:
                 with Image.open(fp) as im:
                     arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"), dtype=np.float32)
             except Exception as e:
-                raise UserError(f"{fp}: not a readable image ({e})")
+                raise UserError(f"{fp}: not a readable image ({e})") from e
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             if size is None:
                 size = arr.shape
@@ -190,7 +190,7 @@ def load_data(spec: str) -> Dataset:
             if start < 0 or (stop is not None and stop <= start):
                 raise ValueError
         except ValueError:
-            raise UserError(f"{spec}: expected mnist:DIR[:START:STOP] with integer bounds 0 ≤ START < STOP")
+            raise UserError(f"{spec}: expected mnist:DIR[:START:STOP] with integer bounds 0 ≤ START < STOP") from None
         return load_mnist(parts[0], start, stop)
     if os.path.isdir(spec):
         return load_image_folder(spec)

@@ -14,6 +14,7 @@ not tampering: anyone who can edit the file can recompute it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import numbers
 import os
@@ -23,10 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .version import __version__
 from .errors import UserError
 from .ir import FORMAT, FORMAT_VERSION, Graph, GraphError, check_graph_dict, validate_graph
 from .untrusted import file_kind, torch_load
+from .version import __version__
 
 HASH_KEY = "content_sha256"          # the file's own field: hex SHA-256 of the rest (content_hash)
 _HASH_DOMAIN = b"sfn-deploy/content-hash/1\n"
@@ -54,7 +55,7 @@ class ConvertedModel:
                 "source": self.source, "metrics": self.metrics, "search": self.search}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ConvertedModel":
+    def from_dict(cls, d: dict) -> ConvertedModel:
         return cls(Graph.from_dict(d["graph"]), d["input_shape"], d.get("config", {}), d.get("source", {}),
                    d.get("metrics", {}), d.get("search", {}))
 
@@ -100,10 +101,8 @@ def atomic_write(path: str, write) -> None:
         os.chmod(tmp, 0o666 & ~umask)         # mkstemp makes 0600; give the file a normal mode
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError) and not isinstance(e, UserError):
             raise WriteError(f"{path}: cannot write ({_reason(e)})") from e
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+from typing import Any
 
 import torch
 
@@ -41,12 +42,13 @@ def parse_model_args(text: str | None) -> dict:
 def _load_state_dict(path: str) -> tuple[dict, str]:
     """(state dict, sha256 of the file), from one read of the file."""
     data = read_bytes(path, "weights file")
+    sd: Any                                     # untrusted content: checked below
     if path.endswith(".safetensors"):
         from safetensors.torch import load
         try:
             sd = load(data)
         except Exception as e:
-            raise UserError(f"{path}: not a readable safetensors file ({reason(e)})")
+            raise UserError(f"{path}: not a readable safetensors file ({reason(e)})") from e
     else:
         sd = torch_loads(data, path, "weights file")
     for key in ("state_dict", "model", "model_state_dict"):
@@ -75,9 +77,9 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
         try:
             model = timm.create_model(name, pretrained=False, **(model_args or {}))
         except RuntimeError as e:
-            raise UserError(f"{spec}: {str(e).splitlines()[0]}")
+            raise UserError(f"{spec}: {str(e).splitlines()[0]}") from e
         except TypeError as e:
-            raise UserError(f"{spec}: bad --model-args ({e})")
+            raise UserError(f"{spec}: bad --model-args ({e})") from e
         identity["model_args"] = dict(model_args or {})
         if weights:
             sd, digest = _load_state_dict(weights)
@@ -104,7 +106,7 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
     try:
         model = torch.load(spec, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"{spec}: cannot unpickle ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+        raise UserError(f"{spec}: cannot unpickle ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{spec}: the pickle holds a {type(model).__name__}, not an nn.Module")
     return model.eval(), identity

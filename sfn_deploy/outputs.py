@@ -33,7 +33,7 @@ def check_output(output: str, inputs: list[str | None], option: str = "-o", fold
     except FileNotFoundError:
         st = None
     except OSError as e:
-        raise UserError(f"{output}: cannot use as output ({e.strerror})")
+        raise UserError(f"{output}: cannot use as output ({e.strerror})") from e
     if st is not None:
         if stat.S_ISDIR(st.st_mode) and not folder:
             raise UserError(f"{output}: is a folder; {option} needs a file path")

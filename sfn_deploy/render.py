@@ -115,7 +115,7 @@ def _verdict(e: dict) -> str:
     if r is None:
         return "no int8 ANN price on this target: no comparison"
     base = {"int8_with_memory_j": "int8 ANN with weight-memory reads", "int8_j": "int8 ANN, arithmetic only"}
-    s = (f"SNN / int8 ANN = {ratio(r)} (against the {base.get(_baseline(e), 'int8 ANN')}). Below 1 means the SNN "
+    s = (f"SNN / int8 ANN = {ratio(r)} (against the {base.get(_baseline(e) or '', 'int8 ANN')}). Below 1 means the SNN "
          f"beats a quantised ANN on this table; here {'the SNN wins' if r < 1 else 'the int8 ANN wins'}.")
     if e["unpriced"]:
         s += " Unpriced terms are left out, so the SNN figure is a lower bound."
@@ -185,7 +185,7 @@ def _totals(r: dict) -> list:
              ["host operations", count(r["host_ops"])]]
     rows += [[f"  host: {op}", count(v)] for op, v in (r.get("host_ops_by_op") or {}).items()]
     rows += [["neuron updates (SFN neurons)", count(r["neuron_updates"])], ["spikes Σ|y|", count(r["spikes"])]]
-    out = [("table", ["per inference", "count"], rows)]
+    out: list[tuple] = [("table", ["per inference", "count"], rows)]
     cd = r.get("channel_decomposition")
     if cd:
         out.append(("p", f"Binary threshold channels (Loihi 1, NIR) instead of graded spikes: SFN neurons "
@@ -290,7 +290,7 @@ def _layers(r: dict, level: int) -> list:
              count(d.get("ac")), count(d.get("ac_event")), count(d.get("ac_channel")), count(d.get("mac")),
              count(d.get("host_ops")), count(d.get("neurons")),
              f"{100 * d['firing_rate']:.1f} %" if d["op"] in NEURON_OPS else DASH] for d in r["layers"]]
-    out = [("h", level, "Operations per layer (per inference)"),
+    out: list[tuple] = [("h", level, "Operations per layer (per inference)"),
            ("table", ["layer", "op", "stage", "input", "MAC ANN", "AC spike", "AC event", "AC channel", "MAC",
                       "host ops", "neurons", "firing rate"], rows)]
     timed = {n: {s["stage"]: s["ns"] for s in t["estimate"]["stages"]} for n, t in r["targets"].items()
@@ -425,7 +425,7 @@ def _plot_energy(r: dict):
     for term in terms:
         vals = [sum(x["joules"] for x in ts if x["term"] == term) / scale for _, ts in targets]
         ax.barh(range(len(targets)), vals, left=left, label=term)
-        left = [a + b for a, b in zip(left, vals)]
+        left = [a + b for a, b in zip(left, vals, strict=True)]
     for i, (n, _) in enumerate(targets):
         e = r["targets"][n]["estimate"]
         note = " + unpriced" if e["unpriced"] else ""

@@ -148,7 +148,7 @@ def load_exported_program(path: str):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path}: not a readable torch.export program ({reason(e)})")
+        raise UserError(f"{path}: not a readable torch.export program ({reason(e)})") from e
     return ep, digest
 
 
@@ -157,7 +157,7 @@ def _checked_archive(path: str, data: bytes) -> bytes:
         zin = zipfile.ZipFile(io.BytesIO(data))
         infos = zin.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path}: damaged .pt2 archive ({reason(e)})")
+        raise UserError(f"{path}: damaged .pt2 archive ({reason(e)})") from e
     total = zip_overexpands(infos, len(data))
     if total:
         raise UserError(f"{path}: damaged .pt2 archive (entries expand to {total:,} bytes from {len(data):,})")
@@ -173,7 +173,7 @@ def _checked_archive(path: str, data: bytes) -> bytes:
                 raise UserError(f"{path}: damaged .pt2 archive (entry {rel} appears twice)")
             entries[rel] = zin.read(i)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: damaged .pt2 archive ({reason(e)})")
+        raise UserError(f"{path}: damaged .pt2 archive ({reason(e)})") from e
     for rel in entries:
         if rel.startswith(("data/aotinductor/", "data/mtia/")) or rel.endswith((".so", ".dll", ".dylib")):
             raise UserError(f"{path}: refused: entry {rel} is compiled code (AOTInductor); sfn-deploy reads "
@@ -198,7 +198,7 @@ def _json_entry(path: str, rel: str, blob: bytes):
     try:
         return json.loads(blob)
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: damaged .pt2 archive (entry {rel}: {reason(e)})")
+        raise UserError(f"{path}: damaged .pt2 archive (entry {rel}: {reason(e)})") from e
 
 
 def _pickled_entries(path: str, entries: dict, model: str) -> list[str]:
@@ -232,7 +232,7 @@ def _check_pickle(path: str, rel: str, blob: bytes) -> None:
     try:
         torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: refused: entry {rel} {reason(e)}")
+        raise UserError(f"{path}: refused: entry {rel} {reason(e)}") from e
 
 
 def _checked_program_json(path: str, rel: str, blob: bytes) -> bytes:
@@ -289,7 +289,7 @@ def _check_expr(path: str, rel: str, text) -> None:
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
-        raise UserError(f"{bad}: {text[:80]!r}")
+        raise UserError(f"{bad}: {text[:80]!r}") from None
     allowed = _sympy_names()
     for node in ast.walk(tree):
         ok = isinstance(node, _EXPR_NODES)

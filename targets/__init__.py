@@ -29,11 +29,11 @@ def load_target(name_or_path: str) -> Target:
         with open(path, "rb") as f:
             raw = tomli.load(f)
     except tomli.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})")
+        raise UserError(f"{path}: not valid TOML ({e})") from e
     try:
         return parse(raw, path)
     except TargetError as e:
-        raise UserError(str(e))
+        raise UserError(str(e)) from e
 
 
 __all__ = ["Target", "available", "load_target"]

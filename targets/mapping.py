@@ -145,6 +145,110 @@ def _axons(node: Node, graph: Graph, per_core: int, units: int) -> int:
     return ih * iw * c_in_g * groups_here
 
 
+def _host_work(graph: Graph, node: Node, c, spiking: bool) -> list[dict]:
+    """What of ``node`` (with per-layer statistics ``c``) runs on the host rather than on cores."""
+    work = []
+    if node.kind == "host" and c.host_ops:
+        work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements", "stage": c.stage,
+                     "why": "not a synaptic operation: runs on the host (embedded or attached CPU)"})
+    elif node.op == "matmul" and spiking:
+        work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "unit": "MACs", "stage": c.stage,
+                     "why": "product of two activations: no static synapses to store on a core"})
+    elif node.op in NEURON_OPS and graph[node.inputs[0]].kind == "host" and spiking:
+        work.append({"layer": node.name, "op": node.op, "ops": c.neurons, "unit": "neurons", "stage": c.stage,
+                     "why": f"SFN fed by host op {graph[node.inputs[0]].op}: spikes encoded on the host"})
+    if node.kind == "weight" and c.input == "analog" and spiking:
+        work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "unit": "MACs", "stage": c.stage,
+                     "why": "fed by the analog network input: its neurons are placed on cores, but its "
+                            "MACs are not synaptic ops (the input must be encoded as spikes first)"})
+    return work
+
+
+def _cores(graph: Graph, node: Node, units: int, ch_in: int, need: dict, fan_in_limit) -> tuple[int, str]:
+    """Cores for one layer and the limit that sets their number: the most that neurons or synaptic memory need,
+    raised (binary search) until the distinct inputs of one core's neurons fit the core's fan-in."""
+    binding = max(need, key=lambda k: need[k])
+    cores = max(need.values())
+    if not fan_in_limit:
+        return cores, binding
+
+    def fits(k: int) -> bool:
+        return _axons(node, graph, math.ceil(units / k), units) * ch_in <= fan_in_limit
+
+    lo, hi = cores, max(units, cores)
+    if fits(lo):
+        return cores, binding
+    if not fits(hi):
+        return hi, "fan_in"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo, "fan_in"
+
+
+def _violations(p: Placement, sites: list[Node], stats: dict, core: dict, wbits: int, target: Target) -> list:
+    """The per-layer limits of one placed layer that the target's cores cannot meet."""
+    out = []
+    fan_in_limit = core["fan_in"]
+    if fan_in_limit and p.fan_in > fan_in_limit:
+        k = math.ceil(p.fan_in / fan_in_limit)
+        out.append(Violation(p.name, "fan-in per neuron", fan_in_limit, p.fan_in,
+                             f"split the input into {k} partial sums of ≤ {fan_in_limit:,} inputs "
+                             "accumulated by a second compartment"))
+    elif fan_in_limit and p.axons_per_core > fan_in_limit:
+        out.append(Violation(p.name, LIMITS["fan_in"], fan_in_limit, p.axons_per_core,
+                             "split the layer by output channel or reduce its receptive field"))
+    if core["synapse_bits"] and p.fan_in * wbits > core["synapse_bits"]:
+        out.append(Violation(p.name, "synaptic memory of one neuron (bits)", core["synapse_bits"],
+                             p.fan_in * wbits, "lower the weight precision or split the input"))
+    if core["neurons"] and 1 + p.channels > core["neurons"]:
+        out.append(Violation(p.name, "compartments of one neuron", core["neurons"], 1 + p.channels,
+                             "lower M (fewer threshold channels)"))
+    if target.spikes == "graded" and sites:
+        top = max(int(s.params["table"].max()) for s in sites)     # the worst case, not just the data's
+        need_bits = max(top, 1).bit_length() + (1 if any(stats[s.name].dual for s in sites) else 0)
+        payload = target.get("precision", "payload_bits")
+        if payload and need_bits > payload:
+            out.append(Violation(p.name, "graded spike payload (bits)", payload, need_bits,
+                                 "lower M or use the linear fire function (levels up to 2M)"))
+    return out
+
+
+def _place(graph: Graph, users: dict, node: Node, stats: dict, core: dict, wbits: int,
+           target: Target) -> tuple[Placement, list[Node]]:
+    """Place one weight layer; returns the placement and the SFN sites its output feeds."""
+    c = stats[node.name]
+    binary = target.spikes == "binary"
+    sites = _reach(graph, users, node.name, lambda u: u.op in NEURON_OPS)
+    hosts = _reach(graph, users, node.name, lambda u: u.op not in NEURON_OPS and u.op not in _THROUGH)
+    output = "spikes" if sites and not hosts else "host" if hosts else "network output"
+    channels = 0
+    if binary and sites:
+        channels = max(stats[s.name].levels * (2 if stats[s.name].dual else 1) for s in sites)
+    # binary spikes: every threshold channel of the input site is its own axon with its own weight
+    ch_in = 1
+    src = _source_site(graph, node.inputs[0])
+    if binary and src is not None:
+        ch_in = stats[src.name].levels * (2 if stats[src.name].dual else 1)
+    fan_in = c.fan_in * ch_in
+    units = c.neurons
+    comp = units * (1 + channels)
+    syn = (c.weights if target.weight_sharing else c.connections) * ch_in
+    bits = syn * wbits
+    need = {"neurons": math.ceil(comp / core["neurons"]) if core["neurons"] else 1,
+            "synapse_bits": math.ceil(bits / core["synapse_bits"]) if core["synapse_bits"] else 1}
+    cores, binding, axons = 1, "none", 0
+    if target.has_cores:
+        cores, binding = _cores(graph, node, units, ch_in, need, core["fan_in"])
+        axons = _axons(node, graph, math.ceil(units / cores), units) * ch_in
+    if cores == 1 and binding != "fan_in":
+        binding = "none (fits one core)"
+    p = Placement(node.name, node.op, node.source, units, comp, syn, bits, fan_in, axons,
+                  cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels, 0, ch_in,
+                  [site.name for site in sites])
+    return p, sites
+
+
 def map_network(graph: Graph, counts, target: Target) -> Mapping:
     """Map the network with the per-layer statistics of ``counts`` (an OpCounts) onto ``target``."""
     m = Mapping(target.name)
@@ -153,100 +257,21 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
     core = {k: target.get("core", k) for k in LIMITS}
     chip = {k: target.get("chip", k) for k in ("cores", "neurons", "synapses")}
     wbits = int(target.get("precision", "weight_bits") or 8)
-    binary = target.spikes == "binary"
     if not target.has_cores:
         m.unchecked = ["no core model: this target prices arithmetic only"]
     else:
         m.unchecked = [LIMITS[k] for k, v in core.items() if v is None]
         m.unchecked += [f"{k} per chip" for k, v in chip.items() if v is None and k != "cores"]
 
+    spiking = target.spikes != "none"        # an arithmetic target prices products and encoding as ops
     for node in graph.nodes:
-        c = stats[node.name]
-        spiking = target.spikes != "none"        # an arithmetic target prices products and encoding as ops
-        if node.kind == "host" and c.host_ops:
-            m.host_work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements",
-                                "stage": c.stage,
-                                "why": "not a synaptic operation: runs on the host (embedded or attached CPU)"})
-        elif node.op == "matmul" and spiking:
-            m.host_work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "unit": "MACs",
-                                "stage": c.stage,
-                                "why": "product of two activations: no static synapses to store on a core"})
-        elif node.op in NEURON_OPS and graph[node.inputs[0]].kind == "host" and spiking:
-            m.host_work.append({"layer": node.name, "op": node.op, "ops": c.neurons, "unit": "neurons",
-                                "stage": c.stage,
-                                "why": f"SFN fed by host op {graph[node.inputs[0]].op}: spikes encoded on the host"})
+        m.host_work += _host_work(graph, node, stats[node.name], spiking)
         if node.kind != "weight":
             continue
-        if c.input == "analog" and spiking:
-            m.host_work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "unit": "MACs",
-                                "stage": c.stage,
-                                "why": "fed by the analog network input: its neurons are placed on cores, but its "
-                                       "MACs are not synaptic ops (the input must be encoded as spikes first)"})
-        sites = _reach(graph, users, node.name, lambda u: u.op in NEURON_OPS)
-        hosts = _reach(graph, users, node.name, lambda u: u.op not in NEURON_OPS and u.op not in _THROUGH)
-        output = "spikes" if sites and not hosts else "host" if hosts else "network output"
-        channels = 0
-        if binary and sites:
-            channels = max(stats[s.name].levels * (2 if stats[s.name].dual else 1) for s in sites)
-        # binary spikes: every threshold channel of the input site is its own axon with its own weight
-        ch_in = 1
-        src = _source_site(graph, node.inputs[0])
-        if binary and src is not None:
-            ch_in = stats[src.name].levels * (2 if stats[src.name].dual else 1)
-        fan_in = c.fan_in * ch_in
-        units = c.neurons
-        comp = units * (1 + channels)
-        syn = (c.weights if target.weight_sharing else c.connections) * ch_in
-        bits = syn * wbits
-        need = {"neurons": math.ceil(comp / core["neurons"]) if core["neurons"] else 1,
-                "synapse_bits": math.ceil(bits / core["synapse_bits"]) if core["synapse_bits"] else 1}
-        cores, binding = 1, "none"
-        if target.has_cores:
-            binding = max(need, key=need.get)
-            cores = max(need.values())
-            if core["fan_in"]:
-                lo, hi = cores, max(units, cores)
-
-                def fits(k):
-                    return _axons(node, graph, math.ceil(units / k), units) * ch_in <= core["fan_in"]
-                if not fits(lo):
-                    if fits(hi):
-                        while lo < hi:
-                            mid = (lo + hi) // 2
-                            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
-                        cores, binding = lo, "fan_in"
-                    else:
-                        cores, binding = hi, "fan_in"
-        axons = _axons(node, graph, math.ceil(units / cores), units) * ch_in if target.has_cores else 0
-        if cores == 1 and binding != "fan_in":
-            binding = "none (fits one core)"
-        p = Placement(node.name, node.op, node.source, units, comp, syn, bits, fan_in, axons,
-                      cores if target.has_cores else 0, LIMITS.get(binding, binding), output, channels, 0, ch_in,
-                      [site.name for site in sites])
+        p, sites = _place(graph, users, node, stats, core, wbits, target)
         m.layers.append(p)
-        if not target.has_cores:
-            continue
-        if core["fan_in"] and fan_in > core["fan_in"]:
-            k = math.ceil(fan_in / core["fan_in"])
-            m.violations.append(Violation(node.name, "fan-in per neuron", core["fan_in"], fan_in,
-                                          f"split the input into {k} partial sums of ≤ {core['fan_in']:,} inputs "
-                                          "accumulated by a second compartment"))
-        elif core["fan_in"] and axons > core["fan_in"]:
-            m.violations.append(Violation(node.name, LIMITS["fan_in"], core["fan_in"], axons,
-                                          "split the layer by output channel or reduce its receptive field"))
-        if core["synapse_bits"] and fan_in * wbits > core["synapse_bits"]:
-            m.violations.append(Violation(node.name, "synaptic memory of one neuron (bits)", core["synapse_bits"],
-                                          fan_in * wbits, "lower the weight precision or split the input"))
-        if core["neurons"] and 1 + channels > core["neurons"]:
-            m.violations.append(Violation(node.name, "compartments of one neuron", core["neurons"], 1 + channels,
-                                          "lower M (fewer threshold channels)"))
-        if target.spikes == "graded" and sites:
-            top = max(int(s.params["table"].max()) for s in sites)     # the worst case, not just the data's
-            need_bits = max(top, 1).bit_length() + (1 if any(stats[s.name].dual for s in sites) else 0)
-            payload = target.get("precision", "payload_bits")
-            if payload and need_bits > payload:
-                m.violations.append(Violation(node.name, "graded spike payload (bits)", payload, need_bits,
-                                              "lower M or use the linear fire function (levels up to 2M)"))
+        if target.has_cores:
+            m.violations += _violations(p, sites, stats, core, wbits, target)
 
     by_name = {p.name: p for p in m.layers}
     for p in m.layers:
@@ -262,11 +287,13 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
     m.compartments = sum(p.compartments for p in m.layers)
     m.synapses = sum(p.synapses for p in m.layers)
     if target.has_cores:
-        chips = {"cores per chip": math.ceil(m.cores / chip["cores"])}
+        per_chip = chip["cores"]
+        assert per_chip, "schema.parse refuses a target with [core] limits and no chip.cores"
+        chips = {"cores per chip": math.ceil(m.cores / per_chip)}
         if chip["neurons"]:
             chips["neurons per chip"] = math.ceil(m.compartments / chip["neurons"])
         if chip["synapses"]:
             chips["synapses per chip"] = math.ceil(m.synapses / chip["synapses"])
-        m.chip_binding = max(chips, key=chips.get)
+        m.chip_binding = max(chips, key=lambda k: chips[k])
         m.chips = chips[m.chip_binding]
     return m

@@ -8,6 +8,7 @@ otherwise silently leave a cost unpriced).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 CONVENTIONS = ("spike", "event", "channel")
 SPIKES = ("none", "binary", "graded")
@@ -96,53 +97,62 @@ class Target:
                 "figures": {s: {k: vars(f) for k, f in keys.items()} for s, keys in self.figures.items()}}
 
 
-def parse(raw: dict, where: str) -> Target:
-    def fail(field: str, why: str):
-        raise TargetError(f"{where}: {field}: {why}")
+def _fail(where: str, field: str, why: str) -> NoReturn:
+    raise TargetError(f"{where}: {field}: {why}")
 
+
+def _check_top(raw: dict, where: str) -> None:
+    """Top-level keys: known, of the right type, the required ones present, enumerations respected."""
     for key in raw:
         if key not in TOP and key not in FIELDS:
-            fail(key, f"unknown key; allowed: {', '.join([*TOP, *FIELDS])}")
+            _fail(where, key, f"unknown key; allowed: {', '.join([*TOP, *FIELDS])}")
     for key, typ in TOP.items():
         if key in raw and not isinstance(raw[key], typ):
-            fail(key, f"must be a {typ.__name__}, got {raw[key]!r}")
+            _fail(where, key, f"must be a {typ.__name__}, got {raw[key]!r}")
     for key in ("name", "convention", "spikes"):
         if key not in raw:
-            fail(key, "missing")
+            _fail(where, key, "missing")
     if raw["convention"] not in CONVENTIONS:
-        fail("convention", f"must be one of {', '.join(CONVENTIONS)}, got {raw['convention']!r}")
+        _fail(where, "convention", f"must be one of {', '.join(CONVENTIONS)}, got {raw['convention']!r}")
     if raw["spikes"] not in SPIKES:
-        fail("spikes", f"must be one of {', '.join(SPIKES)}, got {raw['spikes']!r}")
+        _fail(where, "spikes", f"must be one of {', '.join(SPIKES)}, got {raw['spikes']!r}")
+
+
+def _figure(entry, kind: str, name: str, where: str) -> Figure:
+    """One ``{ value = ..., source = "...", evidence = "..." }`` table; ``kind`` "int" or "num"."""
+    if not isinstance(entry, dict) or "value" not in entry or "source" not in entry:
+        _fail(where, name, 'must be a table { value = ..., source = "..." } (every figure names its source)')
+    extra = set(entry) - {"value", "source", "evidence"}
+    if extra:
+        _fail(where, name, f"unknown key(s) {', '.join(sorted(extra))}; allowed: value, source, evidence")
+    v = entry["value"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(where, name, f"value must be a number, got {v!r}")
+    if kind == "int" and (not isinstance(v, int) or v <= 0):
+        _fail(where, name, f"value must be a positive integer, got {v!r}")
+    if v < 0:
+        _fail(where, name, f"value must not be negative, got {v!r}")
+    if not isinstance(entry["source"], str) or not entry["source"].strip():
+        _fail(where, name, "source must be a non-empty string")
+    return Figure(float(v) if kind == "num" else v, entry["source"], str(entry.get("evidence", "")))
+
+
+def parse(raw: dict, where: str) -> Target:
+    _check_top(raw, where)
     figures: dict[str, dict[str, Figure]] = {}
     for section, allowed in FIELDS.items():
         table = raw.get(section, {})
         if not isinstance(table, dict):
-            fail(section, "must be a table")
+            _fail(where, section, "must be a table")
         for key, entry in table.items():
-            name = f"{section}.{key}"
             if key not in allowed:
-                fail(name, f"unknown key; allowed in [{section}]: {', '.join(allowed)}")
-            if not isinstance(entry, dict) or "value" not in entry or "source" not in entry:
-                fail(name, 'must be a table { value = ..., source = "..." } (every figure names its source)')
-            extra = set(entry) - {"value", "source", "evidence"}
-            if extra:
-                fail(name, f"unknown key(s) {', '.join(sorted(extra))}; allowed: value, source, evidence")
-            v, kind = entry["value"], allowed[key][0]
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                fail(name, f"value must be a number, got {v!r}")
-            if kind == "int" and (not isinstance(v, int) or v <= 0):
-                fail(name, f"value must be a positive integer, got {v!r}")
-            if v < 0:
-                fail(name, f"value must not be negative, got {v!r}")
-            if not isinstance(entry["source"], str) or not entry["source"].strip():
-                fail(name, "source must be a non-empty string")
-            figures.setdefault(section, {})[key] = Figure(float(v) if kind == "num" else v, entry["source"],
-                                                          str(entry.get("evidence", "")))
+                _fail(where, f"{section}.{key}", f"unknown key; allowed in [{section}]: {', '.join(allowed)}")
+            figures.setdefault(section, {})[key] = _figure(entry, allowed[key][0], f"{section}.{key}", where)
     if raw["spikes"] == "none" and not {"ac", "mac"} <= set(figures.get("energy_pj", {})):
-        fail("energy_pj", "an arithmetic target (spikes = \"none\") needs energy_pj.ac and energy_pj.mac")
+        _fail(where, "energy_pj", "an arithmetic target (spikes = \"none\") needs energy_pj.ac and energy_pj.mac")
     if raw["spikes"] != "none" and "synop" not in figures.get("energy_pj", {}):
-        fail("energy_pj.synop", "a spiking target needs the energy of a synaptic operation")
+        _fail(where, "energy_pj.synop", "a spiking target needs the energy of a synaptic operation")
     if figures.get("core") and "cores" not in figures.get("chip", {}):
-        fail("chip.cores", "a target with [core] limits needs the number of cores per chip")
+        _fail(where, "chip.cores", "a target with [core] limits needs the number of cores per chip")
     return Target(raw["name"], raw.get("description", ""), raw["convention"], raw["spikes"],
                   raw.get("weight_sharing", False), where, figures)

@@ -2,6 +2,7 @@
 file format could run it. Each builder copies a good file and changes one thing."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -54,63 +55,78 @@ def rewrite_zip(src: str, dst: str, edit) -> None:
             zout.writestr(f"{root}/{rel}", blob)
 
 
+def _sample_inputs(marker, rel, blob):
+    return torch_save_payload(marker) if rel.startswith("data/sample_inputs/") else (
+        None if rel == "__add__" else blob)
+
+
+def _pickled_weight(marker, rel, blob):
+    if rel == "data/weights/model_weights_config.json":
+        cfg = json.loads(blob)
+        first = next(iter(cfg["config"].values()))
+        first["use_pickle"] = True
+        return json.dumps(cfg).encode()
+    if rel == "data/weights/weight_0":
+        return torch_save_payload(marker)
+    return None if rel == "__add__" else blob
+
+
+def _legacy_weights(marker, rel, blob):
+    if rel == "__add__":
+        return {"data/weights/model.pt": torch_save_payload(marker)}
+    return blob
+
+
+def _custom_object(marker, rel, blob):
+    if rel == "data/constants/model_constants_config.json":
+        cfg = json.loads(blob)
+        cfg["config"]["evil"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False,
+                                 "tensor_meta": None}
+        return json.dumps(cfg).encode()
+    if rel == "__add__":
+        return {"data/constants/custom_obj_0": pickle_payload(marker)}
+    return blob
+
+
+def _sympy_expr(marker, rel, blob):
+    if rel.startswith("models/") and rel.endswith(".json"):
+        text = blob.decode()
+        return text.replace("Symbol('s", f"(__import__('builtins').open({marker!r}, 'w') and 0) + Symbol('s",
+                            1).encode()
+    return None if rel == "__add__" else blob
+
+
+def _operator_target(marker, rel, blob):
+    if rel.startswith("models/") and rel.endswith(".json"):
+        prog = json.loads(blob)
+        prog["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
+        return json.dumps(prog).encode()
+    return None if rel == "__add__" else blob
+
+
+def _guard_code(marker, rel, blob):
+    if rel.startswith("models/") and rel.endswith(".json"):
+        prog = json.loads(blob)
+        prog["guards_code"] = [f"open({marker!r}, 'w')"]
+        return json.dumps(prog).encode()
+    return None if rel == "__add__" else blob
+
+
+def _aot_library(marker, rel, blob):
+    if rel == "__add__":
+        return {"data/aotinductor/model/model.so": b"\x7fELF" + b"\0" * 60}
+    return blob
+
+
 def pt2_variants(src: str, marker: str) -> dict:
     """{name: edit function} for rewrite_zip: one hostile .pt2 per place torch.export.load could run code."""
-    def sample_inputs(rel, blob):
-        return torch_save_payload(marker) if rel.startswith("data/sample_inputs/") else (
-            None if rel == "__add__" else blob)
-
-    def pickled_weight(rel, blob):
-        if rel == "data/weights/model_weights_config.json":
-            cfg = json.loads(blob)
-            first = next(iter(cfg["config"].values()))
-            first["use_pickle"] = True
-            return json.dumps(cfg).encode()
-        if rel == "data/weights/weight_0":
-            return torch_save_payload(marker)
-        return None if rel == "__add__" else blob
-
-    def legacy_weights(rel, blob):
-        if rel == "__add__":
-            return {"data/weights/model.pt": torch_save_payload(marker)}
-        return blob
-
-    def custom_object(rel, blob):
-        if rel == "data/constants/model_constants_config.json":
-            cfg = json.loads(blob)
-            cfg["config"]["evil"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False,
-                                     "tensor_meta": None}
-            return json.dumps(cfg).encode()
-        if rel == "__add__":
-            return {"data/constants/custom_obj_0": pickle_payload(marker)}
-        return blob
-
-    def sympy_expr(rel, blob):
-        if rel.startswith("models/") and rel.endswith(".json"):
-            text = blob.decode()
-            return text.replace("Symbol('s", f"(__import__('builtins').open({marker!r}, 'w') and 0) + Symbol('s",
-                                1).encode()
-        return None if rel == "__add__" else blob
-
-    def operator_target(rel, blob):
-        if rel.startswith("models/") and rel.endswith(".json"):
-            prog = json.loads(blob)
-            prog["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
-            return json.dumps(prog).encode()
-        return None if rel == "__add__" else blob
-
-    def guard_code(rel, blob):
-        if rel.startswith("models/") and rel.endswith(".json"):
-            prog = json.loads(blob)
-            prog["guards_code"] = [f"open({marker!r}, 'w')"]
-            return json.dumps(prog).encode()
-        return None if rel == "__add__" else blob
-
-    def aot_library(rel, blob):
-        if rel == "__add__":
-            return {"data/aotinductor/model/model.so": b"\x7fELF" + b"\0" * 60}
-        return blob
-
-    return {"sample_inputs": sample_inputs, "pickled_weight": pickled_weight, "legacy_weights": legacy_weights,
-            "custom_object": custom_object, "sympy_expr": sympy_expr, "operator_target": operator_target,
-            "guard_code": guard_code, "aot_library": aot_library}
+    return {name: functools.partial(edit, marker) for name, edit in (
+        ("sample_inputs", _sample_inputs),
+        ("pickled_weight", _pickled_weight),
+        ("legacy_weights", _legacy_weights),
+        ("custom_object", _custom_object),
+        ("sympy_expr", _sympy_expr),
+        ("operator_target", _operator_target),
+        ("guard_code", _guard_code),
+        ("aot_library", _aot_library),
+    )}

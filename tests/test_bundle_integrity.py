@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ import pytest
 from sfn_deploy.convert import convert
 from sfn_deploy.errors import UserError
 from sfn_deploy.exporters import lava as lava_mod
-from sfn_deploy.exporters.lava import export_lava, load_network, run_lava
 from sfn_deploy.exporters.lava import bundle as bundle_mod
+from sfn_deploy.exporters.lava import export_lava, load_network, run_lava
 from sfn_deploy.exporters.lava.bundle import read_bundle
 
 
@@ -409,7 +410,7 @@ def test_a_checked_bundle_whose_host_program_fails_in_lava_is_an_internal_error(
 # -- writing -----------------------------------------------------------------------------------------------
 
 def test_a_failed_rewrite_leaves_the_old_bundle_in_place(bundle, snn, monkeypatch):
-    before = {f: open(os.path.join(bundle, f), "rb").read() for f in os.listdir(bundle)}
+    before = {f: Path(bundle, f).read_bytes() for f in os.listdir(bundle)}
     parent = os.path.dirname(bundle)
 
     def crash(*a, **k):
@@ -428,7 +429,7 @@ def test_a_failed_rewrite_leaves_the_old_bundle_in_place(bundle, snn, monkeypatc
     with pytest.raises(OSError, match="rename failed"):
         export_lava(snn, bundle, input_abs_max=1.0)
     monkeypatch.undo()
-    assert {f: open(os.path.join(bundle, f), "rb").read() for f in os.listdir(bundle)} == before
+    assert {f: Path(bundle, f).read_bytes() for f in os.listdir(bundle)} == before
     assert sorted(os.listdir(parent)) == ["b"]                      # no temporary or old folders left
     read_bundle(bundle)
     export_lava(snn, bundle, input_abs_max=1.0)                      # and a rewrite that works replaces it

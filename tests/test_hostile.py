@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from payloads import pickle_payload, pt2_variants, rewrite_zip, torch_save_payload
+
 from sfn_deploy.cli import main
 
 CLI = [sys.executable, "-m", "sfn_deploy.cli"]
@@ -27,7 +28,7 @@ MARKER = "MARKER"
 
 
 def _damage(path: str, kind: str, out: str) -> str:
-    blob = open(path, "rb").read()
+    blob = Path(path).read_bytes()
     if kind == "truncated":
         blob = blob[: len(blob) // 2]
     elif kind == "zero":
@@ -76,10 +77,10 @@ def ws(tmp_path_factory, digits_pt2, digits):
         shutil.copytree(p("good.lava"), p(f"{kind}_manifest.lava"))
         _damage(p("good.lava/manifest.json"), kind, p(f"{kind}_manifest.lava/manifest.json"))
     shutil.copytree(p("good.lava"), p("latency.lava"))
-    man = json.load(open(p("latency.lava/manifest.json")))
+    man = json.loads(Path(p("latency.lava/manifest.json")).read_text())
     for plan in man["plans"].values():
         plan["latency"] += 3
-    json.dump(man, open(p("latency.lava/manifest.json"), "w"))
+    Path(p("latency.lava/manifest.json")).write_text(json.dumps(man))
     shutil.copytree(p("good.lava"), p("noarrays.lava"))
     os.remove(p("noarrays.lava/arrays.npz"))
 
@@ -174,7 +175,7 @@ def ws(tmp_path_factory, digits_pt2, digits):
 
 def _snapshot(d) -> dict:
     out = {}
-    for root, dirs, files in os.walk(d):
+    for root, _dirs, files in os.walk(d):
         for name in files:
             path = os.path.join(root, name)
             if os.path.islink(path) or not os.path.isfile(path):
@@ -282,7 +283,8 @@ CASES = [
      "does not exist"),
     *[(f"{cmd[0]}_o_empty", [*cmd, "-o", ""], 2, "empty")
       for cmd in (["convert", "{good.pt2}", "--data", "sklearn:digits", "--scale", "0.2"],
-                  ["export", "--target", "onnx", "{good.sfn.pt}"], ["report", "{good.sfn.pt}", "--data", "sklearn:digits"])],
+                  ["export", "--target", "onnx", "{good.sfn.pt}"],
+                  ["report", "{good.sfn.pt}", "--data", "sklearn:digits"])],
     ("timm_unknown", ["convert", "timm:nosuchmodel", "--data", "sklearn:digits", "--scale", "0.2", "-o",
                       "{out.sfn.pt}"], 2, "nosuchmodel"),
     ("timm_bad_args", ["convert", "timm:resnet10t", "--model-args", "num_classes=10,bogus=3", "--data",

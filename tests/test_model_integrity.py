@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_random_bytes_in_the_middle_are_refused(saved, tmp_path):
     """Bytes overwritten inside the largest tensor record: the archive still reads (torch checks no CRC), the
     network would silently change; the content hash refuses it."""
     path, _ = saved
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     with zipfile.ZipFile(path) as z:
         info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
@@ -108,7 +109,7 @@ def test_random_bytes_in_the_middle_are_refused(saved, tmp_path):
 def test_random_bytes_anywhere_never_pass_silently(saved, tmp_path):
     """Wherever 64 random bytes land, load refuses with one UserError line or returns the same content."""
     path, d = saved
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     gen = torch.Generator().manual_seed(0)
     for k in range(40):
         at = int(torch.randint(0, len(data) - 64, (1,), generator=gen))
@@ -320,7 +321,7 @@ def test_a_hash_of_the_wrong_type_is_damage(saved, tmp_path):
 
 def test_truncated_empty_random_and_directory_are_refused_quickly(saved, tmp_path):
     path, _ = saved
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     (tmp_path / "trunc.sfn.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.sfn.pt").write_bytes(b"")
     (tmp_path / "random.sfn.pt").write_bytes(os.urandom(4 << 20))

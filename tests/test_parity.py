@@ -1,5 +1,4 @@
 """Per-layer parity harness: names the first SFN site where two backends part ways."""
-import numpy as np
 import pytest
 
 from sfn_deploy.convert import convert

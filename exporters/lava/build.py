@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class LavaNetwork:
         return Loihi2SimCfg(select_tag=self.plan.precision)
 
 
-def _copy_blocks(b) -> list:
+def _copy_blocks(b) -> tuple[list, int]:
     """The weights of each channel copy g (None where the process holds no synapse for it: fixed-point
     channel lowering splits copies by weight exponent, see plan._exponent_groups)."""
     w, a = b.arrays["weight"], b.attrs
@@ -51,7 +52,7 @@ def _full_weight(b) -> np.ndarray:
                           axis=3 if b.kind == "conv" else 1)
 
 
-def _sparse_matrix(b) -> "object":
+def _sparse_matrix(b) -> Any:                   # a scipy.sparse CSR matrix
     """kron(I_tokens, W) per channel copy, side by side: spikes of copy g of unit (token t, feature j)
     sit at g·n + t·in + j."""
     from scipy import sparse
@@ -125,8 +126,8 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
                 w = np.asarray(_full_weight(b), np.int32 if fixed else np.float64)
                 procs[b.name] = SFNConv(weight=w, input_shape=tuple(a["input_shape"]), padding=tuple(a["padding"]),
                                         stride=tuple(a["stride"]), dilation=tuple(a["dilation"]), groups=a["groups"],
-                                        num_message_bits=bits, weight_exp=a.get("shift", 0) if fixed else 0, tap=tap(b.name) if fixed else None, steps=steps,
-                                        name=b.name)
+                                        num_message_bits=bits, weight_exp=a.get("shift", 0) if fixed else 0,
+                                        tap=tap(b.name) if fixed else None, steps=steps, name=b.name)
             else:
                 w = _sparse_matrix(b) if b.kind == "sparse" else _full_weight(b)
                 w = w.astype(np.int32) if fixed else w.astype(np.float64)

@@ -178,11 +178,25 @@ def read_bundle(path: str, precision: str | None = None) -> tuple[dict, dict]:
         raise UserError(f"{path}: not a Lava bundle folder (run 'sfn-deploy export --target lava' first)")
     if not os.path.isfile(man_path) or not os.path.isfile(arr_path):
         raise UserError(f"{path}: damaged Lava bundle (manifest.json or arrays.npz missing)")
+    manifest = _read_manifest(path, man_path)
+    plans_json = _plans_listed(path, manifest, precision)
+    loaded = _load_plans(path, arr_path, manifest, plans_json, precision)
+    plans = {}
+    for p, plan in loaded.items():
+        where = f"{path}: invalid Lava bundle, {p} plan"
+        _check_plan_agrees(where, p, plan, manifest)
+        validate_plan(plan, where)
+        plans[p] = plan
+    return manifest, plans
+
+
+def _read_manifest(path: str, man_path: str) -> dict:
+    """The manifest, checked for format, version and its own checksum."""
     man_bytes = read_bytes(man_path, "Lava bundle manifest")
     try:
         manifest = json.loads(man_bytes.decode("utf-8"))
     except (ValueError, RecursionError) as e:
-        raise UserError(f"{man_path}: unreadable manifest ({_one_line(reason(e))})")
+        raise UserError(f"{man_path}: unreadable manifest ({_one_line(reason(e))})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise UserError(f"{path}: not an sfn-deploy Lava bundle (format {_one_line(repr(fmt))[:80]})")
@@ -196,6 +210,11 @@ def read_bundle(path: str, precision: str | None = None) -> tuple[dict, dict]:
                         f"read; re-export it (sfn-deploy export --target lava MODEL -o {path})")
     if manifest.get("sha256") != manifest_digest(manifest):
         raise UserError(f"{path}: manifest.json does not match its checksum (edited or damaged bundle); re-export it")
+    return manifest
+
+
+def _plans_listed(path: str, manifest: dict, precision: str | None) -> dict:
+    """The manifest's plans (JSON), known precisions only, holding ``precision``'s when one is asked for."""
     plans_json = manifest.get("plans")
     if not isinstance(plans_json, dict) or not plans_json:
         raise UserError(f"{path}: invalid Lava bundle: 'plans' holds no plan")
@@ -208,11 +227,16 @@ def read_bundle(path: str, precision: str | None = None) -> tuple[dict, dict]:
         why = missing.get(precision, "") if isinstance(missing, dict) else ""
         why = _one_line(why) if isinstance(why, str) else ""
         raise UserError(f"{path}: the bundle has no {precision} plan (it has: {have}){'; ' + why if why else ''}")
+    return plans_json
+
+
+def _load_plans(path: str, arr_path: str, manifest: dict, plans_json: dict, precision: str | None) -> dict:
+    """The plans with their arrays, read after checking the arrays file against the manifest's checksum."""
     regular_file(arr_path, "Lava bundle arrays file")
     try:
-        f = open(arr_path, "rb")
+        f = open(arr_path, "rb")  # noqa: SIM115  open alone is tried (its OSError is the read error); `with f` closes
     except OSError as e:
-        raise UserError(f"{arr_path}: cannot read ({e.strerror})")
+        raise UserError(f"{arr_path}: cannot read ({e.strerror})") from e
     with f:                     # hashed and loaded through one handle: the bytes checked are the bytes loaded
         h = hashlib.sha256()
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -221,24 +245,22 @@ def read_bundle(path: str, precision: str | None = None) -> tuple[dict, dict]:
             raise UserError(f"{path}: arrays.npz does not match the manifest's checksum (damaged or mixed bundles)")
         arrays = _open_arrays(path, f)
         try:
-            loaded = {p: _plan_from_json(d, arrays, f"{path}: invalid Lava bundle, {p} plan")
-                      for p, d in plans_json.items() if precision is None or p == precision}
+            return {p: _plan_from_json(d, arrays, f"{path}: invalid Lava bundle, {p} plan")
+                    for p, d in plans_json.items() if precision is None or p == precision}
         finally:
             arrays.close()
-    plans = {}
-    for p, plan in loaded.items():
-        where = f"{path}: invalid Lava bundle, {p} plan"
-        if plan.precision != p:
-            raise UserError(f"{where}: 'precision' is {_one_line(repr(plan.precision))[:80]}")
-        if plan.lowering != manifest.get("lowering"):
-            raise UserError(f"{where}: 'lowering' is {show(plan.lowering)}, the manifest's is "
-                            f"{_one_line(repr(manifest.get('lowering')))[:80]}")
-        if manifest.get("input_shape") != plan.input_shape:
-            raise UserError(f"{where}: 'input_shape' {show(plan.input_shape)} differs from the manifest's "
-                            f"{_one_line(repr(manifest.get('input_shape')))[:80]}")
-        validate_plan(plan, where)
-        plans[p] = plan
-    return manifest, plans
+
+
+def _check_plan_agrees(where: str, p: str, plan, manifest: dict) -> None:
+    """A plan says the same as the manifest about its precision, lowering and input shape."""
+    if plan.precision != p:
+        raise UserError(f"{where}: 'precision' is {_one_line(repr(plan.precision))[:80]}")
+    if plan.lowering != manifest.get("lowering"):
+        raise UserError(f"{where}: 'lowering' is {show(plan.lowering)}, the manifest's is "
+                        f"{_one_line(repr(manifest.get('lowering')))[:80]}")
+    if manifest.get("input_shape") != plan.input_shape:
+        raise UserError(f"{where}: 'input_shape' {show(plan.input_shape)} differs from the manifest's "
+                        f"{_one_line(repr(manifest.get('input_shape')))[:80]}")
 
 
 def _open_arrays(path: str, f):
@@ -251,14 +273,14 @@ def _open_arrays(path: str, f):
         with zipfile.ZipFile(f) as z:
             total = zip_overexpands(z.infolist(), size)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise UserError(f"{where}: damaged arrays file, not an .npz archive ({_one_line(reason(e))})")
+        raise UserError(f"{where}: damaged arrays file, not an .npz archive ({_one_line(reason(e))})") from e
     if total:
         raise UserError(f"{where}: damaged arrays file (members expand to {total:,} bytes from {size:,})")
     try:
         f.seek(0)
         z = np.load(f, allow_pickle=False)
     except Exception as e:                          # whatever the bytes are, they are not our arrays
-        raise UserError(f"{where}: damaged arrays file ({_one_line(reason(e))})")
+        raise UserError(f"{where}: damaged arrays file ({_one_line(reason(e))})") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise UserError(f"{where}: damaged arrays file (not an .npz archive)")
     return z
@@ -273,7 +295,7 @@ def _load_array(arrays, key, where: str, block: str, name: str) -> np.ndarray:
     except Exception as e:                          # object arrays (allow_pickle=False), truncated members, ...
         why = "an object array (pickled Python objects; never loaded)" if "Object arrays" in str(e) else \
             f"unreadable ({_one_line(reason(e))})"
-        raise UserError(f"{what} is {why}")
+        raise UserError(f"{what} is {why}") from e
     if not isinstance(a, np.ndarray):              # a member that is not an .npy file comes back as bytes
         raise UserError(f"{what} is not an .npy array")
     if a.dtype.kind not in "biuf":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -172,8 +173,9 @@ class _Lowering:
         for n in g:
             a = n.attrs
             src = g[n.inputs[0]] if n.inputs else None
-            if n.op != "max_pool2d" or src.op != "sfn" or src.params["bounds_neg"].numel() or n.bdim != 0 \
-                    or any(a.get("padding", [0])) or a.get("ceil_mode") or any(d != 1 for d in a.get("dilation", [1])):
+            if n.op != "max_pool2d" or src is None or src.op != "sfn" or src.params["bounds_neg"].numel() \
+                    or n.bdim != 0 or any(a.get("padding", [0])) or a.get("ceil_mode") \
+                    or any(d != 1 for d in a.get("dilation", [1])):
                 continue
             chain: list = []
             if self.users[n.name] and all(reaches_synapses(u, chain) for u in self.users[n.name]):
@@ -367,41 +369,15 @@ class _Lowering:
                             "must read spikes or a host value")
         token_dims = n.op == "linear" and len(n.shape) > 2
         in_n = _numel(self.g[x].shape)
-        parts = []                      # (polarity, weight matrix or kernel)
-        if spikes is None:
-            parts.append(("analog", w))
-        else:
-            site = spikes[0]
-            bpos, bneg, table, steps = _site_arrays(site)
-            dy = np.diff(table).astype(np.float64)
-            for pol, nb, step, sign in (("pos", bpos.size, steps[0], 1.0), ("neg", bneg.size, steps[1], -1.0)):
-                if nb == 0:
-                    continue
-                if self.lowering == "graded":
-                    parts.append((pol, w * (sign * step)))
-                else:                   # channel g of the site is worth (y_g − y_{g−1})·step
-                    incs = dy[:nb] * step * sign
-                    parts.append((pol, np.concatenate([w * i for i in incs], axis=1)))
+        parts = self._weight_parts(w, spikes)
         kind = "conv" if n.op == "conv2d" else "sparse" if token_dims else "dense"
-        if kind == "conv" and self.lowering == "channels" and n.attrs.get("groups", 1) != 1 and spikes is not None:
-            raise UserError(f"Lava export: grouped convolution {n.name} with the channel lowering is not supported")
-        scale_in = 1.0
-        if spikes is None and self.fixed:
-            if x not in self.input_like:
-                raise UserError(f"Lava export (fixed point): {n.name} reads an analog value ({x}) that is neither the "
-                                "network input nor spikes; its integer range is unknown. Use --precision floating_pt")
-            if not self.input_abs_max:
-                raise UserError("Lava export (fixed point): the input's range is needed to encode it in "
-                                f"{INPUT_BITS} bits; pass --data")
+        self._check_synapse(n, kind, spikes)
         e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
         # (polarity, weights, their exponent, shift to the layer's exponent, channel copies held or None for all)
         procs = [(pol, m, e, 0, None) for pol, m in parts]
         if self.fixed and spikes is not None and self.lowering == "channels":
             procs, e = self._exponent_groups(parts, w.shape[1])
-        if spikes is None and self.fixed:   # as many input bits as the 24-bit accumulator allows (≥ 8)
-            row = max(float(np.abs(quantise(m, e)).reshape(m.shape[0], -1).sum(1).max()) for _, m in parts)
-            levels = max(2 ** (INPUT_BITS - 1) - 1, min(2 ** 15 - 1, int((2 ** (ACC_BITS - 1) - 1) // max(row, 1))))
-            scale_in = 2.0 ** math.ceil(math.log2(self.input_abs_max / levels))
+        scale_in = self._input_scale(parts, e) if spikes is None and self.fixed else 1.0
         self.acc_scale[n.name] = scale_in * 2.0 ** e
         tokens = _numel(n.shape[1:-1]) if token_dims else 1
         for k, (pol, m, e_q, shift, ids) in enumerate(procs):
@@ -411,7 +387,8 @@ class _Lowering:
             if self.fixed:
                 m = quantise(m, e_q).astype(np.float64)
             if kind == "conv":
-                arrays["weight"] = np.ascontiguousarray(m[:, :, ::-1, ::-1].transpose(0, 3, 2, 1))  # Lava (C_out, kW, kH, C_in)
+                # Lava's layout (C_out, kW, kH, C_in)
+                arrays["weight"] = np.ascontiguousarray(m[:, :, ::-1, ::-1].transpose(0, 3, 2, 1))
             elif kind == "sparse":
                 arrays["weight"] = m            # expanded to kron(I_tokens, m) when built
             else:
@@ -439,9 +416,47 @@ class _Lowering:
             # consumers are connected when they are built: neurons now, host blocks in host_program
             for user in self.users[n.name]:
                 if user.op == "sfn":
-                    self.connect(blk.name, "a_out", self.block_of[user.name] if user.name in self.block_of
-                                 else f"sfn_{user.name}", "a_in", self._from_conv_view(blk))
+                    self.connect(blk.name, "a_out", self.block_of.get(user.name, f"sfn_{user.name}"), "a_in",
+                                 self._from_conv_view(blk))
         self.block_of[n.name] = f"{kind}_{n.name}"
+
+    def _weight_parts(self, w: np.ndarray, spikes) -> list:
+        """(polarity, weight matrix or kernel) per process: one analog part, or one per polarity of the input
+        site (graded: the weights times the site's step; channels: one copy per threshold channel)."""
+        if spikes is None:
+            return [("analog", w)]
+        parts = []
+        bpos, bneg, table, steps = _site_arrays(spikes[0])
+        dy = np.diff(table).astype(np.float64)
+        for pol, nb, step, sign in (("pos", bpos.size, steps[0], 1.0), ("neg", bneg.size, steps[1], -1.0)):
+            if nb == 0:
+                continue
+            if self.lowering == "graded":
+                parts.append((pol, w * (sign * step)))
+            else:                   # channel g of the site is worth (y_g − y_{g−1})·step
+                incs = dy[:nb] * step * sign
+                parts.append((pol, np.concatenate([w * i for i in incs], axis=1)))
+        return parts
+
+    def _check_synapse(self, n: Node, kind: str, spikes) -> None:
+        """What this lowering cannot express: grouped convolutions over channels, analog fixed-point inputs
+        of unknown range."""
+        x = n.inputs[0]
+        if kind == "conv" and self.lowering == "channels" and n.attrs.get("groups", 1) != 1 and spikes is not None:
+            raise UserError(f"Lava export: grouped convolution {n.name} with the channel lowering is not supported")
+        if spikes is None and self.fixed:
+            if x not in self.input_like:
+                raise UserError(f"Lava export (fixed point): {n.name} reads an analog value ({x}) that is neither the "
+                                "network input nor spikes; its integer range is unknown. Use --precision floating_pt")
+            if not self.input_abs_max:
+                raise UserError("Lava export (fixed point): the input's range is needed to encode it in "
+                                f"{INPUT_BITS} bits; pass --data")
+
+    def _input_scale(self, parts, e: int) -> float:
+        """Fixed point, analog input: as many input bits as the 24-bit accumulator allows (≥ 8)."""
+        row = max(float(np.abs(quantise(m, e)).reshape(m.shape[0], -1).sum(1).max()) for _, m in parts)
+        levels = max(2 ** (INPUT_BITS - 1) - 1, min(2 ** 15 - 1, int((2 ** (ACC_BITS - 1) - 1) // max(row, 1))))
+        return 2.0 ** math.ceil(math.log2(self.input_abs_max / levels))
 
     @staticmethod
     def _exponent_groups(parts, per: int):
@@ -572,7 +587,7 @@ class _Lowering:
         if c == "neuron":
             enc = "int" if self.fixed else "value"
             dsts = [(f"sfn_{user.name}", "a_in", None)]
-            spec = {"value": n.name, "encode": enc, "neuron": user.name}
+            spec: dict[str, Any] = {"value": n.name, "encode": enc, "neuron": user.name}
         else:                               # a synaptic layer
             blks = [blk for blk in self.blocks if blk.kind in ("dense", "sparse", "conv")
                     and blk.attrs["layer"] == user.name]     # every polarity / exponent group of this layer

@@ -132,8 +132,8 @@ def _neuron(b: Block, fixed: bool, lowering: str) -> dict:
     _array(b, "steps", (2,))
     _integral(b, "table")
     if fixed:
-        for k in ("bias", "thr_pos", "thr_neg"):
-            _integral(b, k)
+        for key in ("bias", "thr_pos", "thr_neg"):
+            _integral(b, key)
     return {"s_out": n, "s_pos": n * max(npos, 1) if channels else n, "s_neg": n * max(nneg, 1) if channels else n}
 
 
@@ -205,6 +205,16 @@ def _host(b: Block) -> tuple[dict, dict, dict]:
     a = b.attrs
     if not isinstance(a.get("inputs"), list) or not isinstance(a.get("outputs"), list):
         raise _Invalid("attrs.inputs / attrs.outputs are not lists")
+    sites = _host_sites(a)
+    shapes: dict = {}                   # value name -> shape, as the ports and the program compute them
+    ins, delays = _host_inputs(b, shapes)
+    _host_nodes(b, shapes)
+    outs = _host_outputs(a, sites, shapes)
+    return ins, outs, delays
+
+
+def _host_sites(a: dict) -> dict:
+    """attrs.sites (the SFN sites whose spikes the block encodes) and attrs.lattice, checked."""
     sites = a.get("sites", {})
     if not isinstance(sites, dict):
         raise _Invalid("attrs.sites is not an object")
@@ -220,7 +230,12 @@ def _host(b: Block) -> tuple[dict, dict, dict]:
     lattice = a.get("lattice", {})
     if not isinstance(lattice, dict) or any(v not in sites for v in lattice.values()):
         raise _Invalid("attrs.lattice names a site missing from attrs.sites")
-    shapes: dict = {}
+    return sites
+
+
+def _host_inputs(b: Block, shapes: dict) -> tuple[dict, dict]:
+    """({input port: size}, {input port: delay}) from attrs.inputs; adds each port's value to ``shapes``."""
+    a = b.attrs
     ins, delays = {}, {}
     if len(a["inputs"]) > MAX_HOST_PORTS:
         raise _Invalid(f"{len(a['inputs'])} input ports (a host block has {MAX_HOST_PORTS})")
@@ -235,16 +250,26 @@ def _host(b: Block) -> tuple[dict, dict, dict]:
         if s.get("decode") not in DECODES:
             raise _Invalid(f"{what}.decode is {show(s.get('decode'))}")
         if s["decode"] == "acc":
-            _num(s.get("scale"), f"{what}.scale", positive=True)
-            bias = _bool(s.get("bias", False), f"{what}.bias")
-            if bias != (f"in{i}.bias" in b.arrays):
-                raise _Invalid(f"{what}.bias is {bias}, but array 'in{i}.bias' is {'missing' if bias else 'there'}")
-            if bias and _array(b, f"in{i}.bias").size != size:
-                raise _Invalid(f"array 'in{i}.bias' has {b.arrays[f'in{i}.bias'].size} values; port in{i} has {size}")
+            _host_accumulator(b, s, i, size, what)
         delays[f"in{i}"] = _int(s.get("delay"), f"{what}.delay")
         shapes[_str(s.get("value"), f"{what}.value")] = shape
         ins[f"in{i}"] = size
-    nodes = a.get("nodes", [])
+    return ins, delays
+
+
+def _host_accumulator(b: Block, s: dict, i: int, size: int, what: str) -> None:
+    """An input port that decodes accumulated synaptic input: its scale and its optional bias array."""
+    _num(s.get("scale"), f"{what}.scale", positive=True)
+    bias = _bool(s.get("bias", False), f"{what}.bias")
+    if bias != (f"in{i}.bias" in b.arrays):
+        raise _Invalid(f"{what}.bias is {bias}, but array 'in{i}.bias' is {'missing' if bias else 'there'}")
+    if bias and _array(b, f"in{i}.bias").size != size:
+        raise _Invalid(f"array 'in{i}.bias' has {b.arrays[f'in{i}.bias'].size} values; port in{i} has {size}")
+
+
+def _host_nodes(b: Block, shapes: dict) -> None:
+    """attrs.nodes: host operations only, each reading values computed before it; adds each to ``shapes``."""
+    nodes = b.attrs.get("nodes", [])
     if not isinstance(nodes, list):
         raise _Invalid("attrs.nodes is not a list")
     for i, nd in enumerate(nodes):
@@ -256,22 +281,31 @@ def _host(b: Block) -> tuple[dict, dict, dict]:
             raise _Invalid(f"{what} ({name}) has op {show(nd['op'])}, not a host operation")
         if not isinstance(nd.get("attrs", {}), dict) or not isinstance(nd.get("params", []), list):
             raise _Invalid(f"{what} ({name}): attrs / params malformed")
-        ins_ = nd.get("inputs", [])
-        if not isinstance(ins_, list) or (not ins_) != (nd["op"] in ("input", "constant")):
-            raise _Invalid(f"{what} ({name}): inputs {show(ins_)} do not fit op {nd['op']}")
-        for src in ins_:
-            if src not in shapes:
-                raise _Invalid(f"{what} ({name}) reads {show(src)}, which no input port or earlier node gives")
-        if nd["op"] == "input" and name not in shapes:
-            raise _Invalid(f"{what} ({name}) is an input no input port gives")
-        if nd["op"] == "constant" and "value" not in nd.get("params", []):
-            raise _Invalid(f"{what} ({name}) is a constant without a value")
+        _host_node_inputs(nd, name, what, shapes)
         for k in nd.get("params", []):
             _array(b, f"{name}.{k}")
         if nd.get("bdim") is not None:
             _int(nd["bdim"], f"{what}.bdim", lo=None)
         shapes[name] = _ints(nd.get("shape", []), f"{what}.shape")
-    outs = {}
+
+
+def _host_node_inputs(nd: dict, name: str, what: str, shapes: dict) -> None:
+    """A host node reads only values already computed; inputs and constants read none (a constant has a value)."""
+    ins_ = nd.get("inputs", [])
+    if not isinstance(ins_, list) or (not ins_) != (nd["op"] in ("input", "constant")):
+        raise _Invalid(f"{what} ({name}): inputs {show(ins_)} do not fit op {nd['op']}")
+    for src in ins_:
+        if src not in shapes:
+            raise _Invalid(f"{what} ({name}) reads {show(src)}, which no input port or earlier node gives")
+    if nd["op"] == "input" and name not in shapes:
+        raise _Invalid(f"{what} ({name}) is an input no input port gives")
+    if nd["op"] == "constant" and "value" not in nd.get("params", []):
+        raise _Invalid(f"{what} ({name}) is a constant without a value")
+
+
+def _host_outputs(a: dict, sites: dict, shapes: dict) -> dict:
+    """{output port: size} from attrs.outputs: unique ports, known encodings, sizes their values give."""
+    outs: dict = {}
     for i, o in enumerate(a["outputs"]):
         what = f"attrs.outputs[{i}]"
         m = _HOST_PORT.match(o.get("port", "") if isinstance(o, dict) and isinstance(o.get("port"), str) else "")
@@ -295,7 +329,7 @@ def _host(b: Block) -> tuple[dict, dict, dict]:
         if size != want:
             raise _Invalid(f"{what}.size is {size}; its value {value} gives {want}")
         outs[o["port"]] = size
-    return ins, outs, delays
+    return outs
 
 
 def validate_plan(plan: Plan, where: str = "invalid Lava plan") -> None:
@@ -387,7 +421,8 @@ def _check_blocks(plan: Plan):
         except _Invalid as e:
             raise _Invalid(f"block {b.name}: {e}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
-            raise _Invalid(f"block {b.name}: malformed attributes ({type(e).__name__}: {one_line(str(e))[:200]})")
+            raise _Invalid(f"block {b.name}: malformed attributes "
+                           f"({type(e).__name__}: {one_line(str(e))[:200]})") from e
     return by_name, ports_in, ports_out, delays
 
 
@@ -414,15 +449,7 @@ def _check_connections(plan: Plan, by_name: dict, ports_in: dict, ports_out: dic
             raise _Invalid(f"{what}: block {dst.name} has no input port {show(c['dst_port'])} to connect")
         if dst.kind not in _FEEDS[src.kind]:
             raise _Invalid(f"{what}: a {src.kind} block ({src.name}) does not feed a {dst.kind} block ({dst.name})")
-        view = c["view"]            # Lava's Conv ports are (W, H, C): a view on the way in and out, nowhere else
-        if dst.kind == "conv":
-            if not (isinstance(view, list) and len(view) == 4 and view[0] == "to_whc"
-                    and list(view[1:])[::-1] == list(dst.attrs["input_shape"])):
-                raise _Invalid(f"{what}: view {show(view)} is not ['to_whc', C, H, W] of block {dst.name}'s "
-                               "attrs.input_shape")
-        elif view != (["from_whc"] if src.kind == "conv" else None):
-            raise _Invalid(f"{what}: view {show(view)} does not apply between {src.kind} {src.name} and {dst.kind} "
-                           f"{dst.name}")
+        _check_view(what, c["view"], src, dst)
         if size_out != size_in:
             raise _Invalid(f"{what}: {src.name}.{c['src_port']} gives {size_out} values, {dst.name}.{c['dst_port']} "
                            f"takes {size_in}")
@@ -431,6 +458,24 @@ def _check_connections(plan: Plan, by_name: dict, ports_in: dict, ports_out: dic
             raise _Invalid(f"{what}: {src.name}.{c['src_port']} → {dst.name}.{c['dst_port']} is connected twice")
         seen.add(key)
         incoming[dst.name].append(c)
+    _check_fed(plan, ports_in, inp, incoming)
+    return incoming
+
+
+def _check_view(what: str, view, src: Block, dst: Block) -> None:
+    """Lava's Conv ports are (W, H, C): a view on the way in and out of a Conv block, nowhere else."""
+    if dst.kind == "conv":
+        if not (isinstance(view, list) and len(view) == 4 and view[0] == "to_whc"
+                and list(view[1:])[::-1] == list(dst.attrs["input_shape"])):
+            raise _Invalid(f"{what}: view {show(view)} is not ['to_whc', C, H, W] of block {dst.name}'s "
+                           "attrs.input_shape")
+    elif view != (["from_whc"] if src.kind == "conv" else None):
+        raise _Invalid(f"{what}: view {show(view)} does not apply between {src.kind} {src.name} and {dst.kind} "
+                       f"{dst.name}")
+
+
+def _check_fed(plan: Plan, ports_in: dict, inp: Block, incoming: dict) -> None:
+    """Every input port connected (the input block's in0 by the caller's source), a synaptic block from one source."""
     for b in plan.blocks:
         fed = {c["dst_port"] for c in incoming[b.name]}
         for port in ports_in[b.name]:
@@ -438,7 +483,6 @@ def _check_connections(plan: Plan, by_name: dict, ports_in: dict, ports_out: dic
                 raise _Invalid(f"block {b.name}: input port {port} is connected to nothing")
         if b.kind in SYNAPSES and len(incoming[b.name]) != 1:
             raise _Invalid(f"block {b.name}: port s_in has {len(incoming[b.name])} sources; a synaptic block reads one")
-    return incoming
 
 
 def _check_stages(plan: Plan, by_name: dict, incoming: dict, delays: dict) -> dict:
@@ -523,10 +567,11 @@ def _check_scales(plan: Plan, by_name: dict) -> None:
             have = dst.attrs["scale"]
             if src.kind in SYNAPSES:
                 want = src.attrs["scale"]
-            elif o["encode"] != ("int" if fixed else "value"):
-                raise _Invalid(f"connections[{i}]: {src.name}.{c['src_port']} sends {show(o['encode'])} to neuron "
-                               f"block {dst.name}")
             else:
+                assert o is not None, "_FEEDS: only synaptic and host blocks feed a neuron"
+                if o["encode"] != ("int" if fixed else "value"):
+                    raise _Invalid(f"connections[{i}]: {src.name}.{c['src_port']} sends {show(o['encode'])} to "
+                                   f"neuron block {dst.name}")
                 want = o["scale"] if fixed else have
         else:
             k = int(c["dst_port"][2:])

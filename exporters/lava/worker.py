@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-
 USER_ERROR = 2           # exit code: the bundle was refused; the message is in user_error.txt beside the job
 
 
@@ -69,8 +68,10 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(USER_ERROR)
-    except BaseException:               # a failed Lava run cannot be stopped cleanly (stop() hangs, and so does
-        import traceback                # a normal exit): report and leave at once; the caller kills the group
+    except BaseException:
+        # a failed Lava run cannot be stopped cleanly (stop() hangs, and so does a normal exit): report and leave
+        # at once; the caller kills the group
+        import traceback
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -305,7 +305,7 @@ class _HostModel(PyLoihiProcessModel):
 
     def run_spk(self):
         if self.runner is None:
-            from sfn_deploy.exporters.lava.host import HostRunner   # torch, single-threaded, in the child
+            from sfn_deploy.exporters.lava.host import HostRunner  # torch, single-threaded, in the child
             self.runner = HostRunner(self.proc_params["program"], self.proc_params["tap"],
                                      self.proc_params["steps"])
         ports_in = [getattr(self, f"in{i}") for i in range(self.runner.n_in)]
@@ -316,7 +316,7 @@ class _HostModel(PyLoihiProcessModel):
             for p in ports_out:
                 p.send(np.zeros(p.shape))
             raise
-        for p, o in zip(ports_out, outs):
+        for p, o in zip(ports_out, outs, strict=True):
             p.send(o)
 
 
