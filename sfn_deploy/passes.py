@@ -11,8 +11,13 @@ from .ir import Graph, Node
 from .neurons import boundaries
 
 # ops a spike tensor passes through unchanged in meaning, so the neuron sits before them
-_SPIKE_TRANSPARENT = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
-                      "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"}
+_SPIKE_TRANSPARENT = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll",
+                      "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean", "sum"}
+
+
+def _spike_transparent(v: Node) -> bool:
+    """Spikes pass through v unchanged in meaning (zero padding adds silent positions; other values do not)."""
+    return v.op in _SPIKE_TRANSPARENT or (v.op == "pad" and v.attrs.get("value", 0.0) == 0.0)
 
 
 def fold_batchnorm(graph: Graph) -> Graph:
@@ -66,7 +71,7 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
         slots = [0] if node.op in ("conv2d", "linear") else [0, 1] if node.op == "matmul" else []
         for slot in slots:
             v = graph[node.inputs[slot]]
-            while v.op in _SPIKE_TRANSPARENT and len(users[v.inputs[0]]) == 1:
+            while _spike_transparent(v) and len(users[v.inputs[0]]) == 1:
                 v = graph[v.inputs[0]]
             if v.op in ("input", "constant", "sfn") or _analog_only(v, graph):
                 continue

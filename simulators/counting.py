@@ -52,8 +52,9 @@ from sfn_deploy.ops import apply
 from .firegrid import grid_for, native
 from .interpreter import Event, Observer, release_plan, run
 
-_FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
-_PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze"}   # every element kept once
+_FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand", "pad",
+           "roll"}
+_PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll"}   # every element kept once
 CONVENTIONS = ("spike", "event", "channel")
 _PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes")
 
@@ -214,7 +215,7 @@ def _position_free(graph: Graph) -> set[str]:
             if r.op in _PRESERVE:
                 if not totals_only(r.name):
                     return False
-            elif r.op in _FOLLOW or r.op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"):
+            elif r.op in _FOLLOW or r.op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean", "sum"):
                 return False
         return True
     return {n.name for n in graph.nodes if n.op in NEURON_OPS and totals_only(n.name)}
@@ -377,7 +378,9 @@ class OpCounter(Observer):
         elif node.inputs and node.inputs[0] in self._shadow:
             s = self._shadow[node.inputs[0]]
             a = node.attrs
-            if op in _FOLLOW:
+            if op == "pad" and s.index is not None:     # padded positions are silent: position N, level 0
+                self._shadow[node.name] = _Spikes(s.site, index=F.pad(s.index, a["pad"], "constant", s.n))
+            elif op in _FOLLOW:
                 self._shadow[node.name] = s.map(lambda t: apply(node, [t], self.graph, self.batch),
                                                 preserves=op in _PRESERVE)
             elif op == "max_pool2d":
@@ -397,7 +400,7 @@ class OpCounter(Observer):
                 k = t0[0].shape[-2] * t0[0].shape[-1] / (out.shape[-2] * out.shape[-1])
                 self._shadow[node.name] = _Spikes(s.site, sums=tuple(
                     F.adaptive_avg_pool2d(t, a["output_size"]) * k for t in t0))
-            elif op == "mean":
+            elif op in ("mean", "sum"):
                 self._shadow[node.name] = _Spikes(s.site, sums=tuple(
                     t.sum(a["dims"], keepdim=a["keepdim"]) for t in s.triple()))
 

@@ -40,10 +40,10 @@ from sfn_deploy.ir import STATEFUL_OPS, Graph, Node
 # ops whose output is linear in their time-varying inputs (when at most one input varies, for products)
 _LINEAR = {"conv2d", "linear", "add", "sub", "avg_pool2d", "adaptive_avg_pool2d", "mean", "batch_norm",
            "reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "cat",
-           "expand"}
+           "expand", "pad", "roll", "sum"}
 _BILINEAR = {"matmul", "mul"}
 _SPIKE_PATH = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
-               "expand", "max_pool2d"}
+               "expand", "max_pool2d", "pad", "roll"}
 
 
 def temporal_plan(graph: Graph) -> dict[str, str]:

@@ -220,3 +220,38 @@ def test_add_with_unit_alpha_is_bit_identical():
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
     i, j = torch.arange(5, dtype=torch.int32), torch.ones(5, dtype=torch.bool)
     assert _op(Node("n", "add", ["a", "b"], {}, {}, [5], 0), [i, j], None, 1).dtype == (i + 1 * j).dtype
+
+
+class _PadThenConv(torch.nn.Module):
+    """conv → ReLU → zero padding → conv, or the same with the padding inside the second convolution."""
+
+    def __init__(self, explicit: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(1, 4, 3)
+        self.c2 = torch.nn.Conv2d(4, 3, 3, padding=0 if explicit else 1)
+        self.explicit = explicit
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        if self.explicit:
+            h = torch.roll(torch.nn.functional.pad(h, (1, 1, 1, 1)), shifts=0, dims=2)
+        return self.c2(h).flatten(1)
+
+
+def test_spikes_are_followed_through_zero_padding():
+    """An explicit zero pad (a ResNet's channel-padding shortcut, Swin's window padding) adds silent positions:
+    the counts equal those of the same network with the padding inside the convolution."""
+    from sfn_deploy.convert import convert
+    from sfn_deploy.data import Dataset
+    from sfn_deploy.evaluation import measure
+    x = torch.rand(16, 1, 8, 8)
+    data = Dataset(x, torch.zeros(16, dtype=torch.long), "random")
+    counts = []
+    for explicit in (True, False):
+        g = convert(_PadThenConv(explicit), data, scale=0.5).graph
+        assert any(n.op == "pad" for n in g.nodes) == explicit
+        _, counter = measure(g, data)
+        counts.append(counter.result())
+    assert counts[0].ac_snn == counts[1].ac_snn > 0
+    assert counts[0].mac_snn == counts[1].mac_snn
