@@ -20,8 +20,13 @@ import copy
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
+from benchmark import (  # the same Markdown tables and files as the other benchmarks (this folder is on sys.path)
+    save_part,
+    table,
+)
 
 from sfn_deploy import convert, load_data, load_model
 from sfn_deploy.capture import capture
@@ -30,8 +35,6 @@ from sfn_deploy.convert import build_graph
 from sfn_deploy.errors import UserError
 from sfn_deploy.evaluation import accuracy, energy_constants, measure
 from sfn_deploy.methods import apply_method, method_of
-
-from benchmark import save_part, table      # the same Markdown tables and files as the other benchmarks (this folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "models")
@@ -56,10 +59,12 @@ def fig3b(train, test, out, ts, half_max=None):
     ann_acc = accuracy(ann, test.y)
     rows = []
     partial = os.path.join(out, "fig3b.partial.json")        # rows of an interrupted run are reused
-    done = {(r["method"], r["v(0)"], r["T"]): r for r in json.load(open(partial))} if os.path.exists(partial) else {}
+    done = {}
+    if os.path.exists(partial):
+        done = {(r["method"], r["v(0)"], r["T"]): r for r in json.loads(Path(partial).read_text())}
     for v0 in (0.0, 0.5):
         for T in ts:
-            if v0 and half_max and T > half_max:
+            if v0 and half_max and half_max < T:
                 continue
             for method in ("if", "mtn"):
                 key = (method, "θ/2" if v0 else "0", T)
@@ -120,7 +125,8 @@ def comparison(train, test, names, settings):
             secs = time.time() - t0
             m, steps = method_of(snn.graph)
             lam = sorted({round(s.attrs["lam"], 3) for s in snn.sites if s.attrs.get("role") != "post-softmax"})
-            r = {"model": name, "method": m + (" (λ searched)" if m == "sfn" else " (T internal)" if m == "mbe" else ""),
+            note = " (λ searched)" if m == "sfn" else " (T internal)" if m == "mbe" else ""
+            r = {"model": name, "method": m + note,
                  "T": steps,
                  "steps run": snn.graph.timesteps, "ANN acc %": ann_acc, **score(snn.graph, test),
                  "convert s": round(secs, 1), "λ": lam[0] if m == "sfn" and len(lam) == 1 else None}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Cycle-level simulator speed (a script, not a test): counting every op vs a plain PyTorch ANN forward.
 
-    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1,all] [--vit-b 16] [--json out.json]
+    python examples/bench_simulator.py [--samples 2000] [--batch 256] [--repeats 3] [--threads 1,all] [--vit-b 16]
+                                       [--json out.json]
 
 For the MNIST example CNN and tiny ViT (examples/models/*.pt2, converted here at λ = 0.2 on
 MNIST test images), times on the same batches, interleaved, best of --repeats:
@@ -40,12 +41,57 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _time_model(name: str, ann, snn, test, batch: int, settings: list, repeats: int) -> list[dict]:
+    """Best-of-``repeats`` seconds of the ANN forward, the counting simulator, the interpreter running the ANN
+    and the counting simulator without the fused loop, interleaved, at each torch thread count in ``settings``."""
+    rows = []
+    batches = list(test.batches(batch))
+
+    def plain():
+        with torch.no_grad():
+            for xb in batches:
+                ann(xb)
+
+    def counting():
+        measure(snn.graph, test, batch)
+
+    def interp_ann():                         # the same interpreter, every neuron the identity
+        for xb in batches:
+            run(snn.graph, xb, spiking=False)
+
+    def counting_torch():                     # the fused loop off: torch operations only
+        old = os.environ.get("SFN_NATIVE")
+        os.environ["SFN_NATIVE"] = "0"
+        try:
+            measure(snn.graph, test, batch)
+        finally:
+            os.environ.pop("SFN_NATIVE") if old is None else os.environ.__setitem__("SFN_NATIVE", old)
+
+    for threads in settings:
+        torch.set_num_threads(threads)
+        plain(), counting(), interp_ann(), counting_torch()        # warm-up
+        t_ann, t_sim, t_int, t_tor = [], [], [], []
+        for _ in range(repeats):             # interleaved, so all see the same machine load
+            t_ann.append(_time(plain))
+            t_sim.append(_time(counting))
+            t_int.append(_time(interp_ann))
+            t_tor.append(_time(counting_torch))
+        a, s, i, o = min(t_ann), min(t_sim), min(t_int), min(t_tor)
+        rows.append({"model": name, "samples": len(test), "batch": batch, "threads": threads,
+                     "ann_s": a, "counting_s": s, "interpreter_ann_s": i, "speed_ratio": a / s,
+                     "counting_torch_s": o, "speed_ratio_torch": a / o,
+                     "runs": {"ann_s": t_ann, "counting_s": t_sim, "interpreter_ann_s": t_int,
+                              "counting_torch_s": t_tor}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--mnist", default=os.environ.get("SFN_MNIST", os.path.join(HERE, "..", "..", "shared", "data", "mnist")))
+    ap.add_argument("--mnist", default=os.environ.get("SFN_MNIST",
+                                                      os.path.join(HERE, "..", "..", "shared", "data", "mnist")))
     ap.add_argument("--vit-b", type=int, default=0, metavar="N",
                     help="also time timm vit_base_patch16_224 (random weights) on N random images, batch 8")
     ap.add_argument("--threads", default="1,all",
@@ -78,51 +124,16 @@ def main() -> None:
             ann = program.module()
             snn = convert(program, calib, scale=0.2, quiet=True)
             test, batch = full_test, args.batch
-        batches = list(test.batches(batch))
-
-        def plain():
-            with torch.no_grad():
-                for xb in batches:
-                    ann(xb)
-
-        def counting():
-            measure(snn.graph, test, batch)
-
-        def interp_ann():                         # the same interpreter, every neuron the identity
-            for xb in batches:
-                run(snn.graph, xb, spiking=False)
-
-        def counting_torch():                     # the fused loop off: torch operations only
-            old = os.environ.get("SFN_NATIVE")
-            os.environ["SFN_NATIVE"] = "0"
-            try:
-                measure(snn.graph, test, batch)
-            finally:
-                os.environ.pop("SFN_NATIVE") if old is None else os.environ.__setitem__("SFN_NATIVE", old)
-        for threads in settings:
-            torch.set_num_threads(threads)
-            plain(), counting(), interp_ann(), counting_torch()        # warm-up
-            t_ann, t_sim, t_int, t_tor = [], [], [], []
-            for _ in range(args.repeats):             # interleaved, so all see the same machine load
-                t_ann.append(_time(plain))
-                t_sim.append(_time(counting))
-                t_int.append(_time(interp_ann))
-                t_tor.append(_time(counting_torch))
-            a, s, i, o = min(t_ann), min(t_sim), min(t_int), min(t_tor)
-            rows.append({"model": name, "samples": len(test), "batch": batch, "threads": threads,
-                         "ann_s": a, "counting_s": s, "interpreter_ann_s": i, "speed_ratio": a / s,
-                         "counting_torch_s": o, "speed_ratio_torch": a / o,
-                         "runs": {"ann_s": t_ann, "counting_s": t_sim, "interpreter_ann_s": t_int,
-                                  "counting_torch_s": t_tor}})
+        rows += _time_model(name, ann, snn, test, batch, settings, args.repeats)
     torch.set_num_threads(every)
-    print(f"{'model':<10} {'threads':>7} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13} {'interp. ANN s':>14} "
-          f"{'torch-only s':>13} {'ANN/torch-only':>15}")
+    print(f"{'model':<10} {'threads':>7} {'samples':>7} {'ANN s':>8} {'counting s':>11} {'ANN/counting':>13} "
+          f"{'interp. ANN s':>14} {'torch-only s':>13} {'ANN/torch-only':>15}")
     for r in rows:
         print(f"{r['model']:<10} {r['threads']:>7} {r['samples']:>7} {r['ann_s']:>8.3f} {r['counting_s']:>11.3f} "
               f"{r['speed_ratio']:>13.2f} {r['interpreter_ann_s']:>14.3f} {r['counting_torch_s']:>13.3f} "
               f"{r['speed_ratio_torch']:>15.2f}")
         print(f"{'':<18} per interleaved run, ANN/counting: "
-              + " ".join(f"{x / y:.2f}" for x, y in zip(r["runs"]["ann_s"], r["runs"]["counting_s"])))
+              + " ".join(f"{x / y:.2f}" for x, y in zip(r["runs"]["ann_s"], r["runs"]["counting_s"], strict=True)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

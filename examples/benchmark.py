@@ -8,18 +8,18 @@ numbers to --out. MNIST: calibrate/search on images 0..7999, test on 8000..9999.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import torch
 
 from sfn_deploy import convert, evaluate, load_data, load_model
-from sfn_deploy.convert import build_graph
 from sfn_deploy.config import load_config
+from sfn_deploy.convert import build_graph
 from sfn_deploy.passes import set_scale
 
 HERE = os.path.dirname(os.path.abspath(__file__))

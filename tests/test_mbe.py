@@ -1,6 +1,5 @@
 """--method mbe: MBE neurons (sfn_deploy/mbe.py), their approximation error, the ViT, counting, CLI, exporters."""
 import json
-import math
 import os
 
 import pytest
@@ -12,7 +11,7 @@ from sfn_deploy.cli import main
 from sfn_deploy.data import load_data
 from sfn_deploy.errors import UserError
 from sfn_deploy.ir import Node
-from sfn_deploy.mbe import PRIMITIVES, apply, fit, grid_error, identity, primitive, _pack
+from sfn_deploy.mbe import PRIMITIVES, _pack, apply, fit, grid_error, identity, primitive
 from sfn_deploy.models import load_model
 from sfn_deploy.simulators.interpreter import run
 
