@@ -1069,11 +1069,11 @@ class NirBackend:
         runner = self.runner(model)
         if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
             y, spikes = run_partial(runner, x, spikes=True, batch_size=batch_size)
-            levels = {s.name: _channel_levels(s, spikes[s.name]).reshape(len(x), -1).numpy()
-                      for s in model.sites if s.name in spikes}
-            return {"outputs": y.numpy(), "levels": levels, "pre": {}}
+            return {"outputs": y.numpy(), "pre": {},
+                    "levels": {s.name: _channel_levels(s, spikes[s.name]).reshape(len(x), -1).numpy()
+                               for s in model.sites if s.name in spikes}}
         modules = dict(runner.named_modules())
-        levels: dict = {}
+        levels: dict[str, list] = {}
         hooks = []
         for site in model.sites:
             mod = modules.get(f"graph_module.{site.name}")

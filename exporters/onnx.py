@@ -942,7 +942,8 @@ class OnnxBackend:
     def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
         """Levels from the level-output export."""
         runner = OnnxRunner(to_onnx(model, levels=True))
-        outs, levels = [], {}
+        outs: list = []
+        levels: dict[str, list] = {}
         for i in range(0, len(x), batch_size):
             y, lv = runner.run_with_levels(x[i:i + batch_size].numpy())
             outs.append(y)

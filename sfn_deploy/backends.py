@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .errors import UserError
 
@@ -91,6 +91,13 @@ def get(name: str) -> Backend:
     if name not in BACKENDS:
         raise UserError(f"backend {name!r} is not available; available: {', '.join(BACKENDS)}")
     return BACKENDS[name].load()
+
+
+def get_exporter(name: str) -> Exporter:
+    """An export target's backend (refused, like an unknown name, for a backend that writes nothing)."""
+    if name not in export_targets():
+        raise UserError(f"export target {name!r} is not available; available: {', '.join(export_targets())}")
+    return cast(Exporter, BACKENDS[name].load())     # its Entry declares export options
 
 
 def takes(option: str) -> list[str]:

@@ -88,9 +88,9 @@ def command(fn):
     return wrapper
 
 
-def _during_interrupt(e: BaseException) -> bool:
+def _during_interrupt(e: BaseException | None) -> bool:
     """An error raised while a library unwound from Ctrl-C (Optuna's trial bookkeeping can fail that way)."""
-    seen = set()
+    seen: set[int] = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
             return True
@@ -389,7 +389,7 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
 @command
 def export_cmd(converted, target, output, levels, ann, opset, partial, lowering, data, as_json):
     """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
-    from .backends import BACKENDS, get, takes
+    from .backends import BACKENDS, get_exporter, takes
     from .data import data_paths
     from .model_file import load
     from .outputs import check_output
@@ -397,7 +397,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
     accepts = BACKENDS[target].export_options or ()
     if partial and "partial" not in accepts:
         raise UserError(f"--partial applies to --target {', '.join(takes('partial'))} only (got --target {target})")
-    exporter = get(target)
+    exporter = get_exporter(target)
     path = os.path.splitext(converted)[0] + "." + target if output is None else output
     check_output(path, [converted, *data_paths(data)], folder=exporter.writes_folder)
     model = load(converted)

@@ -36,12 +36,18 @@ class Conversion:
     graph: Graph | None = None
     applied: Applied = field(default_factory=Applied)
 
+    def captured(self) -> Graph:
+        """The graph, which the first pass (capture) sets."""
+        if self.graph is None:
+            raise RuntimeError("the capture pass has not run")
+        return self.graph
+
 
 @dataclass(frozen=True)
 class Pass:
     name: str
     description: str
-    run: Callable[[Conversion], None]
+    run: Callable[[Conversion], object]
 
 
 def _capture(c: Conversion) -> None:
@@ -54,29 +60,29 @@ def _capture(c: Conversion) -> None:
 
 
 def _insert_sfn(c: Conversion) -> None:
-    insert_sfn(c.graph, c.config.levels, c.config.fire, c.config.rounding)
-    if not c.graph.sites:
+    graph = insert_sfn(c.captured(), c.config.levels, c.config.fire, c.config.rounding)
+    if not graph.sites:
         raise UserError("the model has no activation feeding a weight layer: nothing to convert into spikes")
 
 
 def _calibrate(c: Conversion) -> None:
-    cfg = c.config
-    calibrate(c.graph, c.data.limit(cfg.calib_limit).batches(cfg.batch_size), cfg.percentile, quiet=c.quiet)
+    cfg, graph = c.config, c.captured()
+    calibrate(graph, c.data.limit(cfg.calib_limit).batches(cfg.batch_size), cfg.percentile, quiet=c.quiet)
     try:        # e.g. a BatchNorm with a negative running_var folds into NaN weights
-        validate_graph(c.graph, shapes=False)
+        validate_graph(graph, shapes=False)
     except GraphError as e:
         raise UserError(f"the model converts into an invalid network ({e})") from None
 
 
 def _scale(c: Conversion) -> None:
-    c.applied = METHODS[c.config.method].apply(c.graph, c.data, c.config, source=c.source, quiet=c.quiet)
+    c.applied = METHODS[c.config.method].apply(c.captured(), c.data, c.config, source=c.source, quiet=c.quiet)
 
 
 PIPELINE: list[Pass] = [
     Pass("capture", "torch.export the model and map every ATen operator to the IR (attention split into q·kᵀ, "
                     "softmax, ·v)", _capture),
     Pass("fold_batchnorm", "fold inference BatchNorm into the preceding conv/linear",
-         lambda c: fold_batchnorm(c.graph)),
+         lambda c: fold_batchnorm(c.captured())),
     Pass("insert_sfn", "place an SFN on each activation feeding a weight layer or activation product", _insert_sfn),
     Pass("calibrate", "θ⁺/θ⁻ = top-p% positive/negative activation per site, o_max per softmax (streaming "
                       "histograms)", _calibrate),
@@ -96,7 +102,7 @@ def run_passes(c: Conversion, stop_before: str | None = None) -> Conversion:
 
 def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -> Graph:
     """capture → fold_batchnorm → insert_sfn → calibrate, with λ = 1 everywhere (what every method starts from)."""
-    return run_passes(Conversion(model, data, cfg, quiet=quiet), stop_before="scale").graph
+    return run_passes(Conversion(model, data, cfg, quiet=quiet), stop_before="scale").captured()
 
 
 def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source: dict | None = None,
@@ -110,7 +116,8 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
     cfg = config or load_config("", overrides)
     t0 = time.time()
     c = run_passes(Conversion(model, data, cfg, source or {}, quiet))
-    converted = ConvertedModel(c.graph, list(data.x.shape[1:]), cfg.to_dict(), source or {}, {}, c.applied.search)
+    converted = ConvertedModel(c.captured(), list(data.x.shape[1:]), cfg.to_dict(), source or {}, {},
+                               c.applied.search)
     calib = data.limit(cfg.calib_limit)
     converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples": len(calib),
                          "input_abs_max": float(calib.x.abs().max()),     # input: fixed-point encoding (Lava)

@@ -20,8 +20,12 @@ from .targets import load_target
 
 
 def energy_constants(target: str = "cmos45") -> tuple[float, float]:
+    """Energy of one accumulate and one multiply-accumulate (pJ), the paper's energy-ratio constants."""
     t = load_target(target)
-    return t.get("energy_pj", "ac"), t.get("energy_pj", "mac")
+    ac, mac = t.get("energy_pj", "ac"), t.get("energy_pj", "mac")
+    if ac is None or mac is None:
+        raise UserError(f"target {target}: energy_pj needs ac and mac for the energy ratio")
+    return ac, mac
 
 
 def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:

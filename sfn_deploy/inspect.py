@@ -42,7 +42,7 @@ def exporters(model: ConvertedModel) -> dict:
     except UserError:
         why = f"refused: --method {model.graph.method} keeps state over T = {model.graph.timesteps} steps"
         return {name: why for name in targets}
-    return {name: backends.get(name).support(model) for name in targets}
+    return {name: backends.get_exporter(name).support(model) for name in targets}
 
 
 def _numel(shape) -> int:

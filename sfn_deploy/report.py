@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
 import torch
 
@@ -98,7 +99,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
     counts = counter.result()
     e_ac, e_mac = energy_constants("cmos45")
     lams = [s.attrs["lam"] for s in converted.sites]
-    report = {
+    report: dict[str, Any] = {
         "model": label, "source": converted.source, "samples": len(data),
         "levels_M": sorted({s.attrs["M"] for s in converted.sites}),
         "fire": sorted({s.attrs["fire"] for s in converted.sites}),

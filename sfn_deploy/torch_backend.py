@@ -12,7 +12,7 @@ from .simulators.interpreter import Event, Observer, run
 class _SiteRecorder(Observer):
     """Each site's signed levels and pre-activations (one row per sample), batch after batch."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.levels: dict[str, list] = {}
         self.pre: dict[str, list] = {}
 

@@ -118,7 +118,7 @@ def _check_sqlite_file(path: str, shown: str) -> None:
 def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
     if url is None:
         return optuna.storages.InMemoryStorage()
-    shown = redacted(url)
+    shown = redacted(url) or url
     path = storage_path(url)
     if path and path != ":memory:" and not url.startswith("sqlite:///file:"):   # (a URI names its own file)
         _check_sqlite_file(os.path.abspath(path), shown)
@@ -126,12 +126,13 @@ def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
         url = "sqlite:///" + os.path.abspath(url)
     with warnings.catch_warnings():           # the heartbeat options are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        kw = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                  heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY))
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)
         try:
             if url.startswith("sqlite"):
-                return _sqlite_storage(url, **kw)
-            return optuna.storages.RDBStorage(url, **kw)
+                return _sqlite_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                       heartbeat_stale_trial_callback=retry)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                              heartbeat_stale_trial_callback=retry)
         except Exception as e:
             raise UserError(f"--storage {shown}: cannot open Optuna storage ({_first_line(e)})") from None
 
@@ -259,16 +260,9 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
         raise UserError(f"--storage {shown}: {_first_line(e)}") from None
 
 
-def _run(graph, data, cfg, source, quiet, storage, grace):
-    val, _ = data.split(cfg.val_fraction, cfg.seed)
-    ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
-    ann_acc = evaluation.accuracy(ann_pred, val.y)
-    e_ac, e_mac = evaluation.energy_constants()
-    groups = site_groups(graph, cfg.search)
-    name = cfg.study or study_name(source, cfg)
-    if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
-        optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+def _open_study(name: str, storage, sampler, groups: dict, attrs: dict):
+    """Load the study, or create it (then this worker alone records ``groups`` and ``attrs`` and enqueues the
+    start grid); refuse a study made for other λ groups."""
     created = False
     try:                                      # load first: a finished study can be read from a read-only file
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
@@ -283,11 +277,24 @@ def _run(graph, data, cfg, source, quiet, storage, grace):
         raise UserError(f"study {name!r} was made for other λ groups; choose another --study")
     if created:                               # only the creator enqueues the start grid
         study.set_user_attr("groups", groups)
-        study.set_user_attr("ann_accuracy", ann_acc)
-        study.set_user_attr("val_samples", len(val))
+        for k, v in attrs.items():
+            study.set_user_attr(k, v)
         for v in SHARED_GRID:
             study.enqueue_trial({f"lam:{g}": v for g in groups})
+    return study
 
+
+def _run(graph, data, cfg, source, quiet, storage, grace):
+    val, _ = data.split(cfg.val_fraction, cfg.seed)
+    ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
+    ann_acc = evaluation.accuracy(ann_pred, val.y)
+    e_ac, e_mac = evaluation.energy_constants()
+    groups = site_groups(graph, cfg.search)
+    name = cfg.study or study_name(source, cfg)
+    if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
+        optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+    study = _open_study(name, storage, sampler, groups, {"ann_accuracy": ann_acc, "val_samples": len(val)})
     here = _namespace()
     rdb = isinstance(storage, optuna.storages.RDBStorage)
     state = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}

@@ -171,6 +171,12 @@ class LavaRunner:
         self.last = run_lava(self.path, xb.numpy(), self.precision, record=self.record, timeout=self.timeout)
         return torch.from_numpy(np.asarray(self.last["outputs"], np.float32))
 
+    def result(self) -> dict:
+        """The latest run's result (``last``), once there was a run."""
+        if self.last is None:
+            raise RuntimeError("the Lava runner has not run yet")
+        return self.last
+
 
 def run_summary(summary: dict, precision: str, result: dict) -> dict:
     """What a Lava run did: processes on neuro-cores and on the host (the plan's ``summary``), phases of its
@@ -201,18 +207,18 @@ class LavaBackend:
         neuron's scale), with the run's counters and timings."""
         runner = LavaRunner(model, record=True, **(options or {}))
         y = runner(x).numpy()
-        r = runner.last
+        r = runner.result()
         pre = {k: v.astype(np.float64) * r["scales"].get(k, 1.0) for k, v in r["pre"].items()}
         return {"outputs": y, "levels": {k: v.astype(np.int64) for k, v in r["levels"].items()}, "pre": pre,
                 "counts": r["counts"], "timings": r["timings"]}
 
     def split_time(self, runner: LavaRunner, seconds: float) -> tuple[float, float]:
         """The worker's start, Lava's compile and stop are set-up; the run is the stream."""
-        run_s = runner.last["timings"]["run_s"]
+        run_s = runner.result()["timings"]["run_s"]
         return seconds - run_s, run_s
 
     def details(self, runner: LavaRunner, model: ConvertedModel, data, batch_size: int) -> dict:
-        return {"lava": run_summary(runner.summary, runner.precision, runner.last)}
+        return {"lava": run_summary(runner.summary, runner.precision, runner.result())}
 
     def parity_info(self, options: dict | None) -> dict:
         return {"lava": {"precision": (options or {}).get("precision", "floating_pt"),
