@@ -56,7 +56,7 @@ from ..ir import Graph, Node
 from ..model_file import ConvertedModel, atomic_write
 from ..untrusted import reason, regular_file
 
-__all__ = ["to_nir", "export_nir", "nir_node_map", "load_nir", "check_nir", "to_nir_partial",
+__all__ = ["to_nir", "export_nir", "export_size", "nir_node_map", "load_nir", "check_nir", "to_nir_partial",
            "export_nir_partial", "load_partial", "run_partial", "PARTIAL_FORMAT"]
 
 _F32 = np.float32
@@ -381,15 +381,20 @@ class _Lowering:
 
     # a synaptic layer: fold the increments of an expanded input, optionally tile rows for a following site
     def weight_layer(self, name, kind, w, b, attrs, x: _Value, site: Node | None, out_shape: tuple) -> _Value:
-        w = w.astype(np.float64)
-        if x.inc is not None:               # fold Σ_g copy_g·inc_g into the weights (copy index outermost)
-            w = np.concatenate([w * g for g in x.inc], axis=1)
+        w64 = w.astype(np.float64)
         inc = theta = None
+        sign = np.ones(1)
         if site is not None:                # one copy of the rows per channel, negated for the negative branch
             theta, inc, sign = _site_channels(site)
-            w = np.concatenate([w * s for s in sign], axis=0)
             b = None if b is None else np.concatenate([b * s for s in sign])
-        w = w.astype(_F32)
+        # fold Σ_g copy_g·inc_g of an expanded input into the columns (copy index outermost); each block is
+        # computed in float64 and rounded once into the float32 result (no float64 copy of the whole tiling)
+        gains = [None] if x.inc is None else list(x.inc)
+        o, c = w64.shape[:2]
+        w = np.empty((len(sign) * o, len(gains) * c) + w64.shape[2:], _F32)
+        for i, sg in enumerate(sign):
+            for j, g in enumerate(gains):
+                w[i * o:(i + 1) * o, j * c:(j + 1) * c] = (w64 if g is None else w64 * g) * sg
         nir = self.nir
         bias = np.zeros(w.shape[0], _F32) if b is None else b.astype(_F32)
         if kind == "linear":
@@ -508,11 +513,77 @@ class _Lowering:
             self.output_names[v] = self.add(name, nir.Output(output_type={"output": np.array(out.shape)}), out.node)
 
 
-def to_nir(model: ConvertedModel):
-    """The converted network as a ``nir.NIRGraph`` of standard primitives (see the module docstring)."""
+DEFAULT_MAX_BYTES = 3 * 2 ** 29    # 1.5 GiB of arrays (tiled weights, thresholds): the export peaks at about 3–4× that
+
+
+def estimate_bytes(graph: Graph, plan: "_Plan", nodes, outputs) -> int:
+    """The bytes of the float32 arrays the lowering of ``nodes`` will hold, computed from shapes alone.
+
+    Each SFN site becomes G = N + M binary channels: the weight layer in front has its rows tiled G
+    times and the one after its columns (G_in · G_out copies of the weights in all), every channel has
+    a threshold per position, and a site with no weight layer in front gets a C×C·G identity fan-out."""
+    members, users = set(nodes), graph.users()
+    mult: dict[str, int] = {}             # value -> channels per element (0: not expanded)
+    total, fused = 0, set()
+
+    def channels(site: Node) -> int:
+        return int(site.params["bounds_pos"].numel() + site.params["bounds_neg"].numel())
+
+    for node in graph.nodes:
+        if node.name not in members or node.name in fused:
+            continue
+        gin = mult.get(node.inputs[0], 0) if node.inputs else 0
+        size = _numel(node.shape[1:])
+        if node.op in ("linear", "conv2d"):
+            us = users[node.name]
+            site = us[0] if len(us) == 1 and us[0].op == "sfn" and us[0].name in members \
+                and node.name not in outputs else None
+            gout = channels(site) if site is not None else 0
+            total += 4 * node.params["weight"].numel() * max(gin, 1) * max(gout, 1) + 4 * size * max(gout, 1)
+            if site is not None:
+                fused.add(site.name)
+                mult[site.name] = gout
+        elif node.op == "sfn":
+            c = plan.nir_shape(node.name)[0]
+            g = channels(node)
+            total += 4 * c * c * (g + gin) + 4 * size * g
+            mult[node.name] = g
+        else:
+            mult[node.name] = gin
+            if node.op == "max_pool2d":
+                total += 4 * size * max(gin, 1)
+    for v in outputs:
+        if mult.get(v):
+            c = plan.nir_shape(v)[0]
+            total += 4 * c * c * mult[v]
+    return int(total)
+
+
+def export_size(model: ConvertedModel, partial: bool = False) -> int:
+    """Bytes of the arrays :func:`to_nir` (or :func:`to_nir_partial`) would build, without building them."""
+    g = model.graph
+    if partial:
+        plan = _Plan(g, partial=True)
+        return sum(estimate_bytes(g, plan, p.nodes, [p.out]) for p in plan.pieces)
+    plan = _full_plan(g)
+    return estimate_bytes(g, plan, [n.name for n in plan.members()], [g.output])
+
+
+def _check_size(need: int, max_bytes: int | None, what: str) -> None:
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    if need > limit:
+        raise UserError(f"{what} would hold about {need / 2 ** 30:.1f} GiB of tiled weights and thresholds (each "
+                        f"SFN level is a binary NIR channel), over the {limit / 2 ** 30:.1f} GiB limit; raise it "
+                        "with --max-size GIB, or convert with fewer --levels")
+
+
+def to_nir(model: ConvertedModel, max_bytes: int | None = None):
+    """The converted network as a ``nir.NIRGraph`` of standard primitives (see the module docstring);
+    refused before any array is built when it would exceed ``max_bytes`` (:func:`estimate_bytes`)."""
     _single_step(model)
     g = model.graph
     plan = _full_plan(g)
+    _check_size(export_size(model), max_bytes, "the NIR export")
     low = _Lowering(g, plan, [n.name for n in plan.members()], g.input.name, [g.output], model.input_shape)
     low.lower()
     return low.nir.NIRGraph(nodes=low.nodes, edges=low.edges, type_check=False)
@@ -527,7 +598,7 @@ def _inverse(perm) -> list:
     return [int(i) for i in np.argsort(np.asarray(perm, dtype=np.int64))] if len(perm) else []
 
 
-def to_nir_partial(model: ConvertedModel):
+def to_nir_partial(model: ConvertedModel, max_bytes: int | None = None):
     """(container NIRGraph, description): the largest NIR-expressible regions of the network, each a
     complete NIRGraph node of the container (its own Input → … → Output), and the host remainder.
 
@@ -543,6 +614,7 @@ def to_nir_partial(model: ConvertedModel):
     plan = _Plan(g, partial=True)
     if not plan.pieces:
         raise UserError("NIR partial export: no node of the network is NIR-expressible (nothing to write)")
+    _check_size(export_size(model, partial=True), max_bytes, "the NIR partial export")
     users = g.users()
     names = [f"region_{k}" for k in range(len(plan.pieces))]
     out_region = {p.out: names[k] for k, p in enumerate(plan.pieces)}
@@ -637,10 +709,10 @@ def _jsonable(o):
     return str(o)
 
 
-def export_nir_partial(model: ConvertedModel, path: str) -> dict:
+def export_nir_partial(model: ConvertedModel, path: str, max_bytes: int | None = None) -> dict:
     """Write the partial export (:func:`to_nir_partial`) atomically; return its summary."""
     nir = _nir()
-    g, info = to_nir_partial(model)
+    g, info = to_nir_partial(model, max_bytes)
     atomic_write(path, lambda tmp: nir.write(tmp, g))
     return {"path": path, "format": "nir", **info, "bytes": os.path.getsize(path)}
 
@@ -724,10 +796,10 @@ def _conv_out_positions(v) -> int:
                         for s, pp, dd, kk, ss in zip(size, p, d, k, st)]))
 
 
-def export_nir(model: ConvertedModel, path: str) -> dict:
+def export_nir(model: ConvertedModel, path: str, max_bytes: int | None = None) -> dict:
     """Write the NIR graph atomically (``nir.write`` to a temporary file, then rename); return a summary."""
     nir = _nir()
-    g = to_nir(model)
+    g = to_nir(model, max_bytes)
     atomic_write(path, lambda tmp: nir.write(tmp, g))
     return {"path": path, "format": "nir", "nodes": len(g.nodes), "edges": len(g.edges),
             "bytes": os.path.getsize(path), "sites": len(model.sites), **counts(model.graph, g)}

@@ -463,3 +463,25 @@ def test_if_and_lif_from_other_tools_run_one_timestep_from_rest(tmp_path):
     nir.write(path, g)
     with pytest.raises(UserError, match="CubaLIF has no single one-step form"):
         load_nir(path, dt=0.5)
+
+
+def _array_bytes(g) -> int:
+    total = 0
+    for n in g.nodes.values():
+        if hasattr(n, "nodes"):
+            total += _array_bytes(n)
+            continue
+        total += sum(v.nbytes for v in vars(n).values() if isinstance(v, np.ndarray) and v.dtype == np.float32)
+    return total
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_size_is_estimated_before_building_and_over_the_limit_refused(cnn_snn, partial):
+    """The estimate (shapes only) matches the float32 arrays the export holds; over the limit the export is
+    refused up front, naming the estimate and how to raise the limit (ResNet-50 at 224×224: 14 GiB)."""
+    from sfn_deploy.exporters.nir import export_size, to_nir_partial
+    est = export_size(cnn_snn, partial)
+    built = to_nir_partial(cnn_snn, max_bytes=est)[0] if partial else to_nir(cnn_snn, max_bytes=est)
+    assert 0.97 * est <= _array_bytes(built) <= 1.03 * est
+    with pytest.raises(UserError, match=r"about 0\.0 GiB .* over the 0\.0 GiB limit; raise it with --max-size"):
+        (to_nir_partial if partial else to_nir)(cnn_snn, max_bytes=est // 2)
