@@ -17,7 +17,7 @@ from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx  # noqa: E402
 from sfn_deploy.runtime import run, run_with_levels  # noqa: E402
 
 # architectures refused at capture, with the reason they are refused (a test checks the message)
-REFUSED = {"mobilevit_xxs": "cannot follow the batch axis through reshape"}
+REFUSED: dict[str, str] = {}
 
 
 def _data(n: int, size: int, seed: int) -> Dataset:

@@ -261,22 +261,10 @@ def batch_reshape(x, out: list[int], sym: list[bool], batch: int) -> tuple[list,
     before = prod(s_in[:p])
     candidates = []
     for q in range(len(out)):
-        if prod(out[:q]) != before or out[q] % batch:
-            continue
-        if out[q] >= size:                             # the batch entry takes following axes in
-            k, j = 1, p + 1
-            while size * k < out[q] and j < len(s_in):
-                k *= s_in[j]
-                j += 1
-            if out[q] == size * k:
-                candidates.append((q, out[q] // batch))
-        elif size % out[q] == 0:                       # the folded entry is split: batch first
-            rest, j = size // out[q], q + 1
-            while rest > 1 and j < len(out) and rest % out[j] == 0:
-                rest //= out[j]
-                j += 1
-            if rest == 1:
-                candidates.append((q, out[q] // batch))
+        # with the axes before it unchanged, the entry keeps the batch outermost when it is a multiple of
+        # the batch and either takes further items in (a multiple of the input entry) or gives some back
+        if prod(out[:q]) == before and out[q] % batch == 0 and (out[q] % size == 0 or size % out[q] == 0):
+            candidates.append((q, out[q] // batch))
     if any(sym):                                       # dynamic export: trust the symbols
         candidates = [c for c in candidates if sym[c[0]]] or candidates
     if not candidates:
