@@ -17,7 +17,7 @@ which also holds the compiled fire tables of :mod:`sfn_deploy.simulators.firegri
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -94,7 +94,7 @@ def boundaries(levels: list[int], rounding: str = "paper") -> list[float]:
         return [float(y) for y in levels]
     if rounding == "nearest":
         prev = [0] + list(levels[:-1])
-        return [(a + b) / 2 for a, b in zip(prev, levels)]
+        return [(a + b) / 2 for a, b in zip(prev, levels, strict=True)]
     raise ValueError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
 
 
@@ -168,7 +168,7 @@ class NodeCache:
             per_node = self._entries[id(node)] = {}
             weakref.finalize(node, self._entries.pop, id(node), None)
         hit = per_node.get(tag)
-        if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
+        if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
             return hit[1]
         value = build()
         per_node[tag] = (sources, value)

@@ -19,8 +19,8 @@ the neurons) is executed by the interpreter itself (:mod:`sfn_deploy.simulators.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class OpSpec:
     name: str
     kind: str
     description: str
-    impl: Optional[Impl] = None       # None: run by the interpreter (io, neurons)
+    impl: Impl | None = None       # None: run by the interpreter (io, neurons)
 
 
 TABLE: dict[str, OpSpec] = {}
@@ -250,7 +250,7 @@ def _slice(node, args, graph, batch):
 def _cat(node, args, graph, batch):
     """Batchless inputs (``graph[name].bdim is None``: constants) are broadcast over the batch first."""
     parts = []
-    for name, t in zip(node.inputs, args):
+    for name, t in zip(node.inputs, args, strict=True):
         if graph[name].bdim is None and node.bdim is not None and t.shape[node.bdim] != batch:
             shape = list(t.shape)
             shape[node.bdim] = batch

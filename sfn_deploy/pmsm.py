@@ -48,7 +48,7 @@ def level_entropy(h: StreamingHistogram, theta: float, k: int) -> float:
     if h.n == 0 or theta <= 0:
         return 0.0
     edges = [_cdf(h, (j + 0.5) * theta) for j in range(k)]
-    mass = [edges[0]] + [b - a for a, b in zip(edges[:-1], edges[1:])] + [h.n - edges[-1]]
+    mass = [edges[0]] + [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)] + [h.n - edges[-1]]
     return -sum(m / h.n * math.log2(m / h.n) for m in mass if m > 0)
 
 

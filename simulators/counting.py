@@ -274,6 +274,7 @@ class OpCounter(Observer):
 
     def __call__(self, event: Event) -> None:
         node = event.node
+        assert event.out is not None
         self._count(node, event.args, event.out, event)
         for name in self._free.get(node.name, ()):
             self._shadow.pop(name, None)

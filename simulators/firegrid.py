@@ -50,7 +50,7 @@ class FireGrid:
             return
         bits = t.view(np.uint32).astype(np.int64)
         # the largest shift that keeps consecutive thresholds in different cells
-        differ = [int(a ^ b).bit_length() - 1 for a, b in zip(bits[:-1], bits[1:])]
+        differ = [int(a ^ b).bit_length() - 1 for a, b in zip(bits[:-1], bits[1:], strict=True)]
         shift = min(differ + [31])
         self.shift = max(shift, 32 - MAX_BITS)
         if shift < self.shift:
@@ -82,10 +82,10 @@ class FireGrid:
         lib = native() if x.numel() >= _NATIVE_MIN and x.device.type == "cpu" else None
         bins = 2 * self.n + 1
         if lib is None:
-            pos = self.position(x)
-            out = torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape)
-            return (out, pos if position else None,
-                    torch.bincount(pos.reshape(-1), minlength=bins) if hist else None)
+            every = self.position(x)
+            out = torch.index_select(values, 0, every.reshape(-1)).view(every.shape)
+            return (out, every if position else None,
+                    torch.bincount(every.reshape(-1), minlength=bins) if hist else None)
         x = x.contiguous()     # (a strided read in the loop measured slower than this copy)
         values = values.contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
@@ -93,9 +93,9 @@ class FireGrid:
         n, parts = x.numel(), _parts(x.numel())
         h = torch.zeros(parts, 4 * bins, dtype=torch.int64) if hist else None
         lib.sfn_fire_parts(x.data_ptr(), n, self.shift, self.base.data_ptr(), self.inner.data_ptr(),
-                           values.data_ptr(), out.data_ptr(), pos.data_ptr() if position else None,
-                           h.data_ptr() if hist else None, bins, parts)
-        return out, pos, h[:, :bins].sum(0) if hist else None
+                           values.data_ptr(), out.data_ptr(), None if pos is None else pos.data_ptr(),
+                           None if h is None else h.data_ptr(), bins, parts)
+        return out, pos, None if h is None else h[:, :bins].sum(0)
 
     def position(self, x: torch.Tensor) -> torch.Tensor:
         """signed index + n (the row of the site's level table), int32, same shape as x."""

@@ -22,8 +22,9 @@ evaluation with an :class:`Event`. :func:`run` also accepts the older hook form
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -45,15 +46,15 @@ class Event:
     MBE neuron's totals and per-element spike tensors (``sfn_deploy.mbe.apply``)."""
     node: Node
     args: list
-    out: Optional[torch.Tensor] = None
-    position: Optional[torch.Tensor] = None
-    hist: Optional[torch.Tensor] = None
-    t: Optional[int] = None
-    T: Optional[int] = None
+    out: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+    hist: torch.Tensor | None = None
+    t: int | None = None
+    T: int | None = None
     static: bool = False
     ecm: bool = False
-    mbe: Optional[dict] = None
-    counts: Optional[tuple] = None
+    mbe: dict | None = None
+    counts: tuple | None = None
 
     def extra(self) -> dict:
         """The fields that are set, as the dict the older ``hook(node, args, out, extra)`` form received."""
@@ -169,7 +170,7 @@ class Interpreter:
         self.observer = observer
         self.wants_hist = bool(getattr(observer, "wants_hist", False))
         self.skip_positions = getattr(observer, "skip_positions", None) or ()
-        self.x: torch.Tensor | None = None
+        self.x = torch.empty(0)        # the batch of the current run
         self.batch = 0
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +261,7 @@ class TemporalInterpreter(Interpreter):
         free = release_plan(graph)
         static: dict[str, torch.Tensor] = {}
         self.state = {}
-        total = None
+        total = torch.zeros(())
         for t in range(T):
             self.t = t
             env: dict[str, torch.Tensor] = dict(static)
@@ -280,7 +281,7 @@ class TemporalInterpreter(Interpreter):
                     if name in env and name not in static:
                         del env[name]
             y = env[graph.output]
-            total = y.clone() if total is None else total + y
+            total = y.clone() if t == 0 else total + y
         return total / T
 
     def run_node(self, node: Node, args: list, event: Event) -> torch.Tensor:
@@ -306,9 +307,9 @@ class TemporalInterpreter(Interpreter):
         if how == "ecm":            # O(t) = t·f(S(t)/t) − (t−1)·f(S(t−1)/(t−1)), S the running input sums
             varying = [self.plan[i] != "static" for i in node.inputs]
             sums, prev = state.get(node.name, (None, None))
-            sums = [a.clone() if v else a for v, a in zip(varying, args)] if sums is None \
-                else [s + a if v else s for v, s, a in zip(varying, sums, args)]
-            means = [s / (t + 1) if v else s for v, s in zip(varying, sums)]
+            sums = [a.clone() if v else a for v, a in zip(varying, args, strict=True)] if sums is None \
+                else [s + a if v else s for v, s, a in zip(varying, sums, args, strict=True)]
+            means = [s / (t + 1) if v else s for v, s in zip(varying, sums, strict=True)]
             cum = (t + 1) * self.step(node, means, None)
             state[node.name] = (sums, cum)
             event.ecm = True
