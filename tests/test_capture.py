@@ -90,3 +90,46 @@ def test_unsupported_operations_are_listed_at_once_with_location():
     assert len(problems) == 2
     assert "softplus" in problems[0] and "act" in problems[0]
     assert "sin" in problems[1] and "test_capture.py" in problems[1]
+
+
+class ZooOps(nn.Module):
+    """One module using the zoo's operator families: each must capture to a graph computing the same values."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1))
+        self.bias_table = nn.Parameter(torch.randn(9, 2))
+        self.register_buffer("index", torch.randint(0, 9, (4, 4)))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = nn.functional.relu6(self.conv(x))                                  # hardtanh
+        h = nn.functional.hardswish(self.dw(h)) + nn.functional.silu(h) * torch.sigmoid(h)
+        h = self.gn(nn.functional.hardsigmoid(h) * torch.tanh(h) + nn.functional.mish(h))
+        h = torch.addcmul(h, self.gamma, h)                                    # ResMLP's affine
+        h = h + h / (torch.linalg.vector_norm(h, 2, dim=(2, 3), keepdim=True) + 1e-6)     # ConvNeXt-V2 GRN
+        h = torch.roll(nn.functional.pad(h, (0, 0, 0, 0, 2, 2)), shifts=(1, -1), dims=(2, 3))   # 12 channels
+        a, b, c = torch.split(h, [4, 4, 4], dim=1)
+        h = torch.stack([a, -b, c.clamp(min=0)], dim=2).sum(2)                  # 4 channels
+        n, ch, hh, ww = h.shape                                                # windows folded into the batch
+        win = h.reshape(n, ch, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, ch, 2, 2)
+        bias = self.bias_table[self.index.flatten()].reshape(4, 4, 2)[..., 0]  # a gather from a parameter table
+        win = win + bias[None, None, :2, :2]
+        h = win.reshape(n, hh // 2, ww // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, hh, ww)
+        h = torch.cat([h, h.chunk(2, dim=1)[0]], dim=1)                        # 6 channels
+        return self.fc(nn.functional.pad(h.mean((2, 3)), (1, 1)))
+
+
+def test_zoo_operator_families_capture_exactly():
+    m = ZooOps().eval()
+    g = capture(m, torch.randn(2, 3, 8, 8))
+    ops = {n.op for n in g.nodes}
+    assert {"hardtanh", "hardswish", "silu", "sigmoid", "hardsigmoid", "tanh", "mish", "group_norm", "vector_norm",
+            "pad", "roll", "sum"} <= ops
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,11 @@ def hardtanh(b, n):
     return b.emit(n, "hardtanh", [n.args[0]], {"min_val": lo, "max_val": hi}, {}, meta_shape(n))
 
 
+@rule(aten.relu6.default, aten.relu6_.default)
+def relu6(b, n):
+    return b.emit(n, "hardtanh", [n.args[0]], {"min_val": 0.0, "max_val": 6.0}, {}, meta_shape(n))
+
+
 @rule(aten.clamp.default, aten.clamp_.default)
 def clamp(b, n):
     lo, hi = arg(n, 1, "min"), arg(n, 2, "max")
