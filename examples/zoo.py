@@ -8,8 +8,8 @@ Each architecture is built with random weights in a small configuration (reduced
 depth/width where the family allows it, listed in ``ZOO``) and run in its own process, so its time and peak
 memory are its own. Calibration uses 256 CIFAR-10 training images and the SNN/ANN agreement 200 others
 (``../shared/data/cifar10/train``, resized to the model's input, file k of every class in turn: random-weight
-models make the labels meaningless, so only agreement is reported). λ is fixed (``--scale``, no search): this table is about coverage; fidelity on trained models
-is in docs/zoo.md's second table.
+models make the labels meaningless, so only agreement is reported). λ is fixed (``--scale``, no search): this
+table is about coverage; fidelity on trained models is in docs/zoo.md's second table.
 
 Columns: convert (capture, calibration), agreement (top-1 SNN vs ANN on the reference interpreter),
 energy ratio (paper convention, cmos45), ONNX (top-1 agreement with the torch SNN, and the share of spike

@@ -14,7 +14,7 @@ aten = torch.ops.aten
 def scaled_dot_product_attention(b, n):
     q, k, v = (b.ir(a) for a in n.args[:3])
     kw = dict(n.kwargs)
-    for name, a in zip(["attn_mask", "dropout_p", "is_causal", "scale"], n.args[3:]):
+    for name, a in zip(["attn_mask", "dropout_p", "is_causal", "scale"], n.args[3:], strict=False):
         kw[name] = a
     if kw.get("attn_mask") is not None or kw.get("is_causal"):
         raise Unsupported("attention masks and causal attention are not supported yet")

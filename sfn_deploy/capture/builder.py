@@ -15,7 +15,7 @@ need no rule of their own.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.export import ExportedProgram

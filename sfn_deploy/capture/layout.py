@@ -189,7 +189,7 @@ def getitem(b, n):
         return select(b, n, x, src.meta["_sfn_unbind_dim"], i, meta_shape(n))
     if src.name in b.tuples:
         return b.tuples[src.name][i]
-    if i == 0 and src.name in b.env and src.name not in b.tuples:     # batch norm's (out, mean, invstd), max pool's (out, indices)
+    if i == 0 and src.name in b.env:     # batch norm's (out, mean, invstd), max pool's (out, indices)
         return b.ir(src)
     raise Unsupported("tuple output the converter cannot follow")
 
