@@ -1174,8 +1174,10 @@ class NirBackend:
     def parity_info(self, options: dict | None) -> dict:
         return {}
 
-    def export(self, model: ConvertedModel, path: str, *, partial: bool = False, **_other) -> dict:
-        return export_nir_partial(model, path) if partial else export_nir(model, path)
+    def export(self, model: ConvertedModel, path: str, *, partial: bool = False, max_size: float | None = None,
+               **_other) -> dict:
+        limit = None if max_size is None else int(max_size * 2 ** 30)
+        return export_nir_partial(model, path, limit) if partial else export_nir(model, path, limit)
 
     def describe_export(self, info: dict) -> str:
         if info.get("partial"):

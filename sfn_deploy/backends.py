@@ -73,7 +73,7 @@ BACKENDS: dict[str, Entry] = {e.name: e for e in (
     Entry("onnx", "standard ONNX operators run by onnxruntime", "sfn_deploy.exporters.onnx",
           ("levels", "ann", "opset")),
     Entry("nir", "a NIR graph read back and run by nirtorch (partial: NIR regions plus host nodes)",
-          "sfn_deploy.exporters.nir", ("partial",)),
+          "sfn_deploy.exporters.nir", ("partial", "max_size")),
     Entry("lava", "Lava processes on Loihi2SimCfg (graded or channel lowering, floating or fixed point)",
           "sfn_deploy.exporters.lava", ("lowering", "data")),
 )}

@@ -382,12 +382,15 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
 @click.option("--partial", is_flag=True,
               help="NIR: write the largest NIR-expressible regions and describe the host-side remainder "
                    "(softmax, LayerNorm, activation products, ...) in the file's metadata (docs/nir.md).")
+@click.option("--max-size", type=_FiniteRange(min=0.001), default=None, metavar="GIB",
+              help="NIR: refuse an export whose tiled weights and thresholds would exceed this many GiB "
+                   "(estimated before anything is built; default 1.5; the export peaks at about 3-4x this).")
 @click.option("--lowering", type=click.Choice(["graded", "channels"]), default="graded",
               help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1).")
 @click.option("--data", default=None, help="Lava: data whose range sets the fixed-point input encoding "
               "(default: the calibration range recorded at conversion).")
 @command
-def export_cmd(converted, target, output, levels, ann, opset, partial, lowering, data, as_json):
+def export_cmd(converted, target, output, levels, ann, opset, partial, max_size, lowering, data, as_json):
     """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
     from .backends import BACKENDS, get_exporter, takes
     from .data import data_paths
@@ -397,13 +400,16 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, lowering,
     accepts = BACKENDS[target].export_options or ()
     if partial and "partial" not in accepts:
         raise UserError(f"--partial applies to --target {', '.join(takes('partial'))} only (got --target {target})")
+    if max_size is not None and "max_size" not in accepts:
+        raise UserError(f"--max-size applies to --target {', '.join(takes('max_size'))} only (got --target {target})")
     exporter = get_exporter(target)
     path = os.path.splitext(converted)[0] + "." + target if output is None else output
     check_output(path, [converted, *data_paths(data)], folder=exporter.writes_folder)
     model = load(converted)
     if (levels or ann) and "levels" not in accepts:
         raise UserError(f"--levels and --ann apply to --target {', '.join(takes('levels'))} only")
-    options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "lowering": lowering}
+    options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "max_size": max_size,
+               "lowering": lowering}
     if "data" in accepts:       # the range of --data sets the fixed-point input encoding
         from .data import load_data
         options["input_abs_max"] = (float(load_data(data).x.abs().max()) if data is not None

@@ -362,6 +362,10 @@ def test_export_partial_cli(mnist_vit_snn, tmp_path):
     assert info["partial"] is True and info["bytes"] == out.stat().st_size
     assert all({"name", "nodes", "inputs", "outputs"} <= set(r) for r in info["regions"])
     assert all({"name", "op", "inputs", "shape", "reads", "feeds"} <= set(h) for h in info["host_nodes"])
+    r = cli("export", "--target", "nir", model, "--partial", "-o", tmp_path / "q.nir", "--max-size", 0.001)
+    assert r.exit_code == 2 and "over the 0.0 GiB limit" in r.stderr and not (tmp_path / "q.nir").exists()
+    r = cli("export", "--target", "onnx", model, "--max-size", 1)
+    assert r.exit_code == 2 and "--max-size applies to --target nir only" in r.stderr
     r = cli("export", "--target", "nir", model, "--partial", "-o", out)
     assert r.exit_code == 0
     for h in info["host_nodes"]:                          # the printed summary names every host node
