@@ -1,0 +1,113 @@
+"""The interpreter's extension points: overridable hooks, typed events, registered neuron kinds, the op
+table and the per-node caches of the fire rule."""
+import gc
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sfn_deploy import ops
+from sfn_deploy.capture import capture
+from sfn_deploy.ir import OPS
+from sfn_deploy.neurons import NODE_CACHE, level_table, level_values, signed_table
+from sfn_deploy.passes import configure, insert_sfn
+from sfn_deploy.simulators import interpreter
+from sfn_deploy.simulators.interpreter import (
+    AnnInterpreter,
+    Event,
+    Observer,
+    SnnInterpreter,
+    register_neuron_kind,
+    run,
+)
+
+
+def _graph():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.rand(8, 3) * 3
+    g = insert_sfn(capture(m, x[:4]))
+    for s in g.sites:
+        s.attrs.update(theta_pos=1.0, theta_neg=1.0, o_max=1.0)
+        configure(s, 0.5)
+    return m, g, x
+
+
+def test_ir_ops_is_the_op_table():
+    assert OPS == {name: (spec.kind, spec.description) for name, spec in ops.TABLE.items()}
+    assert all(spec.impl is not None for spec in ops.TABLE.values() if spec.kind not in ("io", "neuron"))
+
+
+def test_call_op_hook_sees_every_non_neuron_op_and_changes_nothing():
+    m, g, x = _graph()
+    seen = []
+
+    class Tracing(AnnInterpreter):
+        def call_op(self, node, args):
+            seen.append(node.op)
+            return super().call_op(node, args)
+    with torch.no_grad():
+        assert torch.equal(Tracing(g).run(x), run(g, x, spiking=False))
+        assert torch.allclose(run(g, x, spiking=False), m(x), atol=1e-6)
+    assert seen == [n.op for n in g.nodes if n.kind not in ("io", "neuron")]
+
+
+def test_observers_get_typed_events_with_positions_at_the_sites():
+    _, g, x = _graph()
+    events: list[Event] = []
+
+    class Keep(Observer):
+        def __call__(self, event):
+            events.append(event)
+    y = run(g, x, hook=Keep())
+    assert [e.node.name for e in events] == [n.name for n in g.nodes]
+    assert torch.equal(events[-1].out, y)
+    for e in events:
+        assert (e.position is not None) == (e.node.op == "sfn")
+        assert e.t is None and not e.static and e.mbe is None
+        if e.position is not None:
+            assert e.extra().keys() == {"position"}
+            levels = signed_table(e.node)[e.position.long()]
+            assert torch.equal(e.out, level_values(e.node, levels))
+
+
+def test_a_registered_neuron_kind_runs_before_the_sfn_rule(monkeypatch):
+    _, g, x = _graph()
+    monkeypatch.setattr(interpreter, "NEURON_KINDS", list(interpreter.NEURON_KINDS))
+    monkeypatch.setattr(SnnInterpreter, "kinds", interpreter.NEURON_KINDS)
+    register_neuron_kind("double", lambda node: node.op == "sfn", lambda node, args: (2 * args[0], {"mbe": {"n": 1}}))
+    seen = []
+
+    class Keep(Observer):
+        def __call__(self, event):
+            if event.node.op == "sfn":
+                seen.append(event.mbe)
+    with torch.no_grad():
+        y = SnnInterpreter(g, Keep()).run(x)
+    ann = AnnInterpreter(g)
+    ann.fire = lambda node, args, event: 2 * args[0]        # what the kind computes, through the ANN's hook
+    with torch.no_grad():
+        assert torch.equal(y, ann.run(x))
+    assert seen == [{"n": 1}] * len(g.sites)
+
+
+def test_level_table_cache_follows_configure_and_the_node_lifetime():
+    _, g, _ = _graph()
+    site = g.sites[0]
+    first = level_table(site)
+    assert level_table(site) is first                        # cached
+    configure(site, 0.25)                                    # new params: rebuilt
+    again = level_table(site)
+    assert again is not first and torch.equal(again, level_values(site, signed_table(site)))
+    key = id(site)
+    assert key in NODE_CACHE._entries
+    del g, site
+    gc.collect()
+    assert key not in NODE_CACHE._entries
+
+
+def test_unknown_op_is_named():
+    _, g, x = _graph()
+    node = g.nodes[1]
+    with pytest.raises(NotImplementedError, match="op table"):
+        ops.apply(type(node)("n", "input", [], {}, {}, [1], 0), [x], g, 1)
