@@ -34,7 +34,7 @@ def _graph():
 
 
 def test_ir_ops_is_the_op_table():
-    assert OPS == {name: (spec.kind, spec.description) for name, spec in ops.TABLE.items()}
+    assert {name: (spec.kind, spec.description) for name, spec in ops.TABLE.items()} == OPS
     assert all(spec.impl is not None for spec in ops.TABLE.values() if spec.kind not in ("io", "neuron"))
 
 
