@@ -87,7 +87,8 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
     Returns ``outputs`` (N, *output_shape), and per SFN site (when ``record``) ``levels`` and
     ``pre`` (membrane: float, or integer in fixed point with its ``scale``), ``counts`` (fixed
     point: accumulator overflows and membrane saturations per neuron block, wraps per conv, and their
-    totals ``overflows`` and ``saturations``), and ``timings``. The run happens in a subprocess in its own process group, killed on timeout.
+    totals ``overflows`` and ``saturations``), and ``timings``. The run happens in a subprocess in its own
+    process group, killed on timeout.
 
     The bundle is checked here (checksum, structure) before the subprocess starts; the worker runs it only
     if it still has the checksum checked here."""
@@ -115,7 +116,7 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 raise UserError(f"Lava run timed out after {timeout:.0f} s ({n} samples, {steps} steps); "
-                                "the simulation was killed")
+                                "the simulation was killed") from None
             finally:
                 _kill_group(proc)                       # Lava's forked children, whatever happened
         wall = time.perf_counter() - t0

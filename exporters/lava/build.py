@@ -101,7 +101,7 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
     from lava.proc.dense.process import Dense
     from lava.proc.sparse.process import Sparse
 
-    from .procs.processes import HostOp, SFNConv, SFNNeuron
+    from .procs.processes import SFNConv, SFNNeuron, host_process
 
     fixed = plan.precision == "fixed_pt"
     tap = (lambda name: os.path.join(tap_dir, name)) if tap_dir else (lambda name: None)
@@ -137,10 +137,11 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
         else:
             program = {"inputs": a["inputs"], "outputs": a["outputs"], "nodes": a["nodes"], "sites": a["sites"],
                        "lattice": a["lattice"], "arrays": dict(arr)}
-            procs[b.name] = HostOp(in_sizes=[s["size"] for s in a["inputs"]],
-                                   out_sizes={o["port"]: o["size"] for o in a["outputs"]}, program=program,
-                                   tap=tap("output") if b.name == plan.output_block else None, steps=steps,
-                                   name=b.name)
+            width = max([len(a["inputs"]), *(int(o["port"].removeprefix("h")[3:]) + 1 for o in a["outputs"])])
+            procs[b.name] = host_process(width)(
+                in_sizes=[s["size"] for s in a["inputs"]], out_sizes={o["port"]: o["size"] for o in a["outputs"]},
+                program=program, tap=tap("output") if b.name == plan.output_block else None, steps=steps,
+                name=b.name)
     for c in plan.connections:
         port = c["src_port"]
         if neuron == "lif" and plan.block(c["src"]).kind == "neuron":

@@ -16,7 +16,7 @@ import torch
 
 from ...ir import Graph, Node
 from ...ops import apply
-from .plan import LATTICE_OPS, ACC_BITS
+from .plan import ACC_BITS, LATTICE_OPS
 
 _LIM = (1 << (ACC_BITS - 1)) - 1
 
@@ -27,7 +27,8 @@ class HostRunner:
         self.inputs, self.outputs = program["inputs"], program["outputs"]
         self.sites = program["sites"]                 # site -> steps, table, n_pos, n_neg
         self.lattice = dict(program["lattice"])       # value -> site whose levels it carries
-        self.nodes = [Node.from_dict({**d, "params": {k: torch.from_numpy(np.asarray(program["arrays"][f"{d['name']}.{k}"]))
+        arrays = program["arrays"]
+        self.nodes = [Node.from_dict({**d, "params": {k: torch.from_numpy(np.asarray(arrays[f"{d['name']}.{k}"]))
                                                     for k in d["params"]}}) for d in program["nodes"]]
         stubs = [Node(s["value"], "input", shape=list(s["shape"]), bdim=s.get("bdim", 0)) for s in self.inputs
                  if s["value"] not in {n.name for n in self.nodes}]
@@ -82,7 +83,7 @@ class HostRunner:
 
     def step(self, received: list, time_step: int) -> list:
         env: dict = {}
-        for spec, x, fifo in zip(self.inputs, received, self.fifos):
+        for spec, x, fifo in zip(self.inputs, received, self.fifos, strict=True):
             if spec["delay"]:
                 fifo.append(np.array(x, copy=True))
                 x = fifo.popleft()

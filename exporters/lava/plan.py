@@ -40,9 +40,14 @@ PRECISIONS = ("floating_pt", "fixed_pt")
 WEIGHT_BITS = 8
 ACC_BITS = 24
 INPUT_BITS = 8
-MAX_HOST_PORTS = 6        # of each kind on a HostOp (procs.processes.MAX_PORTS)
+MAX_HOST_PORTS = 256      # of each kind on a HostOp (procs.processes.MAX_PORTS)
 LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
                 "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
+FOLD_POOLS = {"avg_pool2d", "adaptive_avg_pool2d", "mean", "sum"}   # linear in the levels: foldable into weights
+FOLD_LAYOUT = {"flatten", "reshape", "squeeze"}                     # between such a pool and a linear layer
+_SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat"}
+_UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
+_SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
 
 
 @dataclass
@@ -139,6 +144,8 @@ class _Lowering:
         self.input_like: set = set()
         self.core_pools: set = set()           # channel lowering: max pools done on cores (see _find_core_pools)
         self.aliases: set = set()              # flattens between such a pool and its synaptic layers
+        self.folds: dict[str, str] = {}        # average pools of a site's spikes folded into linear layers -> site
+        self.bounds: dict[str, float | None] = {}  # value -> bound on |value| (None: not derived)
 
     # graph facts
     def cls(self, n: Node) -> str:
@@ -146,6 +153,8 @@ class _Lowering:
             return "pool"
         if n.name in self.aliases:
             return "alias"
+        if n.name in self.folds:
+            return "fold"
         if n.op in ("linear", "conv2d"):
             return "synapse"
         if n.op == "sfn":
@@ -182,9 +191,109 @@ class _Lowering:
                 self.core_pools.add(n.name)
                 self.aliases.update(chain)
 
+    def _find_folds(self) -> None:
+        """Average pooling (global means and sums too) of a site's spikes is an integer-weighted sum of the
+        levels: where only linear layers read it (through flattens/reshapes keeping the batch axis first),
+        it is folded into their weights, W' = W·P (P the pooling), and those layers read the site's spikes
+        on the cores: no host work, exact (up to the weights' quantisation). Each pre-pool spike then
+        carries the pooled position's full fan-out (see :func:`pool_event_counts`)."""
+        g = self.g
+
+        def reaches_linear(u: Node, chain: list) -> bool:
+            if u.op == "linear" and len(u.shape) == 2 and u.bdim == 0:
+                return True
+            if u.op in FOLD_LAYOUT and u.bdim == 0 and self.users[u.name]:
+                chain.append(u.name)
+                return all(reaches_linear(v, chain) for v in self.users[u.name])
+            return False
+        for n in g:
+            if n.op not in FOLD_POOLS or n.bdim != 0 or not n.inputs or g[n.inputs[0]].op != "sfn":
+                continue
+            chain: list = []
+            if self.users[n.name] and all(reaches_linear(u, chain) for u in self.users[n.name]):
+                for name in (n.name, *chain):
+                    self.folds[name] = n.inputs[0]
+
+    def bound(self, n: Node) -> float | None:
+        """A bound on |value| of node n, derived from the graph (the bounds of its inputs, known already):
+        spikes are level × step (the site's largest level times its step), the input has its calibration
+        range, a synaptic layer's output is bounded by its weights' absolute row sums times its input's
+        bound plus the bias, a sum of values by the sum of their bounds, a mean or a layout op keeps its
+        input's, a normalisation is bounded by its own parameters. None where it is not derived (an op
+        not listed here, or an input without a bound)."""
+        op, a, p = n.op, n.attrs, n.params
+        ins = [self.bounds.get(i) for i in n.inputs]
+        b0 = ins[0] if ins else None
+        if op == "input":
+            return float(self.input_abs_max) if self.input_abs_max else None
+        if op == "constant":
+            return float(p["value"].abs().max()) if p["value"].numel() else 0.0
+        if op in _UNIT_BOUND:
+            return 1.0
+        if op == "sfn":
+            _, bneg, table, steps = _site_arrays(n)
+            npos = int(p["bounds_pos"].numel())
+            return float(max(table[npos] * steps[0], table[bneg.size] * steps[1] if bneg.size else 0.0))
+        if op in ("layer_norm", "group_norm", "batch_norm"):
+            return self._norm_bound(n, b0)
+        if op == "hardtanh":
+            top = max(abs(a["min_val"]), abs(a["max_val"]))
+            return top if b0 is None else min(b0, top)
+        if any(b is None for b in ins):
+            return None
+        return self._arith_bound(n, ins)
+
+    def _arith_bound(self, n: Node, ins: list) -> float | None:
+        """bound() of an op whose inputs all have bounds."""
+        op, a, p = n.op, n.attrs, n.params
+        b0 = ins[0] if ins else 0.0
+        if op in ("linear", "conv2d"):
+            w = p["weight"].double().abs()
+            rows = w.reshape(w.shape[0], -1).sum(1).max().item() if w.numel() else 0.0
+            bias = p.get("bias")
+            return rows * b0 + (float(bias.abs().max()) if bias is not None and bias.numel() else 0.0)
+        if op in _SAME_BOUND:
+            return max(ins)
+        if op in _SMALL_NEGATIVE:
+            return max(b0, _SMALL_NEGATIVE[op])
+        if op == "pad":
+            return max(b0, abs(float(a.get("value", 0.0))))
+        if op in ("add", "sub"):
+            other = ins[1] if len(ins) > 1 else abs(float(a["other"]))
+            return b0 + abs(float(a.get("alpha", 1))) * other
+        if op == "mul":
+            return b0 * (ins[1] if len(ins) > 1 else abs(float(a["other"])))
+        if op == "div" and len(ins) == 1 and float(a["other"]) != 0:
+            return b0 / abs(float(a["other"]))
+        if op in ("sum", "vector_norm"):
+            m = _numel(self.g[n.inputs[0]].shape[1:]) / max(_numel(n.shape[1:]), 1)
+            return b0 * (math.sqrt(m) if op == "vector_norm" and a.get("ord", 2) == 2 else m)
+        if op == "matmul":
+            return ins[0] * ins[1] * int(self.g[n.inputs[0]].shape[-1])
+        return None
+
+    def _norm_bound(self, n: Node, b0: float | None) -> float | None:
+        """Normalised entries: LayerNorm/GroupNorm over m values give |x̂| ≤ √(m−1), then the affine
+        parameters; inference BatchNorm is an affine map per channel of its input's bound."""
+        a, p = n.attrs, n.params
+        w, bias = p.get("weight"), p.get("bias")
+        wmax = float(w.abs().max()) if w is not None and w.numel() else 1.0
+        bmax = float(bias.abs().max()) if bias is not None and bias.numel() else 0.0
+        if n.op == "batch_norm":
+            if b0 is None:
+                return None
+            scale = (w.double() if w is not None else 1.0) / (p["running_var"].double() + a["eps"]).sqrt()
+            shift = (bias.double() if bias is not None else 0.0) - p["running_mean"].double() * scale
+            return b0 * float(scale.abs().max()) + float(shift.abs().max())
+        shape = self.g[n.inputs[0]].shape
+        m = _numel(a["normalized_shape"]) if n.op == "layer_norm" else _numel(shape[1:]) // a["num_groups"]
+        return math.sqrt(max(m - 1, 1)) * wmax + bmax
+
     def analyse(self) -> None:
         self._find_core_pools()
+        self._find_folds()
         for n in self.g:
+            self.bounds[n.name] = self.bound(n)
             if n.op == "constant":
                 continue
             ins = [self.stage[i] for i in n.inputs if i in self.stage]
@@ -256,7 +365,7 @@ class _Lowering:
                 self.synapse(n)
             elif c == "pool":
                 self.core_pool(n)
-            elif c == "alias":
+            elif c in ("alias", "fold"):
                 self.block_of[n.name] = self.block_of[n.inputs[0]]
         out = self.add(Block("output", "host", self.stage[out_node.name], ir=[]))
         host_blocks["output"] = out
@@ -349,6 +458,9 @@ class _Lowering:
     # -- synapses
     def _spike_source(self, value: str):
         """(site, producer block, ports) feeding a synaptic layer with spikes, or None for analog input."""
+        if value in self.folds:            # pooled spikes folded into the weights: the site's own spikes
+            site = self.g[self.folds[value]]
+            return site, self.block_of[site.name], ("s_pos", "s_neg")
         site_name = self.lattice.get(value)
         if site_name is None:
             return None
@@ -369,6 +481,9 @@ class _Lowering:
                             "must read spikes or a host value")
         token_dims = n.op == "linear" and len(n.shape) > 2
         in_n = _numel(self.g[x].shape)
+        if x in self.folds:
+            w = self._folded_weight(w, x)
+            in_n = _numel(self.g[self.folds[x]].shape)
         parts = self._weight_parts(w, spikes)
         kind = "conv" if n.op == "conv2d" else "sparse" if token_dims else "dense"
         self._check_synapse(n, kind, spikes)
@@ -377,7 +492,7 @@ class _Lowering:
         procs = [(pol, m, e, 0, None) for pol, m in parts]
         if self.fixed and spikes is not None and self.lowering == "channels":
             procs, e = self._exponent_groups(parts, w.shape[1])
-        scale_in = self._input_scale(parts, e) if spikes is None and self.fixed else 1.0
+        scale_in = self._input_scale(parts, e, float(self.bounds[x] or 1.0)) if spikes is None and self.fixed else 1.0
         self.acc_scale[n.name] = scale_in * 2.0 ** e
         tokens = _numel(n.shape[1:-1]) if token_dims else 1
         for k, (pol, m, e_q, shift, ids) in enumerate(procs):
@@ -420,6 +535,29 @@ class _Lowering:
                                  self._from_conv_view(blk))
         self.block_of[n.name] = f"{kind}_{n.name}"
 
+    def _folded_weight(self, w: np.ndarray, x: str) -> np.ndarray:
+        """W·P: the linear layer's weights (out, in) composed with the pooling (and flattens) P from the
+        site's spikes to its input x: each row is P's adjoint applied to the row (one vector-Jacobian
+        product per row, float64; the pooling's own torch kernels, so any pooling the op table has)."""
+        import torch
+
+        from ...ops import apply
+        site = self.g[self.folds[x]]
+        chain = []
+        v = self.g[x]
+        while v.name != site.name:
+            chain.append(v)
+            v = self.g[v.inputs[0]]
+        chain.reverse()
+
+        def pooled(z):
+            for node in chain:
+                z = apply(node, [z], self.g, 1)
+            return z.reshape(-1)
+        _, vjp = torch.func.vjp(pooled, torch.zeros((1, *site.shape[1:]), dtype=torch.float64))
+        rows = torch.func.vmap(vjp)(torch.from_numpy(np.ascontiguousarray(w, np.float64)))[0]
+        return rows.reshape(w.shape[0], -1).numpy()
+
     def _weight_parts(self, w: np.ndarray, spikes) -> list:
         """(polarity, weight matrix or kernel) per process: one analog part, or one per polarity of the input
         site (graded: the weights times the site's step; channels: one copy per threshold channel)."""
@@ -436,6 +574,8 @@ class _Lowering:
             else:                   # channel g of the site is worth (y_g − y_{g−1})·step
                 incs = dy[:nb] * step * sign
                 parts.append((pol, np.concatenate([w * i for i in incs], axis=1)))
+        if not parts:       # a site with no threshold (never calibrated, e.g. a branch that saw no data) never
+            parts.append(("pos", np.zeros_like(w)))   # fires: zero synapses keep its consumer's input connected
         return parts
 
     def _check_synapse(self, n: Node, kind: str, spikes) -> None:
@@ -445,18 +585,29 @@ class _Lowering:
         if kind == "conv" and self.lowering == "channels" and n.attrs.get("groups", 1) != 1 and spikes is not None:
             raise UserError(f"Lava export: grouped convolution {n.name} with the channel lowering is not supported")
         if spikes is None and self.fixed:
-            if x not in self.input_like:
-                raise UserError(f"Lava export (fixed point): {n.name} reads an analog value ({x}) that is neither the "
-                                "network input nor spikes; its integer range is unknown. Use --precision floating_pt")
-            if not self.input_abs_max:
+            if x in self.input_like and not self.input_abs_max:
                 raise UserError("Lava export (fixed point): the input's range is needed to encode it in "
                                 f"{INPUT_BITS} bits; pass --data")
+            if not self.bounds.get(x):
+                why = self._unbounded(x)
+                raise UserError(f"Lava export (fixed point): {n.name} reads an analog value ({x}) whose integer range "
+                                f"is not derived ({why}). Use --precision floating_pt")
 
-    def _input_scale(self, parts, e: int) -> float:
-        """Fixed point, analog input: as many input bits as the 24-bit accumulator allows (≥ 8)."""
+    def _unbounded(self, x: str) -> str:
+        """Why value x has no bound: the first node on its path whose range is not derived."""
+        v = self.g[x]
+        while True:
+            nxt = next((self.g[i] for i in v.inputs if not self.bounds.get(i)), None)
+            if nxt is None:
+                return f"{v.name} is {v.op}" + (", whose bound is zero" if self.bounds.get(v.name) == 0 else "")
+            v = nxt
+
+    def _input_scale(self, parts, e: int, abs_max: float) -> float:
+        """Fixed point, analog input (the network input, or a host value with a derived bound abs_max):
+        as many input bits as the 24-bit accumulator allows (≥ 8, ≤ 16)."""
         row = max(float(np.abs(quantise(m, e)).reshape(m.shape[0], -1).sum(1).max()) for _, m in parts)
         levels = max(2 ** (INPUT_BITS - 1) - 1, min(2 ** 15 - 1, int((2 ** (ACC_BITS - 1) - 1) // max(row, 1))))
-        return 2.0 ** math.ceil(math.log2(self.input_abs_max / levels))
+        return 2.0 ** math.ceil(math.log2(abs_max / levels))
 
     @staticmethod
     def _exponent_groups(parts, per: int):
@@ -607,7 +758,8 @@ class _Lowering:
     def _append_output(self, outputs, spec, blk, view, n, dsts=None):
         dsts = dsts or [(blk.name, "s_in", view)]
         for o in outputs:
-            if o["value"] == spec["value"] and o["encode"] == spec["encode"] and o.get("neuron") == spec.get("neuron"):
+            if o["value"] == spec["value"] and o["encode"] == spec["encode"] and o.get("neuron") == spec.get("neuron") \
+                    and o.get("scale") == spec.get("scale"):       # two layers reading one value at two scales
                 o["_conn"].extend(dsts)
                 return
         size = _numel(n.shape)

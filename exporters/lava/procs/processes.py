@@ -24,6 +24,8 @@ parity harness read every layer without sink processes.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from lava.magma.core.decorator import implements, requires, tag
 from lava.magma.core.model.py.model import PyLoihiProcessModel
@@ -36,7 +38,8 @@ from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 from lava.proc.conv.process import Conv
 
-MAX_PORTS = 6            # host blocks have at most this many input and output ports
+MAX_PORTS = 256          # host blocks have at most this many ports of each kind (in, out, hout)
+HOST_WIDTHS = (6, 16, 64, MAX_PORTS)   # HostOp, HostOp16, HostOp64, HostOp256: ports of each kind
 ACC_BITS = 24            # Loihi's membrane / dendritic accumulator width
 
 
@@ -288,13 +291,20 @@ class HostOp(AbstractProcess):
     each input (aligning paths of different synaptic depth), which converted-graph nodes to
     evaluate, and how to encode each output port (values, or integers at a given scale)."""
 
+    width = HOST_WIDTHS[0]      # ports of each kind; wider blocks are the subclasses HostOp16, HostOp64, ...
+
     def __init__(self, *, in_sizes, out_sizes, program, tap=None, steps=0, name=None):
         """in_sizes: sizes of in0, in1, ...; out_sizes: {port name: size} for the out{i} ports (to the
-        chip: integers in fixed point) and hout{i} ports (to other host blocks: always float)."""
-        if len(in_sizes) > MAX_PORTS or len(out_sizes) > 2 * MAX_PORTS:
-            raise ValueError(f"a host block has at most {MAX_PORTS} input ports and {MAX_PORTS} of each output kind")
+        chip: integers in fixed point) and hout{i} ports (to other host blocks: always float). The process
+        has ``width`` ports of each kind (Lava wants a model to type exactly its process's ports, so a
+        model's port count is fixed); the unused ones have size 1 and stay unconnected."""
+        k = self.width
+        ports = [re.fullmatch(r"(out|hout)([0-9]+)", p) for p in out_sizes]
+        if len(in_sizes) > k or any(m is None or int(m.group(2)) >= k for m in ports):
+            raise ValueError(f"{type(self).__name__} has {k} input ports and {k} of each output kind; use "
+                             "host_process(...) for the class that fits")
         super().__init__(program=program, tap=tap, steps=int(steps), name=name)
-        for i in range(MAX_PORTS):
+        for i in range(k):
             setattr(self, f"in{i}", InPort(shape=(int(in_sizes[i]) if i < len(in_sizes) else 1,)))
             for kind in ("out", "hout"):
                 setattr(self, f"{kind}{i}", OutPort(shape=(int(out_sizes.get(f"{kind}{i}", 1)),)))
@@ -320,29 +330,38 @@ class _HostModel(PyLoihiProcessModel):
             p.send(o)
 
 
-def _host_ports(model, dtype):
-    for i in range(MAX_PORTS):
+def _host_ports(model, dtype, width: int) -> None:
+    for i in range(width):
         setattr(model, f"in{i}", LavaPyType(PyInPort.VEC_DENSE, dtype))
         setattr(model, f"out{i}", LavaPyType(PyOutPort.VEC_DENSE, dtype))
         setattr(model, f"hout{i}", LavaPyType(PyOutPort.VEC_DENSE, float))
 
 
-@implements(proc=HostOp, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("floating_pt")
-class PyHostOpFloat(_HostModel):
-    """Float ports everywhere."""
+def _host_models(proc: type, width: int, suffix: str = "") -> None:
+    """The floating_pt model (float ports everywhere) and the fixed_pt model (integer ports: what the host
+    sends to the chip is integer payloads) of a HostOp class with ``width`` ports of each kind, defined in
+    this module (Lava finds models among the classes of the process's module)."""
+    for tag_name, dtype, kind in (("floating_pt", float, "Float"), ("fixed_pt", np.int32, "Fixed")):
+        model = type(f"PyHostOp{suffix}{kind}", (_HostModel,), {"__module__": __name__, "__doc__": (
+            "Float ports everywhere." if kind == "Float" else "Integer ports to the chip.")})
+        _host_ports(model, dtype, width)
+        model = implements(proc=proc, protocol=LoihiProtocol)(requires(CPU)(tag(tag_name)(model)))
+        globals()[model.__name__] = model
 
 
-@implements(proc=HostOp, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("fixed_pt")
-class PyHostOpFixed(_HostModel):
-    """Integer ports: what the host sends to the chip is integer payloads."""
+_host_models(HostOp, HOST_WIDTHS[0])
+for _w in HOST_WIDTHS[1:]:
+    globals()[f"HostOp{_w}"] = type(f"HostOp{_w}", (HostOp,), {"__module__": __name__, "width": _w, "__doc__": (
+        f"A HostOp with {_w} ports of each kind (a host block with many inputs: DenseNet's concatenations).")})
+    _host_models(globals()[f"HostOp{_w}"], _w, str(_w))
 
 
-_host_ports(PyHostOpFloat, float)
-_host_ports(PyHostOpFixed, np.int32)
+def host_process(n_ports: int) -> type:
+    """The narrowest HostOp class with at least n_ports ports of each kind."""
+    for w in HOST_WIDTHS:
+        if n_ports <= w:
+            return HostOp if w == HOST_WIDTHS[0] else globals()[f"HostOp{w}"]
+    raise ValueError(f"a host block has at most {MAX_PORTS} ports of each kind, not {n_ports}")
 
 
 # -- data source --------------------------------------------------------------------------------------------
