@@ -68,7 +68,7 @@ def throughput(args) -> dict:
 def accuracy(args) -> dict:
     from sfn_deploy.data import load_data
     from sfn_deploy.exporters.lava import export_lava, run_lava
-    from sfn_deploy.runtime import run_with_levels
+    from sfn_deploy.simulators.interpreter import run_with_levels
     data = load_data(f"mnist:{MNIST}:8000:{8000 + args.samples}")
     y = data.y.numpy()
     out = {}

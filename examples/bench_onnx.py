@@ -40,7 +40,7 @@ import torch.nn as nn
 from sfn_deploy import convert, load_data, load_model
 from sfn_deploy.exporters import onnx as onnx_exporter
 from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
-from sfn_deploy.runtime import run, run_with_levels
+from sfn_deploy.simulators.interpreter import run, run_with_levels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

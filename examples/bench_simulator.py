@@ -30,7 +30,7 @@ import torch
 
 from sfn_deploy import convert, load_data, load_model
 from sfn_deploy.evaluation import measure
-from sfn_deploy.runtime import run
+from sfn_deploy.simulators.interpreter import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     every = torch.get_num_threads()
     settings = list(dict.fromkeys(every if t.strip() == "all" else int(t) for t in args.threads.split(",")))
-    import sfn_deploy.firegrid as firegrid
+    import sfn_deploy.simulators.firegrid as firegrid
     t0 = time.perf_counter()
     cached = os.path.exists(firegrid.cache_path())
     lib = firegrid.native()

@@ -154,7 +154,7 @@ def one(name: str, scale: float, samples: int) -> dict:
 def _onnx(converted, test) -> str:
     try:
         from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
-        from sfn_deploy.runtime import run_with_levels
+        from sfn_deploy.simulators.interpreter import run_with_levels
         logits, levels = OnnxRunner(to_onnx(converted, levels=True), threads=1).run_with_levels(test.x)
         ref, ref_levels = run_with_levels(converted.graph, test.x)
         top1 = 100.0 * float((torch_tensor(logits).argmax(-1) == ref.argmax(-1)).float().mean())

@@ -988,7 +988,7 @@ def load_nir(path_or_graph, dt: float | None = None) -> NirModule:
 
 class PartialModule(torch.nn.Module):
     """A partial NIR export run end to end: each region by nirtorch (:func:`nir_node_map`), each host node
-    with the torch reference ops of :mod:`sfn_deploy.runtime`, in the order of the file's pipeline.
+    with the torch reference ops of :mod:`sfn_deploy.ops`, in the order of the file's pipeline.
     Everything comes from the file: its regions and its metadata (nothing from the converted model).
 
     ``module(x)`` → the network output; ``module(x, spikes=True)`` → (output, {site: binary channel

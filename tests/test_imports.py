@@ -11,9 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the op table, the fire rule, the interpreter and its modes, and the modules that run them
-EXECUTION = {"sfn_deploy.ir", "sfn_deploy.ops", "sfn_deploy.neurons", "sfn_deploy.runtime", "sfn_deploy.firegrid",
-             "sfn_deploy.mbe", "sfn_deploy.pmsm", "sfn_deploy.calibrate", "sfn_deploy.simulators.interpreter",
-             "sfn_deploy.simulators.firegrid", "sfn_deploy.simulators.temporal", "sfn_deploy.simulators.counting"}
+EXECUTION = {"sfn_deploy.ir", "sfn_deploy.ops", "sfn_deploy.neurons", "sfn_deploy.mbe", "sfn_deploy.pmsm",
+             "sfn_deploy.calibrate", "sfn_deploy.simulators.interpreter", "sfn_deploy.simulators.firegrid",
+             "sfn_deploy.simulators.temporal", "sfn_deploy.simulators.counting"}
 BASE = {"sfn_deploy.ir", "sfn_deploy.ops", "sfn_deploy.neurons"}
 ABOVE_SIMULATORS = ("sfn_deploy.convert", "sfn_deploy.calibrate", "sfn_deploy.tuning", "sfn_deploy.cli")
 

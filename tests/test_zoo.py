@@ -14,7 +14,7 @@ import zoo  # noqa: E402
 from sfn_deploy.convert import convert  # noqa: E402
 from sfn_deploy.data import Dataset  # noqa: E402
 from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx  # noqa: E402
-from sfn_deploy.runtime import run, run_with_levels  # noqa: E402
+from sfn_deploy.simulators.interpreter import run, run_with_levels  # noqa: E402
 
 # architectures refused at capture, with the reason they are refused (a test checks the message)
 REFUSED: dict[str, str] = {}
