@@ -290,3 +290,112 @@ def test_a_network_too_large_for_lavas_python_simulator_is_refused_before_buildi
     monkeypatch.setattr(b, "MAX_SYNAPSES", n - 1)
     with pytest.raises(UserError, match="Lava simulation refused"):
         b.build(plan)
+
+
+# -- CNN operations in fixed point: pooling folded, residual sums, host blocks with many inputs ---------------
+
+class _PoolResCatNet:
+    """Conv–ReLU, a residual sum, a concatenation of 8 branches (a host block with 8 input ports, more than
+    the 6 of a plain HostOp), average pooling read by a convolution and global pooling read by a linear
+    layer (both folded into the weights), on sklearn's 8×8 digits."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+                self.branches = nn.ModuleList(nn.Conv2d(8, 2, 1) for _ in range(8))
+                self.c3, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+            def forward(self, x):
+                h = torch.relu(self.c1(x))
+                h = torch.relu(self.c2(h) + h)
+                h = torch.relu(torch.cat([b(h) for b in self.branches], 1))
+                h = torch.relu(self.c3(nn.functional.avg_pool2d(h, 2)))
+                return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def pool_res_cat(digits):
+    return convert(_PoolResCatNet.build(), digits.limit(300), scale=0.3)
+
+
+def test_pooling_folds_into_weights_and_a_host_block_takes_many_inputs(pool_res_cat, digits, tmp_path):
+    """Average pooling of spikes runs on cores, folded into the next layer's weights (a convolution over the
+    unpooled map, a linear layer W·P); the residual sum and the 8-way concatenation stay on the host, the
+    latter in a HostOp with 8 input ports. Floating point reproduces the reference's levels exactly."""
+    snn = pool_res_cat
+    plan = lower(snn, "graded", "floating_pt")
+    assert plan.summary()["host_ops"] == ["add", "cat"]
+    cat = next(b for b in plan.blocks if "cat" in b.attrs.get("ops", []))
+    assert len(cat.attrs["inputs"]) == 8
+    conv3 = next(b for b in plan.blocks if b.kind == "conv" and b.attrs["layer"] == "conv2d_10")
+    assert conv3.attrs["input_shape"] == [8, 8, 16] and conv3.attrs["stride"] == [2, 2]   # over the 8×8 map
+    fc = next(b for b in plan.blocks if b.kind == "dense")
+    assert fc.arrays["weight"].shape == (10, 16 * 4 * 4)         # reads the 16×4×4 spikes: W·P
+    x = digits.x[300:330]
+    ref, lv = run_with_levels(snn.graph, x)
+    path = str(tmp_path / "b")
+    export_lava(snn, path, input_abs_max=1.0)
+    r = run_lava(path, x.numpy(), "floating_pt", record=True, timeout=300)
+    for site, levels in _levels(lv, len(x)).items():
+        assert np.array_equal(r["levels"][site], levels), site
+    assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4
+
+
+def test_fixed_point_cnn_with_pooling_residual_sum_and_concatenation(pool_res_cat, digits, tmp_path):
+    """Fixed point plans and runs: weights split into a coarse and a fine 8-bit synapse group where the
+    accumulator has room; predictions and levels close to the reference (8-bit weights: not bit-exact)."""
+    snn = pool_res_cat
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
+    halves = [b for b in plan.blocks if b.attrs.get("split")]
+    assert halves and {b.attrs["shift"] > 0 for b in halves} == {True, False}
+    assert all(np.abs(b.arrays["weight"]).max() <= (127 if b.kind == "conv" else 254) for b in halves)
+    x = digits.x[300:340]
+    ref, lv = run_with_levels(snn.graph, x)
+    path = str(tmp_path / "b")
+    export_lava(snn, path, input_abs_max=1.0)
+    r = run_lava(path, x.numpy(), "fixed_pt", record=True, timeout=300)
+    assert (r["outputs"].argmax(1) == ref.numpy().argmax(1)).mean() >= 0.9
+    ref_lv = _levels(lv, len(x))
+    assert np.mean([(r["levels"][s] == v).mean() for s, v in ref_lv.items()]) > 0.97
+    assert r["overflows"] == 0 and r["saturations"] == 0
+    # unsplit (one 8-bit group per layer) plans too, with fewer processes
+    from sfn_deploy.exporters.lava.plan import _Lowering
+    one = _Lowering(snn.graph, snn.input_shape, "graded", "fixed_pt", 1.0, split_weights=False).lower()
+    assert len(one.blocks) < len(plan.blocks) and not any(b.attrs.get("split") for b in one.blocks)
+
+
+def test_fixed_point_derives_the_range_of_an_analog_host_value(digits):
+    """A pooling that does not fold (overlapping windows) feeds a convolution from the host: its integer
+    range comes from the site's largest level × step, so fixed point plans instead of refusing."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = nn.functional.avg_pool2d(torch.relu(self.c1(x)), 3, 2, 1)        # 8×8 → 4×4, overlapping
+            return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+    torch.manual_seed(0)
+    snn = convert(Net().eval(), digits.limit(200), scale=0.3)
+    from sfn_deploy.exporters.lava.plan import _Lowering
+    low = _Lowering(snn.graph, snn.input_shape, "graded", "fixed_pt", 1.0)
+    plan = low.lower()
+    site = snn.sites[0]
+    top = float(site.params["table"][site.params["bounds_pos"].numel()] * site.params["steps"][0])
+    assert low.bounds["avg_pool2d"] == pytest.approx(top)
+    conv = next(b for b in plan.blocks if b.kind == "conv" and b.attrs["layer"] == "conv2d_1")
+    assert conv.attrs["polarity"] == "analog"
+    c = next(c for c in plan.connections if c["dst"] == conv.name)
+    enc = next(o for o in plan.block(c["src"]).attrs["outputs"] if o["port"] == c["src_port"])
+    assert enc["encode"] == "int" and 127 <= top / enc["scale"] < 2 ** 16    # 8 to 16 bits over the derived range

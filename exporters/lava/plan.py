@@ -123,7 +123,8 @@ def _numel(shape) -> int:
 
 
 class _Lowering:
-    def __init__(self, graph: Graph, input_shape, lowering: str, precision: str, input_abs_max: float | None):
+    def __init__(self, graph: Graph, input_shape, lowering: str, precision: str, input_abs_max: float | None,
+                 split_weights: bool = True):
         if lowering not in LOWERINGS:
             raise UserError(f"unknown Lava lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
         if precision not in PRECISIONS:
@@ -133,6 +134,7 @@ class _Lowering:
         self.fixed = precision == "fixed_pt"
         self.input_shape = list(input_shape)
         self.input_abs_max = input_abs_max
+        self.split_weights = split_weights
         self.blocks: list[Block] = []
         self.by_name: dict[str, Block] = {}
         self.conns: list[dict] = []
@@ -193,26 +195,51 @@ class _Lowering:
 
     def _find_folds(self) -> None:
         """Average pooling (global means and sums too) of a site's spikes is an integer-weighted sum of the
-        levels: where only linear layers read it (through flattens/reshapes keeping the batch axis first),
-        it is folded into their weights, W' = W·P (P the pooling), and those layers read the site's spikes
-        on the cores: no host work, exact (up to the weights' quantisation). Each pre-pool spike then
-        carries the pooled position's full fan-out (see :func:`pool_event_counts`)."""
+        levels: where only weight layers read it, it is folded into their weights and those layers read the
+        site's spikes on the cores: no host work, exact (up to the weights' quantisation). A linear layer
+        (through flattens/reshapes keeping the batch axis first) gets W' = W·P, P the pooling; a convolution
+        reading a pooling of disjoint windows (kernel = stride, no padding, the map divisible; global pooling
+        too) gets a convolution over the unpooled map: its kernel repeated over each window, divided by the
+        window's size, stride and padding times the window. Each pre-pool spike then carries the pooled
+        position's full fan-out (see :func:`pool_event_counts`)."""
         g = self.g
 
-        def reaches_linear(u: Node, chain: list) -> bool:
+        def reaches_weights(pool: Node, u: Node, chain: list) -> bool:
             if u.op == "linear" and len(u.shape) == 2 and u.bdim == 0:
+                return True
+            if u.op == "conv2d" and u.inputs[0] == pool.name and self._pool_window(pool) is not None \
+                    and list(u.attrs.get("dilation", [1, 1])) == [1, 1]:
                 return True
             if u.op in FOLD_LAYOUT and u.bdim == 0 and self.users[u.name]:
                 chain.append(u.name)
-                return all(reaches_linear(v, chain) for v in self.users[u.name])
+                return all(reaches_weights(pool, v, chain) for v in self.users[u.name])
             return False
         for n in g:
             if n.op not in FOLD_POOLS or n.bdim != 0 or not n.inputs or g[n.inputs[0]].op != "sfn":
                 continue
             chain: list = []
-            if self.users[n.name] and all(reaches_linear(u, chain) for u in self.users[n.name]):
+            if self.users[n.name] and all(reaches_weights(n, u, chain) for u in self.users[n.name]):
                 for name in (n.name, *chain):
                     self.folds[name] = n.inputs[0]
+
+    def _pool_window(self, n: Node) -> tuple[int, int] | None:
+        """(kh, kw) when average pooling node n averages disjoint kh×kw windows tiling its input exactly."""
+        a = n.attrs
+        if len(n.shape) != 4 or len(self.g[n.inputs[0]].shape) != 4:
+            return None
+        h, w = self.g[n.inputs[0]].shape[2:]
+        if n.op == "avg_pool2d":
+            k = list(a["kernel_size"]) * (2 if len(a["kernel_size"]) == 1 else 1)
+            st = list(a["stride"] or k) * (2 if len(a["stride"] or k) == 1 else 1)
+            if k != st or any(a.get("padding", [0])) or a.get("divisor_override") or h % k[0] or w % k[1]:
+                return None
+            return k[0], k[1]
+        if n.op == "adaptive_avg_pool2d":
+            oh, ow = n.shape[2:]
+            return (h // oh, w // ow) if h % oh == 0 and w % ow == 0 else None
+        if n.op == "mean" and a.get("keepdim") and sorted(d % 4 for d in a["dims"]) == [2, 3]:
+            return h, w
+        return None
 
     def bound(self, n: Node) -> float | None:
         """A bound on |value| of node n, derived from the graph (the bounds of its inputs, known already):
@@ -481,18 +508,32 @@ class _Lowering:
                             "must read spikes or a host value")
         token_dims = n.op == "linear" and len(n.shape) > 2
         in_n = _numel(self.g[x].shape)
-        if x in self.folds:
+        conv = dict(n.attrs)
+        src_shape = list(self.g[x].shape[1:])
+        if x in self.folds and n.op == "linear":
             w = self._folded_weight(w, x)
             in_n = _numel(self.g[self.folds[x]].shape)
+        elif x in self.folds:             # a convolution over the unpooled map (see _find_folds)
+            win = self._pool_window(self.g[x])
+            assert win is not None, "_find_folds folds only such pools into convolutions"
+            kh, kw = win
+            w = np.repeat(np.repeat(w, kh, axis=2), kw, axis=3) / (kh * kw)
+            conv.update(stride=[conv["stride"][0] * kh, conv["stride"][1] * kw],
+                        padding=[conv["padding"][0] * kh, conv["padding"][1] * kw])
+            src_shape = list(self.g[self.folds[x]].shape[1:])
+            in_n = _numel(src_shape)
         parts = self._weight_parts(w, spikes)
         kind = "conv" if n.op == "conv2d" else "sparse" if token_dims else "dense"
         self._check_synapse(n, kind, spikes)
         e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
         # (polarity, weights, their exponent, shift to the layer's exponent, channel copies held or None for all)
         procs = [(pol, m, e, 0, None) for pol, m in parts]
+        split = False
+        scale_in = self._input_scale(parts, e, float(self.bounds[x] or 1.0)) if spikes is None and self.fixed else 1.0
         if self.fixed and spikes is not None and self.lowering == "channels":
             procs, e = self._exponent_groups(parts, w.shape[1])
-        scale_in = self._input_scale(parts, e, float(self.bounds[x] or 1.0)) if spikes is None and self.fixed else 1.0
+        elif self.fixed and self.split_weights:
+            procs, e, split = self._split(n, parts, e, scale_in)
         self.acc_scale[n.name] = scale_in * 2.0 ** e
         tokens = _numel(n.shape[1:-1]) if token_dims else 1
         for k, (pol, m, e_q, shift, ids) in enumerate(procs):
@@ -510,13 +551,12 @@ class _Lowering:
                 arrays["weight"] = m
             if self.fixed and kind != "conv":
                 arrays["weight"] = 2 * arrays["weight"]   # Lava drops the LSB of mixed-sign weights: 2w, weight_exp −1
-            src_shape = list(self.g[x].shape[1:])
             attrs = {"op": n.op, "layer": n.name, "polarity": pol, "input": x, "tokens": tokens, "in_n": in_n,
-                     "copies": copies, "copy_ids": ids, "shift": shift,
+                     "copies": copies, "copy_ids": ids, "shift": shift, "split": split,
                      "out_n": _numel(n.shape), "weight_exp": e, "scale": self.acc_scale[n.name],
                      "graded": spikes is None or self.lowering == "graded" or pol == "analog"}
             if kind == "conv":
-                a = n.attrs
+                a = conv
                 c_in = copies * w.shape[1] * a.get("groups", 1)
                 attrs.update(input_shape=[src_shape[2], src_shape[1], c_in], stride=list(a["stride"])[::-1],
                              padding=list(a["padding"])[::-1], dilation=list(a["dilation"])[::-1],
@@ -557,6 +597,43 @@ class _Lowering:
         _, vjp = torch.func.vjp(pooled, torch.zeros((1, *site.shape[1:]), dtype=torch.float64))
         rows = torch.func.vmap(vjp)(torch.from_numpy(np.ascontiguousarray(w, np.float64)))[0]
         return rows.reshape(w.shape[0], -1).numpy()
+
+    def _split(self, n: Node, parts: list, e: int, scale_in: float) -> tuple[list, int, bool]:
+        """Fixed point, graded: each polarity's weights as two synapse groups summed at the consumer, the
+        coarse 8-bit weights (exponent e, shifted to the fine unit) and the fine 8-bit remainder: about 15-bit
+        weights where the accumulator has room (:meth:`_fine_exponent`). (procs, layer exponent, split?)"""
+        e_fine = self._fine_exponent(n, e, scale_in)
+        if e_fine >= e:
+            return [(pol, m, e, 0, None) for pol, m in parts], e, False
+        return [q for pol, m in parts for q in ((pol, m, e, e - e_fine, None),
+                                                 (pol, m - quantise(m, e) * 2.0 ** e, e_fine, 0, None))], e_fine, True
+
+    def _fine_exponent(self, n: Node, e: int, scale_in: float = 1.0) -> int:
+        """The exponent of a split layer's fine group: up to 7 bits below the layer's own, as long as the
+        accumulator (24 bits, in units of scale_in · 2^e_fine; Lava's Conv wraps there) keeps 4x headroom
+        over the neurons the layer drives (directly, or through a residual add on the host): over their
+        largest firing boundary, or twice the largest input calibration saw when that is smaller (the
+        sformer's top levels lie far beyond what calibration sees); over the layer's derived bound where
+        the sum reaches something else. Wrap-arounds and overflows are counted in the run."""
+        top = 0.0
+        todo, seen = list(self.users[n.name]), set()
+        while todo:
+            u = todo.pop()
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            if u.op == "sfn":
+                bp, bn, _, _ = _site_arrays(u)
+                edge = max(float(np.abs(bp).max(initial=0)), float(np.abs(bn).max(initial=0)))
+                seen_max = max(float(u.attrs.get("max_pos") or 0), float(u.attrs.get("max_neg") or 0))
+                top = max(top, min(edge, 2 * seen_max) if seen_max > 0 else edge)
+            elif self.cls(u) == "host" and u.op in ("add", "sub", "relu") and u.name != self.g.output:
+                todo.extend(self.users[u.name])
+            else:
+                top = max(top, self.bounds.get(n.name) or math.inf)
+        if not math.isfinite(top) or top <= 0:
+            return e
+        return max(e - (WEIGHT_BITS - 1), math.ceil(math.log2(4 * top / (scale_in * 2 ** (ACC_BITS - 1)))))
 
     def _weight_parts(self, w: np.ndarray, spikes) -> list:
         """(polarity, weight matrix or kernel) per process: one analog part, or one per polarity of the input

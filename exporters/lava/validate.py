@@ -162,9 +162,12 @@ def _synapse(b: Block, fixed: bool, lowering: str) -> dict:
     if (e and not fixed) or abs(e) > 64:
         raise _Invalid(f"attrs.weight_exp is {e}" + (" in floating point" if e and not fixed else ""))
     shift = _int(a.get("shift", 0), "attrs.shift")
-    if shift and (not fixed or a.get("copy_ids") is None or shift > 24):
-        raise _Invalid(f"attrs.shift is {shift}; only a fixed-point exponent group (attrs.copy_ids) shifts, by at "
-                       "most 24 bits")
+    split = _bool(a.get("split", False), "attrs.split")
+    if split and (not fixed or a.get("copy_ids") is not None):
+        raise _Invalid("attrs.split is true outside fixed point or in an exponent group")
+    if shift and (not fixed or (a.get("copy_ids") is None and not split) or shift > 24):
+        raise _Invalid(f"attrs.shift is {shift}; only a fixed-point exponent group (attrs.copy_ids) or the coarse "
+                       "half of a split layer (attrs.split) shifts, by at most 24 bits")
     if b.kind == "conv":
         w = _array(b, "weight", ndim=4)
         w_in, h_in, c_in = _ints(a.get("input_shape"), "attrs.input_shape", 3, lo=1)
@@ -588,7 +591,18 @@ def _check_scales(plan: Plan, by_name: dict) -> None:
 
 def _check_exponent_groups(plan: Plan) -> None:
     """Fixed-point channel lowering: the processes of one layer and polarity hold each channel copy exactly
-    once, with distinct shifts, the layer's smallest exponent unshifted (plan._exponent_groups)."""
+    once, with distinct shifts, the layer's smallest exponent unshifted (plan._exponent_groups). Split
+    layers (graded, fixed point): per polarity one coarse process (shifted) and one fine (unshifted)."""
+    halves: dict = {}
+    for b in plan.blocks:
+        if b.kind in SYNAPSES and b.attrs.get("split"):
+            halves.setdefault((str(b.attrs.get("layer")), b.attrs["polarity"]), []).append(b)
+    for (layer, pol), blks in halves.items():
+        shifts = sorted(b.attrs.get("shift", 0) for b in blks)
+        if len(blks) != 2 or shifts[0] != 0 or shifts[1] == 0 \
+                or blks[0].arrays["weight"].shape != blks[1].arrays["weight"].shape:
+            raise _Invalid(f"blocks {', '.join(b.name for b in blks)}: a split layer {layer} ({pol}) has one coarse "
+                           "(shifted) and one fine (unshifted) process of equal shape")
     groups: dict = {}
     for b in plan.blocks:
         if b.kind in SYNAPSES and b.attrs.get("copy_ids") is not None:
