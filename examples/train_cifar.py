@@ -25,7 +25,8 @@ Models (``--only NAME``, repeatable):
 Augmentation: torchvision ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip()`` per image, in a
 torch DataLoader. For each model NAME the script writes NAME.pt2 (torch.export, dynamic batch 1..1024),
 NAME.safetensors and NAME.json (command, split, epochs, seed, held-out accuracy, …) to ``--out`` when the
-checkpoint is under 2 MiB (the limit of examples/train.py), otherwise to ``--big-out`` (default /tmp/sfn_cifar_models, not for git).
+checkpoint is under 2 MiB (the limit of examples/train.py), otherwise to ``--big-out`` (default
+/tmp/sfn_cifar_models, not for git).
 
 ``--write-splits DIR`` also writes the two parts as .npz files for the sfn-deploy CLI:
 ``DIR/cifar10_train.npz`` (16,000), ``DIR/cifar10_heldout.npz`` (4,000), ``DIR/cifar10_calib4k.npz`` (files
@@ -286,7 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 class folders (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output for checkpoints under 2 MB (default: %(default)s)")
     p.add_argument("--big-out", default=DEFAULT_BIG_OUT, help="output for larger ones (default: %(default)s)")
-    p.add_argument("--epochs", action="append", default=[], metavar="NAME=N", help="override a model's epoch cap (training stops at the budget or the cap)")
+    p.add_argument("--epochs", action="append", default=[], metavar="NAME=N",
+                   help="override a model's epoch cap (training stops at the budget or the cap)")
     p.add_argument("--budget-minutes", type=float, default=10.0,
                    help="training time per model: the cosine schedule spans it and training stops at its end "
                         "(default: %(default)s)")
