@@ -47,6 +47,7 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ PARTIAL_VERSION = 1
 
 
 def _nir():
-    import nir          # imported lazily: only this exporter needs it
+    import nir  # imported lazily: only this exporter needs it
     return nir
 
 
@@ -219,6 +220,7 @@ class _Plan:
         return [n for n in self.graph if n.op != "input" and n.name not in self.host]
 
     def _layouts(self) -> None:
+        """Choose one layout per group of values that must share it; a node whose need loses is left to the host."""
         g = self.graph
         parent: dict[str, str] = {}
 
@@ -226,12 +228,25 @@ class _Plan:
             while parent.get(v, v) != v:
                 v = parent[v]
             return v
-        members = self.members()
-        for n in members:
+        for n in self.members():
             if n.op == "sfn":                       # elementwise: its input and output share a layout
                 parent[find(n.name)] = find(n.inputs[0])
-        reqs = defaultdict(list)                   # group -> (priority, order, layout, node, value)
-        for n in members:
+        chosen = {}
+        for root, rs in self._layout_requests(find).items():
+            keep = min(rs)
+            chosen[root] = keep[2]
+            for _p, _o, want, name, v in rs:
+                if want != keep[2] and name:
+                    who = keep[3] or "the network boundary"
+                    self.host[name] = (f"needs value {v} in {_LAYOUT_WORDS[want]}, but {who} needs it in "
+                                       f"{_LAYOUT_WORDS[keep[2]]}: NIR has no transpose")
+        self.layout = {n.name: _perm(_rank(n), chosen.get(find(n.name), _ID)) for n in g}
+
+    def _layout_requests(self, find) -> dict[str, list]:
+        """Per layout group: (priority, order, layout, node, value) of every node that needs a layout there."""
+        g = self.graph
+        reqs: dict[str, list] = defaultdict(list)
+        for n in self.members():
             u = n.inputs[0]
             if n.op == "linear" and _rank(g[u]) >= 2:
                 want = _LF                          # a linear over the last axis = 1×1 conv, channel-first
@@ -245,32 +260,20 @@ class _Plan:
         if not self.partial:                        # a full export keeps the network's own input/output
             for v in (g.input.name, g.output):
                 if _rank(g[v]) >= 2:
-                    reqs[find(v)].append((-1, -1, _ID, None, v))
-        chosen = {}
-        for root, rs in reqs.items():
-            keep = min(rs)
-            chosen[root] = keep[2]
-            for _p, _o, want, name, v in rs:
-                if want != keep[2] and name is not None:
-                    who = keep[3] or "the network boundary"
-                    self.host[name] = (f"needs value {v} in {_LAYOUT_WORDS[want]}, but {who} needs it in "
-                                       f"{_LAYOUT_WORDS[keep[2]]}: NIR has no transpose")
-        self.layout = {}
-        for n in g:
-            lay = chosen.get(find(n.name), _ID)
-            self.layout[n.name] = _perm(_rank(n), lay)
+                    reqs[find(v)].append((-1, -1, _ID, "", v))
+        return reqs
 
     def _regions(self) -> None:
         g = self.graph
         members = self.members()
         mset = {n.name for n in members}
         users = g.users()
-        children = defaultdict(list)
-        roots = []
+        children: dict[str, list[str]] = defaultdict(list)
+        roots: list[str] = []
         for n in members:
             (children[n.inputs[0]] if n.inputs[0] in mset else roots).append(n.name)
         external = {v: v == g.output or any(u.name not in mset for u in users[v]) for v in mset}
-        exits = {}
+        exits: dict[str, int] = {}
         for n in reversed(members):
             exits[n.name] = int(external[n.name]) + sum(exits[c] for c in children[n.name])
         self.pieces: list[_Piece] = []
@@ -310,7 +313,7 @@ def nir_host_nodes(graph: Graph) -> dict[str, str]:
     return _Plan(graph, partial=False).host
 
 
-def _full_plan(graph: Graph) -> "_Plan":
+def _full_plan(graph: Graph) -> _Plan:
     """The plan of a full export, or check_nir's UserError."""
     plan = _Plan(graph, partial=False)
     if plan.host:
@@ -408,7 +411,7 @@ class _Lowering:
                               padding=tuple(attrs["padding"]), dilation=tuple(attrs["dilation"]), groups=1,
                               bias=bias)
         n = self.add(name, node, x.node)
-        if site is None:
+        if site is None or inc is None or theta is None:
             return _Value(n, tuple(out_shape))
         shape = (len(inc) * out_shape[0],) + tuple(out_shape[1:])
         th = np.broadcast_to(np.repeat(theta, out_shape[0]).reshape((-1,) + (1,) * (len(shape) - 1)), shape)
@@ -451,6 +454,7 @@ class _Lowering:
         n = self.add(node.name, nir.SumPool2d(kernel_size=np.array(k), stride=np.array(st),
                                               padding=np.array([0, 0])), x.node)
         per = c // len(x.inc)                       # channels of one copy
+        assert x.base is not None                   # expanded values keep their unexpanded shape
         window = k[0] * k[1]
         theta = np.where(x.inc > 0, 0.5, window - 0.5).astype(_F32)   # positive copies OR, negative copies AND
         th = np.broadcast_to(np.repeat(theta, per).reshape(-1, 1, 1), (c, oh, ow))
@@ -479,8 +483,8 @@ class _Lowering:
                     w = w.reshape(w.shape + (1,) * (_rank(node) - 1))
                 else:
                     kind, attrs = "conv2d", a
-                out = self.plan.nir_shape(node.name)
-                self.env[(site or node).name] = self.weight_layer(node.name, kind, w, b, attrs, x, site, out)
+                out_shape = self.plan.nir_shape(node.name)
+                self.env[(site or node).name] = self.weight_layer(node.name, kind, w, b, attrs, x, site, out_shape)
                 if site is not None:
                     fused.add(site.name)
             elif op == "sfn":
@@ -498,7 +502,9 @@ class _Lowering:
             elif op == "max_pool2d":
                 self.env[node.name] = self.max_pool(node, x)
             elif op in ("flatten", "reshape"):
-                s, e = _merge_range(node, g)
+                merged = _merge_range(node, g)
+                assert merged is not None, node.name        # the plan admits mergeable reshapes only
+                s, e = merged
                 n = self.add(node.name, nir.Flatten(input_type={"input": np.array(x.shape)}, start_dim=s,
                                                     end_dim=e), x.node)
                 base = None if x.base is None else _merge(x.base, s, e)
@@ -516,7 +522,7 @@ class _Lowering:
 DEFAULT_MAX_BYTES = 3 * 2 ** 29    # 1.5 GiB of arrays (tiled weights, thresholds): the export peaks at about 3–4× that
 
 
-def estimate_bytes(graph: Graph, plan: "_Plan", nodes, outputs) -> int:
+def estimate_bytes(graph: Graph, plan: _Plan, nodes, outputs) -> int:
     """The bytes of the float32 arrays the lowering of ``nodes`` will hold, computed from shapes alone.
 
     Each SFN site becomes G = N + M binary channels: the weight layer in front has its rows tiled G
@@ -627,7 +633,11 @@ def to_nir_partial(model: ConvertedModel, max_bytes: int | None = None):
         return {"value": v, "shape": [int(s) for s in g[v].shape[1:]],
                 "nir_shape": [int(s) for s in plan.nir_shape(v)], "perm": [int(i) for i in plan.layout[v]]}
 
-    top_nodes, top_edges, regions, total_nodes, total_edges, nir_prims = {}, [], [], 0, 0, []
+    top_nodes: dict = {}
+    top_edges: list = []
+    regions: list = []
+    nir_prims: list = []
+    total_nodes = total_edges = 0
     in_nodes: dict[str, str] = {}
     for k, p in enumerate(plan.pieces):
         name = names[k]
@@ -793,7 +803,7 @@ def _conv_out_positions(v) -> int:
     k = v.weight.shape[2:]
     st, p, d = (np.broadcast_to(np.asarray(t), (dims,)) for t in (v.stride, v.padding, v.dilation))
     return int(np.prod([(s + 2 * int(pp) - int(dd) * (kk - 1) - 1) // int(ss) + 1
-                        for s, pp, dd, kk, ss in zip(size, p, d, k, st)]))
+                        for s, pp, dd, kk, ss in zip(size, p, d, k, st, strict=True)]))
 
 
 def export_nir(model: ConvertedModel, path: str, max_bytes: int | None = None) -> dict:
@@ -1019,7 +1029,7 @@ class PartialModule(torch.nn.Module):
                 nodes.append(Node(name, v["op"], list(v["inputs"]), dict(h["attrs"]) if h else {}, p,
                                   list(v["shape"]), v["bdim"]))
             except ValueError as e:
-                raise UserError(f"{where}: {e} (written by a newer sfn-deploy?)")
+                raise UserError(f"{where}: {e} (written by a newer sfn-deploy?)") from None
         self.graph = Graph(nodes, spec["output"])
 
     @torch.no_grad()
@@ -1029,9 +1039,10 @@ class PartialModule(torch.nn.Module):
         r = self.region_spec[name]
         i, o = r["inputs"][0], r["outputs"][0]
         module = self.regions[name]
-        caught, hooks = {}, []
+        caught: dict = {}
+        hooks = []
         if spikes:
-            children = dict(module.graph_module.named_children())
+            children = dict(cast(torch.nn.Module, module.graph_module).named_children())
             for site, s in r["sites"].items():
                 m = children[s["threshold"].replace(".", "_")]
                 hooks.append(m.register_forward_hook(
@@ -1046,8 +1057,8 @@ class PartialModule(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x, spikes: bool = False):
-        from ..ops import apply
         from ..neurons import fire
+        from ..ops import apply
         env = {self.spec["input"]: x}
         caught: dict[str, torch.Tensor] = {}
         batch = x.shape[0]

@@ -95,7 +95,11 @@ class FireTable:
             else:
                 pos = np.sqrt(np.maximum(x * self.scale_pos, _F32(0))) if self.scale_pos is not None else None
                 neg = np.sqrt(np.maximum(x * -self.scale_neg, _F32(0))) if self.scale_neg is not None else None
-                u = -neg if pos is None else pos if neg is None else pos - neg
+                if pos is None:
+                    assert neg is not None              # a site has at least one branch
+                    u = -neg
+                else:
+                    u = pos if neg is None else pos - neg
             return (u + self.offset).astype(_F32) if self.offset else u.astype(_F32)
 
     def linear_scales(self) -> list:
@@ -133,6 +137,16 @@ def _spike_values(level, steps, dual) -> np.ndarray:
             (lv * steps[0]).astype(_F32)
 
 
+def _cell_scale(v: np.ndarray, root: bool) -> float:
+    """Cells per unit: one per smallest gap between boundaries (in √ space for the sqrt mapping)."""
+    v = np.sqrt(v) if root else v
+    gaps = np.diff(v)
+    gaps = gaps[gaps > 0]
+    if gaps.size:
+        return 1.0 / gaps.min()
+    return 0.5 / v[0] if v.size and v[0] > 0 else 1.0
+
+
 def fire_table(bpos, bneg, table, steps) -> FireTable | None:
     """The verified lookup form of a site, or None when no map keeps one boundary per cell in _MAX_CELLS."""
     bpos, bneg = np.asarray(bpos, _F32), np.asarray(bneg, _F32)
@@ -147,17 +161,9 @@ def fire_table(bpos, bneg, table, steps) -> FireTable | None:
     hi_x = np.maximum(cuts.astype(np.float64) * (1 + np.sign(cuts) * _SLACK) + 2.0 ** -140, cuts).astype(_F32)
     pos, neg = cuts[cuts >= 0].astype(np.float64), np.sort(-cuts[cuts < 0].astype(np.float64))
 
-    def scale(v, root):                 # one cell per smallest gap between boundaries (in √ space for sqrt)
-        v = np.sqrt(v) if root else v
-        gaps = np.diff(v)
-        gaps = gaps[gaps > 0]
-        if gaps.size:
-            return 1.0 / gaps.min()
-        return 0.5 / v[0] if v.size and v[0] > 0 else 1.0
-
     def candidate(mapping, mult):
         root = mapping == "sqrt"
-        sp, sn = scale(pos, root) * mult, scale(neg, root) * mult
+        sp, sn = _cell_scale(pos, root) * mult, _cell_scale(neg, root) * mult
         if root:
             sp, sn = sp * sp, sn * sn
         elif mapping == "shared":                      # one Mul for both signs: the finer scale everywhere
@@ -287,7 +293,8 @@ class _Lowering:
         """A shape vector whose "B"/"B*k" entries are computed from the batch size at run time."""
         if not any(isinstance(s, str) for s in shape):
             return self.const([int(s) for s in shape])
-        parts, run = [], []
+        parts: list[str] = []
+        run: list[int] = []
         for s in shape:
             if isinstance(s, str):
                 if run:
@@ -667,7 +674,7 @@ class _Lowering:
 
     def op_cat(self, n, a, p, xs, out):
         parts = []
-        for name, x in zip(n.inputs, xs):
+        for name, x in zip(n.inputs, xs, strict=True):
             if self.graph[name].bdim is None and n.bdim is not None:   # a stored tensor: broadcast over B
                 sh: list = [1] * len(n.shape)
                 sh[n.bdim] = "B"
@@ -748,7 +755,7 @@ class _Lowering:
 
     def op_roll(self, n, a, p, xs, out):
         x = xs[0]
-        for shift, dim in zip(a["shifts"], a["dims"]):
+        for shift, dim in zip(a["shifts"], a["dims"], strict=True):
             size = n.shape[int(dim)]
             k = int(shift) % size
             if k:
@@ -886,7 +893,7 @@ class OnnxRunner:
         except Exception as e:
             msg = str(e).strip().splitlines()
             raise UserError(f"{self.name}: onnxruntime cannot load it ({type(e).__name__}: "
-                            f"{msg[0] if msg else 'unreadable'})")
+                            f"{msg[0] if msg else 'unreadable'})") from None
         inp = self.session.get_inputs()
         if len(inp) != 1:
             raise UserError(f"{self.name}: expected one input, the model has {len(inp)}")
@@ -904,7 +911,7 @@ class OnnxRunner:
             raise UserError(f"{self.name}: input must be numeric, got dtype {x.dtype}")
         got = list(x.shape[1:])
         ok = x.ndim == len(self.input_shape) + 1 and all(
-            isinstance(w, str) or w is None or w == g for w, g in zip(self.input_shape, got))
+            isinstance(w, str) or w is None or w == g for w, g in zip(self.input_shape, got, strict=True))
         if not ok:
             want = _fmt_shape(self.input_shape)
             raise UserError(f"{self.name}: input of shape {_fmt_shape(x.shape)} has per-sample shape "
@@ -925,7 +932,7 @@ class OnnxRunner:
         if not self.level_names:
             raise UserError(f"{self.name}: the model has no spike-level outputs; export it with levels=True")
         res = self.session.run([self.output_name] + self.level_names, {self.input_name: self._prepare(x)})
-        return res[0], dict(zip(self.level_names, res[1:]))
+        return res[0], dict(zip(self.level_names, res[1:], strict=True))
 
 
 class OnnxBackend:

@@ -7,8 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sfn_deploy.capture import capture
 from sfn_deploy.passes import configure, insert_sfn
-from sfn_deploy.simulators.interpreter import run, run_with_levels
 from sfn_deploy.simulators.counting import OpCounter, count_ops
+from sfn_deploy.simulators.interpreter import run, run_with_levels
 
 
 def _fix_sites(g, theta=1.0, lam=1.0):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import MODELS, convert_example
 
 from sfn_deploy.convert import convert
 from sfn_deploy.data import Dataset
@@ -20,8 +21,6 @@ from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel
 from sfn_deploy.neurons import signed_table
 from sfn_deploy.simulators.interpreter import run, run_with_levels
-
-from conftest import MODELS, convert_example
 
 
 def nir_levels(module, graph: Graph, x):
@@ -338,7 +337,9 @@ def test_vit_partial_metadata_describes_every_host_node(mnist_vit_snn, vit_parti
 
 def test_export_partial_cli(mnist_vit_snn, tmp_path):
     import json
+
     from click.testing import CliRunner
+
     from sfn_deploy.cli import main
     from sfn_deploy.model_file import save
     snn, _ = mnist_vit_snn

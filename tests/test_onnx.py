@@ -23,9 +23,8 @@ from sfn_deploy.errors import UserError
 from sfn_deploy.exporters.onnx import OnnxRunner, export_onnx, fire_table, to_onnx
 from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
-from sfn_deploy.neurons import FIRE_FUNCTIONS, ROUNDINGS, fire_levels
+from sfn_deploy.neurons import FIRE_FUNCTIONS, ROUNDINGS, fire_levels, spike_levels
 from sfn_deploy.passes import configure
-from sfn_deploy.neurons import spike_levels
 from sfn_deploy.simulators.interpreter import run, run_with_levels
 
 
@@ -263,7 +262,7 @@ def _compare_sites(sites, x, independent=True):
         with np.errstate(all="ignore"):      # numpy warns on ±3.4e38·scale = ±inf, which is intended
             outs = reference_evaluator(proto).run(None, {"input": x.numpy()})
         assert np.array_equal(outs[0].view(np.int32), ref_logits.view(np.int32))
-        for s, lv in zip(sites, outs[1:]):
+        for s, lv in zip(sites, outs[1:], strict=True):
             assert np.array_equal(lv, ref_levels[s.name]), s.name
     return proto
 
@@ -359,7 +358,7 @@ def test_reference_evaluator_agrees_with_onnxruntime(models, runners, split, kin
     x = test.x[:3].numpy()
     proto = to_onnx(models[kind], levels=True)
     names = [o.name for o in proto.graph.output]
-    outs = dict(zip(names, reference_evaluator(proto).run(None, {"input": x})))
+    outs = dict(zip(names, reference_evaluator(proto).run(None, {"input": x}), strict=True))
     logits, levels = runners[kind].run_with_levels(x)
     np.testing.assert_allclose(outs["logits"], logits, rtol=0, atol=1e-4 * max(1.0, float(np.abs(logits).max())))
     for name, lv in levels.items():
