@@ -11,27 +11,27 @@ Batch dimension: every value knows where its batch axis is (``bdim``, None for
 constants). Shape attributes (``reshape``, ``expand``) write the batch entry as the
 string ``"B"`` or ``"B*k"`` (k other axes merged into it), resolved at run time.
 
+Every op's inputs, attributes and parameters are declared in the op table (:mod:`sfn_deploy.ops`, rendered
+as docs/ops.md): their types, meanings, which are required and which module writes them. The checks below
+(:func:`check_declared`) hold every node to its declaration; a key the table does not declare is refused.
+
 The ``sfn`` node is the Scale-and-Fire neuron (SPEC §4), one timestep:
 
     o = λθ⁺ · y⁺(x)  for x ≥ 0,   o = −λθ⁻ · y⁻(−x)  for x < 0
     y(u) = y_i where b_i ≤ u < b_{i+1};  0 below b_1;  y_N at and above b_N
 
-attrs: kind ("dual" or "softmax"), fire, M, levels (y_1..y_N), rounding, lam (λ),
-theta_pos, theta_neg (θ⁻ = 0 disables the negative branch), o_max (softmax sites),
-role (where it sits: post-relu, pre-qkv, q, k, v, post-softmax, ...).
-params (derived by :func:`sfn_deploy.passes.configure`): bounds_pos, bounds_neg
-(float32 absolute boundaries), steps (float32 [λθ⁺, λθ⁻]), table (int64 [0, y_1..y_N]).
-Backends use these stored float32 values, so all of them fire at the same inputs.
+with levels y_1..y_N, λ, θ⁺, θ⁻ (θ⁻ = 0 disables the negative branch) in its attrs and the float32 boundaries,
+steps and level table derived from them by :func:`sfn_deploy.passes.configure` in its params. Backends use these
+stored float32 values, so all of them fire at the same inputs.
 
 The ``if_neuron`` node is a multi-level integrate-and-fire neuron run over ``T`` synchronous
 timesteps (the baselines of docs/methods.md: rate-coded IF, ECMT's multi-threshold neuron).
-It fires by the same attrs and params as ``sfn`` (levels, θ±, λ, bounds, steps, table), applied
-to its membrane potential instead of its input, and resets by subtraction:
+It fires by the same attrs and params as ``sfn``, applied to its membrane potential instead of its input, and
+resets by subtraction:
 
     m(t) = v(t−1) + x(t);  o(t) = sfn-rule(m(t));  v(t) = m(t) − o(t);  v(0) = v0 · step⁺
 
-extra attrs: method ("if", "ecmt"), T (timesteps), v0 (initial potential in units of the
-positive step). A graph holding such nodes runs T steps (``Graph.timesteps``,
+A graph holding such nodes runs T steps (``Graph.timesteps``,
 :mod:`sfn_deploy.simulators.temporal`); its output is the mean of the T output values. Single-timestep
 consumers (the ONNX/NIR/Lava exporters) refuse it (:func:`sfn_deploy.methods.require_single_step`).
 ``Graph.method`` names the conversion method ("sfn" for files written before methods existed).
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import TABLE, apply, resolve_shape  # noqa: F401  (resolve_shape: part of ir's API)
+from .ops import ANNOTATIONS, TABLE, Attr, apply, resolve_shape  # noqa: F401  (resolve_shape: part of ir's API)
 
 FORMAT = "sfn-deploy/converted"
 FORMAT_VERSION = 2         # 2: multi-timestep methods (if_neuron, Graph.timesteps/method); files with
@@ -90,7 +90,7 @@ class Node:
                 "source": self.source}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Node":
+    def from_dict(cls, d: dict) -> Node:
         return cls(**d)
 
 
@@ -162,7 +162,7 @@ class Graph:
                 "method": self.method}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Graph":
+    def from_dict(cls, d: dict) -> Graph:
         return cls([Node.from_dict(n) for n in d["nodes"]], d["output"], int(d.get("timesteps", 1)),
                    str(d.get("method", "sfn")))
 
@@ -175,17 +175,8 @@ class GraphError(ValueError):
 
 
 _NODE_FIELDS = ("name", "op", "inputs", "attrs", "params", "shape", "bdim", "source")
-_MBE_FNS = {"identity": (), "gelu": ("mbe_gelu_pos", "mbe_gelu_neg"), "softmax": ("mbe_exp2", "mbe_inv"),
-            "layer_norm": ("mbe_invsqrt",)}
-_NEURON_PARAMS = ("bounds_pos", "bounds_neg", "steps", "table")
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _label(i: int, nd) -> str:
@@ -204,35 +195,7 @@ def check_graph_dict(d) -> None:
     if not nodes:
         raise GraphError("the graph has no nodes")
     for i, nd in enumerate(nodes):
-        where = _label(i, nd)
-        if not isinstance(nd, dict):
-            raise GraphError(f"{where} is a {type(nd).__name__}, not a dict")
-        extra = [k for k in nd if k not in _NODE_FIELDS]
-        if extra:
-            raise GraphError(f"{where}: unknown field(s) {', '.join(map(repr, extra))}")
-        for key, types, what in (("name", str, "a string"), ("op", str, "a string"),
-                                 ("inputs", list, "a list"), ("attrs", dict, "a dict"),
-                                 ("params", dict, "a dict"), ("shape", list, "a list"),
-                                 ("source", str, "a string")):
-            if key in nd and not isinstance(nd[key], types):
-                raise GraphError(f"{where}: field {key!r} is a {type(nd[key]).__name__}, not {what}")
-        if "name" not in nd or "op" not in nd:
-            raise GraphError(f"{where}: missing field {'name' if 'name' not in nd else 'op'!r}")
-        if not nd["name"]:
-            raise GraphError(f"{where}: empty name")
-        if nd["op"] not in OPS:
-            raise GraphError(f"{where}: unknown op {nd['op']!r}")
-        if not all(isinstance(x, str) for x in nd.get("inputs", [])):
-            raise GraphError(f"{where}: 'inputs' must hold node names (strings)")
-        if not all(isinstance(k, str) for k in nd.get("attrs", {})):
-            raise GraphError(f"{where}: attribute names must be strings")
-        for k, v in nd.get("params", {}).items():
-            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-                raise GraphError(f"{where}: param {k!r} is a {type(v).__name__}, not a tensor")
-        if not all(_is_int(s) for s in nd.get("shape", [])):
-            raise GraphError(f"{where}: 'shape' must hold integers")
-        if "bdim" in nd and nd["bdim"] is not None and not _is_int(nd["bdim"]):
-            raise GraphError(f"{where}: 'bdim' must be an integer or None")
+        _check_node_dict(_label(i, nd), nd)
     if not isinstance(d.get("output"), str):
         raise GraphError("the graph names no output node")
     if "timesteps" in d and not _is_int(d["timesteps"]):
@@ -241,17 +204,46 @@ def check_graph_dict(d) -> None:
         raise GraphError(f"'method' is a {type(d['method']).__name__}, not a string")
 
 
+def _check_node_dict(where: str, nd) -> None:
+    """One node's dict: the fields and their container types (what is inside attrs and params is for
+    :func:`check_declared`, once the node is built)."""
+    if not isinstance(nd, dict):
+        raise GraphError(f"{where} is a {type(nd).__name__}, not a dict")
+    extra = [k for k in nd if k not in _NODE_FIELDS]
+    if extra:
+        raise GraphError(f"{where}: unknown field(s) {', '.join(map(repr, extra))}")
+    for key, types, what in (("name", str, "a string"), ("op", str, "a string"),
+                             ("inputs", list, "a list"), ("attrs", dict, "a dict"),
+                             ("params", dict, "a dict"), ("shape", list, "a list"),
+                             ("source", str, "a string")):
+        if key in nd and not isinstance(nd[key], types):
+            raise GraphError(f"{where}: field {key!r} is a {type(nd[key]).__name__}, not {what}")
+    if "name" not in nd or "op" not in nd:
+        raise GraphError(f"{where}: missing field {'name' if 'name' not in nd else 'op'!r}")
+    if not nd["name"]:
+        raise GraphError(f"{where}: empty name")
+    if nd["op"] not in OPS:
+        raise GraphError(f"{where}: unknown op {nd['op']!r}")
+    if not all(isinstance(x, str) for x in nd.get("inputs", [])):
+        raise GraphError(f"{where}: 'inputs' must hold node names (strings)")
+    if not all(isinstance(k, str) for k in nd.get("attrs", {})):
+        raise GraphError(f"{where}: attribute names must be strings")
+    for k, v in nd.get("params", {}).items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise GraphError(f"{where}: param {k!r} is a {type(v).__name__}, not a tensor")
+    if not all(_is_int(s) for s in nd.get("shape", [])):
+        raise GraphError(f"{where}: 'shape' must hold integers")
+    if "bdim" in nd and nd["bdim"] is not None and not _is_int(nd["bdim"]):
+        raise GraphError(f"{where}: 'bdim' must be an integer or None")
+
+
 def _arity(node: Node) -> tuple[int, int]:
-    """(fewest, most) inputs of a node of this op."""
-    if node.op in ("input", "constant"):
-        return 0, 0
-    if node.op == "matmul":
-        return 2, 2
-    if node.op in ("add", "sub", "mul", "div"):
-        return (1 if "other" in node.attrs else 2), 2
-    if node.op == "cat":
-        return 1, 1 << 30
-    return 1, 1
+    """(fewest, most) inputs of a node of this op: the op table's ``inputs``; a binary op without the scalar
+    attr ``other`` reads two."""
+    lo, hi = TABLE[node.op].arity
+    if node.op in ("add", "sub", "mul", "div") and "other" not in node.attrs:
+        lo = 2
+    return lo, hi
 
 
 def _check_tensor(where: str, key: str, t, *, floating: bool | None = None, dim: int | None = None) -> None:
@@ -282,102 +274,128 @@ def _finite(where: str, key: str, t: torch.Tensor) -> None:
         raise GraphError(f"{where}: param {key!r} holds NaN/Inf values ({bad} of {t.numel()})")
 
 
+def _names(keys) -> str:
+    return ", ".join(repr(k) if len(k) <= 40 else repr(k[:40] + "…") for k in keys)
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def declaration(op: str, key: str) -> Attr | None:
+    """The declaration of attribute ``key`` on a node of ``op`` (an op attribute or an annotation), or None."""
+    return TABLE[op].attrs.get(key) or ANNOTATIONS.get(key)
+
+
+def check_declared(where: str, node: Node) -> None:
+    """The generic checks: ``node``'s attrs and params against the op table's declaration of its op.
+
+    Refused: an attribute or parameter the table does not declare for the op (nor as an annotation), a
+    required one missing, an attribute value outside its declared type, a parameter that is not a dense tensor,
+    of the wrong dtype class or number of axes (or of values, where the declaration fixes it), or holding
+    NaN/Inf. Unknown keys are refused rather than ignored: a saved model is untrusted input, and a key this
+    version does not know is either damage (a typo such as ``alpah`` would silently change what the node
+    computes) or the work of a newer sfn-deploy whose meaning this version would not honour; files of a newer
+    format are refused by their ``format_version`` anyway, so a release that adds a key declares it here.
+    """
+    _check_declared_attrs(where, node)
+    _check_declared_params(where, node)
+
+
+def _check_declared_attrs(where: str, node: Node) -> None:
+    spec, a = TABLE[node.op], node.attrs
+    unknown = [k for k in a if declaration(node.op, k) is None]
+    if unknown:
+        raise GraphError(f"{where}: unknown attr(s) {_names(unknown)} (not declared for this op in the op table)")
+    missing = [k for k, d in spec.attrs.items() if d.required and k not in a]
+    if missing:
+        raise GraphError(f"{where}: missing attr(s) {_names(missing)}")
+    for k, v in a.items():
+        d = declaration(node.op, k)
+        if d is not None and not d.type.accepts(v):
+            raise GraphError(f"{where}: attr {k!r} must be {d.type.says()}, got {_show(v)}")
+
+
+def _check_declared_params(where: str, node: Node) -> None:
+    spec, p = TABLE[node.op], node.params
+    for k, t in p.items():
+        _check_tensor(where, k, t)
+    unknown = [k for k in p if k not in spec.params]
+    if unknown:
+        raise GraphError(f"{where}: unknown param(s) {_names(unknown)} (not declared for this op in the op table)")
+    missing = [k for k, d in spec.params.items() if d.required and k not in p]
+    if missing:
+        raise GraphError(f"{where}: missing param(s) {_names(missing)}")
+    for k, t in p.items():
+        decl = spec.params[k]
+        _check_tensor(where, k, t, floating={"float": True, "int": False}.get(decl.dtype),
+                      dim=None if decl.axes is None else len(decl.axes))
+        if decl.size is not None and t.numel() != decl.size:
+            raise GraphError(f"{where}: param {k!r} must hold {decl.size} values, it holds {t.numel()}")
+        _finite(where, k, t)
+
+
 def _need_attrs(where: str, a: dict, keys) -> None:
     missing = [k for k in keys if k not in a]
     if missing:
         raise GraphError(f"{where}: missing attr(s) {', '.join(map(repr, missing))}")
 
 
-def _check_number(where: str, a: dict, key: str, lo: float | None = None, hi: float | None = None,
-                  low_open: bool = False) -> None:
+def _in_range(where: str, a: dict, key: str, lo: float | None = None, hi: float | None = None,
+              low_open: bool = False) -> None:
+    """A number attr (its type checked by :func:`check_declared`) within [lo, hi] (or (lo, hi])."""
     v = a[key]
-    if not _is_number(v) or v != v or v in (float("inf"), float("-inf")):
-        raise GraphError(f"{where}: attr {key!r} must be a finite number, got {v!r}")
     if lo is not None and (v < lo or (low_open and v == lo)) or hi is not None and v > hi:
         raise GraphError(f"{where}: attr {key!r} = {v!r} is out of range")
 
 
 def _check_neuron(where: str, node: Node) -> None:
-    """The attrs and derived params every backend reads from an sfn / if_neuron site."""
+    """What the declarations cannot say about an sfn / if_neuron site: increasing levels, λ in (0, 1], T ≥ 1,
+    boundary and table sizes against the levels, ascending boundaries."""
     a, p = node.attrs, node.params
-    _need_attrs(where, a, ("kind", "levels", "lam", "theta_pos", "theta_neg"))
-    if a["kind"] not in ("dual", "softmax"):
-        raise GraphError(f"{where}: attr 'kind' must be 'dual' or 'softmax', got {a['kind']!r}")
     levels = a["levels"]
-    if not isinstance(levels, list) or not levels or not all(_is_int(y) and y > 0 for y in levels) \
-            or any(b <= c for c, b in zip(levels, levels[1:])):
+    if not levels or not all(y > 0 for y in levels) or any(b <= c for c, b in zip(levels, levels[1:], strict=False)):
         raise GraphError(f"{where}: attr 'levels' must be a non-empty increasing list of positive integers")
-    _check_number(where, a, "lam", 0.0, 1.0, low_open=True)
-    for key in ("theta_pos", "theta_neg"):         # (a threshold ≤ 0 leaves that branch without boundaries)
-        _check_number(where, a, key)
-    if a["kind"] == "softmax":
-        _need_attrs(where, a, ("o_max",))
-        _check_number(where, a, "o_max")
-    if node.op == "if_neuron":
-        _need_attrs(where, a, ("T",))
-        if not _is_int(a["T"]) or a["T"] < 1:
-            raise GraphError(f"{where}: attr 'T' must be an integer ≥ 1, got {a['T']!r}")
-    missing = [k for k in _NEURON_PARAMS if k not in p]
-    if missing:
-        raise GraphError(f"{where}: missing param(s) {', '.join(map(repr, missing))}")
+    _in_range(where, a, "lam", 0.0, 1.0, low_open=True)
+    if "T" in a and a["T"] < 1:
+        raise GraphError(f"{where}: attr 'T' must be an integer ≥ 1, got {a['T']!r}")
     n = len(levels)
     for key in ("bounds_pos", "bounds_neg"):
         b = p[key]
-        _check_tensor(where, key, b, floating=True, dim=1)
         if b.numel() not in (0, n):
             raise GraphError(f"{where}: param {key!r} holds {b.numel()} boundaries for {n} levels")
         if b.numel() > 1 and b.device.type != "meta" and not bool((b[1:] >= b[:-1]).all()):
             raise GraphError(f"{where}: param {key!r} is not ascending")
-    _check_tensor(where, "steps", p["steps"], floating=True, dim=1)
-    if p["steps"].numel() != 2:
-        raise GraphError(f"{where}: param 'steps' must hold 2 values, it holds {p['steps'].numel()}")
-    _check_tensor(where, "table", p["table"], floating=False, dim=1)
     if p["table"].numel() != n + 1:
         raise GraphError(f"{where}: param 'table' must hold {n + 1} values (0 and the levels), "
                          f"it holds {p['table'].numel()}")
 
 
 def _check_mbe(where: str, node: Node) -> None:
+    """A node --method mbe runs in spiking form: its T ≥ 1, its ranges ≥ 0, and, on a host op, the attrs and
+    fitted params that come with ``mbe_fn`` (each optional alone)."""
     a = node.attrs
     _need_attrs(where, a, ("mbe_fn", "T"))
-    fn = a["mbe_fn"]
-    if fn not in _MBE_FNS:
-        raise GraphError(f"{where}: unknown MBE function {fn!r}")
-    if not _is_int(a["T"]) or a["T"] < 1:
+    if a["T"] < 1:
         raise GraphError(f"{where}: attr 'T' must be an integer ≥ 1, got {a['T']!r}")
-    if fn != ("identity" if node.op == "mbe_neuron" else node.op):
-        raise GraphError(f"{where}: mbe_fn {fn!r} does not fit the op")
-    if fn == "identity":
-        _need_attrs(where, a, ("amax",))
-        _check_number(where, a, "amax", 0.0)
-    if fn == "layer_norm":
-        _need_attrs(where, a, ("delta_amax", "eps", "normalized_shape"))
-        _check_number(where, a, "delta_amax", 0.0)
-    missing = [k for k in _MBE_FNS[fn] if k not in node.params]
+    if node.op == "mbe_neuron":
+        _in_range(where, a, "amax", 0.0)
+    if node.op == "layer_norm":
+        _need_attrs(where, a, ("delta_amax",))
+        _in_range(where, a, "delta_amax", 0.0)
+    fits = [k for k, d in TABLE[node.op].params.items() if d.by == "mbe"]
+    missing = [k for k in fits if k not in node.params]
     if missing:
         raise GraphError(f"{where}: missing param(s) {', '.join(map(repr, missing))}")
 
 
 def _check_params(where: str, node: Node) -> None:
+    """What the declarations cannot say about a weight layer's params: a bias of one value per output."""
     p = node.params
-    for key, t in p.items():
-        _check_tensor(where, key, t)
-        _finite(where, key, t)
-    need = {"constant": ("value",), "conv2d": ("weight",), "linear": ("weight",),
-            "batch_norm": ("running_mean", "running_var")}.get(node.op, ())
-    missing = [k for k in need if k not in p]
-    if missing:
-        raise GraphError(f"{where}: missing param(s) {', '.join(map(repr, missing))}")
-    if node.op in ("conv2d", "linear"):
-        w = p["weight"]
-        _check_tensor(where, "weight", w, floating=True, dim=4 if node.op == "conv2d" else 2)
-        if "bias" in p:
-            _check_tensor(where, "bias", p["bias"], floating=True, dim=1)
-            if p["bias"].shape[0] != w.shape[0]:
-                raise GraphError(f"{where}: param 'bias' has {p['bias'].shape[0]} entries for "
-                                 f"{w.shape[0]} outputs")
-        if node.op == "conv2d":
-            _need_attrs(where, node.attrs, ("stride", "padding", "dilation", "groups"))
+    if node.op in ("conv2d", "linear") and "bias" in p and p["bias"].shape[0] != p["weight"].shape[0]:
+        raise GraphError(f"{where}: param 'bias' has {p['bias'].shape[0]} entries for "
+                         f"{p['weight'].shape[0]} outputs")
 
 
 def _like(x: torch.Tensor, key: str, t: torch.Tensor) -> None:
@@ -387,9 +405,7 @@ def _like(x: torch.Tensor, key: str, t: torch.Tensor) -> None:
 
 def _same(node: Node, args):
     x = args[0]
-    if node.op == "gelu" and node.attrs.get("approximate", "none") not in ("none", "tanh"):
-        raise ValueError(f"attr 'approximate' must be 'none' or 'tanh', got {node.attrs['approximate']!r}")
-    if node.op == "softmax" and (not _is_int(node.attrs["dim"]) or not -x.dim() <= node.attrs["dim"] < x.dim()):
+    if node.op == "softmax" and not -x.dim() <= node.attrs["dim"] < x.dim():
         raise ValueError(f"attr 'dim' {node.attrs['dim']!r} is no axis of its input")
     return list(x.shape), x.dtype
 
@@ -406,10 +422,10 @@ def _linear_shape(node: Node, args):
 
 
 def _pair(a: dict, key: str, least: int) -> list[int]:
+    """An int[2] attr (its type checked by :func:`check_declared`) whose entries are ≥ ``least``."""
     v = a[key]
-    v = [v, v] if _is_int(v) else v
-    if not isinstance(v, list) or len(v) != 2 or not all(_is_int(i) and i >= least for i in v):
-        raise ValueError(f"attr {key!r} must be two integers ≥ {least}, got {a[key]!r}")
+    if not all(i >= least for i in v):
+        raise ValueError(f"attr {key!r} must be two integers ≥ {least}, got {v!r}")
     return v
 
 
@@ -417,7 +433,7 @@ def _conv2d_shape(node: Node, args):
     x, w, a = args[0], node.params["weight"], node.attrs       # (4-D weight, matching bias: _check_params)
     stride, padding, dilation = _pair(a, "stride", 1), _pair(a, "padding", 0), _pair(a, "dilation", 1)
     g = a["groups"]
-    if not _is_int(g) or g < 1 or w.shape[0] % g:
+    if g < 1 or w.shape[0] % g:
         raise ValueError(f"attr 'groups' {g!r} does not divide the {w.shape[0]} output channels")
     if x.dim() != 4:
         raise ValueError(f"its input has {x.dim()} axes, a 2-D convolution reads 4")
@@ -437,9 +453,9 @@ def _conv2d_shape(node: Node, args):
 
 
 def _layer_norm_shape(node: Node, args):
-    x, ns, eps = args[0], node.attrs["normalized_shape"], node.attrs["eps"]
-    if not isinstance(ns, list) or not ns or not all(_is_int(s) for s in ns) or not _is_number(eps):
-        raise ValueError("attrs normalized_shape (a list of integers) and eps (a number) are required")
+    x, ns = args[0], node.attrs["normalized_shape"]
+    if not ns:
+        raise ValueError("attr normalized_shape is empty")
     if list(x.shape[x.dim() - len(ns):]) != ns:
         raise ValueError(f"normalized_shape {ns} does not end its input shape {list(x.shape)}")
     for k in ("weight", "bias"):
@@ -452,8 +468,8 @@ def _layer_norm_shape(node: Node, args):
 
 def _batch_norm_shape(node: Node, args):
     x = args[0]
-    if x.dim() < 2 or not _is_number(node.attrs["eps"]):
-        raise ValueError("a batch norm reads an input with a channel axis and needs attr eps (a number)")
+    if x.dim() < 2:
+        raise ValueError("a batch norm reads an input with a channel axis")
     for k in ("running_mean", "running_var", "weight", "bias"):
         if k in node.params:
             if list(node.params[k].shape) != [x.shape[1]]:
@@ -478,9 +494,7 @@ def _binary_shape(node: Node, args):
     other = args[1] if len(args) > 1 else node.attrs["other"]
     if isinstance(other, torch.Tensor):
         return _broadcast(x.shape, other.shape), torch.promote_types(x.dtype, other.dtype)
-    if not _is_number(other) or not _is_number(node.attrs.get("alpha", 1)):
-        raise ValueError(f"attr 'other' must be a number, got {other!r}")
-    return list(x.shape), x.dtype
+    return list(x.shape), x.dtype              # (a number: check_declared)
 
 
 # Shape rules (torch's own, as (shape, dtype)) of the ops that carry weights or are the commonest: no arithmetic,
@@ -529,10 +543,37 @@ def _shape_run(graph: Graph, where_of) -> None:
         b = node.bdim
         if b is not None and not 0 <= b < len(want):
             raise GraphError(f"{where}: batch axis {b} outside its shape {want}")
-        if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != b):
+        if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want, strict=True)) if i != b):
             raise GraphError(f"{where}: computes shape {got} but the graph records {want} "
                              f"(a parameter or attribute of this node or an earlier one has the wrong shape)")
         env[node.name] = out
+
+
+def _check_node(where: str, node: Node, seen: set[str], names: set[str]) -> None:
+    """One node of :func:`validate_graph`, given the names of the nodes before it (``seen``) and of all."""
+    if not isinstance(node.name, str) or not node.name:
+        raise GraphError(f"a node has the name {node.name!r}")
+    if node.name in seen:
+        raise GraphError(f"{where}: the name is used twice")
+    if node.op not in OPS:
+        raise GraphError(f"{where}: unknown op")
+    for i in node.inputs:
+        if i not in seen:
+            why = "which is the node itself (a cycle)" if i == node.name else \
+                "which is a later node (a cycle)" if i in names else "which names no node (a dangling reference)"
+            raise GraphError(f"{where}: reads {i!r}, {why}; inputs must name earlier nodes")
+    lo, hi = _arity(node)
+    if not lo <= len(node.inputs) <= hi:
+        raise GraphError(f"{where}: has {len(node.inputs)} input(s), the op takes "
+                         f"{lo if lo == hi else f'{lo} to {hi}'}")
+    if not isinstance(node.attrs, dict) or not isinstance(node.params, dict):
+        raise GraphError(f"{where}: attrs and params must be dicts")
+    check_declared(where, node)
+    _check_params(where, node)
+    if node.op in NEURON_OPS:
+        _check_neuron(where, node)
+    if node.op == "mbe_neuron" or "mbe_fn" in node.attrs:
+        _check_mbe(where, node)
 
 
 def validate_graph(graph: Graph, shapes: bool = True) -> None:
@@ -540,8 +581,10 @@ def validate_graph(graph: Graph, shapes: bool = True) -> None:
 
     Checks: at least one node; exactly one ``input`` node; unique names; every input names an *earlier*
     node (no dangling or cyclic references) and each op has its number of inputs; the output names a
-    node; every op is in :data:`OPS`; params are dense tensors with finite values; weight layers, neuron
-    sites and MBE nodes carry the attrs and params the backends read; and (``shapes``) one run of the ANN
+    node; every op is in :data:`OPS`; every node's attrs and params are those the op table declares, of the
+    declared types (:func:`check_declared`), with finite parameter values; what the declarations cannot say
+    (levels increasing, λ in (0, 1], T ≥ 1, boundary and table sizes, an MBE node's fits, bias sizes) is checked
+    per op; and (``shapes``) one run of the ANN
     on a zero batch of 1 reproduces every node's stored shape, so a weight of the wrong shape is named
     here rather than failing inside an exporter. Cost: one pass over the parameters (the finite check)
     plus shape arithmetic (weight layers are never computed).
@@ -556,31 +599,8 @@ def validate_graph(graph: Graph, shapes: bool = True) -> None:
         return f"node {node.name!r} ({node.op})"
 
     for node in graph.nodes:
-        where = where_of(node)
-        if not isinstance(node.name, str) or not node.name:
-            raise GraphError(f"a node has the name {node.name!r}")
-        if node.name in seen:
-            raise GraphError(f"{where}: the name is used twice")
-        if node.op not in OPS:
-            raise GraphError(f"{where}: unknown op")
-        if node.op == "input":
-            inputs += 1
-        for i in node.inputs:
-            if i not in seen:
-                why = "which is the node itself (a cycle)" if i == node.name else \
-                    "which is a later node (a cycle)" if i in names else "which names no node (a dangling reference)"
-                raise GraphError(f"{where}: reads {i!r}, {why}; inputs must name earlier nodes")
-        lo, hi = _arity(node)
-        if not lo <= len(node.inputs) <= hi:
-            raise GraphError(f"{where}: has {len(node.inputs)} input(s), the op takes "
-                             f"{lo if lo == hi else f'{lo} to {hi}'}")
-        if not isinstance(node.attrs, dict) or not isinstance(node.params, dict):
-            raise GraphError(f"{where}: attrs and params must be dicts")
-        _check_params(where, node)
-        if node.op in NEURON_OPS:
-            _check_neuron(where, node)
-        if node.op == "mbe_neuron" or "mbe_fn" in node.attrs:
-            _check_mbe(where, node)
+        _check_node(where_of(node), node, seen, names)
+        inputs += node.op == "input"
         seen.add(node.name)
     if inputs != 1:
         raise GraphError(f"the graph has {inputs} input nodes; exactly one is required")

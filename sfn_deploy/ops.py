@@ -1,26 +1,45 @@
-"""The op table: every IR op is one :class:`OpSpec` entry (kind, description, torch implementation).
+"""The op table: every IR op is one :class:`OpSpec` entry: its kind, its inputs, the attributes and
+parameters a node of it carries (declared, with their types and meanings), and its torch implementation.
 
-This is the vocabulary of :mod:`sfn_deploy.ir` (``ir.OPS`` is derived from :data:`TABLE`) and the
-arithmetic every executor shares: the reference interpreter, the op counter, the Lava host and
-the NIR loader all call :func:`apply`, so an op computes the same bits everywhere. This module is
-the base of the import graph: it imports nothing from the package.
+This is the vocabulary of :mod:`sfn_deploy.ir` (``ir.OPS`` is derived from :data:`TABLE`; the checks of a
+loaded graph read the declarations here) and the arithmetic every executor shares: the reference interpreter,
+the op counter, the Lava host and the NIR loader all call :func:`apply`, so an op computes the same bits
+everywhere. This module is the base of the import graph: it imports nothing from the package. docs/ops.md is
+this table as Markdown (``python examples/op_table.py`` writes it; tests/test_ops.py checks it is current).
 
 Adding an op is adding one entry here::
 
-    @register("hardtanh", "host", "clamp to [attrs min_val, attrs max_val]")
+    @register("hardtanh", "host", "clamp to [min_val, max_val] (ReLU6)",
+              attrs={"min_val": "float | -inf: lower bound", "max_val": "float | inf: upper bound"})
     def _hardtanh(node, args, graph, batch):
         return torch.clamp(args[0], node.attrs["min_val"], node.attrs["max_val"])
 
-``kind`` is one of :data:`KINDS`. The implementation gets the node (``attrs``, ``params``), its
-input values in order, the graph (only ``cat`` reads it: which inputs are batchless) and the
-batch size (for shape attrs written with ``"B"``). Capture, the exporters and the counter learn
-about the op from their own registries; an op without an implementation (``input``, ``constant``,
-the neurons) is executed by the interpreter itself (:mod:`sfn_deploy.simulators.interpreter`).
+``kind`` is one of :data:`KINDS`. ``inputs`` names the node's inputs in order (``"x"`` by default; ``"a, b?"``:
+the second may be absent; ``"x..."``: one or more; ``""``: none). Declarations are ``"TYPE: meaning"``
+strings keyed by the attribute's name; a name ending in ``?`` may be absent (the implementation reads it with a
+default). TYPE is one or more alternatives joined by ``|``:
+
+    int · float (a finite number: an int is accepted) · bool · str · 'literal' · None · inf · -inf
+    int[2] / float[2] (a list of exactly 2) · int[] (a list of any length)
+    shape (a list of integers and batch entries "B" / "B*k": k axes merged into the batch axis)
+
+Parameters are ``"DTYPE [axes]: meaning"`` with DTYPE ``float``, ``int`` or ``any`` and one name per axis
+(``[...]``: any number of axes; ``[2]``: exactly 2 values). Attributes that later stages add (neuron
+statistics, method settings, MBE settings) are declared on the ops they go on, grouped by the module that
+writes them (:func:`written_by`); :data:`ANNOTATIONS` are the ones any node may carry. A graph may hold no
+other keys: see :func:`sfn_deploy.ir.check_declared`.
+
+The implementation gets the node (``attrs``, ``params``), its input values in order, the graph (only ``cat``
+reads it: which inputs are batchless) and the batch size (for ``shape`` attrs). Capture, the exporters and the
+counter learn about the op from their own registries; an op without an implementation (``input``,
+``constant``, the neurons) is executed by the interpreter itself (:mod:`sfn_deploy.simulators.interpreter`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,28 +52,195 @@ KINDS = ("io", "weight", "product", "neuron", "host", "pool", "layout")
 Impl = Callable[..., torch.Tensor]          # (node, args, graph, batch) -> tensor
 
 
+# ---------------------------------------------------------------- declarations: types, attributes, parameters
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_batch_entry(v) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"B(\*[1-9][0-9]*)?", v) is not None
+
+
+_SCALARS: dict[str, tuple[Callable[[object], bool], str, str]] = {   # name: (test, one, several)
+    "int": (_is_int, "an integer", "integers"),
+    "float": (_is_finite, "a finite number", "finite numbers"),
+    "bool": (lambda v: isinstance(v, bool), "True or False", "booleans"),
+    "str": (lambda v: isinstance(v, str), "a string", "strings"),
+    "None": (lambda v: v is None, "None", ""),
+    "inf": (lambda v: v == math.inf and not isinstance(v, bool), "inf", ""),
+    "-inf": (lambda v: v == -math.inf and not isinstance(v, bool), "-inf", ""),
+    "shape": (lambda v: isinstance(v, list) and all(_is_int(s) or _is_batch_entry(s) for s in v),
+              "a shape (integers, 'B' and 'B*k')", ""),
+}
+_LIST = re.compile(r"(int|float)\[([0-9]*)\]")
+
+
+@dataclass(frozen=True)
+class Type:
+    """The values an attribute may hold: alternatives from the small language in the module docstring."""
+    text: str
+
+    def __post_init__(self):
+        for alt in self.alts:
+            if not (alt in _SCALARS or _LIST.fullmatch(alt) or re.fullmatch(r"'[^']*'", alt)):
+                raise ValueError(f"unknown type {alt!r} in {self.text!r}")
+
+    @property
+    def alts(self) -> list[str]:
+        return [a.strip() for a in self.text.split("|")]
+
+    @property
+    def literals(self) -> list[str]:
+        """The strings a ``'a' | 'b'`` type allows."""
+        return [a[1:-1] for a in self.alts if a.startswith("'")]
+
+    def accepts(self, v) -> bool:
+        return any(_accepts(alt, v) for alt in self.alts)
+
+    def says(self) -> str:
+        """The type in words, for messages: "a list of 2 integers", "'relu' or None"."""
+        return " or ".join(_says(alt) for alt in self.alts)
+
+
+def _accepts(alt: str, v) -> bool:
+    if alt.startswith("'"):
+        return isinstance(v, str) and v == alt[1:-1]
+    m = _LIST.fullmatch(alt)
+    if m:
+        test = _SCALARS[m.group(1)][0]
+        return isinstance(v, list) and (not m.group(2) or len(v) == int(m.group(2))) and all(test(x) for x in v)
+    return _SCALARS[alt][0](v)
+
+
+def _says(alt: str) -> str:
+    if alt.startswith("'"):
+        return alt
+    m = _LIST.fullmatch(alt)
+    if m:
+        return f"a list of {m.group(2) + ' ' if m.group(2) else ''}{_SCALARS[m.group(1)][2]}"
+    return _SCALARS[alt][1]
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One declared attribute: its type, what it means, whether every node of the op carries it, and the
+    module that writes it."""
+    name: str
+    type: Type
+    meaning: str
+    required: bool = True
+    by: str = "capture"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared tensor parameter: its dtype class (float, int or any), its axes (None: any number), what
+    it means, whether every node of the op carries it, and the module that writes it."""
+    name: str
+    dtype: str
+    axes: tuple[str, ...] | None
+    meaning: str
+    required: bool = True
+    by: str = "capture"
+
+    @property
+    def size(self) -> int | None:
+        """The number of values when the declaration fixes it (``[2]``)."""
+        return int(self.axes[0]) if self.axes is not None and len(self.axes) == 1 and self.axes[0].isdigit() \
+            else None
+
+
+def _split(key: str, text: str) -> tuple[str, bool, str, str]:
+    name, required = (key[:-1], False) if key.endswith("?") else (key, True)
+    head, _, meaning = text.partition(": ")
+    return name, required, head.strip(), meaning.strip()
+
+
+def _attr(key: str, text: str | Attr, by: str) -> Attr:
+    if isinstance(text, Attr):
+        return text
+    name, required, head, meaning = _split(key, text)
+    return Attr(name, Type(head), meaning, required, by)
+
+
+def _param(key: str, text: str | Param, by: str) -> Param:
+    if isinstance(text, Param):
+        return text
+    name, required, head, meaning = _split(key, text)
+    m = re.fullmatch(r"(float|int|any)(?: \[(.*)\])?", head)
+    if m is None:
+        raise ValueError(f"param {key!r}: cannot read {head!r} (float/int/any, then the axes in brackets)")
+    axes = None if m.group(2) in (None, "...") else tuple(a.strip() for a in m.group(2).split(","))
+    return Param(name, m.group(1), axes, meaning, required, by)
+
+
+def written_by(module: str, attrs: Mapping[str, str]) -> dict[str, Attr]:
+    """Declarations of attributes a later stage adds: ``module`` (``calibrate``, ``methods``, ...) writes
+    them; spread them into ``register``'s ``attrs``."""
+    return {k.rstrip("?"): _attr(k, v, module) for k, v in attrs.items()}
+
+
+def params_written_by(module: str, params: Mapping[str, str]) -> dict[str, Param]:
+    """:func:`written_by` for parameters."""
+    return {k.rstrip("?"): _param(k, v, module) for k, v in params.items()}
+
+
+# Attributes any node may carry, whatever its op (written by later stages for inspection).
+ANNOTATIONS: dict[str, Attr] = written_by("simulators.temporal", {
+    "temporal?": "'static' | 'state' | 'step' | 'ecm' | 'gate': how the node behaves over a multi-step run "
+                 "(docs/methods.md; mark_temporal, for inspect: the interpreter recomputes it)",
+})
+
+
 @dataclass(frozen=True)
 class OpSpec:
     name: str
     kind: str
     description: str
     impl: Impl | None = None       # None: run by the interpreter (io, neurons)
+    inputs: str = "x"              # input names in order: "a, b?" (b optional), "x..." (one or more), "" (none)
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+    @property
+    def arity(self) -> tuple[int, int]:
+        """(fewest, most) inputs."""
+        names = [s.strip() for s in self.inputs.split(",") if s.strip()]
+        if names and names[-1].endswith("..."):
+            return len(names), 1 << 30
+        return sum(not s.endswith("?") for s in names), len(names)
 
 
 TABLE: dict[str, OpSpec] = {}
 
 
-def register(name: str, kind: str, description: str):
+def register(name: str, kind: str, description: str, *, inputs: str = "x",
+             attrs: Mapping[str, str | Attr] | None = None, params: Mapping[str, str | Param] | None = None):
     """Decorator: add op ``name`` to the table with the decorated function as its implementation."""
     def add(fn: Impl) -> Impl:
-        _insert(OpSpec(name, kind, description, fn))
+        _insert(_spec(name, kind, description, fn, inputs, attrs, params))
         return fn
     return add
 
 
-def declare(name: str, kind: str, description: str) -> None:
+def declare(name: str, kind: str, description: str, *, inputs: str = "x",
+            attrs: Mapping[str, str | Attr] | None = None, params: Mapping[str, str | Param] | None = None) -> None:
     """Add op ``name`` without an implementation: the interpreter runs it (io, neurons)."""
-    _insert(OpSpec(name, kind, description, None))
+    _insert(_spec(name, kind, description, None, inputs, attrs, params))
+
+
+def _spec(name, kind, description, fn, inputs, attrs, params) -> OpSpec:
+    a = {k.rstrip("?"): _attr(k, v, "capture") for k, v in (attrs or {}).items()}
+    p = {k.rstrip("?"): _param(k, v, "capture") for k, v in (params or {}).items()}
+    clash = set(a) & set(ANNOTATIONS)
+    if clash:
+        raise ValueError(f"op {name!r}: attr(s) {sorted(clash)} are annotations any node may carry")
+    return OpSpec(name, kind, description, fn, inputs, a, p)
 
 
 def _insert(spec: OpSpec) -> None:
@@ -63,8 +249,6 @@ def _insert(spec: OpSpec) -> None:
     if spec.name in TABLE:
         raise ValueError(f"op {spec.name!r} is registered twice")
     TABLE[spec.name] = spec
-
-
 def apply(node, args: list, graph, batch: int) -> torch.Tensor:
     """Compute ``node`` on its input values with the op's torch implementation."""
     spec = TABLE.get(node.op)
@@ -89,35 +273,110 @@ def _other(args, a):
     return args[1] if len(args) > 1 else a["other"]
 
 
+# ---------------------------------------------------------------- declarations shared by several ops
+
+_PAIR = "int[2]"
+_CONV_WINDOW = {
+    "stride": f"{_PAIR}: step of the window (rows, columns)",
+    "padding": f"{_PAIR}: zeros added on both sides (rows, columns)",
+    "dilation": f"{_PAIR}: spacing of the window's taps (rows, columns)",
+}
+_REDUCE = {"dims": "int[]: the axes reduced (non-negative)", "keepdim": "bool: keep them as size-1 axes"}
+_AFFINE = {"weight?": "float [C]: per-channel scale", "bias?": "float [C]: per-channel shift"}
+
+# A neuron site, as passes.insert_sfn places it on an activation (SPEC §4; docs/concepts.md). The methods
+# (docs/methods.md) turn sites into their neurons in place and keep these attributes.
+_SITE = written_by("passes", {
+    "kind": "'dual' | 'softmax': a two-sided site, or one after a softmax (its step from o_max)",
+    "fire": "str: the level function (sformer, linear, exponential; if, mtn, ecmt, pmsm from the methods)",
+    "M": "int: the number of levels N",
+    "levels": "int[]: y_1..y_N, positive and increasing",
+    "rounding": "'paper' | 'nearest' | 'floor': where the boundaries sit between levels",
+    "lam": "float: λ in (0, 1], the scale of the steps (set by the λ search or the method)",
+    "theta_pos": "float: θ⁺, the positive threshold (set by calibrate or the method)",
+    "theta_neg": "float: θ⁻, the negative threshold; ≤ 0 turns the negative branch off",
+    "o_max": "float: the largest softmax output seen (softmax sites; 0 on the others)",
+    "role": "str: where the site sits (post-relu, q, k, v, attn, attn-out, pre-<layer>, ...)",
+    "absorbs": "'relu' | None: the ReLU the site replaced (its negative branch is off)",
+    "feeds": "str: the consumer the site was placed for (a weight layer or product)",
+    "theta_softmax?": "float: o_max / N / λ, a softmax site's threshold (passes.configure)",
+})
+_CALIBRATION = written_by("calibrate", {
+    "percentile?": "float: p of the top-p% thresholds",
+    "calib_samples?": "int: activation values seen",
+    "max_pos?": "float: the largest positive input seen",
+    "max_neg?": "float: the largest negative input seen, as a magnitude",
+    "hist_hi?": "float[2]: upper ends of the hist_pos and hist_neg histograms",
+})
+_CALIBRATION_PARAMS = params_written_by("calibrate", {
+    "hist_pos?": "float [bins]: histogram of the positive inputs on [0, hist_hi[0])",
+    "hist_neg?": "float [bins]: histogram of the negative inputs' magnitudes on [0, hist_hi[1])",
+})
+_FIRE_PARAMS = params_written_by("passes", {      # passes.configure derives them from the attrs above
+    "bounds_pos": "float [N]: the positive branch's firing boundaries (empty: branch off)",
+    "bounds_neg": "float [N]: the negative branch's boundaries, as magnitudes (empty: branch off)",
+    "steps": "float [2]: [λθ⁺, λθ⁻], one level step of each branch",
+    "table": "int [N+1]: [0, y_1..y_N], the output level of each spike index",
+})
+_METHOD = written_by("methods", {
+    "method?": "'if' | 'mtn' | 'ecmt' | 'pmsm': the method that set the site (pmsm.py writes pmsm)",
+    "T?": "int: timesteps the site stands for",
+    "v0?": "float: initial membrane potential in units of the positive step (if, mtn)",
+})
+
+
+def _mbe(fn: str, extra: Mapping[str, str] | None = None) -> dict[str, Attr]:
+    """--method mbe's attributes on a node it runs in spiking form (sfn_deploy/mbe.py); optional but on its
+    own neuron."""
+    opt = "" if fn == "identity" else "?"
+    return written_by("mbe", {
+        f"mbe_fn{opt}": f"'{fn}': run its spiking MBE form (T internal steps); the ANN ignores it",
+        f"T{opt}": "int: MBE's internal steps (bits of the binary code)",
+        f"method{opt}": "'mbe': the conversion method",
+        **(extra or {})})
+
+
 # ---------------------------------------------------------------- io (run by the interpreter)
 
-declare("input", "io", "the network input")
-declare("constant", "io", "a stored tensor used as data (class token, position embedding)")
+declare("input", "io", "the network input", inputs="")
+declare("constant", "io", "a stored tensor used as data (class token, position embedding)", inputs="",
+        params={"value": "any [...]: the tensor (no batch axis)"})
 
 
 # ---------------------------------------------------------------- weight layers and products
 
-@register("conv2d", "weight", "2-D convolution; attrs stride, padding, dilation, groups")
+@register("conv2d", "weight", "2-D convolution",
+          attrs={**_CONV_WINDOW, "groups": "int: channel groups (divides the output channels)"},
+          params={"weight": "float [out, in/groups, kh, kw]: the kernels", "bias?": "float [out]"})
 def _conv2d(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.conv2d(args[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
-@register("linear", "weight", "y = x Wᵀ + b over the last axis")
+@register("linear", "weight", "y = x Wᵀ + b over the last axis",
+          params={"weight": "float [out, in]", "bias?": "float [out]"})
 def _linear(node, args, graph, batch):
     return F.linear(args[0], node.params["weight"], node.params.get("bias"))
 
 
-@register("matmul", "product", "product of two activations (attention q·kᵀ and attn·v)")
+@register("matmul", "product", "product of two activations (attention q·kᵀ and attn·v)", inputs="a, b",
+          attrs=written_by("mbe", {"mbe_product?": "'coincidence': both operands are MBE spikes (counted as "
+                                                   "coincidences)"}))
 def _matmul(node, args, graph, batch):
     return torch.matmul(args[0], args[1])
 
 
 # ---------------------------------------------------------------- neurons (run by the interpreter's neuron kinds)
 
-declare("sfn", "neuron", "Scale-and-Fire neuron, one timestep")
-declare("if_neuron", "neuron", "multi-level integrate-and-fire neuron over T timesteps, soft reset (baselines)")
-declare("mbe_neuron", "neuron", "MBE identity neuron: binary encoding of x over T internal steps (--method mbe)")
+declare("sfn", "neuron", "Scale-and-Fire neuron, one timestep (ir.py's docstring: the fire rule)",
+        attrs={**_SITE, **_CALIBRATION, **_METHOD}, params={**_FIRE_PARAMS, **_CALIBRATION_PARAMS})
+declare("if_neuron", "neuron", "multi-level integrate-and-fire neuron over T timesteps, soft reset (baselines)",
+        attrs={**_SITE, **_CALIBRATION, **_METHOD,
+               **written_by("methods", {"T": "int: timesteps per inference (≥ 1)"})},
+        params={**_FIRE_PARAMS, **_CALIBRATION_PARAMS})
+declare("mbe_neuron", "neuron", "MBE identity neuron: binary encoding of x over T internal steps (--method mbe)",
+        attrs={**_SITE, **_CALIBRATION, **_mbe("identity", {"amax": "float: the encoded range [0, amax] (≥ 0)"})},
+        params=_CALIBRATION_PARAMS)
 
 
 # ---------------------------------------------------------------- host
@@ -127,23 +386,35 @@ def _relu(node, args, graph, batch):
     return torch.relu(args[0])
 
 
-@register("gelu", "host", "GELU; attrs approximate")
+@register("gelu", "host", "GELU",
+          attrs={"approximate?": "'none' | 'tanh': torch's approximation (default none)", **_mbe("gelu")},
+          params=params_written_by("mbe", {"mbe_gelu_pos?": "float [fit]: the MBE fit of x ≥ 0 (mbe_fn)",
+                                           "mbe_gelu_neg?": "float [fit]: the MBE fit of x < 0 (mbe_fn)"}))
 def _gelu(node, args, graph, batch):
     return F.gelu(args[0], approximate=node.attrs.get("approximate", "none"))
 
 
-@register("softmax", "host", "softmax over attrs dim")
+@register("softmax", "host", "softmax over an axis",
+          attrs={"dim": "int: the axis", **_mbe("softmax")},
+          params=params_written_by("mbe", {"mbe_exp2?": "float [fit]: the MBE fit of 2^x (mbe_fn)",
+                                           "mbe_inv?": "float [fit]: the MBE fit of 1/x (mbe_fn)"}))
 def _softmax(node, args, graph, batch):
     return torch.softmax(args[0], node.attrs["dim"])
 
 
-@register("layer_norm", "host", "LayerNorm over the last len(normalized_shape) axes")
+@register("layer_norm", "host", "LayerNorm over the last len(normalized_shape) axes",
+          attrs={"normalized_shape": "int[]: the normalised trailing axes' sizes", "eps": "float: added to the "
+                 "variance", **_mbe("layer_norm", {"delta_amax?": "float: the largest |x − mean| seen (≥ 0)"})},
+          params={"weight?": "float [...]: scale, of shape normalized_shape", "bias?": "float [...]: shift",
+                  **params_written_by("mbe", {"mbe_invsqrt?": "float [fit]: the MBE fit of 1/√x (mbe_fn)"})})
 def _layer_norm(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.layer_norm(args[0], a["normalized_shape"], p.get("weight"), p.get("bias"), a["eps"])
 
 
-@register("batch_norm", "host", "inference BatchNorm not foldable into a convolution")
+@register("batch_norm", "host", "inference BatchNorm not foldable into a convolution (over axis 1)",
+          attrs={"eps": "float: added to the variance"},
+          params={"running_mean": "float [C]", "running_var": "float [C]", **_AFFINE})
 def _batch_norm(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.batch_norm(args[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"),
@@ -158,95 +429,111 @@ def _alpha_other(node, args):
     return other
 
 
-@register("add", "host", "a + alpha·b (tensor or attrs scalar)")
+_SCALAR = {"other?": "float | inf | -inf: the scalar b when there is one input"}
+
+
+@register("add", "host", "a + alpha·b (b an input or the scalar other)", inputs="a, b?",
+          attrs={**_SCALAR, "alpha?": "float: the multiplier of b (default 1)"})
 def _add(node, args, graph, batch):
     return args[0] + _alpha_other(node, args)
 
 
-@register("sub", "host", "a − b")
+@register("sub", "host", "a − alpha·b", inputs="a, b?", attrs={**_SCALAR, "alpha?": "float: (default 1)"})
 def _sub(node, args, graph, batch):
     return args[0] - _alpha_other(node, args)
 
 
-@register("mul", "host", "a · b")
+@register("mul", "host", "a · b", inputs="a, b?", attrs=_SCALAR)
 def _mul(node, args, graph, batch):
     return args[0] * _other(args, node.attrs)
 
 
-@register("div", "host", "a / b")
+@register("div", "host", "a / b", inputs="a, b?", attrs=_SCALAR)
 def _div(node, args, graph, batch):
     return args[0] / _other(args, node.attrs)
 
 
 # ---------------------------------------------------------------- pooling
 
-@register("max_pool2d", "pool", "2-D max pooling")
+@register("max_pool2d", "pool", "2-D max pooling",
+          attrs={"kernel_size": f"{_PAIR}: window (rows, columns)", **_CONV_WINDOW,
+                 "ceil_mode": "bool: round the output size up"})
 def _max_pool2d(node, args, graph, batch):
     a = node.attrs
     return F.max_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
 
 
-@register("avg_pool2d", "pool", "2-D average pooling")
+@register("avg_pool2d", "pool", "2-D average pooling",
+          attrs={"kernel_size": f"{_PAIR}: window (rows, columns)", "stride": _CONV_WINDOW["stride"],
+                 "padding": _CONV_WINDOW["padding"], "ceil_mode": "bool: round the output size up",
+                 "count_include_pad": "bool: padding counts in the divisor",
+                 "divisor_override?": "int | None: divide by this instead"})
 def _avg_pool2d(node, args, graph, batch):
     a = node.attrs
     return F.avg_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                         a["count_include_pad"], a.get("divisor_override"))
 
 
-@register("adaptive_avg_pool2d", "pool", "adaptive 2-D average pooling")
+@register("adaptive_avg_pool2d", "pool", "adaptive 2-D average pooling",
+          attrs={"output_size": f"{_PAIR}: output rows, columns"})
 def _adaptive_avg_pool2d(node, args, graph, batch):
     return F.adaptive_avg_pool2d(args[0], node.attrs["output_size"])
 
 
-@register("mean", "pool", "mean over attrs dims")
+@register("mean", "pool", "mean over axes", attrs=_REDUCE)
 def _mean(node, args, graph, batch):
     return args[0].mean(node.attrs["dims"], keepdim=node.attrs["keepdim"])
 
 
 # ---------------------------------------------------------------- layout
 
-@register("reshape", "layout", "reshape to attrs shape")
+@register("reshape", "layout", "reshape", attrs={"shape": "shape: the new shape (-1: inferred)"})
 def _reshape(node, args, graph, batch):
     return args[0].reshape(resolve_shape(node.attrs["shape"], batch))
 
 
-@register("permute", "layout", "permute axes")
+@register("permute", "layout", "permute axes", attrs={"dims": "int[]: the input axis of each output axis"})
 def _permute(node, args, graph, batch):
     return args[0].permute(node.attrs["dims"])
 
 
-@register("transpose", "layout", "swap two axes")
+@register("transpose", "layout", "swap two axes", attrs={"dim0": "int: an axis", "dim1": "int: the other"})
 def _transpose(node, args, graph, batch):
     return args[0].transpose(node.attrs["dim0"], node.attrs["dim1"])
 
 
-@register("flatten", "layout", "flatten axes start..end")
+@register("flatten", "layout", "flatten axes start..end",
+          attrs={"start": "int: first axis merged", "end": "int: last axis merged"})
 def _flatten(node, args, graph, batch):
     return args[0].flatten(node.attrs["start"], node.attrs["end"])
 
 
-@register("unsqueeze", "layout", "insert an axis")
+@register("unsqueeze", "layout", "insert an axis", attrs={"dim": "int: its position"})
 def _unsqueeze(node, args, graph, batch):
     return args[0].unsqueeze(node.attrs["dim"])
 
 
-@register("squeeze", "layout", "remove size-1 axes")
+@register("squeeze", "layout", "remove size-1 axes", attrs={"dims": "int[]: the axes removed"})
 def _squeeze(node, args, graph, batch):
     return args[0].squeeze(node.attrs["dims"])
 
 
-@register("select", "layout", "pick one index along an axis")
+@register("select", "layout", "pick one index along an axis (the axis goes)",
+          attrs={"dim": "int: the axis", "index": "int: the index"})
 def _select(node, args, graph, batch):
     return args[0].select(node.attrs["dim"], node.attrs["index"])
 
 
-@register("slice", "layout", "a strided range along an axis")
+@register("slice", "layout", "a strided range along an axis",
+          attrs={"dim": "int: the axis", "start": "int: first index", "end": "int: one past the last",
+                 "step": "int: stride"})
 def _slice(node, args, graph, batch):
     a = node.attrs
     return args[0][(slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)]
 
 
-@register("cat", "layout", "concatenate along an axis (batchless inputs broadcast over the batch)")
+@register("cat", "layout", "concatenate along an axis (batchless inputs broadcast over the batch)",
+          inputs="x...", attrs={"dim": "int: the axis"})
 def _cat(node, args, graph, batch):
     """Batchless inputs (``graph[name].bdim is None``: constants) are broadcast over the batch first."""
     parts = []
@@ -259,14 +546,15 @@ def _cat(node, args, graph, batch):
     return torch.cat(parts, node.attrs["dim"])
 
 
-@register("expand", "layout", "broadcast to attrs shape")
+@register("expand", "layout", "broadcast", attrs={"shape": "shape: the new shape (-1: keep the axis)"})
 def _expand(node, args, graph, batch):
     return args[0].expand(resolve_shape(node.attrs["shape"], batch))
 
 
 # ---------------------------------------------------------------- the model zoo's operators
 
-@register("hardtanh", "host", "clamp to [attrs min_val, attrs max_val] (ReLU6)")
+@register("hardtanh", "host", "clamp to [min_val, max_val] (ReLU6)",
+          attrs={"min_val": "float | -inf: lower bound", "max_val": "float | inf: upper bound"})
 def _hardtanh(node, args, graph, batch):
     return torch.clamp(args[0], node.attrs["min_val"], node.attrs["max_val"])
 
@@ -301,28 +589,34 @@ def _mish(node, args, graph, batch):
     return F.mish(args[0])
 
 
-@register("group_norm", "host", "GroupNorm: attrs num_groups, eps; params weight, bias (per channel)")
+@register("group_norm", "host", "GroupNorm over axis 1's groups",
+          attrs={"num_groups": "int: groups (divides the channels)", "eps": "float: added to the variance"},
+          params=_AFFINE)
 def _group_norm(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.group_norm(args[0], a["num_groups"], p.get("weight"), p.get("bias"), a["eps"])
 
 
-@register("vector_norm", "host", "the attrs ord-norm (1 or 2) over attrs dims")
+@register("vector_norm", "host", "the ord-norm over axes",
+          attrs={"ord": "float: 1 or 2", **_REDUCE})
 def _vector_norm(node, args, graph, batch):
     a = node.attrs
     return torch.linalg.vector_norm(args[0], a["ord"], a["dims"], keepdim=a["keepdim"])
 
 
-@register("sum", "pool", "sum over attrs dims")
+@register("sum", "pool", "sum over axes", attrs=_REDUCE)
 def _sum(node, args, graph, batch):
     return args[0].sum(node.attrs["dims"], keepdim=node.attrs["keepdim"])
 
 
-@register("pad", "layout", "constant padding: attrs pad (F.pad order: last axis first), value")
+@register("pad", "layout", "constant padding",
+          attrs={"pad": "int[]: widths (before, after) per axis, last axis first (F.pad's order)",
+                 "value": "float | -inf: the padding value"})
 def _pad(node, args, graph, batch):
     return F.pad(args[0], node.attrs["pad"], "constant", node.attrs["value"])
 
 
-@register("roll", "layout", "cyclic shift: attrs shifts along attrs dims (shifted windows)")
+@register("roll", "layout", "cyclic shift (shifted windows)",
+          attrs={"shifts": "int[]: shift along each axis", "dims": "int[]: the axes"})
 def _roll(node, args, graph, batch):
     return torch.roll(args[0], node.attrs["shifts"], node.attrs["dims"])
