@@ -94,10 +94,10 @@ def simulate(p: dict, u: torch.Tensor, T: int, surrogate: float = 0.0, counts: b
             s = torch.ge(m, V[t]).to(u.dtype)
             m.addcmul_(s, r[t], value=-1.0)
             o.addcmul_(s, d[t])
-            if counts:
+            if total is not None and n_evt is not None:
                 total += s
                 n_evt += s.amax(-1)
-        if counts:
+        if total is not None:
             n_spk = total.sum(-1)
     for t in range(T if surrogate else 0):
         z = m - V[t]
@@ -337,23 +337,40 @@ def convert_mbe(graph, data, T: int = DEFAULT_T, batch_size: int = 256) -> dict:
     neuron's own spikes feed the next layer); products of two activations are counted as coincidences.
     """
     from .errors import UserError
-    from .simulators.interpreter import run
 
     if not _has(graph, ("gelu", "softmax", "layer_norm")):
         raise UserError("--method mbe approximates a Transformer's GELU, softmax and LayerNorm; this network has "
                         "none (MBE on CNNs is not implemented: see docs/methods.md)")
+    fits = {name: _pack(primitive(name, T)) for name in PRIMITIVES}
+    placed = {"identity": 0, "gelu": 0, "softmax": 0, "layer_norm": 0, "coincidence_products": 0}
+    _place_nonlinear(graph, fits, _layer_norm_ranges(graph, data, batch_size), T, placed)
+    _place_identities(graph, T, placed)
+    _mark_products(graph, placed)
+    graph.reindex()
+    graph.method, graph.timesteps = "mbe", 1
+    return {"T": T, "placed": placed,
+            "fits": {name: {k: v for k, v in rec.items() if k != "params"}
+                     for name, rec in _fit_records(T).items()}}
+
+
+def _layer_norm_ranges(graph, data, batch_size: int) -> dict[str, float]:
+    """Per LayerNorm, the largest |x − mean| over the data: the range of its 1/√x neuron's input."""
+    from .simulators.interpreter import run
     ln_max: dict[str, float] = {}
 
     def hook(node, args, out, extra):
         if node.op == "layer_norm":
-            k = len(node.attrs["normalized_shape"])
-            dims = tuple(range(-k, 0))
+            dims = tuple(range(-len(node.attrs["normalized_shape"]), 0))
             v = float((args[0] - args[0].mean(dims, keepdim=True)).abs().max())
             ln_max[node.name] = max(ln_max.get(node.name, 0.0), v)
     for xb in data.batches(batch_size):
         run(graph, xb, spiking=False, hook=hook)
-    fits = {name: _pack(primitive(name, T)) for name in PRIMITIVES}
-    placed = {"identity": 0, "gelu": 0, "softmax": 0, "layer_norm": 0, "coincidence_products": 0}
+    return ln_max
+
+
+def _place_nonlinear(graph, fits: dict, ln_max: dict[str, float], T: int, placed: dict) -> None:
+    """GELU, softmax and LayerNorm nodes get their MBE decompositions; a GELU's own site is dropped."""
+    from .errors import UserError
     users = graph.users()
     for node in list(graph.nodes):
         a = node.attrs
@@ -377,18 +394,27 @@ def convert_mbe(graph, data, T: int = DEFAULT_T, batch_size: int = 256) -> dict:
             a.update({"mbe_fn": "layer_norm", "T": T, "method": "mbe", "delta_amax": ln_max.get(node.name, 0.0)})
             node.params["mbe_invsqrt"] = fits["invsqrt"]
             placed["layer_norm"] += 1
+
+
+def _place_identities(graph, T: int, placed: dict) -> None:
+    """Every remaining SFN site becomes an MBE identity neuron on its calibrated range."""
     for node in list(graph.nodes):
-        if node.op == "sfn":
-            a = node.attrs
-            amax = float(a["max_pos"]) if a.get("absorbs") == "relu" else max(float(a["max_pos"]),
-                                                                             float(a["max_neg"]))
-            if a["kind"] == "softmax":
-                a["kind"] = "dual"
-            a.update({"mbe_fn": "identity", "T": T, "method": "mbe", "amax": amax})
-            node.op = "mbe_neuron"
-            for key in ("bounds_pos", "bounds_neg", "steps", "table"):
-                node.params.pop(key, None)
-            placed["identity"] += 1
+        if node.op != "sfn":
+            continue
+        a = node.attrs
+        amax = float(a["max_pos"]) if a.get("absorbs") == "relu" else max(float(a["max_pos"]), float(a["max_neg"]))
+        if a["kind"] == "softmax":
+            a["kind"] = "dual"
+        a.update({"mbe_fn": "identity", "T": T, "method": "mbe", "amax": amax})
+        node.op = "mbe_neuron"
+        for key in ("bounds_pos", "bounds_neg", "steps", "table"):
+            node.params.pop(key, None)
+        placed["identity"] += 1
+
+
+def _mark_products(graph, placed: dict) -> None:
+    """Products of two MBE spike trains (through layout ops) are counted as coincidences; others refused."""
+    from .errors import UserError
     spiking = {n.name for n in graph.nodes if n.op == "mbe_neuron" or n.attrs.get("mbe_fn") == "gelu"}
     through = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand"}
     for n in graph.nodes:                      # values that are MBE spikes (through layout ops)
@@ -396,16 +422,10 @@ def convert_mbe(graph, data, T: int = DEFAULT_T, batch_size: int = 256) -> dict:
             spiking.add(n.name)
     for n in graph.nodes:
         if n.op == "matmul":
-            if all(i in spiking for i in n.inputs):
-                n.attrs["mbe_product"] = "coincidence"
-                placed["coincidence_products"] += 1
-            else:
+            if not all(i in spiking for i in n.inputs):
                 raise UserError(f"node {n.name}: an activation product whose operands are not both MBE-encoded")
-    graph.reindex()
-    graph.method, graph.timesteps = "mbe", 1
-    return {"T": T, "placed": placed,
-            "fits": {name: {k: v for k, v in rec.items() if k != "params"}
-                     for name, rec in _fit_records(T).items()}}
+            n.attrs["mbe_product"] = "coincidence"
+            placed["coincidence_products"] += 1
 
 
 def _fit_records(T: int) -> dict:

@@ -18,6 +18,7 @@ Multi-Spike Mapping" (arXiv 2508.14520): only the abstract is available; every c
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +121,11 @@ def convert_pmsm(graph: Graph, data, k: int = 8, epochs: float = 1, lr: float = 
     scales = [t for pair in thetas.values() for t in pair if t is not None]
     opt = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": scales, "lr": lr * 10}])
     g = torch.Generator().manual_seed(seed)
-    losses, correct, seen = [], 0, 0
+    losses: list[float] = []
+    correct = seen = 0
     steps = max(1, int(round(epochs * -(-len(data) // batch_size)))) if epochs > 0 else 0
     bar = progress(range(steps), "PMSM fine-tune", quiet=quiet, total=steps)
-    batches = iter(())
+    batches: Iterator[torch.Tensor] = iter(())
     try:
         for _ in bar:
             idx = next(batches, None)

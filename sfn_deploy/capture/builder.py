@@ -201,6 +201,8 @@ class Builder:
             if fx_node.op == "placeholder":
                 if fx_node.name == user_inputs[0]:
                     shape = meta_shape(fx_node)
+                    if shape is None or not shape:
+                        raise UserError("the model's input must be a tensor with a batch axis")
                     self.batch = shape[0]
                     self.env[fx_node.name] = self.add(Node("input", "input", [], {}, {}, shape, 0, "input")).name
                 continue
