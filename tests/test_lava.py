@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import convert_example
+
 from sfn_deploy.convert import convert
 from sfn_deploy.errors import UserError
 from sfn_deploy.exporters.lava import export_lava, load_network, lower, run_lava
@@ -172,13 +172,15 @@ def test_bundle_refuses_damage_and_strangers(digits_snn, digits, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     with pytest.raises(UserError, match="not a Lava bundle folder"):
         load_network(str(tmp_path / "nothing"))
-    man = json.load(open(os.path.join(path, "manifest.json")))
+    with open(os.path.join(path, "manifest.json")) as f:
+        man = json.load(f)
     with open(os.path.join(path, "arrays.npz"), "ab") as f:
         f.write(b"x")
     with pytest.raises(UserError, match="checksum"):
         load_network(path)
     man["format_version"] = 99
-    json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(man, f)
     with pytest.raises(UserError, match="newer"):
         load_network(path)
     other = tmp_path / "other"
@@ -249,14 +251,16 @@ def test_a_failing_host_block_fails_the_run_cleanly_instead_of_hanging(digits_sn
     path = str(tmp_path / "b")
     export_lava(digits_snn, path, input_abs_max=1.0)
     man_path = os.path.join(path, "manifest.json")
-    man = json.load(open(man_path))
+    with open(man_path) as f:
+        man = json.load(f)
     for b in man["plans"]["floating_pt"]["blocks"]:
         for n in b["attrs"].get("nodes", []):
             if n["op"] == "flatten":
                 n["op"], n["attrs"] = "reshape", {"shape": [7, 7, 7]}     # cannot hold 64 values
     from sfn_deploy.exporters.lava.bundle import manifest_digest
     man["sha256"] = manifest_digest(man)      # a deliberate edit: checksum recomputed, structure still valid
-    json.dump(man, open(man_path, "w"))
+    with open(man_path, "w") as f:
+        json.dump(man, f)
     import time
     t0 = time.time()
     with pytest.raises(RuntimeError, match="Lava run failed"):
@@ -399,3 +403,16 @@ def test_fixed_point_derives_the_range_of_an_analog_host_value(digits):
     c = next(c for c in plan.connections if c["dst"] == conv.name)
     enc = next(o for o in plan.block(c["src"]).attrs["outputs"] if o["port"] == c["src_port"])
     assert enc["encode"] == "int" and 127 <= top / enc["scale"] < 2 ** 16    # 8 to 16 bits over the derived range
+
+
+def test_pool_event_counts_compare_the_folded_form_with_a_pooling_layer(pool_res_cat, digits):
+    from sfn_deploy.exporters.lava.plan import pool_event_counts
+    snn = pool_res_cat
+    _, lv = run_with_levels(snn.graph, digits.x[300:320])
+    rows = {r["pool"]: r for r in pool_event_counts(snn, lv)}
+    assert set(rows) == {"avg_pool2d", "adaptive_avg_pool2d"}
+    r = rows["avg_pool2d"]                # 2×2 windows read by a 3×3 convolution to 16 channels
+    assert r["fan_out"] == 16 * 9 and r["pooled_nonzero"] <= r["pre_pool_spikes"]
+    assert r["folded"] == pytest.approx(r["pre_pool_spikes"] * 144)
+    assert r["pooling_layer"] == pytest.approx(r["pre_pool_spikes"] + r["pooled_nonzero"] * 144)
+    assert rows["adaptive_avg_pool2d"]["fan_out"] == 10

@@ -48,6 +48,7 @@ FOLD_LAYOUT = {"flatten", "reshape", "squeeze"}                     # between su
 _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
+_ACTIVATIONS = {"hardtanh", *_SMALL_NEGATIVE}       # between a split layer and its neurons (see _fine_exponent)
 
 
 @dataclass
@@ -526,14 +527,7 @@ class _Lowering:
         kind = "conv" if n.op == "conv2d" else "sparse" if token_dims else "dense"
         self._check_synapse(n, kind, spikes)
         e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
-        # (polarity, weights, their exponent, shift to the layer's exponent, channel copies held or None for all)
-        procs = [(pol, m, e, 0, None) for pol, m in parts]
-        split = False
-        scale_in = self._input_scale(parts, e, float(self.bounds[x] or 1.0)) if spikes is None and self.fixed else 1.0
-        if self.fixed and spikes is not None and self.lowering == "channels":
-            procs, e = self._exponent_groups(parts, w.shape[1])
-        elif self.fixed and self.split_weights:
-            procs, e, split = self._split(n, parts, e, scale_in)
+        procs, e, scale_in, split = self._processes(x, n, parts, e, spikes, w.shape[1])
         self.acc_scale[n.name] = scale_in * 2.0 ** e
         tokens = _numel(n.shape[1:-1]) if token_dims else 1
         for k, (pol, m, e_q, shift, ids) in enumerate(procs):
@@ -598,6 +592,24 @@ class _Lowering:
         rows = torch.func.vmap(vjp)(torch.from_numpy(np.ascontiguousarray(w, np.float64)))[0]
         return rows.reshape(w.shape[0], -1).numpy()
 
+    def _processes(self, x: str, n: Node, parts: list, e: int, spikes, per: int):
+        """(processes, the layer's exponent, the input's scale, split?): each process is (polarity, weights,
+        their exponent, shift to the layer's exponent, channel copies held or None for all)."""
+        procs = [(pol, m, e, 0, None) for pol, m in parts]
+        split = False
+        scale_in = self._input_scale(parts, e, float(self.bounds[x] or 1.0)) if spikes is None and self.fixed else 1.0
+        if self.fixed and spikes is not None and self.lowering == "channels":
+            procs, e = self._exponent_groups(parts, per)
+        elif self.fixed and self.split_weights:
+            if x in self.input_like and self.input_abs_max:
+                # the network input: 8 bits over its range (images are 8-bit data: pixel k/255 is exact at
+                # range 1), the accumulator's room spent on the weights instead, where that gains bits
+                scale8 = float(self.input_abs_max) / 255
+                if self._fine_exponent(n, e, scale8) <= e - 2:
+                    scale_in = scale8
+            procs, e, split = self._split(n, parts, e, scale_in)
+        return procs, e, scale_in, split
+
     def _split(self, n: Node, parts: list, e: int, scale_in: float) -> tuple[list, int, bool]:
         """Fixed point, graded: each polarity's weights as two synapse groups summed at the consumer, the
         coarse 8-bit weights (exponent e, shifted to the fine unit) and the fine 8-bit remainder: about 15-bit
@@ -616,9 +628,9 @@ class _Lowering:
         sformer's top levels lie far beyond what calibration sees); over the layer's derived bound where
         the sum reaches something else. Wrap-arounds and overflows are counted in the run."""
         top = 0.0
-        todo, seen = list(self.users[n.name]), set()
+        todo, seen = [(u, 1.0) for u in self.users[n.name]], set()
         while todo:
-            u = todo.pop()
+            u, factor = todo.pop()
             if u.name in seen:
                 continue
             seen.add(u.name)
@@ -626,9 +638,12 @@ class _Lowering:
                 bp, bn, _, _ = _site_arrays(u)
                 edge = max(float(np.abs(bp).max(initial=0)), float(np.abs(bn).max(initial=0)))
                 seen_max = max(float(u.attrs.get("max_pos") or 0), float(u.attrs.get("max_neg") or 0))
-                top = max(top, min(edge, 2 * seen_max) if seen_max > 0 else edge)
+                top = max(top, factor * (min(edge, 2 * seen_max) if seen_max > 0 else edge))
             elif self.cls(u) == "host" and u.op in ("add", "sub", "relu") and u.name != self.g.output:
-                todo.extend(self.users[u.name])
+                todo.extend((v, factor) for v in self.users[u.name])
+            elif self.cls(u) == "host" and u.op in _ACTIVATIONS and u.name != self.g.output:
+                # what an activation's input reaches beyond its output's range is not seen: 8x more room
+                todo.extend((v, 8 * factor) for v in self.users[u.name])
             else:
                 top = max(top, self.bounds.get(n.name) or math.inf)
         if not math.isfinite(top) or top <= 0:
@@ -883,3 +898,47 @@ def lower(model, lowering: str = "graded", precision: str = "floating_pt", input
     require_single_step(model, "Lava")        # multi-timestep baselines (if, ecmt) keep state: refused
     low = _Lowering(model.graph, model.input_shape, lowering, precision, input_abs_max)
     return low.lower()
+
+
+def pool_event_counts(model, levels: dict) -> list[dict]:
+    """Synaptic events per sample in the layers after each average pooling of spikes, in the two forms a
+    target can give it: ``folded`` (today's lowering: the pooling folded into the next layer's weights,
+    each pre-pool spike carrying the pooled position's full fan-out) and ``pooling_layer`` (a layer of
+    graded neurons summing each window, one event per pre-pool spike into it, then one event per non-zero
+    pooled neuron carrying the fan-out). ``levels``: site -> spike levels (N, ...), e.g. from the reference
+    interpreter's ``run_with_levels``. Fan-outs are per input unit away from the borders: a linear layer's
+    output count; a convolution's (C_out / groups) · kh · kw / (stride_h · stride_w)."""
+    import torch
+
+    from ...ops import apply
+    low = _Lowering(model.graph, model.input_shape, "graded", "floating_pt", None)
+    low.analyse()
+    g, rows = low.g, []
+    for name, site in low.folds.items():
+        pool = g[name]
+        if pool.op not in FOLD_POOLS:
+            continue
+        lv = torch.as_tensor(levels[site]).reshape(-1, *g[site].shape[1:]).double()
+        n = lv.shape[0]
+        fired = (lv != 0).double()
+        pooled = apply(pool, [fired], g, n) > 0
+        consumers, todo = [], list(low.users[name])
+        while todo:
+            u = todo.pop()
+            if u.op in ("linear", "conv2d"):
+                consumers.append(u)
+            else:
+                todo.extend(low.users[u.name])
+        fan = 0.0
+        for u in consumers:
+            if u.op == "linear":
+                fan += u.shape[-1]
+            else:
+                a, w = u.attrs, u.params["weight"]
+                fan += w.shape[0] / a.get("groups", 1) * w.shape[2] * w.shape[3] / (a["stride"][0] * a["stride"][1])
+        pre, post = float(fired.sum()) / n, float(pooled.sum()) / n
+        rows.append({"pool": name, "site": site, "consumers": [u.name for u in consumers],
+                     "pre_pool_spikes": pre, "pooled_nonzero": post, "fan_out": fan,
+                     "folded": pre * fan, "pooling_layer": pre + post * fan,
+                     "ratio": pre * fan / max(pre + post * fan, 1e-30)})
+    return rows
