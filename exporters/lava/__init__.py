@@ -142,9 +142,9 @@ def run_lava(bundle: str, x: np.ndarray, precision: str = "floating_pt", record:
                 result["pre"][site] = np.load(base + ".pre.npy")[s:s + n].copy()
             result["scales"][site] = info.get("scale", 1.0)
         for b in plan.blocks:           # neurons: [overflows, saturations]; fixed-point convs: [wraps, 0]
-            f = os.path.join(work, b.name + ".count.npy")
-            if os.path.exists(f):
-                result["counts"][b.name] = np.load(f)[0].tolist()
+            counts = os.path.join(work, b.name + ".count.npy")
+            if os.path.exists(counts):
+                result["counts"][b.name] = np.load(counts)[0].tolist()
         result["overflows"] = sum(v[0] for v in result["counts"].values())
         result["saturations"] = sum(v[1] for v in result["counts"].values())
         return result

@@ -36,7 +36,8 @@ class HostRunner:
         self.fifos = [deque(np.zeros(s["size"]) for _ in range(s["delay"])) for s in self.inputs]
         self.out_ports = [o["port"] for o in self.outputs]
         self.n_in = len(self.inputs)
-        self.tap, self.steps, self.tap_file = tap, steps, None
+        self.tap, self.steps = tap, steps
+        self.tap_file: np.ndarray | None = None
         self.arrays = program.get("arrays", {})
 
     # decode
@@ -105,5 +106,6 @@ class HostRunner:
             if self.tap_file is None:
                 self.tap_file = np.lib.format.open_memmap(self.tap + ".npy", mode="w+", dtype=np.float32,
                                                           shape=(self.steps, outs[0].size))
-            self.tap_file[time_step - 1] = outs[0]
+            tap_file = self.tap_file
+            tap_file[time_step - 1] = outs[0]
         return outs
