@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 import warnings
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +22,9 @@ from .backends import export_targets, help_text
 from .backends import names as backend_names
 from .errors import UserError
 from .methods import METHODS
+
+if TYPE_CHECKING:
+    from .tuning import ParetoPoint
 
 
 def _emit(as_json: bool, payload: dict, text: str) -> None:
@@ -201,12 +205,12 @@ def _check_convert_paths(model, data, output, config_file, weights, storage) -> 
         check_output(output, inputs + [db])
 
 
-def _fmt_front(front: list[dict]) -> str:
+def _fmt_front(front: list[ParetoPoint]) -> str:
     lines = ["  trial  accuracy  energy ratio  λ"]
     for r in front:
-        lams = sorted(set(round(v, 3) for v in r["lam"].values()))
-        lam = str(lams[0]) if len(lams) == 1 else f"{min(lams)}..{max(lams)} ({len(r['lam'])} sites)"
-        lines.append(f"  {r['trial']:5d}  {r['accuracy']:7.2f}%  {r['energy_ratio']:12.4f}  {lam}")
+        lams = sorted(set(round(v, 3) for v in r.lam.values()))
+        lam = str(lams[0]) if len(lams) == 1 else f"{min(lams)}..{max(lams)} ({len(r.lam)} sites)"
+        lines.append(f"  {r.trial:5d}  {r.accuracy:7.2f}%  {r.energy_ratio:12.4f}  {lam}")
     return "\n".join(lines)
 
 
@@ -248,12 +252,13 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     converted = convert(net, ds, cfg, source=identity, quiet=as_json)
     val, _ = ds.split(cfg.val_fraction, cfg.seed)
     result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
-    converted.metrics.update({k: result[k] for k in ("accuracy", "ann_accuracy", "agreement", "energy_ratio",
-                                                      "ac_snn", "mac_snn", "mac_ann", "samples")})
+    converted.metrics.update(accuracy=result.accuracy, ann_accuracy=result.ann_accuracy, agreement=result.agreement,
+                             energy_ratio=result.energy_ratio, ac_snn=result.ac_snn, mac_snn=result.mac_snn,
+                             mac_ann=result.mac_ann, samples=result.samples)
     save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
     payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
-               **{k: v for k, v in result.items() if k != "layers"},
+               **{k: v for k, v in result.to_dict().items() if k != "layers"},
                "chosen": converted.search.get("chosen"), "config": cfg.to_dict()}
     from .methods import method_of
     method, steps = method_of(converted.graph)
@@ -267,9 +272,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
         what = f"method mbe, T = {steps} internal steps per MBE neuron, " + ", ".join(
             f"{v} {k}" for k, v in payload["mbe_placed"].items())
     text = (f"converted {model} -> {output}: {what}\n"
-            f"validation ({result['samples']} samples): ANN {result['ann_accuracy']:.2f}%  "
-            f"SNN {result['accuracy']:.2f}%  agreement {result['agreement']:.2f}%  "
-            f"energy ratio {result['energy_ratio']:.4f}")
+            f"validation ({result.samples} samples): ANN {result.ann_accuracy:.2f}%  "
+            f"SNN {result.accuracy:.2f}%  agreement {result.agreement:.2f}%  "
+            f"energy ratio {result.energy_ratio:.4f}")
     if converted.search:
         text += "\n" + f"λ search: {converted.search['trials_completed']} trials, chose trial " \
                        f"{converted.search['chosen']['trial']} ({converted.search['chosen']['rule']})"
@@ -302,15 +307,15 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     graph = build_graph(net, ds, cfg, quiet=as_json)
     result = run_search(graph, ds, cfg, identity, quiet=as_json)
     chosen = choose(result, cfg.max_drop)
-    result["chosen"] = chosen
+    result.chosen = chosen
     if output:
-        set_scale(graph, chosen["lam"])
-        save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result), output)
-    text = (f"study {result['study']} in {result['storage']}: {result['trials_completed']} completed trials, "
-            f"ANN validation accuracy {result['ann_accuracy']:.2f}% on {result['val_samples']} samples\n"
-            f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result['pareto_front'])}\n"
-            f"chosen: trial {chosen['trial']} ({chosen['rule']})")
-    _emit(as_json, {**result, "output": output}, text)
+        set_scale(graph, chosen.lam)
+        save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result.to_dict()), output)
+    text = (f"study {result.study} in {result.storage}: {result.trials_completed} completed trials, "
+            f"ANN validation accuracy {result.ann_accuracy:.2f}% on {result.val_samples} samples\n"
+            f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result.pareto_front)}\n"
+            f"chosen: trial {chosen.trial} ({chosen.rule})")
+    _emit(as_json, {**result.to_dict(), "output": output}, text)
 
 
 def _lava_options(f):
@@ -362,11 +367,11 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
     r = evaluate(model, ds, backend, limit, batch_size, quiet=as_json,
                  lava=_lava_settings(model, ds, precision, lowering))
     if not show_layers:
-        r.pop("layers")
-    text = (f"{r['samples']} samples on {backend}: SNN {r['accuracy']:.2f}%  ANN {r['ann_accuracy']:.2f}%  "
-            f"agreement {r['agreement']:.2f}%\nenergy ratio {r['energy_ratio']:.4f}  "
-            f"(#AC_SNN {r['ac_snn']:.4g}, #MAC_SNN {r['mac_snn']:.4g}, #MAC_ANN {r['mac_ann']:.4g} per inference)")
-    _emit(as_json, r, text)
+        r.layers = None
+    text = (f"{r.samples} samples on {backend}: SNN {r.accuracy:.2f}%  ANN {r.ann_accuracy:.2f}%  "
+            f"agreement {r.agreement:.2f}%\nenergy ratio {r.energy_ratio:.4f}  "
+            f"(#AC_SNN {r.ac_snn:.4g}, #MAC_SNN {r.mac_snn:.4g}, #MAC_ANN {r.mac_ann:.4g} per inference)")
+    _emit(as_json, r.to_dict(), text)
 
 
 @main.command("export")
@@ -447,12 +452,12 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
     if os.path.isdir(converted):
         if set(backends) - {"torch", "lava"} or per_layer:
             raise UserError(f"{converted} is a Lava bundle: it runs on --backend lava only, without --per-layer")
-        r = simulate_bundle(converted, load_data(data).limit(limit), precision)
-        lv = r["lava"]
-        _emit(as_json, r, f"{r['samples']} samples on Lava ({precision}, {lv['lowering']} lowering, bundle "
-                          f"{converted}): accuracy {r['accuracy']:.2f}%, {r['samples_per_s']:.1f} samples/s "
-                          f"(+{r['setup_seconds']:.2f} s set-up), latency {lv['latency_steps']} steps; overflows "
-                          f"{lv['overflows']}, saturations {lv['saturations']}")
+        b = simulate_bundle(converted, load_data(data).limit(limit), precision)
+        lv = b.lava
+        _emit(as_json, b.to_dict(), f"{b.samples} samples on Lava ({precision}, {lv['lowering']} lowering, bundle "
+                                    f"{converted}): accuracy {b.accuracy:.2f}%, {b.samples_per_s:.1f} samples/s "
+                                    f"(+{b.setup_seconds:.2f} s set-up), latency {lv['latency_steps']} steps; "
+                                    f"overflows {lv['overflows']}, saturations {lv['saturations']}")
         return
     model = load(converted)
     ds = load_data(data).limit(limit)
@@ -462,25 +467,26 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
         rows = parity(model, ds, list(backends), against, batch_size, lava)
         if not rows:
             raise UserError(f"--per-layer compares --backend with --against; both are {against}")
-        _emit(as_json, {"samples": len(ds), "against": against, "parity": rows},
+        _emit(as_json, {"samples": len(ds), "against": against, "parity": [r.to_dict() for r in rows]},
               "\n\n".join(format_parity(r) for r in rows))
         return
     r = simulate(model, ds, list(backends), batch_size, quiet=as_json, threads=threads, lava=lava)
-    lines = [f"{r['samples']} samples, reference torch"]
-    for b, e in r["backends"].items():
-        extra = f"  levels equal {e['level_agreement']:.4f}%" if "level_agreement" in e else ""
-        setup = f" (+{e['setup_seconds']:.2f} s set-up)" if e.get("setup_seconds") else ""
-        lines.append(f"  {b:<6} {e['seconds']:8.3f} s{setup}  {e['samples_per_s']:9.1f} samples/s  accuracy "
-                     f"{e['accuracy']:.2f}%  max|Δ| {e['max_abs_diff']:.3g}  top-1 agreement "
-                     f"{e['prediction_agreement']:.2f}%{extra}")
-        if "lava" in e:
-            lv = e["lava"]
+    lines = [f"{r.samples} samples, reference torch"]
+    for b, e in r.backends.items():
+        level_agreement = e.details.get("level_agreement")
+        extra = f"  levels equal {level_agreement:.4f}%" if "level_agreement" in e.details else ""
+        setup = f" (+{e.setup_seconds:.2f} s set-up)" if e.setup_seconds else ""
+        lines.append(f"  {b:<6} {e.seconds:8.3f} s{setup}  {e.samples_per_s:9.1f} samples/s  accuracy "
+                     f"{e.accuracy:.2f}%  max|Δ| {e.max_abs_diff:.3g}  top-1 agreement "
+                     f"{e.prediction_agreement:.2f}%{extra}")
+        if "lava" in e.details:
+            lv = e.details["lava"]
             lines.append(f"         Lava {lv['precision']}, {lv['lowering']}: {lv['processes']} processes "
                          f"({lv['neuro_core_processes']} neuro-core, {lv['host_processes']} host: "
                          f"{', '.join(lv['host_ops']) or 'input/output only'}), latency {lv['latency_steps']} steps, "
                          f"{lv['steps_per_s']:.0f} steps/s; overflows {lv['overflows']}, saturations "
                          f"{lv['saturations']}")
-    _emit(as_json, r, "\n".join(lines))
+    _emit(as_json, r.to_dict(), "\n".join(lines))
 
 
 def _target_help(extra: str = "") -> str:
@@ -530,7 +536,7 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
                                             label=label, batch_size=batch_size, quiet=as_json))
     doc = reports[0] if len(reports) == 1 else compare(reports)
     if output:
-        render = {"json": lambda d: json.dumps(d, indent=1, default=_jsonable), "md": to_markdown,
+        render = {"json": lambda d: json.dumps(d.to_dict(), indent=1, default=_jsonable), "md": to_markdown,
                   "html": to_html}[fmt]
         text = render(doc)
 
@@ -539,7 +545,7 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
                 f.write(text)
         atomic_write(output, write)
     summary = to_text(doc) + (f"\nwrote {output}" if output else "")
-    _emit(as_json, doc, summary)
+    _emit(as_json, doc.to_dict(), summary)
 
 
 @main.command("check")

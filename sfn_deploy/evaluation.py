@@ -6,6 +6,9 @@ imports flow one way (capture → passes → calibrate → search → backends/s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from . import backends
@@ -14,9 +17,26 @@ from .errors import UserError
 from .ir import Graph
 from .model_file import ConvertedModel
 from .progress import progress
+from .results import Result, optional
 from .simulators.counting import OpCounter
 from .simulators.interpreter import run
 from .targets import load_target
+
+
+@dataclass
+class Evaluation(Result):
+    """Accuracy (%) of the SNN and its ANN on a backend, and the reference op counts per inference."""
+    backend: str
+    samples: int
+    accuracy: float                     # SNN top-1, %
+    ann_accuracy: float                 # source ANN top-1, %
+    agreement: float                    # SNN/ANN top-1 agreement, %
+    energy_ratio: float                 # the paper's eq. 43: SNN energy / ANN energy at 45 nm CMOS prices
+    ac_snn: float                       # accumulates per inference (spike convention)
+    mac_snn: float                      # MACs per inference of layers with analog input
+    mac_ann: float                      # MACs per inference of the source ANN
+    host_ops: float                     # host operations per inference
+    layers: list[dict[str, Any]] | None = optional()   # per-layer op counts per inference (None: left out)
 
 
 def energy_constants(target: str = "cmos45") -> tuple[float, float]:
@@ -82,7 +102,8 @@ def backend_logits(converted: ConvertedModel, data: Dataset, backend: str, batch
 
 
 def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", limit: int | None = None,
-             batch_size: int = 256, quiet: bool = True, target: str = "cmos45", lava: dict | None = None) -> dict:
+             batch_size: int = 256, quiet: bool = True, target: str = "cmos45",
+             lava: dict | None = None) -> Evaluation:
     """Accuracy of SNN and ANN, their top-1 agreement and the op counts / energy ratio (paper convention).
 
     The op counts are always the reference interpreter's; on another backend the predictions are its own."""
@@ -98,8 +119,8 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()
     e_ac, e_mac = energy_constants(target)
-    return {"backend": backend, "samples": len(data), "accuracy": accuracy(snn_pred, data.y),
-            "ann_accuracy": accuracy(ann_pred, data.y),
-            "agreement": 100.0 * float((snn_pred == ann_pred).float().mean()),
-            "energy_ratio": counts.energy_ratio(e_ac, e_mac), "ac_snn": counts.ac_snn, "mac_snn": counts.mac_snn,
-            "mac_ann": counts.mac_ann, "host_ops": counts.host_ops, "layers": counts.reported_layers()}
+    return Evaluation(backend=backend, samples=len(data), accuracy=accuracy(snn_pred, data.y),
+                      ann_accuracy=accuracy(ann_pred, data.y),
+                      agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
+                      energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn, mac_snn=counts.mac_snn,
+                      mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers())

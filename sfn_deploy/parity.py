@@ -12,12 +12,55 @@ scale), nir (levels decoded from each site's threshold channels as nirtorch comp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
 from .backends import REFERENCE, get
 from .data import Dataset
 from .errors import UserError
 from .model_file import ConvertedModel
+from .results import Result, optional
+
+
+@dataclass
+class SiteParity(Result):
+    """One SFN site compared between two backends: equal spike levels (%), largest differences, samples hit."""
+    site: str
+    role: str | None = None
+    levels_equal: float | None = None   # % of levels equal; None where one side has no per-layer data
+    max_level_diff: int | None = optional()
+    samples_differing: int | None = optional()
+    max_pre_diff: float | None = optional()     # largest |pre-activation difference|, where both sides give them
+
+
+@dataclass
+class FirstDiffering(Result):
+    """The first site in graph order whose spike levels differ (where the two simulations part ways)."""
+    site: str
+    levels_equal: float                 # % of levels equal
+    max_level_diff: int
+    samples_differing: int
+    max_pre_diff: float | None = optional()
+
+
+@dataclass
+class ParityRow(Result):
+    """One backend compared with another site by site: the per-site rows and the output difference."""
+    reference: str
+    backend: str
+    samples: int
+    layers: list[SiteParity]
+    first_differing: FirstDiffering | None
+    output_max_abs_diff: float          # largest |logit difference|
+    prediction_agreement: float         # top-1 agreement, %
+    compared_sites: int                 # sites with levels on both sides
+    info: dict[str, Any] = field(default_factory=dict)  # the backends' settings (Lava: precision, lowering)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {**{k: v for k, v in d.items() if k != "info"}, **d["info"]}
 
 
 def layer_outputs(model: ConvertedModel, backend: str, data: Dataset, batch_size: int = 256,
@@ -26,42 +69,41 @@ def layer_outputs(model: ConvertedModel, backend: str, data: Dataset, batch_size
     return get(backend).layers(model, data.x, batch_size, lava)
 
 
-def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_name: str) -> dict:
+def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_name: str) -> ParityRow:
     """Site by site in graph order: share of equal levels, largest level difference, samples affected,
     largest pre-activation difference; and the first site that differs."""
     layers = []
     first = None
     for site in model.sites:
         name = site.name
-        row = {"site": name, "role": site.attrs.get("role")}
+        row = SiteParity(site=name, role=site.attrs.get("role"))
         if name in ref["levels"] and name in other["levels"]:
             a, b = ref["levels"][name], other["levels"][name]
             if a.shape != b.shape:
                 raise UserError(f"parity: {name} has shape {a.shape} on {ref_name} and {b.shape} on {other_name}")
             diff = a != b
-            row.update(levels_equal=100.0 * float(1 - diff.mean()), max_level_diff=int(np.abs(a - b).max()),
-                       samples_differing=int(diff.any(axis=1).sum()))
+            row.levels_equal = 100.0 * float(1 - diff.mean())
+            row.max_level_diff = int(np.abs(a - b).max())
+            row.samples_differing = int(diff.any(axis=1).sum())
             if first is None and diff.any():
-                first = {"site": name, "levels_equal": row["levels_equal"], "max_level_diff": row["max_level_diff"],
-                         "samples_differing": row["samples_differing"]}
-        else:
-            row["levels_equal"] = None
+                first = FirstDiffering(site=name, levels_equal=row.levels_equal, max_level_diff=row.max_level_diff,
+                                       samples_differing=row.samples_differing)
         if name in ref["pre"] and name in other["pre"]:
             d = np.abs(ref["pre"][name].astype(np.float64) - other["pre"][name].astype(np.float64))
-            row["max_pre_diff"] = float(d.max())
-            if first is not None and first["site"] == name:
-                first["max_pre_diff"] = row["max_pre_diff"]
+            row.max_pre_diff = float(d.max())
+            if first is not None and first.site == name:
+                first.max_pre_diff = row.max_pre_diff
         layers.append(row)
     out = np.abs(ref["outputs"].astype(np.float64) - other["outputs"].astype(np.float64))
     agree = ref["outputs"].reshape(len(out), -1).argmax(-1) == other["outputs"].reshape(len(out), -1).argmax(-1)
-    return {"reference": ref_name, "backend": other_name, "samples": int(len(out)), "layers": layers,
-            "first_differing": first, "output_max_abs_diff": float(out.max()),
-            "prediction_agreement": 100.0 * float(agree.mean()),
-            "compared_sites": sum(r["levels_equal"] is not None for r in layers)}
+    return ParityRow(reference=ref_name, backend=other_name, samples=int(len(out)), layers=layers,
+                     first_differing=first, output_max_abs_diff=float(out.max()),
+                     prediction_agreement=100.0 * float(agree.mean()),
+                     compared_sites=sum(r.levels_equal is not None for r in layers))
 
 
 def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = REFERENCE,
-           batch_size: int = 256, lava: dict | None = None) -> list[dict]:
+           batch_size: int = 256, lava: dict | None = None) -> list[ParityRow]:
     ref = layer_outputs(model, against, data, batch_size, lava)
     rows = [compare(model, ref, layer_outputs(model, b, data, batch_size, lava), against, b)
             for b in backends if b != against]
@@ -69,25 +111,26 @@ def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: s
     for b in dict.fromkeys([*backends, against]):
         info.update(get(b).parity_info(lava))
     for r in rows:
-        r.update(info)
+        r.info = dict(info)
     return rows
 
 
-def format_parity(r: dict) -> str:
-    lava = f" [Lava {r['lava']['precision']}, {r['lava']['lowering']}]" if "lava" in r else ""
-    lines = [f"per-layer parity, {r['backend']} against {r['reference']}{lava} ({r['samples']} samples): "
-             f"outputs max|Δ| {r['output_max_abs_diff']:.3g}, top-1 agreement {r['prediction_agreement']:.2f}%"]
-    for row in r["layers"]:
-        if row["levels_equal"] is None:
-            lines.append(f"  {row['site']:<45} (no per-layer data on one side)")
+def format_parity(r: ParityRow) -> str:
+    lava = r.info.get("lava")
+    where = f" [Lava {lava['precision']}, {lava['lowering']}]" if lava is not None else ""
+    lines = [f"per-layer parity, {r.backend} against {r.reference}{where} ({r.samples} samples): "
+             f"outputs max|Δ| {r.output_max_abs_diff:.3g}, top-1 agreement {r.prediction_agreement:.2f}%"]
+    for row in r.layers:
+        if row.levels_equal is None:
+            lines.append(f"  {row.site:<45} (no per-layer data on one side)")
             continue
-        pre = f"  pre max|Δ| {row['max_pre_diff']:.3g}" if "max_pre_diff" in row else ""
-        lines.append(f"  {row['site']:<45} levels equal {row['levels_equal']:8.4f}%  max|Δlevel| "
-                     f"{row['max_level_diff']:<4} samples differing {row['samples_differing']:<5}{pre}")
-    f = r["first_differing"]
+        pre = f"  pre max|Δ| {row.max_pre_diff:.3g}" if row.max_pre_diff is not None else ""
+        lines.append(f"  {row.site:<45} levels equal {row.levels_equal:8.4f}%  max|Δlevel| "
+                     f"{row.max_level_diff:<4} samples differing {row.samples_differing:<5}{pre}")
+    f = r.first_differing
     if f:
-        lines.append(f"first differing layer: {f['site']} ({100 - f['levels_equal']:.4f}% of levels differ, "
-                     f"by up to {f['max_level_diff']}, in {f['samples_differing']} samples)")
-    elif r["compared_sites"]:
+        lines.append(f"first differing layer: {f.site} ({100 - f.levels_equal:.4f}% of levels differ, "
+                     f"by up to {f.max_level_diff}, in {f.samples_differing} samples)")
+    elif r.compared_sites:
         lines.append("every compared layer is identical")
     return "\n".join(lines)

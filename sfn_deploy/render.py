@@ -1,5 +1,5 @@
-"""A hardware-planning report (:func:`sfn_deploy.report.build_report`) or a comparison
-(:func:`sfn_deploy.report.compare`) as terminal text, Markdown, or one self-contained HTML page.
+"""A hardware-planning report (:class:`sfn_deploy.report.Report`) or a comparison
+(:class:`sfn_deploy.report.Comparison`) as terminal text, Markdown, or one self-contained HTML page.
 
 Markdown and HTML are written from the same list of blocks (headings, paragraphs, tables,
 plots), so both always carry the same numbers. Any value may be None (a term the target does
@@ -13,9 +13,13 @@ import base64
 import html
 import io
 import re
+from typing import TypeVar
 
 from .ir import NEURON_OPS
+from .report import Comparison, Report, TargetPlan
+from .simulators.estimate import Estimate
 
+_T = TypeVar("_T")
 DASH = "—"
 TOP = 40          # layers per plot: a ViT has hundreds, a readable plot shows the largest
 TOP_SITES = 60
@@ -83,41 +87,41 @@ def _span(xs: list[int]) -> str:
 
 # ---------------------------------------------------------------- derived facts
 
-def _has_cores(t: dict) -> bool:
-    return bool(t["mapping"]["cores"])
+def _has_cores(t: TargetPlan) -> bool:
+    return bool(t.mapping.cores)
 
 
-def _bindings(t: dict) -> str:
+def _bindings(t: TargetPlan) -> str:
     """Which limit set the core count, summed over layers ("neurons per core: 186 cores")."""
     n: dict[str, int] = {}
-    for p in t["mapping"]["layers"]:
-        n[p["binding"]] = n.get(p["binding"], 0) + p["cores"]
+    for p in t.mapping.layers:
+        n[p.binding] = n.get(p.binding, 0) + p.cores
     return ", ".join(f"{k}: {v:,} cores" for k, v in sorted(n.items(), key=lambda kv: -kv[1])) or DASH
 
 
-def _baseline(e: dict) -> str | None:
+def _baseline(e: Estimate) -> str | None:
     """The ANN baseline ``snn_over_int8_ann`` divided by (the estimate does not name it)."""
-    a, r = e["ann"], e["snn_over_int8_ann"]
-    if not r or not e["energy_j"]:
+    a, r = e.ann, e.snn_over_int8_ann
+    if not r or not e.energy_j:
         return None
-    base = e["energy_j"] / r
-    cands = [k for k in ("int8_with_memory_j", "int8_j") if a.get(k)]
-    return min(cands, key=lambda k: abs(a[k] - base)) if cands else None
+    base = e.energy_j / r
+    cands = {k: v for k, v in (("int8_with_memory_j", a.int8_with_memory_j), ("int8_j", a.int8_j)) if v}
+    return min(cands, key=lambda k: abs(cands[k] - base)) if cands else None
 
 
-def _unpriced(e: dict) -> list[str]:
-    counts = {t["term"]: t["count"] for t in e["energy_terms"]}
-    return [f"{u} ({count(counts.get(u))})" for u in e["unpriced"]]
+def _unpriced(e: Estimate) -> list[str]:
+    counts = {t.term: t.count for t in e.energy_terms}
+    return [f"{u} ({count(counts.get(u))})" for u in e.unpriced]
 
 
-def _verdict(e: dict) -> str:
-    r = e["snn_over_int8_ann"]
+def _verdict(e: Estimate) -> str:
+    r = e.snn_over_int8_ann
     if r is None:
         return "no int8 ANN price on this target: no comparison"
     base = {"int8_with_memory_j": "int8 ANN with weight-memory reads", "int8_j": "int8 ANN, arithmetic only"}
     s = (f"SNN / int8 ANN = {ratio(r)} (against the {base.get(_baseline(e) or '', 'int8 ANN')}). Below 1 means the SNN "
          f"beats a quantised ANN on this table; here {'the SNN wins' if r < 1 else 'the int8 ANN wins'}.")
-    if e["unpriced"]:
+    if e.unpriced:
         s += " Unpriced terms are left out, so the SNN figure is a lower bound."
     return s
 
@@ -147,52 +151,52 @@ def _host_groups(hw: list[dict]) -> list[list[str]]:
 # ---------------------------------------------------------------- blocks
 # ("h", level, text) ("p", text) ("callout", [lines]) ("table", headers, rows) ("plot", caption, base64 png)
 
-def _header(r: dict, level: int) -> list:
-    src = r.get("source") or {}
+def _header(r: Report, level: int) -> list:
+    src = r.source or {}
     source = src.get("spec", DASH) + (f" (sha256 {src['sha256'][:12]}…)" if src.get("sha256") else "")
-    rows = [["Model", r["model"] or DASH], ["Source", source],
-            ["Samples", f"{r['samples']:,} (every count is per inference, averaged over them)"],
-            ["Levels M", _list(r["levels_M"])], ["Fire function", _list(r["fire"])], ["λ", _lam(r["lam"])],
-            ["Accuracy", f"SNN {pct(r['accuracy'])} vs ANN {pct(r['ann_accuracy'])}"],
-            ["Agreement SNN/ANN (top-1)", pct(r["agreement"])]]
-    by = r.get("energy_ratio_by_convention") or {}
-    callout = [f"Energy ratio SNN / ANN (the paper's eq. 43, 45 nm CMOS prices): {ratio(r['energy_ratio'])}",
-               f"eq. 44 approximation (first layer's MACs dropped): {ratio(r['energy_ratio_approx'])} · "
+    rows = [["Model", r.model or DASH], ["Source", source],
+            ["Samples", f"{r.samples:,} (every count is per inference, averaged over them)"],
+            ["Levels M", _list(r.levels_M)], ["Fire function", _list(r.fire)], ["λ", _lam(r.lam)],
+            ["Accuracy", f"SNN {pct(r.accuracy)} vs ANN {pct(r.ann_accuracy)}"],
+            ["Agreement SNN/ANN (top-1)", pct(r.agreement)]]
+    by = r.energy_ratio_by_convention or {}
+    callout = [f"Energy ratio SNN / ANN (the paper's eq. 43, 45 nm CMOS prices): {ratio(r.energy_ratio)}",
+               f"eq. 44 approximation (first layer's MACs dropped): {ratio(r.energy_ratio_approx)} · "
                "by convention: " + ", ".join(f"{c} {ratio(v)}" for c, v in by.items()),
                CONVENTION_NOTE]
-    return [("h", level, f"SFN hardware report: {r['model'] or 'model'}"), ("table", ["", ""], rows),
+    return [("h", level, f"SFN hardware report: {r.model or 'model'}"), ("table", ["", ""], rows),
             ("callout", callout)]
 
 
-def _overview(r: dict) -> list:
+def _overview(r: Report) -> list:
     rows = []
-    for name, t in r["targets"].items():
-        e, m = t["estimate"], t["mapping"]
+    for name, t in r.targets.items():
+        e, m = t.estimate, t.mapping
         cores = _has_cores(t)
-        proxy = " (PROXY prices)" if e.get("proxy_figures") else ""
-        rows.append([name, e["convention"], energy(e["energy_j"]) + proxy, _list(e["unpriced"]),
-                     seconds(e["latency_s"]) if e["latency_s"] is not None else "not timed",
-                     f"{count(e['throughput_per_s'])}/s" if e["throughput_per_s"] else DASH,
-                     count(m["cores"]) if cores else DASH, count(m["chips"]) if cores else DASH,
-                     "yes" if m["fits"] else f"NO ({len(m['violations'])})", ratio(e["snn_over_int8_ann"])])
+        proxy = " (PROXY prices)" if e.proxy_figures else ""
+        rows.append([name, e.convention, energy(e.energy_j) + proxy, _list(e.unpriced),
+                     seconds(e.latency_s) if e.latency_s is not None else "not timed",
+                     f"{count(e.throughput_per_s)}/s" if e.throughput_per_s else DASH,
+                     count(m.cores) if cores else DASH, count(m.chips) if cores else DASH,
+                     "yes" if m.fits else f"NO ({len(m.violations)})", ratio(e.snn_over_int8_ann)])
     return [("table", ["target", "convention", "energy / inference", "not priced", "latency", "throughput", "cores",
                        "chips", "fits", "SNN / int8 ANN"], rows)]
 
 
-def _totals(r: dict) -> list:
-    rows = [[f"synaptic ops, {c} convention", count(v)] for c, v in (r.get("synops") or {}).items()]
-    rows += [["MACs, SNN (layers with analog input)", count(r["mac_snn"])], ["MACs, source ANN", count(r["mac_ann"])],
-             ["host operations", count(r["host_ops"])]]
-    rows += [[f"  host: {op}", count(v)] for op, v in (r.get("host_ops_by_op") or {}).items()]
-    rows += [["neuron updates (SFN neurons)", count(r["neuron_updates"])], ["spikes Σ|y|", count(r["spikes"])]]
+def _totals(r: Report) -> list:
+    rows = [[f"synaptic ops, {c} convention", count(v)] for c, v in (r.synops or {}).items()]
+    rows += [["MACs, SNN (layers with analog input)", count(r.mac_snn)], ["MACs, source ANN", count(r.mac_ann)],
+             ["host operations", count(r.host_ops)]]
+    rows += [[f"  host: {op}", count(v)] for op, v in (r.host_ops_by_op or {}).items()]
+    rows += [["neuron updates (SFN neurons)", count(r.neuron_updates)], ["spikes Σ|y|", count(r.spikes)]]
     out: list[tuple] = [("table", ["per inference", "count"], rows)]
-    cd = r.get("channel_decomposition")
+    cd = r.channel_decomposition
     if cd:
         out.append(("p", f"Binary threshold channels (Loihi 1, NIR) instead of graded spikes: SFN neurons "
-                         f"{count(cd['neurons_graded'])} → {count(cd['neurons_channels'])}, synapses "
-                         f"{count(cd['synapses_graded'])} → {count(cd['synapses_channels'])} (one neuron per "
+                         f"{count(cd.neurons_graded)} → {count(cd.neurons_channels)}, synapses "
+                         f"{count(cd.synapses_graded)} → {count(cd.synapses_channels)} (one neuron per "
                          f"channel, one synapse per incoming channel)."))
-    lv = r.get("lava")
+    lv = r.lava
     if lv and "error" not in lv:
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(lv["by_kind"].items()) if k != "host")
         out.append(("p", f"Lava target (graded spikes): {lv['processes']} processes, {lv['neuro_core_processes']} on "
@@ -204,99 +208,107 @@ def _totals(r: dict) -> list:
     return out
 
 
-def _target(name: str, t: dict, level: int) -> list:
-    e, m = t["estimate"], t["mapping"]
+def _mapping(t: TargetPlan, level: int) -> list:
+    """The mapping summary, the layer table, the violations and the host work of one target."""
+    m = t.mapping
     cores = _has_cores(t)
-    out: list = [("h", level, f"Target {name}"), ("p", t.get("description") or ""),
-                 ("p", f"Spikes: {t.get('spikes', DASH)}; synaptic ops under the {e['convention']} convention.")]
-    summary = [["fits", "yes" if m["fits"] else f"NO: {len(m['violations'])} violation(s)"],
-               ["cores", count(m["cores"]) if cores else DASH + " (no core model)"],
-               ["chips", f"{count(m['chips'])} (bound by {m['chip_binding'] or DASH})" if cores else DASH],
+    summary = [["fits", "yes" if m.fits else f"NO: {len(m.violations)} violation(s)"],
+               ["cores", count(m.cores) if cores else DASH + " (no core model)"],
+               ["chips", f"{count(m.chips)} (bound by {m.chip_binding or DASH})" if cores else DASH],
                ["cores set by", _bindings(t) if cores else DASH],
-               ["compartments", count(m["compartments"])], ["stored synapses", count(m["synapses"])],
-               ["not checked", _list(m["unchecked"])]]
-    out += [("h", level + 1, "Mapping"), ("table", ["", ""], summary)]
-    rows = [[p["name"], p["op"], count(p["units"]), count(p["compartments"]), count(p["synapses"]),
-             count(p["axons_per_core"]) if cores else DASH, count(p["cores"]) if cores else DASH,
-             p["binding"] if cores else DASH, p["output"]] for p in m["layers"]]
+               ["compartments", count(m.compartments)], ["stored synapses", count(m.synapses)],
+               ["not checked", _list(m.unchecked)]]
+    out: list = [("h", level + 1, "Mapping"), ("table", ["", ""], summary)]
+    rows = [[p.name, p.op, count(p.units), count(p.compartments), count(p.synapses),
+             count(p.axons_per_core) if cores else DASH, count(p.cores) if cores else DASH,
+             p.binding if cores else DASH, p.output] for p in m.layers]
     out.append(("table", ["layer", "op", "units", "compartments", "synapses", "axons/core", "cores", "binding",
                           "output"], rows))
     out.append(("h", level + 1, "Violations"))
-    if m["violations"]:
+    if m.violations:
         out.append(("table", ["layer", "rule", "limit", "value", "fix"],
-                    [[v["layer"], v["rule"], count(v["limit"]), count(v["value"]), v["fix"]] for v in m["violations"]]))
+                    [[v.layer, v.rule, count(v.limit), count(v.value), v.fix] for v in m.violations]))
     else:
         out.append(("p", "fits: no checked limit is violated" +
-                    (f" (not checked: {_list(m['unchecked'])})" if m["unchecked"] else "") + "."))
-    if m["host_work"]:
+                    (f" (not checked: {_list(m.unchecked)})" if m.unchecked else "") + "."))
+    if m.host_work:
         out += [("h", level + 1, "Host work (not on the neuro cores)"),
-                ("table", ["op", "layers", "work / inference", "unit", "stages", "why"], _host_groups(m["host_work"]))]
-
-    out.append(("h", level + 1, "Energy per inference"))
-    rows = []
-    for term in e["energy_terms"]:
-        proxy = term.get("evidence") == "proxy"
-        cnt = seconds(term["count"]) if term.get("price") == "chip.static_w" else count(term["count"])
-        rows.append([term["term"], term.get("what", ""), cnt, term.get("price") or DASH,
-                     ratio(term["pj_each"]), energy(term["joules"]) if term["priced"] else "not priced",
-                     ("yes, PROXY" if proxy else "yes") if term["priced"] else "no", term.get("source") or DASH])
-    out.append(("table", ["term", "what", "count", "price", "pJ each", "energy", "priced", "source"], rows))
-    lines = [f"Energy per inference: {energy(e['energy_j'])} (dynamic {energy(e['energy_dynamic_j'])}, static "
-             f"{energy(e['energy_static_j']) if e['energy_static_j'] is not None else 'not priced'}); "
-             f"without weight memory: {energy(e['energy_without_memory_j'])}."]
-    if e["unpriced"]:
-        lines.append("Not priced (not in the total): " + ", ".join(_unpriced(e)) + ".")
-    if e.get("proxy_figures"):
-        lines.append("PROXY prices (another chip's figures, no published one for this target): "
-                     + ", ".join(e["proxy_figures"]) + ". Treat the total as indicative.")
-    out += [("p", s) for s in lines]
-
-    out.append(("h", level + 1, "Latency"))
-    if e["latency_s"] is not None:
-        s = (f"Single inference: {seconds(e['latency_s'])} (sum of {len(e['stages'])} pipeline stages and their "
-             f"barriers). Streaming: one inference per step of {seconds(e['step_s'])}, "
-             f"throughput {count(e['throughput_per_s'])} inferences/s.")
-        if e.get("untimed"):
-            s += f" Not timed: {_list(e['untimed'])}."
-        out.append(("p", s))
-    else:
-        out.append(("p", "not timed (the target has no core model or no [time_ns] figures)."))
-    tr = e.get("traffic")
-    if tr:
-        out.append(("p", f"Pipeline depth: {e.get('pipeline_steps', '—')} timesteps per inference. Traffic per "
-                         f"inference: {count(tr['synaptic_reads'])} synaptic-memory reads "
-                         f"({count(tr['synaptic_read_bits'])} bits), {count(tr['message_bits'])} spike payload bits "
-                         f"({tr['note']})."))
-
-    a = e["ann"]
-    out.append(("h", level + 1, "ANN baselines (source ANN's MACs on the same table)"))
-    rows = []
-    if a.get("target_j") is not None:
-        rows.append([a.get("target_label") or "ANN at the target's MAC price", energy(a["target_j"])])
-    if a.get("target_with_memory_j") is not None:
-        rows.append(["… with weight memory", energy(a["target_with_memory_j"])])
-    rows += [["ANN int8", energy(a.get("int8_j")) if a.get("int8_j") is not None else "not priced"],
-             ["ANN int8 with weight memory",
-              energy(a.get("int8_with_memory_j")) if a.get("int8_with_memory_j") is not None else "not priced"],
-             [f"SNN on {name}", energy(e["energy_j"])]]
-    out += [("table", ["", "energy / inference"], rows), ("p", _verdict(e))]
-    if a.get("int8_source"):
-        out.append(("p", f"int8 price: {a['int8_source']}"))
+                ("table", ["op", "layers", "work / inference", "unit", "stages", "why"], _host_groups(m.host_work))]
     return out
 
 
-def _layers(r: dict, level: int) -> list:
+def _energy(e: Estimate, level: int) -> list:
+    """The energy terms of one target and the totals under them."""
+    out: list = [("h", level + 1, "Energy per inference")]
+    rows = []
+    for term in e.energy_terms:
+        proxy = term.evidence == "proxy"
+        cnt = seconds(term.count) if term.price == "chip.static_w" else count(term.count)
+        rows.append([term.term, term.what, cnt, term.price or DASH,
+                     ratio(term.pj_each), energy(term.joules) if term.priced else "not priced",
+                     ("yes, PROXY" if proxy else "yes") if term.priced else "no", term.source or DASH])
+    out.append(("table", ["term", "what", "count", "price", "pJ each", "energy", "priced", "source"], rows))
+    lines = [f"Energy per inference: {energy(e.energy_j)} (dynamic {energy(e.energy_dynamic_j)}, static "
+             f"{energy(e.energy_static_j) if e.energy_static_j is not None else 'not priced'}); "
+             f"without weight memory: {energy(e.energy_without_memory_j)}."]
+    if e.unpriced:
+        lines.append("Not priced (not in the total): " + ", ".join(_unpriced(e)) + ".")
+    if e.proxy_figures:
+        lines.append("PROXY prices (another chip's figures, no published one for this target): "
+                     + ", ".join(e.proxy_figures) + ". Treat the total as indicative.")
+    return out + [("p", s) for s in lines]
+
+
+def _target(name: str, t: TargetPlan, level: int) -> list:
+    e = t.estimate
+    out: list = [("h", level, f"Target {name}"), ("p", t.description or ""),
+                 ("p", f"Spikes: {t.spikes}; synaptic ops under the {e.convention} convention.")]
+    out += _mapping(t, level) + _energy(e, level)
+
+    out.append(("h", level + 1, "Latency"))
+    if e.latency_s is not None:
+        s = (f"Single inference: {seconds(e.latency_s)} (sum of {len(e.stages)} pipeline stages and their "
+             f"barriers). Streaming: one inference per step of {seconds(e.step_s)}, "
+             f"throughput {count(e.throughput_per_s)} inferences/s.")
+        if e.untimed:
+            s += f" Not timed: {_list(e.untimed)}."
+        out.append(("p", s))
+    else:
+        out.append(("p", "not timed (the target has no core model or no [time_ns] figures)."))
+    tr = e.traffic
+    out.append(("p", f"Pipeline depth: {e.pipeline_steps} timesteps per inference. Traffic per "
+                     f"inference: {count(tr.synaptic_reads)} synaptic-memory reads "
+                     f"({count(tr.synaptic_read_bits)} bits), {count(tr.message_bits)} spike payload bits "
+                     f"({tr.note})."))
+
+    a = e.ann
+    out.append(("h", level + 1, "ANN baselines (source ANN's MACs on the same table)"))
+    rows = []
+    if a.target_j is not None:
+        rows.append([a.target_label or "ANN at the target's MAC price", energy(a.target_j)])
+    if a.target_with_memory_j is not None:
+        rows.append(["… with weight memory", energy(a.target_with_memory_j)])
+    rows += [["ANN int8", energy(a.int8_j) if a.int8_j is not None else "not priced"],
+             ["ANN int8 with weight memory",
+              energy(a.int8_with_memory_j) if a.int8_with_memory_j is not None else "not priced"],
+             [f"SNN on {name}", energy(e.energy_j)]]
+    out += [("table", ["", "energy / inference"], rows), ("p", _verdict(e))]
+    if a.int8_source:
+        out.append(("p", f"int8 price: {a.int8_source}"))
+    return out
+
+
+def _layers(r: Report, level: int) -> list:
     rows = [[d["name"], d["op"], str(d.get("stage", "")), d.get("input") or DASH, count(d.get("mac_ann")),
              count(d.get("ac")), count(d.get("ac_event")), count(d.get("ac_channel")), count(d.get("mac")),
              count(d.get("host_ops")), count(d.get("neurons")),
-             f"{100 * d['firing_rate']:.1f} %" if d["op"] in NEURON_OPS else DASH] for d in r["layers"]]
+             f"{100 * d['firing_rate']:.1f} %" if d["op"] in NEURON_OPS else DASH] for d in r.layers]
     out: list[tuple] = [("h", level, "Operations per layer (per inference)"),
            ("table", ["layer", "op", "stage", "input", "MAC ANN", "AC spike", "AC event", "AC channel", "MAC",
                       "host ops", "neurons", "firing rate"], rows)]
-    timed = {n: {s["stage"]: s["ns"] for s in t["estimate"]["stages"]} for n, t in r["targets"].items()
-             if t["estimate"]["stages"]}
+    timed = {n: {s.stage: s.ns for s in t.estimate.stages} for n, t in r.targets.items() if t.estimate.stages}
     rows = []
-    for s in r["stages"]:
+    for s in r.stages:
         names = s["layers"]
         shown = ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
         rows.append([str(s["stage"]), shown, count(s["synops"]), count(s["mac"]), count(s["host_ops"]),
@@ -310,19 +322,19 @@ def _layers(r: dict, level: int) -> list:
     return out
 
 
-def _report_blocks(r: dict, level: int, plots: bool) -> list:
+def _report_blocks(r: Report, level: int, plots: bool) -> list:
     out = _header(r, level)
     out += [("h", level + 1, "Targets at a glance")] + _overview(r)
     out += [("h", level + 1, "Totals")] + _totals(r)
     if plots:
         out += [("h", level + 1, "Plots")] + _plots(r)
-    for name, t in r["targets"].items():
+    for name, t in r.targets.items():
         out += _target(name, t, level + 1)
     return out + _layers(r, level + 1)
 
 
-def _comparison_blocks(doc: dict, plots: bool) -> list:
-    rows = doc["comparison"]
+def _comparison_blocks(doc: Comparison, plots: bool) -> list:
+    rows = doc.comparison
     targets = list(dict.fromkeys(k for row in rows for k, v in row.items()
                                  if isinstance(v, dict) and "energy_j" in v))
     head = ["model", "method", "T", "M", "λ", "accuracy", "ANN accuracy", "energy ratio (eq. 43)"]
@@ -345,17 +357,17 @@ def _comparison_blocks(doc: dict, plots: bool) -> list:
            ("p", "Energy and latency are per inference; SNN/int8 below 1 means the SNN beats a quantised ANN on "
                  "that target's table. " + CONVENTION_NOTE),
            ("table", head, table)]
-    for r in doc.get("reports", []):
+    for r in doc.reports:
         out += _report_blocks(r, 2, plots)
     return out
 
 
-def _blocks(doc: dict, plots: bool) -> list:
-    if "comparison" in doc:
+def _blocks(doc: Report | Comparison, plots: bool) -> list:
+    if isinstance(doc, Comparison):
         return _comparison_blocks(doc, plots)
-    if "layers" in doc:
+    if isinstance(doc, Report):
         return _report_blocks(doc, 1, plots)
-    raise ValueError("not a report (no 'layers') nor a comparison (no 'comparison')")
+    raise ValueError(f"not a report nor a comparison: {type(doc).__name__}")
 
 
 # ---------------------------------------------------------------- plots
@@ -366,7 +378,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _top(items: list[dict], key, n: int = TOP) -> list[dict]:
+def _top(items: list[_T], key, n: int = TOP) -> list[_T]:
     """The n largest by key, in their original (network) order."""
     if len(items) <= n:
         return items
@@ -393,9 +405,9 @@ def _hbars(fig, names: list[str], series: list[tuple[str, list]], xlabel: str, t
     ax.grid(axis="x", alpha=0.3)
 
 
-def _plot_ops(r: dict):
+def _plot_ops(r: Report):
     from matplotlib.figure import Figure
-    rows = [d for d in r["layers"] if d["op"] not in NEURON_OPS and (d.get("mac_ann") or d.get("host_ops"))]
+    rows = [d for d in r.layers if d["op"] not in NEURON_OPS and (d.get("mac_ann") or d.get("host_ops"))]
     if not rows:
         return None
     shown = _top(rows, lambda d: max(d.get("mac_ann", 0), d.get("ac", 0), d.get("host_ops", 0)))
@@ -409,27 +421,27 @@ def _plot_ops(r: dict):
         _png(fig)
 
 
-def _plot_energy(r: dict):
+def _plot_energy(r: Report):
     from matplotlib.figure import Figure
-    targets = [(n, [x for x in t["estimate"]["energy_terms"] if x["priced"] and x["joules"]])
-               for n, t in r["targets"].items()]
+    targets = [(n, [x for x in t.estimate.energy_terms if x.priced and x.joules])
+               for n, t in r.targets.items()]
     targets = [(n, ts) for n, ts in targets if ts]
     if not targets:
         return None
-    terms = list(dict.fromkeys(x["term"] for _, ts in targets for x in ts))
-    peak = max(sum(x["joules"] for x in ts) for _, ts in targets)
+    terms = list(dict.fromkeys(x.term for _, ts in targets for x in ts))
+    peak = max(sum(x.joules or 0.0 for x in ts) for _, ts in targets)
     scale, prefix = next(((f, p) for f, p in _PREFIXES if peak >= f * 0.99995), _PREFIXES[-1])
     fig = Figure(figsize=(7.5, 1.4 + 0.45 * len(targets)))
     ax = fig.add_subplot()
     left = [0.0] * len(targets)
     for term in terms:
-        vals = [sum(x["joules"] for x in ts if x["term"] == term) / scale for _, ts in targets]
+        vals = [sum(x.joules or 0.0 for x in ts if x.term == term) / scale for _, ts in targets]
         ax.barh(range(len(targets)), vals, left=left, label=term)
         left = [a + b for a, b in zip(left, vals, strict=True)]
     for i, (n, _) in enumerate(targets):
-        e = r["targets"][n]["estimate"]
-        note = " + unpriced" if e["unpriced"] else ""
-        ax.text(left[i], i, f" {energy(e['energy_j'])}{note}", va="center", fontsize=7)
+        e = r.targets[n].estimate
+        note = " + unpriced" if e.unpriced else ""
+        ax.text(left[i], i, f" {energy(e.energy_j)}{note}", va="center", fontsize=7)
     ax.set_yticks(range(len(targets)), [n for n, _ in targets], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, max(left) * 1.35)
@@ -440,10 +452,10 @@ def _plot_energy(r: dict):
         _png(fig)
 
 
-def _plot_sites(r: dict):
+def _plot_sites(r: Report):
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
-    sites = [d for d in r["layers"] if d["op"] in NEURON_OPS and d.get("neurons")]
+    sites = [d for d in r.layers if d["op"] in NEURON_OPS and d.get("neurons")]
     if not sites:
         return None
     shown = _top(sites, lambda d: d.get("spikes", 0.0), TOP_SITES)
@@ -472,34 +484,33 @@ def _plot_sites(r: dict):
     return "Firing rate per SFN site and the distribution of its signed spike levels per inference" + more, _png(fig)
 
 
-def _plot_ann_snn(r: dict):
+def _plot_ann_snn(r: Report):
     from matplotlib.figure import Figure
     pick = None
     for key in ("ann_target_j", "ann_int8_j"):
-        pick = next(((n, t) for n, t in r["targets"].items()
-                     if any(x.get(key) is not None for x in t["estimate"].get("layers", []))), None)
+        pick = next(((n, t) for n, t in r.targets.items()
+                     if any(getattr(x, key) is not None for x in t.estimate.layers)), None)
         if pick:
             break
     if pick is None:
         return None
     name, t = pick
-    order = {d["name"]: i for i, d in enumerate(r["layers"])}     # the estimate lists weights, then products
-    layers = sorted(t["estimate"]["layers"], key=lambda d: order.get(d["name"], len(order)))
-    rows = _top(layers, lambda d: max(d.get("ann_target_j") or 0, d.get("ann_int8_j") or 0,
-                                                        d.get("snn_j") or 0))
-    series = [(label, [d.get(k) or 0.0 for d in rows]) for label, k in
+    order = {d["name"]: i for i, d in enumerate(r.layers)}     # the estimate lists weights, then products
+    layers = sorted(t.estimate.layers, key=lambda d: order.get(d.name, len(order)))
+    rows = _top(layers, lambda d: max(d.ann_target_j or 0, d.ann_int8_j or 0, d.snn_j or 0))
+    series = [(label, [getattr(d, k) or 0.0 for d in rows]) for label, k in
               ((f"SNN ({name})", "snn_j"), (f"ANN ({name} MAC price)", "ann_target_j"), ("ANN int8", "ann_int8_j"))]
     series = [s for s in series if any(s[1])]
     fig = Figure(figsize=(7.5, 1.2 + 0.3 * len(rows)))
-    total = len(t["estimate"]["layers"])
+    total = len(t.estimate.layers)
     more = f" (largest {len(rows)} of {total})" if len(rows) < total else ""
-    _hbars(fig, [d["name"] for d in rows], series, "energy per inference, J (log)",
+    _hbars(fig, [d.name for d in rows], series, "energy per inference, J (log)",
            f"Energy per layer on {name}" + more)
     return (f"ANN vs SNN energy per layer on {name}: arithmetic only (synaptic ops and MACs; no weight memory, "
             f"neuron updates or static power)" + more), _png(fig)
 
 
-def _plots(r: dict) -> list:
+def _plots(r: Report) -> list:
     out = []
     for make in (_plot_ops, _plot_energy, _plot_sites, _plot_ann_snn):
         p = make(r)
@@ -514,7 +525,7 @@ def _md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(doc: dict) -> str:
+def to_markdown(doc: Report | Comparison) -> str:
     """The report or comparison as Markdown (tables, no plots: those are in the HTML page)."""
     lines: list[str] = []
     for b in _blocks(doc, plots=False):
@@ -553,11 +564,11 @@ h1{border-bottom:2px solid #ddd}h2{border-bottom:1px solid #eee;margin-top:1.6em
 _NUMERIC = re.compile(r"^(?:[−\-]?[\d.,]+(?:e[+-]?\d+)?(?: ?[a-zA-Zµ%/]+)?|—.*|not priced|not timed)$")
 
 
-def to_html(doc: dict) -> str:
+def to_html(doc: Report | Comparison) -> str:
     """The report or comparison as one self-contained HTML page: inline style, plots as base64 PNG."""
     e = html.escape
-    title = (f"SFN comparison ({len(doc['comparison'])} variants)" if "comparison" in doc
-             else f"SFN report: {doc.get('model') or 'model'}")
+    title = (f"SFN comparison ({len(doc.comparison)} variants)" if isinstance(doc, Comparison)
+             else f"SFN report: {doc.model or 'model'}")
     body: list[str] = []
     for b in _blocks(doc, plots=True):
         if b[0] == "h":
@@ -589,48 +600,48 @@ def to_html(doc: dict) -> str:
             + "\n".join(body) + "\n</body>\n</html>\n")
 
 
-def _text_report(r: dict) -> list[str]:
-    by = r.get("energy_ratio_by_convention") or {}
-    lines = [f"{r['model'] or 'model'}: {r['samples']:,} samples, accuracy {pct(r['accuracy'])} "
-             f"(ANN {pct(r['ann_accuracy'])}, agreement {pct(r['agreement'])})",
-             f"energy ratio SNN/ANN (paper eq. 43): {ratio(r['energy_ratio'])}; eq. 44: "
-             f"{ratio(r['energy_ratio_approx'])}; by convention: "
+def _text_report(r: Report) -> list[str]:
+    by = r.energy_ratio_by_convention or {}
+    lines = [f"{r.model or 'model'}: {r.samples:,} samples, accuracy {pct(r.accuracy)} "
+             f"(ANN {pct(r.ann_accuracy)}, agreement {pct(r.agreement)})",
+             f"energy ratio SNN/ANN (paper eq. 43): {ratio(r.energy_ratio)}; eq. 44: "
+             f"{ratio(r.energy_ratio_approx)}; by convention: "
              + ", ".join(f"{c} {ratio(v)}" for c, v in by.items())]
-    for name, t in r["targets"].items():
-        e, m = t["estimate"], t["mapping"]
-        fit = "fits" if m["fits"] else f"does NOT fit: {len(m['violations'])} violation(s)"
+    for name, t in r.targets.items():
+        e, m = t.estimate, t.mapping
+        fit = "fits" if m.fits else f"does NOT fit: {len(m.violations)} violation(s)"
         if _has_cores(t):
-            lines.append(f"{name} [{e['convention']}]: {count(m['cores'])} cores, {count(m['chips'])} chip(s) "
-                         f"(bound by {m['chip_binding']}); cores set by {_bindings(t)}; {fit}")
+            lines.append(f"{name} [{e.convention}]: {count(m.cores)} cores, {count(m.chips)} chip(s) "
+                         f"(bound by {m.chip_binding}); cores set by {_bindings(t)}; {fit}")
         else:
-            lines.append(f"{name} [{e['convention']}]: no core model; {fit}")
-        s = f"  energy {energy(e['energy_j'])}/inference"
-        if e["energy_without_memory_j"] != e["energy_j"]:
-            s += f" ({energy(e['energy_without_memory_j'])} without weight memory)"
-        if e["unpriced"]:
-            s += "; not priced: " + ", ".join(e["unpriced"])
-        if e.get("proxy_figures"):
-            s += f"; {len(e['proxy_figures'])} PROXY price(s)"
+            lines.append(f"{name} [{e.convention}]: no core model; {fit}")
+        s = f"  energy {energy(e.energy_j)}/inference"
+        if e.energy_without_memory_j != e.energy_j:
+            s += f" ({energy(e.energy_without_memory_j)} without weight memory)"
+        if e.unpriced:
+            s += "; not priced: " + ", ".join(e.unpriced)
+        if e.proxy_figures:
+            s += f"; {len(e.proxy_figures)} PROXY price(s)"
         lines.append(s)
-        lines.append(f"  latency {seconds(e['latency_s'])}, step {seconds(e['step_s'])}, "
-                     f"{count(e['throughput_per_s'])} inferences/s" if e["latency_s"] is not None else "  not timed")
-        r8 = e["snn_over_int8_ann"]
+        lines.append(f"  latency {seconds(e.latency_s)}, step {seconds(e.step_s)}, "
+                     f"{count(e.throughput_per_s)} inferences/s" if e.latency_s is not None else "  not timed")
+        r8 = e.snn_over_int8_ann
         if r8 is not None:
             lines.append(f"  SNN / int8 ANN {ratio(r8)} ({'SNN wins' if r8 < 1 else 'int8 ANN wins'})")
-        if m["violations"]:
-            lines += [f"  violation: {v['layer']}: {v['rule']}: {count(v['value'])} > limit {count(v['limit'])}"
-                      for v in m["violations"][:5]]
-            if len(m["violations"]) > 5:
-                lines.append(f"  … {len(m['violations']) - 5} more")
+        if m.violations:
+            lines += [f"  violation: {v.layer}: {v.rule}: {count(v.value)} > limit {count(v.limit)}"
+                      for v in m.violations[:5]]
+            if len(m.violations) > 5:
+                lines.append(f"  … {len(m.violations) - 5} more")
     return lines
 
 
-def to_text(doc: dict) -> str:
+def to_text(doc: Report | Comparison) -> str:
     """A short terminal summary: a few lines per target (the CLI prints it when no -o is given)."""
-    if "comparison" not in doc:
+    if isinstance(doc, Report):
         return "\n".join(_text_report(doc))
     lines = []
-    for row in doc["comparison"]:
+    for row in doc.comparison:
         how = "" if row.get("method", "sfn") == "sfn" else f" [{row['method']}, T = {row.get('timesteps', 1)}]"
         parts = [f"{row['model']}{how}: accuracy {pct(row['accuracy'])} (ANN {pct(row['ann_accuracy'])}), "
                  f"ratio {ratio(row['energy_ratio'])}"]

@@ -1,12 +1,14 @@
 """Hardware-planning reports: one counting pass over the data, then every target's mapping and estimate.
 
-The report is a plain dict (the JSON of ``sfn-deploy report --json``, keys in SPEC §6);
-:mod:`sfn_deploy.render` turns it into Markdown or a self-contained HTML page.
+The report is a :class:`Report` (its ``to_dict()`` is the JSON of ``sfn-deploy report --json``, keys in
+SPEC §6); several side by side are a :class:`Comparison`. :mod:`sfn_deploy.render` turns either into
+Markdown or a self-contained HTML page.
 """
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,10 +21,81 @@ from .methods import method_of
 from .model_file import ConvertedModel
 from .neurons import fire_levels
 from .passes import configure, set_scale
+from .results import Result
 from .simulators.counting import CONVENTIONS, OpCounts, count_ops
-from .simulators.estimate import estimate
+from .simulators.estimate import Estimate, estimate
 from .targets import load_target
-from .targets.mapping import map_network
+from .targets.mapping import Mapping, map_network, source_site
+
+
+@dataclass
+class ChannelCost(Result):
+    """Neurons and stored synapses with graded spikes, and with binary threshold channels instead (counts)."""
+    neurons_graded: int
+    neurons_channels: int
+    synapses_graded: int
+    synapses_channels: int
+
+
+@dataclass
+class TargetPlan(Result):
+    """One target's core mapping and its energy/latency estimate per inference."""
+    description: str
+    spikes: str                         # the target's spike kind: none, binary or graded
+    path: str                           # the target file read
+    mapping: Mapping
+    estimate: Estimate
+
+
+@dataclass
+class Headline(Result):
+    """The first target's headline figures: cores, chips, energy (J) and latency (s) per inference."""
+    target: str
+    cores: int
+    chips: int
+    energy_j: float
+    latency_s: float | None
+    throughput_per_s: float | None      # inferences per second, streaming
+
+
+@dataclass
+class Report(Result):
+    """A hardware-planning report of one network on data: accuracy, op counts per inference, every target."""
+    model: str                          # the label (file name, λ and M of a variant)
+    source: dict[str, Any]              # where the converted model came from (spec, sha256)
+    samples: int
+    levels_M: list[int]
+    fire: list[str]
+    lam: dict[str, float]               # smallest and largest λ ({} without sites)
+    accuracy: float                     # SNN top-1, %
+    ann_accuracy: float                 # source ANN top-1, %
+    agreement: float                    # SNN/ANN top-1 agreement, %
+    energy_ratio: float                 # the paper's eq. 43, 45 nm CMOS prices
+    energy_ratio_approx: float          # eq. 44 (first layer's MACs dropped)
+    energy_ratio_by_convention: dict[str, float]
+    ac_snn: float                       # accumulates per inference (spike convention)
+    mac_snn: float                      # MACs per inference of layers with analog input
+    mac_ann: float                      # MACs per inference of the source ANN
+    host_ops: float                     # host operations per inference
+    synops: dict[str, float]            # synaptic ops per inference under each convention
+    host_ops_by_op: dict[str, float]
+    neuron_updates: float               # per inference
+    spikes: float                       # Σ|y| per inference
+    method: str
+    timesteps: int
+    channel_decomposition: ChannelCost
+    lava: dict[str, Any]                # the Lava plan's placement (or {"error": why})
+    layers: list[dict[str, Any]]        # per-layer op counts per inference
+    stages: list[dict[str, Any]]        # per pipeline stage totals per inference
+    targets: dict[str, TargetPlan]
+    target: Headline
+
+
+@dataclass
+class Comparison(Result):
+    """Several reports side by side: one summary row each, then the reports."""
+    comparison: list[dict[str, Any]]
+    reports: list[Report]
 
 
 def variant(converted: ConvertedModel, scale: float | None = None, levels: int | None = None) -> ConvertedModel:
@@ -48,21 +121,20 @@ def _summary_layers(counts: OpCounts) -> list[dict]:
     return [{k: d[k] for k in keep if k in d} for d in counts.reported_layers()]
 
 
-def channel_cost(converted: ConvertedModel, counts: OpCounts) -> dict:
+def channel_cost(converted: ConvertedModel, counts: OpCounts) -> ChannelCost:
     """What lowering every multi-spike neuron to binary threshold channels costs (Loihi 1, NIR):
     one neuron per channel, and one synapse per incoming channel (the level increment folded into it)."""
-    from .targets.mapping import _source_site
     stats = {c.name: c for c in counts.layers}
     channels = {c.name: c.levels * (2 if c.dual else 1) for c in counts.layers if c.op in NEURON_OPS}
     syn_graded = syn_channels = 0
     for c in counts.layers:
         if c.kind == "weight":
-            src = _source_site(converted.graph, converted.graph[c.name].inputs[0])
+            src = source_site(converted.graph, converted.graph[c.name].inputs[0])
             syn_graded += c.connections
             syn_channels += c.connections * (channels[src.name] if src is not None else 1)
     neurons = sum(stats[n].neurons for n in channels)
-    return {"neurons_graded": neurons, "neurons_channels": sum(stats[n].neurons * k for n, k in channels.items()),
-            "synapses_graded": syn_graded, "synapses_channels": syn_channels}
+    return ChannelCost(neurons_graded=neurons, neurons_channels=sum(stats[n].neurons * k for n, k in channels.items()),
+                       synapses_graded=syn_graded, synapses_channels=syn_channels)
 
 
 def lava_placement(converted: ConvertedModel) -> dict:
@@ -78,19 +150,19 @@ def lava_placement(converted: ConvertedModel) -> dict:
     return {**p.summary(), "host_blocks": host}
 
 
-def plan(converted: ConvertedModel, counts: OpCounts, targets: list[str]) -> dict:
+def plan(converted: ConvertedModel, counts: OpCounts, targets: list[str]) -> dict[str, TargetPlan]:
     """Mapping and estimate for each target (no data pass: reuses ``counts``)."""
     out = {}
     for name in targets:
         t = load_target(name)
         m = map_network(converted.graph, counts, t)
-        out[t.name] = {"description": t.description, "spikes": t.spikes, "path": t.path,
-                       "mapping": m.to_dict(), "estimate": estimate(converted.graph, counts, t, m)}
+        out[t.name] = TargetPlan(description=t.description, spikes=t.spikes, path=t.path, mapping=m,
+                                 estimate=estimate(converted.graph, counts, t, m))
     return out
 
 
 def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *, label: str = "",
-                 batch_size: int = 256, quiet: bool = True) -> dict:
+                 batch_size: int = 256, quiet: bool = True) -> Report:
     check_data(converted.graph, data, "converted model")
     if not targets:
         raise UserError("no target given")
@@ -99,46 +171,47 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
     counts = counter.result()
     e_ac, e_mac = energy_constants("cmos45")
     lams = [s.attrs["lam"] for s in converted.sites]
-    report: dict[str, Any] = {
-        "model": label, "source": converted.source, "samples": len(data),
-        "levels_M": sorted({s.attrs["M"] for s in converted.sites}),
-        "fire": sorted({s.attrs["fire"] for s in converted.sites}),
-        "lam": {"min": min(lams), "max": max(lams)} if lams else {},
-        "accuracy": accuracy(snn_pred, data.y), "ann_accuracy": accuracy(ann_pred, data.y),
-        "agreement": 100.0 * float((snn_pred == ann_pred).float().mean()),
-        "energy_ratio": counts.energy_ratio(e_ac, e_mac),
-        "energy_ratio_approx": counts.energy_ratio_approx(e_ac, e_mac),
-        "energy_ratio_by_convention": {c: counts.energy_ratio(e_ac, e_mac, c) for c in CONVENTIONS},
-        "ac_snn": counts.ac_snn, "mac_snn": counts.mac_snn, "mac_ann": counts.mac_ann, "host_ops": counts.host_ops,
-        "synops": {c: counts.synops(c) for c in CONVENTIONS}, "host_ops_by_op": counts.host_ops_by_op(),
-        "neuron_updates": sum(c.neurons * c.timesteps for c in counts.layers if c.op in NEURON_OPS)
+    method, timesteps = method_of(converted.graph)
+    plans = plan(converted, counts, targets)
+    first = next(iter(plans.values())).estimate
+    return Report(
+        model=label, source=converted.source, samples=len(data),
+        levels_M=sorted({s.attrs["M"] for s in converted.sites}),
+        fire=sorted({s.attrs["fire"] for s in converted.sites}),
+        lam={"min": min(lams), "max": max(lams)} if lams else {},
+        accuracy=accuracy(snn_pred, data.y), ann_accuracy=accuracy(ann_pred, data.y),
+        agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
+        energy_ratio=counts.energy_ratio(e_ac, e_mac),
+        energy_ratio_approx=counts.energy_ratio_approx(e_ac, e_mac),
+        energy_ratio_by_convention={c: counts.energy_ratio(e_ac, e_mac, c) for c in CONVENTIONS},
+        ac_snn=counts.ac_snn, mac_snn=counts.mac_snn, mac_ann=counts.mac_ann, host_ops=counts.host_ops,
+        synops={c: counts.synops(c) for c in CONVENTIONS}, host_ops_by_op=counts.host_ops_by_op(),
+        neuron_updates=sum(c.neurons * c.timesteps for c in counts.layers if c.op in NEURON_OPS)
         + sum(c.bases * c.timesteps for c in counts.layers if c.bases),     # MBE: basis units × internal steps
-        "spikes": sum(c.spikes for c in counts.layers if c.op in NEURON_OPS or c.bases),
-        "method": method_of(converted.graph)[0], "timesteps": method_of(converted.graph)[1],
-        "channel_decomposition": channel_cost(converted, counts),
-        "lava": lava_placement(converted),
-        "layers": _summary_layers(counts), "stages": counts.per_stage(),
-        "targets": plan(converted, counts, targets),
-    }
-    first = next(iter(report["targets"].values()))["estimate"]
-    report["target"] = {k: first[k] for k in ("target", "cores", "chips", "energy_j", "latency_s", "throughput_per_s")}
-    return report
+        spikes=sum(c.spikes for c in counts.layers if c.op in NEURON_OPS or c.bases),
+        method=method, timesteps=timesteps,
+        channel_decomposition=channel_cost(converted, counts),
+        lava=lava_placement(converted),
+        layers=_summary_layers(counts), stages=counts.per_stage(),
+        targets=plans,
+        target=Headline(target=first.target, cores=first.cores, chips=first.chips, energy_j=first.energy_j,
+                        latency_s=first.latency_s, throughput_per_s=first.throughput_per_s))
 
 
-def summary_row(r: dict) -> dict:
+def summary_row(r: Report) -> dict:
     """One line per report for comparison tables: accuracy, the paper's ratio, and each target's figures."""
-    row = {"model": r["model"], "method": r.get("method", "sfn"), "timesteps": r.get("timesteps", 1),
-           "M": r["levels_M"], "lam": r["lam"], "accuracy": r["accuracy"],
-           "ann_accuracy": r["ann_accuracy"], "energy_ratio": r["energy_ratio"]}
-    for name, t in r["targets"].items():
-        e = t["estimate"]
-        row[name] = {"energy_j": e["energy_j"], "latency_s": e["latency_s"], "cores": e["cores"], "chips": e["chips"],
-                     "fits": t["mapping"]["fits"], "snn_over_int8_ann": e["snn_over_int8_ann"]}
+    row: dict[str, Any] = {"model": r.model, "method": r.method, "timesteps": r.timesteps, "M": r.levels_M,
+                           "lam": r.lam, "accuracy": r.accuracy, "ann_accuracy": r.ann_accuracy,
+                           "energy_ratio": r.energy_ratio}
+    for name, t in r.targets.items():
+        e = t.estimate
+        row[name] = {"energy_j": e.energy_j, "latency_s": e.latency_s, "cores": e.cores, "chips": e.chips,
+                     "fits": t.mapping.fits, "snn_over_int8_ann": e.snn_over_int8_ann}
     return row
 
 
-def compare(reports: list[dict]) -> dict:
-    return {"comparison": [summary_row(r) for r in reports], "reports": reports}
+def compare(reports: list[Report]) -> Comparison:
+    return Comparison(comparison=[summary_row(r) for r in reports], reports=reports)
 
 
 def count_static(converted: ConvertedModel) -> OpCounts:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -10,16 +12,56 @@ from .data import Dataset
 from .errors import UserError
 from .evaluation import accuracy, backend_logits, backend_runner, check_data
 from .model_file import ConvertedModel
+from .results import Result
+
+
+@dataclass
+class BackendRun(Result):
+    """One backend's run over the data: wall time (s), throughput (samples/s) and agreement with the reference."""
+    seconds: float                      # the run itself, set-up excluded
+    setup_seconds: float                # export, session creation, a stream's start
+    samples_per_s: float | None
+    accuracy: float                     # top-1, %
+    max_abs_diff: float                 # largest |logit difference| from the reference
+    prediction_agreement: float         # top-1 agreement with the reference, %
+    details: dict[str, Any] = field(default_factory=dict)   # the backend's own figures, as JSON keys after these
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {**{k: v for k, v in d.items() if k != "details"}, **d["details"]}
+
+
+@dataclass
+class SimulateResult(Result):
+    """A converted network run on several backends, each compared with the reference (times in s)."""
+    samples: int
+    reference: str
+    backends: dict[str, BackendRun]
+    timings: dict[str, float]           # each backend's run time, s
+    max_abs_diff: float                 # the largest |logit difference| of any backend from the reference
+
+
+@dataclass
+class BundleRun(Result):
+    """A Lava bundle run by itself on data (no reference): accuracy (%), times (s), the Lava run's figures."""
+    samples: int
+    backend: str
+    bundle: str                         # the bundle folder
+    accuracy: float
+    seconds: float
+    setup_seconds: float
+    samples_per_s: float | None
+    lava: dict[str, Any]
 
 
 def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batch_size: int = 256,
-             quiet: bool = True, threads: int | None = None, lava: dict | None = None) -> dict:
+             quiet: bool = True, threads: int | None = None, lava: dict | None = None) -> SimulateResult:
     for b in backends:
         get(b)
     check_data(converted.graph, data, "converted model")
     if threads:
         torch.set_num_threads(threads)
-    out: dict = {"samples": len(data), "reference": REFERENCE, "backends": {}}
+    runs: dict[str, BackendRun] = {}
     t0 = time.perf_counter()
     ref = backend_logits(converted, data, REFERENCE, batch_size, quiet=quiet)
     t_ref = time.perf_counter() - t0
@@ -37,19 +79,19 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
             logits = torch.cat([runner(xb) for xb in data.batches(size)])
             stream_setup, secs = backend.split_time(runner, time.perf_counter() - t0)
             setup += stream_setup
-        entry = {"seconds": secs, "setup_seconds": setup, "samples_per_s": len(data) / secs if secs else None,
-                 "accuracy": accuracy(logits.argmax(-1), data.y),
-                 "max_abs_diff": float((logits - ref).abs().max()),
-                 "prediction_agreement": 100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean())}
+        entry = BackendRun(seconds=secs, setup_seconds=setup, samples_per_s=len(data) / secs if secs else None,
+                           accuracy=accuracy(logits.argmax(-1), data.y),
+                           max_abs_diff=float((logits - ref).abs().max()),
+                           prediction_agreement=100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean()))
         if b != REFERENCE:
-            entry.update(backend.details(runner, converted, data, batch_size))
-        out["backends"][b] = entry
-    out["timings"] = {b: e["seconds"] for b, e in out["backends"].items()}
-    out["max_abs_diff"] = max(e["max_abs_diff"] for e in out["backends"].values())
-    return out
+            entry.details = backend.details(runner, converted, data, batch_size)
+        runs[b] = entry
+    return SimulateResult(samples=len(data), reference=REFERENCE, backends=runs,
+                          timings={b: e.seconds for b, e in runs.items()},
+                          max_abs_diff=max(e.max_abs_diff for e in runs.values()))
 
 
-def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") -> dict:
+def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") -> BundleRun:
     """Run a Lava bundle on data by itself (no converted model, so no reference to compare with)."""
     from .exporters.lava import read_bundle, run_lava, run_summary
     _, plans = read_bundle(path, precision)
@@ -59,7 +101,7 @@ def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") ->
     r = run_lava(path, data.x.numpy(), precision)
     t = r["timings"]
     pred = torch.from_numpy(r["outputs"]).reshape(len(data), -1).argmax(-1)
-    return {"samples": len(data), "backend": "lava", "bundle": path, "accuracy": accuracy(pred, data.y),
-            "seconds": t["run_s"], "setup_seconds": t["wall_s"] - t["run_s"],
-            "samples_per_s": len(data) / t["run_s"] if t["run_s"] else None,
-            "lava": run_summary(plan.summary(), precision, r)}
+    return BundleRun(samples=len(data), backend="lava", bundle=path, accuracy=accuracy(pred, data.y),
+                     seconds=t["run_s"], setup_seconds=t["wall_s"] - t["run_s"],
+                     samples_per_s=len(data) / t["run_s"] if t["run_s"] else None,
+                     lava=run_summary(plan.summary(), precision, r))

@@ -48,6 +48,8 @@ import json
 import os
 import time
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import optuna
 
@@ -59,6 +61,7 @@ from .ir import Graph
 from .methods import Applied
 from .passes import set_scale
 from .progress import progress
+from .results import Result, optional
 
 HEARTBEAT_INTERVAL = 10     # s between heartbeats of a running trial (one small write each)
 GRACE_PERIOD = 30           # s without a heartbeat before a running trial is declared dead
@@ -66,6 +69,34 @@ MAX_RETRY = 2               # times a dead trial's parameters are queued again
 
 SHARED_GRID = [0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0]
 
+
+
+@dataclass
+class ParetoPoint(Result):
+    """A completed trial on the Pareto front: validation accuracy (%), the paper's energy ratio, λ per site."""
+    trial: int
+    accuracy: float
+    energy_ratio: float
+    lam: dict[str, float]
+
+
+@dataclass
+class Chosen(ParetoPoint):
+    """The point the search settled on, and the rule that picked it."""
+    rule: str = ""
+
+
+@dataclass
+class SearchResult(Result):
+    """The λ search (an Optuna study): how many trials it ran, the ANN's validation accuracy (%), the front."""
+    study: str
+    storage: str                        # the storage URL with any password redacted, or "memory"
+    trials_completed: int
+    ann_accuracy: float
+    val_samples: int
+    groups: dict[str, int]              # λ groups and the number of sites in each
+    pareto_front: list[ParetoPoint]     # by energy ratio, then accuracy
+    chosen: Chosen | None = optional()
 
 def site_groups(graph: Graph, search: str) -> dict[str, list[str]]:
     """Which sites share one λ. Post-softmax sites are λ-independent and not searched."""
@@ -241,7 +272,7 @@ def _census(study, storage, grace: int, here: str | None, exclude: int | None = 
 
 
 def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, quiet: bool = True, *,
-               heartbeat_interval: int | None = None, grace_period: int | None = None) -> dict:
+               heartbeat_interval: int | None = None, grace_period: int | None = None) -> SearchResult:
     """Run (or continue) the study until it holds ``cfg.trials`` completed trials; return its Pareto front.
 
     ``heartbeat_interval`` and ``grace_period`` (whole seconds; default ``HEARTBEAT_INTERVAL`` and
@@ -284,7 +315,7 @@ def _open_study(name: str, storage, sampler, groups: dict, attrs: dict):
     return study
 
 
-def _run(graph, data, cfg, source, quiet, storage, grace):
+def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     val, _ = data.split(cfg.val_fraction, cfg.seed)
     ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
     ann_acc = evaluation.accuracy(ann_pred, val.y)
@@ -297,7 +328,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace):
     study = _open_study(name, storage, sampler, groups, {"ann_accuracy": ann_acc, "val_samples": len(val)})
     here = _namespace()
     rdb = isinstance(storage, optuna.storages.RDBStorage)
-    state = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
+    state: dict[str, Any] = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
 
     def objective(trial: optuna.Trial):
         state["trial_id"] = trial._trial_id
@@ -365,27 +396,31 @@ def _run(graph, data, cfg, source, quiet, storage, grace):
                                     "check the other workers")
     finally:
         bar.close()
-    front = sorted(({"trial": t.number, "accuracy": t.values[0], "energy_ratio": t.values[1],
-                     "lam": t.user_attrs["lam"]} for t in study.best_trials),
-                   key=lambda r: (r["energy_ratio"], -r["accuracy"]))
-    return {"study": name, "storage": redacted(cfg.storage) if cfg.storage else "memory",
-            "trials_completed": _completed(study),
-            "ann_accuracy": study.user_attrs.get("ann_accuracy", ann_acc), "val_samples": len(val),
-            "groups": {g: len(m) for g, m in groups.items()}, "pareto_front": front}
+    front = sorted((ParetoPoint(trial=t.number, accuracy=t.values[0], energy_ratio=t.values[1],
+                                lam=t.user_attrs["lam"]) for t in study.best_trials),
+                   key=lambda r: (r.energy_ratio, -r.accuracy))
+    return SearchResult(study=name, storage=redacted(cfg.storage) or "memory",
+                        trials_completed=_completed(study),
+                        ann_accuracy=study.user_attrs.get("ann_accuracy", ann_acc), val_samples=len(val),
+                        groups={g: len(m) for g, m in groups.items()}, pareto_front=front)
 
 
-def choose(result: dict, max_drop: float | None) -> dict:
+def choose(result: SearchResult, max_drop: float | None) -> Chosen:
     """Most accurate point (ties: cheaper); with a budget, the cheapest point within max_drop points."""
-    front = result["pareto_front"]
+    front = result.pareto_front
     if not front:
         raise UserError("the λ search finished no trial")
-    best = max(front, key=lambda r: (r["accuracy"], -r["energy_ratio"]))
+    best = max(front, key=lambda r: (r.accuracy, -r.energy_ratio))
     if max_drop is None:
-        return {**best, "rule": "max accuracy"}
-    ok = [r for r in front if r["accuracy"] >= result["ann_accuracy"] - max_drop]
+        return _chosen(best, "max accuracy")
+    ok = [r for r in front if r.accuracy >= result.ann_accuracy - max_drop]
     if not ok:
-        return {**best, "rule": f"no configuration within {max_drop} points; most accurate taken"}
-    return {**min(ok, key=lambda r: r["energy_ratio"]), "rule": f"lowest energy within {max_drop} points"}
+        return _chosen(best, f"no configuration within {max_drop} points; most accurate taken")
+    return _chosen(min(ok, key=lambda r: r.energy_ratio), f"lowest energy within {max_drop} points")
+
+
+def _chosen(p: ParetoPoint, rule: str) -> Chosen:
+    return Chosen(trial=p.trial, accuracy=p.accuracy, energy_ratio=p.energy_ratio, lam=p.lam, rule=rule)
 
 
 def apply_sfn(graph: Graph, data: Dataset, config: ConvertConfig, *, source: dict | None = None,
@@ -396,6 +431,6 @@ def apply_sfn(graph: Graph, data: Dataset, config: ConvertConfig, *, source: dic
         set_scale(graph, config.scale)
         return Applied()
     result = run_search(graph, data, config, source or {}, quiet=quiet)
-    chosen = choose(result, config.max_drop)
-    set_scale(graph, chosen["lam"])
-    return Applied(search={**result, "chosen": chosen})
+    result.chosen = choose(result, config.max_drop)
+    set_scale(graph, result.chosen.lam)
+    return Applied(search=result.to_dict())

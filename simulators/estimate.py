@@ -24,18 +24,121 @@ as ``energy_streaming_j``, per inference of a pipelined stream (step time × pow
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from sfn_deploy.results import Result, optional
 from sfn_deploy.targets.mapping import Mapping
 from sfn_deploy.targets.schema import Target
 
 PJ = 1e-12
 
 
-def _term(name: str, count: float, target: Target, section: str, key: str, what: str) -> dict:
+@dataclass
+class EnergyTerm(Result):
+    """One line of the energy bill per inference: a count (operations, bits, or seconds) times a named price."""
+    term: str
+    count: float | None                 # per inference: operations, bits read, or seconds (static power)
+    unit: str | None = optional()       # set when the count is not a number of operations ("seconds")
+    what: str = ""
+    price: str | None = None            # the target file's figure, "section.key"; None where there is none
+    pj_each: float | None = None        # pJ per counted unit (None: not priced, or priced in watts)
+    joules: float | None = None         # J per inference; None when not priced
+    priced: bool = False
+    source: str = ""                    # the figure's published source
+    evidence: str = ""                  # the figure's evidence grade ("proxy": another chip's figure)
+
+
+@dataclass
+class LatencyStage(Result):
+    """One pipeline stage's time per timestep: its slowest layer, in ns (barrier excluded)."""
+    stage: int
+    ns: float
+
+
+@dataclass
+class AnnBaseline(Result):
+    """The source ANN's MACs priced on the same table, J per inference (None: the target has no such price)."""
+    mac_ann: float                      # MACs per inference of the source ANN
+    target_j: float | None              # at the target's own MAC price
+    target_label: str
+    int8_j: float | None                # at the int8 MAC price of [ann_int8]
+    int8_with_memory_j: float | None    # int8 MACs plus one 8-bit weight read per MAC
+    int8_source: str
+    target_with_memory_j: float | None = optional()   # the target's MAC price plus weight-memory reads
+
+
+@dataclass
+class Traffic(Result):
+    """Memory and spike traffic per inference: synaptic-memory reads (count, bits) and spike payload bits."""
+    synaptic_reads: float
+    synaptic_read_bits: float
+    message_bits: float
+    note: str
+
+
+@dataclass
+class LayerEnergy(Result):
+    """One synaptic layer's arithmetic energy per inference in J (SNN, and the ANN on the same table)."""
+    name: str
+    snn_j: float = 0.0                  # synaptic ops and MACs of this layer only
+    ann_target_j: float | None = None   # the ANN layer at the target's MAC price
+    ann_int8_j: float | None = None     # the ANN layer at the int8 MAC price
+    synops: float | None = optional()   # synaptic ops per inference under the target's convention
+    synaptic_reads: float | None = optional()   # stored-weight reads per inference (weight layers only)
+
+
+@dataclass
+class Latency:
+    """Latency per inference on a timed target (seconds); every figure None where the target is not timed."""
+    latency_s: float | None = None      # one inference: the sum of its stages and barriers
+    step_s: float | None = None         # one step of a pipelined stream: the slowest stage plus a barrier
+    throughput_per_s: float | None = None   # inferences per second when streaming
+    stages: list[LatencyStage] = field(default_factory=list)
+    timed: bool = False
+    untimed: list[str] = field(default_factory=list)    # what is not timed, in words
+    proxy_times: list[str] = field(default_factory=list)    # time figures that are another chip's (proxy)
+
+
+@dataclass
+class Estimate(Result):
+    """Energy (J) and latency (s) per inference of one network on one target, with every term and baseline."""
+    target: str
+    convention: str                     # the spike convention synaptic ops are counted under
+    cores: int
+    chips: int
+    energy_j: float                     # total: priced dynamic terms plus static energy
+    energy_dynamic_j: float
+    energy_static_j: float | None       # chips × static power × single-inference latency
+    energy_streaming_j: float | None    # per inference of a pipelined stream (static at the step time)
+    energy_without_memory_j: float
+    energy_terms: list[EnergyTerm]
+    priced: list[str]                   # the terms in the total
+    unpriced: list[str]                 # the terms with a count but no price (left out of the total)
+    proxy_figures: list[str]            # prices and times taken from another chip
+    figure_caveats: list[str]           # every figure of the target file with an evidence note
+    latency_s: float | None
+    step_s: float | None
+    throughput_per_s: float | None
+    stages: list[LatencyStage]
+    timed: bool
+    untimed: list[str]
+    ann: AnnBaseline
+    snn_over_int8_ann: float | None     # SNN energy / the int8 ANN's (below 1: the SNN wins)
+    snn_over_int8_ann_baseline: str | None  # which AnnBaseline field that ratio divides by
+    traffic: Traffic
+    pipeline_steps: int                 # timesteps from a sample entering to its output
+    layers: list[LayerEnergy]
+    layers_note: str
+
+
+def _term(name: str, count: float, target: Target, section: str, key: str, what: str) -> EnergyTerm:
     fig = target.figure(section, key)
     priced = fig is not None
-    return {"term": name, "count": count, "what": what, "price": f"{section}.{key}",
-            "pj_each": fig.value if priced else None, "joules": count * fig.value * PJ if priced else None,
-            "priced": priced, "source": fig.source if priced else "", "evidence": fig.evidence if priced else ""}
+    return EnergyTerm(term=name, count=count, what=what, price=f"{section}.{key}",
+                      pj_each=fig.value if fig is not None else None,
+                      joules=count * fig.value * PJ if fig is not None else None,
+                      priced=priced, source=fig.source if fig is not None else "",
+                      evidence=fig.evidence if fig is not None else "")
 
 
 def _fired(p, stats: dict, target: Target) -> float:
@@ -45,7 +148,7 @@ def _fired(p, stats: dict, target: Target) -> float:
     return min(fired, p.compartments)
 
 
-def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
+def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
     """Energy terms, totals, per-layer energy, latency and ANN baselines for one target."""
     stats = {c.name: c for c in counts.layers}
     weights = [c for c in counts.layers if c.kind == "weight"]
@@ -53,9 +156,8 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
     conv = target.convention
     wbits = int(target.get("precision", "weight_bits") or 8)
     host_ops = counts.host_ops
-    terms: list[dict] = []
-    per_layer: dict[str, dict] = {c.name: {"name": c.name, "snn_j": 0.0, "ann_target_j": None, "ann_int8_j": None}
-                                  for c in weights + products}
+    terms: list[EnergyTerm] = []
+    per_layer = {c.name: LayerEnergy(c.name) for c in weights + products}
 
     if target.spikes == "none":
         syn = sum(c.synops(conv) for c in weights + products)
@@ -68,8 +170,8 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
         e_ac, e_mac, e_mem = (target.get("energy_pj", k) for k in ("ac", "mac", "memory_bit"))
         for c in weights + products:
             row = per_layer[c.name]
-            row["snn_j"] = (c.synops(conv) * e_ac + c.mac * e_mac) * PJ
-            row["ann_target_j"] = c.mac_ann * e_mac * PJ
+            row.snn_j = (c.synops(conv) * e_ac + c.mac * e_mac) * PJ
+            row.ann_target_j = c.mac_ann * e_mac * PJ
     else:
         syn = sum(c.synops(conv) for c in weights)
         terms.append(_term("synaptic ops", syn, target, "energy_pj", "synop",
@@ -89,20 +191,19 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
                            "compartments that do not fire (integrators included)"))
         terms.append(_term("spike messages", msgs, target, "energy_pj", "spike",
                            "graded events" if target.spikes == "graded" else "binary channel spikes"))
-        terms.append({"term": "analog input layer MACs", "count": counts.mac_snn, "what":
-                      "first layer fed by the analog input: encoded off the neuro cores", "price": None,
-                      "pj_each": None, "joules": None, "priced": False, "source": "", "evidence": ""})
+        terms.append(EnergyTerm("analog input layer MACs", counts.mac_snn,
+                                what="first layer fed by the analog input: encoded off the neuro cores"))
         host_ops += sum(c.mac_ann for c in products)
         e_syn = target.get("energy_pj", "synop")
         for c in weights:
-            per_layer[c.name]["snn_j"] = c.synops(conv) * e_syn * PJ
+            per_layer[c.name].snn_j = c.synops(conv) * e_syn * PJ
     terms.append(_term("host operations", host_ops, target, "energy_pj", "host_op",
                        "LayerNorm, softmax, GELU, residual arithmetic" +
                        (", attention products" if target.spikes != "none" and products else "")))
     e_int8, e_int8_mem = target.get("ann_int8", "mac"), target.get("ann_int8", "memory_bit")
     for c in weights + products:
         if e_int8 is not None:
-            per_layer[c.name]["ann_int8_j"] = c.mac_ann * e_int8 * PJ
+            per_layer[c.name].ann_int8_j = c.mac_ann * e_int8 * PJ
 
     # traffic: one synaptic-memory read per synaptic op (of weight_bits), and spike payload bits
     message_bits = 0.0
@@ -115,69 +216,77 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> dict:
             else:                               # one binary spike per active channel
                 message_bits += c.channel_spikes
     for c in weights + products:
-        per_layer[c.name]["synops"] = c.synops(conv)
+        per_layer[c.name].synops = c.synops(conv)
     for c in weights:                           # products have no stored weights to read
         # a graded or multi-spike event reads its weight once; a binary channel reads its own weight
-        reads = (c.ac_channel if target.spikes == "binary" else c.ac_event) if c.input == "spikes" else c.mac
-        per_layer[c.name]["synaptic_reads"] = reads
-    traffic = {"synaptic_reads": sum(r.get("synaptic_reads", 0.0) for r in per_layer.values()),
-               "synaptic_read_bits": sum(r.get("synaptic_reads", 0.0) for r in per_layer.values()) * wbits,
-               "message_bits": message_bits,
-               "note": "reads: one stored weight per non-zero input per fan-out (per active channel on binary "
-                       "targets) or per MAC of a weight layer; message bits: payloads of the spikes sent by on-core "
-                       "neurons only (graded: "
-                       "the signed level's bits per event; binary: one per channel spike), no routing headers"}
+        per_layer[c.name].synaptic_reads = (
+            (c.ac_channel if target.spikes == "binary" else c.ac_event) if c.input == "spikes" else c.mac)
+    all_reads = sum(r.synaptic_reads if r.synaptic_reads is not None else 0.0 for r in per_layer.values())
+    traffic = Traffic(synaptic_reads=all_reads, synaptic_read_bits=all_reads * wbits, message_bits=message_bits,
+                      note="reads: one stored weight per non-zero input per fan-out (per active channel on binary "
+                           "targets) or per MAC of a weight layer; message bits: payloads of the spikes sent by "
+                           "on-core neurons only (graded: the signed level's bits per event; binary: one per channel "
+                           "spike), no routing headers")
     lat = _latency(counts, target, mapping)
-    dynamic = sum(t["joules"] for t in terms if t["priced"])
-    memory = sum(t["joules"] for t in terms if t["priced"] and t["term"] == "weight memory")
+    dynamic = sum(t.joules or 0.0 for t in terms if t.priced)
+    memory = sum(t.joules or 0.0 for t in terms if t.priced and t.term == "weight memory")
     static_w = target.get("chip", "static_w")
-    static = static_w * mapping.chips * lat["latency_s"] if static_w and lat["latency_s"] and mapping.chips else None
-    streaming_static = static_w * mapping.chips * lat["step_s"] if static is not None else None
+    static = static_w * mapping.chips * lat.latency_s if static_w and lat.latency_s and mapping.chips else None
+    streaming_static = static_w * mapping.chips * (lat.step_s or 0.0) if static is not None and static_w else None
     if target.spikes != "none":
         fig = target.figure("chip", "static_w")
-        terms.append({"term": "static power", "count": lat["latency_s"], "unit": "seconds",
-                      "what": f"{mapping.chips} chip(s) × static power × single-inference latency",
-                      "price": "chip.static_w", "pj_each": None, "joules": static, "priced": static is not None,
-                      "source": fig.source if fig else "", "evidence": fig.evidence if fig else ""})
+        terms.append(EnergyTerm("static power", lat.latency_s,
+                                unit="seconds",
+                                what=f"{mapping.chips} chip(s) × static power × single-inference latency",
+                                price="chip.static_w", joules=static, priced=static is not None,
+                                source=fig.source if fig else "", evidence=fig.evidence if fig else ""))
     energy = dynamic + (static or 0.0)
-    mac_ann = counts.mac_ann
+    ann = _ann(counts.mac_ann, target, wbits, e_int8, e_int8_mem)
+    compare_to = ann.int8_with_memory_j if memory or target.spikes != "none" else ann.int8_j
+    return Estimate(
+        target=target.name, convention=conv, cores=mapping.cores, chips=mapping.chips,
+        energy_j=energy, energy_dynamic_j=dynamic, energy_static_j=static,
+        energy_streaming_j=dynamic + streaming_static if streaming_static is not None else None,
+        energy_without_memory_j=energy - memory, energy_terms=terms,
+        priced=[t.term for t in terms if t.priced],
+        unpriced=[t.term for t in terms if not t.priced and t.count],
+        proxy_figures=sorted({t.price for t in terms if t.priced and t.evidence == "proxy" and t.price}
+                             | (set(lat.proxy_times) if lat.timed else set())),
+        figure_caveats=[f"{s}.{k}: {f.evidence} ({f.source})" for s, keys in target.figures.items()
+                        for k, f in keys.items() if f.evidence],
+        latency_s=lat.latency_s, step_s=lat.step_s, throughput_per_s=lat.throughput_per_s, stages=lat.stages,
+        timed=lat.timed, untimed=lat.untimed, ann=ann,
+        snn_over_int8_ann=energy / compare_to if compare_to else None,
+        snn_over_int8_ann_baseline=("int8_with_memory_j" if compare_to == ann.int8_with_memory_j
+                                    else "int8_j") if compare_to else None,
+        traffic=traffic, pipeline_steps=len({c.stage for c in counts.layers if c.stage}),
+        layers=list(per_layer.values()),
+        layers_note="snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
+                    "static power are network totals)")
+
+
+def _ann(mac_ann: float, target: Target, wbits: int, e_int8: float | None, e_int8_mem: float | None) -> AnnBaseline:
+    """The source ANN's MACs at the target's MAC price and at int8, with and without weight memory."""
     e_mac = target.get("energy_pj", "mac")
-    ann = {"mac_ann": mac_ann,
-           "target_j": mac_ann * e_mac * PJ if e_mac else None,
-           "target_label": f"ANN at {target.name}'s MAC price ({e_mac:g} pJ)" if e_mac else "",
-           "int8_j": mac_ann * e_int8 * PJ if e_int8 is not None else None,
-           "int8_with_memory_j": (mac_ann * e_int8 + mac_ann * 8 * e_int8_mem) * PJ
-           if e_int8 is not None and e_int8_mem is not None else None,
-           "int8_source": target.figure("ann_int8", "mac").source if e_int8 is not None else ""}
-    if ann["target_j"] is not None and target.get("energy_pj", "memory_bit"):
-        ann["target_with_memory_j"] = ann["target_j"] + mac_ann * wbits * target.get("energy_pj", "memory_bit") * PJ
-    compare_to = ann["int8_with_memory_j"] if memory or target.spikes != "none" else ann["int8_j"]
-    return {"target": target.name, "convention": conv, "cores": mapping.cores, "chips": mapping.chips,
-            "energy_j": energy, "energy_dynamic_j": dynamic, "energy_static_j": static,
-            "energy_streaming_j": dynamic + streaming_static if streaming_static is not None else None,
-            "energy_without_memory_j": energy - memory, "energy_terms": terms,
-            "priced": [t["term"] for t in terms if t["priced"]],
-            "unpriced": [t["term"] for t in terms if not t["priced"] and t["count"]],
-            "proxy_figures": sorted({t["price"] for t in terms if t["priced"] and t["evidence"] == "proxy"}
-                                    | (set(lat.pop("proxy_times")) if lat["timed"] else set())),
-            "figure_caveats": [f"{s}.{k}: {f.evidence} ({f.source})" for s, keys in target.figures.items()
-                               for k, f in keys.items() if f.evidence],
-            **lat, "ann": ann,
-            "snn_over_int8_ann": energy / compare_to if compare_to else None,
-            "snn_over_int8_ann_baseline": ("int8_with_memory_j" if compare_to == ann["int8_with_memory_j"]
-                                           else "int8_j") if compare_to else None,
-            "traffic": traffic, "pipeline_steps": len({c.stage for c in counts.layers if c.stage}),
-            "layers": list(per_layer.values()),
-            "layers_note": "snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
-                           "static power are network totals)"}
+    int8_fig = target.figure("ann_int8", "mac")
+    ann = AnnBaseline(mac_ann=mac_ann, target_j=mac_ann * e_mac * PJ if e_mac else None,
+                      target_label=f"ANN at {target.name}'s MAC price ({e_mac:g} pJ)" if e_mac else "",
+                      int8_j=mac_ann * e_int8 * PJ if e_int8 is not None else None,
+                      int8_with_memory_j=(mac_ann * e_int8 + mac_ann * 8 * e_int8_mem) * PJ
+                      if e_int8 is not None and e_int8_mem is not None else None,
+                      int8_source=int8_fig.source if e_int8 is not None and int8_fig is not None else "")
+    mem = target.get("energy_pj", "memory_bit")
+    if ann.target_j is not None and mem:
+        ann.target_with_memory_j = ann.target_j + mac_ann * wbits * mem * PJ
+    return ann
 
 
-def _latency(counts, target: Target, mapping: Mapping) -> dict:
+def _latency(counts, target: Target, mapping: Mapping) -> Latency:
     t = {k: target.get("time_ns", k) for k in ("synop", "neuron_update", "neuron_update_inactive", "spike", "barrier")}
-    out = {"latency_s": None, "step_s": None, "throughput_per_s": None, "stages": [], "timed": False,
-           "untimed": ["the whole network: the target gives no core model or no time per synaptic op"]}
-    if not target.has_cores or t["synop"] is None:
-        return out
+    untimed = ["the whole network: the target gives no core model or no time per synaptic op"]
+    synop = t["synop"]
+    if not target.has_cores or synop is None:
+        return Latency(untimed=untimed)
     stats = {c.name: c for c in counts.layers}
     conv = target.convention
     stage_time: dict[int, float] = {}
@@ -186,7 +295,7 @@ def _latency(counts, target: Target, mapping: Mapping) -> dict:
         fired = _fired(p, stats, target)
         silent = t["neuron_update_inactive"] if t["neuron_update_inactive"] is not None else t["neuron_update"]
         upd = fired * (t["neuron_update"] or 0.0) + (p.compartments - fired) * (silent or 0.0)
-        ns = (c.synops(conv) * t["synop"] + upd + fired * (t["spike"] or 0.0)) / p.cores
+        ns = (c.synops(conv) * synop + upd + fired * (t["spike"] or 0.0)) / p.cores
         stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), ns)
     host = target.get("time_ns", "host_op")
     if host is not None:                       # host work runs serially on one host core
@@ -195,11 +304,10 @@ def _latency(counts, target: Target, mapping: Mapping) -> dict:
             if work:
                 stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), work * host)
     barrier = t["barrier"] or 0.0
-    stages = [{"stage": s, "ns": v} for s, v in sorted(stage_time.items())]
     step = max(stage_time.values(), default=0.0) + barrier
-    out.update(latency_s=sum(v + barrier for v in stage_time.values()) * 1e-9, step_s=step * 1e-9,
-               throughput_per_s=1e9 / step if step else None, stages=stages, timed=True,
-               untimed=["host operations"] if counts.host_ops and host is None else [],
-               proxy_times=[f"time_ns.{k}" for k in t if t[k] is not None
-                            and target.figure("time_ns", k).evidence == "proxy"])
-    return out
+    return Latency(latency_s=sum(v + barrier for v in stage_time.values()) * 1e-9, step_s=step * 1e-9,
+                   throughput_per_s=1e9 / step if step else None,
+                   stages=[LatencyStage(s, v) for s, v in sorted(stage_time.items())], timed=True,
+                   untimed=["host operations"] if counts.host_ops and host is None else [],
+                   proxy_times=[f"time_ns.{k}" for k in t if (fig := target.figure("time_ns", k)) is not None
+                                and fig.evidence == "proxy"])

@@ -116,7 +116,7 @@ def _reach(graph: Graph, users: dict, name: str, stop) -> list[Node]:
     return found
 
 
-def _source_site(graph: Graph, name: str) -> Node | None:
+def source_site(graph: Graph, name: str) -> Node | None:
     """The SFN site whose spikes reach ``name`` through layout and pooling ops, if any."""
     n = graph[name]
     while n.inputs and (n.op in _THROUGH or (n.op in ("mul", "div") and len(n.inputs) == 1)):
@@ -227,7 +227,7 @@ def _place(graph: Graph, users: dict, node: Node, stats: dict, core: dict, wbits
         channels = max(stats[s.name].levels * (2 if stats[s.name].dual else 1) for s in sites)
     # binary spikes: every threshold channel of the input site is its own axon with its own weight
     ch_in = 1
-    src = _source_site(graph, node.inputs[0])
+    src = source_site(graph, node.inputs[0])
     if binary and src is not None:
         ch_in = stats[src.name].levels * (2 if stats[src.name].dual else 1)
     fan_in = c.fan_in * ch_in

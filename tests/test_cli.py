@@ -7,12 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from sfn_deploy.model_file import load
-
 from click.testing import CliRunner
 
 from sfn_deploy.cli import main
+from sfn_deploy.model_file import load
 
 CLI = [sys.executable, "-m", "sfn_deploy.cli"]
 

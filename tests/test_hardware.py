@@ -75,6 +75,7 @@ def test_conventions_by_hand():
 def test_event_and_channel_counts_through_a_pool_match_brute_force():
     torch.manual_seed(0)
     import torch.nn.functional as F
+
     from sfn_deploy.simulators.interpreter import run_with_levels
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.AvgPool2d(2), nn.Conv2d(2, 3, 3, padding=1)).eval()
     x = torch.randn(6, 1, 10, 10) * 2
@@ -192,17 +193,17 @@ def test_cmos45_estimate_by_hand():
     counts = count_ops(g, [x])
     t = load_target("cmos45")
     e = estimate(g, counts, t, map_network(g, counts, t))
-    terms = {r["term"]: r for r in e["energy_terms"]}
-    assert terms["synaptic ops"]["count"] == 18 and terms["MACs"]["count"] == 12
-    assert terms["weight memory"]["count"] == (2 * 2 + 12) * 32          # one 32-bit read per event and MAC
-    assert e["energy_without_memory_j"] == pytest.approx((18 * 0.9 + 12 * 4.6) * 1e-12)
-    assert e["energy_j"] == pytest.approx((18 * 0.9 + 12 * 4.6 + 16 * 32 * 0.15625) * 1e-12)
-    assert e["ann"]["target_j"] == pytest.approx(20 * 4.6e-12)
-    assert e["ann"]["int8_j"] == pytest.approx(20 * 0.23e-12)
-    assert e["ann"]["int8_with_memory_j"] == pytest.approx((20 * 0.23 + 20 * 8 * 0.15625) * 1e-12)
-    assert e["unpriced"] == [] and e["latency_s"] is None and e["cores"] == 0
-    assert e["traffic"]["synaptic_reads"] == 2 * 2 + 12 and e["traffic"]["message_bits"] == 0
-    assert e["pipeline_steps"] == 2
+    terms = {r.term: r for r in e.energy_terms}
+    assert terms["synaptic ops"].count == 18 and terms["MACs"].count == 12
+    assert terms["weight memory"].count == (2 * 2 + 12) * 32          # one 32-bit read per event and MAC
+    assert e.energy_without_memory_j == pytest.approx((18 * 0.9 + 12 * 4.6) * 1e-12)
+    assert e.energy_j == pytest.approx((18 * 0.9 + 12 * 4.6 + 16 * 32 * 0.15625) * 1e-12)
+    assert e.ann.target_j == pytest.approx(20 * 4.6e-12)
+    assert e.ann.int8_j == pytest.approx(20 * 0.23e-12)
+    assert e.ann.int8_with_memory_j == pytest.approx((20 * 0.23 + 20 * 8 * 0.15625) * 1e-12)
+    assert e.unpriced == [] and e.latency_s is None and e.cores == 0
+    assert e.traffic.synaptic_reads == 2 * 2 + 12 and e.traffic.message_bits == 0
+    assert e.pipeline_steps == 2
 
 
 def test_spiking_estimate_and_latency_by_hand(tmp_path):
@@ -210,26 +211,26 @@ def test_spiking_estimate_and_latency_by_hand(tmp_path):
     counts = count_ops(g, [x])
     t = _target(tmp_path, TINY)
     e = estimate(g, counts, t, map_network(g, counts, t))
-    terms = {r["term"]: r for r in e["energy_terms"]}
-    assert terms["synaptic ops"]["count"] == 10
+    terms = {r.term: r for r in e.energy_terms}
+    assert terms["synaptic ops"].count == 10
     # compartments: 4 integrators + 16 channels (5 fire) in layer 1, 2 integrators in layer 2
-    assert terms["neuron updates, active"]["count"] == 5
-    assert terms["neuron updates, silent"]["count"] == 20 - 5 + 2
-    assert terms["spike messages"]["count"] == 5
-    assert e["energy_j"] == pytest.approx((10 * 1 + 5 * 10 + 17 * 1 + 5 * 0.5) * 1e-12)
-    assert {"analog input layer MACs", "static power"} <= set(e["unpriced"])
+    assert terms["neuron updates, active"].count == 5
+    assert terms["neuron updates, silent"].count == 20 - 5 + 2
+    assert terms["spike messages"].count == 5
+    assert e.energy_j == pytest.approx((10 * 1 + 5 * 10 + 17 * 1 + 5 * 0.5) * 1e-12)
+    assert {"analog input layer MACs", "static power"} <= set(e.unpriced)
     # per core: layer 1 (4 cores) (5·2 + 15·1 + 5·0.5)/4 = 6.875 ns; layer 2 (1 core) 10·1 + 2·1 = 12 ns
-    assert e["step_s"] == pytest.approx((12 + 100) * 1e-9)
-    assert e["latency_s"] == pytest.approx((6.875 + 100 + 12 + 100) * 1e-9)
-    assert e["throughput_per_s"] == pytest.approx(1e9 / 112)
-    assert e["traffic"]["synaptic_reads"] == 10 + 3 * 4        # channel reads + the analog layer's MACs
-    assert e["traffic"]["message_bits"] == 5                   # one bit per binary channel spike
+    assert e.step_s == pytest.approx((12 + 100) * 1e-9)
+    assert e.latency_s == pytest.approx((6.875 + 100 + 12 + 100) * 1e-9)
+    assert e.throughput_per_s == pytest.approx(1e9 / 112)
+    assert e.traffic.synaptic_reads == 10 + 3 * 4        # channel reads + the analog layer's MACs
+    assert e.traffic.message_bits == 5                   # one bit per binary channel spike
 
 
 def test_channel_decomposition_cost_by_hand():
     from sfn_deploy.model_file import ConvertedModel
-    from sfn_deploy.report import channel_cost
+    from sfn_deploy.report import ChannelCost, channel_cost
     g, x = _mlp("exponential", 2)          # hidden site: 4 units, 4 positive channels; 4→2 layer: 8 connections
     cd = channel_cost(ConvertedModel(g, [3]), count_ops(g, [x]))
-    assert cd == {"neurons_graded": 4, "neurons_channels": 16, "synapses_graded": 12 + 8,
-                  "synapses_channels": 12 + 8 * 4}
+    assert cd == ChannelCost(neurons_graded=4, neurons_channels=16, synapses_graded=12 + 8,
+                             synapses_channels=12 + 8 * 4)

@@ -76,28 +76,28 @@ def test_html_is_one_self_contained_document(report, page):
 
 
 def test_html_content(report, page):
-    assert f"{report['energy_ratio']:.4g}" in page and f"{report['energy_ratio_approx']:.4g}" in page
-    for c, v in report["energy_ratio_by_convention"].items():
+    assert f"{report.energy_ratio:.4g}" in page and f"{report.energy_ratio_approx:.4g}" in page
+    for c, v in report.energy_ratio_by_convention.items():
         assert f"{c} {v:.4g}" in page
-    for d in report["layers"]:
+    for d in report.layers:
         assert html.escape(d["name"]) in page
-    tiny = report["targets"]["tiny"]["mapping"]
-    assert tiny["violations"], "the tiny target must produce violations for this test to mean anything"
-    for v in tiny["violations"]:
-        assert html.escape(v["layer"]) in page and html.escape(v["rule"]) in page
+    tiny = report.targets["tiny"].mapping
+    assert tiny.violations, "the tiny target must produce violations for this test to mean anything"
+    for v in tiny.violations:
+        assert html.escape(v.layer) in page and html.escape(v.rule) in page
     assert "&lt;test &amp; escaping&gt;" in page and "<test & escaping>" not in page
     assert "PROXY" in page and "not timed" in page
 
 
 def test_markdown(report):
     md = to_markdown(report)
-    for name in report["targets"]:
+    for name in report.targets:
         assert f"Target {name}" in md
-    assert f"{report['energy_ratio']:.4g}" in md and "eq. 44" in md
-    e = report["targets"]["loihi2"]["estimate"]
-    assert energy(e["energy_j"]) in md and f"{e['snn_over_int8_ann']:.4g}" in md
-    for v in report["targets"]["tiny"]["mapping"]["violations"]:
-        assert f"| {v['layer']} | {v['rule']} |" in md
+    assert f"{report.energy_ratio:.4g}" in md and "eq. 44" in md
+    e = report.targets["loihi2"].estimate
+    assert energy(e.energy_j) in md and f"{e.snn_over_int8_ann:.4g}" in md
+    for v in report.targets["tiny"].mapping.violations:
+        assert f"| {v.layer} | {v.rule} |" in md
     # cmos45 has no cores and no timing: its row in the overview says so instead of printing 0
     row = next(line for line in md.splitlines() if line.startswith("| cmos45 |"))
     assert "not timed" in row and "| — | — |" in row
@@ -105,8 +105,8 @@ def test_markdown(report):
 
 def test_text(report):
     txt = to_text(report)
-    assert f"{report['energy_ratio']:.4g}" in txt
-    for name in report["targets"]:
+    assert f"{report.energy_ratio:.4g}" in txt
+    for name in report.targets:
         assert re.search(rf"^{name} \[", txt, re.M)
     assert "not timed" in txt and "violation:" in txt and "does NOT fit" in txt
 
@@ -114,16 +114,18 @@ def test_text(report):
 def test_none_everywhere(report):
     """Whatever a target leaves unpriced or untimed renders as a dash or a phrase, never an exception."""
     r = copy.deepcopy(report)
-    for t in r["targets"].values():
-        e = t["estimate"]
-        e.update(energy_static_j=None, snn_over_int8_ann=None, latency_s=None, step_s=None, throughput_per_s=None,
-                 stages=[])
-        e["ann"] = {k: None for k in e["ann"]}
-        for term in e["energy_terms"]:
-            term.update(pj_each=None, joules=None, priced=False, source="", price=None)
-        for layer in e["layers"]:
-            layer.update(snn_j=None, ann_target_j=None, ann_int8_j=None)
-    r["lam"], r["source"] = {}, {}
+    for t in r.targets.values():
+        e = t.estimate
+        e.energy_static_j = e.snn_over_int8_ann = e.latency_s = e.step_s = e.throughput_per_s = None
+        e.stages = []
+        a = e.ann
+        a.target_j = a.int8_j = a.int8_with_memory_j = a.target_with_memory_j = None
+        a.target_label = a.int8_source = ""
+        for term in e.energy_terms:
+            term.pj_each, term.joules, term.priced, term.source, term.price = None, None, False, "", None
+        for layer in e.layers:
+            layer.snn_j = layer.ann_target_j = layer.ann_int8_j = None
+    r.lam, r.source = {}, {}
     md, txt, page = to_markdown(r), to_text(r), to_html(r)
     assert "not timed" in md and "not priced" in md and "not timed" in txt
     assert "None" not in md and "None" not in txt and "None" not in page
@@ -142,7 +144,7 @@ def test_comparison(converted, digits, report):
             break
         rows.append(line)
     assert [r.split(" | ")[0] for r in rows] == ["| mlp λ=0.3", "| mlp λ=0.5"]
-    assert f"{other['energy_ratio']:.4g}" in rows[1]
+    assert f"{other.energy_ratio:.4g}" in rows[1]
     assert md.count("SFN hardware report: ") == 2
     # the tiny target is only in the first report: the second row shows dashes for it
     assert rows[1].count("—") >= 6

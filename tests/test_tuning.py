@@ -9,11 +9,11 @@ import time
 import optuna
 import pytest
 
+from sfn_deploy import tuning
 from sfn_deploy.config import load_config
 from sfn_deploy.convert import build_graph
 from sfn_deploy.errors import UserError
-from sfn_deploy import tuning
-from sfn_deploy.tuning import choose, run_search, site_groups
+from sfn_deploy.tuning import ParetoPoint, SearchResult, choose, run_search, site_groups
 
 
 def _completed(storage, name):
@@ -31,7 +31,7 @@ def test_interrupted_search_resumes_without_losing_trials(tmp_path, digits, digi
     cfg.trials = 12
     result = run_search(g, digits, cfg, {})
     again = {t.number: t.values for t in _completed(url, "s")}
-    assert len(again) == 12 and result["trials_completed"] == 12
+    assert len(again) == 12 and result.trials_completed == 12
     assert all(again[k] == v for k, v in first.items())      # nothing recomputed or lost
 
 
@@ -74,14 +74,15 @@ def test_two_workers_share_one_study_and_record_each_trial_once(tmp_path, mlp_fi
 
 
 def test_choose_respects_the_budget():
-    result = {"ann_accuracy": 98.0, "pareto_front": [
-        {"trial": 1, "accuracy": 98.2, "energy_ratio": 0.30, "lam": {}},
-        {"trial": 2, "accuracy": 97.8, "energy_ratio": 0.20, "lam": {}},
-        {"trial": 3, "accuracy": 96.0, "energy_ratio": 0.10, "lam": {}}]}
-    assert choose(result, None)["trial"] == 1
-    assert choose(result, 0.3)["trial"] == 2
-    assert choose(result, 2.5)["trial"] == 3
-    assert choose(result, 0.0)["trial"] == 1       # only trial 1 is within 0 points
+    result = SearchResult(study="s", storage="memory", trials_completed=3, ann_accuracy=98.0, val_samples=100,
+                          groups={"all": 2}, pareto_front=[
+                              ParetoPoint(trial=1, accuracy=98.2, energy_ratio=0.30, lam={}),
+                              ParetoPoint(trial=2, accuracy=97.8, energy_ratio=0.20, lam={}),
+                              ParetoPoint(trial=3, accuracy=96.0, energy_ratio=0.10, lam={})])
+    assert choose(result, None).trial == 1
+    assert choose(result, 0.3).trial == 2
+    assert choose(result, 2.5).trial == 3
+    assert choose(result, 0.0).trial == 1       # only trial 1 is within 0 points
 
 
 def test_groups(digits, digits_mlp):
@@ -252,7 +253,7 @@ def test_running_trial_without_heartbeat_is_given_up(tmp_path, digits, digits_ml
         result = run_search(g, digits, cfg, {})
     finally:
         signal.alarm(0)
-    assert result["trials_completed"] == 4
+    assert result.trials_completed == 4
     _assert_finished(url, 4)
 
 
@@ -291,7 +292,7 @@ def test_ctrl_c_fails_the_running_trial_and_propagates(tmp_path, digits, digits_
     assert len(states[optuna.trial.TrialState.FAIL]) == 1
     assert not states[optuna.trial.TrialState.RUNNING]
     monkeypatch.setattr(evaluation, "measure", real)
-    assert run_search(g, digits, cfg, {})["trials_completed"] == 4
+    assert run_search(g, digits, cfg, {}).trials_completed == 4
 
 
 @pytest.mark.parametrize("when", ["during the trial", "before its tell"])
@@ -320,7 +321,7 @@ def test_trial_failed_by_another_worker_is_dropped(tmp_path, digits, digits_mlp,
                 if len(calls) == 2:
                     fail_running()
         monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
-    assert run_search(g, digits, cfg, {})["trials_completed"] == 3
+    assert run_search(g, digits, cfg, {}).trials_completed == 3
     _assert_finished(url, 3)
 
 
@@ -359,7 +360,7 @@ def test_storage_errors_are_one_line_user_errors(tmp_path, digits, digits_mlp):
     msg = _one_line_error(tmp_path, digits, digits_mlp, read_only)   # 2 trials wanted: it must write
     assert msg.startswith(f"--storage {read_only}:") and "readonly" in msg
     cfg.storage = read_only                                          # 1 trial wanted: it is done, just read
-    assert run_search(build_graph(digits_mlp, digits, cfg, quiet=True), digits, cfg, {})["trials_completed"] == 1
+    assert run_search(build_graph(digits_mlp, digits, cfg, quiet=True), digits, cfg, {}).trials_completed == 1
 
     msg = _one_line_error(tmp_path, digits, digits_mlp, "postgresql://me:s3cret@127.0.0.1:1/db")
     assert msg.startswith("--storage postgresql://me:***@127.0.0.1:1/db:") and "s3cret" not in msg
