@@ -416,3 +416,17 @@ def test_pool_event_counts_compare_the_folded_form_with_a_pooling_layer(pool_res
     assert r["folded"] == pytest.approx(r["pre_pool_spikes"] * 144)
     assert r["pooling_layer"] == pytest.approx(r["pre_pool_spikes"] + r["pooled_nonzero"] * 144)
     assert rows["adaptive_avg_pool2d"]["fan_out"] == 10
+
+
+def test_validation_refuses_a_split_layer_that_does_not_add_up(pool_res_cat):
+    from sfn_deploy.exporters.lava.validate import validate_plan
+    plan = lower(pool_res_cat, "graded", "fixed_pt", input_abs_max=1.0)
+    validate_plan(plan)
+    fine = next(b for b in plan.blocks if b.attrs.get("split") and b.attrs["shift"] == 0)
+    fine.attrs["shift"] = 3                    # both halves shifted: no fine group
+    with pytest.raises(UserError, match="split layer"):
+        validate_plan(plan)
+    flt = lower(pool_res_cat, "graded", "floating_pt")
+    next(b for b in flt.blocks if b.kind == "conv").attrs["split"] = True    # halves are a fixed-point construction
+    with pytest.raises(UserError, match="attrs.split"):
+        validate_plan(flt)
