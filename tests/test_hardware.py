@@ -225,6 +225,18 @@ def test_spiking_estimate_and_latency_by_hand(tmp_path):
     assert e.throughput_per_s == pytest.approx(1e9 / 112)
     assert e.traffic.synaptic_reads == 10 + 3 * 4        # channel reads + the analog layer's MACs
     assert e.traffic.message_bits == 5                   # one bit per binary channel spike
+    # the JSON form: the keys of `report --json` in their order; keys some rows lack are left out, not null
+    d = e.to_dict()
+    assert list(d) == ["target", "convention", "cores", "chips", "energy_j", "energy_dynamic_j", "energy_static_j",
+                       "energy_streaming_j", "energy_without_memory_j", "energy_terms", "priced", "unpriced",
+                       "proxy_figures", "figure_caveats", "latency_s", "step_s", "throughput_per_s", "stages", "timed",
+                       "untimed", "ann", "snn_over_int8_ann", "snn_over_int8_ann_baseline", "traffic", "pipeline_steps",
+                       "layers", "layers_note"]
+    assert [t["term"] for t in d["energy_terms"] if "unit" in t] == ["static power"]
+    assert list(d["energy_terms"][-1])[:3] == ["term", "count", "unit"]
+    assert "target_with_memory_j" not in d["ann"] and d["stages"][0].keys() == {"stage", "ns"}
+    assert [("synaptic_reads" in r) for r in d["layers"]] == [True, True]
+    assert e["energy_j"] == d["energy_j"]          # scripts written against the dicts still read keys
 
 
 def test_channel_decomposition_cost_by_hand():
