@@ -1,6 +1,7 @@
 """Streaming calibration: bounded memory, quantiles within one bin of the exact ones."""
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sfn_deploy.calibrate import StreamingHistogram, top_percent
 

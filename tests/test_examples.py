@@ -2,9 +2,9 @@
 import os
 
 import pytest
+from conftest import MODELS
 
 from sfn_deploy import convert, evaluate, load_data, load_model
-from conftest import MODELS
 
 
 @pytest.fixture(scope="module")

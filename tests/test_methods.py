@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import MODELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,11 +20,9 @@ from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
 from sfn_deploy.neurons import if_neuron
 from sfn_deploy.passes import configure
-from sfn_deploy.simulators.interpreter import run
 from sfn_deploy.simulators.counting import count_ops
+from sfn_deploy.simulators.interpreter import run
 from sfn_deploy.simulators.temporal import temporal_plan
-
-from conftest import MODELS
 
 
 def _site(name, src, op, T, n, theta=1.0, levels=None, rounding="floor", lam=1.0, absorbs=None):

@@ -329,7 +329,7 @@ def test_levels_structure(m, fire):
     lv = fire_levels(m, fire)
     assert len(lv) == 2 * m
     assert all(isinstance(y, int) for y in lv)
-    assert all(a < b for a, b in zip(lv, lv[1:]))                 # strictly increasing
+    assert all(a < b for a, b in zip(lv, lv[1:], strict=False))   # strictly increasing
     assert lv[0] == 1
     if fire == "sformer":
         assert lv[:m] == list(range(1, m + 1))
@@ -373,7 +373,7 @@ STEPS = [0.25, 0.1, 0.3 * 0.7, 3.0]
 def _edges(levels, rounding):
     """(boundary in step units, level reached at it, level just below it)."""
     b = boundaries(levels, rounding)
-    return [(bi, y, levels[i - 1] if i else 0) for i, (bi, y) in enumerate(zip(b, levels))]
+    return [(bi, y, levels[i - 1] if i else 0) for i, (bi, y) in enumerate(zip(b, levels, strict=True))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
