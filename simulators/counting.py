@@ -14,9 +14,9 @@ For the linear fire function y = k, so ``spike`` and ``channel`` agree; for the 
 they do not. With analog input (the first layer) a weight layer costs the ANN's MACs.
 In a product of two spike tensors A·B (attention) one operand's spikes are the events and the
 other plays the (dynamic) weights: |y_A|·N ops per element of A (N columns of B), or |y_B|·M per
-element of B (M rows of A); the order that is cheaper over the whole data is counted, per convention (one schedule per
-layer, so the counts do not depend on the batching). Pooling of spikes before a weight layer is folded into that layer (each
-spike keeps its own fan-out), so pooling adds no ops. Host operations (LayerNorm, softmax,
+element of B (M rows of A); the order that is cheaper over the whole data is counted, per convention (one schedule
+per layer, so the counts do not depend on the batching). Pooling of spikes before a weight layer is folded into that
+layer (each spike keeps its own fan-out), so pooling adds no ops. Host operations (LayerNorm, softmax,
 GELU, residual arithmetic) are counted per output element under their own names; they are
 outside the paper's ratio. ``stage`` is the pipeline step at which a layer runs within one
 single-timestep inference (each weight layer, product or host operation adds one, as each is a
@@ -40,6 +40,7 @@ convention: pair of events). Their float work (exponent split/add, sums, means, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -49,7 +50,7 @@ from sfn_deploy.ir import NEURON_OPS, Graph, Node
 from sfn_deploy.neurons import NODE_CACHE, level_table, level_values, signed_table
 from sfn_deploy.ops import apply
 
-from .firegrid import grid_for, native
+from .firegrid import FireGrid, grid_for, native
 from .interpreter import Event, Observer, release_plan, run
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand", "pad",
@@ -57,6 +58,9 @@ _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
 _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll"}   # every element kept once
 CONVENTIONS = ("spike", "event", "channel")
 _PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes")
+
+Totals = tuple[float, float, float]                             # Σ|y|, Σ1[y≠0], Σk (or those × fan-out)
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]        # per element: |y|, 1[y≠0], k
 
 
 @dataclass
@@ -84,7 +88,7 @@ class LayerCount:
     dual: bool = False           # SFN sites: both polarities fire
     timesteps: int = 1           # neuron sites: steps per inference (multi-timestep baselines); MBE: internal steps
     bases: int = 0               # MBE nodes: basis units (neurons × N bases) per inference
-    level_hist: dict = field(default_factory=dict)
+    level_hist: dict[float, float] = field(default_factory=dict)   # SFN sites: level -> occurrences per inference
 
     @property
     def firing_rate(self) -> float:
@@ -102,6 +106,12 @@ class LayerCount:
             d["level_hist"] = {str(k): v for k, v in sorted(self.level_hist.items())}
         return d
 
+    def add_synops(self, ops: Totals) -> None:
+        """Synaptic ops under the spike, event and channel conventions."""
+        self.ac += ops[0]
+        self.ac_event += ops[1]
+        self.ac_channel += ops[2]
+
 
 def _fanout(node: Node, x: torch.Tensor) -> torch.Tensor:
     """How many multiply-accumulates read each input element of a weight layer (one sample)."""
@@ -112,8 +122,8 @@ def _fanout(node: Node, x: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         y = F.conv2d(xs, torch.ones_like(node.params["weight"]), None, a["stride"], a["padding"], a["dilation"],
                      a["groups"])
-        y.sum().backward()
-    return xs.grad[0]
+        (grad,) = torch.autograd.grad(y.sum(), xs)
+    return grad[0]
 
 
 def stages(graph: Graph) -> dict[str, int]:
@@ -129,50 +139,66 @@ def _sum(t: torch.Tensor) -> float:
     return float(t.sum(dtype=torch.float64))
 
 
+def _times(totals: Totals, f: float) -> Totals:
+    return totals[0] * f, totals[1] * f, totals[2] * f
+
+
+def _each(fn: Callable[[torch.Tensor], torch.Tensor], t: Triple) -> Triple:
+    return fn(t[0]), fn(t[1]), fn(t[2])
+
+
 class _Spikes:
     """The spikes a tensor carries: the position (signed index + N, int32) per element, exact; or,
     after a summing pool, per-element sums of (|y|, 1[y≠0], k) that weight layers read with their fan-out."""
 
-    def __init__(self, site: Node, index: torch.Tensor | None = None, sums: tuple | None = None,
-                 whole: tuple | None = None):
+    def __init__(self, site: Node, index: torch.Tensor | None = None, sums: Triple | None = None,
+                 whole: Totals | None = None):
         self.site, self.index, self.sums = site, index, sums    # index: the position
         self.n = site.params["table"].numel() - 1 if "table" in site.params else 0    # MBE: sums only
         self.whole = whole        # totals, known while only element-preserving layout ops were applied
 
-    def map(self, fn, preserves: bool = False) -> "_Spikes":
+    def positions(self) -> torch.Tensor:
+        if self.index is None:
+            raise RuntimeError(f"positions of {self.site.name} were not kept but are needed")
+        return self.index
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], preserves: bool = False) -> _Spikes:
         if self.index is not None:
             return _Spikes(self.site, index=fn(self.index), whole=self.whole if preserves else None)
         if self.sums is None:          # positions not kept (nothing downstream reads them): totals only
             if not preserves:
                 raise RuntimeError(f"positions of {self.site.name} were not kept but are needed")
             return self
-        return _Spikes(self.site, sums=tuple(fn(t) for t in self.sums))
+        return _Spikes(self.site, sums=_each(fn, self.sums))
 
-    def triple(self) -> tuple[torch.Tensor, ...]:
+    def triple(self) -> Triple:
         if self.sums is not None:
             return self.sums
-        k = (self.index - self.n).abs_()
+        k = (self.positions() - self.n).abs_()
         return self.site.params["table"].to(torch.float32)[k], (k != 0).to(torch.float32), k.to(torch.float32)
 
-    def totals(self) -> tuple[float, float, float]:
+    def totals(self) -> Totals:
         """Σ|y|, Σ1[y≠0], Σk over the whole tensor (exact)."""
         if self.whole is not None:
             return self.whole
         if self.sums is not None:
-            return tuple(_sum(t) for t in self.sums)
-        hist = torch.bincount(self.index.reshape(-1), minlength=2 * self.n + 1)
+            return _sum(self.sums[0]), _sum(self.sums[1]), _sum(self.sums[2])
+        hist = torch.bincount(self.positions().reshape(-1), minlength=2 * self.n + 1)
         return _hist_totals(hist, self.site.params["table"], self.n)
 
-    def weighted(self, fan: torch.Tensor) -> tuple[float, float, float]:
+    def weighted(self, fan: torch.Tensor) -> Totals:
         """Σ over elements of (|y|, 1[y≠0], k) × fan-out, fan-out given per sample element."""
         if fan.numel() == 1:
-            return tuple(v * float(fan) for v in self.totals())
+            return _times(self.totals(), float(fan))
         if self.sums is not None:
-            return tuple(_sum(t.sum(0) * fan) for t in self.sums)
-        sums = _native_spike_sums(self.site, self.index)
+            a, e, k = self.sums
+            return _sum(a.sum(0) * fan), _sum(e.sum(0) * fan), _sum(k.sum(0) * fan)
+        index = self.positions()
+        sums = _native_spike_sums(self.site, index)
         if sums is not None:
-            return tuple(float(v) for v in (sums.to(torch.float64) * fan.reshape(-1).to(torch.float64)).sum(1))
-        k = (self.index - self.n).abs_()
+            t = (sums.to(torch.float64) * fan.reshape(-1).to(torch.float64)).sum(1)
+            return float(t[0]), float(t[1]), float(t[2])
+        k = (index - self.n).abs_()
         a = self.site.params["table"].to(torch.float32)[k].sum(0)
         return _sum(a * fan), _sum((k != 0).sum(0) * fan), _sum(k.sum(0) * fan)
 
@@ -215,41 +241,53 @@ def _position_free(graph: Graph) -> set[str]:
             if r.op in _PRESERVE:
                 if not totals_only(r.name):
                     return False
-            elif r.op in _FOLLOW or r.op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean", "sum"):
+            elif r.op == "conv2d" or r.op in _FOLLOWERS:     # reads positions (or per-element sums of them)
                 return False
         return True
     return {n.name for n in graph.nodes if n.op in NEURON_OPS and totals_only(n.name)}
 
 
-def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
+def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
     """|y| and k of each position, the weights that turn a histogram into totals."""
     t = table.tolist()
     return t[:0:-1] + t, list(range(n, 0, -1)) + list(range(n + 1))
 
 
-def _site_weights(site: Node) -> tuple[tuple[list[int], list[int]], torch.Tensor]:
+def _site_weights(site: Node) -> tuple[tuple[list[float], list[int]], torch.Tensor]:
     """The site's (|y|, k) per position as lists, and (|y|, 1[y≠0], k) as an int64 3 × positions tensor for
     the compiled loop; cached per node (``neurons.NODE_CACHE``), rebuilt when ``passes.configure`` replaces its
     table."""
     table = site.params["table"]
 
-    def build():
+    def build() -> tuple[tuple[list[float], list[int]], torch.Tensor]:
         mag, k = _hist_weights(table, table.numel() - 1)
         return (mag, k), torch.tensor([mag, [int(v != 0) for v in k], k], dtype=torch.int64)
     return NODE_CACHE.get(site, "spike_weights", (table,), build)
 
 
-def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int, weights: tuple | None = None
-                 ) -> tuple[float, float, float]:
+def _hist_totals(hist: torch.Tensor, table: torch.Tensor, n: int,
+                 weights: tuple[list[float], list[int]] | None = None) -> Totals:
     """Σ|y|, Σ1[y≠0], Σk from a histogram of positions: integer arithmetic, exact."""
     mag, k = weights if weights is not None else _hist_weights(table, n)
     h = hist.tolist()
-    return (float(sum(a * b for a, b in zip(h, mag))), float(sum(h) - h[n]),
-            float(sum(a * b for a, b in zip(h, k))))
+    return (float(sum(a * b for a, b in zip(h, mag, strict=True))), float(sum(h) - h[n]),
+            float(sum(a * b for a, b in zip(h, k, strict=True))))
+
+
+def _first(event: Event) -> bool:
+    """The ANN reference is counted once per inference: at the first step (or the only one)."""
+    return (event.t or 0) == 0
 
 
 class OpCounter(Observer):
-    """An interpreter observer that accumulates per-layer counts over batches."""
+    """An interpreter observer that accumulates per-layer counts over batches.
+
+    Each event is dispatched through two tables at the end of this module: :data:`_COUNTERS`, keyed by op or,
+    for all the ops of a kind, by op kind (``sfn_deploy/ops.py``), whose methods ``(c, event, out)`` add to the
+    layer's counts; else :data:`_FOLLOWERS`, keyed by op, whose methods ``(node, spikes, out) -> spikes`` carry
+    the spikes of the first input (``_Spikes``) to the output for the weight layers and products that read
+    them. MBE events (``event.mbe``: any node run in its spiking MBE form) all go to :meth:`_mbe`. Counting a
+    new op is one entry in one of the tables; an op in neither adds nothing and drops its input's spikes."""
 
     wants_hist = True        # the interpreter hands each site's histogram of positions (event.hist)
 
@@ -259,11 +297,12 @@ class OpCounter(Observer):
         st = stages(graph)
         self.layers = {n.name: LayerCount(n.name, n.op, n.kind, n.source, st[n.name]) for n in graph.nodes}
         self.samples = 0
+        self.batch = 0
         self._shadow: dict[str, _Spikes] = {}     # spikes carried along layout/pool ops
         self._fan: dict[str, torch.Tensor] = {}
         self._hist: dict[str, torch.Tensor] = {}
         self._orders: dict[str, list[list[float]]] = {}   # products: op totals of each operand order
-        self._grids: dict[str, object] = {}
+        self._grids: dict[str, FireGrid | None] = {}
         self._free = release_plan(graph)
         self.skip_positions = _position_free(graph) if spiking else set()
 
@@ -275,20 +314,52 @@ class OpCounter(Observer):
     def __call__(self, event: Event) -> None:
         node = event.node
         assert event.out is not None
-        self._count(node, event.args, event.out, event)
+        self._count(self.layers[node.name], event, event.out)
         for name in self._free.get(node.name, ()):
             self._shadow.pop(name, None)
 
-    def _site(self, node: Node, out: torch.Tensor, event: Event, c: LayerCount) -> None:
+    def _count(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
+        node = event.node
+        if event.mbe is not None:               # an MBE neuron or spiking decomposition (--method mbe)
+            self._mbe(c, event, event.mbe)
+            return
+        count = _COUNTERS.get(node.op) or _COUNTERS.get(node.kind)
+        if count is not None:
+            count(self, c, event, out)
+            return
+        follow = _FOLLOWERS.get(node.op)
+        spikes = self._shadow.get(node.inputs[0]) if follow is not None and node.inputs else None
+        if follow is not None and spikes is not None:
+            self._shadow[node.name] = follow(self, node, spikes, out)
+
+    # ------------------------------------------------------------ counters: (c, event, out)
+
+    def _mbe(self, c: LayerCount, event: Event, mbe: dict) -> None:
+        """MBE basis spikes (one AC each), coincidences, and the node's float work as host ops."""
+        b = max(self.batch, 1)
+        c.spikes += mbe["spikes"]
+        c.active += mbe["events"]
+        c.channel_spikes += mbe["spikes"]
+        c.add_synops((mbe["spikes"] + mbe["coincidences"], mbe["events"] + mbe["coincidence_events"],
+                      mbe["spikes"] + mbe["coincidences"]))
+        c.host_ops += mbe["host_ops"]
+        c.neurons, c.bases, c.timesteps = mbe["neurons"] // b, mbe["bases"] // b, int(mbe["T"])
+        if event.counts is not None:        # its spikes drive the next layer
+            ns, ne = event.counts
+            self._shadow[event.node.name] = _Spikes(event.node, sums=(ns, ne, ns))
+
+    def _site(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
+        """A neuron site: its spikes (from the histogram of positions), and its positions as the shadow."""
+        node = event.node
         table = node.params["table"]
         c.neurons = out[0].numel()
         c.levels = n = table.numel() - 1
         c.dual = bool(node.params["bounds_neg"].numel())
         c.timesteps = int(event.T or 1)
         k, hist = event.position, event.hist
-        if k is None and hist is None:
-            return
         if hist is None:
+            if k is None:
+                return
             hist = torch.bincount(k.reshape(-1), minlength=2 * n + 1)
         acc = self._hist.get(node.name)
         self._hist[node.name] = hist.clone() if acc is None else acc.add_(hist)
@@ -298,114 +369,109 @@ class OpCounter(Observer):
         c.active += active
         c.channel_spikes += channels
 
-    def _count(self, node: Node, args: list, out: torch.Tensor, event: Event) -> None:
-        c = self.layers[node.name]
-        op = node.op
-        first = (event.t or 0) == 0          # the ANN reference is counted once per inference
-        mbe = event.mbe
-        if mbe is not None:                     # an MBE neuron or spiking decomposition (--method mbe)
-            b = max(self.batch, 1)
-            c.spikes += mbe["spikes"]
-            c.active += mbe["events"]
-            c.channel_spikes += mbe["spikes"]
-            c.ac += mbe["spikes"] + mbe["coincidences"]
-            c.ac_event += mbe["events"] + mbe["coincidence_events"]
-            c.ac_channel += mbe["spikes"] + mbe["coincidences"]
-            c.host_ops += mbe["host_ops"]
-            c.neurons, c.bases, c.timesteps = mbe["neurons"] // b, mbe["bases"] // b, int(mbe["T"])
-            if event.counts is not None:        # its spikes drive the next layer
-                ns, ne = event.counts
-                self._shadow[node.name] = _Spikes(node, sums=(ns, ne, ns))
-            return
-        if op in NEURON_OPS:
-            self._site(node, out, event, c)
-        elif op in ("conv2d", "linear"):
-            w = node.params["weight"]
-            per_out = w[0].numel() if op == "conv2d" else w.shape[1]
-            mac = float(out.numel()) * per_out
-            c.mac_ann += mac if first else 0.0
-            c.weights, c.fan_in, c.neurons = w.numel(), per_out, out[0].numel()
-            if node.name not in self._fan:
-                self._fan[node.name] = fan = _fanout(node, args[0])
-                c.connections = int(fan.sum()) if op == "conv2d" else int(fan[0]) * args[0][0].numel()
-            shadow = self._shadow.get(node.inputs[0])
-            if shadow is None:
-                c.input = "analog"
-                c.mac += mac
-            else:
-                c.input = "spikes"
-                a, e, k = shadow.weighted(self._fan[node.name])
-                c.ac += a
-                c.ac_event += e
-                c.ac_channel += k
-        elif op == "matmul":
-            kdim = args[0].shape[-1]
-            mac = float(out.numel()) * kdim
-            c.mac_ann += mac if first else 0.0
-            c.fan_in = kdim
-            sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
-            if node.attrs.get("mbe_product") and sa is not None and sb is not None:
-                (ca, ea, _), (cb, eb, _) = sa.triple(), sb.triple()    # spike and event counts per element
-                coinc = _sum(torch.matmul(ca, cb))
-                c.input = "spikes"
-                c.ac, c.ac_channel = c.ac + coinc, c.ac_channel + coinc
-                c.ac_event += _sum(torch.matmul(ea, eb))
-                return
-            # A·B with spikes in A: each spike of A is added into the N columns of B; with spikes in
-            # B, each spike of B into the M rows of A. With both, the cheaper order, per convention.
-            ways = [tuple(v * args[1].shape[-1] for v in sa.totals())] if sa is not None else []
-            if sb is not None:
-                ways.append(tuple(v * args[0].shape[-2] for v in sb.totals()))
-            if not ways:
-                c.input = "analog"
-                c.mac += mac
-            elif event.ecm:        # A(t)·S_B + S_A·B(t): every spike of either operand is used
-                c.input = "spikes"
-                for way in ways:
-                    c.ac, c.ac_event, c.ac_channel = (c.ac + way[0], c.ac_event + way[1], c.ac_channel + way[2])
-                if sa is None or sb is None:              # the analog operand's increment is a dense product
-                    c.mac += mac
-                c.host_ops += float(out.numel())          # the 1/t scalings of the compensation
-            else:
-                c.input = "spikes"
-                acc = self._orders.setdefault(node.name, [[0.0] * 3 for _ in ways])
-                for total, way in zip(acc, ways):
-                    for i, v in enumerate(way):
-                        total[i] += v
-        elif node.kind == "host":
-            c.host_ops += float(out.numel())
-            if op in ("mul", "div") and len(args) == 1 and node.inputs[0] in self._shadow:
-                self._shadow[node.name] = self._shadow[node.inputs[0]]   # scaled spikes stay spikes
-        elif node.inputs and node.inputs[0] in self._shadow:
-            s = self._shadow[node.inputs[0]]
-            a = node.attrs
-            if op == "pad" and s.index is not None:     # padded positions are silent: position N, level 0
-                self._shadow[node.name] = _Spikes(s.site, index=F.pad(s.index, a["pad"], "constant", s.n))
-            elif op in _FOLLOW:
-                self._shadow[node.name] = s.map(lambda t: apply(node, [t], self.graph, self.batch),
-                                                preserves=op in _PRESERVE)
-            elif op == "max_pool2d":
-                grid = self._recoverable(s.site) if s.index is not None else None
-                if grid is not None:     # the pooled values are table values: read their positions back
-                    _, index, _ = grid.fire(out, level_table(s.site, out.dtype))      # one pass of the fire loop
-                    self._shadow[node.name] = _Spikes(s.site, index=index)
-                else:                    # the value is monotone in the index: pooling it picks the same element
-                    self._shadow[node.name] = s.map(
-                        lambda t: apply(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
-            elif op == "avg_pool2d":
-                self._shadow[node.name] = _Spikes(s.site, sums=tuple(
-                    F.avg_pool2d(t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-                                 a["count_include_pad"], 1) for t in s.triple()))
-            elif op == "adaptive_avg_pool2d":
-                t0 = s.triple()
-                k = t0[0].shape[-2] * t0[0].shape[-1] / (out.shape[-2] * out.shape[-1])
-                self._shadow[node.name] = _Spikes(s.site, sums=tuple(
-                    F.adaptive_avg_pool2d(t, a["output_size"]) * k for t in t0))
-            elif op in ("mean", "sum"):
-                self._shadow[node.name] = _Spikes(s.site, sums=tuple(
-                    t.sum(a["dims"], keepdim=a["keepdim"]) for t in s.triple()))
+    def _weight(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
+        """conv2d, linear: the ANN's MACs; with spikes in, each spike's fan-out in ACs, else MACs."""
+        node, x = event.node, event.args[0]
+        w = node.params["weight"]
+        per_out = w[0].numel() if node.op == "conv2d" else w.shape[1]
+        mac = float(out.numel()) * per_out
+        c.mac_ann += mac if _first(event) else 0.0
+        c.weights, c.fan_in, c.neurons = w.numel(), per_out, out[0].numel()
+        fan = self._fan.get(node.name)
+        if fan is None:
+            self._fan[node.name] = fan = _fanout(node, x)
+            c.connections = int(fan.sum()) if node.op == "conv2d" else int(fan[0]) * x[0].numel()
+        spikes = self._shadow.get(node.inputs[0])
+        if spikes is None:
+            c.input = "analog"
+            c.mac += mac
+        else:
+            c.input = "spikes"
+            c.add_synops(spikes.weighted(fan))
 
-    def _recoverable(self, site: Node):
+    def _product(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
+        """matmul A·B. With spikes in A each spike of A is added into the N columns of B; with spikes in B,
+        each spike of B into the M rows of A. With both, the cheaper order over the data, per convention
+        (:meth:`result`); under the expectation compensation both; MBE products: coincidences."""
+        node, (a, b) = event.node, event.args
+        kdim = a.shape[-1]
+        mac = float(out.numel()) * kdim
+        c.mac_ann += mac if _first(event) else 0.0
+        c.fan_in = kdim
+        sa, sb = self._shadow.get(node.inputs[0]), self._shadow.get(node.inputs[1])
+        if node.attrs.get("mbe_product") and sa is not None and sb is not None:
+            (ca, ea, _), (cb, eb, _) = sa.triple(), sb.triple()    # spike and event counts per element
+            c.input = "spikes"
+            coincidences = _sum(torch.matmul(ca, cb))
+            c.ac, c.ac_channel = c.ac + coincidences, c.ac_channel + coincidences
+            c.ac_event += _sum(torch.matmul(ea, eb))
+            return
+        ways = [_times(sa.totals(), b.shape[-1])] if sa is not None else []
+        if sb is not None:
+            ways.append(_times(sb.totals(), a.shape[-2]))
+        if not ways:
+            c.input = "analog"
+            c.mac += mac
+            return
+        c.input = "spikes"
+        if event.ecm:          # A(t)·S_B + S_A·B(t): every spike of either operand is used
+            for way in ways:
+                c.add_synops(way)
+            if sa is None or sb is None:              # the analog operand's increment is a dense product
+                c.mac += mac
+            c.host_ops += float(out.numel())          # the 1/t scalings of the compensation
+            return
+        acc = self._orders.setdefault(node.name, [[0.0] * 3 for _ in ways])
+        for total, way in zip(acc, ways, strict=True):
+            for i, v in enumerate(way):
+                total[i] += v
+
+    def _host(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
+        """Host operations: one per output element."""
+        c.host_ops += float(out.numel())
+
+    def _scaling(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
+        """mul, div: host operations; by a scalar, the spikes stay spikes (scaled)."""
+        self._host(c, event, out)
+        node = event.node
+        if len(event.args) == 1 and node.inputs[0] in self._shadow:
+            self._shadow[node.name] = self._shadow[node.inputs[0]]
+
+    # ------------------------------------------------------------ followers: (node, spikes in, out) -> spikes out
+
+    def _layout(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
+        """Layout ops move positions as they move values."""
+        return s.map(lambda t: apply(node, [t], self.graph, self.batch), preserves=node.op in _PRESERVE)
+
+    def _pad(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
+        """Padded positions are silent: position N, level 0."""
+        if s.index is None:
+            return self._layout(node, s, out)
+        return _Spikes(s.site, index=F.pad(s.index, node.attrs["pad"], "constant", s.n))
+
+    def _max_pool(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
+        grid = self._recoverable(s.site) if s.index is not None else None
+        if grid is not None:     # the pooled values are table values: read their positions back
+            _, index, _ = grid.fire(out, level_table(s.site, out.dtype))      # one pass of the fire loop
+            return _Spikes(s.site, index=index)
+        # the value is monotone in the index: pooling it picks the same element
+        return s.map(lambda t: apply(node, [t.to(torch.float32)], self.graph, self.batch).to(t.dtype))
+
+    def _avg_pool(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
+        a = node.attrs
+        return _Spikes(s.site, sums=_each(lambda t: F.avg_pool2d(
+            t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], 1), s.triple()))
+
+    def _adaptive_pool(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
+        t0 = s.triple()
+        k = t0[0].shape[-2] * t0[0].shape[-1] / (out.shape[-2] * out.shape[-1])
+        return _Spikes(s.site, sums=_each(lambda t: F.adaptive_avg_pool2d(t, node.attrs["output_size"]) * k, t0))
+
+    def _reduce(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
+        a = node.attrs
+        return _Spikes(s.site, sums=_each(lambda t: t.sum(a["dims"], keepdim=a["keepdim"]), s.triple()))
+
+    def _recoverable(self, site: Node) -> FireGrid | None:
         """The site's fire table if it maps every reachable output value back to its own position."""
         if site.name not in self._grids:
             grid, n = grid_for(site), site.params["table"].numel() - 1
@@ -417,20 +483,50 @@ class OpCounter(Observer):
             self._grids[site.name] = grid
         return self._grids[site.name]
 
-    def result(self) -> "OpCounts":
+    def result(self) -> OpCounts:
         s = max(self.samples, 1)
-        layers = []
-        for c in self.layers.values():
-            if c.name in self._orders:
-                c = replace(c, **{f: min(order[i] for order in self._orders[c.name])
-                                  for i, f in enumerate(("ac", "ac_event", "ac_channel"))})
-            c = replace(c, **{f: getattr(c, f) / s for f in _PER_SAMPLE})
-            hist = self._hist.get(c.name)
-            if hist is not None:
-                levels = signed_table(self.graph[c.name]).tolist()
-                c.level_hist = {levels[i]: v / s for i, v in enumerate(hist.tolist()) if v}
-            layers.append(c)
-        return OpCounts(layers, self.samples)
+        return OpCounts([self._per_inference(c, s) for c in self.layers.values()], self.samples)
+
+    def _per_inference(self, c: LayerCount, samples: int) -> LayerCount:
+        """A copy of the layer's counts divided by the samples (products: the cheaper order's), with its
+        histogram of levels."""
+        c = replace(c)
+        orders = self._orders.get(c.name)
+        if orders is not None:
+            c.ac = min(order[0] for order in orders)
+            c.ac_event = min(order[1] for order in orders)
+            c.ac_channel = min(order[2] for order in orders)
+        for f in _PER_SAMPLE:
+            setattr(c, f, getattr(c, f) / samples)
+        hist = self._hist.get(c.name)
+        if hist is not None:
+            levels = signed_table(self.graph[c.name]).tolist()
+            c.level_hist = {levels[i]: v / samples for i, v in enumerate(hist.tolist()) if v}
+        return c
+
+
+Counter = Callable[[OpCounter, LayerCount, Event, torch.Tensor], None]
+Follower = Callable[[OpCounter, Node, _Spikes, torch.Tensor], _Spikes]
+
+# What each op adds to its layer's counts: keyed by op, or by op kind (sfn_deploy/ops.py) for all the ops of a kind.
+_COUNTERS: dict[str, Counter] = {
+    **dict.fromkeys(NEURON_OPS, OpCounter._site),
+    "weight": OpCounter._weight,             # conv2d, linear
+    "product": OpCounter._product,           # matmul
+    "host": OpCounter._host,
+    "mul": OpCounter._scaling,
+    "div": OpCounter._scaling,
+}
+# How the layout and pooling ops carry the spikes of their first input (they add no ops): keyed by op.
+_FOLLOWERS: dict[str, Follower] = {
+    **dict.fromkeys(_FOLLOW, OpCounter._layout),
+    "pad": OpCounter._pad,
+    "max_pool2d": OpCounter._max_pool,
+    "avg_pool2d": OpCounter._avg_pool,
+    "adaptive_avg_pool2d": OpCounter._adaptive_pool,
+    "mean": OpCounter._reduce,
+    "sum": OpCounter._reduce,
+}
 
 
 @dataclass

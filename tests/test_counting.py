@@ -255,3 +255,16 @@ def test_spikes_are_followed_through_zero_padding():
         counts.append(counter.result())
     assert counts[0].ac_snn == counts[1].ac_snn > 0
     assert counts[0].mac_snn == counts[1].mac_snn
+
+
+def test_every_op_has_a_counting_entry_or_is_known_to_need_none():
+    """The counter dispatches by op (or op kind): an op either has a counter, which adds to its layer's counts, or a
+    follower, which carries its input's spikes; a new op in the op table must be given one or be added here."""
+    from sfn_deploy.ops import TABLE
+    from sfn_deploy.simulators import counting
+    counted, followed = counting._COUNTERS, counting._FOLLOWERS
+    neither = {op for op, spec in TABLE.items() if not {op, spec.kind} & set(counted) and op not in followed}
+    # io ops cost nothing; cat ends the spikes (its consumer counts MACs); mbe_neuron is counted from event.mbe
+    assert neither == {"input", "constant", "cat", "mbe_neuron"}
+    assert all(TABLE[op].kind in ("layout", "pool") for op in counting._FOLLOWERS)
+    assert not set(counting._FOLLOWERS) & set(counting._COUNTERS)
