@@ -30,7 +30,8 @@ checkpoint is under 2 MiB (the limit of examples/train.py), otherwise to ``--big
 
 ``--write-splits DIR`` also writes the two parts as .npz files for the sfn-deploy CLI:
 ``DIR/cifar10_train.npz`` (16,000), ``DIR/cifar10_heldout.npz`` (4,000), ``DIR/cifar10_calib4k.npz`` (files
-0000–0399 of every class, 4,000 images of the training part): ``x`` float32 N×3×32×32 in [0, 1], ``y`` int64.
+0000–0399 of every class) and ``DIR/cifar10_calib1k.npz`` (files 0000–0099 of every class), both inside the
+training part: ``x`` float32 N×3×32×32 in [0, 1], ``y`` int64, class by class.
 
 Usage:
   nice -n 10 .venv/bin/python examples/train_cifar.py --only resnet20 --write-splits /tmp
@@ -63,7 +64,8 @@ DEFAULT_BIG_OUT = "/tmp/sfn_cifar_models"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TRAIN_FILES = (0, 1600)          # [start, stop) of NNNN in every class folder
 HELDOUT_FILES = (1600, 2000)
-CALIB_FILES = (0, 400)           # a subset of the training part, for quick calibration files
+CALIB_FILES = (0, 400)           # subsets of the training part, for quick calibration files
+CALIB1K_FILES = (0, 100)
 MAX_FILE_BYTES = 2 * 1024 * 1024
 SEED = 0
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -141,7 +143,7 @@ def write_splits(root: str, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for name, files in (("cifar10_train", TRAIN_FILES), ("cifar10_heldout", HELDOUT_FILES),
-                        ("cifar10_calib4k", CALIB_FILES)):
+                        ("cifar10_calib4k", CALIB_FILES), ("cifar10_calib1k", CALIB1K_FILES)):
         x, y = load_cifar_files(root, files)
         path = os.path.join(out_dir, f"{name}.npz")
         np.savez(path, x=x.astype(np.float32) / 255.0, y=y)
