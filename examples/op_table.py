@@ -22,7 +22,7 @@ A name ending in `?` may be absent. Types: `int`, `float` (a finite number; an i
 `str`, `'literal'`, `None`, `inf`/`-inf`, `int[2]` (a list of exactly 2), `int[]` (any length), `shape` (integers
 and the batch entries `"B"` / `"B*k"`); alternatives are joined by `|`. Parameters are tensors: `float`, `int`
 or `any` dtype, one name per axis (`[...]`: any number of axes; `[2]`: exactly 2 values). "Written by" names
-the module (under `sfn_deploy/`) that adds a key after capture.
+the module or function (under `sfn_deploy/`) that adds a key after capture; an empty cell: the capture rule.
 """
 
 

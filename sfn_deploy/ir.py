@@ -274,13 +274,14 @@ def _finite(where: str, key: str, t: torch.Tensor) -> None:
         raise GraphError(f"{where}: param {key!r} holds NaN/Inf values ({bad} of {t.numel()})")
 
 
-def _names(keys) -> str:
-    return ", ".join(repr(k) if len(k) <= 40 else repr(k[:40] + "…") for k in keys)
-
-
 def _show(v) -> str:
+    """A value of a file for a one-line message: its repr, cut at 60 characters."""
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _names(keys) -> str:
+    return ", ".join(_show(k) for k in keys)
 
 
 def declaration(op: str, key: str) -> Attr | None:

@@ -286,7 +286,7 @@ _AFFINE = {"weight?": "float [C]: per-channel scale", "bias?": "float [C]: per-c
 
 # A neuron site, as passes.insert_sfn places it on an activation (SPEC §4; docs/concepts.md). The methods
 # (docs/methods.md) turn sites into their neurons in place and keep these attributes.
-_SITE = written_by("passes", {
+_SITE = written_by("passes.insert_sfn", {
     "kind": "'dual' | 'softmax': a two-sided site, or one after a softmax (its step from o_max)",
     "fire": "str: the level function (sformer, linear, exponential; if, mtn, ecmt, pmsm from the methods)",
     "M": "int: the number of levels N",
@@ -296,10 +296,10 @@ _SITE = written_by("passes", {
     "theta_pos": "float: θ⁺, the positive threshold (set by calibrate or the method)",
     "theta_neg": "float: θ⁻, the negative threshold; ≤ 0 turns the negative branch off",
     "o_max": "float: the largest softmax output seen (softmax sites; 0 on the others)",
-    "role": "str: where the site sits (post-relu, q, k, v, attn, attn-out, pre-<layer>, ...)",
+    "role": "str: where the site sits (post-relu, q, k, v, attn, attn-out, pre-(consumer), ...)",
     "absorbs": "'relu' | None: the ReLU the site replaced (its negative branch is off)",
     "feeds": "str: the consumer the site was placed for (a weight layer or product)",
-    "theta_softmax?": "float: o_max / N / λ, a softmax site's threshold (passes.configure)",
+    "theta_softmax?": "float: o_max / N / λ, a softmax site's threshold (written by passes.configure)",
 })
 _CALIBRATION = written_by("calibrate", {
     "percentile?": "float: p of the top-p% thresholds",
@@ -312,7 +312,7 @@ _CALIBRATION_PARAMS = params_written_by("calibrate", {
     "hist_pos?": "float [bins]: histogram of the positive inputs on [0, hist_hi[0])",
     "hist_neg?": "float [bins]: histogram of the negative inputs' magnitudes on [0, hist_hi[1])",
 })
-_FIRE_PARAMS = params_written_by("passes", {      # passes.configure derives them from the attrs above
+_FIRE_PARAMS = params_written_by("passes.configure", {      # derived from the attrs above
     "bounds_pos": "float [N]: the positive branch's firing boundaries (empty: branch off)",
     "bounds_neg": "float [N]: the negative branch's boundaries, as magnitudes (empty: branch off)",
     "steps": "float [2]: [λθ⁺, λθ⁻], one level step of each branch",
@@ -326,8 +326,8 @@ _METHOD = written_by("methods", {
 
 
 def _mbe(fn: str, extra: Mapping[str, str] | None = None) -> dict[str, Attr]:
-    """--method mbe's attributes on a node it runs in spiking form (sfn_deploy/mbe.py); optional but on its
-    own neuron."""
+    """--method mbe's attributes on a node it runs in spiking form (sfn_deploy/mbe.py): required on its own
+    neuron (``fn`` identity), optional on the host ops it approximates."""
     opt = "" if fn == "identity" else "?"
     return written_by("mbe", {
         f"mbe_fn{opt}": f"'{fn}': run its spiking MBE form (T internal steps); the ANN ignores it",
@@ -347,14 +347,14 @@ declare("constant", "io", "a stored tensor used as data (class token, position e
 
 @register("conv2d", "weight", "2-D convolution",
           attrs={**_CONV_WINDOW, "groups": "int: channel groups (divides the output channels)"},
-          params={"weight": "float [out, in/groups, kh, kw]: the kernels", "bias?": "float [out]"})
+          params={"weight": "float [out, in/groups, kh, kw]: the kernels", "bias?": "float [out]: added per channel"})
 def _conv2d(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.conv2d(args[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
 @register("linear", "weight", "y = x Wᵀ + b over the last axis",
-          params={"weight": "float [out, in]", "bias?": "float [out]"})
+          params={"weight": "float [out, in]: W", "bias?": "float [out]: b"})
 def _linear(node, args, graph, batch):
     return F.linear(args[0], node.params["weight"], node.params.get("bias"))
 
@@ -414,7 +414,8 @@ def _layer_norm(node, args, graph, batch):
 
 @register("batch_norm", "host", "inference BatchNorm not foldable into a convolution (over axis 1)",
           attrs={"eps": "float: added to the variance"},
-          params={"running_mean": "float [C]", "running_var": "float [C]", **_AFFINE})
+          params={"running_mean": "float [C]: per-channel mean", "running_var": "float [C]: per-channel variance",
+                  **_AFFINE})
 def _batch_norm(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.batch_norm(args[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"),
