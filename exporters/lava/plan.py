@@ -106,7 +106,7 @@ def quantise(w: np.ndarray, e: int, bits: int = WEIGHT_BITS) -> np.ndarray:
     return np.clip(np.rint(w / 2.0 ** e), -lim, lim).astype(np.int32)
 
 
-def _ceil_div(b: np.ndarray, scale: float) -> np.ndarray:
+def ceil_div(b: np.ndarray, scale: float) -> np.ndarray:
     return np.ceil(np.asarray(b, np.float64) / scale).astype(np.int64)
 
 
@@ -478,8 +478,8 @@ class _Lowering:
             else:                           # the host sends the value at a scale resolving every boundary
                 top = float(max(np.abs(bpos).max(initial=0), np.abs(bneg).max(initial=0), 1e-30))
                 scale = 2.0 ** math.ceil(math.log2(top / 2 ** (ACC_BITS - 3)))
-            b.arrays.update(bias=np.rint(bias / scale).astype(np.int64), thr_pos=_ceil_div(bpos, scale),
-                            thr_neg=_ceil_div(bneg, scale))
+            b.arrays.update(bias=np.rint(bias / scale).astype(np.int64), thr_pos=ceil_div(bpos, scale),
+                            thr_neg=ceil_div(bneg, scale))
         b.attrs["scale"] = scale
         self.sites[b.ir[0]]["scale"] = scale
 

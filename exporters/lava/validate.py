@@ -12,7 +12,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...ir import OPS
-from .plan import LOWERINGS, MAX_HOST_PORTS, PRECISIONS, WEIGHT_BITS, Block, Plan, _ceil_div
+from .plan import LOWERINGS, MAX_HOST_PORTS, PRECISIONS, WEIGHT_BITS, Block, Plan, ceil_div
 
 
 def one_line(text: str) -> str:
@@ -123,7 +123,7 @@ def _neuron(b: Block, fixed: bool, lowering: str) -> dict:
         bounds = _array(b, f"bounds_{side}", (k,))
         _ascending(b, f"thr_{side}")
         # thresholds are the boundaries in membrane units: the boundaries themselves, or ceil(b / scale)
-        want = _ceil_div(bounds, scale) if fixed else bounds
+        want = ceil_div(bounds, scale) if fixed else bounds
         if not np.array_equal(np.asarray(thr, np.float64), np.asarray(want, np.float64)):
             raise _Invalid(f"array 'thr_{side}' is not array 'bounds_{side}' in membrane units (attrs.scale {scale:g})")
     table = _array(b, "table", ndim=1)
