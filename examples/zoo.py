@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -186,7 +187,17 @@ def _nir(converted) -> str:
         check_nir(converted.graph)
         return "full"
     except Exception as e:
-        return f"partial only: {_short(e)}"
+        return _host_summary(str(e))
+
+
+def _host_summary(message: str) -> str:
+    """'partial: N host nodes (op ×k, ...)' from the NIR refusal, which groups the nodes by operation."""
+    ops = re.findall(r"([a-z_0-9]+) ×(\d+)", message)
+    total = re.search(r"(\d+) node\(s\)", message)
+    if not ops or not total:
+        return f"refused: {message.splitlines()[0][:100]}"
+    more = ", …" if sum(int(k) for _, k in ops) < int(total.group(1)) else ""
+    return f"partial: {total.group(1)} host nodes ({', '.join(f'{op} ×{k}' for op, k in ops)}{more})"
 
 
 def _peak_mb() -> int:
