@@ -411,9 +411,16 @@ def _wait_for(pred, timeout=120):
         time.sleep(0.1)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. A native library loaded by an earlier test in this process may have
+    set SIGINT to ignored at the C level, which a child inherits and Python then keeps (it was seen to swallow the
+    Ctrl-C of the test below when the whole suite ran)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, cwd):
     return subprocess.Popen(CLI + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
