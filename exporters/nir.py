@@ -52,6 +52,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from ..backends import Simple
 from ..errors import UserError
 from ..ir import Graph, Node
 from ..model_file import ConvertedModel, atomic_write
@@ -1122,7 +1123,7 @@ def _channel_levels(site: Node, ch: torch.Tensor) -> torch.Tensor:
     return lv - table[ch[:, npos:].sum(1)] if ch.shape[1] > npos else lv
 
 
-class NirBackend:
+class NirBackend(Simple):
     """The ``nir`` backend of :mod:`sfn_deploy.backends`: the file written, read back with ``nir.read`` and run
     by nirtorch; a network NIR cannot fully express runs as its partial export (NIR regions plus host nodes).
     The ANN has no NIR form (it runs on the reference)."""
@@ -1175,15 +1176,6 @@ class NirBackend:
                 h.remove()
         return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()},
                 "pre": {}}
-
-    def split_time(self, runner, seconds: float) -> tuple[float, float]:
-        return 0.0, seconds
-
-    def details(self, runner, model: ConvertedModel, data, batch_size: int) -> dict:
-        return {}
-
-    def parity_info(self, options: dict | None) -> dict:
-        return {}
 
     def export(self, model: ConvertedModel, path: str, *, partial: bool = False, max_size: float | None = None,
                **_other) -> dict:

@@ -43,6 +43,20 @@ class Backend(Protocol):
         """Extra keys of a parity row that involves it (its settings)."""
 
 
+class Simple:
+    """The defaults of a backend whose set-up is not timed apart and that adds nothing to ``simulate`` or parity
+    rows (torch, NIR); a backend subclasses it and writes the rest of :class:`Backend`."""
+
+    def split_time(self, runner, seconds: float) -> tuple[float, float]:
+        return 0.0, seconds
+
+    def details(self, runner, model, data, batch_size: int) -> dict:
+        return {}
+
+    def parity_info(self, options: dict | None) -> dict:
+        return {}
+
+
 class Exporter(Backend, Protocol):
     """A backend that also writes a file or folder (``sfn-deploy export --target``)."""
     writes_folder: bool     # its export is a folder (replaced as a whole)

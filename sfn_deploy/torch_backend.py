@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .backends import Simple
 from .model_file import ConvertedModel
 from .neurons import signed_table
 from .simulators.interpreter import Event, Observer, run
@@ -26,7 +27,7 @@ class _SiteRecorder(Observer):
         self.pre.setdefault(event.node.name, []).append(x.reshape(x.shape[0], -1).numpy())
 
 
-class TorchBackend:
+class TorchBackend(Simple):
     runs_ann = True
     one_stream = False
 
@@ -40,15 +41,6 @@ class TorchBackend:
         outs = [run(model.graph, x[i:i + batch_size], hook=keep).numpy() for i in range(0, len(x), batch_size)]
         cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}     # noqa: E731
         return {"outputs": np.concatenate(outs), "levels": cat(keep.levels), "pre": cat(keep.pre)}
-
-    def split_time(self, runner, seconds: float) -> tuple[float, float]:
-        return 0.0, seconds
-
-    def details(self, runner, model: ConvertedModel, data, batch_size: int) -> dict:
-        return {}
-
-    def parity_info(self, options: dict | None) -> dict:
-        return {}
 
 
 BACKEND = TorchBackend()
