@@ -66,7 +66,7 @@ TRAIN_FILES = (0, 1600)          # [start, stop) of NNNN in every class folder
 HELDOUT_FILES = (1600, 2000)
 CALIB_FILES = (0, 400)           # subsets of the training part, for quick calibration files
 CALIB1K_FILES = (0, 100)
-MAX_FILE_BYTES = 2 * 1024 * 1024
+MAX_FILE_BYTES = 2_000_000             # the project bundles checkpoints under 2 MB each
 SEED = 0
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
