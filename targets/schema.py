@@ -33,6 +33,9 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "spike": ("num", "sending one spike message"),
         "barrier": ("num", "barrier synchronisation at the end of a timestep"),
         "host_op": ("num", "one host operation element"),
+        "mac": ("num", "one multiply-accumulate at sustained throughput (arithmetic targets)"),
+        "ac": ("num", "one accumulate at sustained throughput (arithmetic targets)"),
+        "timestep": ("num", "fixed duration of one timestep (tick) of a clocked chip: a stage lasts at least this"),
     },
     "core": {
         "neurons": ("int", "neurons (compartments) per core"),
@@ -56,7 +59,10 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "memory_bit": ("num", "reading one bit of memory, ANN baseline"),
     },
 }
-TOP = {"name": str, "description": str, "convention": str, "spikes": str, "weight_sharing": bool}
+TOP = {"name": str, "description": str, "convention": str, "spikes": str, "weight_sharing": bool, "scope": str}
+SCOPES = ("per_term", "all_in")
+# [band]: how far measurements fell from this target's estimates (docs/validation.md); key -> meaning
+BANDS = {"energy": "energy per inference", "latency": "latency per inference"}
 
 
 class TargetError(ValueError):
@@ -71,6 +77,20 @@ class Figure:
 
 
 @dataclass
+class Band:
+    """Measured ÷ predicted over this target's back-tests: the true figure lies within ×low–×high of the estimate
+    on every back-test so far (docs/validation.md); ``backtests`` says how many there were."""
+    low: float
+    high: float
+    backtests: int
+    source: str
+
+    def __str__(self) -> str:
+        n = f"{self.backtests} back-test{'s' if self.backtests != 1 else ''}"
+        return f"×{self.low:.2g}–×{self.high:.2g}, {n}"
+
+
+@dataclass
 class Target:
     name: str
     description: str
@@ -79,6 +99,8 @@ class Target:
     weight_sharing: bool = False
     path: str = ""
     figures: dict[str, dict[str, Figure]] = field(default_factory=dict)
+    scope: str = "per_term"             # "all_in": the synop/MAC price includes updates, messages, memory, static
+    bands: dict[str, Band] = field(default_factory=dict)
 
     def get(self, section: str, key: str) -> float | None:
         f = self.figures.get(section, {}).get(key)
@@ -91,10 +113,15 @@ class Target:
     def has_cores(self) -> bool:
         return bool(self.figures.get("core"))
 
+    @property
+    def all_in(self) -> bool:
+        return self.scope == "all_in"
+
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "convention": self.convention,
-                "spikes": self.spikes, "weight_sharing": self.weight_sharing, "path": self.path,
-                "figures": {s: {k: vars(f) for k, f in keys.items()} for s, keys in self.figures.items()}}
+                "spikes": self.spikes, "weight_sharing": self.weight_sharing, "scope": self.scope, "path": self.path,
+                "figures": {s: {k: vars(f) for k, f in keys.items()} for s, keys in self.figures.items()},
+                "bands": {k: vars(b) for k, b in self.bands.items()}}
 
 
 def _fail(where: str, field: str, why: str) -> NoReturn:
@@ -104,8 +131,8 @@ def _fail(where: str, field: str, why: str) -> NoReturn:
 def _check_top(raw: dict, where: str) -> None:
     """Top-level keys: known, of the right type, the required ones present, enumerations respected."""
     for key in raw:
-        if key not in TOP and key not in FIELDS:
-            _fail(where, key, f"unknown key; allowed: {', '.join([*TOP, *FIELDS])}")
+        if key not in TOP and key not in FIELDS and key != "band":
+            _fail(where, key, f"unknown key; allowed: {', '.join([*TOP, *FIELDS, 'band'])}")
     for key, typ in TOP.items():
         if key in raw and not isinstance(raw[key], typ):
             _fail(where, key, f"must be a {typ.__name__}, got {raw[key]!r}")
@@ -116,6 +143,30 @@ def _check_top(raw: dict, where: str) -> None:
         _fail(where, "convention", f"must be one of {', '.join(CONVENTIONS)}, got {raw['convention']!r}")
     if raw["spikes"] not in SPIKES:
         _fail(where, "spikes", f"must be one of {', '.join(SPIKES)}, got {raw['spikes']!r}")
+    if raw.get("scope", "per_term") not in SCOPES:
+        _fail(where, "scope", f"must be one of {', '.join(SCOPES)}, got {raw['scope']!r}")
+
+
+def _bands(table, where: str) -> dict[str, Band]:
+    """``[band] energy = { low = 0.5, high = 1.8, backtests = 3, source = "docs/validation.md" }``."""
+    if not isinstance(table, dict):
+        _fail(where, "band", "must be a table")
+    out = {}
+    for key, entry in table.items():
+        name = f"band.{key}"
+        if key not in BANDS:
+            _fail(where, name, f"unknown key; allowed in [band]: {', '.join(BANDS)}")
+        if not isinstance(entry, dict) or set(entry) != {"low", "high", "backtests", "source"}:
+            _fail(where, name, "must be a table { low = ..., high = ..., backtests = ..., source = \"...\" }")
+        low, high, n = entry["low"], entry["high"], entry["backtests"]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) or not 0 < low <= high:
+            _fail(where, name, f"low and high must be numbers with 0 < low <= high, got {low!r}, {high!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail(where, name, f"backtests must be a positive integer, got {n!r}")
+        if not isinstance(entry["source"], str) or not entry["source"].strip():
+            _fail(where, name, "source must be a non-empty string")
+        out[key] = Band(float(low), float(high), n, entry["source"])
+    return out
 
 
 def _figure(entry, kind: str, name: str, where: str) -> Figure:
@@ -155,4 +206,5 @@ def parse(raw: dict, where: str) -> Target:
     if figures.get("core") and "cores" not in figures.get("chip", {}):
         _fail(where, "chip.cores", "a target with [core] limits needs the number of cores per chip")
     return Target(raw["name"], raw.get("description", ""), raw["convention"], raw["spikes"],
-                  raw.get("weight_sharing", False), where, figures)
+                  raw.get("weight_sharing", False), where, figures, raw.get("scope", "per_term"),
+                  _bands(raw.get("band", {}), where))
