@@ -498,7 +498,7 @@ def _target_help(extra: str = "") -> str:
 @click.argument("converted", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Data to count operations on (e.g. a validation set).")
 @click.option("--target", "targets", multiple=True, default=("loihi2", "loihi1", "cmos45"),
-              help=_target_help("; repeatable"))
+              help=_target_help("; repeatable; 'all': every shipped target, ranked in a planning view"))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report: .html (self-contained, with plots), .md or .json.")
 @click.option("--scale", "scales", type=_FiniteRange(0, 1, min_open=True), multiple=True,
@@ -518,7 +518,8 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
     from .outputs import check_output
     from .render import to_html, to_markdown, to_text
     from .report import build_report, compare, output_format, variant
-    from .targets import load_target
+    from .targets import expand, load_target
+    targets = expand(targets)
     if output is not None:
         check_output(output, [*converted, *data_paths(data), *targets])
     fmt = output_format(output)

@@ -71,6 +71,11 @@ def pct(v: float | None) -> str:
     return DASH if v is None else f"{v:.2f} %"
 
 
+def banded(text: str, band: dict | None) -> str:
+    """A figure with how far measurements fell from this target's estimates ("7.4 µJ (×0.5–×2, 3 back-tests)")."""
+    return f"{text} ({band['text']})" if band else f"{text} (not back-tested)"
+
+
 def _lam(lam: dict) -> str:
     if not lam:
         return DASH
@@ -168,14 +173,43 @@ def _header(r: Report, level: int) -> list:
             ("callout", callout)]
 
 
+def _planning(r: Report, plots: bool) -> list:
+    """The targets ranked: what a planner choosing a chip reads first."""
+    rows = []
+    for p in r.planning or []:
+        t = r.targets[p.target]
+        e = t.estimate
+        rows.append([str(p.rank), p.target, p.runs,
+                     banded(energy(p.energy_j), p.energy_band) + (" PROXY" if p.proxy else ""),
+                     banded(seconds(p.latency_s), p.latency_band) if p.latency_s is not None else "not timed",
+                     f"{count(p.throughput_per_s)}/s" if p.throughput_per_s else DASH,
+                     count(p.chips) if p.chips is not None else DASH,
+                     "yes" if p.fits else f"NO ({p.violations})", ratio(e.snn_over_int8_ann), _list(p.unpriced)])
+    out: list = [("h", 2, "Planning view: targets ranked"),
+                 ("p", "Targets that fit come first, then lower energy per inference. SNN rows run the converted "
+                       "network; ANN rows are dense engines running the source ANN (the baseline a planner "
+                       "compares against). In brackets: measured ÷ predicted over the target's back-tests "
+                       "(docs/validation.md). PROXY: some figures are another chip's. Unpriced terms are left "
+                       "out, so such an energy is a lower bound."),
+                 ("table", ["#", "target", "runs", "energy / inference", "latency", "throughput", "chips", "fits",
+                            "SNN / int8 ANN", "not priced"], rows)]
+    if plots:
+        p = _plot_planning(r)
+        if p:
+            out.append(("plot", *p))
+    return out
+
+
 def _overview(r: Report) -> list:
     rows = []
     for name, t in r.targets.items():
         e, m = t.estimate, t.mapping
         cores = _has_cores(t)
         proxy = " (PROXY prices)" if e.proxy_figures else ""
-        rows.append([name, e.convention, energy(e.energy_j) + proxy, _list(e.unpriced),
-                     seconds(e.latency_s) if e.latency_s is not None else "not timed",
+        bands = e.bands or {}
+        rows.append([name, e.convention, banded(energy(e.energy_j), bands.get("energy")) + proxy,
+                     _list(e.unpriced),
+                     banded(seconds(e.latency_s), bands.get("latency")) if e.latency_s is not None else "not timed",
                      f"{count(e.throughput_per_s)}/s" if e.throughput_per_s else DASH,
                      count(m.cores) if cores else DASH, count(m.chips) if cores else DASH,
                      "yes" if m.fits else f"NO ({len(m.violations)})", ratio(e.snn_over_int8_ann)])
@@ -251,6 +285,12 @@ def _energy(e: Estimate, level: int) -> list:
     lines = [f"Energy per inference: {energy(e.energy_j)} (dynamic {energy(e.energy_dynamic_j)}, static "
              f"{energy(e.energy_static_j) if e.energy_static_j is not None else 'not priced'}); "
              f"without weight memory: {energy(e.energy_without_memory_j)}."]
+    band = (e.bands or {}).get("energy")
+    lines.append(f"Back-tests: measured energy was ×{band['low']:.2g}–×{band['high']:.2g} of this target's estimate "
+                 f"on {band['backtests']} published deployment(s) ({band['source']})." if band else
+                 "Back-tests: none for this target yet; the figure is not validated against a measurement.")
+    if e.included:
+        lines.append("Included in the all-in price (not priced separately): " + ", ".join(e.included) + ".")
     if e.unpriced:
         lines.append("Not priced (not in the total): " + ", ".join(_unpriced(e)) + ".")
     if e.proxy_figures:
@@ -272,6 +312,9 @@ def _target(name: str, t: TargetPlan, level: int) -> list:
              f"throughput {count(e.throughput_per_s)} inferences/s.")
         if e.untimed:
             s += f" Not timed: {_list(e.untimed)}."
+        band = (e.bands or {}).get("latency")
+        s += (f" Back-tests: measured latency was ×{band['low']:.2g}–×{band['high']:.2g} of the estimate on "
+              f"{band['backtests']} deployment(s)." if band else " Not back-tested.")
         out.append(("p", s))
     else:
         out.append(("p", "not timed (the target has no core model or no [time_ns] figures)."))
@@ -323,8 +366,11 @@ def _layers(r: Report, level: int) -> list:
 
 
 def _report_blocks(r: Report, level: int, plots: bool) -> list:
-    out = _header(r, level)
-    out += [("h", level + 1, "Targets at a glance")] + _overview(r)
+    head = _header(r, level)
+    if r.planning and level == 1:           # the page opens on the ranking
+        out = head[:1] + _planning(r, plots) + head[1:]
+    else:
+        out = head + [("h", level + 1, "Targets at a glance")] + _overview(r)
     out += [("h", level + 1, "Totals")] + _totals(r)
     if plots:
         out += [("h", level + 1, "Plots")] + _plots(r)
@@ -450,6 +496,38 @@ def _plot_energy(r: Report):
     ax.legend(fontsize=7, loc="lower right")
     return "Energy breakdown per target (priced terms only; unpriced terms are listed in each target's table)", \
         _png(fig)
+
+
+def _plot_planning(r: Report):
+    """Energy and latency per inference of every target, ranked, with each target's band as whiskers."""
+    from matplotlib.figure import Figure
+    rows = list(r.planning or [])
+    if not rows:
+        return None
+    fig = Figure(figsize=(9, 1.2 + 0.32 * len(rows)))
+    axes = fig.subplots(1, 2, sharey=True)
+    names = [f"{p.rank}. {p.target}" + (" (ANN)" if p.runs == "ANN" else "") for p in rows]
+    for ax, key, band, label in ((axes[0], "energy_j", "energy_band", "energy per inference, J (log)"),
+                                 (axes[1], "latency_s", "latency_band", "latency per inference, s (log)")):
+        for i, p in enumerate(rows):
+            v = getattr(p, key)
+            if not v:
+                ax.text(0.01, i, "not timed", va="center", fontsize=7, transform=ax.get_yaxis_transform())
+                continue
+            colour = "#2ca02c" if p.fits else "#999999"
+            ax.barh(i, v, color=colour, hatch="//" if p.runs == "ANN" else None, edgecolor="white")
+            b = getattr(p, band)
+            if b:
+                ax.errorbar(v, i, xerr=[[v - v * b["low"]], [v * b["high"] - v]], fmt="none", ecolor="black",
+                            capsize=3, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(label, fontsize=8)
+    axes[0].set_yticks(range(len(rows)), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Targets ranked (green: fits, grey: does not fit; hatched: dense ANN baseline; whiskers: "
+                 "back-test band)", fontsize=9)
+    return ("Energy and latency per inference on every target, in rank order. Whiskers span measured ÷ predicted "
+            "over the target's back-tests; a bar without whiskers is not back-tested."), _png(fig)
 
 
 def _plot_sites(r: Report):
@@ -607,6 +685,14 @@ def _text_report(r: Report) -> list[str]:
              f"energy ratio SNN/ANN (paper eq. 43): {ratio(r.energy_ratio)}; eq. 44: "
              f"{ratio(r.energy_ratio_approx)}; by convention: "
              + ", ".join(f"{c} {ratio(v)}" for c, v in by.items())]
+    if r.planning:
+        lines.append("targets ranked (fits first, then energy; in brackets measured ÷ predicted over back-tests):")
+        for p in r.planning:
+            lat = banded(seconds(p.latency_s), p.latency_band) if p.latency_s is not None else "not timed"
+            chips = f", {count(p.chips)} chip(s)" if p.chips is not None else ""
+            lines.append(f"  {p.rank:>2}. {p.target} [{p.runs}]: {banded(energy(p.energy_j), p.energy_band)}"
+                         f"{' PROXY' if p.proxy else ''}, {lat}{chips}, "
+                         f"{'fits' if p.fits else f'does NOT fit ({p.violations})'}")
     for name, t in r.targets.items():
         e, m = t.estimate, t.mapping
         fit = "fits" if m.fits else f"does NOT fit: {len(m.violations)} violation(s)"
@@ -615,7 +701,7 @@ def _text_report(r: Report) -> list[str]:
                          f"(bound by {m.chip_binding}); cores set by {_bindings(t)}; {fit}")
         else:
             lines.append(f"{name} [{e.convention}]: no core model; {fit}")
-        s = f"  energy {energy(e.energy_j)}/inference"
+        s = f"  energy {banded(energy(e.energy_j) + '/inference', (e.bands or {}).get('energy'))}"
         if e.energy_without_memory_j != e.energy_j:
             s += f" ({energy(e.energy_without_memory_j)} without weight memory)"
         if e.unpriced:

@@ -21,7 +21,8 @@ from .methods import method_of
 from .model_file import ConvertedModel
 from .neurons import fire_levels
 from .passes import configure, set_scale
-from .results import Result
+from .planning import PlanRow, rank
+from .results import Result, optional
 from .simulators.counting import CONVENTIONS, OpCounts, count_ops
 from .simulators.estimate import Estimate, estimate
 from .targets import load_target
@@ -45,6 +46,7 @@ class TargetPlan(Result):
     path: str                           # the target file read
     mapping: Mapping
     estimate: Estimate
+    runs: str | None = optional()       # "ann" on a dense engine that runs the source ANN (a baseline)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Report(Result):
     stages: list[dict[str, Any]]        # per pipeline stage totals per inference
     targets: dict[str, TargetPlan]
     target: Headline
+    planning: list[PlanRow] | None = optional()     # the targets ranked (several targets only)
 
 
 @dataclass
@@ -157,7 +160,8 @@ def plan(converted: ConvertedModel, counts: OpCounts, targets: list[str]) -> dic
         t = load_target(name)
         m = map_network(converted.graph, counts, t)
         out[t.name] = TargetPlan(description=t.description, spikes=t.spikes, path=t.path, mapping=m,
-                                 estimate=estimate(converted.graph, counts, t, m))
+                                 estimate=estimate(converted.graph, counts, t, m),
+                                 runs="ann" if t.runs == "ann" else None)
     return out
 
 
@@ -195,7 +199,8 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         layers=_summary_layers(counts), stages=counts.per_stage(),
         targets=plans,
         target=Headline(target=first.target, cores=first.cores, chips=first.chips, energy_j=first.energy_j,
-                        latency_s=first.latency_s, throughput_per_s=first.throughput_per_s))
+                        latency_s=first.latency_s, throughput_per_s=first.throughput_per_s),
+        planning=rank(plans) if len(plans) > 1 else None)
 
 
 def summary_row(r: Report) -> dict:

@@ -46,6 +46,7 @@ class EnergyTerm(Result):
     priced: bool = False
     source: str = ""                    # the figure's published source
     evidence: str = ""                  # the figure's evidence grade ("proxy": another chip's figure)
+    included_in: str | None = optional()    # the all-in price that already covers this term
 
 
 @dataclass
@@ -129,6 +130,8 @@ class Estimate(Result):
     pipeline_steps: int                 # timesteps from a sample entering to its output
     layers: list[LayerEnergy]
     layers_note: str
+    included: list[str] | None = optional()    # terms an all-in price already covers (scope = "all_in" only)
+    bands: dict[str, dict] | None = optional()  # "energy"/"latency": measured ÷ predicted over back-tests
 
 
 def _term(name: str, count: float, target: Target, section: str, key: str, what: str) -> EnergyTerm:
@@ -148,6 +151,71 @@ def _fired(p, stats: dict, target: Target) -> float:
     return min(fired, p.compartments)
 
 
+def _arithmetic_terms(counts, target: Target, weights, products, per_layer, wbits: int) -> list[EnergyTerm]:
+    """The SNN's synaptic ops as additions and its analog-input layers as MACs (the paper's model)."""
+    conv = target.convention
+    syn = sum(c.synops(conv) for c in weights + products)
+    reads = sum(c.ac_event + c.mac for c in weights) * wbits
+    terms = [_term("synaptic ops", syn, target, "energy_pj", "ac", f"additions, {conv} convention"),
+             _term("MACs", counts.mac_snn, target, "energy_pj", "mac", "layers with analog (non-spike) input"),
+             _term("weight memory", reads, target, "energy_pj", "memory_bit",
+                   f"bits read: one {wbits}-bit weight per non-zero input per fan-out, and per MAC")]
+    e_ac, e_mac = target.get("energy_pj", "ac") or 0.0, target.get("energy_pj", "mac") or 0.0
+    for c in weights + products:
+        row = per_layer[c.name]
+        row.snn_j = (c.synops(conv) * e_ac + c.mac * e_mac) * PJ
+        row.ann_target_j = c.mac_ann * e_mac * PJ
+    return terms
+
+
+def _ann_terms(counts, target: Target, weights, products, per_layer, wbits: int) -> list[EnergyTerm]:
+    """A dense engine (``runs = "ann"``): the source ANN's MACs, products included, and its weight reads."""
+    e_mac = target.get("energy_pj", "mac") or 0.0
+    for c in weights + products:
+        per_layer[c.name].snn_j = per_layer[c.name].ann_target_j = c.mac_ann * e_mac * PJ
+    return [_term("ANN MACs", counts.mac_ann, target, "energy_pj", "mac", "the source ANN, run densely"),
+            _term("weight memory", sum(c.mac_ann for c in weights) * wbits, target, "energy_pj", "memory_bit",
+                  f"bits read: one {wbits}-bit weight per MAC")]
+
+
+def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weights, per_layer) -> list[EnergyTerm]:
+    """Synaptic ops, neuron updates and spike messages of the placed layers, and the analog input layer."""
+    conv = target.convention
+    syn = sum(c.synops(conv) for c in weights)
+    terms = [_term("synaptic ops", syn, target, "energy_pj", "synop",
+                   f"weight layers with spike input, {conv} convention")]
+    if target.spikes == "graded":
+        terms.append(_term("graded payload multiplies", syn, target, "energy_pj", "payload_multiply",
+                           "one per graded synaptic op"))
+    active = inactive = 0.0
+    for p in mapping.layers:
+        fired = _fired(p, stats, target)
+        active += fired
+        inactive += p.compartments - fired
+    terms += [_term("neuron updates, active", active, target, "energy_pj", "neuron_update",
+                    "compartments that fire (graded events, or binary channel spikes)"),
+              _term("neuron updates, silent", inactive, target, "energy_pj", "neuron_update_inactive",
+                    "compartments that do not fire (integrators included)"),
+              _term("spike messages", active, target, "energy_pj", "spike",
+                    "graded events" if target.spikes == "graded" else "binary channel spikes"),
+              EnergyTerm("analog input layer MACs", counts.mac_snn,
+                         what="first layer fed by the analog input: encoded off the neuro cores")]
+    e_syn = target.get("energy_pj", "synop") or 0.0
+    for c in weights:
+        per_layer[c.name].snn_j = c.synops(conv) * e_syn * PJ
+    return terms
+
+
+def _mark_included(terms: list[EnergyTerm], target: Target) -> None:
+    """On an all-in target the synop (MAC) price already covers updates, messages, memory and static power."""
+    if not target.all_in:
+        return
+    price = "energy_pj.mac" if target.spikes == "none" else "energy_pj.synop"
+    for t in terms:
+        if not t.priced and t.price and t.term not in ("host operations",):
+            t.included_in = price
+
+
 def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
     """Energy terms, totals, per-layer energy, latency and ANN baselines for one target."""
     stats = {c.name: c for c in counts.layers}
@@ -156,47 +224,15 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
     conv = target.convention
     wbits = int(target.get("precision", "weight_bits") or 8)
     host_ops = counts.host_ops
-    terms: list[EnergyTerm] = []
     per_layer = {c.name: LayerEnergy(c.name) for c in weights + products}
 
-    if target.spikes == "none":
-        syn = sum(c.synops(conv) for c in weights + products)
-        mac = counts.mac_snn
-        reads = sum(c.ac_event + c.mac for c in weights) * wbits
-        terms.append(_term("synaptic ops", syn, target, "energy_pj", "ac", f"additions, {conv} convention"))
-        terms.append(_term("MACs", mac, target, "energy_pj", "mac", "layers with analog (non-spike) input"))
-        terms.append(_term("weight memory", reads, target, "energy_pj", "memory_bit",
-                           f"bits read: one {wbits}-bit weight per non-zero input per fan-out, and per MAC"))
-        e_ac, e_mac, e_mem = (target.get("energy_pj", k) for k in ("ac", "mac", "memory_bit"))
-        for c in weights + products:
-            row = per_layer[c.name]
-            row.snn_j = (c.synops(conv) * e_ac + c.mac * e_mac) * PJ
-            row.ann_target_j = c.mac_ann * e_mac * PJ
+    if target.runs == "ann":
+        terms = _ann_terms(counts, target, weights, products, per_layer, wbits)
+    elif target.spikes == "none":
+        terms = _arithmetic_terms(counts, target, weights, products, per_layer, wbits)
     else:
-        syn = sum(c.synops(conv) for c in weights)
-        terms.append(_term("synaptic ops", syn, target, "energy_pj", "synop",
-                           f"weight layers with spike input, {conv} convention"))
-        if target.spikes == "graded":
-            terms.append(_term("graded payload multiplies", syn, target, "energy_pj", "payload_multiply",
-                               "one per graded synaptic op"))
-        active = inactive = msgs = 0.0
-        for p in mapping.layers:
-            fired = _fired(p, stats, target)
-            active += fired
-            inactive += p.compartments - fired
-            msgs += fired
-        terms.append(_term("neuron updates, active", active, target, "energy_pj", "neuron_update",
-                           "compartments that fire (graded events, or binary channel spikes)"))
-        terms.append(_term("neuron updates, silent", inactive, target, "energy_pj", "neuron_update_inactive",
-                           "compartments that do not fire (integrators included)"))
-        terms.append(_term("spike messages", msgs, target, "energy_pj", "spike",
-                           "graded events" if target.spikes == "graded" else "binary channel spikes"))
-        terms.append(EnergyTerm("analog input layer MACs", counts.mac_snn,
-                                what="first layer fed by the analog input: encoded off the neuro cores"))
+        terms = _spiking_terms(counts, target, mapping, stats, weights, per_layer)
         host_ops += sum(c.mac_ann for c in products)
-        e_syn = target.get("energy_pj", "synop")
-        for c in weights:
-            per_layer[c.name].snn_j = c.synops(conv) * e_syn * PJ
     terms.append(_term("host operations", host_ops, target, "energy_pj", "host_op",
                        "LayerNorm, softmax, GELU, residual arithmetic" +
                        (", attention products" if target.spikes != "none" and products else "")))
@@ -231,25 +267,27 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
     dynamic = sum(t.joules or 0.0 for t in terms if t.priced)
     memory = sum(t.joules or 0.0 for t in terms if t.priced and t.term == "weight memory")
     static_w = target.get("chip", "static_w")
-    static = static_w * mapping.chips * lat.latency_s if static_w and lat.latency_s and mapping.chips else None
-    streaming_static = static_w * mapping.chips * (lat.step_s or 0.0) if static is not None and static_w else None
-    if target.spikes != "none":
+    chips = mapping.chips or 1
+    static = static_w * chips * lat.latency_s if static_w and lat.latency_s and not target.all_in else None
+    streaming_static = static_w * chips * (lat.step_s or 0.0) if static is not None and static_w else None
+    if target.spikes != "none" or target.get("time_ns", "mac") is not None:
         fig = target.figure("chip", "static_w")
         terms.append(EnergyTerm("static power", lat.latency_s,
                                 unit="seconds",
-                                what=f"{mapping.chips} chip(s) × static power × single-inference latency",
+                                what=f"{chips} chip(s) × static power × single-inference latency",
                                 price="chip.static_w", joules=static, priced=static is not None,
                                 source=fig.source if fig else "", evidence=fig.evidence if fig else ""))
+    _mark_included(terms, target)
     energy = dynamic + (static or 0.0)
     ann = _ann(counts.mac_ann, target, wbits, e_int8, e_int8_mem)
-    compare_to = ann.int8_with_memory_j if memory or target.spikes != "none" else ann.int8_j
+    compare_to = ann.int8_with_memory_j if memory or target.spikes != "none" or target.all_in else ann.int8_j
     return Estimate(
         target=target.name, convention=conv, cores=mapping.cores, chips=mapping.chips,
         energy_j=energy, energy_dynamic_j=dynamic, energy_static_j=static,
         energy_streaming_j=dynamic + streaming_static if streaming_static is not None else None,
         energy_without_memory_j=energy - memory, energy_terms=terms,
         priced=[t.term for t in terms if t.priced],
-        unpriced=[t.term for t in terms if not t.priced and t.count],
+        unpriced=[t.term for t in terms if not t.priced and t.count and not t.included_in],
         proxy_figures=sorted({t.price for t in terms if t.priced and t.evidence == "proxy" and t.price}
                              | (set(lat.proxy_times) if lat.timed else set())),
         figure_caveats=[f"{s}.{k}: {f.evidence} ({f.source})" for s, keys in target.figures.items()
@@ -262,7 +300,9 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
         traffic=traffic, pipeline_steps=len({c.stage for c in counts.layers if c.stage}),
         layers=list(per_layer.values()),
         layers_note="snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
-                    "static power are network totals)")
+                    "static power are network totals)",
+        included=[t.term for t in terms if t.included_in] or None,
+        bands={k: {**vars(b), "text": str(b)} for k, b in target.bands.items()} or None)
 
 
 def _ann(mac_ann: float, target: Target, wbits: int, e_int8: float | None, e_int8_mem: float | None) -> AnnBaseline:
@@ -281,12 +321,36 @@ def _ann(mac_ann: float, target: Target, wbits: int, e_int8: float | None, e_int
     return ann
 
 
+def _arithmetic_latency(counts, target: Target) -> Latency:
+    """A dense or arithmetic engine does its operations one after another at the sustained rate: no pipeline."""
+    t_mac = target.get("time_ns", "mac")
+    if t_mac is None:
+        return Latency(untimed=["the whole network: the target gives no time per MAC"])
+    t_ac = target.get("time_ns", "ac")
+    if target.runs == "ann":
+        ns = counts.mac_ann * t_mac
+    else:
+        ns = counts.mac_snn * t_mac + sum(c.synops(target.convention) for c in counts.layers
+                                          if c.kind in ("weight", "product")) * (t_mac if t_ac is None else t_ac)
+    host = target.get("time_ns", "host_op")
+    untimed = ["host operations"] if counts.host_ops and host is None else []
+    ns += counts.host_ops * (host or 0.0)
+    return Latency(latency_s=ns * 1e-9, step_s=ns * 1e-9, throughput_per_s=1e9 / ns if ns else None,
+                   stages=[], timed=True, untimed=untimed, proxy_times=_proxy_times(target))
+
+
+def _proxy_times(target: Target) -> list[str]:
+    return [f"time_ns.{k}" for k, fig in target.figures.get("time_ns", {}).items() if fig.evidence == "proxy"]
+
+
 def _latency(counts, target: Target, mapping: Mapping) -> Latency:
-    t = {k: target.get("time_ns", k) for k in ("synop", "neuron_update", "neuron_update_inactive", "spike", "barrier")}
-    untimed = ["the whole network: the target gives no core model or no time per synaptic op"]
-    synop = t["synop"]
-    if not target.has_cores or synop is None:
-        return Latency(untimed=untimed)
+    if target.spikes == "none":
+        return _arithmetic_latency(counts, target)
+    t = {k: target.get("time_ns", k)
+         for k in ("synop", "neuron_update", "neuron_update_inactive", "spike", "barrier", "timestep")}
+    if not target.has_cores or (t["synop"] is None and t["timestep"] is None):
+        return Latency(untimed=["the whole network: the target gives no core model, no time per synaptic op "
+                                "and no timestep"])
     stats = {c.name: c for c in counts.layers}
     conv = target.convention
     stage_time: dict[int, float] = {}
@@ -295,7 +359,7 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
         fired = _fired(p, stats, target)
         silent = t["neuron_update_inactive"] if t["neuron_update_inactive"] is not None else t["neuron_update"]
         upd = fired * (t["neuron_update"] or 0.0) + (p.compartments - fired) * (silent or 0.0)
-        ns = (c.synops(conv) * synop + upd + fired * (t["spike"] or 0.0)) / p.cores
+        ns = (c.synops(conv) * (t["synop"] or 0.0) + upd + fired * (t["spike"] or 0.0)) / p.cores
         stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), ns)
     host = target.get("time_ns", "host_op")
     if host is not None:                       # host work runs serially on one host core
@@ -303,11 +367,12 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
             work = c.host_ops + (c.mac_ann if c.kind == "product" else 0.0)   # products run on the host too
             if work:
                 stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), work * host)
+    if t["timestep"] is not None:              # a clocked chip: every stage lasts at least one tick
+        stage_time = {k: max(v, t["timestep"]) for k, v in stage_time.items()}
     barrier = t["barrier"] or 0.0
     step = max(stage_time.values(), default=0.0) + barrier
     return Latency(latency_s=sum(v + barrier for v in stage_time.values()) * 1e-9, step_s=step * 1e-9,
                    throughput_per_s=1e9 / step if step else None,
                    stages=[LatencyStage(s, v) for s, v in sorted(stage_time.items())], timed=True,
                    untimed=["host operations"] if counts.host_ops and host is None else [],
-                   proxy_times=[f"time_ns.{k}" for k in t if (fig := target.figure("time_ns", k)) is not None
-                                and fig.evidence == "proxy"])
+                   proxy_times=_proxy_times(target))

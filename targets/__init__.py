@@ -20,6 +20,14 @@ def available() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".toml"))
 
 
+def expand(names) -> list[str]:
+    """Target names as given, with ``all`` standing for every shipped target; duplicates dropped."""
+    out: list[str] = []
+    for n in names:
+        out += available() if n == "all" else [n]
+    return list(dict.fromkeys(out))
+
+
 def load_target(name_or_path: str) -> Target:
     """Read and check a target by name (shipped file) or path; a malformed file is a UserError naming the field."""
     path = name_or_path if name_or_path.endswith(".toml") else os.path.join(HERE, f"{name_or_path}.toml")
@@ -36,4 +44,4 @@ def load_target(name_or_path: str) -> Target:
         raise UserError(str(e)) from e
 
 
-__all__ = ["Target", "available", "load_target"]
+__all__ = ["Target", "available", "expand", "load_target"]
