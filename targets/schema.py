@@ -59,8 +59,10 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "memory_bit": ("num", "reading one bit of memory, ANN baseline"),
     },
 }
-TOP = {"name": str, "description": str, "convention": str, "spikes": str, "weight_sharing": bool, "scope": str}
+TOP = {"name": str, "description": str, "convention": str, "spikes": str, "weight_sharing": bool, "scope": str,
+       "runs": str}
 SCOPES = ("per_term", "all_in")
+RUNS = ("snn", "ann")       # "ann": a dense engine (GPU, int8 NPU) that runs the source ANN, the planner's baseline
 # [band]: how far measurements fell from this target's estimates (docs/validation.md); key -> meaning
 BANDS = {"energy": "energy per inference", "latency": "latency per inference"}
 
@@ -100,6 +102,7 @@ class Target:
     path: str = ""
     figures: dict[str, dict[str, Figure]] = field(default_factory=dict)
     scope: str = "per_term"             # "all_in": the synop/MAC price includes updates, messages, memory, static
+    runs: str = "snn"                   # "ann": the target runs the source ANN densely (GPU, int8 NPU baselines)
     bands: dict[str, Band] = field(default_factory=dict)
 
     def get(self, section: str, key: str) -> float | None:
@@ -119,7 +122,8 @@ class Target:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "convention": self.convention,
-                "spikes": self.spikes, "weight_sharing": self.weight_sharing, "scope": self.scope, "path": self.path,
+                "spikes": self.spikes, "weight_sharing": self.weight_sharing, "scope": self.scope, "runs": self.runs,
+                "path": self.path,
                 "figures": {s: {k: vars(f) for k, f in keys.items()} for s, keys in self.figures.items()},
                 "bands": {k: vars(b) for k, b in self.bands.items()}}
 
@@ -145,6 +149,10 @@ def _check_top(raw: dict, where: str) -> None:
         _fail(where, "spikes", f"must be one of {', '.join(SPIKES)}, got {raw['spikes']!r}")
     if raw.get("scope", "per_term") not in SCOPES:
         _fail(where, "scope", f"must be one of {', '.join(SCOPES)}, got {raw['scope']!r}")
+    if raw.get("runs", "snn") not in RUNS:
+        _fail(where, "runs", f"must be one of {', '.join(RUNS)}, got {raw['runs']!r}")
+    if raw.get("runs") == "ann" and raw["spikes"] != "none":
+        _fail(where, "runs", 'a target that runs the ANN has no spikes (spikes = "none")')
 
 
 def _bands(table, where: str) -> dict[str, Band]:
@@ -207,4 +215,4 @@ def parse(raw: dict, where: str) -> Target:
         _fail(where, "chip.cores", "a target with [core] limits needs the number of cores per chip")
     return Target(raw["name"], raw.get("description", ""), raw["convention"], raw["spikes"],
                   raw.get("weight_sharing", False), where, figures, raw.get("scope", "per_term"),
-                  _bands(raw.get("band", {}), where))
+                  raw.get("runs", "snn"), _bands(raw.get("band", {}), where))
