@@ -31,6 +31,7 @@ from .schema import Target
 
 _THROUGH = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand",
             "cat", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"}
+FIXED_POINT_WEIGHT_BITS = 8      # the Lava export's weights (exporters/lava): what fidelity was measured at
 LIMITS = {"neurons": "neurons per core", "synapse_bits": "synaptic memory per core (bits)",
           "fan_in": "input axons per core", "fan_out": "destination cores per core"}
 
@@ -283,6 +284,11 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
             m.violations.append(Violation(p.name, LIMITS["fan_out"], core["fan_out"], dest,
                                           "place consumer layers on fewer, fuller cores or split this layer"))
 
+    if target.spikes != "none" and wbits < FIXED_POINT_WEIGHT_BITS and m.layers:
+        m.violations.append(Violation(
+            "all weight layers", "weight precision (bits)", wbits, FIXED_POINT_WEIGHT_BITS,
+            f"quantise the weights to {wbits} bits (quantisation-aware training in the chip's own toolchain); "
+            f"sfn-deploy's fixed point and its measured fidelity are for {FIXED_POINT_WEIGHT_BITS}-bit weights"))
     m.cores = sum(p.cores for p in m.layers) if target.has_cores else 0
     m.compartments = sum(p.compartments for p in m.layers)
     m.synapses = sum(p.synapses for p in m.layers)

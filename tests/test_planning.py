@@ -135,3 +135,13 @@ def test_report_target_all_ranks_every_target(tmp_path, digits_pt2):
     assert [p["rank"] for p in plan] == list(range(1, len(plan) + 1))
     fits = [p["fits"] for p in plan]
     assert fits == sorted(fits, reverse=True)       # fitting targets first
+
+
+def test_weights_narrower_than_the_fixed_point_are_a_violation(tmp_path):
+    g, x = _mlp()
+    counts = count_ops(g, [x])
+    t = _target(tmp_path, TINY + '\n[precision]\nweight_bits = { value = 4, source = "test" }\n')
+    v = [v for v in map_network(g, counts, t).violations if v.rule == "weight precision (bits)"]
+    assert len(v) == 1 and (v[0].limit, v[0].value) == (4, 8) and "quantise the weights to 4 bits" in v[0].fix
+    t8 = _target(tmp_path, TINY + '\n[precision]\nweight_bits = { value = 8, source = "test" }\n', "t8")
+    assert not [v for v in map_network(g, counts, t8).violations if v.rule == "weight precision (bits)"]
