@@ -15,8 +15,14 @@ audit every number). Two kinds of target:
 
 Latency (targets with ``[time_ns]`` and cores): a layer spread over k cores takes
 (synops·t_syn + updates·t_upd + messages·t_spike)/k per timestep; a pipeline stage takes its
-slowest layer, a timestep adds a barrier. Streaming (pipelined) samples leave one per step of
-the slowest stage; a single inference takes the sum of its stages. Host stages are not timed.
+slowest layer (at least ``timestep`` on a clocked chip), a timestep adds a barrier. Streaming
+(pipelined) samples leave one per step of the slowest stage; a single inference takes the sum of
+its stages. A multi-timestep network (IF, ECMT over T steps) spreads its work over T steps, updates
+every compartment T times, and takes T - 1 steps more. Host stages are not timed. Arithmetic
+targets with ``time_ns.mac`` do their operations one after another at the sustained rate.
+``scope = "all_in"``: the synop (MAC) price already covers updates, messages, memory and static
+power; those terms are listed as included. ``runs = "ann"``: a dense engine priced on the source
+ANN's MACs (the baseline a planner compares against).
 The ANN baselines price the source ANN's MACs on the same table: at the target's own E_MAC
 (arithmetic targets: fp32 on cmos45, int8 on cmos45_int8, ...) and int8 from ``[ann_int8]``, with
 and without weight-memory reads. Static energy is given per single inference (latency × power) and,
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sfn_deploy.ir import NEURON_OPS
 from sfn_deploy.results import Result, optional
 from sfn_deploy.targets.mapping import Mapping
 from sfn_deploy.targets.schema import Target
@@ -144,11 +151,17 @@ def _term(name: str, count: float, target: Target, section: str, key: str, what:
                       evidence=fig.evidence if fig is not None else "")
 
 
-def _fired(p, stats: dict, target: Target) -> float:
-    """Compartments of a placed layer that fire per inference: graded events or binary channel spikes."""
+def _fired(p, stats: dict, target: Target, steps: int = 1) -> float:
+    """Compartment updates of a placed layer that fire per inference (graded events or binary channel spikes),
+    over the network's ``steps`` timesteps."""
     sites = [stats[s] for s in p.sites]
     fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
-    return min(fired, p.compartments)
+    return min(fired, p.compartments * steps)
+
+
+def _steps(counts) -> int:
+    """Timesteps per inference: 1 for SFN, T for the multi-timestep baselines (every compartment updates T times)."""
+    return max((c.timesteps for c in counts.layers if c.op in NEURON_OPS), default=1)
 
 
 def _arithmetic_terms(counts, target: Target, weights, products, per_layer, wbits: int) -> list[EnergyTerm]:
@@ -188,10 +201,11 @@ def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weight
         terms.append(_term("graded payload multiplies", syn, target, "energy_pj", "payload_multiply",
                            "one per graded synaptic op"))
     active = inactive = 0.0
+    steps = _steps(counts)
     for p in mapping.layers:
-        fired = _fired(p, stats, target)
+        fired = _fired(p, stats, target, steps)
         active += fired
-        inactive += p.compartments - fired
+        inactive += p.compartments * steps - fired
     terms += [_term("neuron updates, active", active, target, "energy_pj", "neuron_update",
                     "compartments that fire (graded events, or binary channel spikes)"),
               _term("neuron updates, silent", inactive, target, "energy_pj", "neuron_update_inactive",
@@ -353,13 +367,14 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
                                 "and no timestep"])
     stats = {c.name: c for c in counts.layers}
     conv = target.convention
-    stage_time: dict[int, float] = {}
+    steps = _steps(counts)
+    stage_time: dict[int, float] = {}          # per timestep: a T-step network spreads its work over T steps
     for p in mapping.layers:
         c = stats[p.name]
-        fired = _fired(p, stats, target)
+        fired = _fired(p, stats, target, steps)
         silent = t["neuron_update_inactive"] if t["neuron_update_inactive"] is not None else t["neuron_update"]
-        upd = fired * (t["neuron_update"] or 0.0) + (p.compartments - fired) * (silent or 0.0)
-        ns = (c.synops(conv) * (t["synop"] or 0.0) + upd + fired * (t["spike"] or 0.0)) / p.cores
+        upd = fired * (t["neuron_update"] or 0.0) + (p.compartments * steps - fired) * (silent or 0.0)
+        ns = (c.synops(conv) * (t["synop"] or 0.0) + upd + fired * (t["spike"] or 0.0)) / (p.cores * steps)
         stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), ns)
     host = target.get("time_ns", "host_op")
     if host is not None:                       # host work runs serially on one host core
@@ -371,8 +386,9 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
         stage_time = {k: max(v, t["timestep"]) for k, v in stage_time.items()}
     barrier = t["barrier"] or 0.0
     step = max(stage_time.values(), default=0.0) + barrier
-    return Latency(latency_s=sum(v + barrier for v in stage_time.values()) * 1e-9, step_s=step * 1e-9,
-                   throughput_per_s=1e9 / step if step else None,
+    # the first timestep's input crosses every stage; the remaining T - 1 follow one step apart
+    return Latency(latency_s=(sum(v + barrier for v in stage_time.values()) + (steps - 1) * step) * 1e-9,
+                   step_s=step * 1e-9, throughput_per_s=1e9 / (step * steps) if step else None,
                    stages=[LatencyStage(s, v) for s, v in sorted(stage_time.items())], timed=True,
                    untimed=["host operations"] if counts.host_ops and host is None else [],
                    proxy_times=_proxy_times(target))

@@ -145,3 +145,25 @@ def test_weights_narrower_than_the_fixed_point_are_a_violation(tmp_path):
     assert len(v) == 1 and (v[0].limit, v[0].value) == (4, 8) and "quantise the weights to 4 bits" in v[0].fix
     t8 = _target(tmp_path, TINY + '\n[precision]\nweight_bits = { value = 8, source = "test" }\n', "t8")
     assert not [v for v in map_network(g, counts, t8).violations if v.rule == "weight precision (bits)"]
+
+
+def test_multi_timestep_network_updates_every_compartment_each_step(tmp_path):
+    """An IF network over T steps (as the back-tested deployments): T updates per compartment, T steps an inference."""
+    import torch
+    import torch.nn as nn
+
+    from sfn_deploy.convert import convert
+    from sfn_deploy.data import Dataset
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    data = Dataset(torch.rand(8, 1, 1, 6), torch.zeros(8, dtype=torch.long), "rand")
+    g = convert(model, data, method="if", timesteps=4, quiet=True).graph
+    counts = count_ops(g, data.batches(8))
+    t = _target(tmp_path, TINY)
+    m = map_network(g, counts, t)
+    e = estimate(g, counts, t, m)
+    terms = {r.term: r.count for r in e.energy_terms}
+    assert terms["neuron updates, active"] + terms["neuron updates, silent"] == 4 * m.compartments
+    assert e.throughput_per_s == pytest.approx(1 / (4 * e.step_s))
+    stages = sum(s.ns + 100 for s in e.stages) * 1e-9
+    assert e.latency_s == pytest.approx(stages + 3 * e.step_s)
