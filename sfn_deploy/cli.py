@@ -163,8 +163,15 @@ def convert_options(fn):
         click.option("--search", type=click.Choice(["shared", "per-block", "per-site"]), default=None,
                      help="λ search space (default shared)."),
         click.option("--trials", type=int, default=None, help="Search trials (default 50)."),
+        click.option("--val-size", type=int, default=None,
+                     help="Validation images (search and reported drop): all of them when there are at most N, "
+                          "else a seeded random N (default 2000)."),
         click.option("--val-fraction", type=float, default=None,
-                     help="Random share of --data used to score the search (default 0.02)."),
+                     help="Instead of --val-size: a random share of --data (the paper's 0.02); giving both is "
+                          "refused."),
+        click.option("--val-data", default=None,
+                     help="Validation images apart from --data (same forms as --data); calibration then uses all "
+                          "of --data. Capped by --val-size."),
         click.option("--storage", default=None, help="Optuna storage URL or SQLite file path."),
         click.option("--study", default=None, help="Optuna study name (default: from model and options)."),
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
@@ -177,7 +184,8 @@ def convert_options(fn):
 
 
 _CFG_KEYS = ("method", "timesteps", "v0", "epochs",
-             "levels", "fire", "rounding", "percentile", "search", "trials", "val_fraction", "storage", "study",
+             "levels", "fire", "rounding", "percentile", "search", "trials", "val_size", "val_fraction", "storage",
+             "study",
              "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop")
 
 
@@ -192,17 +200,38 @@ def _load_model(model, weights, model_args, trust_pickle):
     return load_model(model, weights, parse_model_args(model_args), trust_pickle)
 
 
-def _check_convert_paths(model, data, output, config_file, weights, storage) -> None:
+def _check_convert_paths(model, data, output, config_file, weights, storage, val_data=None) -> None:
     """convert/tune: no output (the model file, the study database) may be one of the command's inputs."""
     from .config import storage_path
     from .data import data_paths
     from .outputs import check_output
-    inputs = [None if model.startswith("timm:") else model, weights, config_file, *data_paths(data)]
+    inputs = [None if model.startswith("timm:") else model, weights, config_file, *data_paths(data),
+              *data_paths(val_data)]
     db = storage_path(storage)
     if db is not None:
         check_output(db, inputs + [output], "--storage")
     if output is not None:
         check_output(output, inputs + [db])
+
+
+def _load_datasets(data, val_data):
+    """--data, with --val-data's images kept apart for validation when given."""
+    from .data import load_data
+    ds = load_data(data)
+    return ds if val_data is None else ds.with_validation(load_data(val_data))
+
+
+def _warn(text: str) -> None:
+    click.echo(f"warning: {text}", err=True)
+
+
+def _describe_validation(v) -> str:
+    """``2,000 random of 8,000 images of --data``: how a Validation record chose its images."""
+    where = "--val-data" if v.source == "val-data" else "--data"
+    if v.rule == "all":
+        return f"all {v.samples:,} images of {where}"
+    how = " by --val-fraction" if v.rule == "fraction" else ""
+    return f"a random {v.samples:,} of {v.available:,} images of {where}{how}"
 
 
 def _fmt_front(front: list[ParetoPoint]) -> str:
@@ -217,7 +246,8 @@ def _fmt_front(front: list[ParetoPoint]) -> str:
 @main.command("convert")
 @click.argument("model")
 @click.option("--data", required=True,
-              help="Calibration/validation data: .npz, image folder, sklearn:digits, mnist:DIR.")
+              help="Calibration data (and, without --val-data, the validation images): .npz, image folder, "
+                   "sklearn:digits, mnist:DIR.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Converted model file.")
 @click.option("--scale", type=float, default=None, help="Fix λ instead of searching it.")
 @click.option("--tune/--no-tune", default=None, help="Search λ (the default unless --scale is given).")
@@ -241,28 +271,30 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network
     (or, with --method, into one of the baselines it is compared with)."""
     from .convert import convert
-    from .data import load_data
-    from .evaluation import evaluate
+    from .evaluation import evaluate, format_drop
     from .model_file import save
 
     cfg = _config(config_file, kw)
-    _check_convert_paths(model, data, output, config_file, weights, cfg.storage)
+    _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
-    ds = load_data(data)
-    converted = convert(net, ds, cfg, source=identity, quiet=as_json)
-    val, _ = ds.split(cfg.val_fraction, cfg.seed)
+    ds = _load_datasets(data, kw.get("val_data"))
+    val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
+    converted = convert(net, ds, cfg, source=identity, quiet=as_json, warn=_warn)
     result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
+    assert result.drop is not None
     converted.metrics.update(accuracy=result.accuracy, ann_accuracy=result.ann_accuracy, agreement=result.agreement,
                              energy_ratio=result.energy_ratio, ac_snn=result.ac_snn, mac_snn=result.mac_snn,
-                             mac_ann=result.mac_ann, samples=result.samples)
+                             mac_ann=result.mac_ann, samples=result.samples, drop=result.drop.to_dict(),
+                             validation=record.to_dict())
     save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
     payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
-               **{k: v for k, v in result.to_dict().items() if k != "layers"},
+               **{k: v for k, v in result.to_dict().items() if k not in ("layers", "drop")},
                "chosen": converted.search.get("chosen"), "config": cfg.to_dict()}
     from .methods import method_of
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
+    payload.update({"drop": result.drop.to_dict(), "validation": record.to_dict()})
     if method == "mbe":
         payload["mbe_placed"] = converted.metrics["mbe"]["placed"]
     what = f"{len(converted.sites)} SFN sites, λ = {payload['lam']}" if method == "sfn" else \
@@ -272,9 +304,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
         what = f"method mbe, T = {steps} internal steps per MBE neuron, " + ", ".join(
             f"{v} {k}" for k, v in payload["mbe_placed"].items())
     text = (f"converted {model} -> {output}: {what}\n"
-            f"validation ({result.samples} samples): ANN {result.ann_accuracy:.2f}%  "
+            f"validation ({_describe_validation(record)}): ANN {result.ann_accuracy:.2f}%  "
             f"SNN {result.accuracy:.2f}%  agreement {result.agreement:.2f}%  "
-            f"energy ratio {result.energy_ratio:.4f}")
+            f"energy ratio {result.energy_ratio:.4f}; {format_drop(result.drop)}")
     if converted.search:
         text += "\n" + f"λ search: {converted.search['trials_completed']} trials, chose trial " \
                        f"{converted.search['chosen']['trial']} ({converted.search['chosen']['rule']})"
@@ -293,7 +325,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
 def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
     """Search λ for accuracy and energy together; resumable with --storage/--study."""
     from .convert import build_graph
-    from .data import load_data
+    from .evaluation import budget_warning
     from .model_file import ConvertedModel, save
     from .passes import set_scale
     from .tuning import choose, run_search
@@ -301,10 +333,14 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     if kw.get("storage") is None:
         kw["storage"] = "sfn-tune.db"
     cfg = _config(config_file, {**kw, "tune": True})
-    _check_convert_paths(model, data, output, config_file, weights, cfg.storage)
+    _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
-    ds = load_data(data)
+    ds = _load_datasets(data, kw.get("val_data"))
+    val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     graph = build_graph(net, ds, cfg, quiet=as_json)
+    warning = budget_warning(len(val), cfg.max_drop, record.available)
+    if warning:
+        _warn(warning)
     result = run_search(graph, ds, cfg, identity, quiet=as_json)
     chosen = choose(result, cfg.max_drop)
     result.chosen = chosen
@@ -312,7 +348,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
         set_scale(graph, chosen.lam)
         save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result.to_dict()), output)
     text = (f"study {result.study} in {result.storage}: {result.trials_completed} completed trials, "
-            f"ANN validation accuracy {result.ann_accuracy:.2f}% on {result.val_samples} samples\n"
+            f"ANN validation accuracy {result.ann_accuracy:.2f}% on {_describe_validation(record)}\n"
             f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result.pareto_front)}\n"
             f"chosen: trial {chosen.trial} ({chosen.rule})")
     _emit(as_json, {**result.to_dict(), "output": output}, text)
@@ -358,7 +394,7 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json):
     """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
     from .data import load_data
-    from .evaluation import evaluate
+    from .evaluation import evaluate, format_drop
     from .model_file import load
 
     precision, lowering = _lava_choice([backend], precision, lowering)
@@ -369,7 +405,8 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
     if not show_layers:
         r.layers = None
     text = (f"{r.samples} samples on {backend}: SNN {r.accuracy:.2f}%  ANN {r.ann_accuracy:.2f}%  "
-            f"agreement {r.agreement:.2f}%\nenergy ratio {r.energy_ratio:.4f}  "
+            f"agreement {r.agreement:.2f}%; {format_drop(r.drop) if r.drop else ''}\n"
+            f"energy ratio {r.energy_ratio:.4f}  "
             f"(#AC_SNN {r.ac_snn:.4g}, #MAC_SNN {r.mac_snn:.4g}, #MAC_ANN {r.mac_ann:.4g} per inference)")
     _emit(as_json, r.to_dict(), text)
 

@@ -18,7 +18,7 @@ from .capture import capture
 from .config import ConvertConfig, load_config
 from .data import Dataset
 from .errors import UserError
-from .evaluation import check_data
+from .evaluation import budget_warning, check_data
 from .ir import Graph, GraphError, validate_graph
 from .methods import METHODS, Applied
 from .model_file import ConvertedModel
@@ -33,6 +33,7 @@ class Conversion:
     config: ConvertConfig
     source: dict = field(default_factory=dict)
     quiet: bool = True
+    warn: Callable[[str], None] | None = None     # receives warnings (the budget the validation set cannot resolve)
     graph: Graph | None = None
     applied: Applied = field(default_factory=Applied)
 
@@ -53,6 +54,8 @@ class Pass:
 def _capture(c: Conversion) -> None:
     graph = capture(c.model, c.data.x[:2])
     check_data(graph, c.data)
+    if c.data.validation is not None:
+        check_data(graph, c.data.validation, "model (--val-data)")
     out_shape = graph[graph.output].shape
     if len(out_shape) != 2:
         raise UserError(f"the model's output has shape {out_shape}; a classifier returning N×classes is expected")
@@ -75,6 +78,12 @@ def _calibrate(c: Conversion) -> None:
 
 
 def _scale(c: Conversion) -> None:
+    cfg = c.config
+    if cfg.tune and cfg.scale is None and c.warn is not None:
+        val, record = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
+        text = budget_warning(len(val), cfg.max_drop, record.available)
+        if text:
+            c.warn(text)
     c.applied = METHODS[c.config.method].apply(c.captured(), c.data, c.config, source=c.source, quiet=c.quiet)
 
 
@@ -106,16 +115,23 @@ def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -
 
 
 def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source: dict | None = None,
-            quiet: bool = True, **overrides) -> ConvertedModel:
+            quiet: bool = True, val_data: Dataset | None = None, warn: Callable[[str], None] | None = None,
+            **overrides) -> ConvertedModel:
     """Convert a model (ExportedProgram or nn.Module) into a calibrated single-timestep SFN network,
     or with ``method`` (if, mtn, ecmt, pmsm, mbe) into one of the baselines of docs/methods.md.
 
     λ: ``scale`` fixes it; otherwise it is searched (``tune``), choosing the most accurate
     configuration, or with ``max_drop`` the lowest-energy one within that many points of the ANN.
+    The search validates on ``val_data`` when given (calibration then uses all of ``data``), else on images
+    of ``data`` (``val_size``, ``val_fraction``: :meth:`Dataset.validation_split`). ``warn`` receives a line
+    when the validation set cannot resolve ``max_drop`` (:func:`sfn_deploy.evaluation.budget_warning`),
+    just before the search.
     """
     cfg = config or load_config("", overrides)
+    if val_data is not None:
+        data = data.with_validation(val_data)
     t0 = time.time()
-    c = run_passes(Conversion(model, data, cfg, source or {}, quiet))
+    c = run_passes(Conversion(model, data, cfg, source or {}, quiet, warn))
     converted = ConvertedModel(c.captured(), list(data.x.shape[1:]), cfg.to_dict(), source or {}, {},
                                c.applied.search)
     calib = data.limit(cfg.calib_limit)

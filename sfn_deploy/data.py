@@ -11,15 +11,27 @@ import gzip
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .results import Result
 from .untrusted import regular_file
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Validation(Result):
+    """Which images scored the λ search and the converted model's validation figures (recorded in both)."""
+    source: str             # "data": drawn from the calibration images (--data); "val-data": --val-data's
+    data: str               # that data set's name
+    rule: str               # "all" | "random subset" (--val-size, the default) | "fraction" (--val-fraction)
+    samples: int            # images used
+    available: int          # images the rule drew from
+    seed: int
 
 
 @dataclass
@@ -27,6 +39,8 @@ class Dataset:
     x: torch.Tensor     # float32, N×C×H×W
     y: torch.Tensor     # int64, N
     name: str
+    # images kept apart for validation (--val-data); None: validation is drawn from this set itself
+    validation: Dataset | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -47,6 +61,41 @@ class Dataset:
         perm = torch.randperm(len(self), generator=g)
         k = max(1, int(round(fraction * len(self))))
         return self.subset(perm[:k]), self.subset(perm[k:])
+
+    def sample(self, n: int, seed: int = 0) -> Dataset:
+        """All of the set when it has at most ``n`` samples, else a seeded random ``n`` of them (the first n of
+        the permutation :meth:`split` draws from, so a smaller sample is part of a larger one)."""
+        if n >= len(self):
+            return self
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return Dataset(self.x[perm[:n]], self.y[perm[:n]], f"{self.name}[random {n} of {len(self)}]")
+
+    def with_validation(self, val: Dataset) -> Dataset:
+        """This set with ``val`` kept apart for validation (``--val-data``); the sample shapes must match."""
+        if list(val.x.shape[1:]) != list(self.x.shape[1:]):
+            shape = "×".join(map(str, val.x.shape[1:]))
+            raise UserError(f"{val.name}: validation samples have shape {shape} but the calibration data's "
+                            f"({self.name}) are {'×'.join(map(str, self.x.shape[1:]))}")
+        return Dataset(self.x, self.y, self.name, validation=val)
+
+    def validation_split(self, size: int, fraction: float | None = None, seed: int = 0) -> tuple[Dataset, Validation]:
+        """The images that validate a conversion, and the record of how they were chosen.
+
+        Drawn from :attr:`validation` when set (``--val-data``), else from this set. The count rule (the
+        default): all of them when there are at most ``size``, else a seeded random ``size``. With
+        ``fraction`` (``--val-fraction``, this set only): the random share :meth:`split` gives.
+        """
+        pool, source = (self, "data") if self.validation is None else (self.validation, "val-data")
+        if fraction is not None:
+            if self.validation is not None:
+                raise UserError("--val-fraction takes a share of --data; with --val-data, size the validation "
+                                "set with --val-size")
+            val, rule = self.split(fraction, seed)[0], "fraction"
+        else:
+            val = pool.sample(size, seed)
+            rule = "all" if len(val) == len(pool) else "random subset"
+        return val, Validation(source=source, data=pool.name, rule=rule, samples=len(val), available=len(pool),
+                               seed=seed)
 
 
 def _check(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:

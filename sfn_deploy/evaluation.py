@@ -6,7 +6,10 @@ imports flow one way (capture → passes → calibrate → search → backends/s
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -37,6 +40,23 @@ class Evaluation(Result):
     mac_ann: float                      # MACs per inference of the source ANN
     host_ops: float                     # host operations per inference
     layers: list[dict[str, Any]] | None = optional()   # per-layer op counts per inference (None: left out)
+    drop: PairedDrop | None = optional()               # ANN − SNN accuracy with its paired 95 % interval
+
+
+@dataclass
+class PairedDrop(Result):
+    """The accuracy drop ANN − SNN in points, measured on the same images, with its confidence interval.
+
+    ``ann_only``: images the ANN gets right and the SNN wrong; ``snn_only``: the reverse. Only these
+    discordant pairs carry information about the drop (see :func:`paired_drop`)."""
+    points: float                       # 100 · (ann_only − snn_only) / n
+    low: float                          # interval, points
+    high: float
+    confidence: float                   # 0.95
+    n: int                              # images
+    ann_only: int
+    snn_only: int
+    method: str = "Tango score interval, paired"
 
 
 def energy_constants(target: str = "cmos45") -> tuple[float, float]:
@@ -62,6 +82,121 @@ def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * float((pred == y).float().mean())
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def tango_interval(ann_only: int, snn_only: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's asymptotic score interval for the difference of two paired proportions, as fractions.
+
+    T. Tango, "Equivalence test and confidence interval for the difference in proportions for the
+    paired-sample design", Statistics in Medicine 17 (1998) 891-908 (correction: 18 (1999) 3511), one of
+    the intervals recommended by Fagerland, Lydersen & Laake, Statistics in Medicine 33 (2014) 2850-2875.
+    With b = ann_only, c = snn_only, the interval is every Δ with |T(Δ)| ≤ z, where
+
+        T(Δ) = (b − c − nΔ) / √(n (2 q̃ + Δ(1 − Δ))),
+        q̃ = (√(B² − 4AC) − B) / 2A,  A = 2n,  B = −b − c + (2n − b + c)Δ,  C = −cΔ(1 − Δ)
+
+    (q̃: the maximum-likelihood estimate of P(SNN right, ANN wrong) given Δ). T falls monotonically in Δ, so
+    each limit is found by bisection between the estimate and ±1. Unlike the Wald interval it keeps a width
+    when there are no discordant pairs (then the limits are ±z²/(n + z²), the Wilson bound of zero events)
+    and stays inside [−1, 1] for any n ≥ 1.
+    """
+    if n < 1 or ann_only < 0 or snn_only < 0 or ann_only + snn_only > n:
+        raise ValueError(f"paired counts need 0 ≤ ann_only + snn_only ≤ n, n ≥ 1; got {ann_only}, {snn_only}, {n}")
+    b, c, z = ann_only, snn_only, _z(confidence)
+
+    def score(delta: float) -> float:
+        bb = -b - c + (2 * n - b + c) * delta
+        cc = -c * delta * (1 - delta)
+        q = (math.sqrt(max(0.0, bb * bb - 8 * n * cc)) - bb) / (4 * n)
+        num = b - c - n * delta
+        var = n * (2 * q + delta * (1 - delta))
+        if num == 0:
+            return 0.0
+        return num / math.sqrt(var) if var > 0 else math.copysign(math.inf, num)
+
+    def limit(inside: float, outside: float) -> float:
+        if abs(score(outside)) <= z:
+            return outside
+        for _ in range(100):        # the interval [inside, outside] halves each step: exact to 1e-15
+            mid = (inside + outside) / 2
+            inside, outside = (mid, outside) if abs(score(mid)) <= z else (inside, mid)
+        return inside
+
+    est = (b - c) / n
+    return limit(est, -1.0), limit(est, 1.0)
+
+
+def paired_drop(ann_correct: torch.Tensor | Sequence[bool], snn_correct: torch.Tensor | Sequence[bool],
+                confidence: float = 0.95) -> PairedDrop:
+    """The drop ANN − SNN in accuracy points on the same n images, with a paired confidence interval.
+
+    Per image d = [ANN right] − [SNN right]; the drop is 100·mean(d). Images both get right (or both wrong)
+    cancel, so the uncertainty comes from the discordant pairs alone, which makes the interval far tighter
+    than one built from the two accuracies separately. The interval is :func:`tango_interval`'s.
+    """
+    a = torch.as_tensor(ann_correct, dtype=torch.bool).flatten()
+    s = torch.as_tensor(snn_correct, dtype=torch.bool).flatten()
+    if a.shape != s.shape or not len(a):
+        raise ValueError(f"paired_drop needs two equally long, non-empty vectors; got {len(a)} and {len(s)}")
+    b, c, n = int((a & ~s).sum()), int((s & ~a).sum()), len(a)
+    low, high = tango_interval(b, c, n, confidence)
+    return PairedDrop(points=100.0 * (b - c) / n, low=100.0 * low, high=100.0 * high, confidence=confidence,
+                      n=n, ann_only=b, snn_only=c)
+
+
+def _points(v: float, digits: int) -> str:
+    text = f"{v:.{digits}f}"
+    return "0" + text[2:] if text.startswith("-") and float(text) == 0 else text.replace("-", "−")
+
+
+def format_drop(d: PairedDrop) -> str:
+    """``drop 0.40 points (95 % CI −0.10 to 0.90, paired, n = 2,000)``."""
+    return (f"drop {_points(d.points, 2)} points ({100 * d.confidence:g} % CI {_points(d.low, 2)} to "
+            f"{_points(d.high, 2)}, paired, n = {d.n:,})")
+
+
+def resolution(n: int, confidence: float = 0.95) -> float:
+    """The smallest drop (points) that n validation images can tell from zero: the upper limit of the paired
+    interval when the SNN and ANN agree on every image (no discordant pair), 100·z²/(n + z²)."""
+    z2 = _z(confidence) ** 2
+    return 100.0 * z2 / (n + z2)
+
+
+def images_needed(max_drop: float, confidence: float = 0.95) -> int | None:
+    """The fewest validation images whose :func:`resolution` is at most ``max_drop`` points: z²(100/D − 1)
+    (about 1,280 for 0.3 points, 380 for 1 point); None for D = 0 (no finite set resolves it)."""
+    if max_drop <= 0:
+        return None
+    if max_drop >= 100:
+        return 1
+    return max(1, math.ceil(_z(confidence) ** 2 * (100.0 / max_drop - 1) - 1e-9))
+
+
+def _short(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
+def budget_warning(n: int, max_drop: float | None, available: int | None = None) -> str | None:
+    """One line when ``n`` validation images cannot resolve a ``--max-drop`` budget, saying how many would;
+    None when they can. The rule: the budget must be at least :func:`resolution` (n), the drop that even a
+    validation set without a single SNN/ANN disagreement cannot tell from zero. ``available``: how many images
+    validation could draw from (for the advice)."""
+    if max_drop is None:
+        return None
+    need = images_needed(max_drop)
+    if need is not None and n >= need:
+        return None
+    head = (f"{n:,} validation image{'s resolve' if n != 1 else ' resolves'} {_short(100.0 / n)} points (one image; "
+            f"a drop below {_short(resolution(n))} cannot be told from zero)")
+    if need is None:
+        return f"{head}; --max-drop 0 is resolved by no finite validation set"
+    how = ("use --val-size or --val-data" if available is None else f"use --val-size {need}" if available >= need
+           else f"only {available:,} images are available: give more with --val-data")
+    return f"{head}; --max-drop {max_drop:g} needs at least {need:,} ({how})"
 
 
 def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = True,
@@ -119,8 +254,9 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()
     e_ac, e_mac = energy_constants(target)
+    drop = paired_drop(ann_pred == data.y, snn_pred == data.y)
     return Evaluation(backend=backend, samples=len(data), accuracy=accuracy(snn_pred, data.y),
                       ann_accuracy=accuracy(ann_pred, data.y),
                       agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
                       energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn, mac_snn=counts.mac_snn,
-                      mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers())
+                      mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers(), drop=drop)

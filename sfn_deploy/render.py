@@ -15,6 +15,7 @@ import io
 import re
 from typing import TypeVar
 
+from .evaluation import format_drop
 from .ir import NEURON_OPS
 from .report import Comparison, Report, TargetPlan
 from .simulators.estimate import Estimate
@@ -164,6 +165,8 @@ def _header(r: Report, level: int) -> list:
             ["Levels M", _list(r.levels_M)], ["Fire function", _list(r.fire)], ["λ", _lam(r.lam)],
             ["Accuracy", f"SNN {pct(r.accuracy)} vs ANN {pct(r.ann_accuracy)}"],
             ["Agreement SNN/ANN (top-1)", pct(r.agreement)]]
+    if r.drop is not None:
+        rows.append(["Drop ANN − SNN", format_drop(r.drop)])
     by = r.energy_ratio_by_convention or {}
     callout = [f"Energy ratio SNN / ANN (the paper's eq. 43, 45 nm CMOS prices): {ratio(r.energy_ratio)}",
                f"eq. 44 approximation (first layer's MACs dropped): {ratio(r.energy_ratio_approx)} · "
@@ -682,6 +685,7 @@ def _text_report(r: Report) -> list[str]:
     by = r.energy_ratio_by_convention or {}
     lines = [f"{r.model or 'model'}: {r.samples:,} samples, accuracy {pct(r.accuracy)} "
              f"(ANN {pct(r.ann_accuracy)}, agreement {pct(r.agreement)})",
+             *([format_drop(r.drop)] if r.drop is not None else []),
              f"energy ratio SNN/ANN (paper eq. 43): {ratio(r.energy_ratio)}; eq. 44: "
              f"{ratio(r.energy_ratio_approx)}; by convention: "
              + ", ".join(f"{c} {ratio(v)}" for c, v in by.items())]

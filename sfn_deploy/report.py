@@ -15,7 +15,7 @@ import torch
 
 from .data import Dataset
 from .errors import UserError
-from .evaluation import accuracy, backend_logits, check_data, energy_constants, measure
+from .evaluation import PairedDrop, accuracy, backend_logits, check_data, energy_constants, measure, paired_drop
 from .ir import NEURON_OPS
 from .methods import method_of
 from .model_file import ConvertedModel
@@ -92,6 +92,7 @@ class Report(Result):
     targets: dict[str, TargetPlan]
     target: Headline
     planning: list[PlanRow] | None = optional()     # the targets ranked (several targets only)
+    drop: PairedDrop | None = optional()            # ANN − SNN accuracy, points, with its paired 95 % interval
 
 
 @dataclass
@@ -200,7 +201,8 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         targets=plans,
         target=Headline(target=first.target, cores=first.cores, chips=first.chips, energy_j=first.energy_j,
                         latency_s=first.latency_s, throughput_per_s=first.throughput_per_s),
-        planning=rank(plans) if len(plans) > 1 else None)
+        planning=rank(plans) if len(plans) > 1 else None,
+        drop=paired_drop(ann_pred == data.y, snn_pred == data.y))
 
 
 def summary_row(r: Report) -> dict:

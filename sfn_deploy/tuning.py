@@ -55,7 +55,7 @@ import optuna
 
 from . import evaluation
 from .config import ConvertConfig, redacted, storage_path
-from .data import Dataset
+from .data import Dataset, Validation
 from .errors import UserError
 from .ir import Graph
 from .methods import Applied
@@ -97,6 +97,7 @@ class SearchResult(Result):
     groups: dict[str, int]              # λ groups and the number of sites in each
     pareto_front: list[ParetoPoint]     # by energy ratio, then accuracy
     chosen: Chosen | None = optional()
+    validation: Validation | None = optional()   # which images scored the trials (this worker's choice)
 
 def site_groups(graph: Graph, search: str) -> dict[str, list[str]]:
     """Which sites share one λ. Post-softmax sites are λ-independent and not searched."""
@@ -114,9 +115,20 @@ def site_groups(graph: Graph, search: str) -> dict[str, list[str]]:
     return groups
 
 
-def study_name(source: dict, cfg: ConvertConfig) -> str:
-    keys = ("levels", "fire", "rounding", "percentile", "search", "val_fraction", "seed", "calib_limit")
-    blob = json.dumps({"source": source, **{k: getattr(cfg, k) for k in keys}}, sort_keys=True, default=str)
+def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None) -> str:
+    """A hash of the model and the options that change the objective, the validation images among them.
+
+    With ``val_fraction`` the name is the one earlier versions gave; with the count rule it names
+    ``val_size`` instead, and a separate validation set (``--val-data``) by a hash of its contents."""
+    keys = ["levels", "fire", "rounding", "percentile", "search", "val_fraction", "seed", "calib_limit"]
+    if cfg.val_fraction is None:
+        keys[keys.index("val_fraction")] = "val_size"
+    record: dict[str, Any] = {"source": source, **{k: getattr(cfg, k) for k in keys}}
+    if val_data is not None:
+        h = hashlib.sha256(val_data.x.numpy().tobytes())
+        h.update(val_data.y.numpy().tobytes())
+        record["val_data"] = h.hexdigest()[:16]
+    blob = json.dumps(record, sort_keys=True, default=str)
     return "sfn-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -275,6 +287,8 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
                heartbeat_interval: int | None = None, grace_period: int | None = None) -> SearchResult:
     """Run (or continue) the study until it holds ``cfg.trials`` completed trials; return its Pareto front.
 
+    The trials are scored on ``data.validation_split`` (``data.validation`` when set, else images of ``data``;
+    ``cfg.val_size`` / ``cfg.val_fraction``), recorded in the result's ``validation``.
     ``heartbeat_interval`` and ``grace_period`` (whole seconds; default ``HEARTBEAT_INTERVAL`` and
     ``GRACE_PERIOD``) apply to database storages: see the module docstring for how the trials of dead
     workers are recognised.
@@ -316,16 +330,17 @@ def _open_study(name: str, storage, sampler, groups: dict, attrs: dict):
 
 
 def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
-    val, _ = data.split(cfg.val_fraction, cfg.seed)
+    val, record = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
     ann_acc = evaluation.accuracy(ann_pred, val.y)
     e_ac, e_mac = evaluation.energy_constants()
     groups = site_groups(graph, cfg.search)
-    name = cfg.study or study_name(source, cfg)
+    name = cfg.study or study_name(source, cfg, data.validation)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
         optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
-    study = _open_study(name, storage, sampler, groups, {"ann_accuracy": ann_acc, "val_samples": len(val)})
+    study = _open_study(name, storage, sampler, groups, {"ann_accuracy": ann_acc, "val_samples": len(val),
+                                                         "validation": record.to_dict()})
     here = _namespace()
     rdb = isinstance(storage, optuna.storages.RDBStorage)
     state: dict[str, Any] = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
@@ -402,7 +417,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     return SearchResult(study=name, storage=redacted(cfg.storage) or "memory",
                         trials_completed=_completed(study),
                         ann_accuracy=study.user_attrs.get("ann_accuracy", ann_acc), val_samples=len(val),
-                        groups={g: len(m) for g, m in groups.items()}, pareto_front=front)
+                        groups={g: len(m) for g, m in groups.items()}, pareto_front=front, validation=record)
 
 
 def choose(result: SearchResult, max_drop: float | None) -> Chosen:
