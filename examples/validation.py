@@ -35,12 +35,14 @@ LAM = 0.2           # fixed λ (no labels to search on): the value the README's 
 INTRO = """\
 Each row is a network measured on a real chip, rebuilt here from the paper's description and priced by the same
 code as `sfn-deploy report` on the matching target file. Measured ÷ predicted above 1 means the chip spent more
-than the estimate. The inputs are seeded random data (uniform in [0, 1), with the paper's activity where it
-reports one), the weights are seeded random, λ is fixed at 0.2 with M = 8 levels. So the predictions are for
-sfn-deploy's single-timestep conversion of the same architecture, not for the deployment's own spike code
-(rate or LIF coding over several timesteps): where the two differ, the section of the back-test says by how much.
+than the estimate. Rows marked "another chip" measured a different chip from the one the target models: they show
+what the target leaves out and are not counted in its band. The inputs are seeded random data (uniform in [0, 1),
+with the paper's activity where it reports one) and the weights are seeded random. A deployment whose timesteps
+per inference the source gives is priced the way it ran (binary IF spikes over those T steps, `method = "if"`);
+the others as sfn-deploy's single-timestep conversion (λ fixed at 0.2, M = 8 levels), and where that differs from
+the deployment's own spike code, the back-test's section says so.
 
-Regenerate with `python examples/validation.py --write` (about a minute). It rewrites this file,
+Regenerate with `python examples/validation.py --write` (seconds). It rewrites this file,
 `examples/backtests/results.json` and the `[band]` section at the end of each back-tested target file, which
 `report` prints beside every energy and latency figure. The measurements with their sources and quotes are in
 `examples/backtests/published.toml`; the networks in `examples/backtests/networks.py`."""
@@ -166,7 +168,11 @@ def write_bands(all_bands: dict[str, dict[str, dict]]) -> None:
 
 
 def _x(v: float) -> str:
-    return f"×{v:.3g}"
+    return f"×{v:.3g}" if v < 1000 else f"×{v:,.0f}"
+
+
+def _rate(v: float) -> str:
+    return f"{v:.4g}/s" if v < 1000 else f"{v:,.0f}/s"
 
 
 def _si(v: float | None, unit: str) -> str:
@@ -180,19 +186,19 @@ def markdown(rows: list[dict], entries: dict[str, dict], all_bands: dict) -> str
             INTRO, "",
             "## Predicted against measured", "",
             "| back-test | target | energy measured | energy predicted | measured ÷ predicted | latency measured "
-            "| latency predicted | measured ÷ predicted | fits |", "|---|---|---|---|---|---|---|---|---|"]
+            "| latency predicted | measured ÷ predicted | fits | in band |", "|" + "---|" * 10]
     for r in rows:
         e = entries[r["id"]]
         lat_m = (_si(e["measured_latency_s"], "s") if e.get("measured_latency_s") else
-                 f"{e['measured_throughput_per_s']:g}/s" if e.get("measured_throughput_per_s") else "—")
+                 _rate(e["measured_throughput_per_s"]) if e.get("measured_throughput_per_s") else "—")
         lat_p = (_si(r["latency_s"], "s") if e.get("measured_latency_s") or not r["throughput_per_s"] else
-                 f"{r['throughput_per_s']:.4g}/s")
-        scope = e.get("energy_scope", "").split(":")[0]
+                 _rate(r["throughput_per_s"]))
+        scope = e.get("energy_scope", "").split()[0].rstrip(":,")
         head.append(f"| {r['id']} | {r['target']} | {_si(e.get('measured_energy_j'), 'J')} ({scope}) "
                     f"| {_si(r['energy_j'], 'J')} ({r['energy_figure']}) | "
                     f"{_x(r['ratios']['energy']) if 'energy' in r['ratios'] else '—'} | {lat_m} | {lat_p} | "
                     f"{_x(r['ratios']['latency']) if 'latency' in r['ratios'] else '—'} | "
-                    f"{'yes' if r['fits'] else 'NO'} |")
+                    f"{'yes' if r['fits'] else 'NO'} | {'yes' if r['in_band'] else 'no: another chip'} |")
     head += ["", "## Bands per target", "",
              "What `report` prints beside each figure: the span of measured ÷ predicted over the target's "
              "back-tests, always including ×1.", "", "| target | energy band | latency band |", "|---|---|---|"]

@@ -308,9 +308,9 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
                         for k, f in keys.items() if f.evidence],
         latency_s=lat.latency_s, step_s=lat.step_s, throughput_per_s=lat.throughput_per_s, stages=lat.stages,
         timed=lat.timed, untimed=lat.untimed, ann=ann,
-        snn_over_int8_ann=energy / compare_to if compare_to else None,
+        snn_over_int8_ann=energy / compare_to if compare_to and target.runs == "snn" else None,
         snn_over_int8_ann_baseline=("int8_with_memory_j" if compare_to == ann.int8_with_memory_j
-                                    else "int8_j") if compare_to else None,
+                                    else "int8_j") if compare_to and target.runs == "snn" else None,
         traffic=traffic, pipeline_steps=len({c.stage for c in counts.layers if c.stage}),
         layers=list(per_layer.values()),
         layers_note="snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "

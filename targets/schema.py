@@ -78,6 +78,11 @@ class Figure:
     evidence: str = ""
 
 
+def _factor(v: float) -> str:
+    """2 significant digits without exponents: 0.89, 1.9, 140."""
+    return f"{v:.2g}" if v < 100 else f"{v:,.0f}"
+
+
 @dataclass
 class Band:
     """Measured ÷ predicted over this target's back-tests: the true figure lies within ×low–×high of the estimate
@@ -89,7 +94,7 @@ class Band:
 
     def __str__(self) -> str:
         n = f"{self.backtests} back-test{'s' if self.backtests != 1 else ''}"
-        return f"×{self.low:.2g}–×{self.high:.2g}, {n}"
+        return f"×{_factor(self.low)}–×{_factor(self.high)}, {n}"
 
 
 @dataclass
