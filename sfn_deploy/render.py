@@ -289,8 +289,8 @@ def _energy(e: Estimate, level: int) -> list:
              f"{energy(e.energy_static_j) if e.energy_static_j is not None else 'not priced'}); "
              f"without weight memory: {energy(e.energy_without_memory_j)}."]
     band = (e.bands or {}).get("energy")
-    lines.append(f"Back-tests: measured energy was ×{band['low']:.2g}–×{band['high']:.2g} of this target's estimate "
-                 f"on {band['backtests']} published deployment(s) ({band['source']})." if band else
+    lines.append(f"Back-tests: measured energy lay within {band['text']} of this target's estimate "
+                 f"({band['source']})." if band else
                  "Back-tests: none for this target yet; the figure is not validated against a measurement.")
     if e.included:
         lines.append("Included in the all-in price (not priced separately): " + ", ".join(e.included) + ".")
@@ -316,8 +316,8 @@ def _target(name: str, t: TargetPlan, level: int) -> list:
         if e.untimed:
             s += f" Not timed: {_list(e.untimed)}."
         band = (e.bands or {}).get("latency")
-        s += (f" Back-tests: measured latency was ×{band['low']:.2g}–×{band['high']:.2g} of the estimate on "
-              f"{band['backtests']} deployment(s)." if band else " Not back-tested.")
+        s += (f" Back-tests: measured latency lay within {band['text']} of the estimate." if band
+              else " Not back-tested.")
         out.append(("p", s))
     else:
         out.append(("p", "not timed (the target has no core model or no [time_ns] figures)."))
@@ -694,7 +694,8 @@ def _text_report(r: Report) -> list[str]:
         for p in r.planning:
             lat = banded(seconds(p.latency_s), p.latency_band) if p.latency_s is not None else "not timed"
             chips = f", {count(p.chips)} chip(s)" if p.chips is not None else ""
-            lines.append(f"  {p.rank:>2}. {p.target} [{p.runs}]: {banded(energy(p.energy_j), p.energy_band)}"
+            lower = f" + {len(p.unpriced)} unpriced" if p.unpriced else ""
+            lines.append(f"  {p.rank:>2}. {p.target} [{p.runs}]: {banded(energy(p.energy_j) + lower, p.energy_band)}"
                          f"{' PROXY' if p.proxy else ''}, {lat}{chips}, "
                          f"{'fits' if p.fits else f'does NOT fit ({p.violations})'}")
     for name, t in r.targets.items():
