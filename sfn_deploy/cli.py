@@ -605,6 +605,12 @@ def check_cmd(converted, target, as_json):
     lines = [f"{converted} on {t.name}: {'fits' if m.fits else 'does NOT fit'}"
              + (f" ({m.cores:,} cores, {m.chips} chip(s); chips bound by {m.chip_binding})" if t.has_cores else "")]
     lines += [f"  violation: {v}" for v in m.violations]
+    if t.spikes == "binary" and m.layers:      # what binary spikes cost: the channel lowering
+        units = sum(p.units for p in m.layers)
+        d["channel_lowering"] = {"neurons": units, "compartments": m.compartments, "synapses": m.synapses}
+        lines.append(f"  binary spikes only: each multi-level SFN neuron is lowered to threshold channels, "
+                     f"{m.compartments:,} compartments for {units:,} neurons (×{m.compartments / units:.1f}), "
+                     f"{m.synapses:,} stored synapses")
     if m.host_work:
         ops = sorted({h["op"] for h in m.host_work})
         n = len(m.host_work)

@@ -287,7 +287,8 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
     if target.spikes != "none" and wbits < FIXED_POINT_WEIGHT_BITS and m.layers:
         m.violations.append(Violation(
             "all weight layers", "weight precision (bits)", wbits, FIXED_POINT_WEIGHT_BITS,
-            f"quantise the weights to {wbits} bits (quantisation-aware training in the chip's own toolchain); "
+            f"quantise the weights to {wbits} bit{'s' if wbits != 1 else ''} (quantisation-aware training in the "
+            "chip's own toolchain); "
             f"sfn-deploy's fixed point and its measured fidelity are for {FIXED_POINT_WEIGHT_BITS}-bit weights"))
     m.cores = sum(p.cores for p in m.layers) if target.has_cores else 0
     m.compartments = sum(p.compartments for p in m.layers)

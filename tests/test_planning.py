@@ -167,3 +167,14 @@ def test_multi_timestep_network_updates_every_compartment_each_step(tmp_path):
     assert e.throughput_per_s == pytest.approx(1 / (4 * e.step_s))
     stages = sum(s.ns + 100 for s in e.stages) * 1e-9
     assert e.latency_s == pytest.approx(stages + 3 * e.step_s)
+
+
+def test_check_states_the_channel_lowering_cost_on_binary_targets(tmp_path, digits_pt2):
+    from test_cli import sfn
+    out = tmp_path / "m.sfn.pt"
+    assert sfn("convert", digits_pt2, "--data", "sklearn:digits", "-o", out, "--scale", 0.3).returncode == 0
+    r = sfn("check", out, "--target", "loihi1", "--json")
+    low = json.loads(r.stdout)["channel_lowering"]
+    assert low["compartments"] > low["neurons"] > 0
+    assert "binary spikes only" in sfn("check", out, "--target", "loihi1").stdout
+    assert "binary spikes only" not in sfn("check", out, "--target", "loihi2").stdout
