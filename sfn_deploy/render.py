@@ -705,7 +705,8 @@ def _text_report(r: Report) -> list[str]:
             lines.append(f"{name} [{e.convention}]: {count(m.cores)} cores, {count(m.chips)} chip(s) "
                          f"(bound by {m.chip_binding}); cores set by {_bindings(t)}; {fit}")
         else:
-            lines.append(f"{name} [{e.convention}]: no core model; {fit}")
+            kind = "dense engine running the source ANN" if t.runs == "ann" else "no core model"
+            lines.append(f"{name} [{e.convention}]: {kind}; {fit}")
         s = f"  energy {banded(energy(e.energy_j) + '/inference', (e.bands or {}).get('energy'))}"
         if e.energy_without_memory_j != e.energy_j:
             s += f" ({energy(e.energy_without_memory_j)} without weight memory)"
