@@ -593,7 +593,14 @@ def to_nir(model: ConvertedModel, max_bytes: int | None = None):
     _check_size(export_size(model), max_bytes, "the NIR export")
     low = _Lowering(g, plan, [n.name for n in plan.members()], g.input.name, [g.output], model.input_shape)
     low.lower()
-    return low.nir.NIRGraph(nodes=low.nodes, edges=low.edges, type_check=False)
+    return low.nir.NIRGraph(nodes=low.nodes, edges=low.edges, type_check=False, metadata=data_metadata(model))
+
+
+def data_metadata(model: ConvertedModel) -> dict:
+    """What a NIR file says about its input (docs/data.md): the preprocessing that turns images into it and
+    the class of each output, as JSON text (``null``: not recorded)."""
+    pre = None if model.preprocessing is None else model.preprocessing.to_dict()
+    return {"sfn_deploy_preprocessing": json.dumps(pre), "sfn_deploy_classes": json.dumps(model.classes)}
 
 
 # -- partial export: NIR regions + host remainder -----------------------------------------------------------
@@ -691,7 +698,7 @@ def to_nir_partial(model: ConvertedModel, max_bytes: int | None = None):
             "values": {n.name: {"op": n.op, "inputs": list(n.inputs), "shape": [int(s) for s in n.shape],
                                 "bdim": n.bdim} for n in g}}
     meta = {"format": PARTIAL_FORMAT, "version": PARTIAL_VERSION,
-            "pipeline": json.dumps(spec, default=_jsonable), "host_params": params}
+            "pipeline": json.dumps(spec, default=_jsonable), "host_params": params, **data_metadata(model)}
     top = nir.NIRGraph(nodes=top_nodes, edges=top_edges, metadata=meta, type_check=False)
     in_regions = [name for p in plan.pieces for name in p.nodes]
     info = {"partial": True, "nodes": total_nodes, "edges": total_edges,

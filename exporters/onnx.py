@@ -842,7 +842,11 @@ def to_onnx(model: ConvertedModel, levels: bool = False, opset: int = DEFAULT_OP
                                              if "steps" in s.params else None} for s in g.sites]),
             "sfn_deploy.level_outputs": json.dumps(list(low.level_out)),
             "sfn_deploy.level_dtype": LEVEL_DTYPE,
-            "sfn_deploy.source": json.dumps(model.source, default=str)}
+            "sfn_deploy.source": json.dumps(model.source, default=str),
+            # how images become the input (docs/data.md): resize, crop, channels, mean/std; null: not recorded
+            "sfn_deploy.preprocessing": json.dumps(None if model.preprocessing is None
+                                                   else model.preprocessing.to_dict()),
+            "sfn_deploy.classes": json.dumps(model.classes)}
     helper.set_model_props(proto, meta)
     return proto
 

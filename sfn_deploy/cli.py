@@ -214,11 +214,76 @@ def _check_convert_paths(model, data, output, config_file, weights, storage, val
         check_output(output, inputs + [db])
 
 
-def _load_datasets(data, val_data):
-    """--data, with --val-data's images kept apart for validation when given."""
-    from .data import load_data
-    ds = load_data(data)
-    return ds if val_data is None else ds.with_validation(load_data(val_data))
+def data_options(fn):
+    """How images become inputs (docs/data.md): recorded by convert/tune, reused and checked by the others."""
+    opts = [
+        click.option("--resize", default=None, metavar="N|H,W|none",
+                     help="Images: scale the shorter side to N pixels (H,W: to exactly H×W)."),
+        click.option("--crop", default=None, metavar="N|H,W|none", help="Images: the centre N×N (or H×W)."),
+        click.option("--mean", default=None, metavar="M[,M,M]|none",
+                     help="Images: subtract per channel after scaling pixels to [0, 1]."),
+        click.option("--std", default=None, metavar="S[,S,S]|none", help="Images: then divide per channel."),
+        click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest", "lanczos", "box",
+                                                           "hamming"]), default=None,
+                     help="Images: resampling filter of --resize (default bilinear; timm: the model's)."),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+                     help="Images: greyscale or RGB (default: the model's, else the first image's)."),
+        click.option("--workers", type=click.IntRange(0, 64), default=None,
+                     help="Worker processes decoding images (default 2; 0: in this process)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+_DATA_OPTS = ("resize", "crop", "mean", "std", "interpolation", "channels", "workers")
+
+
+def _data_options(kw, config_file=None) -> tuple[dict, int]:
+    """(parsed preprocessing options, workers) from the flags over the config file's keys; pops the flags."""
+    from .config import read_data_options
+    from .data import DEFAULT_WORKERS
+    from .preprocess import parse_options
+    flags = {k: v for k in _DATA_OPTS if (v := kw.pop(k, None)) is not None}
+    raw = read_data_options(config_file)
+    workers = flags.pop("workers", raw.pop("workers", DEFAULT_WORKERS))
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
+        raise UserError(f"{config_file}: option 'workers': expected a whole number 0..64, got {workers!r}")
+    options = parse_options(raw, f"{config_file}: option ") if raw else {}
+    options.update(parse_options(flags))
+    return options, workers
+
+
+def _load_datasets(data, val_data, model="", net=None, options=None, workers=0, quiet=True):
+    """--data, with --val-data's images kept apart for validation when given. Images get the model's own
+    preprocessing (timm's data config) overridden by the options; --val-data the same as --data."""
+    from .data import is_image_spec, load_data
+    from .preprocess import timm_defaults
+    options = options or {}
+    defaults = None
+    if model.startswith("timm:") and net is not None and (is_image_spec(data) or is_image_spec(val_data)):
+        defaults = timm_defaults(net, model[len("timm:"):], options)
+    ds = load_data(data, options, defaults=defaults, workers=workers, quiet=quiet)
+    if val_data is None:
+        return ds
+    val = load_data(val_data, options, defaults=defaults, recorded=ds.preprocessing, recorded_in=f"--data {data}",
+                    classes=ds.classes, input_shape=list(ds.x.shape[1:]), workers=workers, quiet=quiet)
+    return ds.with_validation(val)
+
+
+def _model_data(model, path, data, options=None, workers=0, quiet=True, limit=None):
+    """Data for a converted model: images get the preprocessing recorded in it (options checked against it),
+    class names map onto its classes, and the first image is checked against its input shape."""
+    from .data import is_image_spec, load_data
+    if is_image_spec(data) and model.preprocessing is None and not options:
+        _warn(f"{path} records no preprocessing: images are read as [0, 1] pixels at their own size, without "
+              "mean/std (give --resize/--crop/--mean/--std as at conversion)")
+    return load_data(data, options, recorded=model.preprocessing, recorded_in=path, classes=model.classes,
+                     input_shape=list(model.input_shape), workers=workers, quiet=quiet, limit=limit)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a (unlabeled)" if v is None else f"{v:.2f}%"
 
 
 def _warn(text: str) -> None:
@@ -265,6 +330,7 @@ def _fmt_front(front: list[ParetoPoint]) -> str:
               help="if/mtn: initial membrane potential in units of θ (0 classic, 0.5 QCFS-style; default 0).")
 @click.option("--epochs", type=float, default=None, help="pmsm: fine-tune epochs over --data (default 1).")
 @convert_options
+@data_options
 @model_options
 @command
 def convert_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
@@ -275,9 +341,10 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     from .model_file import save
 
     cfg = _config(config_file, kw)
+    options, workers = _data_options(kw, config_file)
     _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
-    ds = _load_datasets(data, kw.get("val_data"))
+    ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers, as_json)
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     converted = convert(net, ds, cfg, source=identity, quiet=as_json, warn=_warn)
     result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
@@ -320,6 +387,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Also write the converted model at the chosen point.")
 @convert_options
+@data_options
 @model_options
 @command
 def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
@@ -333,9 +401,10 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     if kw.get("storage") is None:
         kw["storage"] = "sfn-tune.db"
     cfg = _config(config_file, {**kw, "tune": True})
+    options, workers = _data_options(kw, config_file)
     _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
-    ds = _load_datasets(data, kw.get("val_data"))
+    ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers, as_json)
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     graph = build_graph(net, ds, cfg, quiet=as_json)
     warning = budget_warning(len(val), cfg.max_drop, record.available)
@@ -346,12 +415,30 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     result.chosen = chosen
     if output:
         set_scale(graph, chosen.lam)
-        save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result.to_dict()), output)
+        save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result.to_dict(),
+                            ds.preprocessing, ds.classes), output)
     text = (f"study {result.study} in {result.storage}: {result.trials_completed} completed trials, "
             f"ANN validation accuracy {result.ann_accuracy:.2f}% on {_describe_validation(record)}\n"
             f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result.pareto_front)}\n"
             f"chosen: trial {chosen.trial} ({chosen.rule})")
     _emit(as_json, {**result.to_dict(), "output": output}, text)
+
+
+def _bundle_data(path, precision, data, options, workers, quiet, limit):
+    """Data for a Lava bundle run alone: images get the preprocessing recorded in its manifest."""
+    from .data import load_data
+    from .exporters.lava import read_bundle
+    from .preprocess import Preprocess
+    manifest, plans = read_bundle(path, precision)
+    recorded = manifest.get("preprocessing")
+    try:
+        pre = None if recorded is None else Preprocess.from_dict(recorded)
+    except ValueError as e:
+        raise UserError(f"{path}: invalid Lava bundle: 'preprocessing' {e}") from None
+    classes = manifest.get("classes")
+    return load_data(data, options, recorded=pre, recorded_in=path, input_shape=plans[precision].input_shape,
+                     classes=classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                     else None, workers=workers, quiet=quiet, limit=limit)
 
 
 def _lava_options(f):
@@ -390,22 +477,23 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
 @_lava_options
+@data_options
 @command
-def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json):
+def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json, **kw):
     """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
-    from .data import load_data
     from .evaluation import evaluate, format_drop
     from .model_file import load
 
     precision, lowering = _lava_choice([backend], precision, lowering)
+    options, workers = _data_options(kw)
     model = load(converted)
-    ds = load_data(data)
+    ds = _model_data(model, converted, data, options, workers, as_json, limit)
     r = evaluate(model, ds, backend, limit, batch_size, quiet=as_json,
                  lava=_lava_settings(model, ds, precision, lowering))
     if not show_layers:
         r.layers = None
-    text = (f"{r.samples} samples on {backend}: SNN {r.accuracy:.2f}%  ANN {r.ann_accuracy:.2f}%  "
-            f"agreement {r.agreement:.2f}%; {format_drop(r.drop) if r.drop else ''}\n"
+    text = (f"{r.samples} samples on {backend}: SNN {_pct(r.accuracy)}  ANN {_pct(r.ann_accuracy)}  "
+            f"agreement {r.agreement:.2f}%; {format_drop(r.drop) if r.drop else 'unlabeled data: no accuracy'}\n"
             f"energy ratio {r.energy_ratio:.4f}  "
             f"(#AC_SNN {r.ac_snn:.4g}, #MAC_SNN {r.mac_snn:.4g}, #MAC_ANN {r.mac_ann:.4g} per inference)")
     _emit(as_json, r.to_dict(), text)
@@ -453,9 +541,8 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
     options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "max_size": max_size,
                "lowering": lowering}
     if "data" in accepts:       # the range of --data sets the fixed-point input encoding
-        from .data import load_data
-        options["input_abs_max"] = (float(load_data(data).x.abs().max()) if data is not None
-                                    else model.metrics.get("input_abs_max"))
+        options["input_abs_max"] = (float(_model_data(model, converted, data, quiet=as_json).x.abs().max())
+                                    if data is not None else model.metrics.get("input_abs_max"))
     info = exporter.export(model, path, **options)
     _emit(as_json, {"target": target, **info}, exporter.describe_export(info))
 
@@ -475,29 +562,31 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
               help="Compare every SFN site's spike levels (and pre-activations) between each backend and "
                    "--against; name the first layer that differs.")
 @_lava_options
+@data_options
 @command
 def simulate_cmd(converted, data, backends, limit, batch_size, threads, against, per_layer, precision, lowering,
-                 as_json):
+                 as_json, **kw):
     """Run the SNN on backends, with timings and agreement against the torch reference.
 
     CONVERTED is a converted model, or a Lava bundle folder (then only Lava runs, without a reference)."""
-    from .data import load_data
     from .model_file import load
     from .simulate import simulate, simulate_bundle
 
     precision, lowering = _lava_choice(["lava"] if os.path.isdir(converted) else backends, precision, lowering)
+    options, workers = _data_options(kw)
     if os.path.isdir(converted):
         if set(backends) - {"torch", "lava"} or per_layer:
             raise UserError(f"{converted} is a Lava bundle: it runs on --backend lava only, without --per-layer")
-        b = simulate_bundle(converted, load_data(data).limit(limit), precision)
+        b = simulate_bundle(converted, _bundle_data(converted, precision, data, options, workers, as_json, limit),
+                            precision)
         lv = b.lava
         _emit(as_json, b.to_dict(), f"{b.samples} samples on Lava ({precision}, {lv['lowering']} lowering, bundle "
-                                    f"{converted}): accuracy {b.accuracy:.2f}%, {b.samples_per_s:.1f} samples/s "
+                                    f"{converted}): accuracy {_pct(b.accuracy)}, {b.samples_per_s:.1f} samples/s "
                                     f"(+{b.setup_seconds:.2f} s set-up), latency {lv['latency_steps']} steps; "
                                     f"overflows {lv['overflows']}, saturations {lv['saturations']}")
         return
     model = load(converted)
-    ds = load_data(data).limit(limit)
+    ds = _model_data(model, converted, data, options, workers, as_json, limit)
     lava = _lava_settings(model, ds, precision, lowering)
     if per_layer:
         from .parity import format_parity, parity
@@ -514,7 +603,7 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
         extra = f"  levels equal {level_agreement:.4f}%" if "level_agreement" in e.details else ""
         setup = f" (+{e.setup_seconds:.2f} s set-up)" if e.setup_seconds else ""
         lines.append(f"  {b:<6} {e.seconds:8.3f} s{setup}  {e.samples_per_s:9.1f} samples/s  accuracy "
-                     f"{e.accuracy:.2f}%  max|Δ| {e.max_abs_diff:.3g}  top-1 agreement "
+                     f"{_pct(e.accuracy)}  max|Δ| {e.max_abs_diff:.3g}  top-1 agreement "
                      f"{e.prediction_agreement:.2f}%{extra}")
         if "lava" in e.details:
             lv = e.details["lava"]
@@ -544,13 +633,14 @@ def _target_help(extra: str = "") -> str:
               help="Compare at this M, 1 to 16 (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@data_options
 @command
-def report_cmd(converted, data, targets, output, scales, levels, limit, batch_size, as_json):
+def report_cmd(converted, data, targets, output, scales, levels, limit, batch_size, as_json, **kw):
     """Operation counts, core mapping, energy and latency per inference on hardware targets.
 
     Several model files, or --scale/--levels values, give a side-by-side comparison.
     """
-    from .data import data_paths, load_data
+    from .data import data_paths
     from .model_file import atomic_write, load
     from .outputs import check_output
     from .render import to_html, to_markdown, to_text
@@ -562,10 +652,16 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
     fmt = output_format(output)
     for t in targets:                       # fail on a bad target before the data pass
         load_target(t)
-    dataset = load_data(data).limit(limit)
+    options, workers = _data_options(kw)
+    loaded: dict = {}                       # one data pass per preprocessing the models recorded
     reports = []
     for path in converted:
         model = load(path)
+        key = json.dumps([None if model.preprocessing is None else model.preprocessing.to_dict(), model.classes,
+                          model.input_shape])
+        if key not in loaded:
+            loaded[key] = _model_data(model, path, data, options, workers, as_json, limit)
+        dataset = loaded[key]
         name = os.path.splitext(os.path.basename(path))[0]
         for lam in scales or (None,):
             for m in levels or (None,):

@@ -184,8 +184,10 @@ def load_config(path: str, overrides: dict) -> ConvertConfig:
     if path:
         for key, value in _read_toml(path).items():
             k = key.replace("-", "_")
+            if k in DATA_KEYS:          # the data's preprocessing: read_data_options
+                continue
             if k not in types:
-                raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(types))})")
+                raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted([*types, *DATA_KEYS]))})")
             values[k] = _typecheck(key, value, types[k])
     given = {k: v for k, v in overrides.items() if k in types}
     if given.keys() & _VAL_KEYS:          # a flag sizing the validation set replaces the file's way of sizing it
@@ -219,3 +221,16 @@ def _method_defaults(cfg: ConvertConfig, values: dict) -> None:
     for key, value in DEFAULTS[cfg.method].items():
         if key not in values:
             setattr(cfg, key, value)
+
+
+# Keys of a config file that say how the data is read (docs/data.md), not how the network is converted: they are
+# not ConvertConfig fields (a converted model records the preprocessing it used on its own, ``preprocessing``).
+DATA_KEYS = ("resize", "crop", "mean", "std", "interpolation", "channels", "workers")
+
+
+def read_data_options(path: str | None) -> dict:
+    """The data keys of a config file, as written (the CLI checks them with the flags: preprocess.parse_options)."""
+    if not path:
+        return {}
+    return {key.replace("-", "_"): value for key, value in _read_toml(path).items()
+            if key.replace("-", "_") in DATA_KEYS}

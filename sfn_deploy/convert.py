@@ -52,6 +52,8 @@ class Pass:
 
 
 def _capture(c: Conversion) -> None:
+    if c.config.method == "pmsm" and not c.data.labeled:
+        raise UserError(f"{c.data.name}: --method pmsm fine-tunes on labels; this data has none")
     graph = capture(c.model, c.data.x[:2])
     check_data(graph, c.data)
     if c.data.validation is not None:
@@ -133,7 +135,7 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
     t0 = time.time()
     c = run_passes(Conversion(model, data, cfg, source or {}, quiet, warn))
     converted = ConvertedModel(c.captured(), list(data.x.shape[1:]), cfg.to_dict(), source or {}, {},
-                               c.applied.search)
+                               c.applied.search, data.preprocessing, data.classes)
     calib = data.limit(cfg.calib_limit)
     converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples": len(calib),
                          "input_abs_max": float(calib.x.abs().max()),     # input: fixed-point encoding (Lava)

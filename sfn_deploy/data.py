@@ -1,9 +1,14 @@
-"""Data sets for calibration, tuning and evaluation (SPEC §6 "Data in").
+"""Data sets for calibration, tuning and evaluation (SPEC §6 "Data in", docs/data.md).
 
 Accepted: an ``.npz`` with ``x`` (float32, N×C×H×W, normalised as the model expects)
-and ``y`` (int64, N); a directory of class folders of images; ``sklearn:digits``;
+and ``y`` (int64, N); a folder of class folders of images (ImageNet layout), or of images
+alone (unlabeled); a ``.csv``/``.tsv`` list of ``path,label`` (or of paths alone); ``sklearn:digits``;
 ``mnist:DIR`` (the IDX files of the MNIST release; ``mnist:DIR[:a:b]`` selects
 images a..b-1). Every problem is a :class:`UserError` naming the file and the field.
+
+:func:`open_source` gives a :class:`~sfn_deploy.sources.Source` (batches from a DataLoader for images,
+with the preprocessing of :mod:`sfn_deploy.preprocess`); :func:`load_data` materialises it into a
+:class:`Dataset`. Streaming will let the consumers iterate the source instead (see sources.py).
 """
 from __future__ import annotations
 
@@ -11,16 +16,32 @@ import gzip
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .preprocess import Preprocess, apply_to_tensors, plan
+from .progress import progress
 from .results import Result
+from .sources import (
+    DEFAULT_WORKERS,
+    IMAGE_EXT,
+    NO_LABEL,
+    ImageSource,
+    Listing,
+    Source,
+    TensorSource,
+    list_folder,
+    list_table,
+    probe_channels,
+)
 from .untrusted import regular_file
 
-IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+__all__ = ["DEFAULT_WORKERS", "IMAGE_EXT", "NO_LABEL", "Dataset", "Validation", "load_data", "open_source",
+           "materialise", "data_paths", "is_image_spec"]
+LIST_EXT = (".csv", ".tsv")
 
 
 @dataclass
@@ -37,23 +58,34 @@ class Validation(Result):
 @dataclass
 class Dataset:
     x: torch.Tensor     # float32, N×C×H×W
-    y: torch.Tensor     # int64, N
+    y: torch.Tensor     # int64, N; NO_LABEL (-1) for every sample of an unlabeled source
     name: str
     # images kept apart for validation (--val-data); None: validation is drawn from this set itself
     validation: Dataset | None = field(default=None, repr=False, compare=False)
+    # how pixels became x (recorded by convert; None: tensors of unknown origin) and the label names
+    preprocessing: Preprocess | None = field(default=None, repr=False, compare=False)
+    classes: list[str] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def labeled(self) -> bool:
+        """False for an unlabeled source (accuracy cannot be measured on it)."""
+        return not bool((self.y < 0).any())
 
     def batches(self, size: int = 256):
         for i in range(0, len(self), size):
             yield self.x[i:i + size]
 
+    def _part(self, x: torch.Tensor, y: torch.Tensor, name: str) -> Dataset:
+        return replace(self, x=x, y=y, name=name, validation=None)
+
     def subset(self, idx) -> Dataset:
-        return Dataset(self.x[idx], self.y[idx], self.name)
+        return self._part(self.x[idx], self.y[idx], self.name)
 
     def limit(self, n: int | None) -> Dataset:
-        return self if n is None or n >= len(self) else Dataset(self.x[:n], self.y[:n], f"{self.name}[:{n}]")
+        return self if n is None or n >= len(self) else self._part(self.x[:n], self.y[:n], f"{self.name}[:{n}]")
 
     def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """A random validation part of the given fraction (at least one sample) and the rest."""
@@ -68,7 +100,7 @@ class Dataset:
         if n >= len(self):
             return self
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return Dataset(self.x[perm[:n]], self.y[perm[:n]], f"{self.name}[random {n} of {len(self)}]")
+        return self._part(self.x[perm[:n]], self.y[perm[:n]], f"{self.name}[random {n} of {len(self)}]")
 
     def with_validation(self, val: Dataset) -> Dataset:
         """This set with ``val`` kept apart for validation (``--val-data``); the sample shapes must match."""
@@ -76,7 +108,7 @@ class Dataset:
             shape = "×".join(map(str, val.x.shape[1:]))
             raise UserError(f"{val.name}: validation samples have shape {shape} but the calibration data's "
                             f"({self.name}) are {'×'.join(map(str, self.x.shape[1:]))}")
-        return Dataset(self.x, self.y, self.name, validation=val)
+        return replace(self, validation=val)
 
     def validation_split(self, size: int, fraction: float | None = None, seed: int = 0) -> tuple[Dataset, Validation]:
         """The images that validate a conversion, and the record of how they were chosen.
@@ -86,6 +118,11 @@ class Dataset:
         ``fraction`` (``--val-fraction``, this set only): the random share :meth:`split` gives.
         """
         pool, source = (self, "data") if self.validation is None else (self.validation, "val-data")
+        if not pool.labeled:
+            where = "--data" if pool is self else "--val-data"
+            raise UserError(f"{pool.name}: {where} has no labels; the validation images (the λ search and the "
+                            "reported accuracy) need them: give labeled images with --val-data "
+                            "(calibration then uses all of --data)")
         if fraction is not None:
             if self.validation is not None:
                 raise UserError("--val-fraction takes a share of --data; with --val-data, size the validation "
@@ -188,32 +225,16 @@ def load_mnist(directory: str, start: int = 0, stop: int | None = None) -> Datas
     return _check(x, labels.astype(np.int64), f"mnist:{directory}[{start}:{'' if stop is None else stop}]")
 
 
-def load_image_folder(path: str) -> Dataset:
-    from PIL import Image
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not classes:
-        raise UserError(f"{path}: no class folders found")
-    xs, ys, size = [], [], None
-    for label, cls in enumerate(classes):
-        for fname in sorted(os.listdir(os.path.join(path, cls))):
-            if not fname.lower().endswith(IMAGE_EXT):
-                continue
-            fp = regular_file(os.path.join(path, cls, fname), "image file")
-            try:
-                with Image.open(fp) as im:
-                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"), dtype=np.float32)
-            except Exception as e:
-                raise UserError(f"{fp}: not a readable image ({e})") from e
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-            if size is None:
-                size = arr.shape
-            elif arr.shape != size:
-                raise UserError(f"{fp}: image shape {arr.shape} differs from the first image's {size}")
-            xs.append(arr / 255.0)
-            ys.append(label)
-    if not xs:
-        raise UserError(f"{path}: no images found in the class folders")
-    return _check(np.stack(xs), np.array(ys, dtype=np.int64), path)
+def load_image_folder(path: str, workers: int = 0) -> Dataset:
+    """A folder of class folders (or of images alone), read as [0, 1] pixels at their own size (all alike)."""
+    return load_data(path, workers=workers)
+
+
+def is_image_spec(spec: str | None) -> bool:
+    """Whether ``--data`` names image files (a folder or a CSV/TSV list), which preprocessing applies to."""
+    if not spec or spec.startswith(("sklearn:", "mnist:")):
+        return False
+    return os.path.isdir(spec) or spec.lower().endswith(LIST_EXT)
 
 
 def data_paths(spec: str | None) -> list[str]:
@@ -225,10 +246,10 @@ def data_paths(spec: str | None) -> list[str]:
     return [spec]
 
 
-def load_data(spec: str) -> Dataset:
-    """Load a data set from a path or a built-in name (see module docstring)."""
+def _tensor_spec(spec: str) -> tuple[Dataset, Preprocess | None]:
+    """A tensor source and the recipe its tensors imply (mnist: its normalisation; digits: [0, 1] pixels)."""
     if spec == "sklearn:digits":
-        return load_digits()
+        return load_digits(), Preprocess(channels=1, origin="sklearn:digits (pixels scaled to [0, 1])")
     if spec.startswith("mnist:"):
         parts = spec[len("mnist:"):].split(":")
         try:
@@ -240,11 +261,88 @@ def load_data(spec: str) -> Dataset:
                 raise ValueError
         except ValueError:
             raise UserError(f"{spec}: expected mnist:DIR[:START:STOP] with integer bounds 0 ≤ START < STOP") from None
-        return load_mnist(parts[0], start, stop)
-    if os.path.isdir(spec):
-        return load_image_folder(spec)
-    if spec.endswith(".npz"):
-        return load_npz(spec)
+        return load_mnist(parts[0], start, stop), Preprocess(channels=1, mean=(MNIST_MEAN,), std=(MNIST_STD,),
+                                                             origin="mnist: (the loader's normalisation)")
+    if spec.endswith(".npz") and not os.path.isdir(spec):
+        return load_npz(spec), None
     if not os.path.exists(spec):
         raise UserError(f"{spec}: no such file or directory")
-    raise UserError(f"{spec}: unknown data format (expected .npz, an image folder, sklearn:digits or mnist:DIR)")
+    raise UserError(f"{spec}: unknown data format (expected .npz, an image folder, a .csv/.tsv image list, "
+                    "sklearn:digits or mnist:DIR)")
+
+
+def _tensor_source(spec: str, options: dict, recorded: Preprocess | None, recorded_in: str) -> TensorSource:
+    """A tensor source: the tensors as they are (already model inputs), with only the options given applied."""
+    ds, implied = _tensor_spec(spec)
+    if options and recorded is not None:
+        plan(options, recorded=recorded, recorded_in=recorded_in)      # refuses what differs from the record
+    if spec.startswith("mnist:") and ("mean" in options or "std" in options):
+        raise UserError(f"{spec}: mnist: is already normalised (mean {MNIST_MEAN}, std {MNIST_STD}); --mean/--std "
+                        "apply to images and .npz files")
+    x, made = ds.x, implied
+    if options:
+        x = apply_to_tensors(ds.x, options, ds.name)
+        base = implied or Preprocess(channels=int(ds.x.shape[1]), origin=f"{spec} (x taken as [0, 1] pixels)")
+        made = replace(base, **options).check()
+        made = replace(made, origin=f"{base.origin}; {', '.join(options)} from options")
+    return TensorSource(ds.name, x=x, y=ds.y, preprocessing=made)
+
+
+def _listing(spec: str, classes: list[str] | None, classes_from: str) -> Listing:
+    if os.path.isdir(spec):
+        return list_folder(spec, classes, classes_from)
+    return list_table(spec, classes, classes_from)
+
+
+def open_source(spec: str, options: dict | None = None, *, defaults: Preprocess | None = None,
+                recorded: Preprocess | None = None, recorded_in: str = "the converted model",
+                classes: list[str] | None = None, input_shape: list[int] | None = None,
+                workers: int = 0, limit: int | None = None) -> Source:
+    """The source a ``--data`` spec names, with its preprocessing chosen (:func:`sfn_deploy.preprocess.plan`).
+
+    ``options``: preprocessing options given (parsed); ``defaults``: the model's own recipe (timm), used for
+    image sources when nothing is ``recorded``; ``recorded``: the recipe of a converted model, applied to
+    image sources and checked against ``options``; ``classes``: label names to map class folders and named
+    labels onto (a converted model's); ``input_shape``: the model's, checked on the first image; ``workers``:
+    DataLoader worker processes decoding images; ``limit``: the first this many samples only (images beyond it
+    are never opened). Tensor sources (.npz, mnist:, sklearn:digits) are model
+    inputs already: only explicit options are applied to them."""
+    options = options or {}
+    if not is_image_spec(spec):
+        src = _tensor_source(spec, options, recorded, recorded_in)
+        if limit is not None and limit < len(src):
+            src = replace(src, name=f"{src.name}[:{limit}]", x=src.x[:limit], y=src.y[:limit])
+        return src
+    listing = _listing(spec, classes, f"recorded in {recorded_in}")
+    if limit is not None and limit < len(listing.items):
+        listing = replace(listing, name=f"{listing.name}[:{limit}]", items=listing.items[:limit])
+    p = plan(options, defaults=defaults, recorded=recorded, recorded_in=recorded_in)
+    if p.channels is None:
+        p = p.with_channels(input_shape[0] if input_shape and input_shape[0] in (1, 3)
+                            else probe_channels(listing.items[0][0]))
+    return ImageSource(listing.name, preprocessing=p, classes=listing.classes, labeled=listing.labeled,
+                       items=listing.items, workers=workers, expect=input_shape)
+
+
+def materialise(src: Source, batch_size: int = 64, quiet: bool = True) -> Dataset:
+    """Every batch of ``src`` in one Dataset (the data set in memory; streaming will skip this step)."""
+    if isinstance(src, TensorSource):
+        return Dataset(src.x, src.y, src.name, preprocessing=src.preprocessing, classes=src.classes)
+    x: torch.Tensor | None = None
+    y = torch.empty(len(src), dtype=torch.int64)
+    at = 0
+    for xb, yb in progress(src.batches(batch_size), f"reading {src.name}", quiet=quiet,
+                           total=-(-len(src) // batch_size)):
+        if x is None:
+            x = torch.empty(len(src), *xb.shape[1:], dtype=torch.float32)
+        x[at:at + len(xb)] = xb
+        y[at:at + len(xb)] = yb
+        at += len(xb)
+    assert x is not None and at == len(src)
+    return Dataset(x, y, src.name, preprocessing=src.preprocessing, classes=src.classes)
+
+
+def load_data(spec: str, options: dict | None = None, *, quiet: bool = True, **how) -> Dataset:
+    """Load a data set from a path or a built-in name (see module docstring); ``options`` and ``how`` as
+    :func:`open_source`."""
+    return materialise(open_source(spec, options, **how), quiet=quiet)

@@ -31,8 +31,8 @@ class Evaluation(Result):
     """Accuracy (%) of the SNN and its ANN on a backend, and the reference op counts per inference."""
     backend: str
     samples: int
-    accuracy: float                     # SNN top-1, %
-    ann_accuracy: float                 # source ANN top-1, %
+    accuracy: float | None              # SNN top-1, % (None: unlabeled data)
+    ann_accuracy: float | None          # source ANN top-1, % (None: unlabeled data)
     agreement: float                    # SNN/ANN top-1 agreement, %
     energy_ratio: float                 # the paper's eq. 43: SNN energy / ANN energy at 45 nm CMOS prices
     ac_snn: float                       # accumulates per inference (spike convention)
@@ -82,6 +82,11 @@ def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * float((pred == y).float().mean())
+
+
+def labeled_accuracy(pred: torch.Tensor, data: Dataset) -> float | None:
+    """Top-1 accuracy in %, or None for unlabeled data (docs/data.md: what unlabeled runs report)."""
+    return accuracy(pred, data.y) if data.labeled else None
 
 
 def _z(confidence: float) -> float:
@@ -254,9 +259,9 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()
     e_ac, e_mac = energy_constants(target)
-    drop = paired_drop(ann_pred == data.y, snn_pred == data.y)
-    return Evaluation(backend=backend, samples=len(data), accuracy=accuracy(snn_pred, data.y),
-                      ann_accuracy=accuracy(ann_pred, data.y),
+    drop = paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None
+    return Evaluation(backend=backend, samples=len(data), accuracy=labeled_accuracy(snn_pred, data),
+                      ann_accuracy=labeled_accuracy(ann_pred, data),
                       agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
                       energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn, mac_snn=counts.mac_snn,
                       mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers(), drop=drop)

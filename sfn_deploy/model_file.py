@@ -26,6 +26,7 @@ import torch
 
 from .errors import UserError
 from .ir import FORMAT, FORMAT_VERSION, Graph, GraphError, check_graph_dict, validate_graph
+from .preprocess import Preprocess
 from .untrusted import file_kind, torch_load
 from .version import __version__
 
@@ -42,6 +43,9 @@ class ConvertedModel:
     source: dict = field(default_factory=dict)   # what it was converted from
     metrics: dict = field(default_factory=dict)  # validation figures at conversion time
     search: dict = field(default_factory=dict)   # λ search: study, Pareto front, choice
+    # how images became the calibration inputs (docs/data.md), reused by every later command; None: not known
+    preprocessing: Preprocess | None = None
+    classes: list[str] | None = None             # output i is class classes[i] (from class folders or a list)
 
     @property
     def sites(self):
@@ -50,14 +54,21 @@ class ConvertedModel:
     def to_dict(self) -> dict:
         # a plain SFN network stays version 1, so older sfn-deploy releases still read it
         version = 1 if self.graph.method == "sfn" and not self.graph.stateful else FORMAT_VERSION
-        return {"format": FORMAT, "format_version": version, "sfn_deploy_version": __version__,
-                "graph": self.graph.to_dict(), "input_shape": list(self.input_shape), "config": self.config,
-                "source": self.source, "metrics": self.metrics, "search": self.search}
+        d = {"format": FORMAT, "format_version": version, "sfn_deploy_version": __version__,
+             "graph": self.graph.to_dict(), "input_shape": list(self.input_shape), "config": self.config,
+             "source": self.source, "metrics": self.metrics, "search": self.search}
+        if self.preprocessing is not None:      # (older releases ignore these keys)
+            d["preprocessing"] = self.preprocessing.to_dict()
+        if self.classes is not None:
+            d["classes"] = list(self.classes)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ConvertedModel:
+        pre = d.get("preprocessing")
         return cls(Graph.from_dict(d["graph"]), d["input_shape"], d.get("config", {}), d.get("source", {}),
-                   d.get("metrics", {}), d.get("search", {}))
+                   d.get("metrics", {}), d.get("search", {}),
+                   None if pre is None else Preprocess.from_dict(pre), d.get("classes"))
 
 
 def _reason(e: OSError) -> str:
@@ -228,6 +239,15 @@ def _check_top(d: dict) -> None:
     for key in ("config", "source", "metrics", "search"):
         if key in d and not isinstance(d[key], dict):
             raise GraphError(f"{key!r} is a {type(d[key]).__name__}, not a dict")
+    if d.get("preprocessing") is not None:
+        try:
+            Preprocess.from_dict(d["preprocessing"])
+        except ValueError as e:
+            raise GraphError(f"'preprocessing' {e}") from None
+    classes = d.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
+                                or len(set(classes)) != len(classes)):
+        raise GraphError("'classes' must be a list of distinct names")
     check_graph_dict(d.get("graph"))
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .data import Dataset
 from .errors import UserError
-from .evaluation import PairedDrop, accuracy, backend_logits, check_data, energy_constants, measure, paired_drop
+from .evaluation import PairedDrop, backend_logits, check_data, energy_constants, labeled_accuracy, measure, paired_drop
 from .ir import NEURON_OPS
 from .methods import method_of
 from .model_file import ConvertedModel
@@ -69,8 +69,8 @@ class Report(Result):
     levels_M: list[int]
     fire: list[str]
     lam: dict[str, float]               # smallest and largest λ ({} without sites)
-    accuracy: float                     # SNN top-1, %
-    ann_accuracy: float                 # source ANN top-1, %
+    accuracy: float | None              # SNN top-1, % (None: unlabeled data)
+    ann_accuracy: float | None          # source ANN top-1, % (None: unlabeled data)
     agreement: float                    # SNN/ANN top-1 agreement, %
     energy_ratio: float                 # the paper's eq. 43, 45 nm CMOS prices
     energy_ratio_approx: float          # eq. 44 (first layer's MACs dropped)
@@ -184,7 +184,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         levels_M=sorted({s.attrs["M"] for s in converted.sites}),
         fire=sorted({s.attrs["fire"] for s in converted.sites}),
         lam={"min": min(lams), "max": max(lams)} if lams else {},
-        accuracy=accuracy(snn_pred, data.y), ann_accuracy=accuracy(ann_pred, data.y),
+        accuracy=labeled_accuracy(snn_pred, data), ann_accuracy=labeled_accuracy(ann_pred, data),
         agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
         energy_ratio=counts.energy_ratio(e_ac, e_mac),
         energy_ratio_approx=counts.energy_ratio_approx(e_ac, e_mac),
@@ -202,7 +202,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         target=Headline(target=first.target, cores=first.cores, chips=first.chips, energy_j=first.energy_j,
                         latency_s=first.latency_s, throughput_per_s=first.throughput_per_s),
         planning=rank(plans) if len(plans) > 1 else None,
-        drop=paired_drop(ann_pred == data.y, snn_pred == data.y))
+        drop=paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None)
 
 
 def summary_row(r: Report) -> dict:

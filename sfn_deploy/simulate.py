@@ -10,7 +10,7 @@ import torch
 from .backends import REFERENCE, get
 from .data import Dataset
 from .errors import UserError
-from .evaluation import accuracy, backend_logits, backend_runner, check_data
+from .evaluation import backend_logits, backend_runner, check_data, labeled_accuracy
 from .model_file import ConvertedModel
 from .results import Result
 
@@ -21,7 +21,7 @@ class BackendRun(Result):
     seconds: float                      # the run itself, set-up excluded
     setup_seconds: float                # export, session creation, a stream's start
     samples_per_s: float | None
-    accuracy: float                     # top-1, %
+    accuracy: float | None              # top-1, % (None: unlabeled data)
     max_abs_diff: float                 # largest |logit difference| from the reference
     prediction_agreement: float         # top-1 agreement with the reference, %
     details: dict[str, Any] = field(default_factory=dict)   # the backend's own figures, as JSON keys after these
@@ -47,7 +47,7 @@ class BundleRun(Result):
     samples: int
     backend: str
     bundle: str                         # the bundle folder
-    accuracy: float
+    accuracy: float | None              # None: unlabeled data
     seconds: float
     setup_seconds: float
     samples_per_s: float | None
@@ -80,7 +80,7 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
             stream_setup, secs = backend.split_time(runner, time.perf_counter() - t0)
             setup += stream_setup
         entry = BackendRun(seconds=secs, setup_seconds=setup, samples_per_s=len(data) / secs if secs else None,
-                           accuracy=accuracy(logits.argmax(-1), data.y),
+                           accuracy=labeled_accuracy(logits.argmax(-1), data),
                            max_abs_diff=float((logits - ref).abs().max()),
                            prediction_agreement=100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean()))
         if b != REFERENCE:
@@ -101,7 +101,7 @@ def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") ->
     r = run_lava(path, data.x.numpy(), precision)
     t = r["timings"]
     pred = torch.from_numpy(r["outputs"]).reshape(len(data), -1).argmax(-1)
-    return BundleRun(samples=len(data), backend="lava", bundle=path, accuracy=accuracy(pred, data.y),
+    return BundleRun(samples=len(data), backend="lava", bundle=path, accuracy=labeled_accuracy(pred, data),
                      seconds=t["run_s"], setup_seconds=t["wall_s"] - t["run_s"],
                      samples_per_s=len(data) / t["run_s"] if t["run_s"] else None,
                      lava=run_summary(plan.summary(), precision, r))

@@ -54,7 +54,9 @@ def export_lava(model: ConvertedModel, path: str, lowering: str = "graded",
         input_abs_max = model.metrics.get("input_abs_max")
     plans, missing = plans_for(model, lowering, input_abs_max)
     info = {"lowering": lowering, "source": model.source, "input_shape": list(model.input_shape),
-            "missing": missing, "input_abs_max": input_abs_max}
+            "missing": missing, "input_abs_max": input_abs_max,
+            "preprocessing": None if model.preprocessing is None else model.preprocessing.to_dict(),  # docs/data.md
+            "classes": model.classes}
     write_bundle(path, plans, info)
     plan = plans["floating_pt"]
     return {"path": path, "format": "lava", "precisions": list(plans), "missing": missing, **plan.summary(),
