@@ -136,7 +136,7 @@ def build(plan: Plan, tap_dir: str | None = None, steps: int = 0, record: bool =
                 procs[b.name] = cls(weights=w, num_message_bits=bits, name=b.name, **kw)
         else:
             program = {"inputs": a["inputs"], "outputs": a["outputs"], "nodes": a["nodes"], "sites": a["sites"],
-                       "lattice": a["lattice"], "arrays": dict(arr)}
+                       "lattice": a["lattice"], "arrays": dict(arr), "precision": plan.precision}
             width = max([len(a["inputs"]), *(int(o["port"].removeprefix("h")[3:]) + 1 for o in a["outputs"])])
             procs[b.name] = host_process(width)(
                 in_sizes=[s["size"] for s in a["inputs"]], out_sizes={o["port"]: o["size"] for o in a["outputs"]},

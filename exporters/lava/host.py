@@ -39,6 +39,7 @@ class HostRunner:
         self.tap, self.steps = tap, steps
         self.tap_file: np.ndarray | None = None
         self.arrays = program.get("arrays", {})
+        self.fixed = program.get("precision") == "fixed_pt"
 
     # decode
     def _values(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,13 @@ class HostRunner:
 
     def _decode(self, spec: dict, x: np.ndarray) -> torch.Tensor:
         x = np.asarray(x, np.float64).reshape(spec["shape"])
+        if spec["decode"] == "acc" and self.fixed:
+            # float32 arithmetic (the integer accumulator is exact in float32 within 24 bits), so that the
+            # integer reference (reference.py) computes the same bits with torch's float32 ops
+            v32 = x.astype(np.float32) * np.float32(spec["scale"])
+            if spec.get("bias"):
+                v32 = v32 + np.asarray(self.arrays[f"{spec['port']}.bias"], np.float32).reshape(spec["shape"])
+            return torch.from_numpy(np.ascontiguousarray(v32, np.float32))
         if spec["decode"] == "acc":
             v = x * spec["scale"]
             if spec.get("bias"):
@@ -66,11 +74,11 @@ class HostRunner:
         enc = spec["encode"]
         if enc == "levels":
             return t.reshape(-1).double().numpy()
-        if enc in ("value", "int"):
-            v = self._values(name, t).reshape(-1).double().numpy()
-            if enc == "int":
-                return np.clip(np.rint(v / spec["scale"]), -_LIM, _LIM)
-            return v
+        if enc == "int":        # rint(value · fl32(1 / scale)) in float32 (reference.py computes the same bits)
+            y = self._values(name, t).reshape(-1).float().numpy() * np.float32(1.0 / spec["scale"])
+            return np.clip(np.rint(y.astype(np.float64)), -_LIM, _LIM)
+        if enc == "value":
+            return self._values(name, t).reshape(-1).double().numpy()
         level = t.reshape(-1).double().numpy()
         pol = enc.split("_")[1]
         if enc.startswith("levels_"):
