@@ -612,6 +612,9 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
                          f"{', '.join(lv['host_ops']) or 'input/output only'}), latency {lv['latency_steps']} steps, "
                          f"{lv['steps_per_s']:.0f} steps/s; overflows {lv['overflows']}, saturations "
                          f"{lv['saturations']}")
+        if "integer_reference" in e.details:        # Lava fixed point (exporters/lava/reference.py)
+            from .exporters.lava.reference import describe
+            lines.append(f"         {describe(e.details['integer_reference'])}")
     _emit(as_json, r.to_dict(), "\n".join(lines))
 
 

@@ -105,8 +105,16 @@ def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_
 def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = REFERENCE,
            batch_size: int = 256, lava: dict | None = None) -> list[ParityRow]:
     ref = layer_outputs(model, against, data, batch_size, lava)
-    rows = [compare(model, ref, layer_outputs(model, b, data, batch_size, lava), against, b)
-            for b in backends if b != against]
+    rows: list[ParityRow] = []
+    for b in backends:
+        if b == against:
+            continue
+        other = layer_outputs(model, b, data, batch_size, lava)
+        rows.append(compare(model, ref, other, against, b))
+        # a backend's own reference (Lava fixed point: the integer reference, exporters/lava/reference.py): the
+        # backend against it, and it against --against
+        for name, own in other.get("references", {}).items():
+            rows += [compare(model, own, other, name, b), compare(model, ref, own, against, name)]
     info: dict = {}             # each involved backend's settings (Lava: precision, lowering), on every row
     for b in dict.fromkeys([*backends, against]):
         info.update(get(b).parity_info(lava))

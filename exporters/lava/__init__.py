@@ -174,6 +174,10 @@ class LavaRunner:
         self.last = run_lava(self.path, xb.numpy(), self.precision, record=self.record, timeout=self.timeout)
         return torch.from_numpy(np.asarray(self.last["outputs"], np.float32))
 
+    def plan(self):
+        """The plan of this run's precision, as the bundle holds it (the arrays that run)."""
+        return read_bundle(self.path, self.precision)[1][self.precision]
+
     def result(self) -> dict:
         """The latest run's result (``last``), once there was a run."""
         if self.last is None:
@@ -207,13 +211,19 @@ class LavaBackend:
 
     def layers(self, model: ConvertedModel, x, batch_size: int, options: dict | None = None) -> dict:
         """Levels and membrane potentials read from the neurons' taps (fixed point dequantised with the
-        neuron's scale), with the run's counters and timings."""
+        neuron's scale), with the run's counters and timings. In fixed point (graded), ``references`` holds the
+        integer reference's (reference.py) on the same samples, for per-layer parity against it."""
         runner = LavaRunner(model, record=True, **(options or {}))
         y = runner(x).numpy()
         r = runner.result()
         pre = {k: v.astype(np.float64) * r["scales"].get(k, 1.0) for k, v in r["pre"].items()}
-        return {"outputs": y, "levels": {k: v.astype(np.int64) for k, v in r["levels"].items()}, "pre": pre,
-                "counts": r["counts"], "timings": r["timings"]}
+        out = {"outputs": y, "levels": {k: v.astype(np.int64) for k, v in r["levels"].items()}, "pre": pre,
+               "counts": r["counts"], "timings": r["timings"]}
+        if runner.precision == "fixed_pt" and runner.info["lowering"] == "graded":
+            from .reference import integer_reference, run_reference
+            ref = run_reference(integer_reference(model, runner.plan()), x, batch_size)
+            out["references"] = {"integer-reference": ref}
+        return out
 
     def split_time(self, runner: LavaRunner, seconds: float) -> tuple[float, float]:
         """The worker's start, Lava's compile and stop are set-up; the run is the stream."""
@@ -221,7 +231,13 @@ class LavaBackend:
         return seconds - run_s, run_s
 
     def details(self, runner: LavaRunner, model: ConvertedModel, data, batch_size: int) -> dict:
-        return {"lava": run_summary(runner.summary, runner.precision, runner.result())}
+        """The run's summary; in fixed point also the comparison with the integer reference (reference.py)."""
+        out = {"lava": run_summary(runner.summary, runner.precision, runner.result())}
+        if runner.precision == "fixed_pt" and runner.info["lowering"] == "graded":
+            from .reference import compare_with_reference
+            out["integer_reference"] = compare_with_reference(model, runner.plan(), data, runner.result()["outputs"],
+                                                              batch_size)
+        return out
 
     def parity_info(self, options: dict | None) -> dict:
         return {"lava": {"precision": (options or {}).get("precision", "floating_pt"),

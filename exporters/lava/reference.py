@@ -32,6 +32,9 @@ concatenation) that gives the same bits. Only the graded lowering is built (thre
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import torch
 
@@ -293,8 +296,8 @@ def integer_reference(model: ConvertedModel, plan: Plan | None = None,
         plan = lower(model, "graded", "fixed_pt", input_abs_max)
     b = _Builder(model, plan)
     graph = b.build()
-    return ConvertedModel(graph, list(model.input_shape), dict(model.config), dict(model.source),
-                          {"integer_reference": {"sums": b.sums, "totals": b.totals}}, {})
+    return dataclasses.replace(model, graph=graph, metrics={"integer_reference": {"sums": b.sums, "totals": b.totals}},
+                               search={})
 
 
 class _Recorder(Observer):
@@ -338,3 +341,42 @@ def run_reference(ref: ConvertedModel, x: torch.Tensor, batch_size: int = 256) -
     cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}     # noqa: E731
     return {"outputs": np.concatenate(outs), "levels": cat(keep.levels), "pre": cat(keep.pre),
             "largest_sum": keep.largest, "float32_exact": keep.largest < 2 ** 24}
+
+
+def _top1(a: np.ndarray, b: np.ndarray) -> float:
+    n = len(a)
+    return 100.0 * float((a.reshape(n, -1).argmax(1) == b.reshape(n, -1).argmax(1)).mean())
+
+
+def compare_with_reference(model: ConvertedModel, plan: Plan, data, lava_outputs: np.ndarray,
+                           batch_size: int = 256) -> dict:
+    """What ``simulate --backend lava --precision fixed_pt`` adds: Lava against the integer reference (the
+    agreement a deployment is judged on: 100 % where Lava runs the plan as planned) and the integer reference
+    against the float torch SNN, with both accuracies on labelled data (what quantisation costs)."""
+    t0 = time.perf_counter()
+    ref = integer_reference(model, plan)
+    r = run_reference(ref, data.x, batch_size)
+    snn = np.concatenate([run(model.graph, data.x[i:i + batch_size]).numpy() for i in range(0, len(data), batch_size)])
+    out, lava = r["outputs"], np.asarray(lava_outputs)
+    n = len(out)
+    y = data.y.numpy() if getattr(data, "labeled", True) else None
+
+    def acc(o: np.ndarray) -> float | None:          # top-1 %, None on unlabeled data
+        return None if y is None else 100.0 * float((o.reshape(n, -1).argmax(1) == y).mean())
+    return {"reference": "the torch SNN with the fixed-point plan's integers (exporters/lava/reference.py)",
+            "lava_prediction_agreement": _top1(lava, out),
+            "lava_max_abs_diff": float(np.abs(lava.reshape(out.shape) - out).max()),
+            "snn_prediction_agreement": _top1(out, snn),
+            "snn_max_abs_diff": float(np.abs(out - snn).max()),
+            "accuracy": acc(out), "snn_accuracy": acc(snn),
+            "float32_exact": r["float32_exact"], "largest_sum": r["largest_sum"],
+            "seconds": time.perf_counter() - t0}
+
+
+def describe(c: dict) -> str:
+    """The text line of :func:`compare_with_reference`."""
+    acc = "" if c["accuracy"] is None else f", accuracy {c['accuracy']:.2f}% (float SNN {c['snn_accuracy']:.2f}%)"
+    exact = "" if c["float32_exact"] else " [sums beyond 2^24: float32 not exact]"
+    return (f"integer reference (torch SNN with the plan's integers): Lava top-1 agreement "
+            f"{c['lava_prediction_agreement']:.2f}% (max|Δ| {c['lava_max_abs_diff']:.3g}){exact}; against the "
+            f"float SNN {c['snn_prediction_agreement']:.2f}%{acc}")
