@@ -203,7 +203,7 @@ def _load_model(model, weights, model_args, trust_pickle):
 def _check_convert_paths(model, data, output, config_file, weights, storage, val_data=None) -> None:
     """convert/tune: no output (the model file, the study database) may be one of the command's inputs."""
     from .config import storage_path
-    from .data import data_paths
+    from .data import check_not_read, data_paths
     from .outputs import check_output
     inputs = [None if model.startswith("timm:") else model, weights, config_file, *data_paths(data),
               *data_paths(val_data)]
@@ -212,6 +212,9 @@ def _check_convert_paths(model, data, output, config_file, weights, storage, val
         check_output(db, inputs + [output], "--storage")
     if output is not None:
         check_output(output, inputs + [db])
+    for spec in (data, val_data):
+        check_not_read(db, spec, "--storage")
+        check_not_read(output, spec)
 
 
 def data_options(fn):
@@ -290,6 +293,13 @@ def _warn(text: str) -> None:
     click.echo(f"warning: {text}", err=True)
 
 
+def _describe_images(pre) -> str:
+    """The preprocessing line of convert's output: what the images became, and from where the values came."""
+    if pre is None:
+        return "inputs: tensors as given (no preprocessing recorded)"
+    return f"inputs: {pre.describe()} [{pre.origin}]"
+
+
 def _describe_validation(v) -> str:
     """``2,000 random of 8,000 images of --data``: how a Validation record chose its images."""
     where = "--val-data" if v.source == "val-data" else "--data"
@@ -362,6 +372,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
     payload.update({"drop": result.drop.to_dict(), "validation": record.to_dict()})
+    pre = converted.preprocessing
+    payload["preprocessing"] = None if pre is None else pre.to_dict()
     if method == "mbe":
         payload["mbe_placed"] = converted.metrics["mbe"]["placed"]
     what = f"{len(converted.sites)} SFN sites, λ = {payload['lam']}" if method == "sfn" else \
@@ -371,6 +383,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
         what = f"method mbe, T = {steps} internal steps per MBE neuron, " + ", ".join(
             f"{v} {k}" for k, v in payload["mbe_placed"].items())
     text = (f"converted {model} -> {output}: {what}\n"
+            f"{_describe_images(pre)}\n"
             f"validation ({_describe_validation(record)}): ANN {result.ann_accuracy:.2f}%  "
             f"SNN {result.accuracy:.2f}%  agreement {result.agreement:.2f}%  "
             f"energy ratio {result.energy_ratio:.4f}; {format_drop(result.drop)}")
@@ -523,7 +536,7 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
 def export_cmd(converted, target, output, levels, ann, opset, partial, max_size, lowering, data, as_json):
     """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
     from .backends import BACKENDS, get_exporter, takes
-    from .data import data_paths
+    from .data import check_not_read, data_paths
     from .model_file import load
     from .outputs import check_output
 
@@ -535,6 +548,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
     exporter = get_exporter(target)
     path = os.path.splitext(converted)[0] + "." + target if output is None else output
     check_output(path, [converted, *data_paths(data)], folder=exporter.writes_folder)
+    check_not_read(path, data)
     model = load(converted)
     if (levels or ann) and "levels" not in accepts:
         raise UserError(f"--levels and --ann apply to --target {', '.join(takes('levels'))} only")
@@ -643,7 +657,7 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
 
     Several model files, or --scale/--levels values, give a side-by-side comparison.
     """
-    from .data import data_paths
+    from .data import check_not_read, data_paths
     from .model_file import atomic_write, load
     from .outputs import check_output
     from .render import to_html, to_markdown, to_text
@@ -652,6 +666,7 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
     targets = expand(targets)
     if output is not None:
         check_output(output, [*converted, *data_paths(data), *targets])
+        check_not_read(output, data)
     fmt = output_format(output)
     for t in targets:                       # fail on a bad target before the data pass
         load_target(t)

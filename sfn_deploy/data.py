@@ -40,7 +40,7 @@ from .sources import (
 from .untrusted import regular_file
 
 __all__ = ["DEFAULT_WORKERS", "IMAGE_EXT", "NO_LABEL", "Dataset", "Validation", "load_data", "open_source",
-           "materialise", "data_paths", "is_image_spec"]
+           "materialise", "data_paths", "is_image_spec", "check_not_read"]
 LIST_EXT = (".csv", ".tsv")
 
 
@@ -244,6 +244,28 @@ def data_paths(spec: str | None) -> list[str]:
     if spec.startswith("mnist:"):
         return [spec[len("mnist:"):].split(":")[0]]
     return [spec]
+
+
+def check_not_read(output: str | None, spec: str | None, option: str = "-o") -> None:
+    """Refuse an output that the image source ``spec`` would read (docs/security.md: no output is an input): an
+    image file inside its folder, or a file its list names. Checked by name before any work starts."""
+    if not output or not spec or not is_image_spec(spec):
+        return
+    real = os.path.realpath(output)
+    if os.path.isdir(spec):
+        if output.lower().endswith(IMAGE_EXT) and real.startswith(os.path.realpath(spec).rstrip(os.sep) + os.sep):
+            raise UserError(f"{output}: {option} lies in the image folder {spec}, which the command reads; "
+                            "writing it would change the input")
+        return
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(spec)))
+    if not os.path.isfile(spec) or not real.startswith(folder.rstrip(os.sep) + os.sep):
+        return
+    try:
+        listing = list_table(spec)
+    except UserError:
+        return                          # a damaged list is refused, by name, when the data is read
+    if any(os.path.realpath(p) == real for p, _ in listing.items):
+        raise UserError(f"{output}: {option} is an image that {spec} lists; writing it would change the input")
 
 
 def _tensor_spec(spec: str) -> tuple[Dataset, Preprocess | None]:

@@ -8,6 +8,7 @@ from .convert import PIPELINE
 from .errors import UserError
 from .methods import method_of, require_single_step
 from .model_file import ConvertedModel
+from .preprocess import Preprocess
 from .targets import available
 
 
@@ -26,7 +27,9 @@ def summary(model: ConvertedModel) -> dict:
                "source": n.source} for n in g.nodes]
     method, steps = method_of(g)
     return {"format_version": 1, "method": method, "timesteps": steps, "source": model.source,
-            "input_shape": model.input_shape, "config": model.config, "passes": [p.name for p in PIPELINE],
+            "input_shape": model.input_shape,
+            "preprocessing": None if model.preprocessing is None else model.preprocessing.to_dict(),
+            "classes": model.classes, "config": model.config, "passes": [p.name for p in PIPELINE],
             "node_kinds": dict(kinds),
             "layers": layers, "sites": sites, "metrics": model.metrics,
             "pareto_front": model.search.get("pareto_front", []), "chosen": model.search.get("chosen"),
@@ -52,10 +55,17 @@ def _numel(shape) -> int:
     return out
 
 
+def _classes(names: list[str] | None) -> str:
+    return f"; {len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+
+
 def summary_text(s: dict) -> str:
     cfg = s["config"]
     method = s.get("method", "sfn")
+    pre = s.get("preprocessing")
     lines = [f"source: {s['source'].get('spec', '?')}   input: {'×'.join(map(str, s['input_shape']))}",
+             "images: " + (Preprocess.from_dict(pre).describe() if pre else "no preprocessing recorded")
+             + _classes(s.get("classes")),
              f"fire function {cfg.get('fire')} (M = {cfg.get('levels')}), rounding {cfg.get('rounding')}, "
              f"p = {cfg.get('percentile')}%" if method == "sfn" else
              f"method {method} (docs/methods.md), T = {s['timesteps']}, p = {cfg.get('percentile')}%",

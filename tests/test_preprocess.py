@@ -141,7 +141,7 @@ def test_mixed_sizes_need_a_recipe(work):
     assert ds.x.shape == (12, 3, 32, 32) and ds.classes == list(CLASSES) and ds.labeled
     assert ds.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert ds.preprocessing is not None and ds.preprocessing.channels == 3
-    assert 0.0 <= float(ds.x.min()) and float(ds.x.max()) <= 1.0          # no mean/std: [0, 1] pixels
+    assert float(ds.x.min()) >= 0.0 and float(ds.x.max()) <= 1.0          # no mean/std: [0, 1] pixels
     two = load_data(work["photos"], parse_options({"resize": "40", "crop": "32"}), workers=2)
     assert torch.equal(two.x, ds.x) and torch.equal(two.y, ds.y)           # worker processes read the same
 
@@ -371,3 +371,18 @@ def test_a_tampered_record_is_refused(converted, tmp_path):
     torch.save(d, tmp_path / "t.sfn.pt")
     line = _error("evaluate", tmp_path / "t.sfn.pt", "--data", "sklearn:digits")
     assert "invalid converted model ('preprocessing' crop:" in line
+
+
+def test_no_output_is_an_image_the_command_reads(work, converted):
+    """-o inside an image folder with an image's name, or a file a list names, would change the input: refused."""
+    line = _error("convert", "timm:test_resnet", "--data", work["photos"], "--scale", "0.2", "-o",
+                  os.path.join(work["photos"], "cat", "new.png"))
+    assert "lies in the image folder" in line
+    listed = os.path.join(work["root"], "one.csv")
+    with open(listed, "w") as f:
+        f.write("photos/cat/0000.jpg,1\n")
+    line = _error("report", converted, "--data", listed, "-o", os.path.join(work["photos"], "cat", "0000.jpg"))
+    assert "is an image that" in line and "lists" in line
+    code, out, _ = run("inspect", converted)
+    assert code == 0 and "images: 3 channels, resize shorter side 40 (bilinear), centre crop 32×32" in out
+    assert "3 classes (airplane, cat, ship)" in out
