@@ -231,6 +231,13 @@ def test_cli_export_simulate_per_layer_and_evaluate_on_lava(digits_snn, tmp_path
     assert r.returncode == 0, r.stderr
     lava = json.loads(r.stdout)["backends"]["lava"]
     assert lava["lava"]["precision"] == "fixed_pt" and lava["prediction_agreement"] >= 90
+    ref = lava["integer_reference"]         # Lava against the integer reference; that against the float SNN
+    assert ref["lava_prediction_agreement"] == 100.0 and ref["lava_max_abs_diff"] == 0 and ref["float32_exact"]
+    assert ref["snn_prediction_agreement"] == pytest.approx(lava["prediction_agreement"])
+    assert ref["accuracy"] == pytest.approx(lava["accuracy"]) and ref["snn_accuracy"] is not None
+    from sfn_deploy.exporters.lava.reference import describe
+    assert describe(ref).startswith("integer reference (torch SNN with the plan's integers): Lava top-1 agreement "
+                                    "100.00% (max|Δ| 0); against the float SNN ")
     r = _cli("evaluate", model, "--data", "sklearn:digits", "--limit", "20", "--backend", "lava", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["backend"] == "lava"
@@ -430,3 +437,101 @@ def test_validation_refuses_a_split_layer_that_does_not_add_up(pool_res_cat):
     next(b for b in flt.blocks if b.kind == "conv").attrs["split"] = True    # halves are a fixed-point construction
     with pytest.raises(UserError, match="attrs.split"):
         validate_plan(flt)
+
+
+# -- the integer reference: the torch SNN as Lava's fixed point computes it (exporters/lava/reference.py) -----
+
+class _TinyResNet:
+    """Conv–ReLU on the 8-bit input, a 1×1 projection without activation (a dual site), a convolution read by a
+    ReLU6 and a residual sum on the host (a neuron fed by the host), average pooling folded into the classifier."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+                self.c3, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 10)
+
+            def forward(self, x):
+                h = torch.relu(self.c1(x))
+                h = nn.functional.relu6(self.c3(self.c2(h))) + h
+                return self.fc(torch.flatten(nn.functional.avg_pool2d(h, 2), 1))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet(digits):
+    return convert(_TinyResNet.build(), digits.limit(200), scale=0.5)
+
+
+def test_integer_reference_reproduces_lava_fixed_point_bit_for_bit(tiny_resnet, digits):
+    """Per-layer parity in fixed point compares Lava with the integer reference too: every spike level, every
+    membrane potential and every logit equal; the reference against the float SNN shows what quantisation costs."""
+    from sfn_deploy.parity import parity
+    snn = tiny_resnet
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
+    assert {b.attrs["polarity"] for b in plan.blocks if b.kind == "conv"} == {"analog", "pos", "neg"}
+    assert any(b.attrs.get("split") for b in plan.blocks) and "hardtanh" in plan.summary()["host_ops"]
+    data = digits.subset(np.arange(200, 212))
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
+                                                        "input_abs_max": 1.0})
+    assert [(r.backend, r.reference) for r in rows] == [("lava", "torch"), ("lava", "integer-reference"),
+                                                        ("integer-reference", "torch")]
+    exact = rows[1]
+    assert exact.first_differing is None and exact.compared_sites == 3
+    assert exact.output_max_abs_diff == 0 and exact.prediction_agreement == 100.0
+    assert all(r.levels_equal == 100.0 and r.max_pre_diff < 1e-6 for r in exact.layers)
+    lava, ref = rows[0], rows[2]        # Lava against the float SNN is the integer reference against it
+    assert lava.prediction_agreement == ref.prediction_agreement
+    assert [r.levels_equal for r in lava.layers] == [r.levels_equal for r in ref.layers]
+
+
+def test_integer_reference_uses_the_plans_integers_and_certifies_float32_exactness(tiny_resnet, digits):
+    from sfn_deploy.exporters.lava.reference import integer_reference, run_reference
+    snn = tiny_resnet
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
+    ref = integer_reference(snn, plan)
+    assert [s.name for s in ref.sites] == [s.name for s in snn.sites]       # per-layer parity pairs them by name
+    for blk in plan.blocks:
+        if blk.kind == "neuron":
+            site = ref.graph[blk.ir[0]]
+            thr, scale = np.asarray(blk.arrays["thr_pos"]), np.float32(blk.attrs["scale"])
+            reach = thr < 2 ** 23             # beyond: the saturated 24-bit membrane never gets there
+            bounds = site.params["bounds_pos"].numpy()
+            assert np.array_equal(bounds[reach], np.float32(thr[reach]) * scale)
+            assert np.all(bounds[~reach] > np.float32(2 ** 23 - 1) * scale)
+        elif blk.kind == "conv":        # one convolution per synapse group, holding the plan's integers
+            w = ref.graph[blk.name].params["weight"].numpy()
+            assert np.array_equal(w.transpose(0, 3, 2, 1)[:, ::-1, ::-1, :], blk.arrays["weight"])
+    r = run_reference(ref, digits.x[200:240])
+    assert r["float32_exact"] and 0 < r["largest_sum"] < 2 ** 24
+    assert set(r["levels"]) == {s.name for s in snn.sites}
+
+
+def test_host_integers_round_like_the_host_encoder():
+    """The op table has no rounding: the reference's rint (x + 2^23 − 2^23 per sign) and the float32 product with
+    1/scale give the host encoder's integers, ties to even and the clip at ±(2^23 − 1) included."""
+    import torch
+
+    from sfn_deploy.exporters.lava.reference import LIM, host_integers
+    from sfn_deploy.ir import Graph, Node
+    from sfn_deploy.simulators.interpreter import run
+    ties = np.arange(-6, 6) + 0.5
+    x = np.concatenate([ties, [0.0, -0.0, 0.49999997, 1e-30, 2.0 ** 22 + 0.5, 2.0 ** 23 - 1.5, 2.0 ** 23, -3e7, 7e9],
+                        np.random.default_rng(0).normal(0, 300, 2000)]).astype(np.float32)
+    nodes: list = []
+
+    def emit(op, inputs, shape, attrs=None, base="n"):
+        nodes.append(Node(f"{base}_{len(nodes)}", op, list(inputs), dict(attrs or {}), {}, list(shape)))
+        return nodes[-1].name
+    for scale in (1.0, 1 / 255, 2.0 ** -14, 0.3):
+        nodes[:] = [Node("x", "input", shape=[1, len(x)])]
+        out = host_integers(emit, "x", [1, len(x)], scale, "q")
+        got = run(Graph(nodes, out), torch.from_numpy(x)[None]).numpy()[0]
+        want = np.clip(np.rint((x * np.float32(1.0 / scale)).astype(np.float64)), -LIM, LIM)   # host.py's encoder
+        assert np.array_equal(got, want), scale

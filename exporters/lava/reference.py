@@ -73,6 +73,22 @@ def _snap(thr: np.ndarray, top: int) -> np.ndarray:
     return t
 
 
+def host_integers(emit, v: str, shape: list, scale: float, base: str) -> str:
+    """Nodes computing what a host block sends to the chip for value v at ``scale``: rint(v · fl32(1/scale)),
+    the product in float32, clipped to ±(2^23 − 1) (host.py's ``int`` encoding). The op table has no rounding:
+    x + 2^23 − 2^23 rounds 0 ≤ x < 2^23 to the nearest integer, ties to even, in float32, so each sign's half
+    goes through it. ``emit(op, inputs, shape, attrs, base=...)`` adds a node and returns its name."""
+    y = emit("mul", [v], shape, {"other": _f32(1.0 / scale)}, base=base)
+    y = emit("hardtanh", [y], shape, {"min_val": -float(LIM), "max_val": float(LIM)}, base=base)
+    halves = []
+    for sign in (1.0, -1.0):
+        h = y if sign > 0 else emit("mul", [y], shape, {"other": -1.0}, base=base)
+        h = emit("relu", [h], shape, base=base)
+        h = emit("add", [h], shape, {"other": _MAGIC}, base=base)
+        halves.append(emit("sub", [h], shape, {"other": _MAGIC}, base=base))
+    return emit("sub", halves, shape, base=base)
+
+
 class _Builder:
     def __init__(self, model: ConvertedModel, plan: Plan):
         if plan.precision != "fixed_pt" or plan.lowering != "graded":
@@ -155,16 +171,8 @@ class _Builder:
         """rint(value · fl32(1/scale)) in float32, clipped to ±(2^23 − 1): the integers the host sends."""
         key = ("int", value, scale)
         if key not in self.cache:
-            v, sh, b = self.host_value(value), self.shape(value), f"{value}__int"
-            y = self.emit("mul", [v], sh, {"other": _f32(1.0 / scale)}, base=b)
-            y = self.emit("hardtanh", [y], sh, {"min_val": -float(LIM), "max_val": float(LIM)}, base=b)
-            halves = []
-            for sign in (1.0, -1.0):        # rint of each half: x + 2^23 − 2^23 rounds 0 ≤ x < 2^23 to even
-                h = y if sign > 0 else self.emit("mul", [y], sh, {"other": -1.0}, base=b)
-                h = self.emit("relu", [h], sh, base=b)
-                h = self.emit("add", [h], sh, {"other": _MAGIC}, base=b)
-                halves.append(self.emit("sub", [h], sh, {"other": _MAGIC}, base=b))
-            self.cache[key] = self.emit("sub", halves, sh, base=b)
+            self.cache[key] = host_integers(self.emit, self.host_value(value), self.shape(value), scale,
+                                            f"{value}__int")
         return self.cache[key]
 
     # -- weight layers
