@@ -162,6 +162,10 @@ def convert_options(fn):
         click.option("--percentile", type=float, default=None, help="p: θ is the top-p%% activation (default 1)."),
         click.option("--search", type=click.Choice(["shared", "per-block", "per-site"]), default=None,
                      help="λ search space (default shared)."),
+        click.option("--strategy", type=click.Choice(["tpe", "staged"]), default=None,
+                     help="How the search spends its trials: tpe = the paper's TPE study; staged = shared grid, "
+                          "refinement, then per group, poor points scored on few images, the choice checked at "
+                          "λ ± 3 %% (default: tpe for --search shared, staged otherwise)."),
         click.option("--trials", type=int, default=None, help="Search trials (default 50)."),
         click.option("--val-size", type=int, default=None,
                      help="Validation images (search and reported drop): all of them when there are at most N, "
@@ -185,7 +189,7 @@ def convert_options(fn):
 
 _CFG_KEYS = ("method", "timesteps", "v0", "epochs",
              "levels", "fire", "rounding", "percentile", "search", "trials", "val_size", "val_fraction", "storage",
-             "study",
+             "study", "strategy",
              "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop")
 
 

@@ -17,6 +17,10 @@ from .neurons import FIRE_FUNCTIONS, ROUNDINGS
 from .untrusted import read_bytes
 
 SEARCH_SPACES = ("shared", "per-block", "per-site")
+# How the λ search spends its trials (docs/concepts.md "The search strategy"): tpe = the paper's (one TPE study
+# over the whole space), staged = shared grid, refinement, then per group, scored on growing image subsets.
+# Default: tpe for search = shared (the paper's search, reproducible), staged for per-block and per-site.
+STRATEGIES = ("tpe", "staged")
 
 # Validation images for the λ search and the reported drop: all of them up to this many, else a seeded random
 # this many. 2,000 images resolve 0.05 points per image and tell a 0.2-point drop from zero (see
@@ -40,6 +44,7 @@ class ConvertConfig:
     max_drop: float | None = None   # accuracy budget in points: cheapest configuration within it
     trials: int = 50                # search trials (the paper: 50)
     search: str = "shared"          # shared λ | per-block | per-site
+    strategy: str | None = None     # tpe | staged (default: tpe for shared, staged otherwise)
     val_size: int = VAL_SIZE        # validation images: all when at most this many, else a random this many
     val_fraction: float | None = None   # instead: a random share of --data (the paper: 0.02); refused with val_size
     storage: str | None = None      # Optuna storage URL (default: a SQLite file beside the output)
@@ -141,6 +146,8 @@ def validate(cfg: ConvertConfig) -> ConvertConfig:
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
             _bad(key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+    if cfg.strategy is not None and cfg.strategy not in STRATEGIES:
+        _bad("strategy", f"{cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
     _check_ranges(cfg)
     return cfg
 

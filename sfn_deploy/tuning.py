@@ -53,7 +53,7 @@ from typing import Any
 
 import optuna
 
-from . import evaluation
+from . import evaluation, staged
 from .config import ConvertConfig, redacted, storage_path
 from .data import Dataset, Validation
 from .errors import UserError
@@ -98,6 +98,15 @@ class SearchResult(Result):
     pareto_front: list[ParetoPoint]     # by energy ratio, then accuracy
     chosen: Chosen | None = optional()
     validation: Validation | None = optional()   # which images scored the trials (this worker's choice)
+    strategy: str | None = optional()            # "staged" (the plain TPE study leaves it out)
+    max_drop: float | None = optional()          # staged: the budget the study and its choice were made for
+    checks: list[dict] | None = optional()       # staged: the neighbour checks of the candidates (staged.Check)
+    images: int | None = optional()              # staged: validation images this worker ran (trials and checks)
+
+
+def strategy_of(cfg: ConvertConfig) -> str:
+    """The search strategy: the configured one, else tpe for a shared λ and staged for per-block and per-site."""
+    return cfg.strategy or ("tpe" if cfg.search == "shared" else "staged")
 
 def site_groups(graph: Graph, search: str) -> dict[str, list[str]]:
     """Which sites share one λ. Post-softmax sites are λ-independent and not searched."""
@@ -119,11 +128,14 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
     """A hash of the model and the options that change the objective, the validation images among them.
 
     With ``val_fraction`` the name is the one earlier versions gave; with the count rule it names
-    ``val_size`` instead, and a separate validation set (``--val-data``) by a hash of its contents."""
+    ``val_size`` instead, and a separate validation set (``--val-data``) by a hash of its contents. A staged
+    study also names its strategy and ``max_drop`` (its objective is the energy within that budget)."""
     keys = ["levels", "fire", "rounding", "percentile", "search", "val_fraction", "seed", "calib_limit"]
     if cfg.val_fraction is None:
         keys[keys.index("val_fraction")] = "val_size"
     record: dict[str, Any] = {"source": source, **{k: getattr(cfg, k) for k in keys}}
+    if strategy_of(cfg) == "staged":          # its objective depends on the budget; tpe studies keep their names
+        record.update(strategy="staged", max_drop=cfg.max_drop)
     if val_data is not None:
         h = hashlib.sha256(val_data.x.numpy().tobytes())
         h.update(val_data.y.numpy().tobytes())
@@ -210,8 +222,16 @@ def _sqlite_storage(url: str, attempts: int = 5, **kw):
     return storage
 
 
+def _finished(t) -> bool:
+    """A trial that counts towards ``--trials``: completed, or stopped by the staged search's pruner after it ran
+    some images (it records how many); a trial pruned because the study was already full does not count."""
+    return t.state == optuna.trial.TrialState.COMPLETE or (
+        t.state == optuna.trial.TrialState.PRUNED and "images" in t.user_attrs)
+
+
 def _completed(study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if _finished(t))
 
 
 def _namespace() -> str | None:
@@ -263,8 +283,9 @@ def _fail(study, storage, trial_id: int) -> None:
 
 def _census(study, storage, grace: int, here: str | None, exclude: int | None = None,
             fail_stale: bool = True) -> tuple[int, list]:
-    """The number of completed trials and the running trials of live workers, after failing the dead ones."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    """The number of finished trials (:func:`_finished`) and the running trials of live workers, after failing
+    the dead ones."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
     rdb = isinstance(storage, optuna.storages.RDBStorage)
     if rdb and fail_stale:
         with warnings.catch_warnings():
@@ -272,8 +293,8 @@ def _census(study, storage, grace: int, here: str | None, exclude: int | None = 
             optuna.storages.fail_stale_trials(study)
     completed, live = 0, []
     for t in study.get_trials(deepcopy=False, states=states):
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            completed += 1
+        if t.state != optuna.trial.TrialState.RUNNING:
+            completed += _finished(t)
         elif t.number == exclude:
             continue
         elif rdb and _is_dead(t, here, grace):
@@ -305,28 +326,113 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
         raise UserError(f"--storage {shown}: {_first_line(e)}") from None
 
 
-def _open_study(name: str, storage, sampler, groups: dict, attrs: dict):
-    """Load the study, or create it (then this worker alone records ``groups`` and ``attrs`` and enqueues the
-    start grid); refuse a study made for other λ groups."""
+def _open_study(name: str, storage, sampler, groups: dict, attrs: dict, strategy: str = "tpe", pruner=None):
+    """Load the study, or create it (then this worker alone records ``groups`` and ``attrs`` and, for the tpe
+    strategy, enqueues the start grid); refuse a study made for other λ groups or by the other strategy."""
+    directions: list[Any] = ["minimize"] if strategy == "staged" else ["maximize", "minimize"]
     created = False
     try:                                      # load first: a finished study can be read from a read-only file
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         try:
-            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                        directions=["maximize", "minimize"])
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                        directions=directions)
             created = True
         except optuna.exceptions.DuplicatedStudyError:   # another worker made it meanwhile
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     if study.user_attrs.get("groups") not in (None, groups):
         raise UserError(f"study {name!r} was made for other λ groups; choose another --study")
+    if len(study.directions) != len(directions):
+        other = "tpe" if strategy == "staged" else "staged"
+        raise UserError(f"study {name!r} was made by the {other} search strategy; choose another --study or "
+                        f"--strategy {other}")
     if created:                               # only the creator enqueues the start grid
         study.set_user_attr("groups", groups)
         for k, v in attrs.items():
             study.set_user_attr(k, v)
-        for v in SHARED_GRID:
-            study.enqueue_trial({f"lam:{g}": v for g in groups})
+        if strategy == "tpe":
+            for v in SHARED_GRID:
+                study.enqueue_trial({f"lam:{g}": v for g in groups})
     return study
+
+
+class _Staged:
+    """The staged strategy's part of a worker (:mod:`sfn_deploy.staged`): what it enqueues before each trial,
+    how a trial is scored (on growing image subsets, pruned by :class:`staged.RungPruner`), and the choice."""
+
+    def __init__(self, graph: Graph, val: Dataset, ann_pred, ann_acc: float, cfg: ConvertConfig, groups: dict):
+        self.groups = groups
+        self.context = staged.Context(ann_accuracy=ann_acc, max_drop=cfg.max_drop, n=len(val), groups=list(groups))
+        self.evaluator = staged.Evaluator(graph, val.x, val.y, ann_pred, cfg.batch_size,
+                                          evaluation.energy_constants(), cfg.seed)
+        self.pruner = staged.RungPruner(self.context)
+
+    def before_trial(self, study) -> None:
+        """Enqueue the plan's next point (the plan leaves out points already in the study, waiting ones too; the
+        warm start repeats a shared point on purpose), unless the sampler's turn has come."""
+        step = staged.plan(study.get_trials(deepcopy=False), self.context)
+        if step is not None:
+            lam, stage = step
+            study.enqueue_trial({f"lam:{g}": v for g, v in lam.items()}, user_attrs={"stage": stage})
+
+    def trial(self, study, trial: optuna.Trial, per_site: dict[str, float]) -> float:
+        c = self.context
+        c.update(study.get_trials(deepcopy=False))
+        if trial.user_attrs.get("stage") is None:
+            trial.set_user_attr("stage", "tpe")
+        copied = self._copy(study, trial, per_site)
+        if copied is not None:
+            return copied
+        for r in self.evaluator.run(per_site):
+            self._record(trial, r)
+            trial.report(staged.score(r.accuracy, r.energy, c.target), r.images)
+            if r.images < c.n and trial.should_prune():
+                raise optuna.TrialPruned(f"stopped after {r.images} images")
+        return staged.score(r.accuracy, r.energy, c.target)
+
+    @staticmethod
+    def _record(trial: optuna.Trial, r: staged.Rung) -> None:
+        trial.set_user_attr("rung", r.__dict__)
+        for k in ("images", "accuracy", "ann_only", "snn_only"):
+            trial.set_user_attr(k, getattr(r, k))
+        trial.set_user_attr("energy_ratio", r.energy)
+
+    def _copy(self, study, trial: optuna.Trial, per_site: dict[str, float]) -> float | None:
+        """A point already run on every image (the warm start repeats the best shared point) is not run again."""
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("images") == self.context.n and t.user_attrs.get("lam") == per_site:
+                for k in ("rung", "images", "accuracy", "ann_only", "snn_only", "energy_ratio"):
+                    trial.set_user_attr(k, t.user_attrs[k])
+                trial.set_user_attr("copied_from", t.number)
+                return staged.score(t.user_attrs["accuracy"], t.user_attrs["energy_ratio"], self.context.target)
+        return None
+
+    def finish(self, study) -> tuple[list[ParetoPoint], Chosen | None, list[dict]]:
+        """The front of the points run on every image, and the chosen point with its neighbour checks."""
+        c = self.context
+        trials = study.get_trials(deepcopy=False)
+        c.update(trials)
+        points = [staged.Candidate(trial=t.number, accuracy=t.user_attrs["accuracy"],
+                                   energy_ratio=t.user_attrs["energy_ratio"], lam=t.user_attrs["lam"],
+                                   shared=staged.shared_value(staged.lams(t), c.groups) is not None)
+                  for t in trials if staged._full(t, c.n) and t.user_attrs.get("stage") != "warm"]
+        front = [ParetoPoint(trial=p.trial, accuracy=p.accuracy, energy_ratio=p.energy_ratio, lam=p.lam)
+                 for p in points if not any(q.accuracy >= p.accuracy and q.energy_ratio <= p.energy_ratio
+                                            and (q.accuracy, -q.energy_ratio) != (p.accuracy, -p.energy_ratio)
+                                            for q in points)]
+        front.sort(key=lambda r: (r.energy_ratio, -r.accuracy))
+
+        def evaluate(lam: dict[str, float], floor: float) -> staged.Rung:
+            return self.evaluator.full(lam, stop=lambda r: r.drop_low() > c.ann_accuracy - floor + 1e-9)
+
+        p, rule, checks = staged.select(points, c, evaluate)
+        if p is None and points:
+            p = max(points, key=lambda q: (q.accuracy, -q.energy_ratio))
+            rule = (f"no configuration within {c.max_drop} points; most accurate taken" if c.max_drop is not None
+                    else "max accuracy")
+        chosen = None if p is None else Chosen(trial=p.trial, accuracy=p.accuracy, energy_ratio=p.energy_ratio,
+                                               lam=p.lam, rule=rule)
+        return front, chosen, [k.to_dict() for k in checks]
 
 
 def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
@@ -335,15 +441,31 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     ann_acc = evaluation.accuracy(ann_pred, val.y)
     e_ac, e_mac = evaluation.energy_constants()
     groups = site_groups(graph, cfg.search)
+    strategy = strategy_of(cfg)
     name = cfg.study or study_name(source, cfg, data.validation)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
         optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
-    study = _open_study(name, storage, sampler, groups, {"ann_accuracy": ann_acc, "val_samples": len(val),
-                                                         "validation": record.to_dict()})
+    plan = _Staged(graph, val, ann_pred, ann_acc, cfg, groups) if strategy == "staged" else None
+    # staged: univariate TPE after the planned points (it combines what each group tolerates, see staged.py)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=plan is None)
+    attrs = {"ann_accuracy": ann_acc, "val_samples": len(val), "validation": record.to_dict()}
+    study = _open_study(name, storage, sampler, groups, {**attrs, "strategy": strategy} if plan else attrs,
+                        strategy, plan.pruner if plan else None)
     here = _namespace()
     rdb = isinstance(storage, optuna.storages.RDBStorage)
     state: dict[str, Any] = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
+
+    def evaluate(trial: optuna.Trial):
+        lam = {g: trial.suggest_float(f"lam:{g}", *staged.LAM_RANGE, log=True) for g in groups}
+        per_site = {s: lam[g] for g, members in groups.items() for s in members}
+        if plan is not None:
+            trial.set_user_attr("lam", per_site)
+            return plan.trial(study, trial, per_site)
+        set_scale(graph, per_site)
+        pred, counter = evaluation.measure(graph, val, cfg.batch_size)
+        acc, ratio = evaluation.accuracy(pred, val.y), counter.result().energy_ratio(e_ac, e_mac)
+        trial.set_user_attr("lam", per_site)
+        return acc, ratio
 
     def objective(trial: optuna.Trial):
         state["trial_id"] = trial._trial_id
@@ -357,34 +479,50 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
             if completed + len(ahead) >= cfg.trials:
                 state["pruned"] = True
                 raise optuna.TrialPruned("the study already has the requested number of trials")
-            lam = {g: trial.suggest_float(f"lam:{g}", 0.02, 1.0, log=True) for g in groups}
-            per_site = {s: lam[g] for g, members in groups.items() for s in members}
-            set_scale(graph, per_site)
-            pred, counter = evaluation.measure(graph, val, cfg.batch_size)
-            acc = evaluation.accuracy(pred, val.y)
-            ratio = counter.result().energy_ratio(e_ac, e_mac)
-            trial.set_user_attr("lam", per_site)
+            values = evaluate(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
             state["superseded"] = True        # another worker declared this trial dead and failed it
             raise
         state["returned"] = True
-        return acc, ratio
+        return values
 
+    _loop(study, storage, cfg.trials, grace, here, objective, state, name, quiet,
+          before=plan.before_trial if plan else None)
+    if plan is None:
+        front = sorted((ParetoPoint(trial=t.number, accuracy=t.values[0], energy_ratio=t.values[1],
+                                    lam=t.user_attrs["lam"]) for t in study.best_trials),
+                       key=lambda r: (r.energy_ratio, -r.accuracy))
+        chosen, checks = None, None
+    else:
+        front, chosen, checks = plan.finish(study)
+    return SearchResult(study=name, storage=redacted(cfg.storage) or "memory",
+                        trials_completed=_completed(study),
+                        ann_accuracy=study.user_attrs.get("ann_accuracy", ann_acc), val_samples=len(val),
+                        groups={g: len(m) for g, m in groups.items()}, pareto_front=front, chosen=chosen,
+                        validation=record, strategy="staged" if plan else None,
+                        max_drop=cfg.max_drop if plan else None, checks=checks,
+                        images=plan.evaluator.images if plan else None)
+
+
+def _loop(study, storage, trials: int, grace: int, here, objective, state: dict, name: str, quiet: bool,
+          before=None) -> None:
+    """Run trials one at a time until the study holds ``trials`` finished ones (see the module docstring)."""
+    rdb = isinstance(storage, optuna.storages.RDBStorage)
     done = _completed(study)
-    bar = progress(None, "λ search", quiet=quiet, total=cfg.trials)
-    bar.update(min(done, cfg.trials))
-    shown_done = min(done, cfg.trials)
-    wasted, wasted_limit = 0, max(5, cfg.trials)     # pruned or superseded trials of this worker
+    bar = progress(None, "λ search", quiet=quiet, total=trials)
+    bar.update(min(done, trials))
+    shown_done = min(done, trials)
+    wasted, wasted_limit = 0, max(5, trials)     # pruned or superseded trials of this worker
     pause = 0.1
     try:
         while True:
             done, live = _census(study, storage, grace, here)
-            if min(done, cfg.trials) > shown_done:
-                bar.update(min(done, cfg.trials) - shown_done)
-                shown_done = min(done, cfg.trials)
-            if done >= cfg.trials:
+            if min(done, trials) > shown_done:
+                bar.update(min(done, trials) - shown_done)
+                shown_done = min(done, trials)
+            if done >= trials:
                 break
-            if done + len(live) >= cfg.trials:        # the missing trials are running elsewhere
+            if done + len(live) >= trials:        # the missing trials are running elsewhere
                 bar.set_postfix_str(f"waiting for {len(live)} running trial(s)")
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
@@ -393,6 +531,8 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
                 bar.set_postfix_str("")
             pause = 0.1
             state.update(pruned=False, superseded=False, returned=False, trial_id=None)
+            if before is not None:
+                before(study)
             try:
                 study.optimize(objective, n_trials=1, catch=())
             except Exception:
@@ -407,21 +547,19 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
                 wasted += 1
                 if wasted > wasted_limit:
                     raise UserError(f"λ search: {wasted} trials of this worker were pruned or taken over "
-                                    f"before reaching {cfg.trials} completed trials in study {name!r}; "
+                                    f"before reaching {trials} completed trials in study {name!r}; "
                                     "check the other workers")
     finally:
         bar.close()
-    front = sorted((ParetoPoint(trial=t.number, accuracy=t.values[0], energy_ratio=t.values[1],
-                                lam=t.user_attrs["lam"]) for t in study.best_trials),
-                   key=lambda r: (r.energy_ratio, -r.accuracy))
-    return SearchResult(study=name, storage=redacted(cfg.storage) or "memory",
-                        trials_completed=_completed(study),
-                        ann_accuracy=study.user_attrs.get("ann_accuracy", ann_acc), val_samples=len(val),
-                        groups={g: len(m) for g, m in groups.items()}, pareto_front=front, validation=record)
 
 
 def choose(result: SearchResult, max_drop: float | None) -> Chosen:
-    """Most accurate point (ties: cheaper); with a budget, the cheapest point within max_drop points."""
+    """Most accurate point (ties: cheaper); with a budget, the cheapest point within max_drop points.
+
+    A staged search chose its point itself (checked at its neighbours, :func:`staged.select`): that choice is
+    returned when ``max_drop`` is the budget the study was made for."""
+    if result.strategy == "staged" and result.chosen is not None and result.max_drop == max_drop:
+        return result.chosen
     front = result.pareto_front
     if not front:
         raise UserError("the λ search finished no trial")

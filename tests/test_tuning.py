@@ -17,8 +17,11 @@ from sfn_deploy.tuning import ParetoPoint, SearchResult, choose, run_search, sit
 
 
 def _completed(storage, name):
+    """The trials that count towards --trials: completed, or stopped by the staged search's pruner after
+    running some images."""
     s = optuna.load_study(study_name=name, storage=storage)
-    return [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE
+            or (t.state == optuna.trial.TrialState.PRUNED and "images" in t.user_attrs)]
 
 
 def test_interrupted_search_resumes_without_losing_trials(tmp_path, digits, digits_mlp):
