@@ -356,7 +356,7 @@ def materialise(src: Source, batch_size: int = 64, quiet: bool = True) -> Datase
     for xb, yb in progress(src.batches(batch_size), f"reading {src.name}", quiet=quiet,
                            total=-(-len(src) // batch_size)):
         if x is None:
-            x = torch.empty(len(src), *xb.shape[1:], dtype=torch.float32)
+            x = torch.zeros(len(src), *xb.shape[1:], dtype=torch.float32)
         x[at:at + len(xb)] = xb
         y[at:at + len(xb)] = yb
         at += len(xb)

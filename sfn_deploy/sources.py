@@ -169,7 +169,7 @@ def open_image(path: str, channels: int | None):
     """The image at ``path`` as a PIL image in mode L (channels 1) or RGB (3); channels None: the image's
     own (greyscale modes: 1, anything else: 3). Refused by name (UserError): anything but a regular file,
     formats outside :data:`FORMATS`, more than :data:`MAX_PIXELS` pixels, a file that does not decode."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -194,6 +194,9 @@ def open_image(path: str, channels: int | None):
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise UserError(f"{path}: over PIL's decompression-bomb limit; refusing to decode it") from None
+            except UnidentifiedImageError:
+                raise UserError(f"{path}: not a readable image (not {', '.join(FORMATS[:-1])} or {FORMATS[-1]})"
+                                ) from None
             except Exception as e:
                 text = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise UserError(f"{path}: not a readable image ({text})") from None
