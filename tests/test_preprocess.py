@@ -386,3 +386,25 @@ def test_no_output_is_an_image_the_command_reads(work, converted):
     code, out, _ = run("inspect", converted)
     assert code == 0 and "images: 3 channels, resize shorter side 40 (bilinear), centre crop 32×32" in out
     assert "3 classes (airplane, cat, ship)" in out
+
+
+def test_tune_records_and_a_lava_bundle_reads_photos_with_its_recipe(work, tmp_path):
+    """tune -o records the recipe like convert; simulate BUNDLE/ reads photos with the bundle's own record."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 14 * 14, 3)).eval()
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 16, 16),)), tmp_path / "net.pt2")
+    out = tmp_path / "t.sfn.pt"
+    code, _, err = run("tune", tmp_path / "net.pt2", "--data", work["photos"], "--resize", "20", "--crop", "16",
+                       "--trials", "2", "--storage", tmp_path / "s.db", "--workers", "0", "-o", out)
+    assert code == 0, err
+    from sfn_deploy.model_file import load
+    m = load(str(out))
+    assert m.preprocessing is not None and m.preprocessing.crop == (16, 16) and m.classes == list(CLASSES)
+    pytest.importorskip("lava.magma")
+    assert run("export", "--target", "lava", out, "-o", tmp_path / "t.lava")[0] == 0
+    code, stdout, err = run("simulate", tmp_path / "t.lava", "--data", work["other"], "--backend", "lava",
+                            "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["samples"] == 6
+    line = _error("simulate", tmp_path / "t.lava", "--data", work["other"], "--backend", "lava", "--crop", "20")
+    assert "--crop 20×20 differs from the preprocessing recorded in" in line and "(crop 16×16)" in line
