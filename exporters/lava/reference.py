@@ -383,6 +383,8 @@ def compare_with_reference(model: ConvertedModel, plan: Plan, data, lava_outputs
 
 def describe(c: dict) -> str:
     """The text line of :func:`compare_with_reference`."""
+    if "unavailable" in c:
+        return f"integer reference: not built ({c['unavailable']})"
     acc = "" if c["accuracy"] is None else f", accuracy {c['accuracy']:.2f}% (float SNN {c['snn_accuracy']:.2f}%)"
     exact = "" if c["float32_exact"] else " [sums beyond 2^24: float32 not exact]"
     return (f"integer reference (torch SNN with the plan's integers): Lava top-1 agreement "
