@@ -2,32 +2,41 @@
 
 The plain search (``--strategy tpe``, the paper's, the default of ``--search shared``) gives Optuna's TPE sampler
 the whole space from a start grid and scores every trial on every validation image. The staged search spends the
-same trials in an order that cannot do worse than a one-dimensional sweep, and scores poor points on few images:
+same trials so that it never chooses a point that a shared λ it evaluated dominates, and scores poor points on
+few images:
 
 1. **Shared grid** (stage ``grid``): one λ for every site, :data:`GRID` (0.05 … 0.8, ratio √2), middle first.
 2. **Refinement** (``refine``): bisection in log λ between the best shared point and the next evaluated λ
    above it (with ``max_drop``: the cheapest shared point within budget; without: the most accurate one, on both
    sides), until the two are less than :data:`REFINE_RATIO` apart or :data:`REFINE_STEPS` points were added.
 3. **Per group** (several λ groups only): the best shared point is enqueued as the warm start (``warm``; its
-   numbers are copied from the shared trial, nothing is re-run), then one probe per group (``probe``: that
-   group's λ × :data:`PROBE`, the others at the warm start), then Optuna's TPE sampler (univariate, seeded)
-   over every group for the remaining trials, which sees all earlier trials.
+   numbers are copied from the shared trial, nothing is re-run); from it, a pattern search (:func:`_pattern`):
+   each round probes every group's λ × step (``probe``; step :data:`PROBE` = 1.3 at first, coarser steps are
+   cheaper), then the combination of the probes that stayed within budget and saved energy (``combine``); the
+   cheapest point within budget becomes the next centre, and when no point beats the centre the step shrinks
+   to its square root, down to :data:`STEP_MIN`. Every planned point is enqueued (``enqueue_trial``).
+4. **Sampler**: the trials left after the plan are Optuna's TPE sampler's (univariate, seeded), which sees all
+   earlier trials.
 
 The trials form one single-objective Optuna study (minimise :func:`score`: the energy ratio of a point within
 budget, else 10 + its shortfall in points), so Optuna's pruning applies: each trial runs on growing prefixes of
-one seeded permutation of the validation images (:func:`rungs`: n/8, n/4, n/2, n for 2,000 images), reports
-after each, and :class:`RungPruner` stops it when the paired interval of its drop lies above the budget (it
-cannot be within budget) or, outside the shared stages, when its energy ratio exceeds the cheapest point within
-budget so far by more than :data:`ENERGY_SLACK` (it cannot be chosen). A pruned trial counts as one of the
-``--trials``; only the trials run on every image are candidates.
+one seeded permutation of the validation images (:func:`rungs`: 250, 500, 1,000, 2,000 for 2,000 images),
+reports after each, and :class:`RungPruner` stops it when the paired 95 % interval of its drop lies wholly above
+the budget (it cannot be within budget; while the most accurate point so far is outside the budget, above that
+point's drop instead, so that the most accurate points still run on every image) or, outside the shared stages,
+when its energy ratio exceeds the cheapest point within budget so far by more than :data:`ENERGY_SLACK` (it
+cannot be chosen). A pruned trial counts as one of the ``--trials``; only the trials run on every image are
+candidates. Without ``max_drop`` the budget is the accuracy of the most accurate shared point.
 
 **Choosing** (:func:`select`): the candidates are the points run on every image that are within budget (without
-``max_drop``: at least as accurate as the most accurate shared point) and that no shared point evaluated on every
-image dominates (as accurate or more, and as cheap or cheaper); by energy ratio, each is checked at its
-neighbours, every λ × (1 − :data:`NEIGHBOUR`) and × (1 + :data:`NEIGHBOUR`), which must be within budget too
-(without ``max_drop``: lose at most :data:`NEIGHBOUR_SLACK` points against the candidate). The first candidate
-that passes is chosen; after :data:`MAX_CANDIDATES` failures the checked candidate whose worse neighbour is the
-most accurate is taken, and the rule says so. Neighbour checks are not trials of the study.
+``max_drop``: at least as accurate as the most accurate shared point) and that no shared point run on every
+image dominates (as accurate or more, and as cheap or cheaper), a shared point that failed its own neighbour
+check excepted; by energy ratio, each is checked at its neighbours, every λ × (1 + :data:`NEIGHBOUR`) and
+× (1 − :data:`NEIGHBOUR`), which must be within budget too (without ``max_drop``: lose at most
+:data:`NEIGHBOUR_SLACK` points against the candidate). The first candidate that passes is chosen; after
+:data:`MAX_CANDIDATES` failures the checked candidate whose worse neighbour is the most accurate is taken, and
+the rule says so. Neighbour checks are not trials of the study (a rerun repeats them: two evaluations per
+candidate checked, stopped early when a neighbour is clearly outside the budget).
 """
 from __future__ import annotations
 

@@ -380,7 +380,7 @@ class _Staged:
         c.update(study.get_trials(deepcopy=False))
         if trial.user_attrs.get("stage") is None:
             trial.set_user_attr("stage", "tpe")
-        copied = self._copy(study, trial, per_site)
+        copied = self._copy(study, trial, per_site) if trial.user_attrs["stage"] == "warm" else None
         if copied is not None:
             return copied
         for r in self.evaluator.run(per_site):
@@ -398,7 +398,7 @@ class _Staged:
         trial.set_user_attr("energy_ratio", r.energy)
 
     def _copy(self, study, trial: optuna.Trial, per_site: dict[str, float]) -> float | None:
-        """A point already run on every image (the warm start repeats the best shared point) is not run again."""
+        """The warm start repeats the best shared point, already run on every image: its figures are copied."""
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.user_attrs.get("images") == self.context.n and t.user_attrs.get("lam") == per_site:
                 for k in ("rung", "images", "accuracy", "ann_only", "snn_only", "energy_ratio"):

@@ -1,5 +1,6 @@
 """λ search: resumable, multi-worker, Pareto front and accuracy budget."""
 import importlib
+import math
 import os
 import signal
 import subprocess
@@ -377,3 +378,171 @@ def test_read_only_database_file_is_a_user_error(tmp_path, digits, digits_mlp):
     os.chmod(db, 0o444)
     msg = _one_line_error(tmp_path, digits, digits_mlp, str(db))
     assert msg.startswith(f"--storage {db}:") and "readonly" in msg
+
+
+# ---- the staged strategy (sfn_deploy/staged.py) --------------------------------------------------------------
+
+from sfn_deploy import staged  # noqa: E402
+
+
+def _staged_cfg(url=None, **kw):
+    return load_config("", {"trials": 20, "search": "per-site", "val_fraction": 0.3, "max_drop": 1.0, "study": "s",
+                            **({"storage": url} if url else {}), **kw})
+
+
+def _trials(url, name="s"):
+    return optuna.load_study(study_name=name, storage=url).trials
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """One in-memory Optuna storage that run_search uses (without --storage) and the test can read."""
+    storage = optuna.storages.InMemoryStorage()
+    real = tuning._storage
+    monkeypatch.setattr(tuning, "_storage", lambda url, *a: storage if url is None else real(url, *a))
+    return storage
+
+
+@pytest.fixture
+def cliff(monkeypatch):
+    """A synthetic accuracy landscape for the staged search, no network run: the drop is 0.2 points while every
+    λ is below ``edge`` (after 0.2, issue 16's jump) and 20 points beyond; the energy ratio is mean(0.02/λ)."""
+    edge = {"at": 0.205}
+
+    def run(self, lam):
+        drop = 0.2 if max(lam.values()) < edge["at"] else 20.0
+        energy = sum(0.02 / v for v in lam.values()) / len(lam)
+        start = 0
+        for m in self.rungs:
+            self.images += m - start
+            start = m
+            wrong = round(drop / 100 * m)
+            ann = 100.0 * float(self.ann_right[:m].float().mean())
+            yield staged.Rung(images=m, accuracy=ann - 100.0 * wrong / m, ann_accuracy=ann, ann_only=wrong,
+                              snn_only=0, energy=energy)
+    monkeypatch.setattr(staged.Evaluator, "run", run)
+    return edge
+
+
+def test_staged_is_the_default_of_per_block_and_per_site():
+    assert tuning.strategy_of(load_config("", {})) == "tpe"
+    assert tuning.strategy_of(load_config("", {"search": "per-block"})) == "staged"
+    assert tuning.strategy_of(load_config("", {"search": "per-site"})) == "staged"
+    assert tuning.strategy_of(load_config("", {"search": "per-site", "strategy": "tpe"})) == "tpe"
+    with pytest.raises(UserError, match="strategy"):
+        load_config("", {"strategy": "random"})
+
+
+def test_warm_start_enqueues_the_best_shared_point(memory, digits, digits_mlp):
+    url = memory
+    cfg = _staged_cfg(None)
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    result = run_search(g, digits, cfg, {})
+    trials = _trials(url)
+    n = result.val_samples
+    stages = [t.user_attrs["stage"] for t in trials]
+    assert stages[:len(staged.GRID)] == ["grid"] * len(staged.GRID)
+    (warm,) = [t for t in trials if t.user_attrs["stage"] == "warm"]
+    before = trials[:warm.number]
+    assert {t.user_attrs["stage"] for t in before} <= {"grid", "refine"}          # after the shared stages
+    assert {t.user_attrs["stage"] for t in trials[warm.number + 1:]} <= {"probe", "combine", "tpe"}
+    feasible = [t for t in before if t.user_attrs["images"] == n
+                and t.user_attrs["accuracy"] >= result.ann_accuracy - cfg.max_drop]
+    best = min(feasible, key=lambda t: t.user_attrs["energy_ratio"])
+    assert warm.params == best.params                                   # the cheapest shared point within budget
+    assert warm.user_attrs["copied_from"] == best.number                # enqueued, not run again
+    assert warm.system_attrs["fixed_params"] == best.params            # through study.enqueue_trial
+    first_probe = trials[warm.number + 1]                                # the pattern search starts from it
+    assert first_probe.user_attrs["stage"] == "probe"
+    changed = [k for k in best.params if not math.isclose(first_probe.params[k], best.params[k])]
+    assert len(changed) == 1 and math.isclose(first_probe.params[changed[0]], best.params[changed[0]] * staged.PROBE)
+
+
+def test_chosen_point_is_never_dominated_by_an_evaluated_shared_point(memory, digits, digits_mlp):
+    for max_drop in (1.0, None):
+        cfg = _staged_cfg(None, max_drop=max_drop, study=f"s{max_drop}")
+        g = build_graph(digits_mlp, digits, cfg, quiet=True)
+        result = run_search(g, digits, cfg, {})
+        chosen = choose(result, max_drop)
+        assert chosen is result.chosen and "held at λ" in chosen.rule
+        failed = {c["trial"] for c in result.checks if not c["ok"]}
+        for t in _trials(memory, f"s{max_drop}"):
+            values = set(t.params.values())
+            if len(values) == 1 and t.user_attrs.get("images") == result.val_samples and t.number not in failed:
+                a, e = t.user_attrs["accuracy"], t.user_attrs["energy_ratio"]
+                assert not (a >= chosen.accuracy and e < chosen.energy_ratio), (t.number, a, e, chosen)
+
+
+def test_candidates_prefer_a_dominating_shared_point():
+    c = staged.Context(ann_accuracy=99.0, max_drop=1.0, n=100, groups=["a", "b"])
+    c.target = 98.0
+    blocks = staged.Candidate(trial=5, accuracy=98.5, energy_ratio=0.30, lam={"a": 0.2, "b": 0.3}, shared=False)
+    shared = staged.Candidate(trial=2, accuracy=98.6, energy_ratio=0.30, lam={"a": 0.25, "b": 0.25}, shared=True)
+    cheaper = staged.Candidate(trial=7, accuracy=98.2, energy_ratio=0.25, lam={"a": 0.2, "b": 0.4}, shared=False)
+    assert [p.trial for p in staged.candidates([blocks, shared, cheaper], c)] == [7, 2]
+    # a shared point that failed its neighbour check no longer excludes the points it dominates
+    assert [p.trial for p in staged.candidates([blocks, shared, cheaper], c, frozenset({2}))] == [7, 5]
+
+
+def test_neighbour_check_rejects_a_point_beside_a_cliff(cliff, digits, digits_mlp):
+    cfg = _staged_cfg(search="shared", strategy="staged", trials=16)
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    result = run_search(g, digits, cfg, {})
+    chosen = result.chosen
+    lam = max(chosen.lam.values())
+    # the cheapest point within budget on the validation images sits just below the jump ...
+    beside = [c for c in result.checks if not c["ok"]]
+    assert beside and all(c["factor"] == 1 + staged.NEIGHBOUR for c in beside)
+    # ... and is refused: the chosen point holds at λ × 1.03 as well
+    assert lam * (1 + staged.NEIGHBOUR) < cliff["at"] and "cheaper point(s) failed at a neighbour" in chosen.rule
+    assert result.checks[-1]["ok"] and result.checks[-1]["trial"] == chosen.trial
+
+
+def test_pruning_makes_later_trials_use_fewer_images(memory, digits, digits_mlp):
+    url = memory
+    cfg = _staged_cfg(None, trials=30)
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    result = run_search(g, digits, cfg, {})
+    n = result.val_samples
+    trials = _trials(url)
+    assert result.trials_completed == 30 == len(_completed(url, "s"))  # pruned trials count as trials
+    images = [t.user_attrs["images"] for t in trials]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.user_attrs["images"] < n for t in pruned)
+    assert all(t.user_attrs["images"] == n for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert images[0] == n                                     # the first point always runs on every image
+    later = images[len(images) // 2:]
+    assert sum(later) / len(later) < 0.8 * n                 # once there is an incumbent, poor points stop early
+    assert result.images < 30 * n                             # trials and neighbour checks together
+
+
+def test_staged_study_resumes_without_losing_trials(tmp_path, digits, digits_mlp):
+    url = f"sqlite:///{tmp_path / 'resume.db'}"
+    cfg = _staged_cfg(url, trials=10)
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    run_search(g, digits, cfg, {})
+    first = {t.number: (t.state, t.params, t.user_attrs.get("images")) for t in _trials(url)}
+    cfg.trials = 14
+    result = run_search(g, digits, cfg, {})
+    again = {t.number: (t.state, t.params, t.user_attrs.get("images")) for t in _trials(url)}
+    assert result.trials_completed == 14 and len(_completed(url, "s")) == 14
+    assert all(again[k] == v for k, v in first.items())      # nothing recomputed or lost
+    shared = [tuple(t.params.values()) for t in _trials(url) if len(set(t.params.values())) == 1
+              and t.user_attrs["stage"] in ("grid", "refine")]
+    assert len(shared) == len(set(shared))                   # the rerun's plan went on where the first ended
+    assert result.chosen is not None
+
+
+def test_staged_and_tpe_studies_are_told_apart(tmp_path, digits, digits_mlp):
+    url = f"sqlite:///{tmp_path / 'both.db'}"
+    cfg = load_config("", {"trials": 2, "storage": url, "study": "s", "val_fraction": 0.3, "search": "per-site",
+                           "strategy": "tpe"})
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    run_search(g, digits, cfg, {})
+    cfg.strategy = "staged"
+    with pytest.raises(UserError, match="made by the tpe search strategy"):
+        run_search(g, digits, cfg, {})
+    cfg.study = None                                          # derived names differ: no clash
+    names = {tuning.study_name({}, cfg), tuning.study_name({}, load_config("", {"search": "per-site",
+                                                                                 "strategy": "tpe"}))}
+    assert len(names) == 2
