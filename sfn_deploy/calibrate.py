@@ -4,6 +4,11 @@ Each SFN site keeps two streaming histograms (positive values, magnitudes of
 negative values) whose range doubles, merging bin pairs exactly, when a larger
 value arrives. Memory per site is fixed (``bins`` counters) whatever the data size,
 and a quantile is exact up to one bin width (range / bins).
+
+Each site also keeps, per channel, the value its input takes most often and how often
+(:class:`RepeatedValues`): a constant background, zero padding or a channel where only the
+bias survives gives one exact value at many positions at once. ``passes.configure`` keeps the
+firing boundaries from switching such a value off (docs/concepts.md, "Repeated values").
 """
 from __future__ import annotations
 
@@ -61,17 +66,65 @@ def top_percent(hist: StreamingHistogram, p: float) -> float:
     return hist.quantile(1.0 - p / 100.0)
 
 
-class _SiteInputs(Observer):
-    """Streams the ANN's input to every ``sfn`` site into that site's two histograms."""
+def channel_axis(x: torch.Tensor) -> int:
+    """The axis whose entries are a site's channels: 1 of an N×C×H×W activation, else the last (features)."""
+    return 1 if x.dim() == 4 else x.dim() - 1
 
-    def __init__(self, pos: dict, neg: dict):
-        self.pos, self.neg = pos, neg
+
+class RepeatedValues:
+    """Per channel, the value a site's input takes most often and the share of positions where it does.
+
+    Each batch, every channel's most frequent exact value (``torch.mode`` of an evenly spaced sample of at
+    most ``sample`` of its values) and its count (over all of them) are added to that channel's
+    candidates; at most ``keep`` candidates per channel are kept (the most counted). A value's count is
+    therefore summed over the batches where it was the channel's most frequent one: exact for a value
+    that dominates every batch (a background), a lower bound otherwise. Memory: ``keep`` pairs per
+    channel, whatever the data size.
+    """
+
+    def __init__(self, keep: int = 4, sample: int = 4096):
+        self.keep, self.sample = keep, sample
+        self.candidates: list[dict[float, int]] = []
+        self.positions = 0            # values seen per channel
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.numel() == 0:
+            return
+        rows = x.detach().movedim(channel_axis(x), 0).reshape(x.shape[channel_axis(x)], -1)
+        if not self.candidates:
+            self.candidates = [{} for _ in range(rows.shape[0])]
+        if rows.shape[0] != len(self.candidates):
+            return                    # (a site's channel count does not change between batches)
+        stride = max(1, rows.shape[1] // self.sample)       # the candidate from a sample, its count from all
+        mode = rows[:, ::stride].mode(dim=1).values
+        counts = (rows == mode[:, None]).sum(1)
+        for c, (v, k) in enumerate(zip(mode.tolist(), counts.tolist(), strict=True)):
+            cand = self.candidates[c]
+            cand[v] = cand.get(v, 0) + int(k)
+            if len(cand) > self.keep:
+                del cand[min(cand, key=cand.__getitem__)]
+        self.positions += rows.shape[1]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(value, share) per channel, float32: each channel's most counted value and its count / positions."""
+        best = [max(c.items(), key=lambda kv: kv[1]) if c else (0.0, 0) for c in self.candidates]
+        value = torch.tensor([v for v, _ in best], dtype=torch.float32)
+        share = torch.tensor([k / max(self.positions, 1) for _, k in best], dtype=torch.float32)
+        return value, share
+
+
+class _SiteInputs(Observer):
+    """Streams the ANN's input to every ``sfn`` site into that site's two histograms and repeated values."""
+
+    def __init__(self, pos: dict, neg: dict, modes: dict):
+        self.pos, self.neg, self.modes = pos, neg, modes
 
     def __call__(self, event: Event) -> None:
         if event.node.op == "sfn":
             x = event.args[0]
             self.pos[event.node.name].update(x[x > 0])
             self.neg[event.node.name].update(-x[x < 0])
+            self.modes[event.node.name].update(x)
 
 
 def site_histogram(node, polarity: int) -> StreamingHistogram:
@@ -89,16 +142,19 @@ def calibrate(graph: Graph, batches, percentile: float = 1.0, bins: int = 4096, 
     """Set θ⁺, θ⁻ of every dual site and o_max of every post-softmax site from ANN activations.
 
     ``batches`` yields input tensors. The histograms are kept on the nodes
-    (``hist_pos``/``hist_neg`` params, ``hist_hi`` attrs) for reports.
+    (``hist_pos``/``hist_neg`` params, ``hist_hi`` attrs) for reports, and so is every channel's most
+    frequent input value with its share of positions (``mode_value``/``mode_share`` params), which
+    :func:`sfn_deploy.passes.configure` reads.
     """
     if not 0 <= percentile < 100:
         raise ValueError(f"percentile p must lie in [0, 100), got {percentile}")
     sites = {n.name: n for n in graph.sites}
     pos = {k: StreamingHistogram(bins) for k in sites}
     neg = {k: StreamingHistogram(bins) for k in sites}
+    modes = {k: RepeatedValues() for k in sites}
 
     for xb in progress(batches, "calibrating", quiet=quiet):
-        run(graph, xb, spiking=False, hook=_SiteInputs(pos, neg))
+        run(graph, xb, spiking=False, hook=_SiteInputs(pos, neg, modes))
     for name, node in sites.items():
         a = node.attrs
         a["percentile"] = float(percentile)
@@ -112,5 +168,6 @@ def calibrate(graph: Graph, batches, percentile: float = 1.0, bins: int = 4096, 
         node.params["hist_pos"] = pos[name].counts.to(torch.float32)
         node.params["hist_neg"] = neg[name].counts.to(torch.float32)
         a["hist_hi"] = [pos[name].hi, neg[name].hi]
+        node.params["mode_value"], node.params["mode_share"] = modes[name].result()
         configure(node, a["lam"])
     return graph

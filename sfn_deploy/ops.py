@@ -311,11 +311,16 @@ _CALIBRATION = written_by("calibrate", {
 _CALIBRATION_PARAMS = params_written_by("calibrate", {
     "hist_pos?": "float [bins]: histogram of the positive inputs on [0, hist_hi[0])",
     "hist_neg?": "float [bins]: histogram of the negative inputs' magnitudes on [0, hist_hi[1])",
+    "mode_value?": "float [C]: each channel's most frequent input value (channels: axis 1 of N×C×H×W, else the "
+                   "last axis); a repeated value (constant background, padding, bias only) when it fills ≥ 10 % "
+                   "of its channel: passes.configure caps the step at the largest (docs/concepts.md)",
+    "mode_share?": "float [C]: the share of that channel's positions holding mode_value (0..1)",
 })
 _FIRE_PARAMS = params_written_by("passes.configure", {      # derived from the attrs above
     "bounds_pos": "float [N]: the positive branch's firing boundaries (empty: branch off)",
     "bounds_neg": "float [N]: the negative branch's boundaries, as magnitudes (empty: branch off)",
-    "steps": "float [2]: [λθ⁺, λθ⁻], one level step of each branch",
+    "steps": "float [2]: [λθ⁺, λθ⁻], one level step of each branch (at an sfn-method site each at most its "
+             "largest repeated value of that sign: passes.repeated_caps)",
     "table": "int [N+1]: [0, y_1..y_N], the output level of each spike index",
 })
 _METHOD = written_by("methods", {

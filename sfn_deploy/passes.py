@@ -5,6 +5,8 @@ prints the list, and tests run each one alone.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ir import Graph, Node
@@ -100,8 +102,33 @@ def _analog_only(v: Node, graph: Graph) -> bool:
     return v.op in ("input", "constant")
 
 
+# Repeated values (docs/concepts.md, "Repeated values"): a channel's most frequent input value counts when it
+# fills at least REPEATED_SHARE of that channel's positions in calibration and its magnitude is at least
+# REPEATED_FLOOR·θ (below the finest step the λ search tries, λ = 0.02, such a value is left to round as any other).
+REPEATED_SHARE = 0.1
+REPEATED_FLOOR = 0.02
+
+
+def repeated_caps(node: Node) -> tuple[float, float]:
+    """The largest repeated value of each polarity of a site (as magnitudes), or inf where there is none:
+    the step of that branch never exceeds it, so that value stays exactly a level (level 1) however large λ
+    is, instead of rounding to zero at once at every position that holds it (:func:`configure`)."""
+    p, a = node.params, node.attrs
+    if "mode_value" not in p or a.get("kind") != "dual" or "method" in a:
+        return math.inf, math.inf
+    v, share = p["mode_value"].double(), p["mode_share"].double()
+    caps = []
+    for sign, theta in ((1.0, a["theta_pos"]), (-1.0, a["theta_neg"])):
+        mags = (sign * v)[(share >= REPEATED_SHARE) & (sign * v >= REPEATED_FLOOR * theta) & (sign * v > 0)]
+        caps.append(float(mags.max()) if mags.numel() and theta > 0 else math.inf)
+    return caps[0], caps[1]
+
+
 def configure(node: Node, lam: float) -> Node:
-    """Derive an SFN's step and float32 firing boundaries from θ⁺, θ⁻ (or o_max) and λ."""
+    """Derive an SFN's step and float32 firing boundaries from θ⁺, θ⁻ (or o_max) and λ.
+
+    The step of a branch is λθ, but never more than the site's largest repeated value of that sign
+    (:func:`repeated_caps`; SFN sites of the sfn method only)."""
     a = node.attrs
     if not 0 < lam <= 1:
         raise ValueError(f"scale factor λ must lie in (0, 1], got {lam}")
@@ -111,7 +138,9 @@ def configure(node: Node, lam: float) -> Node:
         step_pos, step_neg = a["o_max"] / max(a["levels"]), 0.0
         a["theta_softmax"] = step_pos / lam
     else:
-        step_pos, step_neg = lam * a["theta_pos"], (0.0 if a.get("absorbs") else lam * a["theta_neg"])
+        cap_pos, cap_neg = repeated_caps(node)
+        step_pos = min(lam * a["theta_pos"], cap_pos)
+        step_neg = 0.0 if a.get("absorbs") else min(lam * a["theta_neg"], cap_neg)
     empty = torch.zeros(0, dtype=torch.float32)
     node.params["bounds_pos"] = (b * step_pos).to(torch.float32) if step_pos > 0 else empty
     node.params["bounds_neg"] = (b * step_neg).to(torch.float32) if step_neg > 0 else empty.clone()

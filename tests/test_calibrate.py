@@ -35,3 +35,166 @@ def test_top_percent():
     h.update(torch.arange(1, 10001, dtype=torch.float64))
     assert top_percent(h, 0.0) == 10000
     assert abs(top_percent(h, 1.0) - 9900) <= 3
+
+
+# ---------------------------------------------------------------- repeated values (docs/concepts.md)
+
+import math  # noqa: E402
+from itertools import pairwise  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from sfn_deploy.calibrate import RepeatedValues, calibrate  # noqa: E402
+from sfn_deploy.capture import capture  # noqa: E402
+from sfn_deploy.neurons import spike_levels  # noqa: E402
+from sfn_deploy.passes import REPEATED_FLOOR, REPEATED_SHARE, configure, insert_sfn, repeated_caps, set_scale  # noqa: E402
+from sfn_deploy.simulators.interpreter import Observer, run  # noqa: E402
+
+BIAS = 0.3                                      # the first conv's pre-activation wherever its window sees only 0
+GRID = [0.02 * 1.02 ** k for k in range(198)] + [1.0]      # the search's range [0.02, 1] in steps of 2 %
+
+
+def test_repeated_values_keeps_each_channels_most_frequent_value_and_its_share():
+    x = torch.randn(6, 3, 10, 10)
+    x[:, 0, :5] = 0.25                          # channel 0: half its positions hold 0.25
+    x[:3, 2, :, :8] = -1.5                      # channel 2: 0.8 of the positions of the first three samples
+    r = RepeatedValues(keep=2, sample=64)       # a sample smaller than a batch's 300 values per channel
+    for part in x.split(2):
+        r.update(part)
+    value, share = r.result()
+    assert value[0] == 0.25 and abs(float(share[0]) - 0.5) < 1e-6
+    assert value[2] == -1.5 and abs(float(share[2]) - 0.4) < 1e-6
+    assert float(share[1]) <= 1 / 300 + 1e-6                  # random values: nothing repeats
+    assert all(len(c) <= 2 for c in r.candidates)            # bounded memory
+
+
+def _background_net() -> nn.Module:
+    """conv 3×3 (weights 1/9, bias 0.3) → ReLU → linear: on images that are 0 outside a blob, the conv's
+    pre-activation is exactly 0.3 at every position whose window misses the blob (zero padding included)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(1 / 9)
+        conv.bias.fill_(BIAS)
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+
+
+def _blob_images(n: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(n, 1, 12, 12)
+    x[:, :, 4:8, 4:8] = torch.rand(n, 1, 4, 4, generator=g) * 3
+    return x
+
+
+@pytest.fixture(scope="module")
+def background():
+    m, x = _background_net(), _blob_images()
+    g = insert_sfn(capture(m, x[:2]))
+    calibrate(g, [x[:32], x[32:]], quiet=True)
+    return g, x
+
+
+class _Grab(Observer):
+    def __call__(self, event):
+        if event.node.op == "sfn":
+            self.x, self.out = event.args[0], event.out
+
+
+def _background_output(g, x, lam: float) -> float:
+    """The SNN site's output at a background position (a corner) under λ."""
+    set_scale(g, lam)
+    grab = _Grab()
+    run(g, x[:1], hook=grab)
+    assert float(grab.x[0, 0, 0, 0]) == pytest.approx(BIAS)
+    return float(grab.out[0, 0, 0, 0])
+
+
+def test_calibration_finds_the_repeated_value_and_its_share(background):
+    g, x = background
+    site = g.sites[0]
+    v, share = float(site.params["mode_value"][0]), float(site.params["mode_share"][0])
+    grab = _Grab()
+    run(g, x, spiking=False, hook=grab)
+    exact = float((grab.x == torch.tensor(BIAS)).float().mean())
+    assert v == pytest.approx(BIAS) and share == pytest.approx(exact) and share > REPEATED_SHARE
+    assert repeated_caps(site) == (pytest.approx(v), math.inf)
+    assert v / site.attrs["theta_pos"] < 0.5           # so λθ passes 2v inside the search's range
+
+
+def test_the_repeated_value_is_never_switched_off_and_is_exactly_a_level_once_the_step_reaches_it(background):
+    g, x = background
+    site = g.sites[0]
+    theta = site.attrs["theta_pos"]
+    v = torch.tensor(BIAS)
+    for lam in GRID:
+        set_scale(g, lam)
+        step = float(site.params["steps"][0])
+        level = int(spike_levels(site, v.reshape(1))[0])
+        assert step == pytest.approx(min(lam * theta, BIAS), rel=1e-6)
+        assert level >= 1                               # never rounded to zero at any λ
+        if lam * theta >= BIAS:                         # the cap: one step is the value itself, level 1
+            assert level == 1
+            gap = float((site.params["bounds_pos"] - v).abs().min())
+            assert gap >= 0.5 * step - 1e-6             # half a step from every boundary: the largest margin
+
+
+def test_a_small_change_of_lambda_moves_the_background_and_the_spikes_a_little(background):
+    g, x = background
+    site = g.sites[0]
+    outs = [_background_output(g, x, lam) for lam in GRID]
+    jumps = [abs(b - a) for a, b in pairwise(outs)]
+    assert max(jumps) <= 0.7 * BIAS                     # a step below the value (level k ≥ 2 → k − 1), never 0.3 → 0
+    theta = site.attrs["theta_pos"]
+    assert all(o == pytest.approx(BIAS) for o, lam in zip(outs, GRID, strict=True) if lam * theta >= BIAS)
+
+    def spikes(lam):
+        set_scale(g, lam)
+        grab = _Grab()
+        run(g, x, hook=grab)
+        return float((grab.out / site.params["steps"][0]).round().sum())
+    counts = [spikes(lam) for lam in GRID[::4]]        # λ 8 % apart
+    assert max(abs(b - a) / a for a, b in pairwise(counts)) < 0.5
+
+
+def test_without_the_rule_the_whole_background_switches_off_at_once(background):
+    g, x = background
+    site = g.sites[0]
+    saved = {k: site.params.pop(k) for k in ("mode_value", "mode_share")}   # a graph from an earlier version
+    try:
+        theta = site.attrs["theta_pos"]
+        just_below, just_above = 2 * BIAS / theta / 1.01, 2 * BIAS / theta * 1.01
+        assert _background_output(g, x, just_below) == pytest.approx(just_below * theta, rel=1e-6)
+        assert _background_output(g, x, just_above) == 0.0          # the cliff: a 2v jump at every position
+        configure(site, 0.9)
+        assert float(site.params["steps"][0]) == pytest.approx(0.9 * theta, rel=1e-6)
+    finally:
+        site.params.update(saved)
+        configure(site, 1.0)
+
+
+def _site(**attrs):
+    from sfn_deploy.ir import Node
+    a = {"kind": "dual", "fire": "sformer", "M": 8, "levels": list(range(1, 9)), "rounding": "paper", "lam": 1.0,
+         "theta_pos": 2.0, "theta_neg": 1.0, "o_max": 0.0, "absorbs": None, **attrs}
+    p = {"mode_value": torch.tensor([0.5, -0.4, 0.9, 0.01, -3.0]),
+         "mode_share": torch.tensor([0.6, 0.3, 0.05, 0.9, 0.2])}
+    return Node("s", "sfn", ["x"], a, p, [1, 5], 0)
+
+
+def test_repeated_caps_count_only_shared_values_above_the_floor_per_branch():
+    # 0.9 fills too few positions, 0.01 is below 2 % of θ⁺; −3.0 is the negative branch's largest
+    assert REPEATED_FLOOR * 2.0 > 0.01 and REPEATED_SHARE > 0.05
+    assert repeated_caps(_site()) == (pytest.approx(0.5), pytest.approx(3.0))
+    s = configure(_site(), 0.5)
+    assert s.params["steps"].tolist() == pytest.approx([0.5, 0.5])         # min(1.0, 0.5), min(0.5, 3.0)
+    absorbed = configure(_site(absorbs="relu", theta_neg=0.0), 0.5)
+    assert absorbed.params["steps"].tolist() == pytest.approx([0.5, 0.0])
+
+
+@pytest.mark.parametrize("attrs", [{"method": "mtn", "T": 4}, {"kind": "softmax", "o_max": 1.0}])
+def test_the_baselines_and_softmax_sites_keep_their_steps(attrs):
+    assert repeated_caps(_site(**attrs)) == (math.inf, math.inf)
+    s = configure(_site(**attrs), 0.5)
+    if attrs.get("kind") != "softmax":
+        assert s.params["steps"].tolist() == pytest.approx([1.0, 0.5])
