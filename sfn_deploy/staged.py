@@ -26,7 +26,11 @@ the budget (it cannot be within budget; while the most accurate point so far is 
 point's drop instead, so that the most accurate points still run on every image) or, outside the shared stages,
 when its energy ratio exceeds the cheapest point within budget so far by more than :data:`ENERGY_SLACK` (it
 cannot be chosen). A pruned trial counts as one of the ``--trials``; only the trials run on every image are
-candidates. Without ``max_drop`` the budget is the accuracy of the most accurate shared point.
+candidates. Without ``max_drop`` the budget is the accuracy of the most accurate shared point. While no point
+run on every image is within ``max_drop`` of the ANN, the budget is the accuracy of the most accurate point less
+the half-width of that point's paired interval (at most ``max_drop``): the budget cannot be met, and among the
+points the validation images cannot tell from the most accurate one the search takes the cheapest, rather than
+the most accurate one on noise.
 
 **Choosing** (:func:`select`): the candidates are the points run on every image that are within budget (without
 ``max_drop``: at least as accurate as the most accurate shared point) and that no shared point run on every
@@ -153,6 +157,7 @@ class Context:
     target: float = -math.inf           # accuracy a point must reach (%)
     incumbent: float | None = None      # energy ratio of the cheapest point within budget so far
     best: float = -math.inf             # accuracy of the most accurate point run on every image (%)
+    relaxed: bool = False               # no point within max_drop of the ANN: the target is below the best point
     shared: dict[float, dict] = field(default_factory=dict)   # λ → record, shared points run on every image
 
     def update(self, trials: list[optuna.trial.FrozenTrial]) -> None:
@@ -163,13 +168,18 @@ class Context:
             v = shared_value(lams(t), self.groups)
             if v is not None and t.user_attrs.get("stage") != "warm":
                 self.shared[v] = t.user_attrs
-        if self.max_drop is not None:
-            self.target = self.ann_accuracy - self.max_drop
-        else:
+        top = max(full, key=lambda t: t.user_attrs["accuracy"], default=None)
+        self.best = -math.inf if top is None else top.user_attrs["accuracy"]
+        self.relaxed = False
+        if self.max_drop is None:
             self.target = max((r["accuracy"] for r in self.shared.values()), default=-math.inf)
+        elif top is None or self.best >= self.ann_accuracy - self.max_drop - 1e-9:
+            self.target = self.ann_accuracy - self.max_drop
+        else:                # nothing within budget: what the validation images cannot tell from the most accurate
+            low, high = tango_interval(top.user_attrs["ann_only"], top.user_attrs["snn_only"], self.n)
+            self.target, self.relaxed = self.best - min(self.max_drop, 50.0 * (high - low)), True
         ok = [t.user_attrs["energy_ratio"] for t in full if t.user_attrs["accuracy"] >= self.target - 1e-9]
         self.incumbent = min(ok, default=None)
-        self.best = max((t.user_attrs["accuracy"] for t in full), default=-math.inf)
 
     def feasible(self, accuracy: float) -> bool:
         return accuracy >= self.target - 1e-9
@@ -432,7 +442,10 @@ def select(points: list[Candidate], c: Context, evaluate: Callable[[dict[str, fl
         mine, worst = _neighbours(p, floor, c.n, evaluate)
         checks += mine
         if mine[-1].ok:
-            budget = f"within {c.max_drop:g} points" if c.max_drop is not None else "as accurate as the best shared λ"
+            budget = ("as accurate as the best shared λ" if c.max_drop is None else
+                      f"within {c.max_drop:g} points" if not c.relaxed else
+                      f"within {c.best - c.target:.2f} points of the most accurate point ({c.best:.2f} %; none is "
+                      f"within {c.max_drop:g} points of the ANN)")
             return p, (f"lowest energy {budget}, held at λ × (1 ± {NEIGHBOUR:g})"
                        + ("" if not tried else f"; {len(tried)} cheaper point(s) failed at a neighbour")), checks
         tried.append((worst, p))
