@@ -104,7 +104,8 @@ def _analog_only(v: Node, graph: Graph) -> bool:
 
 # Repeated values (docs/concepts.md, "Repeated values"): a channel's most frequent input value counts when it
 # fills at least REPEATED_SHARE of that channel's positions in calibration and its magnitude is at least
-# REPEATED_FLOOR·θ (below the finest step the λ search tries, λ = 0.02, such a value is left to round as any other).
+# REPEATED_FLOOR·θ (a cap at a smaller value would force steps finer than the λ search's finest, λ = 0.02, and its
+# switch-off jump, 2v, is under 0.04θ: such a value is left to round like any other).
 REPEATED_SHARE = 0.1
 REPEATED_FLOOR = 0.02
 
