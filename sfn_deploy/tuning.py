@@ -366,33 +366,37 @@ class _Staged:
         self.evaluator = staged.Evaluator(graph, val.x, val.y, ann_pred, cfg.batch_size,
                                           evaluation.energy_constants(), cfg.seed)
         self.pruner = staged.RungPruner(self.context)
+        self.trials: list = []
 
     def before_trial(self, study) -> None:
         """Enqueue the plan's next point (the plan leaves out points already in the study, waiting ones too; the
         warm start repeats a shared point on purpose), unless the sampler's turn has come."""
-        step = staged.plan(study.get_trials(deepcopy=False), self.context)
+        self.trials = study.get_trials(deepcopy=False)
+        step = staged.plan(self.trials, self.context)
         if step is not None:
             lam, stage = step
             study.enqueue_trial({f"lam:{g}": v for g, v in lam.items()}, user_attrs={"stage": stage})
 
     def trial(self, study, trial: optuna.Trial, per_site: dict[str, float]) -> float:
         c = self.context
-        c.update(study.get_trials(deepcopy=False))
+        c.update(self.trials)                 # the finished trials as before_trial read them
         if trial.user_attrs.get("stage") is None:
             trial.set_user_attr("stage", "tpe")
         copied = self._copy(study, trial, per_site) if trial.user_attrs["stage"] == "warm" else None
         if copied is not None:
             return copied
         for r in self.evaluator.run(per_site):
-            self._record(trial, r)
+            trial.set_user_attr("rung", r.__dict__)          # what the pruner reads
             trial.report(staged.score(r.accuracy, r.energy, c.target), r.images)
             if r.images < c.n and trial.should_prune():
+                self._record(trial, r)
                 raise optuna.TrialPruned(f"stopped after {r.images} images")
+        self._record(trial, r)
         return staged.score(r.accuracy, r.energy, c.target)
 
     @staticmethod
     def _record(trial: optuna.Trial, r: staged.Rung) -> None:
-        trial.set_user_attr("rung", r.__dict__)
+        """The figures of the last rung run (``images`` < n: pruned there)."""
         for k in ("images", "accuracy", "ann_only", "snn_only"):
             trial.set_user_attr(k, getattr(r, k))
         trial.set_user_attr("energy_ratio", r.energy)
