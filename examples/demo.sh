@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 if [ ! -f "$MNIST/t10k-images-idx3-ubyte.gz" ]; then
   echo "MNIST not found at $MNIST (set SFN_MNIST); running the sklearn digits example only" >&2
   sfn-deploy convert examples/models/digits_mlp.pt2 --data sklearn:digits -o "$OUT/digits_mlp.sfn.pt" \
-    --max-drop 0.5 --trials 30 --val-fraction 0.25
+    --max-drop 0.5 --trials 30
   sfn-deploy export --target onnx "$OUT/digits_mlp.sfn.pt" -o "$OUT/digits_mlp.onnx"
   sfn-deploy simulate "$OUT/digits_mlp.sfn.pt" --data sklearn:digits --backend onnx --backend nir --backend lava
   sfn-deploy check "$OUT/digits_mlp.sfn.pt" --target loihi2
@@ -22,8 +22,8 @@ TRAIN="mnist:$MNIST:0:8000"
 TEST="mnist:$MNIST:8000:10000"
 # per model: the accuracy budget and search settings (docs/benchmarks.md says why)
 declare -A OPTS=(
-  [mnist_cnn]="--max-drop 0.3 --search per-block --trials 40 --val-fraction 0.1"
-  [mnist_vit]="--max-drop 0.5 --search per-block --trials 25 --val-fraction 0.1 --rounding nearest"
+  [mnist_cnn]="--max-drop 0.3 --search per-block --trials 40"
+  [mnist_vit]="--max-drop 0.5 --search per-block --trials 25 --rounding nearest"
 )
 for model in mnist_cnn mnist_vit; do
   echo
