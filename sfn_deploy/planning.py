@@ -34,9 +34,9 @@ class PlanRow(Result):
 
 
 def _ranks(values: dict[str, float | None]) -> dict[str, int | None]:
-    order = sorted((v, k) for k, v in values.items() if v is not None)
-    return {k: (next(i for i, (_, n) in enumerate(order, 1) if n == k) if values[k] is not None else None)
-            for k in values}
+    """1 for the smallest value; None where there is no value (a target that is not timed)."""
+    order = {k: i for i, (_, k) in enumerate(sorted((v, k) for k, v in values.items() if v is not None), 1)}
+    return {k: order.get(k) for k in values}
 
 
 def rank(targets: dict) -> list[PlanRow]:

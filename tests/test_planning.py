@@ -123,11 +123,18 @@ def test_all_means_every_shipped_target():
         load_target(name)
 
 
-def test_report_target_all_ranks_every_target(tmp_path, digits_pt2):
+@pytest.fixture(scope="module")
+def digits_sfn(tmp_path_factory, digits_pt2):
+    """The digits MLP converted at a fixed λ, shared by the CLI tests below."""
     from test_cli import sfn
-    out = tmp_path / "m.sfn.pt"
+    out = tmp_path_factory.mktemp("planning") / "m.sfn.pt"
     assert sfn("convert", digits_pt2, "--data", "sklearn:digits", "-o", out, "--scale", 0.3).returncode == 0
-    r = sfn("report", out, "--data", "sklearn:digits", "--limit", "50", "--target", "all", "--json")
+    return out
+
+
+def test_report_target_all_ranks_every_target(digits_sfn):
+    from test_cli import sfn
+    r = sfn("report", digits_sfn, "--data", "sklearn:digits", "--limit", "50", "--target", "all", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     plan = doc["planning"]
@@ -169,10 +176,9 @@ def test_multi_timestep_network_updates_every_compartment_each_step(tmp_path):
     assert e.latency_s == pytest.approx(stages + 3 * e.step_s)
 
 
-def test_check_states_the_channel_lowering_cost_on_binary_targets(tmp_path, digits_pt2):
+def test_check_states_the_channel_lowering_cost_on_binary_targets(digits_sfn):
     from test_cli import sfn
-    out = tmp_path / "m.sfn.pt"
-    assert sfn("convert", digits_pt2, "--data", "sklearn:digits", "-o", out, "--scale", 0.3).returncode == 0
+    out = digits_sfn
     r = sfn("check", out, "--target", "loihi1", "--json")
     low = json.loads(r.stdout)["channel_lowering"]
     assert low["compartments"] > low["neurons"] > 0
