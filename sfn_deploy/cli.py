@@ -274,7 +274,7 @@ def _load_datasets(data, val_data, model="", net=None, options=None, workers=0, 
     if val_data is None:
         return ds
     val = load_data(val_data, options, defaults=defaults, recorded=ds.preprocessing, recorded_in=f"--data {data}",
-                    classes=ds.classes, input_shape=list(ds.x.shape[1:]), workers=workers, quiet=quiet)
+                    classes=ds.classes, input_shape=ds.sample_shape, workers=workers, quiet=quiet)
     return ds.with_validation(val)
 
 
@@ -432,7 +432,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     result.chosen = chosen
     if output:
         set_scale(graph, chosen.lam)
-        save(ConvertedModel(graph, list(ds.x.shape[1:]), cfg.to_dict(), identity, {}, result.to_dict(),
+        save(ConvertedModel(graph, ds.sample_shape, cfg.to_dict(), identity, {}, result.to_dict(),
                             ds.preprocessing, ds.classes), output)
     text = (f"study {result.study} in {result.storage}: {result.trials_completed} completed trials, "
             f"ANN validation accuracy {result.ann_accuracy:.2f}% on {_describe_validation(record)}\n"
@@ -481,7 +481,7 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
     else the data at hand's."""
     amax = model.metrics.get("input_abs_max")
     if amax is None and ds is not None:
-        amax = float(ds.x.abs().max())
+        amax = ds.abs_max()
     return {"precision": precision, "lowering": lowering, "input_abs_max": amax}
 
 
@@ -559,7 +559,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
     options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "max_size": max_size,
                "lowering": lowering}
     if "data" in accepts:       # the range of --data sets the fixed-point input encoding
-        options["input_abs_max"] = (float(_model_data(model, converted, data, quiet=as_json).x.abs().max())
+        options["input_abs_max"] = (_model_data(model, converted, data, quiet=as_json).abs_max()
                                     if data is not None else model.metrics.get("input_abs_max"))
     info = exporter.export(model, path, **options)
     _emit(as_json, {"target": target, **info}, exporter.describe_export(info))

@@ -36,6 +36,7 @@ class Conversion:
     warn: Callable[[str], None] | None = None     # receives warnings (the budget the validation set cannot resolve)
     graph: Graph | None = None
     applied: Applied = field(default_factory=Applied)
+    input_abs_max: float | None = None            # max |x| of the calibration images (calibrate sets it)
 
     def captured(self) -> Graph:
         """The graph, which the first pass (capture) sets."""
@@ -54,7 +55,7 @@ class Pass:
 def _capture(c: Conversion) -> None:
     if c.config.method == "pmsm" and not c.data.labeled:
         raise UserError(f"{c.data.name}: --method pmsm fine-tunes on labels; this data has none")
-    graph = capture(c.model, c.data.x[:2])
+    graph = capture(c.model, c.data.head(2))
     check_data(graph, c.data)
     if c.data.validation is not None:
         check_data(graph, c.data.validation, "model (--val-data)")
@@ -72,7 +73,13 @@ def _insert_sfn(c: Conversion) -> None:
 
 def _calibrate(c: Conversion) -> None:
     cfg, graph = c.config, c.captured()
-    calibrate(graph, c.data.limit(cfg.calib_limit).batches(cfg.batch_size), cfg.percentile, quiet=c.quiet)
+    c.input_abs_max = 0.0
+
+    def tracked():          # the input range (Lava's fixed-point encoding) from the same pass over the data
+        for xb in c.data.limit(cfg.calib_limit).batches(cfg.batch_size):
+            c.input_abs_max = max(c.input_abs_max, float(xb.abs().max()))
+            yield xb
+    calibrate(graph, tracked(), cfg.percentile, quiet=c.quiet)
     try:        # e.g. a BatchNorm with a negative running_var folds into NaN weights
         validate_graph(graph, shapes=False)
     except GraphError as e:
@@ -134,10 +141,10 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
         data = data.with_validation(val_data)
     t0 = time.time()
     c = run_passes(Conversion(model, data, cfg, source or {}, quiet, warn))
-    converted = ConvertedModel(c.captured(), list(data.x.shape[1:]), cfg.to_dict(), source or {}, {},
+    converted = ConvertedModel(c.captured(), data.sample_shape, cfg.to_dict(), source or {}, {},
                                c.applied.search, data.preprocessing, data.classes)
     calib = data.limit(cfg.calib_limit)
     converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples": len(calib),
-                         "input_abs_max": float(calib.x.abs().max()),     # input: fixed-point encoding (Lava)
+                         "input_abs_max": c.input_abs_max,     # input: fixed-point encoding (Lava)
                          **c.applied.metrics}
     return converted

@@ -7,16 +7,20 @@ alone (unlabeled); a ``.csv``/``.tsv`` list of ``path,label`` (or of paths alone
 images a..b-1). Every problem is a :class:`UserError` naming the file and the field.
 
 :func:`open_source` gives a :class:`~sfn_deploy.sources.Source` (batches from a DataLoader for images,
-with the preprocessing of :mod:`sfn_deploy.preprocess`); :func:`load_data` materialises it into a
-:class:`Dataset`. Streaming will let the consumers iterate the source instead (see sources.py).
+with the preprocessing of :mod:`sfn_deploy.preprocess`); :func:`load_data` wraps it in a :class:`Dataset`:
+tensors in memory, image files streamed (decoded one batch at a time by every consumer).
 """
 from __future__ import annotations
 
+import copy
 import gzip
+import hashlib
+import json
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,7 +44,7 @@ from .sources import (
 from .untrusted import regular_file
 
 __all__ = ["DEFAULT_WORKERS", "IMAGE_EXT", "NO_LABEL", "Dataset", "Validation", "load_data", "open_source",
-           "materialise", "data_paths", "is_image_spec", "check_not_read"]
+           "as_dataset", "data_paths", "is_image_spec", "check_not_read"]
 LIST_EXT = (".csv", ".tsv")
 
 
@@ -55,37 +59,142 @@ class Validation(Result):
     seed: int
 
 
-@dataclass
 class Dataset:
-    x: torch.Tensor     # float32, N×C×H×W
-    y: torch.Tensor     # int64, N; NO_LABEL (-1) for every sample of an unlabeled source
-    name: str
-    # images kept apart for validation (--val-data); None: validation is drawn from this set itself
-    validation: Dataset | None = field(default=None, repr=False, compare=False)
-    # how pixels became x (recorded by convert; None: tensors of unknown origin) and the label names
-    preprocessing: Preprocess | None = field(default=None, repr=False, compare=False)
-    classes: list[str] | None = field(default=None, repr=False, compare=False)
+    """Samples with their labels: in memory (``x``, a tensor: ``.npz``, ``mnist:``, ``sklearn:digits``) or
+    streamed from image files (``files``: decoded batch by batch, never all at once; docs/data.md, "Streaming").
+
+    ``y`` (int64, N; NO_LABEL (-1) for every sample of an unlabeled source) is always in memory: for image
+    files it comes from the listing, without decoding. Subsets, limits and samples of a streamed set are
+    streamed too (they select files). Consumers read :meth:`batches`, :attr:`sample_shape` and :meth:`head`;
+    ``x`` exists only for a set in memory, and :meth:`in_memory` decodes a (bounded) streamed set when a
+    consumer needs random access (the λ search's validation images, Lava's one stream, PMSM's fine-tune).
+    """
+
+    def __init__(self, x: torch.Tensor | None, y: torch.Tensor, name: str, validation: Dataset | None = None,
+                 preprocessing: Preprocess | None = None, classes: list[str] | None = None,
+                 files: ImageSource | None = None):
+        if (x is None) == (files is None):
+            raise ValueError("a Dataset is either in memory (x) or streamed (files)")
+        self._x, self.y, self.name = x, y, name
+        self.validation = validation        # kept apart for validation (--val-data); None: drawn from this set
+        self.preprocessing = preprocessing  # how pixels became x (recorded by convert; None: unknown origin)
+        self.classes = classes              # label names
+        self.files = files                  # the image files, in the order of y (streamed sets)
+        self._shape: list[int] | None = None if x is None else [int(s) for s in x.shape[1:]]
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.name!r}, {len(self)} samples, {'streamed' if self.streamed else 'in memory'})"
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return int(self.y.shape[0])
+
+    @property
+    def streamed(self) -> bool:
+        return self.files is not None
+
+    @property
+    def x(self) -> torch.Tensor:
+        """All samples as one tensor (sets in memory only: a streamed set is read with :meth:`batches`)."""
+        if self._x is None:
+            raise RuntimeError(f"{self.name} is streamed from image files: read it with batches(), or decode a "
+                               "bounded part with in_memory()")
+        return self._x
 
     @property
     def labeled(self) -> bool:
         """False for an unlabeled source (accuracy cannot be measured on it)."""
         return not bool((self.y < 0).any())
 
-    def batches(self, size: int = 256):
-        for i in range(0, len(self), size):
-            yield self.x[i:i + size]
+    @property
+    def sample_shape(self) -> list[int]:
+        """C, H, W of one sample (a streamed set decodes its first image once to know it)."""
+        if self._shape is None:
+            self._shape = [int(s) for s in self.head(1).shape[1:]]
+        return list(self._shape)
 
-    def _part(self, x: torch.Tensor, y: torch.Tensor, name: str) -> Dataset:
-        return replace(self, x=x, y=y, name=name, validation=None)
+    def labeled_batches(self, size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) one batch at a time, in order."""
+        if self._x is not None:
+            for i in range(0, len(self), size):
+                yield self._x[i:i + size], self.y[i:i + size]
+            return
+        assert self.files is not None
+        at = 0
+        for xb, _ in self.files.batches(size):
+            if self._shape is None:
+                self._shape = [int(s) for s in xb.shape[1:]]
+            yield xb, self.y[at:at + len(xb)]
+            at += len(xb)
+
+    def batches(self, size: int = 256) -> Iterator[torch.Tensor]:
+        for xb, _ in self.labeled_batches(size):
+            yield xb
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` samples as a tensor (capture traces the model on two)."""
+        x = self.x[:n] if self._x is not None else self.limit(n).in_memory().x
+        self._shape = [int(s) for s in x.shape[1:]]
+        return x
+
+    def abs_max(self, batch_size: int = 256) -> float:
+        """max |x| over the set (the fixed-point input range), one batch at a time."""
+        return max((float(xb.abs().max()) for xb in self.batches(batch_size)), default=0.0)
+
+    def in_memory(self, batch_size: int = 64, quiet: bool = True) -> Dataset:
+        """This set with every sample decoded into one tensor (itself when already in memory). Memory grows
+        with its size: callers use it on bounded sets only (a --limit, the search's --val-size images)."""
+        if self._x is not None:
+            return self
+        x: torch.Tensor | None = None
+        at = 0
+        for xb in progress(self.batches(batch_size), f"reading {self.name}", quiet=quiet,
+                           total=-(-len(self) // batch_size)):
+            if x is None:
+                x = torch.zeros(len(self), *xb.shape[1:], dtype=torch.float32)
+            x[at:at + len(xb)] = xb
+            at += len(xb)
+        assert x is not None and at == len(self)
+        return self._with(x=x, files=None)
+
+    def fingerprint(self) -> str:
+        """A hash of the samples (in memory: their values; streamed: the files' paths, sizes and modification
+        times, and the preprocessing) and labels: names a search's validation set without decoding it."""
+        h = hashlib.sha256()
+        if self._x is not None:
+            h.update(self._x.numpy().tobytes())
+        else:
+            assert self.files is not None
+            for path, _ in self.files.items:
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(json.dumps(self.preprocessing.to_dict() if self.preprocessing else None,
+                                sort_keys=True).encode())
+        h.update(self.y.numpy().tobytes())
+        return h.hexdigest()
+
+    def _with(self, **changes) -> Dataset:
+        out = copy.copy(self)
+        for k, v in changes.items():
+            setattr(out, "_x" if k == "x" else k, v)
+        if out._x is not None:
+            out._shape = [int(s) for s in out._x.shape[1:]]
+        return out
+
+    def _part(self, idx: torch.Tensor, name: str) -> Dataset:
+        if self._x is not None:
+            return self._with(x=self._x[idx], y=self.y[idx], name=name, validation=None)
+        assert self.files is not None
+        items = [self.files.items[int(i)] for i in idx]
+        return self._with(files=replace(self.files, name=name, items=items), y=self.y[idx], name=name,
+                          validation=None)
 
     def subset(self, idx) -> Dataset:
-        return self._part(self.x[idx], self.y[idx], self.name)
+        return self._part(torch.as_tensor(idx, dtype=torch.int64).reshape(-1), self.name)
 
     def limit(self, n: int | None) -> Dataset:
-        return self if n is None or n >= len(self) else self._part(self.x[:n], self.y[:n], f"{self.name}[:{n}]")
+        if n is None or n >= len(self):
+            return self
+        return self._part(torch.arange(n), f"{self.name}[:{n}]")
 
     def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """A random validation part of the given fraction (at least one sample) and the rest."""
@@ -100,15 +209,14 @@ class Dataset:
         if n >= len(self):
             return self
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self._part(self.x[perm[:n]], self.y[perm[:n]], f"{self.name}[random {n} of {len(self)}]")
+        return self._part(perm[:n], f"{self.name}[random {n} of {len(self)}]")
 
     def with_validation(self, val: Dataset) -> Dataset:
         """This set with ``val`` kept apart for validation (``--val-data``); the sample shapes must match."""
-        if list(val.x.shape[1:]) != list(self.x.shape[1:]):
-            shape = "×".join(map(str, val.x.shape[1:]))
-            raise UserError(f"{val.name}: validation samples have shape {shape} but the calibration data's "
-                            f"({self.name}) are {'×'.join(map(str, self.x.shape[1:]))}")
-        return replace(self, validation=val)
+        if val.sample_shape != self.sample_shape:
+            raise UserError(f"{val.name}: validation samples have shape {'×'.join(map(str, val.sample_shape))} "
+                            f"but the calibration data's ({self.name}) are {'×'.join(map(str, self.sample_shape))}")
+        return self._with(validation=val)
 
     def validation_split(self, size: int, fraction: float | None = None, seed: int = 0) -> tuple[Dataset, Validation]:
         """The images that validate a conversion, and the record of how they were chosen.
@@ -346,25 +454,18 @@ def open_source(spec: str, options: dict | None = None, *, defaults: Preprocess 
                        items=listing.items, workers=workers, expect=input_shape)
 
 
-def materialise(src: Source, batch_size: int = 64, quiet: bool = True) -> Dataset:
-    """Every batch of ``src`` in one Dataset (the data set in memory; streaming will skip this step)."""
+def as_dataset(src: Source) -> Dataset:
+    """The Dataset of a source: tensors stay in memory, image files are streamed (read batch by batch)."""
     if isinstance(src, TensorSource):
         return Dataset(src.x, src.y, src.name, preprocessing=src.preprocessing, classes=src.classes)
-    x: torch.Tensor | None = None
-    y = torch.empty(len(src), dtype=torch.int64)
-    at = 0
-    for xb, yb in progress(src.batches(batch_size), f"reading {src.name}", quiet=quiet,
-                           total=-(-len(src) // batch_size)):
-        if x is None:
-            x = torch.zeros(len(src), *xb.shape[1:], dtype=torch.float32)
-        x[at:at + len(xb)] = xb
-        y[at:at + len(xb)] = yb
-        at += len(xb)
-    assert x is not None and at == len(src)
-    return Dataset(x, y, src.name, preprocessing=src.preprocessing, classes=src.classes)
+    assert isinstance(src, ImageSource)
+    y = torch.tensor([label for _, label in src.items], dtype=torch.int64)
+    return Dataset(None, y, src.name, preprocessing=src.preprocessing, classes=src.classes, files=src)
 
 
 def load_data(spec: str, options: dict | None = None, *, quiet: bool = True, **how) -> Dataset:
-    """Load a data set from a path or a built-in name (see module docstring); ``options`` and ``how`` as
-    :func:`open_source`."""
-    return materialise(open_source(spec, options, **how), quiet=quiet)
+    """Open a data set from a path or a built-in name (see module docstring); ``options`` and ``how`` as
+    :func:`open_source`. Image files are streamed: nothing is decoded here but, when the model's input shape
+    is not given, the first image (its shape). ``quiet`` is kept for callers; reading shows no progress."""
+    del quiet
+    return as_dataset(open_source(spec, options, **how))

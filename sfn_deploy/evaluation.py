@@ -70,7 +70,7 @@ def energy_constants(target: str = "cmos45") -> tuple[float, float]:
 
 def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:
     want = list(graph.input.shape[1:])
-    got = list(data.x.shape[1:])
+    got = data.sample_shape
     if want != got:
         raise UserError(f"{data.name}: samples have shape {'×'.join(map(str, got))} but the {where} expects "
                         f"{'×'.join(map(str, want))}")

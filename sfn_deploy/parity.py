@@ -66,7 +66,7 @@ class ParityRow(Result):
 def layer_outputs(model: ConvertedModel, backend: str, data: Dataset, batch_size: int = 256,
                   lava: dict | None = None) -> dict:
     """Output, and per-site levels / pre-activations where the backend exposes them."""
-    return get(backend).layers(model, data.x, batch_size, lava)
+    return get(backend).layers(model, data.in_memory().x, batch_size, lava)
 
 
 def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_name: str) -> ParityRow:

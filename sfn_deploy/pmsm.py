@@ -126,6 +126,7 @@ def convert_pmsm(graph: Graph, data, k: int = 8, epochs: float = 1, lr: float = 
     steps = max(1, int(round(epochs * -(-len(data) // batch_size)))) if epochs > 0 else 0
     bar = progress(range(steps), "PMSM fine-tune", quiet=quiet, total=steps)
     batches: Iterator[torch.Tensor] = iter(())
+    images = data.in_memory().x       # shuffled mini-batches need random access: the fine-tune set is decoded once
     try:
         for _ in bar:
             idx = next(batches, None)
@@ -133,7 +134,7 @@ def convert_pmsm(graph: Graph, data, k: int = 8, epochs: float = 1, lr: float = 
                 batches = iter(torch.randperm(len(data), generator=g).split(batch_size))
                 idx = next(batches)
             with torch.enable_grad():
-                logits = forward(graph, data.x[idx], thetas, k)
+                logits = forward(graph, images[idx], thetas, k)
                 loss = F.cross_entropy(logits, data.y[idx])
                 opt.zero_grad()
                 loss.backward()

@@ -96,9 +96,9 @@ def simulate_bundle(path: str, data: Dataset, precision: str = "floating_pt") ->
     from .exporters.lava import read_bundle, run_lava, run_summary
     _, plans = read_bundle(path, precision)
     plan = plans[precision]
-    if list(data.x.shape[1:]) != list(plan.input_shape):
-        raise UserError(f"data samples have shape {list(data.x.shape[1:])}, the bundle expects {plan.input_shape}")
-    r = run_lava(path, data.x.numpy(), precision)
+    if data.sample_shape != list(plan.input_shape):
+        raise UserError(f"data samples have shape {data.sample_shape}, the bundle expects {plan.input_shape}")
+    r = run_lava(path, data.in_memory().x.numpy(), precision)     # one stream: Lava takes every sample at once
     t = r["timings"]
     pred = torch.from_numpy(r["outputs"]).reshape(len(data), -1).argmax(-1)
     return BundleRun(samples=len(data), backend="lava", bundle=path, accuracy=labeled_accuracy(pred, data),

@@ -10,9 +10,9 @@ does not decode is refused by name (exit 2) rather than skipped. Unlabeled sourc
 :data:`NO_LABEL` (-1).
 
 Streaming: a source holds a listing and a recipe, not pixels; :meth:`Source.batches` decodes one batch
-at a time. Today ``load_data`` materialises every batch into one tensor; calibration, evaluation and
-counting can later iterate ``batches`` directly instead (the per-batch checks — equal sizes, the
-model's input shape, decode errors — already run batch by batch, so they stay as they are).
+at a time, and every consumer (calibration, evaluation, counting, reports) reads it that way (a
+:class:`~sfn_deploy.data.Dataset` with ``files``). The per-batch checks — equal sizes, the model's input
+shape, decode errors — run as the batches arrive.
 """
 from __future__ import annotations
 

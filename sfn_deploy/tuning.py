@@ -137,9 +137,7 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
     if strategy_of(cfg) == "staged":          # its objective depends on the budget; tpe studies keep their names
         record.update(strategy="staged", max_drop=cfg.max_drop)
     if val_data is not None:
-        h = hashlib.sha256(val_data.x.numpy().tobytes())
-        h.update(val_data.y.numpy().tobytes())
-        record["val_data"] = h.hexdigest()[:16]
+        record["val_data"] = val_data.fingerprint()[:16]
     blob = json.dumps(record, sort_keys=True, default=str)
     return "sfn-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -441,6 +439,7 @@ class _Staged:
 
 def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     val, record = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
+    val = val.in_memory(quiet=quiet)      # every trial reads it: decoded once (--val-size images, docs/data.md)
     ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
     ann_acc = evaluation.accuracy(ann_pred, val.y)
     e_ac, e_mac = evaluation.energy_constants()

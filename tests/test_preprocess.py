@@ -27,6 +27,11 @@ SIZES = [(32, 32), (48, 40), (40, 64), (64, 64), (36, 50)]
 MEAN, STD = "0.4914,0.4822,0.4465", "0.247,0.243,0.261"
 
 
+def read(*args, **kwargs):
+    """A data set decoded into memory: image sources stream, so their errors appear when they are read."""
+    return load_data(*args, **kwargs).in_memory()
+
+
 def _cifar(cls: str, i: int) -> Image.Image:
     path = os.path.join(CIFAR, cls, f"{i:04d}.jpg")
     if not os.path.exists(path):
@@ -136,13 +141,13 @@ def test_a_record_refuses_different_values_and_allows_added_geometry():
 
 def test_mixed_sizes_need_a_recipe(work):
     with pytest.raises(UserError, match=r"images of different sizes need --resize and/or --crop"):
-        load_data(work["photos"], workers=0)
-    ds = load_data(work["photos"], parse_options({"resize": "40", "crop": "32"}), workers=0)
+        read(work["photos"], workers=0)
+    ds = read(work["photos"], parse_options({"resize": "40", "crop": "32"}), workers=0)
     assert ds.x.shape == (12, 3, 32, 32) and ds.classes == list(CLASSES) and ds.labeled
     assert ds.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert ds.preprocessing is not None and ds.preprocessing.channels == 3
     assert float(ds.x.min()) >= 0.0 and float(ds.x.max()) <= 1.0          # no mean/std: [0, 1] pixels
-    two = load_data(work["photos"], parse_options({"resize": "40", "crop": "32"}), workers=2)
+    two = read(work["photos"], parse_options({"resize": "40", "crop": "32"}), workers=2)
     assert torch.equal(two.x, ds.x) and torch.equal(two.y, ds.y)           # worker processes read the same
 
 
@@ -156,9 +161,9 @@ def test_csv_and_tsv_lists(work):
     with open(os.path.join(root, "paths.csv"), "w") as f:
         f.write("".join(f"{p}\n" for p, _ in rows))
     opts = parse_options({"resize": "40", "crop": "32"})
-    a = load_data(os.path.join(root, "list.csv"), opts)
-    b = load_data(os.path.join(root, "names.tsv"), opts, classes=list(CLASSES))
-    c = load_data(os.path.join(root, "paths.csv"), opts)
+    a = read(os.path.join(root, "list.csv"), opts)
+    b = read(os.path.join(root, "names.tsv"), opts, classes=list(CLASSES))
+    c = read(os.path.join(root, "paths.csv"), opts)
     assert a.y.tolist() == b.y.tolist() == [1, 2, 0] and b.classes == list(CLASSES)
     assert torch.equal(a.x, b.x) and torch.equal(a.x, c.x)
     assert not c.labeled and c.y.tolist() == [NO_LABEL] * 3
@@ -170,7 +175,7 @@ def test_csv_and_tsv_lists(work):
         with open(path, "w") as f:
             f.write(f"photos/cat/0000.jpg,1\n{line}\n")
         with pytest.raises(UserError, match="line 2: .* leads outside the list's folder"):
-            load_data(path, opts)
+            read(path, opts)
     for text, why in (("photos/cat/0000.jpg,1\nphotos/cat/0001.png\n", "line 2: no label"),
                       ("photos/cat/0000.jpg,1,2\n", "line 1: expected 'path,label'"),
                       ("photos/cat/0000.jpg,zebra\n", "class 'zebra' is not one of the 3 classes")):
@@ -178,7 +183,7 @@ def test_csv_and_tsv_lists(work):
         with open(path, "w") as f:
             f.write(text)
         with pytest.raises(UserError, match=why):
-            load_data(path, opts, classes=list(CLASSES))
+            read(path, opts, classes=list(CLASSES))
 
 
 def test_unlabeled_folder_and_class_names(work):
@@ -188,21 +193,21 @@ def test_unlabeled_folder_and_class_names(work):
     for i in range(3):
         _cifar("ship", 200 + i).resize(SIZES[i]).save(os.path.join(loose, f"{i}.png"))
     _cifar("ship", 203).convert("L").save(os.path.join(loose, "grey.png"))      # greyscale: made RGB like the rest
-    ds = load_data(loose, parse_options({"resize": "36", "crop": "32"}), input_shape=[3, 32, 32])
+    ds = read(loose, parse_options({"resize": "36", "crop": "32"}), input_shape=[3, 32, 32])
     assert len(ds) == 4 and not ds.labeled and ds.x.shape[1] == 3
     sub = os.path.join(root, "sub")
     for c in ("ship", "cat"):
         os.makedirs(os.path.join(sub, c), exist_ok=True)
         _cifar(c, 300).save(os.path.join(sub, c, "a.jpg"))
     os.makedirs(os.path.join(sub, ".ipynb_checkpoints"), exist_ok=True)    # hidden: not a class
-    by_record = load_data(sub, classes=list(CLASSES))
+    by_record = read(sub, classes=list(CLASSES))
     assert by_record.y.tolist() == [1, 2]                 # cat, ship: their place among the recorded classes
-    assert load_data(sub).y.tolist() == [0, 1]            # no record: the sorted folder names
+    assert read(sub).y.tolist() == [0, 1]            # no record: the sorted folder names
     with pytest.raises(UserError, match="class 'ship' is not one of the 2 classes"):
-        load_data(sub, classes=["airplane", "cat"])
+        read(sub, classes=["airplane", "cat"])
     _cifar("cat", 301).save(os.path.join(sub, "stray.jpg"))
     with pytest.raises(UserError, match="stray.jpg: an image beside the class folders"):
-        load_data(sub)
+        read(sub)
 
 
 def _png_header(w: int, h: int) -> bytes:
@@ -233,7 +238,7 @@ def test_damaged_images_are_refused_by_name(work, tmp_path, workers):
         good.save(folder / "a.jpg")
         (folder / name).write_bytes(blob)
         with pytest.raises(UserError) as e:
-            load_data(str(folder.parent), workers=workers)
+            read(str(folder.parent), workers=workers)
         line = str(e.value)
         assert "\n" not in line and line.startswith(str(folder / name)), line
         assert ("decompression-bomb" in line) if name == "bomb.png" else ("not a readable image" in line), line

@@ -363,8 +363,9 @@ def compare_with_reference(model: ConvertedModel, plan: Plan, data, lava_outputs
     against the float torch SNN, with both accuracies on labelled data (what quantisation costs)."""
     t0 = time.perf_counter()
     ref = integer_reference(model, plan)
-    r = run_reference(ref, data.x, batch_size)
-    snn = np.concatenate([run(model.graph, data.x[i:i + batch_size]).numpy() for i in range(0, len(data), batch_size)])
+    x = data.in_memory().x          # Lava ran the whole set as one stream: it is bounded (--limit) and decoded
+    r = run_reference(ref, x, batch_size)
+    snn = np.concatenate([run(model.graph, x[i:i + batch_size]).numpy() for i in range(0, len(data), batch_size)])
     out, lava = r["outputs"], np.asarray(lava_outputs)
     n = len(out)
     y = data.y.numpy() if getattr(data, "labeled", True) else None
