@@ -71,8 +71,19 @@ def redacted(url: str | None) -> str | None:
         return url.split("://")[0] + "://..."
 
 
+JOURNAL_SUFFIX = ".journal"     # a plain --storage path ending so is an Optuna journal file, not SQLite
+
+
+def journal_path(url: str | None) -> str | None:
+    """The file of an Optuna journal storage: a plain path (no ``://``) ending in ``.journal``, else None."""
+    if url and "://" not in url and url.endswith(JOURNAL_SUFFIX):
+        return url
+    return None
+
+
 def storage_path(url: str | None) -> str | None:
-    """The SQLite file behind an Optuna storage (a plain path or sqlite:///PATH), else None."""
+    """The file behind an Optuna storage, else None (a database server): a plain path (an Optuna journal when
+    it ends in ``.journal``, else a SQLite file) or the file of a ``sqlite:///PATH`` URL."""
     if not url:
         return None
     if "://" not in url:

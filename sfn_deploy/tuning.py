@@ -2,9 +2,12 @@
 
 The study is an ordinary Optuna study, so any Optuna storage works: a SQLite file
 resumes an interrupted search (completed trials are kept, the rerun only runs the
-missing ones), and a shared database (PostgreSQL, MySQL) lets several machines work
-on one study. ``--trials N`` means N completed trials in the study, however many
-workers run. A worker starts a trial only while the completed trials plus the running
+missing ones), and a shared database (PostgreSQL, MySQL: an RDB URL) or an Optuna
+journal file on a shared file system (a plain ``--storage`` path ending in
+``.journal``; Optuna's JournalFileBackend with its JournalFileOpenLock, which works on
+NFS v3 and later) lets several machines work on one study (docs/cli.md, "Many
+workers, many machines"). ``--trials N`` means N completed trials in the study,
+however many workers run. A worker starts a trial only while the completed trials plus the running
 trials of live workers are fewer than N; otherwise it waits (polling, at most every
 2 s) until those trials end or their workers are found dead. Two workers that start
 trials at the same moment are told apart by trial number: the lower-numbered running
@@ -12,14 +15,18 @@ trials win, and a trial that would exceed N is pruned before it evaluates anythi
 A worker whose trials are pruned (or taken over, below) more than max(5, N) times
 gives up with a UserError, so no worker can flood the study with pruned trials.
 
-Dead workers: a worker on a database storage records a heartbeat for its running
-trial every ``HEARTBEAT_INTERVAL`` seconds (Optuna's RDBStorage heartbeat) and marks
-the trial with a user attribute ``worker`` (a hash of the boot id and process
+Dead workers: a worker on a database or journal storage records a heartbeat for its
+running trial every ``HEARTBEAT_INTERVAL`` seconds (Optuna's RDBStorage heartbeat; on
+a journal, which has none in Optuna, this module's own: :class:`_JournalStorage`) and
+marks the trial with a user attribute ``worker`` (a hash of the boot id and process
 namespace, its pid, the trial number). A running trial counts as dead, and is set to
 FAIL by whichever worker sees it first, when
 
 * its heartbeat is older than ``GRACE_PERIOD`` seconds (Optuna's own
-  ``fail_stale_trials``, which ``study.optimize`` also runs before each trial);
+  ``fail_stale_trials``, which ``study.optimize`` also runs before each trial): by
+  the database's clock, or, on a journal, which has no clock, when the heartbeat has
+  not changed for ``GRACE_PERIOD`` seconds since this worker first saw it (so a worker
+  started after another one died waits out the grace period once);
 * its mark names a process of this machine's process namespace that no longer runs
   (Linux only: a rerun right after ``kill -9`` takes over at once instead of
   waiting out the grace period);
@@ -35,12 +42,13 @@ waits as long as a running trial's heartbeat is fresh: a hung worker whose heart
 thread still runs holds back the end of the search until it is killed. An in-memory study has one
 worker and no heartbeat. Ctrl-C fails the running trial (Optuna sets it to FAIL; a
 rerun runs a new trial in its place) and propagates KeyboardInterrupt. Storage errors
-(a missing folder, a file that is not SQLite, a read-only database, an unreachable
-server) are UserErrors of one line naming the storage, with a password in a URL
-hidden.
+(a missing folder, a file that is not SQLite or not a journal, a damaged journal, a
+read-only database, an unreachable server) are UserErrors of one line naming the
+storage, with a password in a URL hidden.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -52,9 +60,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat  # private, but what Optuna's heartbeat machinery checks for
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from . import evaluation, staged
-from .config import ConvertConfig, redacted, storage_path
+from .config import JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
 from .data import Dataset, Validation
 from .errors import UserError
 from .ir import Graph
@@ -172,6 +182,8 @@ def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
     if url is None:
         return optuna.storages.InMemoryStorage()
     shown = redacted(url) or url
+    if journal_path(url):
+        return _journal_storage(os.path.abspath(url), shown, heartbeat_interval, grace_period)
     path = storage_path(url)
     if path and path != ":memory:" and not url.startswith("sqlite:///file:"):   # (a URI names its own file)
         _check_sqlite_file(os.path.abspath(path), shown)
@@ -218,6 +230,123 @@ def _sqlite_storage(url: str, attempts: int = 5, **kw):
 
     storage.engine.dispose()                  # pooled connections were opened before the hooks
     return storage
+
+
+_JOURNAL_MAGIC = b'{"op_code":'       # how Optuna's JournalFileBackend starts every record
+
+
+def _check_journal_file(path: str, shown: str) -> None:
+    """Refuse what cannot be an Optuna journal before Optuna appends to it: a missing folder, a folder, a device
+    or FIFO, an unreadable file, a non-empty file whose first record is not a journal record."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"--storage {shown}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"--storage {shown}: is a folder, not an Optuna journal file")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"--storage {shown}: is a symbolic link to a missing file")
+    if not os.path.exists(path):
+        return                                # a new journal: Optuna creates the empty file
+    if not os.path.isfile(path):
+        raise UserError(f"--storage {shown}: is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_JOURNAL_MAGIC))
+    except OSError as e:
+        raise UserError(f"--storage {shown}: cannot read ({e.strerror})") from None
+    if head and head != _JOURNAL_MAGIC:
+        raise UserError(f"--storage {shown}: not an Optuna journal file (a path ending in {JOURNAL_SUFFIX} "
+                        "names a journal; another storage needs another name)")
+
+
+class _JournalFile(JournalFileBackend):
+    """Optuna's journal file, whose I/O errors (a read-only folder, a full disk, a damaged record) are
+    StorageInternalErrors, so that :func:`run_search` turns them into one-line UserErrors."""
+
+    def read_logs(self, log_number_from: int):
+        try:
+            yield from super().read_logs(log_number_from)
+        except OSError as e:
+            raise optuna.exceptions.StorageInternalError(str(e)) from None
+        except ValueError as e:            # a record that is not JSON, with more records after it
+            raise optuna.exceptions.StorageInternalError(f"damaged journal record ({e})") from None
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        try:
+            super().append_logs(logs)
+        except OSError as e:
+            raise optuna.exceptions.StorageInternalError(str(e)) from None
+
+
+class _JournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeat that Optuna gives only its RDBStorage.
+
+    A running trial's worker writes the system attribute ``sfn:heartbeat`` (its clock's time) every
+    ``heartbeat_interval`` seconds. A journal has no clock of its own, so a reader does not compare that time with
+    its own: it declares a trial stale once the trial's heartbeat has not changed for ``grace_period`` seconds of
+    its own (monotonic) clock, counted from when it first saw that heartbeat. Machines need not agree on the time;
+    a worker started after another one died waits out the grace period before it takes the dead trial over.
+    """
+
+    BEAT = "sfn:heartbeat"
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int, heartbeat_stale_trial_callback=None):
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+        self._seen: dict[int, tuple[Any, float]] = {}   # trial id -> (heartbeat, when this process first saw it)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # a trial finished (or failed by another worker), or a failed write: skipped (the worker's own next
+        # storage call reports a lasting storage error)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError,
+                                 optuna.exceptions.StorageInternalError, KeyError):
+            self.set_trial_system_attr(trial_id, self.BEAT, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now, seen, stale = time.monotonic(), {}, []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            beat = t.system_attrs.get(self.BEAT)
+            if beat is None:                  # no heartbeat yet: _is_dead's rule for unmarked trials applies
+                continue
+            last, since = self._seen.get(t._trial_id, (None, now))
+            seen[t._trial_id] = (beat, since if last == beat else now)
+            if now - seen[t._trial_id][1] > self.grace_period:
+                stale.append(t._trial_id)
+        self._seen = seen                     # finished trials are forgotten
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.heartbeat_stale_trial_callback
+
+
+def _journal_storage(path: str, shown: str, heartbeat_interval: int, grace_period: int):
+    """An Optuna journal file (``--storage PATH.journal``) with the lock that works on NFS (v3 or later): the
+    lock file ``PATH.journal.lock`` is created with O_EXCL, and one left by a worker killed while appending is
+    broken after 30 s. Opening reads (replays) the whole journal, so a damaged one is refused here."""
+    _check_journal_file(path, shown)
+    with warnings.catch_warnings():           # the heartbeat callback is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)
+    try:
+        lock = JournalFileOpenLock(path)
+        return _JournalStorage(_JournalFile(path, lock_obj=lock), heartbeat_interval, grace_period, retry)
+    except optuna.exceptions.StorageInternalError as e:
+        raise UserError(f"--storage {shown}: cannot open Optuna journal ({_first_line(e)})") from None
+    except OSError as e:
+        raise UserError(f"--storage {shown}: cannot open Optuna journal ({e.strerror or e})") from None
+    except Exception as e:                    # a record Optuna cannot replay
+        raise UserError(f"--storage {shown}: not a valid Optuna journal ({type(e).__name__}: "
+                        f"{_first_line(e)})") from None
+
+
+def _heartbeats(storage) -> bool:
+    """A storage that several workers share and whose running trials have heartbeats (a database, a journal)."""
+    return isinstance(storage, BaseHeartbeat)
 
 
 def _finished(t) -> bool:
@@ -284,7 +413,7 @@ def _census(study, storage, grace: int, here: str | None, exclude: int | None = 
     """The number of finished trials (:func:`_finished`) and the running trials of live workers, after failing
     the dead ones."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-    rdb = isinstance(storage, optuna.storages.RDBStorage)
+    rdb = _heartbeats(storage)   # a database or journal storage
     if rdb and fail_stale:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -309,7 +438,7 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
     The trials are scored on ``data.validation_split`` (``data.validation`` when set, else images of ``data``;
     ``cfg.val_size`` / ``cfg.val_fraction``), recorded in the result's ``validation``.
     ``heartbeat_interval`` and ``grace_period`` (whole seconds; default ``HEARTBEAT_INTERVAL`` and
-    ``GRACE_PERIOD``) apply to database storages: see the module docstring for how the trials of dead
+    ``GRACE_PERIOD``) apply to database and journal storages: see the module docstring for how the trials of dead
     workers are recognised.
     """
     import sqlalchemy.exc
@@ -455,7 +584,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     study = _open_study(name, storage, sampler, groups, {**attrs, "strategy": strategy} if plan else attrs,
                         strategy, plan.pruner if plan else None)
     here = _namespace()
-    rdb = isinstance(storage, optuna.storages.RDBStorage)
+    rdb = _heartbeats(storage)   # a database or journal storage
     state: dict[str, Any] = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
 
     def evaluate(trial: optuna.Trial):
@@ -510,7 +639,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
 def _loop(study, storage, trials: int, grace: int, here, objective, state: dict, name: str, quiet: bool,
           before=None) -> None:
     """Run trials one at a time until the study holds ``trials`` finished ones (see the module docstring)."""
-    rdb = isinstance(storage, optuna.storages.RDBStorage)
+    rdb = _heartbeats(storage)   # a database or journal storage
     done = _completed(study)
     bar = progress(None, "λ search", quiet=quiet, total=trials)
     bar.update(min(done, trials))
