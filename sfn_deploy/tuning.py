@@ -196,10 +196,27 @@ def _storage(url: str | None, heartbeat_interval: int, grace_period: int):
             if url.startswith("sqlite"):
                 return _sqlite_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                        heartbeat_stale_trial_callback=retry)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                              heartbeat_stale_trial_callback=retry)
+            return _rdb_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                heartbeat_stale_trial_callback=retry)
         except Exception as e:
             raise UserError(f"--storage {shown}: cannot open Optuna storage ({_first_line(e)})") from None
+
+
+def _rdb_storage(url: str, attempts: int = 5, **kw):
+    """An RDBStorage on a database server (PostgreSQL, MySQL). Workers started together on an empty database race
+    to create Optuna's tables and types; the losers' CREATE fails (PostgreSQL: duplicate key in pg_type, MySQL:
+    table already exists) and they retry, then find the tables made."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kw)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as e:
+            text = str(e).lower()
+            if attempt == attempts - 1 or not ("already exists" in text or "duplicate" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _sqlite_storage(url: str, attempts: int = 5, **kw):

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import optuna
@@ -308,29 +309,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _server_user() -> list[str]:
+    """The command prefix that runs the server: none, or as root PostgreSQL's own user (postgres and initdb
+    refuse to run as root)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    import pwd
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("PostgreSQL refuses to run as root, and there is no user 'postgres' to run it as")
+    if not shutil.which("runuser"):
+        pytest.skip("PostgreSQL refuses to run as root, and runuser is not there to run it as user 'postgres'")
+    return [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
+
+
 @pytest.fixture
-def postgres(tmp_path):
-    """A PostgreSQL server of its own in tmp_path (initdb, pg_ctl), reached over TCP on 127.0.0.1; its URL."""
+def postgres():
+    """A PostgreSQL server of its own (initdb, pg_ctl, its data in a new temporary folder), reached over TCP on
+    127.0.0.1 without a password; its URL. Stopped and deleted at the end."""
     tools = {t: shutil.which(t) for t in ("initdb", "pg_ctl", "postgres")}
     if not all(tools.values()):
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
     dialect = _postgres_driver()
     if dialect is None:
         pytest.skip("no PostgreSQL driver for SQLAlchemy (psycopg2, psycopg or pg8000) in this environment")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("PostgreSQL refuses to run as root")
-    data, port = tmp_path / "pgdata", _free_port()
-    subprocess.run([tools["initdb"], "-D", str(data), "-U", "sfn", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, timeout=120)
-    log = tmp_path / "pg.log"
-    subprocess.run([tools["pg_ctl"], "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
-                    f"-p {port} -c unix_socket_directories='' -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True, timeout=120)
+    user = _server_user()
+    folder = tempfile.mkdtemp(prefix="sfn-pg-")          # not under tmp_path: root's pytest folders are 0700
+    if user:
+        import pwd
+        pw = pwd.getpwnam("postgres")
+        os.chown(folder, pw.pw_uid, pw.pw_gid)
+    data, log, port = os.path.join(folder, "data"), os.path.join(folder, "server.log"), _free_port()
+    pg_ctl = user + [str(tools["pg_ctl"]), "-D", data]
     try:
+        subprocess.run(user + [str(tools["initdb"]), "-D", data, "-U", "sfn", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run(pg_ctl + ["-l", log, "-w", "-t", "60", "-o", f"-p {port} -c listen_addresses=127.0.0.1 "
+                                 "-c unix_socket_directories='' -c fsync=off", "start"],
+                       check=True, capture_output=True, timeout=120)
         yield f"{dialect}://sfn@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([tools["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"], capture_output=True,
-                       timeout=60)
+        subprocess.run(pg_ctl + ["-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+OPEN_AT = r"""
+import sys, time
+import sfn_deploy.tuning as tuning
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+tuning._storage(sys.argv[2], 10, 30)
+"""
+
+
+def test_workers_started_together_on_an_empty_postgresql_database_all_open_it(postgres):
+    """They race to create Optuna's tables: the losers retry instead of failing (it happened: duplicate key in
+    pg_type for the enum studydirection)."""
+    at = time.time() + 4
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(at), postgres], stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
 
 
 def test_two_cli_workers_share_one_study_on_a_postgresql_server(postgres, digits_pt2):
