@@ -34,16 +34,19 @@ class StreamingHistogram:
         values = values.detach().reshape(-1).to(torch.float64)
         if values.numel() == 0:
             return
-        m = float(values.max())
-        self.max = max(self.max, m)
+        self.fit(float(values.max()))
         self.n += values.numel()
+        idx = (values / self.hi * self.bins).long().clamp_(0, self.bins - 1)
+        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+
+    def fit(self, m: float) -> None:
+        """Widen the range (doubling, merging bin pairs) until it holds ``m`` (a value about to be counted)."""
+        self.max = max(self.max, m)
         if self.hi == 0.0:
             self.hi = m if m > 0 else 1.0
         while m >= self.hi:
             self.counts = torch.cat([self.counts.view(-1, 2).sum(1), torch.zeros(self.bins // 2, dtype=torch.float64)])
             self.hi *= 2
-        idx = (values / self.hi * self.bins).long().clamp_(0, self.bins - 1)
-        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
     def quantile(self, q: float) -> float:
         """Value below which a fraction q of the samples lie (linear within a bin, never above the max)."""
@@ -64,6 +67,34 @@ class StreamingHistogram:
 def top_percent(hist: StreamingHistogram, p: float) -> float:
     """θ as the top-p% largest value: the (100 − p)th percentile (p = 0 gives the maximum)."""
     return hist.quantile(1.0 - p / 100.0)
+
+
+def update_signed(pos: StreamingHistogram, neg: StreamingHistogram, x: torch.Tensor) -> None:
+    """Count the positive values of ``x`` into ``pos`` and the magnitudes of its negative ones into ``neg``
+    (zeros into neither), in one pass: no masked copies, bin indices in float32. The same counts as
+    ``pos.update(x[x > 0]); neg.update(-x[x < 0])`` up to float32 rounding at a bin edge (calibration's cost
+    is this function on every site of every batch: a ViT's attention maps are millions of values each)."""
+    x = x.detach().reshape(-1).to(torch.float32)
+    if x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if hi > 0:
+        pos.fit(hi)
+    if lo < 0:
+        neg.fit(-lo)
+    b = pos.bins
+    positive = x > 0
+    scale = torch.where(positive, b / pos.hi if pos.hi else 0.0, -b / neg.hi if neg.hi else 0.0)
+    idx = (x * scale).long().clamp_(0, b - 1)               # truncation is floor: x · scale ≥ 0
+    idx += (~positive).long() * b                           # negatives (and zeros, removed below) after b
+    counts = torch.bincount(idx, minlength=2 * b).to(torch.float64)
+    nonzero = int(torch.count_nonzero(x))
+    counts[b] -= x.numel() - nonzero                        # zeros landed in the first negative bin
+    pos.counts += counts[:b]
+    neg.counts += counts[b:]
+    n_pos = int(round(float(counts[:b].sum())))
+    pos.n += n_pos
+    neg.n += nonzero - n_pos
 
 
 def channel_axis(x: torch.Tensor) -> int:
@@ -90,20 +121,29 @@ class RepeatedValues:
     def update(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.numel() == 0:
             return
-        rows = x.detach().movedim(channel_axis(x), 0).reshape(x.shape[channel_axis(x)], -1)
+        x = x.detach()
+        if x.dim() == 4:                # N×C×H×W: positions are (image, pixel); no channel-first copy
+            v = x.reshape(x.shape[0], x.shape[1], -1)
+            positions = v.shape[0] * v.shape[2]
+            at = torch.arange(0, positions, max(1, positions // self.sample))
+            sample = v[at // v.shape[2], :, at % v.shape[2]]                    # positions × C
+            mode = sample.T.contiguous().mode(dim=1).values
+            counts = (v == mode.view(1, -1, 1)).sum((0, 2))
+        else:                           # channels last (features, tokens)
+            v = x.reshape(-1, x.shape[-1])
+            positions = v.shape[0]
+            mode = v[::max(1, positions // self.sample)].T.contiguous().mode(dim=1).values
+            counts = (v == mode).sum(0)
         if not self.candidates:
-            self.candidates = [{} for _ in range(rows.shape[0])]
-        if rows.shape[0] != len(self.candidates):
+            self.candidates = [{} for _ in range(mode.shape[0])]
+        if mode.shape[0] != len(self.candidates):
             return                    # (a site's channel count does not change between batches)
-        stride = max(1, rows.shape[1] // self.sample)       # the candidate from a sample, its count from all
-        mode = rows[:, ::stride].mode(dim=1).values
-        counts = (rows == mode[:, None]).sum(1)
         for c, (v, k) in enumerate(zip(mode.tolist(), counts.tolist(), strict=True)):
             cand = self.candidates[c]
             cand[v] = cand.get(v, 0) + int(k)
             if len(cand) > self.keep:
                 del cand[min(cand, key=cand.__getitem__)]
-        self.positions += rows.shape[1]
+        self.positions += positions
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(value, share) per channel, float32: each channel's most counted value and its count / positions."""
@@ -122,8 +162,7 @@ class _SiteInputs(Observer):
     def __call__(self, event: Event) -> None:
         if event.node.op == "sfn":
             x = event.args[0]
-            self.pos[event.node.name].update(x[x > 0])
-            self.neg[event.node.name].update(-x[x < 0])
+            update_signed(self.pos[event.node.name], self.neg[event.node.name], x)
             self.modes[event.node.name].update(x)
 
 

@@ -80,7 +80,7 @@ def test_convert_evaluate_and_report_never_decode_the_data_set(photos, net, monk
     assert decoded.sizes == [2]                     # capture traces the model on the first two images only
     in_memory = convert(net, mem, scale=0.2, batch_size=8)
     assert streamed.metrics["input_abs_max"] == in_memory.metrics["input_abs_max"] == float(mem.x.abs().max())
-    for a, b in zip(streamed.sites, in_memory.sites):
+    for a, b in zip(streamed.sites, in_memory.sites, strict=True):
         assert (a.attrs["theta_pos"], a.attrs.get("theta_neg")) == (b.attrs["theta_pos"], b.attrs.get("theta_neg"))
     assert ev.to_dict() == evaluate(in_memory, mem, batch_size=8).to_dict()
     assert rep.ac_snn == ev.ac_snn and rep.samples == 30
