@@ -12,8 +12,11 @@ firing boundaries from switching such a value off (docs/concepts.md, "Repeated v
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import distributed
 from .ir import Graph
 from .passes import configure
 from .progress import progress
@@ -40,10 +43,17 @@ class StreamingHistogram:
         self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
     def fit(self, m: float) -> None:
-        """Widen the range (doubling, merging bin pairs) until it holds ``m`` (a value about to be counted)."""
+        """Widen the range (doubling, merging bin pairs) until it holds ``m`` (a value about to be counted).
+
+        The range is always a power of two: whatever order the values come in (and however the data is split
+        between processes), the bins end up the same, and a value's bin index is an exact product."""
         self.max = max(self.max, m)
         if self.hi == 0.0:
-            self.hi = m if m > 0 else 1.0
+            self.hi = 2.0 ** math.ceil(math.log2(m)) if m > 0 else 1.0
+        self.widen(m)
+
+    def widen(self, m: float) -> None:
+        """Double the range (merging bin pairs, which is exact) until it is above ``m``."""
         while m >= self.hi:
             self.counts = torch.cat([self.counts.view(-1, 2).sum(1), torch.zeros(self.bins // 2, dtype=torch.float64)])
             self.hi *= 2
@@ -141,13 +151,26 @@ class RepeatedValues:
         for c, (v, k) in enumerate(zip(mode.tolist(), counts.tolist(), strict=True)):
             cand = self.candidates[c]
             cand[v] = cand.get(v, 0) + int(k)
-            if len(cand) > self.keep:
-                del cand[min(cand, key=cand.__getitem__)]
+            if len(cand) > self.keep:                          # ties: the larger value goes (any order)
+                del cand[min(cand, key=lambda v: (cand[v], -v))]
         self.positions += positions
+
+    def absorb(self, others: list[RepeatedValues]) -> None:
+        """Become the sum of ``others`` (the ranks' candidates, in rank order): counts of a value added, the
+        ``keep`` most counted kept. Equal to one process's candidates wherever no channel saw more than
+        ``keep`` different batch modes (always for a value that dominates every batch)."""
+        width = max((len(o.candidates) for o in others), default=0)
+        merged: list[dict[float, int]] = [{} for _ in range(width)]
+        for o in others:
+            for c, cand in enumerate(o.candidates):
+                for v, k in cand.items():
+                    merged[c][v] = merged[c].get(v, 0) + k
+        self.candidates = [dict(sorted(m.items(), key=lambda kv: (-kv[1], kv[0]))[:self.keep]) for m in merged]
+        self.positions = sum(o.positions for o in others)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(value, share) per channel, float32: each channel's most counted value and its count / positions."""
-        best = [max(c.items(), key=lambda kv: kv[1]) if c else (0.0, 0) for c in self.candidates]
+        best = [max(c.items(), key=lambda kv: (kv[1], -kv[0])) if c else (0.0, 0) for c in self.candidates]
         value = torch.tensor([v for v, _ in best], dtype=torch.float32)
         share = torch.tensor([k / max(self.positions, 1) for _, k in best], dtype=torch.float32)
         return value, share
@@ -164,6 +187,28 @@ class _SiteInputs(Observer):
             x = event.args[0]
             update_signed(self.pos[event.node.name], self.neg[event.node.name], x)
             self.modes[event.node.name].update(x)
+
+
+def _sum_ranks(pos: dict, neg: dict, modes: dict) -> None:
+    """Every rank's histograms and repeated values summed into each rank's (the same bins: ranges are powers of
+    two, widened to the largest rank's; counts all-reduced)."""
+    import torch.distributed as dist
+    hists = [h for name in pos for h in (pos[name], neg[name])]
+    ranges = distributed.gather([(h.hi, h.max) for h in hists])
+    for i, h in enumerate(hists):
+        hi = max(r[i][0] for r in ranges)
+        h.max = max(r[i][1] for r in ranges)
+        if h.hi == 0.0:
+            h.hi = hi
+        h.widen(hi / 2)                 # hi is a power of two: widening to above hi/2 reaches it exactly
+    counts = torch.stack([h.counts for h in hists])
+    dist.all_reduce(counts)
+    for h, c in zip(hists, counts, strict=True):
+        h.counts = c
+        h.n = int(round(float(c.sum())))
+    everyone = distributed.gather(modes)
+    for name, m in modes.items():
+        m.absorb([ranks[name] for ranks in everyone])
 
 
 def site_histogram(node, polarity: int) -> StreamingHistogram:
@@ -194,6 +239,8 @@ def calibrate(graph: Graph, batches, percentile: float = 1.0, bins: int = 4096, 
 
     for xb in progress(batches, "calibrating", quiet=quiet):
         run(graph, xb, spiking=False, hook=_SiteInputs(pos, neg, modes))
+    if distributed.active():            # torchrun: each rank saw its share of the batches
+        _sum_ranks(pos, neg, modes)
     for name, node in sites.items():
         a = node.attrs
         a["percentile"] = float(percentile)

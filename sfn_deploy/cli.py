@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 
 def _emit(as_json: bool, payload: dict, text: str) -> None:
+    if not _writer():
+        return
     if as_json:
         click.echo(json.dumps(payload, default=_jsonable, ensure_ascii=False))
     else:
@@ -56,6 +58,23 @@ def _fail(as_json: bool, message: str, code: int, **extra) -> None:
     sys.exit(code)
 
 
+SPLIT_COMMANDS = ("convert_cmd", "evaluate_cmd", "report_cmd")     # what runs data-parallel under torchrun
+
+
+def _writer() -> bool:
+    """Rank 0 under torchrun (or the only process) prints and writes; the other ranks only compute."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return True
+    from .distributed import is_writer
+    return is_writer()
+
+
+def _torchrun_check(name: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and name not in SPLIT_COMMANDS:
+        raise UserError(f"{name[:-4]} runs in one process; under torchrun only convert, evaluate and report "
+                        "split their data between ranks")
+
+
 def command(fn):
     """Shared --json/--debug handling and the exit-code contract."""
     @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
@@ -69,6 +88,7 @@ def command(fn):
                 import optuna  # importing optuna resets its logger: set its own verbosity
                 optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
+            _torchrun_check(fn.__name__)
             return fn(*args, as_json=as_json, **kwargs)
         except UserError as e:
             if debug:
@@ -176,7 +196,9 @@ def convert_options(fn):
         click.option("--val-data", default=None,
                      help="Validation images apart from --data (same forms as --data); calibration then uses all "
                           "of --data. Capped by --val-size."),
-        click.option("--storage", default=None, help="Optuna storage URL or SQLite file path."),
+        click.option("--storage", default=None,
+                     help="Optuna storage: a database URL, a SQLite file path, or a PATH.journal file on a shared "
+                          "file system (docs/cli.md, 'Many workers, many machines')."),
         click.option("--study", default=None, help="Optuna study name (default: from model and options)."),
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
         click.option("--batch-size", type=int, default=None, help="Batch size (default 256)."),
@@ -355,6 +377,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     from .model_file import save
 
     cfg = _config(config_file, kw)
+    if cfg.storage and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError("--storage under torchrun: the ranks would be workers of one study and could choose "
+                        "different points; spread a search over processes with tune --storage instead")
     options, workers = _data_options(kw, config_file)
     _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
@@ -367,7 +392,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
                              energy_ratio=result.energy_ratio, ac_snn=result.ac_snn, mac_snn=result.mac_snn,
                              mac_ann=result.mac_ann, samples=result.samples, drop=result.drop.to_dict(),
                              validation=record.to_dict())
-    save(converted, output)
+    if _writer():
+        save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
     payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
                **{k: v for k, v in result.to_dict().items() if k not in ("layers", "drop")},
@@ -691,7 +717,7 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
                 reports.append(build_report(variant(model, lam, m) if lam or m else model, dataset, list(targets),
                                             label=label, batch_size=batch_size, quiet=as_json))
     doc = reports[0] if len(reports) == 1 else compare(reports)
-    if output:
+    if output and _writer():
         render = {"json": lambda d: json.dumps(d.to_dict(), indent=1, default=_jsonable), "md": to_markdown,
                   "html": to_html}[fmt]
         text = render(doc)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import distributed
 from .calibrate import calibrate
 from .capture import capture
 from .config import ConvertConfig, load_config
@@ -76,10 +77,11 @@ def _calibrate(c: Conversion) -> None:
     c.input_abs_max = 0.0
 
     def tracked():          # the input range (Lava's fixed-point encoding) from the same pass over the data
-        for xb in c.data.limit(cfg.calib_limit).batches(cfg.batch_size):
+        for xb in distributed.shard(c.data.limit(cfg.calib_limit), cfg.batch_size).batches(cfg.batch_size):
             c.input_abs_max = max(c.input_abs_max, float(xb.abs().max()))
             yield xb
-    calibrate(graph, tracked(), cfg.percentile, quiet=c.quiet)
+    calibrate(graph, tracked(), cfg.percentile, quiet=c.quiet)     # torchrun: the ranks' shares, summed
+    c.input_abs_max = distributed.reduce_max(c.input_abs_max)
     try:        # e.g. a BatchNorm with a negative running_var folds into NaN weights
         validate_graph(graph, shapes=False)
     except GraphError as e:

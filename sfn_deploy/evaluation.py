@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import backends
+from . import backends, distributed
 from .data import Dataset
 from .errors import UserError
 from .ir import Graph
@@ -205,13 +205,19 @@ def budget_warning(n: int, max_drop: float | None, available: int | None = None)
 
 
 def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = True,
-            quiet: bool = True, desc: str = "evaluating") -> tuple[torch.Tensor, OpCounter]:
-    """Predictions (argmax) and op counts of one pass over the data."""
+            quiet: bool = True, desc: str = "evaluating", split: bool = False) -> tuple[torch.Tensor, OpCounter]:
+    """Predictions (argmax) and op counts of one pass over the data. ``split``: under torchrun, each rank
+    runs its share (:mod:`sfn_deploy.distributed`) and every rank gets the whole pass's predictions and counts;
+    every rank must then call it alike (evaluate and report do; the λ search does not split)."""
     counter = OpCounter(graph, spiking)
-    preds = []
-    for xb in progress(data.batches(batch_size), desc, quiet=quiet, total=-(-len(data) // batch_size)):
+    preds = [torch.zeros(0, dtype=torch.int64)]
+    part = distributed.shard(data, batch_size) if split else data
+    for xb in progress(part.batches(batch_size), desc, quiet=quiet, total=-(-len(part) // batch_size)):
         counter.start_batch(xb.shape[0])
         preds.append(run(graph, xb, spiking=spiking, hook=counter).argmax(-1))
+    if split and distributed.active():
+        counter.absorb(distributed.gather(counter.state()))
+        return distributed.gather_cat(torch.cat(preds)), counter
     return torch.cat(preds), counter
 
 
@@ -251,10 +257,12 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
     data = data.limit(limit)
     graph = converted.graph
     check_data(graph, data, "converted model")
-    snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN")
+    snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN", split=True)
     if backend == backends.REFERENCE:
-        ann_pred, _ = measure(graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN")
+        ann_pred, _ = measure(graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN", split=True)
     else:
+        if distributed.active():
+            raise UserError(f"--backend {backend} runs in one process; under torchrun use the torch backend")
         ann_pred = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet).argmax(-1)
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()

@@ -483,6 +483,37 @@ class OpCounter(Observer):
             self._grids[site.name] = grid
         return self._grids[site.name]
 
+    def state(self) -> dict:
+        """The totals a pass accumulated (what :meth:`absorb` sums across torchrun ranks)."""
+        return {"samples": self.samples,
+                "layers": {n: {f.name: getattr(c, f.name) for f in fields(c) if f.name != "level_hist"}
+                           for n, c in self.layers.items()},
+                "hist": self._hist, "orders": self._orders}
+
+    def absorb(self, states: list[dict]) -> None:
+        """Become the sum of the ranks' counters (``states`` in rank order): per-sample totals, level histograms
+        and operand-order totals added; the layer's static figures (neurons, weights, ...) from a rank that
+        counted samples."""
+        self.samples = sum(s["samples"] for s in states)
+        counted = [s for s in states if s["samples"]] or states[:1]
+        for name, c in self.layers.items():
+            for f in fields(c):
+                if f.name in _PER_SAMPLE:
+                    setattr(c, f.name, sum(s["layers"][name][f.name] for s in states))
+                elif f.name != "level_hist":
+                    setattr(c, f.name, counted[0]["layers"][name][f.name])
+        self._hist = {}
+        for s in states:
+            for name, h in s["hist"].items():
+                self._hist[name] = h.clone() if name not in self._hist else self._hist[name] + h
+        self._orders = {}
+        for s in states:
+            for name, orders in s["orders"].items():
+                acc = self._orders.setdefault(name, [[0.0] * len(o) for o in orders])
+                for a, o in zip(acc, orders, strict=True):
+                    for i, v in enumerate(o):
+                        a[i] += v
+
     def result(self) -> OpCounts:
         s = max(self.samples, 1)
         return OpCounts([self._per_inference(c, s) for c in self.layers.values()], self.samples)
