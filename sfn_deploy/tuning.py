@@ -583,6 +583,20 @@ class _Staged:
         return front, chosen, [k.to_dict() for k in checks]
 
 
+def _reseed_beside_others(study, seed: int, here: str | None, multivariate: bool) -> None:
+    """Once another worker's trials are in the study, seed this worker's sampler from ``seed``, the trial count
+    and this process before each trial: workers with one ``--seed`` (it also picks the validation images) would
+    otherwise draw the same λ from the same random stream. A worker alone keeps its one seeded stream
+    (reproducible); several workers' order of trials depends on timing anyway."""
+    trials = study.get_trials(deepcopy=False)
+    pid = os.getpid()
+    if all((t.user_attrs.get("worker") or {}).get("ns", here) == here
+           and (t.user_attrs.get("worker") or {}).get("pid", pid) == pid for t in trials):
+        return
+    mixed = int(hashlib.sha256(f"{seed} {len(trials)} {here} {pid}".encode()).hexdigest()[:8], 16)
+    study.sampler = optuna.samplers.TPESampler(seed=mixed, multivariate=multivariate)
+
+
 def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     val, record = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     val = val.in_memory(quiet=quiet)      # every trial reads it: decoded once (--val-size images, docs/data.md)
@@ -635,8 +649,13 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
         state["returned"] = True
         return values
 
-    _loop(study, storage, cfg.trials, grace, here, objective, state, name, quiet,
-          before=plan.before_trial if plan else None)
+    def before(study) -> None:
+        if rdb:
+            _reseed_beside_others(study, cfg.seed, here, multivariate=plan is None)
+        if plan is not None:
+            plan.before_trial(study)
+
+    _loop(study, storage, cfg.trials, grace, here, objective, state, name, quiet, before=before)
     if plan is None:
         front = sorted((ParetoPoint(trial=t.number, accuracy=t.values[0], energy_ratio=t.values[1],
                                     lam=t.user_attrs["lam"]) for t in study.best_trials),

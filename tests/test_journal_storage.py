@@ -98,6 +98,9 @@ def test_three_cli_workers_share_one_journal_and_record_each_trial_once(tmp_path
         assert r["chosen"] == results[0]["chosen"] and r["chosen"]["trial"] in {p["trial"] for p in front}
     # the trials were spread over the workers: each records its worker mark (pid) in the trial
     assert len({t.user_attrs["worker"]["pid"] for t in states[COMPLETE]}) >= 2
+    # beside other workers each reseeds its sampler (tuning._reseed_beside_others): no λ is drawn twice
+    lams = [tuple(sorted(t.params.items())) for t in states[COMPLETE]]
+    assert len(set(lams)) == len(lams), lams
     assert not os.path.exists(f"{path}.lock")                 # the append lock is released
 
 
