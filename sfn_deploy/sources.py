@@ -1,5 +1,5 @@
 """Where samples come from: a :class:`Source` yields batches ``(x, y)``; :func:`sfn_deploy.data.load_data`
-gathers them into one in-memory :class:`~sfn_deploy.data.Dataset` (docs/data.md).
+wraps it in a :class:`~sfn_deploy.data.Dataset` (docs/data.md).
 
 Sources: :class:`TensorSource` (tensors already in memory: ``.npz``, ``mnist:``, ``sklearn:digits``) and
 :class:`ImageSource` (image files listed by :func:`list_folder` or :func:`list_table`, decoded by PIL and
