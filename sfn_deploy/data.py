@@ -189,7 +189,11 @@ class Dataset:
                           validation=None)
 
     def subset(self, idx) -> Dataset:
-        return self._part(torch.as_tensor(idx, dtype=torch.int64).reshape(-1), self.name)
+        """The samples at ``idx`` (indices, or a boolean mask over the set)."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().reshape(-1)
+        return self._part(idx.to(torch.int64).reshape(-1), self.name)
 
     def limit(self, n: int | None) -> Dataset:
         if n is None or n >= len(self):
