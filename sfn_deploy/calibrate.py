@@ -192,7 +192,6 @@ class _SiteInputs(Observer):
 def _sum_ranks(pos: dict, neg: dict, modes: dict) -> None:
     """Every rank's histograms and repeated values summed into each rank's (the same bins: ranges are powers of
     two, widened to the largest rank's; counts all-reduced)."""
-    import torch.distributed as dist
     hists = [h for name in pos for h in (pos[name], neg[name])]
     ranges = distributed.gather([(h.hi, h.max) for h in hists])
     for i, h in enumerate(hists):
@@ -201,8 +200,7 @@ def _sum_ranks(pos: dict, neg: dict, modes: dict) -> None:
         if h.hi == 0.0:
             h.hi = hi
         h.widen(hi / 2)                 # hi is a power of two: widening to above hi/2 reaches it exactly
-    counts = torch.stack([h.counts for h in hists])
-    dist.all_reduce(counts)
+    counts = distributed.sum_(torch.stack([h.counts for h in hists]))
     for h, c in zip(hists, counts, strict=True):
         h.counts = c
         h.n = int(round(float(c.sum())))

@@ -86,14 +86,32 @@ def shard(data, batch_size: int = 1):
     return data.subset(torch.arange(start, stop))
 
 
+def _collective(fn, *args) -> None:
+    """Run a collective; a rank that stopped (its own error printed) stops this one with one line too."""
+    try:
+        fn(*args)
+    except RuntimeError as e:
+        if "gloo" not in str(e).lower() and "connection" not in str(e).lower():
+            raise
+        raise UserError("another torchrun rank stopped (its error is above); this rank stops too") from None
+
+
 def gather(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` with one process)."""
     if not active():
         return [obj]
     import torch.distributed as dist
     out: list[Any] = [None] * world().size
-    dist.all_gather_object(out, obj)
+    _collective(dist.all_gather_object, out, obj)
     return out
+
+
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of every rank's ``t`` (in place; ``t`` itself with one process)."""
+    if active():
+        import torch.distributed as dist
+        _collective(dist.all_reduce, t)
+    return t
 
 
 def gather_cat(t: torch.Tensor) -> torch.Tensor:

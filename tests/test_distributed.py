@@ -93,3 +93,20 @@ def test_histograms_merge_exactly_whatever_the_split():
         for p in parts:
             p[k].widen(hi / 2)
         assert h.hi == hi and torch.equal(h.counts, sum(p[k].counts for p in parts))
+
+
+def test_a_damaged_image_on_one_rank_stops_every_rank_with_one_line_each(converted, tmp_path):
+    from PIL import Image
+    for c in ("0", "1"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "photos" / c / f"{i}.png")
+    (tmp_path / "photos" / "1" / "3.png").write_bytes(b"not a png")      # in the second rank's share
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", CLI, "evaluate", converted[1][0], "--data",
+                        str(tmp_path / "photos"), "--batch-size", "2", "--workers", "0"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and sorted(errors) == sorted([
+        "error: another torchrun rank stopped (its error is above); this rank stops too",
+        f"error: {tmp_path / 'photos' / '1' / '3.png'}: not a readable image (not JPEG, PNG, WEBP, BMP, GIF or TIFF)"])
