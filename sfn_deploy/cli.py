@@ -160,6 +160,8 @@ class _Group(click.Group):
 @click.version_option(package_name="sfn-deploy")
 def main():
     """Convert trained PyTorch networks into single-timestep Scale-and-Fire spiking networks."""
+    from .allocator import tune
+    tune()                      # flat peak memory over long streamed runs (sfn_deploy/allocator.py)
 
 
 def model_options(fn):
