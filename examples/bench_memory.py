@@ -5,7 +5,7 @@ Each command runs as its own process through the real CLI; its peak is the large
 set (PSS) of the process and its DataLoader workers together, sampled from /proc every 50 ms, and the
 kernel's own peak RSS of the main process (``ru_maxrss`` from ``wait4``). The evaluations run first, on a
 model calibrated on 64 photos (evaluate's memory does not depend on the calibration), then the converts;
-rows are appended to the output as they finish (the 10,000-photo convert is the long one).
+rows are appended to the output (a JSON line each, after a line of settings) as they finish.
 The photos are CIFAR-10 training JPEGs (32×32), which the
 model's own preprocessing (timm's data config) resizes to 224×224; the model is timm's ViT-S/16 with random
 weights (the figure is memory, not accuracy).
@@ -96,11 +96,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--photos", default=CIFAR, help="class folders of JPEGs (CIFAR-10's training images)")
     ap.add_argument("--out", default=os.path.join(HERE, "bench_memory_results.jsonl"))
+    ap.add_argument("--only", choices=("convert", "evaluate"), default=None, help="measure one command only")
     args = ap.parse_args()
     rows = []
     meta = {"command": " ".join(sys.argv), "model": args.model, "model_args": args.model_args,
             "workers": args.workers, "batch_size": args.batch_size, "cpus": os.cpu_count()}
-    with open(args.out, "w") as f:
+    with open(args.out, "a") as f:
         f.write(json.dumps({"meta": meta}) + "\n")
 
     def record(cmd: str, n: int, r: dict) -> None:
@@ -122,13 +123,17 @@ def main() -> None:
             return peak([CLI, "convert", args.model, "--model-args", args.model_args, "--scale", "0.2", "-o",
                          os.path.join(tmp, f"m{n}.sfn.pt"), *flags(n), *extra])
         # evaluate's model: calibrated on the first 64 photos (its memory does not depend on the calibration)
-        convert(counts[0], "--calib-limit", "64")
-        for n in counts:
-            record("evaluate", n, peak([CLI, "evaluate", os.path.join(tmp, f"m{counts[0]}.sfn.pt"), *flags(n)]))
-        for n in counts:                # calibration reads every photo: the 10,000-photo convert is the long one
-            record("convert", n, convert(n))
+        if args.only != "convert":
+            convert(counts[0], "--calib-limit", "64")
+            for n in counts:
+                record("evaluate", n, peak([CLI, "evaluate", os.path.join(tmp, f"m{counts[0]}.sfn.pt"), *flags(n)]))
+        if args.only != "evaluate":
+            for n in counts:            # calibration reads every photo: the 10,000-photo convert is the long one
+                record("convert", n, convert(n))
     for cmd in ("convert", "evaluate"):
         mine = [r for r in rows if r["command"] == cmd]
+        if not mine:
+            continue
         for key in ("peak_tree_mb", "peak_main_mb"):
             lo, hi = min(r[key] for r in mine), max(r[key] for r in mine)
             print(f"{cmd}: {key} {lo:.0f}–{hi:.0f} MB, largest/smallest {hi / lo:.3f}")
