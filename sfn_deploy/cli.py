@@ -61,16 +61,21 @@ def _fail(as_json: bool, message: str, code: int, **extra) -> None:
 SPLIT_COMMANDS = ("convert_cmd", "evaluate_cmd", "report_cmd")     # what runs data-parallel under torchrun
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several (read from its environment: joins nothing)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def _writer() -> bool:
     """Rank 0 under torchrun (or the only process) prints and writes; the other ranks only compute."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if not _under_torchrun():
         return True
     from .distributed import is_writer
     return is_writer()
 
 
 def _torchrun_check(name: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and name not in SPLIT_COMMANDS:
+    if _under_torchrun() and name not in SPLIT_COMMANDS:
         raise UserError(f"{name[:-4]} runs in one process; under torchrun only convert, evaluate and report "
                         "split their data between ranks")
 
@@ -285,7 +290,7 @@ def _data_options(kw, config_file=None) -> tuple[dict, int]:
     return options, workers
 
 
-def _load_datasets(data, val_data, model="", net=None, options=None, workers=0, quiet=True):
+def _load_datasets(data, val_data, model="", net=None, options=None, workers=0):
     """--data, with --val-data's images kept apart for validation when given. Images get the model's own
     preprocessing (timm's data config) overridden by the options; --val-data the same as --data."""
     from .data import is_image_spec, load_data
@@ -294,15 +299,15 @@ def _load_datasets(data, val_data, model="", net=None, options=None, workers=0, 
     defaults = None
     if model.startswith("timm:") and net is not None and (is_image_spec(data) or is_image_spec(val_data)):
         defaults = timm_defaults(net, model[len("timm:"):], options)
-    ds = load_data(data, options, defaults=defaults, workers=workers, quiet=quiet)
+    ds = load_data(data, options, defaults=defaults, workers=workers)
     if val_data is None:
         return ds
     val = load_data(val_data, options, defaults=defaults, recorded=ds.preprocessing, recorded_in=f"--data {data}",
-                    classes=ds.classes, input_shape=ds.sample_shape, workers=workers, quiet=quiet)
+                    classes=ds.classes, input_shape=ds.sample_shape, workers=workers)
     return ds.with_validation(val)
 
 
-def _model_data(model, path, data, options=None, workers=0, quiet=True, limit=None):
+def _model_data(model, path, data, options=None, workers=0, limit=None):
     """Data for a converted model: images get the preprocessing recorded in it (options checked against it),
     class names map onto its classes, and the first image is checked against its input shape."""
     from .data import is_image_spec, load_data
@@ -310,7 +315,7 @@ def _model_data(model, path, data, options=None, workers=0, quiet=True, limit=No
         _warn(f"{path} records no preprocessing: images are read as [0, 1] pixels at their own size, without "
               "mean/std (give --resize/--crop/--mean/--std as at conversion)")
     return load_data(data, options, recorded=model.preprocessing, recorded_in=path, classes=model.classes,
-                     input_shape=list(model.input_shape), workers=workers, quiet=quiet, limit=limit)
+                     input_shape=list(model.input_shape), workers=workers, limit=limit)
 
 
 def _pct(v: float | None) -> str:
@@ -379,13 +384,13 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     from .model_file import save
 
     cfg = _config(config_file, kw)
-    if cfg.storage and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if cfg.storage and _under_torchrun():
         raise UserError("--storage under torchrun: the ranks would be workers of one study and could choose "
                         "different points; spread a search over processes with tune --storage instead")
     options, workers = _data_options(kw, config_file)
     _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
-    ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers, as_json)
+    ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers)
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     converted = convert(net, ds, cfg, source=identity, quiet=as_json, warn=_warn)
     result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
@@ -449,7 +454,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     options, workers = _data_options(kw, config_file)
     _check_convert_paths(model, data, output, config_file, weights, cfg.storage, kw.get("val_data"))
     net, identity = _load_model(model, weights, model_args, trust_pickle)
-    ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers, as_json)
+    ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers)
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     graph = build_graph(net, ds, cfg, quiet=as_json)
     warning = budget_warning(len(val), cfg.max_drop, record.available)
@@ -469,7 +474,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     _emit(as_json, {**result.to_dict(), "output": output}, text)
 
 
-def _bundle_data(path, precision, data, options, workers, quiet, limit):
+def _bundle_data(path, precision, data, options, workers, limit):
     """Data for a Lava bundle run alone: images get the preprocessing recorded in its manifest."""
     from .data import load_data
     from .exporters.lava import read_bundle
@@ -483,7 +488,7 @@ def _bundle_data(path, precision, data, options, workers, quiet, limit):
     classes = manifest.get("classes")
     return load_data(data, options, recorded=pre, recorded_in=path, input_shape=plans[precision].input_shape,
                      classes=classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                     else None, workers=workers, quiet=quiet, limit=limit)
+                     else None, workers=workers, limit=limit)
 
 
 def _lava_options(f):
@@ -532,7 +537,7 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
     precision, lowering = _lava_choice([backend], precision, lowering)
     options, workers = _data_options(kw)
     model = load(converted)
-    ds = _model_data(model, converted, data, options, workers, as_json, limit)
+    ds = _model_data(model, converted, data, options, workers, limit)
     r = evaluate(model, ds, backend, limit, batch_size, quiet=as_json,
                  lava=_lava_settings(model, ds, precision, lowering))
     if not show_layers:
@@ -587,7 +592,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
     options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "max_size": max_size,
                "lowering": lowering}
     if "data" in accepts:       # the range of --data sets the fixed-point input encoding
-        options["input_abs_max"] = (_model_data(model, converted, data, quiet=as_json).abs_max()
+        options["input_abs_max"] = (_model_data(model, converted, data).abs_max()
                                     if data is not None else model.metrics.get("input_abs_max"))
     info = exporter.export(model, path, **options)
     _emit(as_json, {"target": target, **info}, exporter.describe_export(info))
@@ -623,7 +628,7 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
     if os.path.isdir(converted):
         if set(backends) - {"torch", "lava"} or per_layer:
             raise UserError(f"{converted} is a Lava bundle: it runs on --backend lava only, without --per-layer")
-        b = simulate_bundle(converted, _bundle_data(converted, precision, data, options, workers, as_json, limit),
+        b = simulate_bundle(converted, _bundle_data(converted, precision, data, options, workers, limit),
                             precision)
         lv = b.lava
         _emit(as_json, b.to_dict(), f"{b.samples} samples on Lava ({precision}, {lv['lowering']} lowering, bundle "
@@ -632,7 +637,7 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
                                     f"overflows {lv['overflows']}, saturations {lv['saturations']}")
         return
     model = load(converted)
-    ds = _model_data(model, converted, data, options, workers, as_json, limit)
+    ds = _model_data(model, converted, data, options, workers, limit)
     lava = _lava_settings(model, ds, precision, lowering)
     if per_layer:
         from .parity import format_parity, parity
@@ -710,7 +715,7 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
         key = json.dumps([None if model.preprocessing is None else model.preprocessing.to_dict(), model.classes,
                           model.input_shape])
         if key not in loaded:
-            loaded[key] = _model_data(model, path, data, options, workers, as_json, limit)
+            loaded[key] = _model_data(model, path, data, options, workers, limit)
         dataset = loaded[key]
         name = os.path.splitext(os.path.basename(path))[0]
         for lam in scales or (None,):

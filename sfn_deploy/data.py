@@ -467,9 +467,8 @@ def as_dataset(src: Source) -> Dataset:
     return Dataset(None, y, src.name, preprocessing=src.preprocessing, classes=src.classes, files=src)
 
 
-def load_data(spec: str, options: dict | None = None, *, quiet: bool = True, **how) -> Dataset:
+def load_data(spec: str, options: dict | None = None, **how) -> Dataset:
     """Open a data set from a path or a built-in name (see module docstring); ``options`` and ``how`` as
     :func:`open_source`. Image files are streamed: nothing is decoded here but, when the model's input shape
-    is not given, the first image (its shape). ``quiet`` is kept for callers; reading shows no progress."""
-    del quiet
+    is not given, the first image (its shape)."""
     return as_dataset(open_source(spec, options, **how))

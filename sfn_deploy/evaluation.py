@@ -254,6 +254,8 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
 
     The op counts are always the reference interpreter's; on another backend the predictions are its own."""
     backends.get(backend)
+    if backend != backends.REFERENCE and distributed.active():
+        raise UserError(f"--backend {backend} runs in one process; under torchrun use the torch backend")
     data = data.limit(limit)
     graph = converted.graph
     check_data(graph, data, "converted model")
@@ -261,8 +263,6 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
     if backend == backends.REFERENCE:
         ann_pred, _ = measure(graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN", split=True)
     else:
-        if distributed.active():
-            raise UserError(f"--backend {backend} runs in one process; under torchrun use the torch backend")
         ann_pred = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet).argmax(-1)
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()
