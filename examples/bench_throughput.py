@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -25,13 +24,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from bench_memory import CIFAR, photos  # noqa: E402
+
 from sfn_deploy import convert  # noqa: E402
 from sfn_deploy.data import load_data  # noqa: E402
 from sfn_deploy.evaluation import measure  # noqa: E402
 from sfn_deploy.models import load_model  # noqa: E402
 from sfn_deploy.preprocess import timm_defaults  # noqa: E402
-
-CIFAR = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "cifar10", "train")
 
 
 def main() -> None:
@@ -45,10 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     net, ident = load_model(args.model, model_args={"num_classes": 10})
     with tempfile.TemporaryDirectory() as tmp:
-        for c in sorted(os.listdir(CIFAR)):
-            os.makedirs(os.path.join(tmp, c))
-            for name in sorted(os.listdir(os.path.join(CIFAR, c)))[:args.photos_per_class]:
-                shutil.copyfile(os.path.join(CIFAR, c, name), os.path.join(tmp, c, name))
+        photos(CIFAR, args.photos_per_class * len(os.listdir(CIFAR)), tmp)
         defaults = timm_defaults(net, args.model[len("timm:"):], {})
         data = load_data(tmp, defaults=defaults, workers=args.workers)
         snn = convert(net, data.limit(2 * args.batch_size), scale=args.scale, source=ident,

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -58,3 +59,15 @@ def convert_example(name: str, mnist_dir: str, calib: int = 500, scale: float = 
     model, ident = load_model(os.path.join(MODELS, f"{name}.pt2"))
     snn = convert(model, load_data(f"mnist:{mnist_dir}:0:{calib}"), scale=scale, source=ident)
     return snn, load_data(f"mnist:{mnist_dir}:8000:{8000 + test}")
+
+
+def wait_started(tmp_path, proc, timeout=60):
+    """Until the worker ``proc`` is inside a λ trial (the marker file ``started.PID`` its slowed-down measure
+    writes exists)."""
+    marker = tmp_path / f"started.{proc.pid}"
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the worker never started a trial"
+        time.sleep(0.05)
+

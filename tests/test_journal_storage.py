@@ -15,6 +15,7 @@ import time
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import wait_started
 
 from sfn_deploy.cli import main
 from sfn_deploy.config import journal_path, load_config, storage_path
@@ -23,6 +24,7 @@ from sfn_deploy.errors import UserError
 from sfn_deploy.tuning import run_search
 
 CLI = [sys.executable, "-m", "sfn_deploy.cli"]
+STARTUP = 90                # seconds a worker may take to reach its first λ trial (the CLI's start-up included)
 COMPLETE, RUNNING, FAIL, PRUNED, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                                             optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED,
                                             optuna.trial.TrialState.WAITING)
@@ -80,15 +82,21 @@ def test_a_path_ending_in_journal_is_a_journal_and_its_file_is_the_storage_path(
 
 # ---- N workers on one journal ---------------------------------------------------------------------------------
 
-def test_three_cli_workers_share_one_journal_and_record_each_trial_once(tmp_path, digits_pt2):
-    path = tmp_path / "lam.journal"
-    procs = [subprocess.Popen(CLI + _tune_args(digits_pt2, path, 10), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+def _cli_workers(args: list[str], n: int) -> list[dict]:
+    """Run ``n`` CLI workers with the same arguments at once; each one's --json result."""
+    procs = [subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
         results.append(json.loads(out))
+    return results
+
+
+def test_three_cli_workers_share_one_journal_and_record_each_trial_once(tmp_path, digits_pt2):
+    path = tmp_path / "lam.journal"
+    results = _cli_workers(_tune_args(digits_pt2, path, 10), 3)
     storage = _journal(path)
     states = _assert_finished(storage, 10)
     front = _front(storage)
@@ -144,16 +152,6 @@ def worker(tmp_path, digits_pt2):
             p.communicate()
 
 
-def _wait_started(tmp_path, proc, timeout=90):
-    """Until ``proc`` is inside a λ trial (its marker file exists)."""
-    marker = tmp_path / f"started.{proc.pid}"
-    deadline = time.time() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "the worker never started a trial"
-        time.sleep(0.05)
-
-
 def _finish(proc, timeout) -> dict:
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -173,7 +171,7 @@ def _kill_9(proc):
 def test_rerun_after_kill_9_on_a_journal_finishes_with_exactly_n_trials(tmp_path, worker):
     path = tmp_path / "lam.journal"
     victim = worker(path, trials=5, sleep=1000)           # its first λ trial never ends
-    _wait_started(tmp_path, victim)
+    wait_started(tmp_path, victim, STARTUP)
     _kill_9(victim)
     assert len(_states(_journal(path))[RUNNING]) == 1
     start = time.time()
@@ -192,8 +190,8 @@ def test_two_workers_on_a_journal_one_killed_the_other_completes_the_study(tmp_p
     path = tmp_path / "lam.journal"
     victim = worker(path, trials=8, sleep=1000)
     survivor = worker(path, trials=8, sleep=0.2)
-    _wait_started(tmp_path, victim)
-    _wait_started(tmp_path, survivor)
+    wait_started(tmp_path, victim, STARTUP)
+    wait_started(tmp_path, survivor, STARTUP)
     _kill_9(victim)
     result = _finish(survivor, timeout=90)
     storage = _journal(path)
@@ -206,8 +204,8 @@ def test_dead_worker_on_another_machine_is_given_up_after_the_grace_period(tmp_p
     path = tmp_path / "remote.journal"
     victim = worker(path, trials=4, sleep=1000, remote=True, heartbeat=(1, 2))
     survivor = worker(path, trials=4, sleep=0.1, remote=True, heartbeat=(1, 2))
-    _wait_started(tmp_path, victim)
-    _wait_started(tmp_path, survivor)
+    wait_started(tmp_path, victim, STARTUP)
+    wait_started(tmp_path, survivor, STARTUP)
     _kill_9(victim)
     _finish(survivor, timeout=90)
     states = _assert_finished(_journal(path), 4, dead=1)
@@ -377,13 +375,7 @@ def test_workers_started_together_on_an_empty_postgresql_database_all_open_it(po
 
 
 def test_two_cli_workers_share_one_study_on_a_postgresql_server(postgres, digits_pt2):
-    procs = [subprocess.Popen(CLI + _tune_args(digits_pt2, postgres, 8), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
-        results.append(json.loads(out))
+    results = _cli_workers(_tune_args(digits_pt2, postgres, 8), 2)
     _assert_finished(postgres, 8)
     front = _front(postgres)
     assert all(r["trials_completed"] == 8 and r["pareto_front"] == front for r in results)
@@ -391,7 +383,7 @@ def test_two_cli_workers_share_one_study_on_a_postgresql_server(postgres, digits
 
 def test_postgresql_worker_killed_the_rerun_completes_the_study(postgres, worker, tmp_path):
     victim = worker(postgres, trials=4, sleep=1000)
-    _wait_started(tmp_path, victim)
+    wait_started(tmp_path, victim, STARTUP)
     _kill_9(victim)
     result = _finish(worker(postgres, trials=4, sleep=0), timeout=90)
     _assert_finished(postgres, 4, dead=1)

@@ -9,6 +9,7 @@ import time
 
 import optuna
 import pytest
+from conftest import wait_started
 
 from sfn_deploy import tuning
 from sfn_deploy.config import load_config
@@ -152,16 +153,6 @@ def worker(tmp_path, mlp_file):
             p.communicate()
 
 
-def _wait_started(tmp_path, proc, timeout=60):
-    """Until ``proc`` is inside a λ trial (its marker file exists)."""
-    marker = tmp_path / f"started.{proc.pid}"
-    deadline = time.time() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "the worker never started a trial"
-        time.sleep(0.05)
-
-
 def _finish(proc, timeout):
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -192,7 +183,7 @@ def _assert_finished(url, n, dead=1):
 def test_rerun_after_kill_9_finishes_at_once_with_exactly_n_trials(tmp_path, worker):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     victim = worker(url, trials=5, sleep=1000)     # its first λ trial never ends
-    _wait_started(tmp_path, victim)
+    wait_started(tmp_path, victim)
     victim.kill()                                              # kill -9 mid-trial
     victim.wait()
     assert len(_states(url)[optuna.trial.TrialState.RUNNING]) == 1
@@ -211,8 +202,8 @@ def test_two_workers_one_killed_the_other_completes_the_study(tmp_path, worker):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     victim = worker(url, trials=8, sleep=1000)     # its first λ trial never ends
     survivor = worker(url, trials=8, sleep=0.2)
-    _wait_started(tmp_path, victim)
-    _wait_started(tmp_path, survivor)
+    wait_started(tmp_path, victim)
+    wait_started(tmp_path, survivor)
     victim.kill()
     victim.wait()
     _finish(survivor, timeout=60)
@@ -223,8 +214,8 @@ def test_dead_worker_on_another_machine_is_given_up_after_the_grace_period(tmp_p
     url = f"sqlite:///{tmp_path / 'remote.db'}"
     victim = worker(url, trials=4, sleep=1000, remote=True, heartbeat=(1, 2))
     survivor = worker(url, trials=4, sleep=0.1, heartbeat=(1, 2))
-    _wait_started(tmp_path, victim)
-    _wait_started(tmp_path, survivor)
+    wait_started(tmp_path, victim)
+    wait_started(tmp_path, survivor)
     victim.kill()
     victim.wait()
     _finish(survivor, timeout=60)
