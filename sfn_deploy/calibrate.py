@@ -40,7 +40,7 @@ class StreamingHistogram:
         self.fit(float(values.max()))
         self.n += values.numel()
         idx = (values / self.hi * self.bins).long().clamp_(0, self.bins - 1)
-        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+        self.counts += torch.bincount(idx, minlength=self.bins).to("cpu", torch.float64)
 
     def fit(self, m: float) -> None:
         """Widen the range (doubling, merging bin pairs) until it holds ``m`` (a value about to be counted).
@@ -97,7 +97,7 @@ def update_signed(pos: StreamingHistogram, neg: StreamingHistogram, x: torch.Ten
     scale = torch.where(positive, b / pos.hi if pos.hi else 0.0, -b / neg.hi if neg.hi else 0.0)
     idx = (x * scale).long().clamp_(0, b - 1)               # truncation is floor: x · scale ≥ 0
     idx += (~positive).long() * b                           # negatives (and zeros, removed below) after b
-    counts = torch.bincount(idx, minlength=2 * b).to(torch.float64)
+    counts = torch.bincount(idx, minlength=2 * b).to("cpu", torch.float64)      # (a GPU's counts: to the host)
     nonzero = int(torch.count_nonzero(x))
     counts[b] -= x.numel() - nonzero                        # zeros landed in the first negative bin
     pos.counts += counts[:b]
@@ -135,7 +135,7 @@ class RepeatedValues:
         if x.dim() == 4:                # N×C×H×W: positions are (image, pixel); no channel-first copy
             v = x.reshape(x.shape[0], x.shape[1], -1)
             positions = v.shape[0] * v.shape[2]
-            at = torch.arange(0, positions, max(1, positions // self.sample))
+            at = torch.arange(0, positions, max(1, positions // self.sample), device=x.device)
             sample = v[at // v.shape[2], :, at % v.shape[2]]                    # positions × C
             mode = sample.T.contiguous().mode(dim=1).values
             counts = (v == mode.view(1, -1, 1)).sum((0, 2))

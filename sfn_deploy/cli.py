@@ -94,6 +94,9 @@ def command(fn):
                 optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             _torchrun_check(fn.__name__)
+            if "device" in kwargs:                 # the commands that compute (device_option)
+                from .devices import select
+                select(kwargs.pop("device"))
             return fn(*args, as_json=as_json, **kwargs)
         except UserError as e:
             if debug:
@@ -115,6 +118,13 @@ def command(fn):
                 _fail(as_json, "interrupted", 130)
             _fail(as_json, f"{type(e).__name__}: {_error_line(e)} (rerun with --debug for the traceback)", 1)
     return wrapper
+
+
+def device_option(fn):
+    """--device for the commands that run the interpreter (sfn_deploy/devices.py); read by :func:`command`."""
+    return click.option("--device", default="auto",
+                        help="Where the network runs: auto (a GPU if there is one), cpu, cuda or cuda:N "
+                             "(docs/cli.md, 'On a GPU').")(fn)
 
 
 def _during_interrupt(e: BaseException | None) -> bool:
@@ -375,6 +385,7 @@ def _fmt_front(front: list[ParetoPoint]) -> str:
 @convert_options
 @data_options
 @model_options
+@device_option
 @command
 def convert_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
     """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network
@@ -439,6 +450,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
 @convert_options
 @data_options
 @model_options
+@device_option
 @command
 def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
     """Search λ for accuracy and energy together; resumable with --storage/--study."""
@@ -528,6 +540,7 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 @click.option("--layers", "show_layers", is_flag=True, help="Include per-layer op counts.")
 @_lava_options
 @data_options
+@device_option
 @command
 def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json, **kw):
     """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
@@ -614,6 +627,7 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
                    "--against; name the first layer that differs.")
 @_lava_options
 @data_options
+@device_option
 @command
 def simulate_cmd(converted, data, backends, limit, batch_size, threads, against, per_layer, precision, lowering,
                  as_json, **kw):
@@ -688,6 +702,7 @@ def _target_help(extra: str = "") -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @data_options
+@device_option
 @command
 def report_cmd(converted, data, targets, output, scales, levels, limit, batch_size, as_json, **kw):
     """Operation counts, core mapping, energy and latency per inference on hardware targets.

@@ -116,9 +116,9 @@ class LayerCount:
 def _fanout(node: Node, x: torch.Tensor) -> torch.Tensor:
     """How many multiply-accumulates read each input element of a weight layer (one sample)."""
     if node.op == "linear":
-        return torch.full((1,), float(node.params["weight"].shape[0]))
+        return torch.full((1,), float(node.params["weight"].shape[0]), device=x.device)
     a = node.attrs
-    xs = torch.ones((1,) + tuple(x.shape[1:]), requires_grad=True)
+    xs = torch.ones((1,) + tuple(x.shape[1:]), device=x.device, requires_grad=True)
     with torch.enable_grad():
         y = F.conv2d(xs, torch.ones_like(node.params["weight"]), None, a["stride"], a["padding"], a["dilation"],
                      a["groups"])
@@ -207,7 +207,7 @@ def _native_spike_sums(site: Node, index: torch.Tensor) -> torch.Tensor | None:
     """Per sample element, the batch sums of (|y|, 1[y≠0], k) (int64, 3 × elements) in one pass of the
     compiled loop (:mod:`sfn_deploy.simulators.firegrid`); None without it."""
     lib = native()
-    if lib is None or index.dtype != torch.int32:
+    if lib is None or index.dtype != torch.int32 or index.device.type != "cpu":
         return None
     w = _site_weights(site)[1]
     index = index.contiguous()
@@ -361,6 +361,7 @@ class OpCounter(Observer):
             if k is None:
                 return
             hist = torch.bincount(k.reshape(-1), minlength=2 * n + 1)
+        hist = hist.cpu()                        # (a GPU's: 2N+1 integers, kept and summed on the host)
         acc = self._hist.get(node.name)
         self._hist[node.name] = hist.clone() if acc is None else acc.add_(hist)
         spikes, active, channels = _hist_totals(hist, table, n, _site_weights(node)[0])
@@ -478,7 +479,7 @@ class OpCounter(Observer):
             if grid is not None:
                 lo = 0 if site.params["bounds_neg"].numel() else n      # one branch: levels 0..N only
                 values = level_values(site, signed_table(site))[lo:]
-                if not torch.equal(grid.position(values).to(torch.int64), torch.arange(lo, 2 * n + 1)):
+                if not torch.equal(grid.position(values).to("cpu", torch.int64), torch.arange(lo, 2 * n + 1)):
                     grid = None
             self._grids[site.name] = grid
         return self._grids[site.name]

@@ -32,7 +32,7 @@ import tempfile
 import numpy as np
 import torch
 
-from sfn_deploy.neurons import NODE_CACHE, level_table, spike_index
+from sfn_deploy.neurons import NODE_CACHE, crossings, level_table, spike_index
 
 MAX_BITS = 20          # at most 2^20 cells (8 MB of tables)
 
@@ -40,8 +40,8 @@ MAX_BITS = 20          # at most 2^20 cells (8 MB of tables)
 class FireGrid:
     def __init__(self, node):
         p = node.params
-        bp = p["bounds_pos"].to(torch.float32).numpy()
-        bn = p["bounds_neg"].to(torch.float32).numpy()
+        bp = p["bounds_pos"].to("cpu", torch.float32).numpy()
+        bn = p["bounds_neg"].to("cpu", torch.float32).numpy()
         self.n = p["table"].numel() - 1
         self.n_neg = len(bn)
         t = np.sort(np.concatenate([bp, np.nextafter(-bn, np.float32(np.inf)).astype(np.float32)]))
@@ -72,6 +72,7 @@ class FireGrid:
         # output-table position: signed index + n
         self.base = torch.from_numpy((base - self.n_neg + self.n).astype(np.int32))
         self.inner = torch.from_numpy(inner)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}     # (base, inner) per GPU
         self.ok = self._agrees(node, t, low, top)
 
     def fire(self, x: torch.Tensor, values: torch.Tensor, hist: bool = False, position: bool = True):
@@ -101,9 +102,18 @@ class FireGrid:
         """signed index + n (the row of the site's level table), int32, same shape as x."""
         flat = x.reshape(-1)
         c = (flat.view(torch.int32) >> self.shift).add_(self.offset)
-        k = torch.index_select(self.base, 0, c)
-        k += flat >= torch.index_select(self.inner, 0, c)
+        base, inner = self.tables(x.device)
+        k = torch.index_select(base, 0, c)
+        k += flat >= torch.index_select(inner, 0, c)
         return k.view(x.shape)
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, inner) where x is: the CPU's own, or a copy made once per device."""
+        if device.type == "cpu":
+            return self.base, self.inner
+        if device not in self._on:
+            self._on[device] = (self.base.to(device), self.inner.to(device))
+        return self._on[device]
 
     def _agrees(self, node, t: np.ndarray, low: np.ndarray, top: np.ndarray) -> bool:
         ends = np.concatenate([low, top])
@@ -111,7 +121,9 @@ class FireGrid:
         probes = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf)),
                                  ends, [0.0, -0.0, np.inf, -np.inf, 1e30, -1e30]]).astype(np.float32)
         x = torch.from_numpy(probes)
-        return bool(torch.equal(self.position(x).to(torch.int64) - self.n, spike_index(node, x)))
+        p = node.params
+        kp, kn = crossings(x, p["bounds_pos"].cpu(), p["bounds_neg"].cpu())      # neurons.spike_index, on the CPU
+        return bool(torch.equal(self.position(x).to(torch.int64) - self.n, kp if kn is None else kp - kn))
 
 
 def grid_for(node) -> FireGrid | None:

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from sfn_deploy import devices
+from sfn_deploy.errors import UserError
 from sfn_deploy.ir import NEURON_OPS, OPS, STATEFUL_OPS, Graph, Node
 from sfn_deploy.neurons import signed_table
 from sfn_deploy.ops import apply
@@ -337,6 +339,19 @@ def run(graph: Graph, x: torch.Tensor, *, spiking: bool = True, hook=None) -> to
     (``spiking=False``), the single-timestep SNN, or, for a graph with stateful neurons, the mean SNN
     output over its T steps. ``hook``: an :class:`Observer`, or a ``hook(node, args, out, extra)``."""
     observer = as_observer(hook)
+    device = devices.current()
+    if device.type != "cpu":        # computed on the device's mirror of the graph, handed back on the CPU
+        if spiking and (graph.stateful or any(k.matches(n) for n in graph.nodes for k in NEURON_KINDS)):
+            if devices.named():
+                raise UserError(f"--device {device}: the GPU path runs single-step SFN graphs; this one "
+                                f"(method {graph.method}) runs on the CPU (--device cpu)")
+            return run_on(graph, x, spiking, observer)          # --device auto: where it runs
+        return run_on(devices.mirror(graph, device), x.to(device, non_blocking=True), spiking, observer).cpu()
+    return run_on(graph, x, spiking, observer)
+
+
+def run_on(graph: Graph, x: torch.Tensor, spiking: bool, observer: Observer | None) -> torch.Tensor:
+    """:func:`run` where graph and batch already are (the ANN, the single-step SNN, or T steps)."""
     if not spiking:
         return AnnInterpreter(graph, observer).run(x)
     if graph.stateful:
@@ -358,4 +373,5 @@ class _Levels(Observer):
 def run_with_levels(graph: Graph, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The SNN's output and the signed integer spike level of every neuron site, for checking backends."""
     keep = _Levels()
-    return run(graph, x, hook=keep), keep.levels
+    out = run(graph, x, hook=keep)
+    return out, {name: v.cpu() for name, v in keep.levels.items()}
