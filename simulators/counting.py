@@ -190,16 +190,17 @@ class _Spikes:
         """Σ over elements of (|y|, 1[y≠0], k) × fan-out, fan-out given per sample element."""
         if fan.numel() == 1:
             return _times(self.totals(), float(fan))
+        fan = fan.to(torch.float64)         # products in float64: Σ|y| × fan-out passes 2^24 on large layers
         if self.sums is not None:
             a, e, k = self.sums
             return _sum(a.sum(0) * fan), _sum(e.sum(0) * fan), _sum(k.sum(0) * fan)
         index = self.positions()
         sums = _native_spike_sums(self.site, index)
         if sums is not None:
-            t = (sums.to(torch.float64) * fan.reshape(-1).to(torch.float64)).sum(1)
+            t = (sums.to(torch.float64) * fan.reshape(-1)).sum(1)
             return float(t[0]), float(t[1]), float(t[2])
-        k = (index - self.n).abs_()
-        a = self.site.params["table"].to(torch.float32)[k].sum(0)
+        k = (index - self.n).abs_()         # the torch path (the GPU's): integer sums over the batch, then float64
+        a = self.site.params["table"][k].sum(0)
         return _sum(a * fan), _sum((k != 0).sum(0) * fan), _sum(k.sum(0) * fan)
 
 

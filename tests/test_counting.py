@@ -268,3 +268,20 @@ def test_every_op_has_a_counting_entry_or_is_known_to_need_none():
     assert neither == {"input", "constant", "cat", "mbe_neuron"}
     assert all(TABLE[op].kind in ("layout", "pool") for op in counting._FOLLOWERS)
     assert not set(counting._FOLLOWERS) & set(counting._COUNTERS)
+
+
+def test_torch_path_counts_are_exact_past_float32(monkeypatch):
+    """The torch path (the GPU's) multiplies spike sums by fan-outs in float64: with Σ|y| over a batch times a
+    conv's fan-out past 2^24 a float32 product rounds, and its counts left the compiled loop's exact ones."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 509, 3, padding=1)).eval()
+    x = torch.rand(64, 3, 6, 6) + 0.5
+    g = insert_sfn(capture(m, x[:2]))
+    _fix_sites(g, theta=0.01, lam=0.05)          # nearly every element at a high level
+    levels = run_with_levels(g, x)[1]
+    big = max(float(v.abs().sum(0).max()) for v in levels.values()) * 9 * 509
+    assert big > 2 ** 24                         # the case the test is about
+    fast = count_ops(g, [x])
+    monkeypatch.setenv("SFN_NATIVE", "0")
+    slow = count_ops(g, [x])
+    assert [c.to_dict() for c in fast.layers] == [c.to_dict() for c in slow.layers]
