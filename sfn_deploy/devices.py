@@ -27,15 +27,15 @@ _current: list = [_CPU, False]          # the device, and whether the user named
 
 
 def resolve(spec: str | None) -> torch.device:
-    """The device a ``--device`` value names; refused (one line) when it is not here. ``auto``: under torchrun
-    the GPU of this rank's LOCAL_RANK, else the first GPU, else the CPU."""
+    """The device a ``--device`` value names; refused (one line) when it is not here. ``auto``: a GPU if there is
+    one, else the CPU; ``auto`` and ``cuda`` under torchrun: the GPU of this rank's LOCAL_RANK."""
     spec = (spec or "auto").strip().lower()
     if spec == "cpu":
         return _CPU
     if spec == "auto":
         if not torch.cuda.is_available():
             return _CPU
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda", _local_gpu())
     head, _, index = spec.partition(":")
     if head != "cuda" or (index and not index.isdigit()):
         raise UserError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
@@ -45,7 +45,12 @@ def resolve(spec: str | None) -> torch.device:
     n = torch.cuda.device_count()
     if index and int(index) >= n:
         raise UserError(f"--device {spec}: this machine has {n} GPU{'s' if n != 1 else ''} (cuda:0..cuda:{n - 1})")
-    return torch.device("cuda", int(index) if index else torch.cuda.current_device())
+    return torch.device("cuda", int(index) if index else _local_gpu())
+
+
+def _local_gpu() -> int:
+    """This process's GPU: under torchrun its LOCAL_RANK's (modulo the GPUs there), else the first."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
 
 
 def select(device: torch.device | str | None) -> torch.device:
