@@ -470,14 +470,19 @@ class _Lowering:
             if not (isinstance(a[key], (list, tuple)) and len(a[key]) == 2
                     and all(isinstance(v, int) for v in a[key])):
                 raise _Unsupported(f"{key}={a[key]!r}: only two integers are supported")
-        ins = [xs[0], self.param(w, "weight")] + ([self.param(p["bias"], "bias")] if p.get("bias") is not None
-                                                  else [])
+        b = self.bias(p)
+        ins = [xs[0], self.param(w, "weight")] + ([self.param(b, "bias")] if b is not None else [])
         ph, pw = a["padding"]
         return self.emit("Conv", ins, out, kernel_shape=list(w.shape[2:]), strides=list(a["stride"]),
                          pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]))
 
+    def bias(self, p: dict):
+        """A weight layer's bias: the SNN's, or in the ANN export the source model's (``bias_ann``: bias
+        correction gave the SNN another)."""
+        return p["bias_ann"] if self.ann and "bias_ann" in p else p.get("bias")
+
     def op_linear(self, n, a, p, xs, out):
-        w, b = p["weight"], p.get("bias")
+        w, b = p["weight"], self.bias(p)
         if w.dim() != 2:
             raise _Unsupported(f"weight of shape {list(w.shape)} is not a matrix")
         if len(n.shape) == 2:      # torch runs a 2-D linear as one addmm: so does Gemm

@@ -220,6 +220,10 @@ def convert_options(fn):
         click.option("--seed", type=int, default=None, help="Random seed (default 0)."),
         click.option("--batch-size", type=int, default=None, help="Batch size (default 256)."),
         click.option("--calib-limit", type=int, default=None, help="Use at most N samples to calibrate."),
+        click.option("--bias-correction", type=click.Choice(["auto", "on", "off"]), default=None,
+                     help="Fold each weight layer's mean SNN−ANN shift (256 calibration images) into the SNN's bias; "
+                          "auto keeps it only if agreement with the ANN on the validation images does not fall "
+                          "(default auto; docs/concepts.md, 'Bias correction')."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -229,7 +233,7 @@ def convert_options(fn):
 _CFG_KEYS = ("method", "timesteps", "v0", "epochs",
              "levels", "fire", "rounding", "percentile", "search", "trials", "val_size", "val_fraction", "storage",
              "study", "strategy",
-             "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop")
+             "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop", "bias_correction")
 
 
 def _config(config_file, kwargs):
@@ -352,6 +356,15 @@ def _describe_validation(v) -> str:
     return f"a random {v.samples:,} of {v.available:,} images of {where}{how}"
 
 
+def _describe_bias_correction(bc: dict) -> str:
+    what = f"bias correction ({bc['mode']}, {bc['images']} calibration images): "
+    what += f"{bc['layers']} layers corrected" if bc["applied"] else "not kept"
+    if "val_agreement_after" in bc:
+        what += (f"; validation agreement {bc['val_agreement_before']:.2f}% without it, "
+                 f"{bc['val_agreement_after']:.2f}% with it")
+    return what
+
+
 def _fmt_front(front: list[ParetoPoint]) -> str:
     lines = ["  trial  accuracy  energy ratio  λ"]
     for r in front:
@@ -435,6 +448,10 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
             f"validation ({_describe_validation(record)}): ANN {result.ann_accuracy:.2f}%  "
             f"SNN {result.accuracy:.2f}%  agreement {result.agreement:.2f}%  "
             f"energy ratio {result.energy_ratio:.4f}; {format_drop(result.drop)}")
+    bc = converted.metrics.get("bias_correction")
+    payload["bias_correction"] = bc
+    if bc:
+        text += "\n" + _describe_bias_correction(bc)
     if converted.search:
         text += "\n" + f"λ search: {converted.search['trials_completed']} trials, chose trial " \
                        f"{converted.search['chosen']['trial']} ({converted.search['chosen']['rule']})"

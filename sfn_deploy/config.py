@@ -52,6 +52,7 @@ class ConvertConfig:
     seed: int = 0
     batch_size: int = 256
     calib_limit: int | None = None  # use at most this many samples for calibration
+    bias_correction: str = "auto"   # auto (kept if validation agreement does not fall) | on | off; sfn only
 
     def to_dict(self) -> dict:
         """The record saved in converted models and printed: a storage URL's password is never in it."""
@@ -95,7 +96,8 @@ def storage_path(url: str | None) -> str | None:
 
 
 _VAL_KEYS = {"val_size", "val_fraction"}
-_CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPACES}
+BIAS_CORRECTION = ("auto", "on", "off")
+_CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION}
 
 
 def _bad(key: str, why: str) -> NoReturn:
@@ -118,6 +120,8 @@ def _check_method_options(cfg: ConvertConfig) -> None:
         _bad("timesteps", f"PMSM-R runs one timestep (its T > 1 mode is not implemented), got {cfg.timesteps}")
     if cfg.epochs < 0 or cfg.lr <= 0:
         _bad("epochs" if cfg.epochs < 0 else "lr", f"must be positive, got {cfg.epochs if cfg.epochs < 0 else cfg.lr}")
+    if cfg.bias_correction == "on" and cfg.method != "sfn":
+        _bad("bias_correction", f"applies to the SFN method only, not {cfg.method}")
     if cfg.method == "sfn" and cfg.timesteps not in (None, 1):
         _bad("timesteps", f"the SFN method runs one timestep; T = {cfg.timesteps} applies to --method if, mtn, ecmt")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import distributed
+from . import bias_correction, distributed
 from .calibrate import calibrate
 from .capture import capture
 from .config import ConvertConfig, load_config
@@ -98,6 +98,17 @@ def _scale(c: Conversion) -> None:
     c.applied = METHODS[c.config.method].apply(c.captured(), c.data, c.config, source=c.source, quiet=c.quiet)
 
 
+def _bias_correction(c: Conversion) -> None:
+    cfg, graph = c.config, c.captured()
+    if cfg.bias_correction == "off" or cfg.method != "sfn" or graph.stateful:
+        return
+    x = c.data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x   # one batch
+    val = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
+        else None
+    c.applied.metrics["bias_correction"] = bias_correction.correct(graph, x, cfg.bias_correction, val,
+                                                                   cfg.batch_size, cfg.max_drop)
+
+
 PIPELINE: list[Pass] = [
     Pass("capture", "torch.export the model and map every ATen operator to the IR (attention split into q·kᵀ, "
                     "softmax, ·v)", _capture),
@@ -108,6 +119,8 @@ PIPELINE: list[Pass] = [
                       "histograms)", _calibrate),
     Pass("scale", "set λ: fixed, or chosen by the accuracy/energy search (--method: the method's neurons "
                   "instead)", _scale),
+    Pass("bias_correction", "fold each weight layer's mean SNN−ANN shift into the SNN's bias (auto: kept if "
+                            "validation agreement does not fall)", _bias_correction),
 ]
 
 

@@ -394,9 +394,10 @@ def _check_mbe(where: str, node: Node) -> None:
 def _check_params(where: str, node: Node) -> None:
     """What the declarations cannot say about a weight layer's params: a bias of one value per output."""
     p = node.params
-    if node.op in ("conv2d", "linear") and "bias" in p and p["bias"].shape[0] != p["weight"].shape[0]:
-        raise GraphError(f"{where}: param 'bias' has {p['bias'].shape[0]} entries for "
-                         f"{p['weight'].shape[0]} outputs")
+    for key in ("bias", "bias_ann"):
+        if node.op in ("conv2d", "linear") and key in p and p[key].shape[0] != p["weight"].shape[0]:
+            raise GraphError(f"{where}: param '{key}' has {p[key].shape[0]} entries for "
+                             f"{p['weight'].shape[0]} outputs")
 
 
 def _like(x: torch.Tensor, key: str, t: torch.Tensor) -> None:

@@ -350,16 +350,20 @@ declare("constant", "io", "a stored tensor used as data (class token, position e
 
 # ---------------------------------------------------------------- weight layers and products
 
+_BIAS_ANN = ("float [out]: the source model's bias, where bias correction (sfn_deploy/bias_correction.py) gave the "
+             "SNN another; the ANN reference runs with it")
+
 @register("conv2d", "weight", "2-D convolution",
           attrs={**_CONV_WINDOW, "groups": "int: channel groups (divides the output channels)"},
-          params={"weight": "float [out, in/groups, kh, kw]: the kernels", "bias?": "float [out]: added per channel"})
+          params={"weight": "float [out, in/groups, kh, kw]: the kernels", "bias?": "float [out]: added per channel",
+                  "bias_ann?": _BIAS_ANN})
 def _conv2d(node, args, graph, batch):
     a, p = node.attrs, node.params
     return F.conv2d(args[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
 @register("linear", "weight", "y = x Wᵀ + b over the last axis",
-          params={"weight": "float [out, in]: W", "bias?": "float [out]: b"})
+          params={"weight": "float [out, in]: W", "bias?": "float [out]: b", "bias_ann?": _BIAS_ANN})
 def _linear(node, args, graph, batch):
     return F.linear(args[0], node.params["weight"], node.params.get("bias"))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from sfn_deploy import devices
 from sfn_deploy.errors import UserError
 from sfn_deploy.ir import NEURON_OPS, OPS, STATEFUL_OPS, Graph, Node
-from sfn_deploy.neurons import signed_table
+from sfn_deploy.neurons import NODE_CACHE, signed_table
 from sfn_deploy.ops import apply
 
 from .firegrid import fire_with
@@ -222,10 +222,23 @@ class Interpreter:
 
 
 class AnnInterpreter(Interpreter):
-    """The ANN: every neuron is the identity or the ReLU it absorbed, so the result is the source model's."""
+    """The ANN: every neuron is the identity or the ReLU it absorbed, and every weight layer has the source
+    model's bias (``bias_ann`` where bias correction gave the SNN another), so the result is the source model's."""
 
     def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
         return _absorbed(node, args[0])
+
+    def call_op(self, node: Node, args: list) -> torch.Tensor:
+        if "bias_ann" in node.params:
+            node = ann_view(node)
+        return apply(node, args, self.graph, self.batch)
+
+
+def ann_view(node: Node) -> Node:
+    """A weight layer as the source model had it: ``bias_ann`` as its bias (cached per node)."""
+    p = node.params
+    return NODE_CACHE.get(node, "ann_view", (p["bias_ann"], p["weight"]),
+                          lambda: replace(node, params={**p, "bias": p["bias_ann"]}))
 
 
 class SnnInterpreter(Interpreter):

@@ -171,7 +171,7 @@ def build(name: str, kwargs: dict) -> nn.Module:
 
 def run(name: str, args) -> dict:
     spec = MODELS[name]
-    seed, normalised = spec["seed"], spec["normalised"]
+    seed, normalised = spec["seed"] + 100 * args.seed_offset, spec["normalised"]
     torch.manual_seed(seed)
     base.SEED = seed                           # examples/train.py's shuffling and shift generator
     if normalised:
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
                    help="also write DIR/mnist01_train.npz (0..7,999) and DIR/mnist01_test.npz (8,000..9,999), "
                         "pixels / 255 in [0, 1]: avgpool_cnn's data for the sfn-deploy CLI")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="K: train with each model's seed + 100·K, a fresh held-out set (write it with --out elsewhere)")
     args = p.parse_args(argv)
     args.epochs = {k: int(v) for k, v in (e.split("=", 1) for e in args.epochs)}
     torch.set_num_threads(args.threads)

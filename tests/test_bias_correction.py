@@ -1,0 +1,114 @@
+"""Bias correction: the SNN's biases absorb each weight layer's mean SNN − ANN shift; the ANN reference, the ONNX ANN
+export and the model file keep the source model's."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from sfn_deploy import bias_correction
+from sfn_deploy.cli import main
+from sfn_deploy.convert import convert
+from sfn_deploy.data import Dataset
+from sfn_deploy.errors import UserError
+from sfn_deploy.model_file import load, save
+from sfn_deploy.simulators.interpreter import run
+
+
+@pytest.fixture(scope="module")
+def cnn_data():
+    """A small CNN whose SNN at a coarse λ is biased (clipping at θ, few levels) on data with a constant
+    background, the case the correction is for."""
+    torch.manual_seed(0)
+    x = torch.zeros(600, 1, 12, 12)
+    x[:, :, 3:9, 3:9] = torch.rand(600, 1, 6, 6)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    with torch.no_grad():
+        y = m(x).argmax(-1)
+    return m, Dataset(x, y, name="toy")
+
+
+def _bias(graph, x):
+    """Mean over classes of |mean SNN − ANN logit|: the shift the correction is for."""
+    return float((run(graph, x) - run(graph, x, spiking=False)).mean(0).abs().mean())
+
+
+def test_corrected_snn_is_closer_and_the_ann_is_the_source(cnn_data):
+    m, data = cnn_data
+    off = convert(m, data, scale=0.4, bias_correction="off").graph
+    on = convert(m, data, scale=0.4, bias_correction="on").graph
+    x = data.x[300:]
+    with torch.no_grad():
+        assert torch.allclose(run(on, x, spiking=False), m(x), atol=1e-5)       # the ANN is still the source model
+    assert torch.equal(run(on, x, spiking=False), run(off, x, spiking=False))
+    assert _bias(on, x) < 0.5 * _bias(off, x)
+    convs = [n for n in on.nodes if n.op in ("conv2d", "linear")]
+    assert "bias_ann" not in convs[0].params                   # before the first site both nets read the same input
+    for n in convs[1:]:
+        assert torch.equal(n.params["bias_ann"], off[n.name].params["bias"])
+        assert not torch.equal(n.params["bias"], n.params["bias_ann"])
+
+
+def test_shifts_leave_no_mean_shift_on_the_batch_they_were_measured_on(cnn_data):
+    m, data = cnn_data
+    g = convert(m, data, scale=0.4, bias_correction="off").graph
+    x = data.x[:256]
+    bias_correction.apply(g, bias_correction.shifts(g, x))
+    again = bias_correction.shifts(g, x)                      # what is left: rounding, and the levels it moved
+    first = bias_correction.shifts(convert(m, data, scale=0.4, bias_correction="off").graph, x)
+    assert max(float(s.abs().max()) for s in again.values()) < 0.5 * max(float(s.abs().max()) for s in first.values())
+
+
+def test_auto_keeps_it_only_if_validation_agreement_does_not_fall(cnn_data, monkeypatch):
+    m, data = cnn_data
+    kept = convert(m, data, scale=0.4).metrics["bias_correction"]
+    assert kept["mode"] == "auto" and kept["applied"] and kept["val_agreement_after"] >= kept["val_agreement_before"]
+    monkeypatch.setattr(bias_correction, "shifts", lambda graph, x: {                      # a harmful "correction"
+        n.name: 5.0 * torch.arange(n.params["weight"].shape[0], dtype=torch.float32)
+        for n in graph.nodes if n.op == "linear"})
+    snn = convert(m, data, scale=0.4)
+    record = snn.metrics["bias_correction"]
+    assert not record["applied"] and record["val_agreement_after"] < record["val_agreement_before"]
+    assert not any("bias_ann" in n.params for n in snn.graph.nodes)
+    assert torch.equal(snn.graph[[n.name for n in snn.graph.nodes if n.op == "linear"][0]].params["bias"],
+                       m[-1].bias.detach())
+
+
+def test_model_file_and_onnx_ann_export_keep_the_source_bias(cnn_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
+    m, data = cnn_data
+    snn = convert(m, data, scale=0.4, bias_correction="on")
+    save(snn, str(tmp_path / "m.sfn.pt"))
+    back = load(str(tmp_path / "m.sfn.pt"))
+    x = data.x[:64]
+    assert torch.equal(run(back.graph, x), run(snn.graph, x))
+    assert torch.equal(run(back.graph, x, spiking=False), run(snn.graph, x, spiking=False))
+    ann = OnnxRunner(to_onnx(back, ann=True))(x)
+    assert torch.allclose(torch.as_tensor(ann), run(back.graph, x, spiking=False), atol=1e-5)
+    spiking = OnnxRunner(to_onnx(back))(x)
+    assert torch.allclose(torch.as_tensor(spiking), run(back.graph, x), atol=1e-4)
+    bad = copy.deepcopy(snn)                                    # a file whose bias_ann has the wrong length
+    layer = next(n for n in bad.graph.nodes if "bias_ann" in n.params)
+    layer.params["bias_ann"] = layer.params["bias_ann"][:-1].clone()
+    save(bad, str(tmp_path / "bad.sfn.pt"))
+    with pytest.raises(UserError, match="bias_ann"):
+        load(str(tmp_path / "bad.sfn.pt"))
+
+
+def test_cli_option_and_refusal(digits_pt2, tmp_path):
+    runner = CliRunner()
+    base = ["convert", digits_pt2, "--data", "sklearn:digits", "--scale", "0.3", "--json"]
+    r = runner.invoke(main, base + ["-o", str(tmp_path / "off.sfn.pt"), "--bias-correction", "off"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["bias_correction"] is None
+    assert not any("bias_ann" in n.params for n in load(str(tmp_path / "off.sfn.pt")).graph.nodes)
+    r = runner.invoke(main, base + ["-o", str(tmp_path / "on.sfn.pt"), "--bias-correction", "on"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["bias_correction"]["applied"]
+    r = runner.invoke(main, ["convert", digits_pt2, "--data", "sklearn:digits", "-o", str(tmp_path / "if.sfn.pt"),
+                             "--bias-correction", "on", "--method", "if"])
+    assert r.exit_code == 2 and "option 'bias_correction': applies to the SFN method only, not if" in r.stderr
