@@ -20,7 +20,7 @@ import torch
 
 from .data import Dataset
 from .ir import Graph
-from .simulators.interpreter import AnnInterpreter, Event, SnnInterpreter, release_plan, run
+from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan, run
 
 IMAGES = 256            # calibration images the shifts are measured on (one batch: at most --batch-size)
 
@@ -28,7 +28,7 @@ IMAGES = 256            # calibration images the shifts are measured on (one bat
 def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per weight layer (linear, conv2d), its mean SNN − ANN output per channel on the batch ``x`` (float32
     [out]), each measured with the layers before it already corrected."""
-    nets = (AnnInterpreter(graph), SnnInterpreter(graph))
+    nets: tuple[Interpreter, Interpreter] = (AnnInterpreter(graph), SnnInterpreter(graph))
     envs: tuple[dict, dict] = ({}, {})
     for net in nets:
         net.x, net.batch = x, x.shape[0]
@@ -36,9 +36,9 @@ def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for node in graph.nodes:
-            for net, env in zip(nets, envs, strict=True):
+            for step, env in zip(nets, envs, strict=True):
                 args = [env[i] for i in node.inputs]
-                env[node.name] = net.run_node(node, args, Event(node, args))
+                env[node.name] = step.run_node(node, args, Event(node, args))
             if node.op in ("linear", "conv2d"):
                 d = (envs[1][node.name] - envs[0][node.name]).to(torch.float64)
                 axis = 1 if node.op == "conv2d" else d.dim() - 1
