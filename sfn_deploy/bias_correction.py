@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import devices
 from .data import Dataset
 from .ir import Graph
 from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan, run
@@ -28,6 +29,8 @@ IMAGES = 256            # calibration images the shifts are measured on (one bat
 def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per weight layer (linear, conv2d), its mean SNN − ANN output per channel on the batch ``x`` (float32
     [out]), each measured with the layers before it already corrected."""
+    device = devices.current()                          # on a GPU: the device's mirror of the graph
+    graph, x = devices.mirror(graph, device), x.to(device)
     nets: tuple[Interpreter, Interpreter] = (AnnInterpreter(graph), SnnInterpreter(graph))
     envs: tuple[dict, dict] = ({}, {})
     for net in nets:
@@ -46,7 +49,7 @@ def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
                 shape = [1] * d.dim()
                 shape[axis] = -1
                 envs[1][node.name] = envs[1][node.name] - shift.view(shape)
-                out[node.name] = shift
+                out[node.name] = shift.cpu()
             for name in free.get(node.name, ()):
                 for env in envs:
                     del env[name]

@@ -114,3 +114,19 @@ def test_gpu_levels_and_counts_match_the_cpu(name, mnist_dir, cpu_after):
     assert float((preds_cpu == preds_gpu).float().mean()) >= 0.98
     if differ == 0:
         assert [c.to_dict() for c in counts_cpu.result().layers] == [c.to_dict() for c in counts_gpu.result().layers]
+
+
+@cuda
+def test_gpu_bias_correction_shifts_match_the_cpu(mnist_dir, cpu_after):
+    """The shifts are means over a batch of differences: on the GPU they agree with the CPU's to float rounding."""
+    from conftest import convert_example
+
+    from sfn_deploy import bias_correction
+    snn, data = convert_example("mnist_cnn", mnist_dir, test=64)
+    devices.select("cpu")
+    on_cpu = bias_correction.shifts(snn.graph, data.x)
+    devices.select("cuda")
+    on_gpu = bias_correction.shifts(snn.graph, data.x)
+    assert on_cpu.keys() == on_gpu.keys()
+    for k in on_cpu:
+        assert on_gpu[k].device.type == "cpu" and torch.allclose(on_cpu[k], on_gpu[k], atol=1e-3), k
