@@ -210,15 +210,30 @@ def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = 
     runs its share (:mod:`sfn_deploy.distributed`) and every rank gets the whole pass's predictions and counts;
     every rank must then call it alike (evaluate and report do; the λ search does not split)."""
     counter = OpCounter(graph, spiking)
+    preds = _pass(graph, data, batch_size, spiking, quiet, desc, split, counter)
+    if split and distributed.active():
+        counter.absorb(distributed.gather(counter.state()))
+    return preds, counter
+
+
+def predict(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = False,
+            quiet: bool = True, desc: str = "evaluating", split: bool = False) -> torch.Tensor:
+    """Predictions (argmax) of one pass, nothing counted: the ANN reference of evaluate and report (the counts
+    they report are the SNN pass's, whose counter also holds the ANN's MACs). ``split`` as in :func:`measure`."""
+    return _pass(graph, data, batch_size, spiking, quiet, desc, split, None)
+
+
+def _pass(graph: Graph, data: Dataset, batch_size: int, spiking: bool, quiet: bool, desc: str, split: bool,
+          counter: OpCounter | None) -> torch.Tensor:
     preds = [torch.zeros(0, dtype=torch.int64)]
     part = distributed.shard(data, batch_size) if split else data
     for xb in progress(part.batches(batch_size), desc, quiet=quiet, total=-(-len(part) // batch_size)):
-        counter.start_batch(xb.shape[0])
+        if counter is not None:
+            counter.start_batch(xb.shape[0])
         preds.append(run(graph, xb, spiking=spiking, hook=counter).argmax(-1))
     if split and distributed.active():
-        counter.absorb(distributed.gather(counter.state()))
-        return distributed.gather_cat(torch.cat(preds)), counter
-    return torch.cat(preds), counter
+        return distributed.gather_cat(torch.cat(preds))
+    return torch.cat(preds)
 
 
 def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, threads: int | None = None,
@@ -261,7 +276,7 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
     check_data(graph, data, "converted model")
     snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN", split=True)
     if backend == backends.REFERENCE:
-        ann_pred, _ = measure(graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN", split=True)
+        ann_pred = predict(graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
     else:
         ann_pred = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet).argmax(-1)
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)

@@ -15,7 +15,7 @@ import torch
 
 from .data import Dataset
 from .errors import UserError
-from .evaluation import PairedDrop, check_data, energy_constants, labeled_accuracy, measure, paired_drop
+from .evaluation import PairedDrop, check_data, energy_constants, labeled_accuracy, measure, paired_drop, predict
 from .ir import NEURON_OPS
 from .methods import method_of
 from .model_file import ConvertedModel
@@ -172,7 +172,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
     if not targets:
         raise UserError("no target given")
     snn_pred, counter = measure(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
-    ann_pred, _ = measure(converted.graph, data, batch_size, spiking=False, quiet=quiet, desc="ANN", split=True)
+    ann_pred = predict(converted.graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
     counts = counter.result()
     e_ac, e_mac = energy_constants("cmos45")
     lams = [s.attrs["lam"] for s in converted.sites]

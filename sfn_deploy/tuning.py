@@ -600,7 +600,7 @@ def _reseed_beside_others(study, seed: int, here: str | None, multivariate: bool
 def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     val, record = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     val = val.in_memory(quiet=quiet)      # every trial reads it: decoded once (--val-size images, docs/data.md)
-    ann_pred, _ = evaluation.measure(graph, val, cfg.batch_size, spiking=False)
+    ann_pred = evaluation.predict(graph, val, cfg.batch_size)
     ann_acc = evaluation.accuracy(ann_pred, val.y)
     e_ac, e_mac = evaluation.energy_constants()
     groups = site_groups(graph, cfg.search)
