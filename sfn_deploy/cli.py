@@ -471,7 +471,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
 @command
 def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
     """Search λ for accuracy and energy together; resumable with --storage/--study."""
-    from .convert import build_graph
+    from .convert import build_graph, correct_biases
     from .evaluation import budget_warning
     from .model_file import ConvertedModel, save
     from .passes import set_scale
@@ -494,7 +494,9 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     result.chosen = chosen
     if output:
         set_scale(graph, chosen.lam)
-        save(ConvertedModel(graph, ds.sample_shape, cfg.to_dict(), identity, {}, result.to_dict(),
+        bc = correct_biases(graph, ds, cfg)
+        save(ConvertedModel(graph, ds.sample_shape, cfg.to_dict(), identity,
+                            {} if bc is None else {"bias_correction": bc}, result.to_dict(),
                             ds.preprocessing, ds.classes), output)
     text = (f"study {result.study} in {result.storage}: {result.trials_completed} completed trials, "
             f"ANN validation accuracy {result.ann_accuracy:.2f}% on {_describe_validation(record)}\n"

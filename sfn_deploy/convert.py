@@ -98,15 +98,21 @@ def _scale(c: Conversion) -> None:
     c.applied = METHODS[c.config.method].apply(c.captured(), c.data, c.config, source=c.source, quiet=c.quiet)
 
 
-def _bias_correction(c: Conversion) -> None:
-    cfg, graph = c.config, c.captured()
+def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig) -> dict | None:
+    """The bias correction of ``cfg.bias_correction`` on a graph whose λ is set (convert's last pass; ``tune -o``):
+    its record, or None when off or not the SFN method."""
     if cfg.bias_correction == "off" or cfg.method != "sfn" or graph.stateful:
-        return
-    x = c.data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x   # one batch
-    val = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
+        return None
+    x = data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x      # one batch
+    val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
         else None
-    c.applied.metrics["bias_correction"] = bias_correction.correct(graph, x, cfg.bias_correction, val,
-                                                                   cfg.batch_size, cfg.max_drop)
+    return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.max_drop)
+
+
+def _bias_correction(c: Conversion) -> None:
+    record = correct_biases(c.captured(), c.data, c.config)
+    if record is not None:
+        c.applied.metrics["bias_correction"] = record
 
 
 PIPELINE: list[Pass] = [

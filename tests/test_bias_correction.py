@@ -112,3 +112,17 @@ def test_cli_option_and_refusal(digits_pt2, tmp_path):
     r = runner.invoke(main, ["convert", digits_pt2, "--data", "sklearn:digits", "-o", str(tmp_path / "if.sfn.pt"),
                              "--bias-correction", "on", "--method", "if"])
     assert r.exit_code == 2 and "option 'bias_correction': applies to the SFN method only, not if" in r.stderr
+
+
+def test_tune_output_is_corrected_like_convert(digits_pt2, tmp_path):
+    """``tune -o`` writes the chosen point with the same last pass as convert, and honours --bias-correction."""
+    runner = CliRunner()
+    base = ["tune", digits_pt2, "--data", "sklearn:digits", "--trials", "3", "--val-fraction", "0.3", "--json"]
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.sfn.pt"
+        r = runner.invoke(main, base + ["--storage", str(tmp_path / f"{mode}.db"), "-o", str(out),
+                                        "--bias-correction", mode])
+        assert r.exit_code == 0, r.stderr
+        m = load(str(out))
+        assert any("bias_ann" in n.params for n in m.graph.nodes) == (mode == "on")
+        assert ("bias_correction" in m.metrics) == (mode == "on")
