@@ -124,7 +124,7 @@ def device_option(fn):
     """--device for the commands that run the interpreter (sfn_deploy/devices.py); read by :func:`command`."""
     return click.option("--device", default="auto",
                         help="Where the network runs: auto (a GPU if there is one), cpu, cuda or cuda:N "
-                             "(docs/cli.md, 'On a GPU').")(fn)
+                             "(docs/cli.md, 'Where it runs').")(fn)
 
 
 def _during_interrupt(e: BaseException | None) -> bool:

@@ -2,7 +2,7 @@
 
 The graph stays on the CPU, where every pass, exporter and file writer expects it; :func:`run` of the
 interpreter computes on a *mirror* of it on the selected device (:func:`mirror`: the same nodes, their
-parameters copied once and re-copied only when a pass replaced one, e.g. ``passes.configure`` in the λ search),
+parameters copied once and again only when a pass replaced one, e.g. ``passes.configure`` in the λ search),
 moves each batch there and hands its output back on the CPU. Observers (calibration, op counting) see the
 mirror's tensors and keep only small host-side totals.
 
@@ -14,13 +14,13 @@ are exact on both: the same float32 comparisons and integer sums.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import replace
 
 import torch
 
 from .errors import UserError
-from .ir import Graph, Node
+from .ir import Graph
+from .neurons import NODE_CACHE
 
 _CPU = torch.device("cpu")
 _current: list = [_CPU, False]          # the device, and whether the user named it (not auto)
@@ -75,41 +75,21 @@ def named() -> bool:
     return _current[1]
 
 
-class _Mirror:
-    """A graph's nodes on one device, each refreshed when one of its source parameters was replaced."""
+def mirror(graph: Graph, device: torch.device) -> Graph:
+    """``graph`` with its parameters on ``device`` (the graph itself when that is the CPU): a Graph of mirror
+    nodes sharing names, inputs and attrs with the source, each kept in ``NODE_CACHE`` beside its source node and
+    copied again only when one of its parameters was replaced."""
+    if device.type == "cpu":
+        return graph
+    return _mirrored(graph, device)
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.nodes: dict[str, tuple[Node, dict[str, int]]] = {}
 
-    def node(self, src: Node) -> Node:
-        ids = {k: id(v) for k, v in src.params.items()}
-        held = self.nodes.get(src.name)
-        if held is not None and held[1] == ids and held[0].op == src.op and held[0].attrs is src.attrs:
-            return held[0]
-        old = held[0].params if held is not None else {}
-        same = held[1] if held is not None else {}
-        params = {k: old[k] if same.get(k) == ids[k] and k in old else _to(v, self.device)
-                  for k, v in src.params.items()}
-        node = replace(src, params=params)
-        self.nodes[src.name] = (node, ids)
-        return node
+def _mirrored(graph: Graph, device: torch.device) -> Graph:
+    nodes = [NODE_CACHE.get(n, ("mirror", device), tuple(n.params.values()),
+                            lambda n=n: replace(n, params={k: _to(v, device) for k, v in n.params.items()}))
+             for n in graph.nodes]
+    return Graph(nodes, graph.output, graph.timesteps, graph.method)
 
 
 def _to(v, device: torch.device):
     return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-
-
-_mirrors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def mirror(graph: Graph, device: torch.device) -> Graph:
-    """``graph`` with its parameters on ``device`` (the graph itself when that is the CPU): a Graph of mirror
-    nodes sharing names, inputs and attrs with the source, kept per source graph and refreshed node by node."""
-    if device.type == "cpu":
-        return graph
-    per = _mirrors.setdefault(graph, {})
-    m = per.get(device)
-    if m is None:
-        m = per[device] = _Mirror(device)
-    return Graph([m.node(n) for n in graph.nodes], graph.output, graph.timesteps, graph.method)

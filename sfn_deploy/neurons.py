@@ -157,7 +157,8 @@ def level_values(node, level: torch.Tensor, dtype=torch.float32) -> torch.Tensor
 class NodeCache:
     """Values derived from a node's params, kept while the node lives (keyed on the node's identity,
     dropped when it is collected) and rebuilt when any tensor they were derived from was replaced
-    (``passes.configure`` assigns new tensors). An entry holds those tensors, so their ids stay unique."""
+    (``passes.configure`` assigns new tensors) or their number changed. An entry holds those tensors, so their ids
+    stay unique."""
 
     def __init__(self):
         self._entries: dict[int, dict] = {}
@@ -168,7 +169,8 @@ class NodeCache:
             per_node = self._entries[id(node)] = {}
             weakref.finalize(node, self._entries.pop, id(node), None)
         hit = per_node.get(tag)
-        if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
+        if hit is not None and len(hit[0]) == len(sources) and all(
+                a is b for a, b in zip(hit[0], sources, strict=True)):
             return hit[1]
         value = build()
         per_node[tag] = (sources, value)

@@ -7,7 +7,6 @@ from click.testing import CliRunner
 from sfn_deploy import devices
 from sfn_deploy.cli import main
 from sfn_deploy.evaluation import measure
-from sfn_deploy.ir import Graph
 from sfn_deploy.passes import set_scale
 from sfn_deploy.simulators.firegrid import fire_with
 from sfn_deploy.simulators.interpreter import Observer, run, run_on, run_with_levels
@@ -45,32 +44,31 @@ def test_cuda_refused_without_a_gpu(cpu_after, tmp_path):
 
 
 def test_mirror_follows_the_passes(digits_pt2, digits):
-    """The mirror re-copies exactly the parameters a pass replaced (set_scale in the λ search): a stale copy would
-    run the old λ. On the CPU ``.to`` keeps the tensor, so a stale node here runs the old boundaries."""
+    """The mirror copies a node again exactly when a pass replaced one of its parameters (set_scale in the λ
+    search): a stale copy would run the old λ. On the CPU ``.to`` keeps the tensor, so a stale node here runs the
+    old boundaries; the meta device stands in for a GPU's copies (and the graph, a dataclass, is no dict key)."""
     from sfn_deploy.convert import convert
     from sfn_deploy.models import load_model
     net, ident = load_model(digits_pt2)
     graph = convert(net, digits.limit(300), scale=0.2, source=ident).graph
-    m = devices._Mirror(torch.device("cpu"))
-
-    def on_mirror(x):
-        return run_on(Graph([m.node(n) for n in graph.nodes], graph.output, graph.timesteps, graph.method),
-                      x, True, None)
-
+    cpu, meta = torch.device("cpu"), torch.device("meta")
     x = digits.x[:200]
     before = run(graph, x)
-    assert torch.equal(on_mirror(x), before)
+    assert devices.mirror(graph, cpu) is graph
+    assert torch.equal(run_on(devices._mirrored(graph, cpu), x, True, None), before)
     site = graph.sites[0]
-    held = m.node(site)
-    assert m.node(site) is held                      # unchanged: the same mirror node
     weight_node = next(n for n in graph.nodes if n.op == "linear")
-    weight_copy = m.node(weight_node).params["weight"]
+    held = devices.mirror(graph, meta)
+    assert held[site.name].params["bounds_pos"].device == meta
+    again = devices.mirror(graph, meta)
+    assert again[site.name] is held[site.name]                       # unchanged: the same mirror node
     set_scale(graph, 0.05)
-    assert m.node(site) is not held and m.node(site).params["bounds_pos"] is site.params["bounds_pos"]
-    assert m.node(weight_node).params["weight"] is weight_copy        # untouched parameters are not copied again
+    moved = devices.mirror(graph, meta)
+    assert moved[site.name] is not held[site.name]
+    assert moved[weight_node.name] is held[weight_node.name]        # untouched nodes are not copied again
     after = run(graph, x)
     assert not torch.equal(after, before)                            # (λ does change the output)
-    assert torch.equal(on_mirror(x), after)
+    assert torch.equal(run_on(devices._mirrored(graph, cpu), x, True, None), after)
 
 
 class _SiteInputs(Observer):
