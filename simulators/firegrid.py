@@ -32,7 +32,7 @@ import tempfile
 import numpy as np
 import torch
 
-from sfn_deploy.neurons import NODE_CACHE, crossings, level_table, spike_index
+from sfn_deploy.neurons import NODE_CACHE, level_table, spike_index
 
 MAX_BITS = 20          # at most 2^20 cells (8 MB of tables)
 
@@ -121,9 +121,8 @@ class FireGrid:
         probes = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf)),
                                  ends, [0.0, -0.0, np.inf, -np.inf, 1e30, -1e30]]).astype(np.float32)
         x = torch.from_numpy(probes)
-        p = node.params
-        kp, kn = crossings(x, p["bounds_pos"].cpu(), p["bounds_neg"].cpu())      # neurons.spike_index, on the CPU
-        return bool(torch.equal(self.position(x).to(torch.int64) - self.n, kp if kn is None else kp - kn))
+        ref = spike_index(node, x.to(node.params["bounds_pos"].device)).cpu()     # where the node's bounds are
+        return bool(torch.equal(self.position(x).to(torch.int64) - self.n, ref))
 
 
 def grid_for(node) -> FireGrid | None:
