@@ -196,6 +196,9 @@ def convert_options(fn):
                      help="Fire function (default sformer)."),
         click.option("--rounding", type=click.Choice(["paper", "nearest"]), default=None,
                      help="Firing boundaries: the paper's y−1/2, or nearest level (default paper)."),
+        click.option("--softmax-levels", type=click.Choice(["dense", "fire"]), default=None,
+                     help="Post-softmax neurons: every integer level up to the fire function's top level, or the "
+                          "fire function's own levels (the paper's; default dense; docs/concepts.md, 'The neuron')."),
         click.option("--percentile", type=float, default=None, help="p: θ is the top-p%% activation (default 1)."),
         click.option("--search", type=click.Choice(["shared", "per-block", "per-site"]), default=None,
                      help="λ search space (default shared)."),
@@ -231,7 +234,8 @@ def convert_options(fn):
 
 
 _CFG_KEYS = ("method", "timesteps", "v0", "epochs",
-             "levels", "fire", "rounding", "percentile", "search", "trials", "val_size", "val_fraction", "storage",
+             "levels", "fire", "rounding", "softmax_levels", "percentile", "search", "trials", "val_size",
+             "val_fraction", "storage",
              "study", "strategy",
              "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop", "bias_correction")
 

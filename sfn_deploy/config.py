@@ -13,7 +13,7 @@ from typing import NoReturn
 import tomli
 
 from .errors import UserError
-from .neurons import FIRE_FUNCTIONS, ROUNDINGS
+from .neurons import FIRE_FUNCTIONS, ROUNDINGS, SOFTMAX_LEVELS
 from .untrusted import read_bytes
 
 SEARCH_SPACES = ("shared", "per-block", "per-site")
@@ -38,6 +38,7 @@ class ConvertConfig:
     levels: int = 8                 # M: linear levels per polarity (2M levels, 4M thresholds in all)
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
+    softmax_levels: str = "dense"   # post-softmax neurons: dense (every integer up to the top level) | fire
     percentile: float = 1.0         # p: θ is the top-p% activation
     scale: float | None = None      # a fixed λ (skips the search)
     tune: bool = True               # search λ (on by default unless scale is given)
@@ -97,7 +98,8 @@ def storage_path(url: str | None) -> str | None:
 
 _VAL_KEYS = {"val_size", "val_fraction"}
 BIAS_CORRECTION = ("auto", "on", "off")
-_CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION}
+_CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "softmax_levels": SOFTMAX_LEVELS,
+            "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION}
 
 
 def _bad(key: str, why: str) -> NoReturn:

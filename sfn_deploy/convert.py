@@ -67,7 +67,8 @@ def _capture(c: Conversion) -> None:
 
 
 def _insert_sfn(c: Conversion) -> None:
-    graph = insert_sfn(c.captured(), c.config.levels, c.config.fire, c.config.rounding)
+    graph = insert_sfn(c.captured(), c.config.levels, c.config.fire, c.config.rounding,
+                       c.config.softmax_levels)
     if not graph.sites:
         raise UserError("the model has no activation feeding a weight layer: nothing to convert into spikes")
 

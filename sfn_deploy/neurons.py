@@ -23,6 +23,12 @@ import torch
 
 FIRE_FUNCTIONS = ("sformer", "linear", "exponential")
 ROUNDINGS = ("paper", "nearest", "floor")
+# Levels of a post-softmax neuron (docs/concepts.md "The neuron"): dense = every integer up to the fire function's
+# top level (same step o_max / y_N, same top level, same graded payload), fire = the fire function's own levels
+# (the paper's). A top level above DENSE_TOP keeps the fire function's levels: a table that size is a 12-bit
+# payload and beyond; the binary-channel lowerings would need one channel per level.
+SOFTMAX_LEVELS = ("dense", "fire")
+DENSE_TOP = 4096
 
 
 def if_neuron(x: torch.Tensor, theta: float, v0: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -79,6 +85,20 @@ def fire_levels(m: int, fire: str = "sformer") -> list[int]:
     if fire == "exponential":
         return [2 ** (k - 1) for k in range(1, 2 * m + 1)]
     raise ValueError(f"unknown fire function {fire!r}; choose one of {', '.join(FIRE_FUNCTIONS)}")
+
+
+def post_softmax_levels(levels: list[int], mode: str = "dense") -> list[int]:
+    """Levels of a post-softmax neuron from its fire function's levels (:data:`SOFTMAX_LEVELS`).
+
+    Its step o_max / y_N puts almost every attention weight into the fire function's exponential tail, where
+    levels are 2× apart and the paper's y − 1/2 boundaries round down: on the bundled MNIST ViT at λ 0.15 that
+    alone cost 1.15 of its 1.15 points (docs/benchmarks.md, "Post-softmax levels")."""
+    if mode not in SOFTMAX_LEVELS:
+        raise ValueError(f"unknown post-softmax levels {mode!r}; choose one of {', '.join(SOFTMAX_LEVELS)}")
+    top = max(levels)
+    if mode == "dense" and top <= DENSE_TOP:
+        return list(range(1, top + 1))
+    return list(levels)
 
 
 def boundaries(levels: list[int], rounding: str = "paper") -> list[float]:

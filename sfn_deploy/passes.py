@@ -57,15 +57,17 @@ def _role(src: Node, consumer: Node, slot: int, graph: Graph) -> str:
     return f"post-{src.op}" if src.op in ("relu", "gelu") else f"pre-{tail}"
 
 
-def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: str = "paper") -> Graph:
+def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: str = "paper",
+               softmax_levels: str = "dense") -> Graph:
     """Put a Scale-and-Fire neuron on every activation that feeds a weight layer or an activation product.
 
     The neuron sits on the value that the consumer reads, moved back through
     layout and pooling ops (spikes pass through them) while that value has no other
     reader. A ReLU right before a neuron is absorbed: the neuron's negative branch is
     off, which is the same function. The network input and stored constants stay analog.
+    Post-softmax neurons take :func:`~sfn_deploy.neurons.post_softmax_levels` of the fire function's levels.
     """
-    from .neurons import fire_levels
+    from .neurons import fire_levels, post_softmax_levels
 
     users = graph.users()
     sources: dict[str, tuple[Node, Node, int]] = {}
@@ -82,7 +84,8 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
     for name, (src, consumer, slot) in sources.items():
         absorb = src.op == "relu"
         kind = "softmax" if src.op == "softmax" else "dual"
-        attrs = {"kind": kind, "fire": fire, "M": levels, "levels": y, "rounding": rounding, "lam": 1.0,
+        lv = post_softmax_levels(y, softmax_levels) if kind == "softmax" else y
+        attrs = {"kind": kind, "fire": fire, "M": levels, "levels": lv, "rounding": rounding, "lam": 1.0,
                  "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, graph),
                  "absorbs": "relu" if absorb else None, "feeds": consumer.name}
         sfn = Node(graph.fresh_name(f"sfn_{name}"), "sfn", [src.inputs[0] if absorb else name], attrs, {},

@@ -144,6 +144,8 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
     if cfg.val_fraction is None:
         keys[keys.index("val_fraction")] = "val_size"
     record: dict[str, Any] = {"source": source, **{k: getattr(cfg, k) for k in keys}}
+    if cfg.softmax_levels != "fire":          # studies made before dense post-softmax levels keep their names
+        record["softmax_levels"] = cfg.softmax_levels
     if strategy_of(cfg) == "staged":          # its objective depends on the budget; tpe studies keep their names
         record.update(strategy="staged", max_drop=cfg.max_drop)
     if val_data is not None:
