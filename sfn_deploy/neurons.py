@@ -25,10 +25,10 @@ FIRE_FUNCTIONS = ("sformer", "linear", "exponential")
 ROUNDINGS = ("paper", "nearest", "floor")
 # Levels of a post-softmax neuron (docs/concepts.md "The neuron"): dense = every integer up to the fire function's
 # top level (same step o_max / y_N, same top level, same graded payload), fire = the fire function's own levels
-# (the paper's). A top level above DENSE_TOP keeps the fire function's levels: a table that size is a 12-bit
-# payload and beyond; the binary-channel lowerings would need one channel per level.
+# (the paper's). Every SFormer and linear top level (M ≤ 16: at most 65,551) is made dense; a top level above
+# DENSE_TOP (the exponential function with M ≥ 10) keeps the fire function's levels: the table would not fit.
 SOFTMAX_LEVELS = ("dense", "fire")
-DENSE_TOP = 4096
+DENSE_TOP = 2 ** 17
 
 
 def if_neuron(x: torch.Tensor, theta: float, v0: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -101,7 +101,8 @@ def test_post_softmax_neurons_get_every_level_up_to_the_top():
     y = fire_levels(8, "sformer")
     assert post_softmax_levels(y) == list(range(1, 264))            # same top level (263), no gaps
     assert post_softmax_levels(y, "fire") == y
-    big = fire_levels(13, "sformer")                                 # top 12 + 2^13 > DENSE_TOP: kept as is
+    assert post_softmax_levels(fire_levels(16, "sformer")) == list(range(1, 15 + 2 ** 16 + 1))
+    big = fire_levels(10, "exponential")                             # top 2^19 > DENSE_TOP: kept as is
     assert max(big) > DENSE_TOP and post_softmax_levels(big) == big
     g = insert_sfn(capture(vit(), torch.randn(2, 1, 28, 28)))
     for s in g.sites:
