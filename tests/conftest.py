@@ -1,4 +1,5 @@
 import os
+import subprocess
 import time
 
 import pytest
@@ -59,6 +60,18 @@ def convert_example(name: str, mnist_dir: str, calib: int = 500, scale: float = 
     model, ident = load_model(os.path.join(MODELS, f"{name}.pt2"))
     snn = convert(model, load_data(f"mnist:{mnist_dir}:0:{calib}"), scale=scale, source=ident)
     return snn, load_data(f"mnist:{mnist_dir}:8000:{8000 + test}")
+
+
+def finish_worker(proc, timeout) -> bytes:
+    """The stdout of a worker process that must exit 0 within ``timeout`` s (killed, and the test failed, if not)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the worker did not finish within {timeout} s")
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return out
 
 
 def wait_started(tmp_path, proc, timeout=60):

@@ -15,7 +15,7 @@ import time
 import optuna
 import pytest
 from click.testing import CliRunner
-from conftest import wait_started
+from conftest import finish_worker, wait_started
 
 from sfn_deploy.cli import main
 from sfn_deploy.config import journal_path, load_config, storage_path
@@ -152,15 +152,8 @@ def worker(tmp_path, digits_pt2):
             p.communicate()
 
 
-def _finish(proc, timeout) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"the worker did not finish within {timeout} s")
-    assert proc.returncode == 0, err.decode()[-2000:]
-    return json.loads(out)
+def _result(proc, timeout) -> dict:
+    return json.loads(finish_worker(proc, timeout))
 
 
 def _kill_9(proc):
@@ -175,7 +168,7 @@ def test_rerun_after_kill_9_on_a_journal_finishes_with_exactly_n_trials(tmp_path
     _kill_9(victim)
     assert len(_states(_journal(path))[RUNNING]) == 1
     start = time.time()
-    result = _finish(worker(path, trials=5, sleep=0), timeout=90)
+    result = _result(worker(path, trials=5, sleep=0), timeout=90)
     # same machine: the dead process is seen at once, no waiting out the 30 s grace period
     assert time.time() - start < 60
     storage = _journal(path)
@@ -193,7 +186,7 @@ def test_two_workers_on_a_journal_one_killed_the_other_completes_the_study(tmp_p
     wait_started(tmp_path, victim, STARTUP)
     wait_started(tmp_path, survivor, STARTUP)
     _kill_9(victim)
-    result = _finish(survivor, timeout=90)
+    result = _result(survivor, timeout=90)
     storage = _journal(path)
     _assert_finished(storage, 8, dead=1)
     assert result["trials_completed"] == 8 and result["pareto_front"] == _front(storage)
@@ -207,7 +200,7 @@ def test_dead_worker_on_another_machine_is_given_up_after_the_grace_period(tmp_p
     wait_started(tmp_path, victim, STARTUP)
     wait_started(tmp_path, survivor, STARTUP)
     _kill_9(victim)
-    _finish(survivor, timeout=90)
+    finish_worker(survivor, timeout=90)
     states = _assert_finished(_journal(path), 4, dead=1)
     assert "sfn:heartbeat" in states[FAIL][0].system_attrs
 
@@ -217,8 +210,8 @@ def test_a_live_worker_on_another_machine_keeps_its_long_trial(tmp_path, worker)
     path = tmp_path / "live.journal"
     a = worker(path, trials=3, sleep=4, remote=True, heartbeat=(1, 2))
     b = worker(path, trials=3, sleep=4, remote=True, heartbeat=(1, 2))
-    _finish(a, timeout=120)
-    _finish(b, timeout=120)
+    finish_worker(a, timeout=120)
+    finish_worker(b, timeout=120)
     _assert_finished(_journal(path), 3, dead=0)
 
 
@@ -385,6 +378,6 @@ def test_postgresql_worker_killed_the_rerun_completes_the_study(postgres, worker
     victim = worker(postgres, trials=4, sleep=1000)
     wait_started(tmp_path, victim, STARTUP)
     _kill_9(victim)
-    result = _finish(worker(postgres, trials=4, sleep=0), timeout=90)
+    result = _result(worker(postgres, trials=4, sleep=0), timeout=90)
     _assert_finished(postgres, 4, dead=1)
     assert result["trials_completed"] == 4 and result["pareto_front"] == _front(postgres)

@@ -9,7 +9,7 @@ import time
 
 import optuna
 import pytest
-from conftest import wait_started
+from conftest import finish_worker, wait_started
 
 from sfn_deploy import tuning
 from sfn_deploy.config import load_config
@@ -153,16 +153,6 @@ def worker(tmp_path, mlp_file):
             p.communicate()
 
 
-def _finish(proc, timeout):
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"the worker did not finish within {timeout} s")
-    assert proc.returncode == 0, err.decode()[-2000:]
-
-
 def _states(url, name="s"):
     trials = optuna.load_study(study_name=name, storage=url).trials
     return {s: [t for t in trials if t.state == s] for s in optuna.trial.TrialState}
@@ -188,7 +178,7 @@ def test_rerun_after_kill_9_finishes_at_once_with_exactly_n_trials(tmp_path, wor
     victim.wait()
     assert len(_states(url)[optuna.trial.TrialState.RUNNING]) == 1
     start = time.time()
-    _finish(worker(url, trials=5, sleep=0), timeout=60)
+    finish_worker(worker(url, trials=5, sleep=0), timeout=60)
     # same machine: the dead process is seen at once, no waiting out the 30 s grace period
     assert time.time() - start < 25
     states = _assert_finished(url, 5)
@@ -206,7 +196,7 @@ def test_two_workers_one_killed_the_other_completes_the_study(tmp_path, worker):
     wait_started(tmp_path, survivor)
     victim.kill()
     victim.wait()
-    _finish(survivor, timeout=60)
+    finish_worker(survivor, timeout=60)
     _assert_finished(url, 8)
 
 
@@ -218,7 +208,7 @@ def test_dead_worker_on_another_machine_is_given_up_after_the_grace_period(tmp_p
     wait_started(tmp_path, survivor)
     victim.kill()
     victim.wait()
-    _finish(survivor, timeout=60)
+    finish_worker(survivor, timeout=60)
     _assert_finished(url, 4)
 
 

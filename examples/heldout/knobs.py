@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Training-free knobs of issue 16, measured on a model before any is built into the search
+(docs/concepts.md "Knobs measured and not kept"; rows in examples/heldout/knobs_results.jsonl).
+
+Each mode calibrates once (``convert``'s passes at λ = 1, a seeded random 2,000 images of ``--data``), then sweeps
+λ and prints one JSON row per point: top-1 agreement with the ANN, accuracy and energy ratio on a seeded random
+2,000 images of ``--test``, against the shared λ at the same calibration.
+
+- ``levels``: one global M (4, 6, 8, 10) and rounding (paper, nearest) at every λ (post-softmax levels dense).
+- ``per-channel``: θ per channel (the same top-1 % rule over each channel's positive / negative values, 500
+  calibration images) instead of per site, applied as a prescale x·θ/θ_c before the site's fire rule and
+  out·θ_c/θ after it: the same levels and the same counting (the repeated-value caps are not applied per channel).
+- ``sensitivity``: λ_s = c·d_s with d_s = (b_s / a_s)^(1/3) (geometric mean 1), where a_s is the mean squared
+  error of the logits with only site s quantised at ``--lam0`` (÷ λ0², 256 calibration images) and b_s the
+  energy of the operations its spikes drive at λ0 (× λ0): minimises Σ a_s λ_s² (quantisation noise ∝ step²) at
+  fixed Σ b_s / λ_s (operations ∝ 1/step); c takes the λ values.
+
+    python examples/heldout/knobs.py sensitivity examples/models/mnist_vit.pt2 \\
+        --data mnist:/work/shared/data/mnist:0:8000 --test mnist:/work/shared/data/mnist:8000:10000 \\
+        --lam 0.07,0.1,0.15,0.2,0.25,0.3,0.4 --lam0 0.15
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from sfn_deploy.config import load_config
+from sfn_deploy.convert import build_graph
+from sfn_deploy.data import load_data
+from sfn_deploy.evaluation import accuracy, energy_constants, measure
+from sfn_deploy.models import load_model
+from sfn_deploy.neurons import fire_levels, post_softmax_levels
+from sfn_deploy.passes import set_scale
+from sfn_deploy.simulators import interpreter as interp
+
+
+def _row(args, graph, test, ann_pred, point, **tags) -> None:
+    set_scale(graph, point)
+    pred, counter = measure(graph, test)
+    e = energy_constants()
+    print(json.dumps({"model": args.model, **tags,
+                      "agree": round(100 * float((pred == ann_pred).float().mean()), 2),
+                      "acc": round(accuracy(pred, test.y), 2),
+                      "energy": round(counter.result().energy_ratio(*e), 4)}), flush=True)
+
+
+def levels(args, graph, calib, test, ann_pred) -> None:
+    for m in (4, 6, 8, 10):
+        for rounding in ("paper", "nearest"):
+            for s in graph.sites:
+                y = fire_levels(m, "sformer")
+                s.attrs.update(M=m, rounding=rounding,
+                               levels=post_softmax_levels(y) if s.attrs["kind"] == "softmax" else y)
+            for lam in args.lams:
+                _row(args, graph, test, ann_pred, lam, M=m, rounding=rounding, lam=lam)
+
+
+def _top1(v: torch.Tensor) -> torch.Tensor:
+    """The 99th percentile of the positive values of each column (0 where a column has none), on at most
+    200,000 random values per column."""
+    out = []
+    for c in range(v.shape[1]):
+        col = v[:, c]
+        col = col[col > 0]
+        out.append(torch.quantile(col[torch.randperm(len(col))[:200000]].float(), 0.99) if len(col)
+                   else torch.tensor(0.0))
+    return torch.stack(out)
+
+
+def per_channel(args, graph, calib, test, ann_pred) -> None:
+    sites = {s.name: s for s in graph.sites if s.attrs["kind"] == "dual"}
+    axis = {n: (1 if graph[s.attrs["feeds"]].op == "conv2d" else -1) for n, s in sites.items()}
+    seen: dict[str, list] = {n: [] for n in sites}
+
+    def hook(node, a, out, extra):
+        if node.name in sites:
+            x = a[0].detach().movedim(axis[node.name], -1)
+            seen[node.name].append(x.reshape(-1, x.shape[-1]))
+    interp.run(graph, calib.head(500), spiking=False, hook=hook)
+    ratio = {}
+    for n in sites:
+        v = torch.cat(seen.pop(n))
+        channel = (_top1(v), _top1(-v))
+        site = [torch.quantile(p[torch.randperm(len(p))[:500000]], 0.99) if len(p) else torch.tensor(0.0)
+                for p in (v[v > 0], -v[v < 0])]
+        ratio[n] = tuple(torch.where(c > 0, s / c.clamp_min(1e-12), torch.ones_like(c))
+                         for s, c in zip(site, channel, strict=True))
+    plain = interp.SnnInterpreter.fire
+    on = {"per_channel": False}
+
+    def fire(self, node, a, event):
+        if not on["per_channel"] or node.name not in ratio:
+            return plain(self, node, a, event)
+        x = a[0]
+        shape = [1] * x.dim()
+        shape[axis[node.name]] = -1
+        rp, rn = (r.view(shape) for r in ratio[node.name])
+        out = plain(self, node, [torch.where(x >= 0, x * rp, x * rn)], event)
+        return torch.where(out >= 0, out / rp, out / rn)
+    interp.SnnInterpreter.fire = fire
+    for mode in (False, True):
+        on["per_channel"] = mode
+        for lam in args.lams:
+            _row(args, graph, test, ann_pred, lam, per_channel=mode, lam=lam)
+
+
+def sensitivity(args, graph, calib, test, ann_pred) -> None:
+    sites = [s for s in graph.sites if s.attrs["kind"] == "dual"]
+    x = calib.head(256)
+    ann = interp.run(graph, x, spiking=False)
+    set_scale(graph, args.lam0)
+
+    class Only(interp.SnnInterpreter):
+        target = ""
+
+        def fire(self, node, a, event):
+            return super().fire(node, a, event) if node.name == self.target else a[0]
+    a_s = {}
+    for s in sites:
+        it = Only(graph)
+        it.target = s.name
+        with torch.no_grad():
+            a_s[s.name] = float(((it.run(x) - ann) ** 2).mean()) / args.lam0 ** 2
+    _, counter = measure(graph, load_data(args.data).sample(256, 0))
+    layers = {c.name: c for c in counter.result().layers}
+    e_ac, e_mac = energy_constants()
+    d = {}
+    for s in sites:
+        c = layers.get(s.attrs["feeds"])
+        b = (e_ac * c.ac + e_mac * c.mac) * args.lam0 if c is not None else 0.0
+        d[s.name] = (b / a_s[s.name]) ** (1 / 3) if a_s[s.name] > 0 and b > 0 else 1.0
+    g = math.exp(sum(math.log(v) for v in d.values()) / len(d))
+    d = {k: v / g for k, v in d.items()}
+    print(json.dumps({"model": args.model, "direction": {k: round(v, 3) for k, v in d.items()}}), flush=True)
+    for mode in ("shared", "sensitivity"):
+        for lam in args.lams:
+            point = lam if mode == "shared" else {k: min(1.0, max(0.005, lam * v)) for k, v in d.items()}
+            _row(args, graph, test, ann_pred, point, mode=mode, lam=lam)
+
+
+MODES = {"levels": levels, "per-channel": per_channel, "sensitivity": sensitivity}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=list(MODES))
+    ap.add_argument("model")
+    ap.add_argument("--data", required=True, help="calibration images (a --data form)")
+    ap.add_argument("--test", required=True, help="test images (a --data form)")
+    ap.add_argument("--lam", default="0.1,0.15,0.2,0.3")
+    ap.add_argument("--lam0", type=float, default=0.2, help="sensitivity: the λ the sensitivities are measured at")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    args.lams = [float(v) for v in args.lam.split(",")]
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model)
+    test = load_data(args.test)
+    test = test.sample(min(2000, len(test)), 1)
+    calib = load_data(args.data)
+    calib = calib.sample(min(2000, len(calib)), 0)
+    graph = build_graph(model, calib, load_config("", {"scale": 1.0}), quiet=True)
+    ann_pred, _ = measure(graph, test, spiking=False)
+    MODES[args.mode](args, graph, calib, test, ann_pred)
+
+
+if __name__ == "__main__":
+    main()
