@@ -75,11 +75,14 @@ class FireGrid:
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}     # (base, inner) per GPU
         self.ok = self._agrees(node, t, low, top)
 
-    def fire(self, x: torch.Tensor, values: torch.Tensor, hist: bool = False, position: bool = True):
+    def fire(self, x: torch.Tensor, values: torch.Tensor, hist: bool = False, position: bool = True,
+             out: torch.Tensor | None = None):
         """(values[position], position or None, histogram of positions or None) for float32 x: the output
         contiguous, the position int32 of x's shape (only if ``position``), the histogram int64 over the
         2n+1 positions (only if ``hist``). One fused pass over x, split over torch's threads, when the native loop is
-        available; otherwise the torch operations."""
+        available; otherwise the torch operations. ``out``: a contiguous float32 tensor of x's shape (x itself
+        allowed: each element is read before it is written) that the native loop writes the output into; a
+        strided x is copied first, and the output goes over the copy."""
         lib = native() if x.numel() >= _NATIVE_MIN and x.device.type == "cpu" else None
         bins = 2 * self.n + 1
         if lib is None:
@@ -87,9 +90,13 @@ class FireGrid:
             out = torch.index_select(values, 0, every.reshape(-1)).view(every.shape)
             return (out, every if position else None,
                     torch.bincount(every.reshape(-1), minlength=bins) if hist else None)
-        x = x.contiguous()     # (a strided read in the loop measured slower than this copy)
+        dense = x.contiguous()     # (a strided read in the loop measured slower than this copy)
+        if dense is not x and out is None:
+            out = dense            # the copy is this call's own: the output goes over it
+        x = dense
         values = values.contiguous()
-        out = torch.empty(x.shape, dtype=torch.float32)
+        if out is None or out.shape != x.shape or not out.is_contiguous() or out.dtype != torch.float32:
+            out = torch.empty(x.shape, dtype=torch.float32)
         pos = torch.empty(x.shape, dtype=torch.int32) if position else None
         n, parts = x.numel(), _parts(x.numel())
         h = torch.zeros(parts, 4 * bins, dtype=torch.int64) if hist else None
@@ -139,15 +146,16 @@ def fire(node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, pos
 
 
-def fire_with(node, x: torch.Tensor, hist: bool = False, position: bool = True):
+def fire_with(node, x: torch.Tensor, hist: bool = False, position: bool = True, out: torch.Tensor | None = None):
     """(output, position or None, histogram of positions or None) of a neuron node: the fire rule of
     :func:`sfn_deploy.neurons.fire`, bit for bit, through the node's grid for float32 (else bucketize).
-    ``position``: return the int32 positions (signed index + N); ``hist``: their int64 histogram (2N+1 bins)."""
+    ``position``: return the int32 positions (signed index + N); ``hist``: their int64 histogram (2N+1 bins);
+    ``out``: where the native loop may write the output (x itself allowed; :meth:`FireGrid.fire`)."""
     n = node.params["table"].numel() - 1
     values = level_table(node, x.dtype)
     grid = grid_for(node) if x.dtype == torch.float32 else None
     if grid is not None:
-        return grid.fire(x, values, hist, position)
+        return grid.fire(x, values, hist, position, out)
     pos = (spike_index(node, x) + n).to(torch.int32)
     out = torch.index_select(values, 0, pos.reshape(-1)).view(pos.shape)
     return out, pos if position else None, torch.bincount(pos.reshape(-1), minlength=2 * n + 1) if hist else None

@@ -81,9 +81,11 @@ class Event:
 class Observer:
     """Called with every :class:`Event`. ``wants_hist``: single-step runs hand each site's histogram of
     positions (``event.hist``); ``skip_positions``: names of sites whose positions it never reads (no
-    ``event.position`` there, which saves writing them)."""
+    ``event.position`` there, which saves writing them); ``reads_site_inputs``: whether it reads a neuron's input
+    (``event.args``) — when not, a single-step neuron may write its output over an input nothing else reads."""
     wants_hist: bool = False
     skip_positions: Any = ()
+    reads_site_inputs: bool = True
 
     def __call__(self, event: Event) -> None:
         raise NotImplementedError
@@ -172,6 +174,7 @@ class Interpreter:
         self.observer = observer
         self.wants_hist = bool(getattr(observer, "wants_hist", False))
         self.skip_positions = getattr(observer, "skip_positions", None) or ()
+        self.overwrite_inputs = observer is None or not getattr(observer, "reads_site_inputs", True)
         self.x = torch.empty(0)        # the batch of the current run
         self.batch = 0
 
@@ -241,16 +244,38 @@ def ann_view(node: Node) -> Node:
                           lambda: replace(node, params={**p, "bias": p["bias_ann"]}))
 
 
+_FRESH_KINDS = ("weight", "product", "host", "pool")     # ops that compute a new tensor (layout ops may alias)
+
+
+def private_inputs(graph: Graph) -> frozenset[str]:
+    """Neuron sites whose input value nothing else reads and whose producer computes a new tensor: the fire rule
+    may write its output over that input (one 4-byte stream per element and a fresh allocation fewer)."""
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for i in dict.fromkeys(n.inputs):
+            readers[i] = readers.get(i, 0) + 1
+    return frozenset(s.name for s in graph.sites
+                     if readers.get(s.inputs[0]) == 1 and s.inputs[0] != graph.output
+                     and graph[s.inputs[0]].kind in _FRESH_KINDS and graph[s.inputs[0]].op != "pad")
+
+
 class SnnInterpreter(Interpreter):
     """The single-timestep SNN."""
 
     kinds = NEURON_KINDS
 
+    def __init__(self, graph: Graph, observer: Observer | None = None):
+        super().__init__(graph, observer)
+        self.private = private_inputs(graph) if self.overwrite_inputs else frozenset()
+
     def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
         if node.op not in NEURON_OPS:
             raise NotImplementedError(f"no neuron kind is registered for node {node.name} ({node.op})")
         position = node.name not in self.skip_positions
-        out, event.position, event.hist = fire_with(node, args[0], self.wants_hist, position)
+        x = args[0]
+        over = (node.name in self.private and x._base is None and x.is_contiguous() and not x.requires_grad
+                and x.dtype == torch.float32)
+        out, event.position, event.hist = fire_with(node, x, self.wants_hist, position, out=x if over else None)
         return out
 
 
@@ -373,6 +398,8 @@ def run_on(graph: Graph, x: torch.Tensor, spiking: bool, observer: Observer | No
 
 
 class _Levels(Observer):
+    reads_site_inputs = False
+
     def __init__(self):
         self.levels: dict[str, torch.Tensor] = {}
 

@@ -111,3 +111,38 @@ def test_unknown_op_is_named():
     node = g.nodes[1]
     with pytest.raises(NotImplementedError, match="op table"):
         ops.apply(type(node)("n", "input", [], {}, {}, [1], 0), [x], g, 1)
+
+
+def test_fire_over_private_inputs_changes_no_result_and_no_shared_value():
+    """A site may write its output over an input nothing else reads (SnnInterpreter.private): the counting run
+    (whose observer does not read site inputs) must give the very outputs, counts and levels of a run whose
+    observer does, on a ViT whose q, k, v are views of one qkv tensor, and leave the caller's batch alone."""
+    import timm
+
+    from sfn_deploy import convert
+    from sfn_deploy.data import Dataset
+    from sfn_deploy.simulators.counting import OpCounter
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                          embed_dim=64, depth=2, num_heads=2).eval()
+    x = torch.randn(6, 3, 32, 32)
+    snn = convert(m, Dataset(x, torch.zeros(6, dtype=torch.long), "r"), scale=0.2, bias_correction="off")
+    g = snn.graph
+    private = interpreter.private_inputs(g)
+    assert private and all(g[g[s].inputs[0]].kind != "layout" for s in private)
+    assert {s.name for s in g.sites if s.attrs["role"] in ("q", "k", "v")}.isdisjoint(private)
+
+    class Reads(OpCounter):
+        reads_site_inputs = True                      # the same counter, but no site may overwrite its input
+    counted, plain = OpCounter(g), Reads(g)
+    keep = x.clone()
+    counted.start_batch(len(x))
+    plain.start_batch(len(x))
+    with torch.no_grad():
+        a = interpreter.run(g, x, hook=counted)
+        b = interpreter.run(g, x, hook=plain)
+    assert torch.equal(x, keep)
+    assert torch.equal(a, b)
+    assert [c.to_dict() for c in counted.result().layers] == [c.to_dict() for c in plain.result().layers]
+    levels = interpreter.run_with_levels(g, x)[1]     # its observer reads positions only: writes over inputs
+    assert all(torch.equal(levels[k], v) for k, v in interpreter.run_with_levels(g, x.clone())[1].items())
