@@ -48,6 +48,15 @@ def exporters(model: ConvertedModel) -> dict:
     return {name: backends.get_exporter(name).support(model) for name in targets}
 
 
+def _softmax_levels(sites: list[dict]) -> str:
+    """How the post-softmax neurons' levels were set (docs/concepts.md "The neuron"), or nothing without any."""
+    soft = [x for x in sites if x["kind"] == "softmax"]
+    if not soft:
+        return ""
+    dense = all(x["levels"] == x["top_level"] for x in soft)
+    return f", post-softmax levels {'dense' if dense else 'of the fire function'} (top {soft[0]['top_level']})"
+
+
 def _numel(shape) -> int:
     out = 1
     for s in shape:
@@ -67,7 +76,7 @@ def summary_text(s: dict) -> str:
              "images: " + (Preprocess.from_dict(pre).describe() if pre else "no preprocessing recorded")
              + _classes(s.get("classes")),
              f"fire function {cfg.get('fire')} (M = {cfg.get('levels')}), rounding {cfg.get('rounding')}, "
-             f"p = {cfg.get('percentile')}%" if method == "sfn" else
+             f"p = {cfg.get('percentile')}%{_softmax_levels(s['sites'])}" if method == "sfn" else
              f"method {method} (docs/methods.md), T = {s['timesteps']}, p = {cfg.get('percentile')}%",
              "passes: " + " → ".join(s["passes"]),
              "nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(s["node_kinds"].items())),

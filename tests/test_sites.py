@@ -130,3 +130,11 @@ def test_dense_post_softmax_levels_keep_the_bundled_vit_closer_to_its_ann(mnist_
         pred, _ = measure(snn.graph, test)
         agree[mode] = float((pred == ann).float().mean()) * 100
     assert agree["dense"] >= agree["fire"] + 0.5, agree
+
+
+def test_inspect_says_how_the_post_softmax_levels_were_set():
+    from sfn_deploy.inspect import _softmax_levels
+    site = {"kind": "softmax", "levels": 263, "top_level": 263}
+    assert _softmax_levels([site]) == ", post-softmax levels dense (top 263)"
+    assert _softmax_levels([{**site, "levels": 16}]) == ", post-softmax levels of the fire function (top 263)"
+    assert _softmax_levels([{"kind": "dual", "levels": 16, "top_level": 263}]) == ""
