@@ -25,10 +25,12 @@ FIRE_FUNCTIONS = ("sformer", "linear", "exponential")
 ROUNDINGS = ("paper", "nearest", "floor")
 # Levels of a post-softmax neuron (docs/concepts.md "The neuron"): dense = every integer up to the fire function's
 # top level (same step o_max / y_N, same top level, same graded payload), fire = the fire function's own levels
-# (the paper's). Every SFormer and linear top level (M ≤ 16: at most 65,551) is made dense; a top level above
-# DENSE_TOP (the exponential function with M ≥ 10) keeps the fire function's levels: the table would not fit.
+# (the paper's). A top level above DENSE_TOP keeps the fire function's levels (SFormer M ≥ 15, the exponential
+# function from M = 8): up to it the ONNX export finds its O(1) lookup (exporters/onnx.py; checked for 16,397
+# levels, while at 24,000 float32 rounding puts two boundaries in one cell), beyond it ONNX would compare every
+# element with every boundary (tens of gigabytes per batch).
 SOFTMAX_LEVELS = ("dense", "fire")
-DENSE_TOP = 2 ** 17
+DENSE_TOP = 2 ** 14 + 16
 
 
 def if_neuron(x: torch.Tensor, theta: float, v0: torch.Tensor | float = 0.0) -> torch.Tensor:
