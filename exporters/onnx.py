@@ -71,6 +71,7 @@ def _fmt_shape(shape) -> str:
 _SLACK = 2.0 ** -16        # a boundary claims every cell that x within this relative distance of it can reach
 _MAX_CELLS = 1 << 16       # beyond this the export falls back to comparing with every boundary
 _LINEAR_CELLS = 4096       # up to this many cells the plain linear map (the cheapest) is used
+_COMPARE_MAX = 4096        # the comparison fallback is refused beyond this many boundaries (memory × N per element)
 
 
 class FireTable:
@@ -388,6 +389,10 @@ class _Lowering:
         lut = fire_table(bpos, bneg, p["table"].detach().cpu().numpy().astype(np.int64), steps)
         if lut is not None:
             return self._sfn_lookup(n, x, out, lut)
+        if bpos.size + bneg.size > _COMPARE_MAX:
+            raise _Unsupported(f"{bpos.size + bneg.size:,} firing boundaries have no constant-time lookup, and "
+                               f"comparing every element with each would take {bpos.size + bneg.size:,}× its "
+                               "memory: convert with fewer --levels")
         return self._sfn_compare(n, x, out, table, inc, steps, bpos, bneg)
 
     def _sfn_lookup(self, n, x: str, out: str, lut: FireTable) -> str:

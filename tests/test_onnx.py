@@ -506,3 +506,16 @@ def test_runner_refuses_bad_input(runners, mlp_snn, tmp_path):
     bad.write_bytes(b"not an onnx file")
     with pytest.raises(UserError, match="bad.onnx"):
         OnnxRunner(str(bad))
+
+
+def test_a_site_too_fine_for_the_lookup_is_refused_not_compared():
+    """30,000 uniform levels: float32 rounding puts two boundaries in one lookup cell, and the comparison
+    fallback would hold 30,000 booleans per element (the post-softmax site of SFormer M = 15 asked for 43 GB per
+    batch): the export is refused with the reason, naming the site."""
+    from sfn_deploy.errors import UnsupportedOpsError
+    site = _site("sfn_fine", "linear", "paper", 8, "softmax", 1.0, 0.0, 0.5, 4)
+    site.attrs["levels"] = list(range(1, 30001))
+    configure(site, 0.5)
+    g = Graph([Node("input", "input", shape=[1, 4], bdim=0), site], "sfn_fine")
+    with pytest.raises(UnsupportedOpsError, match="sfn_fine.*30,000 firing boundaries have no constant-time lookup"):
+        to_onnx(ConvertedModel(g, [4]))
