@@ -103,6 +103,13 @@ def post_softmax_levels(levels: list[int], mode: str = "dense") -> list[int]:
     return list(levels)
 
 
+def site_levels(m: int, fire: str, kind: str, softmax_levels: str = "dense") -> list[int]:
+    """The levels of a site of ``kind`` ("dual" or "softmax"): the fire function's, post-softmax ones by
+    :func:`post_softmax_levels`."""
+    y = fire_levels(m, fire)
+    return post_softmax_levels(y, softmax_levels) if kind == "softmax" else y
+
+
 def boundaries(levels: list[int], rounding: str = "paper") -> list[float]:
     """Firing boundaries in units of the step λθ: input u ≥ b_i reaches level y_i.
 

@@ -67,7 +67,7 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
     off, which is the same function. The network input and stored constants stay analog.
     Post-softmax neurons take :func:`~sfn_deploy.neurons.post_softmax_levels` of the fire function's levels.
     """
-    from .neurons import fire_levels, post_softmax_levels
+    from .neurons import site_levels
 
     users = graph.users()
     sources: dict[str, tuple[Node, Node, int]] = {}
@@ -80,12 +80,11 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
             if v.op in ("input", "constant", "sfn") or _analog_only(v, graph):
                 continue
             sources.setdefault(v.name, (v, node, slot))
-    y = fire_levels(levels, fire)
     for name, (src, consumer, slot) in sources.items():
         absorb = src.op == "relu"
         kind = "softmax" if src.op == "softmax" else "dual"
-        lv = post_softmax_levels(y, softmax_levels) if kind == "softmax" else y
-        attrs = {"kind": kind, "fire": fire, "M": levels, "levels": lv, "rounding": rounding, "lam": 1.0,
+        attrs = {"kind": kind, "fire": fire, "M": levels, "levels": site_levels(levels, fire, kind, softmax_levels),
+                 "rounding": rounding, "lam": 1.0,
                  "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, graph),
                  "absorbs": "relu" if absorb else None, "feeds": consumer.name}
         sfn = Node(graph.fresh_name(f"sfn_{name}"), "sfn", [src.inputs[0] if absorb else name], attrs, {},

@@ -19,7 +19,7 @@ from .evaluation import PairedDrop, check_data, energy_constants, labeled_accura
 from .ir import NEURON_OPS
 from .methods import method_of
 from .model_file import ConvertedModel
-from .neurons import fire_levels, post_softmax_levels
+from .neurons import site_levels
 from .passes import configure, set_scale
 from .planning import PlanRow, rank
 from .results import Result, optional
@@ -111,9 +111,9 @@ def variant(converted: ConvertedModel, scale: float | None = None, levels: int |
     if levels is not None:
         for s in out.sites:
             s.attrs["M"] = levels
-            y = fire_levels(levels, s.attrs["fire"])
-            dense = s.attrs["kind"] == "softmax" and converted.config.get("softmax_levels", "fire") == "dense"
-            s.attrs["levels"] = post_softmax_levels(y) if dense else y
+            # a model converted before post-softmax levels were dense has no softmax_levels: it had the fire's
+            s.attrs["levels"] = site_levels(levels, s.attrs["fire"], s.attrs["kind"],
+                                            converted.config.get("softmax_levels", "fire"))
             configure(s, s.attrs["lam"])
     if scale is not None:
         set_scale(out.graph, scale)

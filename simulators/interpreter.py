@@ -250,12 +250,9 @@ _FRESH_KINDS = ("weight", "product", "host", "pool")     # ops that compute a ne
 def private_inputs(graph: Graph) -> frozenset[str]:
     """Neuron sites whose input value nothing else reads and whose producer computes a new tensor: the fire rule
     may write its output over that input (one 4-byte stream per element and a fresh allocation fewer)."""
-    readers: dict[str, int] = {}
-    for n in graph.nodes:
-        for i in dict.fromkeys(n.inputs):
-            readers[i] = readers.get(i, 0) + 1
+    users = graph.users()
     return frozenset(s.name for s in graph.sites
-                     if readers.get(s.inputs[0]) == 1 and s.inputs[0] != graph.output
+                     if len(users[s.inputs[0]]) == 1 and s.inputs[0] != graph.output
                      and graph[s.inputs[0]].kind in _FRESH_KINDS and graph[s.inputs[0]].op != "pad")
 
 

@@ -23,7 +23,7 @@ from sfn_deploy.errors import UserError
 from sfn_deploy.exporters.onnx import OnnxRunner, export_onnx, fire_table, to_onnx
 from sfn_deploy.ir import Graph, Node
 from sfn_deploy.model_file import ConvertedModel, load, save
-from sfn_deploy.neurons import FIRE_FUNCTIONS, ROUNDINGS, fire_levels, post_softmax_levels, spike_levels
+from sfn_deploy.neurons import FIRE_FUNCTIONS, ROUNDINGS, fire_levels, site_levels, spike_levels
 from sfn_deploy.passes import configure
 from sfn_deploy.simulators.interpreter import run, run_with_levels
 
@@ -224,7 +224,7 @@ def _site(name, fire, rounding, m, kind, theta_pos, theta_neg, lam, width):
     """A configured SFN site as passes.insert_sfn/configure make them (kind picks which branches fire; post-softmax
     sites with their dense levels)."""
     attrs = {"kind": "softmax" if kind == "softmax" else "dual", "fire": fire, "M": m,
-             "levels": post_softmax_levels(fire_levels(m, fire)) if kind == "softmax" else fire_levels(m, fire),
+             "levels": site_levels(m, fire, "softmax" if kind == "softmax" else "dual"),
              "rounding": rounding, "lam": lam,
              "theta_pos": 0.0 if kind == "negative" else theta_pos,
              "theta_neg": theta_neg if kind in ("dual", "negative") else 0.0,

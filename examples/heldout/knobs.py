@@ -32,7 +32,7 @@ from sfn_deploy.convert import build_graph
 from sfn_deploy.data import load_data
 from sfn_deploy.evaluation import accuracy, energy_constants, measure
 from sfn_deploy.models import load_model
-from sfn_deploy.neurons import fire_levels, post_softmax_levels
+from sfn_deploy.neurons import site_levels
 from sfn_deploy.passes import set_scale
 from sfn_deploy.simulators import interpreter as interp
 
@@ -51,9 +51,7 @@ def levels(args, graph, calib, test, ann_pred) -> None:
     for m in (4, 6, 8, 10):
         for rounding in ("paper", "nearest"):
             for s in graph.sites:
-                y = fire_levels(m, "sformer")
-                s.attrs.update(M=m, rounding=rounding,
-                               levels=post_softmax_levels(y) if s.attrs["kind"] == "softmax" else y)
+                s.attrs.update(M=m, rounding=rounding, levels=site_levels(m, "sformer", s.attrs["kind"]))
             for lam in args.lams:
                 _row(args, graph, test, ann_pred, lam, M=m, rounding=rounding, lam=lam)
 
