@@ -598,9 +598,11 @@ def to_nir(model: ConvertedModel, max_bytes: int | None = None):
 
 def data_metadata(model: ConvertedModel) -> dict:
     """What a NIR file says about its input (docs/data.md): the preprocessing that turns images into it and
-    the class of each output, as JSON text (``null``: not recorded)."""
+    the class of each output, and for a model that returned several tensors their shapes (the output is their
+    per-sample flattened concatenation), as JSON text (``null``: not recorded)."""
     pre = None if model.preprocessing is None else model.preprocessing.to_dict()
-    return {"sfn_deploy_preprocessing": json.dumps(pre), "sfn_deploy_classes": json.dumps(model.classes)}
+    return {"sfn_deploy_preprocessing": json.dumps(pre), "sfn_deploy_classes": json.dumps(model.classes),
+            "sfn_deploy_output_parts": json.dumps(model.graph.output_parts)}
 
 
 # -- partial export: NIR regions + host remainder -----------------------------------------------------------

@@ -856,7 +856,9 @@ def to_onnx(model: ConvertedModel, levels: bool = False, opset: int = DEFAULT_OP
             # how images become the input (docs/data.md): resize, crop, channels, mean/std; null: not recorded
             "sfn_deploy.preprocessing": json.dumps(None if model.preprocessing is None
                                                    else model.preprocessing.to_dict()),
-            "sfn_deploy.classes": json.dumps(model.classes)}
+            "sfn_deploy.classes": json.dumps(model.classes),
+            # a model that returned several tensors: the output is their per-sample flattened concatenation
+            "sfn_deploy.output_parts": json.dumps(g.output_parts)}
     helper.set_model_props(proto, meta)
     return proto
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import devices
+from . import devices, fidelity
 from .data import Dataset
 from .ir import Graph
 from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan, run
@@ -78,35 +78,44 @@ def revert(graph: Graph) -> None:
             node.params["bias"] = node.params.pop("bias_ann")
 
 
-def _top1(graph: Graph, data: Dataset, batch_size: int, spiking: bool) -> torch.Tensor:
-    return torch.cat([run(graph, xb, spiking=spiking).argmax(-1) for xb in data.batches(batch_size)])
+def _outputs(graph: Graph, data: Dataset, batch_size: int, spiking: bool, kind: str) -> torch.Tensor:
+    """The top-1 classes (accuracy fidelity) or the outputs themselves (output fidelity) of a pass."""
+    outs = [run(graph, xb, spiking=spiking) for xb in data.batches(batch_size)]
+    return torch.cat([o.argmax(-1) for o in outs] if kind == "accuracy" else outs)
 
 
-def _agreement(snn: torch.Tensor, ann: torch.Tensor) -> float:
-    return round(100.0 * float((snn == ann).float().mean()), 4)
+def _agreement(snn: torch.Tensor, ann: torch.Tensor, kind: str = "accuracy") -> float:
+    """Top-1 agreement (%), or with output fidelity 100 × the mean cosine similarity."""
+    same = fidelity.cosine(snn, ann) if kind == "output" else (snn == ann).float()
+    return round(100.0 * float(same.mean()), 4)
 
 
 def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None, batch_size: int = 256,
-            max_drop: float | None = None) -> dict:
+            max_drop: float | None = None, kind: str = "accuracy") -> dict:
     """Measure the shifts on ``x`` and apply them. ``mode`` "on": keep them; "auto": keep them only if the SNN's
-    top-1 agreement with the ANN on ``val`` (streamed, labeled) does not fall and, with a ``max_drop`` budget, its
-    accuracy drop there stays within the budget or does not grow. The record kept in the converted model's
-    metrics."""
+    agreement with the ANN on ``val`` (streamed; top-1, or with output fidelity the cosine similarity) does not
+    fall and, with a ``max_drop`` budget, its drop there (against the labels when there are any) stays within
+    the budget or does not grow. The record kept in the converted model's metrics."""
     record: dict = {"mode": mode, "images": int(x.shape[0])}
+    if kind == "output":
+        record["measure"] = "cosine"            # the val_agreement figures are 100 × mean cosine similarity
     ann = before = None
     if val is not None and mode == "auto":
-        ann = _top1(graph, val, batch_size, spiking=False)
-        before = _top1(graph, val, batch_size, True)
+        ann = _outputs(graph, val, batch_size, False, kind)
+        before = _outputs(graph, val, batch_size, True, kind)
         record["val_images"] = len(val)
-        record["val_agreement_before"] = _agreement(before, ann)
+        record["val_agreement_before"] = _agreement(before, ann, kind)
     found = shifts(graph, x)
     apply(graph, found)
     record["layers"] = sum(1 for n in graph.nodes if "bias_ann" in n.params)
     record["max_abs_shift"] = max((float(s.abs().max()) for s in found.values()), default=0.0)
     if val is not None and ann is not None and before is not None and record["layers"]:
-        after = _top1(graph, val, batch_size, True)
-        record["val_agreement_after"] = _agreement(after, ann)
-        drops = [_agreement(ann, val.y) - _agreement(p, val.y) for p in (before, after)]
+        after = _outputs(graph, val, batch_size, True, kind)
+        record["val_agreement_after"] = _agreement(after, ann, kind)
+        if kind == "accuracy" and val.labeled:
+            drops = [_agreement(ann, val.y) - _agreement(p, val.y) for p in (before, after)]
+        else:                   # the ANN is the reference: its score is 100
+            drops = [100.0 - record[f"val_agreement_{w}"] for w in ("before", "after")]
         record["val_drop_before"], record["val_drop_after"] = (round(d, 4) for d in drops)
         worse = record["val_agreement_after"] < record["val_agreement_before"]
         if max_drop is not None and drops[1] > max(max_drop, drops[0]):

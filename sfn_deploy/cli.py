@@ -227,6 +227,12 @@ def convert_options(fn):
                      help="Fold each weight layer's mean SNN−ANN shift (256 calibration images) into the SNN's bias; "
                           "auto keeps it only if agreement with the ANN on the validation images does not fall "
                           "(default auto; docs/concepts.md, 'Bias correction')."),
+        click.option("--fidelity", type=click.Choice(["auto", "accuracy", "output"]), default=None,
+                     help="What the search and the reported drop compare with the ANN: accuracy = top-1 (the "
+                          "labels, or the ANN's top-1 on unlabeled data); output = cosine similarity of the "
+                          "outputs (backbones, feature maps; --max-drop then counts points of 100·cosine). "
+                          "Default auto: output when the model does not return N×classes or is a timm model "
+                          "with num_classes=0 (docs/concepts.md, 'Fidelity')."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -237,7 +243,7 @@ _CFG_KEYS = ("method", "timesteps", "v0", "epochs",
              "levels", "fire", "rounding", "softmax_levels", "percentile", "search", "trials", "val_size",
              "val_fraction", "storage",
              "study", "strategy",
-             "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop", "bias_correction")
+             "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop", "bias_correction", "fidelity")
 
 
 def _config(config_file, kwargs):
@@ -363,10 +369,32 @@ def _describe_validation(v) -> str:
 def _describe_bias_correction(bc: dict) -> str:
     what = f"bias correction ({bc['mode']}, {bc['images']} calibration images): "
     what += f"{bc['layers']} layers corrected" if bc["applied"] else "not kept"
-    if "val_agreement_after" in bc:
+    if "val_agreement_after" in bc and bc.get("measure") == "cosine":
+        what += (f"; validation cosine similarity {bc['val_agreement_before'] / 100:.4f} without it, "
+                 f"{bc['val_agreement_after'] / 100:.4f} with it")
+    elif "val_agreement_after" in bc:
         what += (f"; validation agreement {bc['val_agreement_before']:.2f}% without it, "
                  f"{bc['val_agreement_after']:.2f}% with it")
     return what
+
+
+def _describe_fidelity(r) -> str:
+    """The SNN against its ANN: accuracies and top-1 agreement, or the outputs' cosine similarity."""
+    if r.fidelity == "output":
+        return (f"cosine similarity {r.cosine:.4f}  relative error {r.relative_error:.2f}% "
+                "(SNN outputs against the ANN's)")
+    if r.accuracy is None:
+        return f"agreement {r.agreement:.2f}% (unlabeled: scored against the ANN's top-1)"
+    return f"ANN {r.ann_accuracy:.2f}%  SNN {r.accuracy:.2f}%  agreement {r.agreement:.2f}%"
+
+
+def _chance_warning(r, classes: int) -> str | None:
+    """A classifier whose ANN is at chance on its own validation labels is probably not a classifier of them
+    (a backbone without a head, other labels, other preprocessing): say so once."""
+    if r.ann_accuracy is None or classes < 2 or r.ann_accuracy > 150.0 / classes:
+        return None
+    return (f"the ANN gets {r.ann_accuracy:.2f}% of the validation labels right (chance: {100.0 / classes:.2g}%): "
+            "if the model is not a classifier of these labels, convert with --fidelity output")
 
 
 def _fmt_front(front: list[ParetoPoint]) -> str:
@@ -422,11 +450,15 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     converted = convert(net, ds, cfg, source=identity, quiet=as_json, warn=_warn)
     result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
-    assert result.drop is not None
+    classes = len(set(val.y.tolist())) if val.labeled else 0
+    chance = _chance_warning(result, classes) if cfg.fidelity == "accuracy" else None
+    if chance:
+        _warn(chance)
     converted.metrics.update(accuracy=result.accuracy, ann_accuracy=result.ann_accuracy, agreement=result.agreement,
                              energy_ratio=result.energy_ratio, ac_snn=result.ac_snn, mac_snn=result.mac_snn,
-                             mac_ann=result.mac_ann, samples=result.samples, drop=result.drop.to_dict(),
-                             validation=record.to_dict())
+                             mac_ann=result.mac_ann, samples=result.samples,
+                             drop=result.drop.to_dict() if result.drop else None, validation=record.to_dict(),
+                             fidelity=cfg.fidelity, cosine=result.cosine, relative_error=result.relative_error)
     if _writer():
         save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
@@ -436,7 +468,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     from .methods import method_of
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
-    payload.update({"drop": result.drop.to_dict(), "validation": record.to_dict()})
+    payload.update({"drop": result.drop.to_dict() if result.drop else None, "validation": record.to_dict()})
     pre = converted.preprocessing
     payload["preprocessing"] = None if pre is None else pre.to_dict()
     if method == "mbe":
@@ -449,9 +481,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
             f"{v} {k}" for k, v in payload["mbe_placed"].items())
     text = (f"converted {model} -> {output}: {what}\n"
             f"{_describe_images(pre)}\n"
-            f"validation ({_describe_validation(record)}): ANN {result.ann_accuracy:.2f}%  "
-            f"SNN {result.accuracy:.2f}%  agreement {result.agreement:.2f}%  "
-            f"energy ratio {result.energy_ratio:.4f}; {format_drop(result.drop)}")
+            f"validation ({_describe_validation(record)}): {_describe_fidelity(result)}  "
+            f"energy ratio {result.energy_ratio:.4f}"
+            f"{'; ' + format_drop(result.drop) if result.drop else ''}")
     bc = converted.metrics.get("bias_correction")
     payload["bias_correction"] = bc
     if bc:
@@ -578,8 +610,8 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
                  lava=_lava_settings(model, ds, precision, lowering))
     if not show_layers:
         r.layers = None
-    text = (f"{r.samples} samples on {backend}: SNN {_pct(r.accuracy)}  ANN {_pct(r.ann_accuracy)}  "
-            f"agreement {r.agreement:.2f}%; {format_drop(r.drop) if r.drop else 'unlabeled data: no accuracy'}\n"
+    text = (f"{r.samples} samples on {backend}: {_describe_fidelity(r)}"
+            f"{'; ' + format_drop(r.drop) if r.drop else '; no drop without labels'}\n"
             f"energy ratio {r.energy_ratio:.4f}  "
             f"(#AC_SNN {r.ac_snn:.4g}, #MAC_SNN {r.mac_snn:.4g}, #MAC_ANN {r.mac_ann:.4g} per inference)")
     _emit(as_json, r.to_dict(), text)

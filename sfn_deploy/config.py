@@ -13,6 +13,7 @@ from typing import NoReturn
 import tomli
 
 from .errors import UserError
+from .fidelity import KINDS as FIDELITY
 from .neurons import FIRE_FUNCTIONS, ROUNDINGS, SOFTMAX_LEVELS
 from .untrusted import read_bytes
 
@@ -54,6 +55,7 @@ class ConvertConfig:
     batch_size: int = 256
     calib_limit: int | None = None  # use at most this many samples for calibration
     bias_correction: str = "auto"   # auto (kept if validation agreement does not fall) | on | off; sfn only
+    fidelity: str = "auto"          # accuracy | output (cosine of the outputs) | auto; capture resolves auto
 
     def to_dict(self) -> dict:
         """The record saved in converted models and printed: a storage URL's password is never in it."""
@@ -99,7 +101,7 @@ def storage_path(url: str | None) -> str | None:
 _VAL_KEYS = {"val_size", "val_fraction"}
 BIAS_CORRECTION = ("auto", "on", "off")
 _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "softmax_levels": SOFTMAX_LEVELS,
-            "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION}
+            "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION, "fidelity": FIDELITY}
 
 
 def _bad(key: str, why: str) -> NoReturn:

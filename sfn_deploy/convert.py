@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import bias_correction, distributed
+from . import bias_correction, distributed, fidelity
 from .calibrate import calibrate
 from .capture import capture
 from .config import ConvertConfig, load_config
@@ -57,12 +57,15 @@ def _capture(c: Conversion) -> None:
     if c.config.method == "pmsm" and not c.data.labeled:
         raise UserError(f"{c.data.name}: --method pmsm fine-tunes on labels; this data has none")
     graph = capture(c.model, c.data.head(2))
-    check_data(graph, c.data)
+    # auto is resolved here, in the one record that the search, bias correction and the converted file read
+    c.config.fidelity = kind = fidelity.resolve(c.config.fidelity, graph[graph.output].shape, c.model,
+                                                several=graph.output_parts is not None)
+    if kind == "output" and c.config.method == "pmsm":
+        raise UserError("--method pmsm fine-tunes a classifier on labels; this model is converted with output "
+                        "fidelity (its output is not N×classes, or --fidelity output)")
+    check_data(graph, c.data, kind=kind)
     if c.data.validation is not None:
-        check_data(graph, c.data.validation, "model (--val-data)")
-    out_shape = graph[graph.output].shape
-    if len(out_shape) != 2:
-        raise UserError(f"the model's output has shape {out_shape}; a classifier returning N×classes is expected")
+        check_data(graph, c.data.validation, "model (--val-data)", kind)
     c.graph = graph
 
 
@@ -91,7 +94,8 @@ def _calibrate(c: Conversion) -> None:
 
 def _scale(c: Conversion) -> None:
     cfg = c.config
-    if cfg.tune and cfg.scale is None and c.warn is not None:
+    # the resolution rule counts discordant images: output fidelity's cosines have no such floor
+    if cfg.tune and cfg.scale is None and c.warn is not None and cfg.fidelity == "accuracy":
         val, record = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
         text = budget_warning(len(val), cfg.max_drop, record.available)
         if text:
@@ -107,7 +111,8 @@ def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig) -> dict | No
     x = data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x      # one batch
     val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
         else None
-    return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.max_drop)
+    return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.max_drop,
+                                   fidelity.of(cfg.to_dict()))
 
 
 def _bias_correction(c: Conversion) -> None:

@@ -227,14 +227,10 @@ class Dataset:
 
         Drawn from :attr:`validation` when set (``--val-data``), else from this set. The count rule (the
         default): all of them when there are at most ``size``, else a seeded random ``size``. With
-        ``fraction`` (``--val-fraction``, this set only): the random share :meth:`split` gives.
+        ``fraction`` (``--val-fraction``, this set only): the random share :meth:`split` gives. Unlabeled
+        images validate too: they are scored against the ANN's own outputs (:mod:`sfn_deploy.fidelity`).
         """
         pool, source = (self, "data") if self.validation is None else (self.validation, "val-data")
-        if not pool.labeled:
-            where = "--data" if pool is self else "--val-data"
-            raise UserError(f"{pool.name}: {where} has no labels; the validation images (the λ search and the "
-                            "reported accuracy) need them: give labeled images with --val-data "
-                            "(calibration then uses all of --data)")
         if fraction is not None:
             if self.validation is not None:
                 raise UserError("--val-fraction takes a share of --data; with --val-data, size the validation "
@@ -261,7 +257,7 @@ def _check(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
         raise UserError(f"{name}: 'x' contains NaN or infinite values in {bad} sample(s)")
-    if (y < 0).any():
+    if (y < 0).any() and not (y == NO_LABEL).all():
         raise UserError(f"{name}: 'y' contains negative labels")
     return Dataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
                    torch.from_numpy(y.astype(np.int64)), name)
@@ -271,10 +267,10 @@ def load_npz(path: str) -> Dataset:
     regular_file(path, ".npz data file")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y") if k not in f.files]
-            if missing:
-                raise UserError(f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})")
-            x, y = f["x"], f["y"]
+            if "x" not in f.files:
+                raise UserError(f"{path}: missing key x (found: {', '.join(f.files) or 'none'})")
+            x = f["x"]          # without y the samples are unlabeled (docs/data.md "Unlabeled data")
+            y = f["y"] if "y" in f.files else np.full(x.shape[:1], NO_LABEL, dtype=np.int64)
     except UserError:
         raise
     except FileNotFoundError:

@@ -88,7 +88,7 @@ def _mirrored(graph: Graph, device: torch.device) -> Graph:
     nodes = [NODE_CACHE.get(n, ("mirror", device), tuple(n.params.values()),
                             lambda n=n: replace(n, params={k: _to(v, device) for k, v in n.params.items()}))
              for n in graph.nodes]
-    return Graph(nodes, graph.output, graph.timesteps, graph.method)
+    return Graph(nodes, graph.output, graph.timesteps, graph.method, graph.output_parts)
 
 
 def _to(v, device: torch.device):

@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import torch
 
-from . import backends, distributed
+from . import backends, distributed, fidelity
 from .data import Dataset
 from .errors import UserError
 from .ir import Graph
@@ -33,7 +32,7 @@ class Evaluation(Result):
     samples: int
     accuracy: float | None              # SNN top-1, % (None: unlabeled data)
     ann_accuracy: float | None          # source ANN top-1, % (None: unlabeled data)
-    agreement: float                    # SNN/ANN top-1 agreement, %
+    agreement: float | None             # SNN/ANN top-1 agreement, % (None: output fidelity)
     energy_ratio: float                 # the paper's eq. 43: SNN energy / ANN energy at 45 nm CMOS prices
     ac_snn: float                       # accumulates per inference (spike convention)
     mac_snn: float                      # MACs per inference of layers with analog input
@@ -41,21 +40,25 @@ class Evaluation(Result):
     host_ops: float                     # host operations per inference
     layers: list[dict[str, Any]] | None = optional()   # per-layer op counts per inference (None: left out)
     drop: PairedDrop | None = optional()               # ANN − SNN accuracy with its paired 95 % interval
+    fidelity: str | None = optional()                  # "output": scored by cosine similarity (None: accuracy)
+    cosine: float | None = optional()                  # output fidelity: mean SNN/ANN cosine similarity
+    relative_error: float | None = optional()          # output fidelity: mean ‖SNN − ANN‖ / ‖ANN‖, %
 
 
 @dataclass
 class PairedDrop(Result):
-    """The accuracy drop ANN − SNN in points, measured on the same images, with its confidence interval.
+    """The drop ANN − SNN in points, measured on the same images, with its confidence interval.
 
-    ``ann_only``: images the ANN gets right and the SNN wrong; ``snn_only``: the reverse. Only these
-    discordant pairs carry information about the drop (see :func:`paired_drop`)."""
+    Accuracy: ``ann_only`` counts images the ANN gets right and the SNN wrong, ``snn_only`` the reverse; only
+    these discordant pairs carry information about the drop (see :func:`paired_drop`). Output fidelity: points
+    of 100 × cosine similarity, without the counts (:func:`drop_of`)."""
     points: float                       # 100 · (ann_only − snn_only) / n
     low: float                          # interval, points
     high: float
     confidence: float                   # 0.95
     n: int                              # images
-    ann_only: int
-    snn_only: int
+    ann_only: int | None = optional()
+    snn_only: int | None = optional()
     method: str = "Tango score interval, paired"
 
 
@@ -68,14 +71,15 @@ def energy_constants(target: str = "cmos45") -> tuple[float, float]:
     return ac, mac
 
 
-def check_data(graph: Graph, data: Dataset, where: str = "model") -> None:
+def check_data(graph: Graph, data: Dataset, where: str = "model", kind: str = "accuracy") -> None:
+    """The samples fit the network's input; for ``accuracy`` fidelity, the labels fit its classes."""
     want = list(graph.input.shape[1:])
     got = data.sample_shape
     if want != got:
         raise UserError(f"{data.name}: samples have shape {'×'.join(map(str, got))} but the {where} expects "
                         f"{'×'.join(map(str, want))}")
     out_shape = graph[graph.output].shape
-    if len(out_shape) == 2 and len(data) and int(data.y.max()) >= out_shape[1]:
+    if kind == "accuracy" and len(out_shape) == 2 and len(data) and int(data.y.max()) >= out_shape[1]:
         raise UserError(f"{data.name}: labels go up to {int(data.y.max())} but the {where} has {out_shape[1]} "
                         "outputs")
 
@@ -87,10 +91,6 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
 def labeled_accuracy(pred: torch.Tensor, data: Dataset) -> float | None:
     """Top-1 accuracy in %, or None for unlabeled data (docs/data.md: what unlabeled runs report)."""
     return accuracy(pred, data.y) if data.labeled else None
-
-
-def _z(confidence: float) -> float:
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
 def tango_interval(ann_only: int, snn_only: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -111,7 +111,7 @@ def tango_interval(ann_only: int, snn_only: int, n: int, confidence: float = 0.9
     """
     if n < 1 or ann_only < 0 or snn_only < 0 or ann_only + snn_only > n:
         raise ValueError(f"paired counts need 0 ≤ ann_only + snn_only ≤ n, n ≥ 1; got {ann_only}, {snn_only}, {n}")
-    b, c, z = ann_only, snn_only, _z(confidence)
+    b, c, z = ann_only, snn_only, fidelity.z_value(confidence)
 
     def score(delta: float) -> float:
         bb = -b - c + (2 * n - b + c) * delta
@@ -153,21 +153,34 @@ def paired_drop(ann_correct: torch.Tensor | Sequence[bool], snn_correct: torch.T
                       n=n, ann_only=b, snn_only=c)
 
 
+def drop_of(ann: torch.Tensor, snn: torch.Tensor, binary: bool, confidence: float = 0.95) -> PairedDrop:
+    """The drop of per-sample SNN scores against the ANN's (:class:`fidelity.Reference`): :func:`paired_drop`
+    for 0/1 scores (accuracy), the normal interval of the mean difference (points of 100 × cosine) for output
+    fidelity."""
+    if binary:
+        return paired_drop(ann > 0.5, snn > 0.5, confidence)
+    mean, low, high = fidelity.normal_interval(100.0 * (ann - snn), confidence)
+    return PairedDrop(points=mean, low=low, high=high, confidence=confidence, n=len(snn),
+                      method="normal interval of the mean paired difference")
+
+
 def _points(v: float, digits: int) -> str:
     text = f"{v:.{digits}f}"
     return "0" + text[2:] if text.startswith("-") and float(text) == 0 else text.replace("-", "−")
 
 
 def format_drop(d: PairedDrop) -> str:
-    """``drop 0.40 points (95 % CI −0.10 to 0.90, paired, n = 2,000)``."""
-    return (f"drop {_points(d.points, 2)} points ({100 * d.confidence:g} % CI {_points(d.low, 2)} to "
+    """``drop 0.40 points (95 % CI −0.10 to 0.90, paired, n = 2,000)``; output fidelity: ``… points of
+    cosine``."""
+    unit = "points" if d.ann_only is not None else "points of 100·cosine"
+    return (f"drop {_points(d.points, 2)} {unit} ({100 * d.confidence:g} % CI {_points(d.low, 2)} to "
             f"{_points(d.high, 2)}, paired, n = {d.n:,})")
 
 
 def resolution(n: int, confidence: float = 0.95) -> float:
     """The smallest drop (points) that n validation images can tell from zero: the upper limit of the paired
     interval when the SNN and ANN agree on every image (no discordant pair), 100·z²/(n + z²)."""
-    z2 = _z(confidence) ** 2
+    z2 = fidelity.z_value(confidence) ** 2
     return 100.0 * z2 / (n + z2)
 
 
@@ -178,7 +191,7 @@ def images_needed(max_drop: float, confidence: float = 0.95) -> int | None:
         return None
     if max_drop >= 100:
         return 1
-    return max(1, math.ceil(_z(confidence) ** 2 * (100.0 / max_drop - 1) - 1e-9))
+    return max(1, math.ceil(fidelity.z_value(confidence) ** 2 * (100.0 / max_drop - 1) - 1e-9))
 
 
 def _short(v: float) -> str:
@@ -236,6 +249,24 @@ def _pass(graph: Graph, data: Dataset, batch_size: int, spiking: bool, quiet: bo
     return torch.cat(preds)
 
 
+def ann_reference(graph: Graph, data: Dataset, kind: str, batch_size: int = 256) -> fidelity.Reference:
+    """What the SNN's outputs on ``data`` are scored against (:func:`fidelity.reference`), from one ANN pass."""
+    out = torch.cat([run(graph, xb, spiking=False) for xb in data.batches(batch_size)])
+    return fidelity.reference(kind, out, data.y if data.labeled else None)
+
+
+def score(graph: Graph, data: Dataset, ref: fidelity.Reference, batch_size: int = 256) -> tuple[torch.Tensor,
+                                                                                                  OpCounter]:
+    """Per-sample scores of the SNN against ``ref`` (same samples, same order) and its op counts: one trial."""
+    counter = OpCounter(graph, True)
+    out, start = [], 0
+    for xb in data.batches(batch_size):
+        counter.start_batch(xb.shape[0])
+        out.append(ref.scores(run(graph, xb, spiking=True, hook=counter), start))
+        start += xb.shape[0]
+    return torch.cat(out), counter
+
+
 def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, threads: int | None = None,
                    lava: dict | None = None):
     """A function batch → logits running the SNN (or, with ann=True, its source ANN) on a backend.
@@ -262,10 +293,32 @@ def backend_logits(converted: ConvertedModel, data: Dataset, backend: str, batch
     return torch.cat([runner(xb) for xb in batches])
 
 
+def compare_outputs(graph: Graph, data: Dataset, batch_size: int = 256, quiet: bool = True, desc: str = "comparing",
+                    split: bool = False) -> tuple[torch.Tensor, torch.Tensor, OpCounter]:
+    """Output fidelity in one pass: per-sample cosine similarity and relative error of the SNN's outputs
+    against the ANN's on the same batch, and the SNN's op counts. Two numbers per sample are kept, never the
+    outputs (a backbone's feature maps would grow with the data). ``split`` as in :func:`measure`."""
+    counter = OpCounter(graph, True)
+    cos, rel = [torch.zeros(0)], [torch.zeros(0)]
+    part = distributed.shard(data, batch_size) if split else data
+    for xb in progress(part.batches(batch_size), desc, quiet=quiet, total=-(-len(part) // batch_size)):
+        counter.start_batch(xb.shape[0])
+        snn = run(graph, xb, spiking=True, hook=counter)
+        ann = run(graph, xb, spiking=False)
+        cos.append(fidelity.cosine(snn, ann))
+        rel.append(fidelity.relative_error(snn, ann))
+    c, r = torch.cat(cos), torch.cat(rel)
+    if split and distributed.active():
+        counter.absorb(distributed.gather(counter.state()))
+        return distributed.gather_cat(c), distributed.gather_cat(r), counter
+    return c, r, counter
+
+
 def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", limit: int | None = None,
              batch_size: int = 256, quiet: bool = True, target: str = "cmos45",
              lava: dict | None = None) -> Evaluation:
-    """Accuracy of SNN and ANN, their top-1 agreement and the op counts / energy ratio (paper convention).
+    """Accuracy of SNN and ANN, their top-1 agreement and the op counts / energy ratio (paper convention); for
+    a model converted with output fidelity (:mod:`sfn_deploy.fidelity`), the outputs' cosine similarity instead.
 
     The op counts are always the reference interpreter's; on another backend the predictions are its own."""
     backends.get(backend)
@@ -273,7 +326,22 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
         raise UserError(f"--backend {backend} runs in one process; under torchrun use the torch backend")
     data = data.limit(limit)
     graph = converted.graph
-    check_data(graph, data, "converted model")
+    kind = fidelity.of(converted.config)
+    check_data(graph, data, "converted model", kind)
+    e_ac, e_mac = energy_constants(target)
+    if kind == "output":
+        cos, rel, counter = compare_outputs(graph, data, batch_size, quiet=quiet, desc="SNN and ANN", split=True)
+        if backend != backends.REFERENCE:
+            ann = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet)
+            snn = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava)
+            cos, rel = fidelity.cosine(snn, ann), fidelity.relative_error(snn, ann)
+        counts = counter.result()
+        return Evaluation(backend=backend, samples=len(data), accuracy=None, ann_accuracy=None, agreement=None,
+                          energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn,
+                          mac_snn=counts.mac_snn, mac_ann=counts.mac_ann, host_ops=counts.host_ops,
+                          layers=counts.reported_layers(),
+                          drop=drop_of(torch.ones(len(cos)), cos, binary=False),
+                          fidelity="output", cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()))
     snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN", split=True)
     if backend == backends.REFERENCE:
         ann_pred = predict(graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
@@ -281,7 +349,6 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
         ann_pred = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet).argmax(-1)
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
     counts = counter.result()
-    e_ac, e_mac = energy_constants(target)
     drop = paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None
     return Evaluation(backend=backend, samples=len(data), accuracy=labeled_accuracy(snn_pred, data),
                       ann_accuracy=labeled_accuracy(ann_pred, data),

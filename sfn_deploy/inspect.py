@@ -29,7 +29,8 @@ def summary(model: ConvertedModel) -> dict:
     return {"format_version": 1, "method": method, "timesteps": steps, "source": model.source,
             "input_shape": model.input_shape,
             "preprocessing": None if model.preprocessing is None else model.preprocessing.to_dict(),
-            "classes": model.classes, "config": model.config, "passes": [p.name for p in PIPELINE],
+            "classes": model.classes, "output_parts": g.output_parts, "config": model.config,
+            "passes": [p.name for p in PIPELINE],
             "node_kinds": dict(kinds),
             "layers": layers, "sites": sites, "metrics": model.metrics,
             "pareto_front": model.search.get("pareto_front", []), "chosen": model.search.get("chosen"),
@@ -90,9 +91,18 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {x['name']:<44} {x['role']:<13} {x['neurons']:>8} {x['theta_pos']:>9.4g} "
                      f"{x['theta_neg']:>9.4g} {x['lam']:>6.3f} {x['step_pos']:>10.4g} {x['top_level']}")
     m = s["metrics"]
-    if "accuracy" in m:
-        lines += ["", f"validation at conversion ({m.get('samples')} samples): ANN {m['ann_accuracy']:.2f}%  "
-                      f"SNN {m['accuracy']:.2f}%  energy ratio {m['energy_ratio']:.4f}"]
+    if m.get("cosine") is not None:
+        scored = f"cosine similarity {m['cosine']:.4f} (SNN outputs against the ANN's)"
+    elif m.get("accuracy") is not None:
+        scored = f"ANN {m['ann_accuracy']:.2f}%  SNN {m['accuracy']:.2f}%"
+    elif m.get("agreement") is not None:
+        scored = f"agreement {m['agreement']:.2f}% (unlabeled)"
+    if "energy_ratio" in m and "samples" in m:
+        lines += ["", f"validation at conversion ({m.get('samples')} samples): {scored}  "
+                      f"energy ratio {m['energy_ratio']:.4f}"]
+    if s.get("output_parts"):
+        lines += [f"output: {len(s['output_parts'])} tensors joined per sample, shapes "
+                  + ", ".join('×'.join(map(str, p)) for p in s["output_parts"])]
     if s["pareto_front"]:
         lines += ["", "λ search Pareto front (accuracy ↑, energy ratio ↓):"]
         for r in s["pareto_front"]:

@@ -38,6 +38,7 @@ consumers (the ONNX/NIR/Lava exporters) refuse it (:func:`sfn_deploy.methods.req
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +101,9 @@ class Graph:
     output: str
     timesteps: int = 1          # T: synchronous steps per inference (1 for SFN)
     method: str = "sfn"         # the conversion method (docs/methods.md)
+    # a model returning several tensors: the output is their flattened concatenation, these their per-sample
+    # shapes in order (None: one tensor, returned as it is)
+    output_parts: list[list[int]] | None = None
 
     def __post_init__(self):
         self._index = {n.name: n for n in self.nodes}
@@ -158,13 +162,17 @@ class Graph:
             self.output = new
 
     def to_dict(self) -> dict:
-        return {"nodes": [n.to_dict() for n in self.nodes], "output": self.output, "timesteps": self.timesteps,
-                "method": self.method}
+        d = {"nodes": [n.to_dict() for n in self.nodes], "output": self.output, "timesteps": self.timesteps,
+             "method": self.method}
+        if self.output_parts is not None:
+            d["output_parts"] = [list(p) for p in self.output_parts]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Graph:
+        parts = d.get("output_parts")
         return cls([Node.from_dict(n) for n in d["nodes"]], d["output"], int(d.get("timesteps", 1)),
-                   str(d.get("method", "sfn")))
+                   str(d.get("method", "sfn")), None if parts is None else [[int(v) for v in p] for p in parts])
 
 
 # ---------------------------------------------------------------- validation
@@ -202,6 +210,10 @@ def check_graph_dict(d) -> None:
         raise GraphError(f"'timesteps' is a {type(d['timesteps']).__name__}, not an integer")
     if "method" in d and not isinstance(d["method"], str):
         raise GraphError(f"'method' is a {type(d['method']).__name__}, not a string")
+    parts = d.get("output_parts")
+    if parts is not None and not (isinstance(parts, list) and parts and all(
+            isinstance(p, list) and all(_is_int(v) and v >= 1 for v in p) for p in parts)):
+        raise GraphError("'output_parts' must be a non-empty list of shapes (lists of positive integers)")
 
 
 def _check_node_dict(where: str, nd) -> None:
@@ -610,5 +622,10 @@ def validate_graph(graph: Graph, shapes: bool = True) -> None:
         raise GraphError(f"the output names {graph.output!r}, which is no node of the graph")
     if not _is_int(graph.timesteps) or graph.timesteps < 1:
         raise GraphError(f"timesteps must be an integer ≥ 1, got {graph.timesteps!r}")
+    if graph.output_parts is not None:
+        out = graph[graph.output].shape
+        width = sum(math.prod(p) for p in graph.output_parts)
+        if len(out) != 2 or out[1] != width:
+            raise GraphError(f"'output_parts' add up to {width} values per sample, but the output has shape {out}")
     if shapes:
         _shape_run(graph, where_of)

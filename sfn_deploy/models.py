@@ -21,12 +21,24 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _top_level_items(text: str) -> list[str]:
+    """Split at commas outside brackets: 'a=1,b=(2,3)' → ['a=1', 'b=(2,3)']."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def parse_model_args(text: str | None) -> dict:
-    """'num_classes=10,img_size=28' → {'num_classes': 10, 'img_size': 28} (Python literals, else strings)."""
+    """'num_classes=10,out_indices=(2,3)' → {'num_classes': 10, 'out_indices': (2, 3)} (Python literals, else
+    strings; commas inside brackets belong to the value)."""
     out: dict = {}
     if not text:
         return out
-    for item in text.split(","):
+    for item in _top_level_items(text):
         if not item.strip():
             continue
         if "=" not in item:

@@ -157,14 +157,21 @@ def _host_groups(hw: list[dict]) -> list[list[str]]:
 # ---------------------------------------------------------------- blocks
 # ("h", level, text) ("p", text) ("callout", [lines]) ("table", headers, rows) ("plot", caption, base64 png)
 
+def _fidelity_rows(r: Report) -> list[list[str]]:
+    if r.fidelity == "output":
+        return [["Output fidelity", f"cosine similarity {r.cosine:.4f}, relative error {r.relative_error:.2f} % "
+                                    "(SNN outputs against the ANN's)"]]
+    return [["Accuracy", f"SNN {pct(r.accuracy)} vs ANN {pct(r.ann_accuracy)}"],
+            ["Agreement SNN/ANN (top-1)", pct(r.agreement)]]
+
+
 def _header(r: Report, level: int) -> list:
     src = r.source or {}
     source = src.get("spec", DASH) + (f" (sha256 {src['sha256'][:12]}…)" if src.get("sha256") else "")
     rows = [["Model", r.model or DASH], ["Source", source],
             ["Samples", f"{r.samples:,} (every count is per inference, averaged over them)"],
             ["Levels M", _list(r.levels_M)], ["Fire function", _list(r.fire)], ["λ", _lam(r.lam)],
-            ["Accuracy", f"SNN {pct(r.accuracy)} vs ANN {pct(r.ann_accuracy)}"],
-            ["Agreement SNN/ANN (top-1)", pct(r.agreement)]]
+            *_fidelity_rows(r)]
     if r.drop is not None:
         rows.append(["Drop ANN − SNN", format_drop(r.drop)])
     by = r.energy_ratio_by_convention or {}
@@ -683,8 +690,10 @@ def to_html(doc: Report | Comparison) -> str:
 
 def _text_report(r: Report) -> list[str]:
     by = r.energy_ratio_by_convention or {}
-    lines = [f"{r.model or 'model'}: {r.samples:,} samples, accuracy {pct(r.accuracy)} "
-             f"(ANN {pct(r.ann_accuracy)}, agreement {pct(r.agreement)})",
+    scored = (f"cosine similarity {r.cosine:.4f} (relative error {r.relative_error:.2f} %)"
+              if r.fidelity == "output" else
+              f"accuracy {pct(r.accuracy)} (ANN {pct(r.ann_accuracy)}, agreement {pct(r.agreement)})")
+    lines = [f"{r.model or 'model'}: {r.samples:,} samples, {scored}",
              *([format_drop(r.drop)] if r.drop is not None else []),
              f"energy ratio SNN/ANN (paper eq. 43): {ratio(r.energy_ratio)}; eq. 44: "
              f"{ratio(r.energy_ratio_approx)}; by convention: "

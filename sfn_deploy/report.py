@@ -13,9 +13,20 @@ from typing import Any
 
 import torch
 
+from . import fidelity
 from .data import Dataset
 from .errors import UserError
-from .evaluation import PairedDrop, check_data, energy_constants, labeled_accuracy, measure, paired_drop, predict
+from .evaluation import (
+    PairedDrop,
+    check_data,
+    compare_outputs,
+    drop_of,
+    energy_constants,
+    labeled_accuracy,
+    measure,
+    paired_drop,
+    predict,
+)
 from .ir import NEURON_OPS
 from .methods import method_of
 from .model_file import ConvertedModel
@@ -71,7 +82,7 @@ class Report(Result):
     lam: dict[str, float]               # smallest and largest λ ({} without sites)
     accuracy: float | None              # SNN top-1, % (None: unlabeled data)
     ann_accuracy: float | None          # source ANN top-1, % (None: unlabeled data)
-    agreement: float                    # SNN/ANN top-1 agreement, %
+    agreement: float | None             # SNN/ANN top-1 agreement, % (None: output fidelity)
     energy_ratio: float                 # the paper's eq. 43, 45 nm CMOS prices
     energy_ratio_approx: float          # eq. 44 (first layer's MACs dropped)
     energy_ratio_by_convention: dict[str, float]
@@ -93,6 +104,9 @@ class Report(Result):
     target: Headline
     planning: list[PlanRow] | None = optional()     # the targets ranked (several targets only)
     drop: PairedDrop | None = optional()            # ANN − SNN accuracy, points, with its paired 95 % interval
+    fidelity: str | None = optional()               # "output": scored by cosine similarity (None: accuracy)
+    cosine: float | None = optional()               # output fidelity: mean SNN/ANN cosine similarity
+    relative_error: float | None = optional()       # output fidelity: mean ‖SNN − ANN‖ / ‖ANN‖, %
 
 
 @dataclass
@@ -170,11 +184,22 @@ def plan(converted: ConvertedModel, counts: OpCounts, targets: list[str]) -> dic
 
 def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *, label: str = "",
                  batch_size: int = 256, quiet: bool = True) -> Report:
-    check_data(converted.graph, data, "converted model")
+    kind = fidelity.of(converted.config)
+    check_data(converted.graph, data, "converted model", kind)
     if not targets:
         raise UserError("no target given")
-    snn_pred, counter = measure(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
-    ann_pred = predict(converted.graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
+    scored: dict[str, Any] = {}
+    if kind == "output":
+        cos, rel, counter = compare_outputs(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
+        scored = dict(accuracy=None, ann_accuracy=None, agreement=None, fidelity="output",
+                      cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()),
+                      drop=drop_of(torch.ones(len(cos)), cos, binary=False))
+    else:
+        snn_pred, counter = measure(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
+        ann_pred = predict(converted.graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
+        scored = dict(accuracy=labeled_accuracy(snn_pred, data), ann_accuracy=labeled_accuracy(ann_pred, data),
+                      agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
+                      drop=paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None)
     counts = counter.result()
     e_ac, e_mac = energy_constants("cmos45")
     lams = [s.attrs["lam"] for s in converted.sites]
@@ -186,8 +211,6 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         levels_M=sorted({s.attrs["M"] for s in converted.sites}),
         fire=sorted({s.attrs["fire"] for s in converted.sites}),
         lam={"min": min(lams), "max": max(lams)} if lams else {},
-        accuracy=labeled_accuracy(snn_pred, data), ann_accuracy=labeled_accuracy(ann_pred, data),
-        agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
         energy_ratio=counts.energy_ratio(e_ac, e_mac),
         energy_ratio_approx=counts.energy_ratio_approx(e_ac, e_mac),
         energy_ratio_by_convention={c: counts.energy_ratio(e_ac, e_mac, c) for c in CONVENTIONS},
@@ -203,8 +226,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         targets=plans,
         target=Headline(target=first.target, cores=first.cores, chips=first.chips, energy_j=first.energy_j,
                         latency_s=first.latency_s, throughput_per_s=first.throughput_per_s),
-        planning=rank(plans) if len(plans) > 1 else None,
-        drop=paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None)
+        planning=rank(plans) if len(plans) > 1 else None, **scored)
 
 
 def summary_row(r: Report) -> dict:

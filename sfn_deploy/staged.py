@@ -53,6 +53,7 @@ import optuna
 import torch
 
 from .evaluation import tango_interval
+from .fidelity import Reference, interval_from_moments
 from .ir import Graph
 from .passes import set_scale
 from .simulators.counting import OpCounter
@@ -88,54 +89,77 @@ def score(accuracy: float, energy: float, target: float) -> float:
     return energy if accuracy >= target - 1e-9 else INFEASIBLE + (target - accuracy)
 
 
+# the figures of a rung that a trial records (user attributes) and a copy of it repeats
+RUNG_FIGURES = ("images", "accuracy", "ann_only", "snn_only", "diff_sum", "diff_squares")
+
+
 @dataclass
 class Rung:
-    """One trial's figures on the first ``images`` validation images of the permutation."""
+    """One trial's figures on the first ``images`` validation images of the permutation.
+
+    "Accuracy" is 100 × the mean per-sample score (:mod:`sfn_deploy.fidelity`): top-1 accuracy, or with output
+    fidelity the outputs' cosine similarity. Accuracy keeps the discordant counts (Tango's interval); output
+    fidelity the sum and sum of squares of the per-sample differences ANN − SNN in points (normal interval)."""
     images: int
     accuracy: float             # SNN, %
     ann_accuracy: float         # ANN on the same images, %
-    ann_only: int               # images only the ANN gets right
-    snn_only: int
+    ann_only: int | None        # images only the ANN gets right (accuracy)
+    snn_only: int | None
     energy: float               # energy ratio (eq. 43)
+    diff_sum: float | None = None       # output fidelity: Σ 100·(ANN − SNN score)
+    diff_squares: float | None = None   # and the sum of its squares
 
     def drop_low(self) -> float:
         """Lower limit (points) of the paired 95 % interval of the drop on these images."""
-        return 100.0 * tango_interval(self.ann_only, self.snn_only, self.images)[0]
+        return drop_interval(self.__dict__, self.images)[0]
+
+
+def drop_interval(figures: dict, n: int) -> tuple[float, float]:
+    """The paired 95 % interval (points) of the drop that a rung's figures (or a trial's attributes) give."""
+    if figures.get("ann_only") is not None:
+        low, high = tango_interval(figures["ann_only"], figures["snn_only"], n)
+        return 100.0 * low, 100.0 * high
+    return interval_from_moments(figures["diff_sum"], figures["diff_squares"], n)
 
 
 class Evaluator:
     """Runs the SNN at given λ on growing prefixes of a seeded permutation of the validation images."""
 
-    def __init__(self, graph: Graph, x: torch.Tensor, y: torch.Tensor, ann_pred: torch.Tensor, batch_size: int,
+    def __init__(self, graph: Graph, x: torch.Tensor, ref: Reference, batch_size: int,
                  energy: tuple[float, float], seed: int = 0):
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        self.graph, self.x, self.y = graph, x[perm], y[perm]
-        self.ann_right = (ann_pred == y)[perm]
+        perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))
+        self.graph, self.x, self.ref = graph, x[perm], ref.subset(perm)
         self.batch_size, self.energy = batch_size, energy
-        self.rungs = rungs(len(y))
+        self.rungs = rungs(len(ref))
         self.images = 0                 # images run so far, all trials and checks together (the search's cost)
 
     @property
     def n(self) -> int:
-        return len(self.y)
+        return len(self.ref)
 
     def run(self, lam: dict[str, float]) -> Iterator[Rung]:
         """The figures at each rung; the caller stops iterating to prune."""
         set_scale(self.graph, lam)
         counter = OpCounter(self.graph, True)
-        right: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
         start = 0
         for stop in self.rungs:
             for i in range(start, stop, self.batch_size):
                 j = min(i + self.batch_size, stop)
                 counter.start_batch(j - i)
-                right.append(run(self.graph, self.x[i:j], spiking=True, hook=counter).argmax(-1) == self.y[i:j])
+                scores.append(self.ref.scores(run(self.graph, self.x[i:j], spiking=True, hook=counter), i))
                 self.images += j - i
             start = stop
-            snn, ann = torch.cat(right), self.ann_right[:stop]
-            yield Rung(images=stop, accuracy=100.0 * float(snn.float().mean()),
-                       ann_accuracy=100.0 * float(ann.float().mean()), ann_only=int((ann & ~snn).sum()),
-                       snn_only=int((snn & ~ann).sum()), energy=counter.result().energy_ratio(*self.energy))
+            snn, ann = torch.cat(scores), self.ref.ann[:stop]
+            rung = Rung(images=stop, accuracy=100.0 * float(snn.mean()), ann_accuracy=100.0 * float(ann.mean()),
+                        ann_only=None, snn_only=None, energy=counter.result().energy_ratio(*self.energy))
+            if self.ref.binary:
+                a, s = ann > 0.5, snn > 0.5
+                rung.ann_only, rung.snn_only = int((a & ~s).sum()), int((s & ~a).sum())
+            else:
+                d = 100.0 * (ann - snn).double()
+                rung.diff_sum, rung.diff_squares = float(d.sum()), float((d * d).sum())
+            yield rung
 
     def full(self, lam: dict[str, float], stop: Callable[[Rung], bool] | None = None) -> Rung:
         """The last rung reached: all images, or the first rung at which ``stop`` says to give up."""
@@ -176,8 +200,8 @@ class Context:
         elif top is None or self.best >= self.ann_accuracy - self.max_drop - 1e-9:
             self.target = self.ann_accuracy - self.max_drop
         else:                # nothing within budget: what the validation images cannot tell from the most accurate
-            low, high = tango_interval(top.user_attrs["ann_only"], top.user_attrs["snn_only"], self.n)
-            self.target, self.relaxed = self.best - min(self.max_drop, 50.0 * (high - low)), True
+            low, high = drop_interval(top.user_attrs, self.n)
+            self.target, self.relaxed = self.best - min(self.max_drop, 0.5 * (high - low)), True
         ok = [t.user_attrs["energy_ratio"] for t in full if t.user_attrs["accuracy"] >= self.target - 1e-9]
         self.incumbent = min(ok, default=None)
 

@@ -63,7 +63,7 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat  # private, but what Optuna's heartbeat machinery checks for
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from . import evaluation, staged
+from . import evaluation, fidelity, staged
 from .config import JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
 from .data import Dataset, Validation
 from .errors import UserError
@@ -146,6 +146,8 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
     record: dict[str, Any] = {"source": source, **{k: getattr(cfg, k) for k in keys}}
     if cfg.softmax_levels != "fire":          # studies made before dense post-softmax levels keep their names
         record["softmax_levels"] = cfg.softmax_levels
+    if fidelity.of(cfg.to_dict()) == "output":     # cosines, not accuracies: never a classifier's study
+        record["fidelity"] = "output"
     if strategy_of(cfg) == "staged":          # its objective depends on the budget; tpe studies keep their names
         record.update(strategy="staged", max_drop=cfg.max_drop)
     if val_data is not None:
@@ -506,11 +508,12 @@ class _Staged:
     """The staged strategy's part of a worker (:mod:`sfn_deploy.staged`): what it enqueues before each trial,
     how a trial is scored (on growing image subsets, pruned by :class:`staged.RungPruner`), and the choice."""
 
-    def __init__(self, graph: Graph, val: Dataset, ann_pred, ann_acc: float, cfg: ConvertConfig, groups: dict):
+    def __init__(self, graph: Graph, val: Dataset, ref: fidelity.Reference, ann_acc: float, cfg: ConvertConfig,
+                 groups: dict):
         self.groups = groups
         self.context = staged.Context(ann_accuracy=ann_acc, max_drop=cfg.max_drop, n=len(val), groups=list(groups))
-        self.evaluator = staged.Evaluator(graph, val.x, val.y, ann_pred, cfg.batch_size,
-                                          evaluation.energy_constants(), cfg.seed)
+        self.evaluator = staged.Evaluator(graph, val.x, ref, cfg.batch_size, evaluation.energy_constants(),
+                                          cfg.seed)
         self.pruner = staged.RungPruner(self.context)
         self.trials: list = []
 
@@ -543,7 +546,7 @@ class _Staged:
     @staticmethod
     def _record(trial: optuna.Trial, r: staged.Rung) -> None:
         """The figures of the last rung run (``images`` < n: pruned there)."""
-        for k in ("images", "accuracy", "ann_only", "snn_only"):
+        for k in staged.RUNG_FIGURES:
             trial.set_user_attr(k, getattr(r, k))
         trial.set_user_attr("energy_ratio", r.energy)
 
@@ -551,8 +554,8 @@ class _Staged:
         """The warm start repeats the best shared point, already run on every image: its figures are copied."""
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.user_attrs.get("images") == self.context.n and t.user_attrs.get("lam") == per_site:
-                for k in ("rung", "images", "accuracy", "ann_only", "snn_only", "energy_ratio"):
-                    trial.set_user_attr(k, t.user_attrs[k])
+                for k in ("rung", *staged.RUNG_FIGURES, "energy_ratio"):
+                    trial.set_user_attr(k, t.user_attrs.get(k))
                 trial.set_user_attr("copied_from", t.number)
                 return staged.score(t.user_attrs["accuracy"], t.user_attrs["energy_ratio"], self.context.target)
         return None
@@ -602,15 +605,15 @@ def _reseed_beside_others(study, seed: int, here: str | None, multivariate: bool
 def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     val, record = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     val = val.in_memory(quiet=quiet)      # every trial reads it: decoded once (--val-size images, docs/data.md)
-    ann_pred = evaluation.predict(graph, val, cfg.batch_size)
-    ann_acc = evaluation.accuracy(ann_pred, val.y)
+    ref = evaluation.ann_reference(graph, val, fidelity.of(cfg.to_dict()), cfg.batch_size)
+    ann_acc = 100.0 * float(ref.ann.mean())
     e_ac, e_mac = evaluation.energy_constants()
     groups = site_groups(graph, cfg.search)
     strategy = strategy_of(cfg)
     name = cfg.study or study_name(source, cfg, data.validation)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
         optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
-    plan = _Staged(graph, val, ann_pred, ann_acc, cfg, groups) if strategy == "staged" else None
+    plan = _Staged(graph, val, ref, ann_acc, cfg, groups) if strategy == "staged" else None
     # staged: univariate TPE after the planned points (it combines what each group tolerates, see staged.py)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=plan is None)
     attrs = {"ann_accuracy": ann_acc, "val_samples": len(val), "validation": record.to_dict()}
@@ -627,8 +630,8 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
             trial.set_user_attr("lam", per_site)
             return plan.trial(study, trial, per_site)
         set_scale(graph, per_site)
-        pred, counter = evaluation.measure(graph, val, cfg.batch_size)
-        acc, ratio = evaluation.accuracy(pred, val.y), counter.result().energy_ratio(e_ac, e_mac)
+        scores, counter = evaluation.score(graph, val, ref, cfg.batch_size)
+        acc, ratio = 100.0 * float(scores.mean()), counter.result().energy_ratio(e_ac, e_mac)
         trial.set_user_attr("lam", per_site)
         return acc, ratio
 

@@ -136,7 +136,7 @@ def ws(tmp_path_factory, digits_pt2, digits):
     np.savez(p("labels.npz"), x=digits.x[:50].numpy(), y=np.full(50, 50, dtype=np.int64))
     np.savez(p("nanx.npz"), x=np.full((4, 1, 8, 8), np.nan, dtype=np.float32), y=np.zeros(4, dtype=np.int64))
     np.savez(p("intx.npz"), x=np.zeros((4, 1, 8, 8), dtype=np.int64), y=np.zeros(4, dtype=np.int64))
-    np.savez(p("nolabels.npz"), x=digits.x[:4].numpy())
+    np.savez(p("nox.npz"), y=np.zeros(4, dtype=np.int64))          # no x (an npz without y is unlabeled data)
     np.savez(p("shape.npz"), x=np.zeros((4, 3, 9, 9), dtype=np.float32), y=np.zeros(4, dtype=np.int64))
 
     # configs and target files
@@ -219,7 +219,7 @@ CASES = [
      2, "nan.pt2: parameter"),
     ("sfnpt_nan", ["evaluate", "{nan.sfn.pt}", "--data", "sklearn:digits"], 2, "nan.sfn.pt"),
     *[(f"npz_{k}", ["evaluate", "{good.sfn.pt}", "--data", f"{{{k}.npz}}"], 2, f"{k}.npz")
-      for k in ("truncated", "zero", "random", "bitflip", "nanx", "intx", "nolabels", "shape", "labels")],
+      for k in ("truncated", "zero", "random", "bitflip", "nanx", "intx", "nox", "shape", "labels")],
     *[(f"bundle_{k}", ["simulate", f"{{{k}.lava}}", "--data", "{data.npz}", "--backend", "lava"], 2, f"{k}.lava")
       for k in ("truncated_arrays", "random_arrays", "truncated_manifest", "random_manifest", "latency",
                 "noarrays")],

@@ -338,14 +338,18 @@ def test_unlabeled_data_what_each_command_accepts(work, converted, tmp_path):
     r = json.loads(run("evaluate", converted, "--data", loose, "--json")[1])
     assert r["accuracy"] is None and r["ann_accuracy"] is None and "drop" not in r and 0 <= r["agreement"] <= 100
     code, out, err = run("evaluate", converted, "--data", loose)
-    assert code == 0 and "n/a (unlabeled)" in out, err
+    assert code == 0 and "unlabeled: scored against the ANN's top-1" in out, err
     s = json.loads(run("simulate", converted, "--data", loose, "--json")[1])
     assert s["backends"]["torch"]["accuracy"] is None and s["backends"]["torch"]["prediction_agreement"] == 100.0
     rep = json.loads(run("report", converted, "--data", loose, "--target", "cmos45", "--json")[1])
     assert rep["accuracy"] is None and rep["mac_ann"] > 0
-    line = _error("convert", "timm:test_resnet", "--model-args", "num_classes=3", "--data", loose, "--resize", "40",
-                  "--crop", "32", "--scale", "0.2", "-o", tmp_path / "u.sfn.pt")
-    assert "has no labels" in line and "--val-data" in line
+    # unlabeled calibration and validation: the search and the report score the SNN against the ANN's top-1
+    code, out, err = run("convert", "timm:test_resnet", "--model-args", "num_classes=3", "--data", loose,
+                         "--resize", "40", "--crop", "32", "--trials", "2", "--workers", "0", "-o",
+                         tmp_path / "v.sfn.pt", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["accuracy"] is None and r["drop"] is None and 0 <= r["agreement"] <= 100 and r["samples"] == 4
     code, out, err = run("convert", "timm:test_resnet", "--model-args", "num_classes=3", "--data", loose,
                          "--val-data", work["other"], "--resize", "40", "--crop", "32", "--scale", "0.2",
                          "--workers", "0", "-o", tmp_path / "u.sfn.pt", "--json")

@@ -119,13 +119,12 @@ import sfn_deploy.tuning as tuning
 from sfn_deploy.config import load_config
 from sfn_deploy.convert import build_graph
 from sfn_deploy.data import load_data
-_measure = evaluation.measure
-def slow_measure(graph, data, batch_size=256, spiking=True, **kw):
-    if spiking:                              # one λ trial: tell the test, then take a while
-        open({marker!r} + f".{{os.getpid()}}", "a").close()
-        time.sleep({sleep})
-    return _measure(graph, data, batch_size, spiking=spiking, **kw)
-evaluation.measure = slow_measure
+_score = evaluation.score
+def slow_score(*args, **kw):                 # one λ trial: tell the test, then take a while
+    open({marker!r} + f".{{os.getpid()}}", "a").close()
+    time.sleep({sleep})
+    return _score(*args, **kw)
+evaluation.score = slow_score
 if {remote}:                                 # pretend to run on another machine: only heartbeats tell
     tuning._namespace = lambda: "another-machine"
 tuning.HEARTBEAT_INTERVAL, tuning.GRACE_PERIOD = {heartbeat}
@@ -242,19 +241,18 @@ def test_running_trial_without_heartbeat_is_given_up(tmp_path, digits, digits_ml
     _assert_finished(url, 4)
 
 
-def _on_measure(monkeypatch, action, at: int | None = None):
-    """Wrap sfn_deploy.evaluation.measure (one trial's evaluation) to call action() on its spiking call number
-    ``at`` (on every spiking call when None); return the real measure."""
+def _on_score(monkeypatch, action, at: int | None = None):
+    """Wrap sfn_deploy.evaluation.score (one trial's evaluation) to call action() on its call number ``at`` (on
+    every call when None); return the real score."""
     evaluation = importlib.import_module("sfn_deploy.evaluation")
-    real, calls = evaluation.measure, []
+    real, calls = evaluation.score, []
 
-    def measure(graph, data, batch_size=256, spiking=True, **kw):
-        if spiking:
-            calls.append(1)
-            if at is None or len(calls) == at:
-                action()
-        return real(graph, data, batch_size, spiking=spiking, **kw)
-    monkeypatch.setattr(evaluation, "measure", measure)
+    def score(*args, **kw):
+        calls.append(1)
+        if at is None or len(calls) == at:
+            action()
+        return real(*args, **kw)
+    monkeypatch.setattr(evaluation, "score", score)
     return real
 
 
@@ -269,14 +267,14 @@ def test_ctrl_c_fails_the_running_trial_and_propagates(tmp_path, digits, digits_
     url = f"sqlite:///{tmp_path / 'int.db'}"
     cfg = load_config("", {"trials": 4, "storage": url, "study": "s", "val_fraction": 0.3})
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
-    real = _on_measure(monkeypatch, _raise(KeyboardInterrupt()), at=2)
+    real = _on_score(monkeypatch, _raise(KeyboardInterrupt()), at=2)
     with pytest.raises(KeyboardInterrupt):
         run_search(g, digits, cfg, {})
     states = _states(url)
     assert len(states[optuna.trial.TrialState.COMPLETE]) == 1
     assert len(states[optuna.trial.TrialState.FAIL]) == 1
     assert not states[optuna.trial.TrialState.RUNNING]
-    monkeypatch.setattr(evaluation, "measure", real)
+    monkeypatch.setattr(evaluation, "score", real)
     assert run_search(g, digits, cfg, {}).trials_completed == 4
 
 
@@ -295,7 +293,7 @@ def test_trial_failed_by_another_worker_is_dropped(tmp_path, digits, digits_mlp,
         other.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
 
     if when == "during the trial":
-        _on_measure(monkeypatch, fail_running, at=2)
+        _on_score(monkeypatch, fail_running, at=2)
     else:
         real = optuna.Trial.set_user_attr
 
@@ -314,7 +312,7 @@ def test_a_failing_trial_still_raises(tmp_path, digits, digits_mlp, monkeypatch)
     url = f"sqlite:///{tmp_path / 'bug.db'}"
     cfg = load_config("", {"trials": 3, "storage": url, "study": "s", "val_fraction": 0.3})
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
-    _on_measure(monkeypatch, _raise(RuntimeError("boom")))
+    _on_score(monkeypatch, _raise(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         run_search(g, digits, cfg, {})
 
@@ -398,7 +396,7 @@ def cliff(monkeypatch):
             self.images += m - start
             start = m
             wrong = round(drop / 100 * m)
-            ann = 100.0 * float(self.ann_right[:m].float().mean())
+            ann = 100.0 * float(self.ref.ann[:m].mean())
             yield staged.Rung(images=m, accuracy=ann - 100.0 * wrong / m, ann_accuracy=ann, ann_only=wrong,
                               snn_only=0, energy=energy)
     monkeypatch.setattr(staged.Evaluator, "run", run)

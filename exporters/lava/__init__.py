@@ -57,7 +57,7 @@ def export_lava(model: ConvertedModel, path: str, lowering: str = "graded",
     info = {"lowering": lowering, "source": model.source, "input_shape": list(model.input_shape),
             "missing": missing, "input_abs_max": input_abs_max,
             "preprocessing": None if model.preprocessing is None else model.preprocessing.to_dict(),  # docs/data.md
-            "classes": model.classes}
+            "classes": model.classes, "output_parts": model.graph.output_parts}
     write_bundle(path, plans, info)
     plan = plans["floating_pt"]
     return {"path": path, "format": "lava", "precisions": list(plans), "missing": missing, **plan.summary(),

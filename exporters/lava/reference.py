@@ -289,7 +289,7 @@ class _Builder:
                 self.val[n.name] = self.emit(n.op, ins, n.shape, n.attrs, n.params, name=n.name)
                 self.nodes[-1].bdim = n.bdim
         out = self.host_value(g.output)
-        return Graph(self.nodes, out, g.timesteps, g.method)
+        return Graph(self.nodes, out, g.timesteps, g.method, g.output_parts)
 
 
 def integer_reference(model: ConvertedModel, plan: Plan | None = None,

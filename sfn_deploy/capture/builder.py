@@ -208,10 +208,7 @@ class Builder:
                 continue
             if fx_node.op == "output":
                 outs = fx_node.args[0]
-                outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                if len(outs) != 1:
-                    raise UserError(f"the model must return one tensor (the logits), it returns {len(outs)}")
-                out_node = outs[0]
+                out_node = list(outs) if isinstance(outs, (list, tuple)) else [outs]
                 continue
             if fx_node.op != "call_function":
                 self.problems.append(f"{fx_node.op} {fx_node.target} at {where(fx_node)}")
@@ -219,11 +216,36 @@ class Builder:
             self._visit(fx_node)
         if self.problems:
             raise UnsupportedOpsError(self.problems)
-        graph = Graph(self.nodes, self.ir(out_node).name)
+        if out_node is None or not out_node:
+            raise UserError("the model returns no tensor")
+        parts = None
+        if len(out_node) == 1:
+            out = self.ir(out_node[0])
+        else:
+            out, parts = self._join(out_node)
+        graph = Graph(self.nodes, out.name, output_parts=parts)
         for n in graph.nodes:                     # per-sample shapes from here on ("B*k" axes hold k)
             if n.bdim is not None and n.shape:
                 n.shape[n.bdim] = max(1, n.shape[n.bdim] // self.batch)
         return prune(graph)
+
+    def _join(self, outs: list) -> tuple[Node, list[list[int]]]:
+        """Several returned tensors (timm ``features_only``: one map per stage) become one output, each flattened
+        per sample and concatenated in order; their per-sample shapes are recorded to split it again."""
+        flat, parts = [], []
+        for i, o in enumerate(outs):
+            x = self.ir(o)
+            if x.bdim != 0 or len(x.shape) < 2:
+                raise UserError(f"the model's output {i} (shape {x.shape}) has no leading batch axis; several "
+                                "outputs are joined per sample")
+            width = prod(x.shape[1:])
+            flat.append(self.add(Node(f"output_{i}_flat", "flatten", [x.name], {"start": 1, "end": len(x.shape) - 1},
+                                      {}, [x.shape[0], width], 0, "output")))
+            parts.append([concrete(v) for v in x.shape[1:]])
+        total = sum(f.shape[1] for f in flat)
+        joined = self.add(Node("outputs", "cat", [f.name for f in flat], {"dim": 1}, {}, [flat[0].shape[0], total], 0,
+                               "output"))
+        return joined, parts
 
     def _visit(self, fx_node) -> None:
         try:
