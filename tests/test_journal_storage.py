@@ -94,9 +94,11 @@ def _cli_workers(args: list[str], n: int) -> list[dict]:
     return results
 
 
-def test_three_cli_workers_share_one_journal_and_record_each_trial_once(tmp_path, digits_pt2):
+def test_three_cli_workers_share_one_journal_and_record_each_trial_once(tmp_path, worker):
     path = tmp_path / "lam.journal"
-    results = _cli_workers(_tune_args(digits_pt2, path, 10), 3)
+    # each trial takes at least 0.5 s, so one worker cannot finish the study while the others are still starting
+    # (a digits trial alone takes under 0.1 s, a worker's start 2-3 s)
+    results = [_result(p, timeout=300) for p in [worker(path, trials=10, sleep=0.5) for _ in range(3)]]
     storage = _journal(path)
     states = _assert_finished(storage, 10)
     front = _front(storage)
