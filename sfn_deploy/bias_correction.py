@@ -16,11 +16,14 @@ images' agreement does not fall.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import devices, fidelity
 from .data import Dataset
 from .ir import Graph
+from .simulators.counting import OpCounter
 from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan, run
 
 IMAGES = 256            # calibration images the shifts are measured on (one batch: at most --batch-size)
@@ -78,10 +81,25 @@ def revert(graph: Graph) -> None:
             node.params["bias"] = node.params.pop("bias_ann")
 
 
-def _outputs(graph: Graph, data: Dataset, batch_size: int, spiking: bool, kind: str) -> torch.Tensor:
+@dataclass
+class Checked:
+    """The auto check's validation passes at the state it kept: the SNN's and the ANN's top-1 classes (or outputs,
+    with output fidelity) and the SNN pass's op counts — what ``convert`` reports, without running them again."""
+    snn: torch.Tensor
+    ann: torch.Tensor
+    counter: OpCounter
+
+
+def _outputs(graph: Graph, data: Dataset, batch_size: int, spiking: bool, kind: str,
+             counter: OpCounter | None = None) -> torch.Tensor:
     """The top-1 classes (accuracy fidelity) or the outputs themselves (output fidelity) of a pass."""
-    outs = [run(graph, xb, spiking=spiking) for xb in data.batches(batch_size)]
-    return torch.cat([o.argmax(-1) for o in outs] if kind == "accuracy" else outs)
+    outs = []
+    for xb in data.batches(batch_size):
+        if counter is not None:
+            counter.start_batch(xb.shape[0])
+        out = run(graph, xb, spiking=spiking, hook=counter)
+        outs.append(out.argmax(-1) if kind == "accuracy" else out)
+    return torch.cat(outs)
 
 
 def _agreement(snn: torch.Tensor, ann: torch.Tensor, kind: str = "accuracy") -> float:
@@ -91,18 +109,21 @@ def _agreement(snn: torch.Tensor, ann: torch.Tensor, kind: str = "accuracy") -> 
 
 
 def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None, batch_size: int = 256,
-            max_drop: float | None = None, kind: str = "accuracy") -> dict:
+            max_drop: float | None = None, kind: str = "accuracy") -> tuple[dict, Checked | None]:
     """Measure the shifts on ``x`` and apply them. ``mode`` "on": keep them; "auto": keep them only if the SNN's
     agreement with the ANN on ``val`` (streamed; top-1, or with output fidelity the cosine similarity) does not
     fall and, with a ``max_drop`` budget, its drop there (against the labels when there are any) stays within
-    the budget or does not grow. The record kept in the converted model's metrics."""
+    the budget or does not grow. Returns the record kept in the converted model's metrics, and with "auto" the
+    check's passes at the state kept (:class:`Checked`; None otherwise)."""
     record: dict = {"mode": mode, "images": int(x.shape[0])}
     if kind == "output":
         record["measure"] = "cosine"            # the val_agreement figures are 100 × mean cosine similarity
-    ann = before = None
+    ann = before = checked = None
     if val is not None and mode == "auto":
         ann = _outputs(graph, val, batch_size, False, kind)
-        before = _outputs(graph, val, batch_size, True, kind)
+        counted = OpCounter(graph, True)
+        before = _outputs(graph, val, batch_size, True, kind, counted)
+        checked = Checked(before, ann, counted)
         record["val_images"] = len(val)
         record["val_agreement_before"] = _agreement(before, ann, kind)
     found = shifts(graph, x)
@@ -110,7 +131,8 @@ def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None
     record["layers"] = sum(1 for n in graph.nodes if "bias_ann" in n.params)
     record["max_abs_shift"] = max((float(s.abs().max()) for s in found.values()), default=0.0)
     if val is not None and ann is not None and before is not None and record["layers"]:
-        after = _outputs(graph, val, batch_size, True, kind)
+        counted = OpCounter(graph, True)
+        after = _outputs(graph, val, batch_size, True, kind, counted)
         record["val_agreement_after"] = _agreement(after, ann, kind)
         if kind == "accuracy" and val.labeled:
             drops = [_agreement(ann, val.y) - _agreement(p, val.y) for p in (before, after)]
@@ -122,5 +144,7 @@ def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None
             worse = True
         if worse:
             revert(graph)
+        else:
+            checked = Checked(after, ann, counted)
     record["applied"] = any("bias_ann" in n.params for n in graph.nodes)
-    return record
+    return record, checked

@@ -436,7 +436,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network
     (or, with --method, into one of the baselines it is compared with)."""
     from .convert import convert
-    from .evaluation import evaluate, format_drop
+    from .evaluation import format_drop
     from .model_file import save
 
     cfg = _config(config_file, kw)
@@ -448,17 +448,12 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     net, identity = _load_model(model, weights, model_args, trust_pickle)
     ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers)
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
-    converted = convert(net, ds, cfg, source=identity, quiet=as_json, warn=_warn)
-    result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=as_json)
+    converted = convert(net, ds, cfg, source=identity, quiet=as_json, warn=_warn, validate=True)
+    result = converted.validation
     classes = len(set(val.y.tolist())) if val.labeled else 0
     chance = _chance_warning(result, classes) if cfg.fidelity == "accuracy" else None
     if chance:
         _warn(chance)
-    converted.metrics.update(accuracy=result.accuracy, ann_accuracy=result.ann_accuracy, agreement=result.agreement,
-                             energy_ratio=result.energy_ratio, ac_snn=result.ac_snn, mac_snn=result.mac_snn,
-                             mac_ann=result.mac_ann, samples=result.samples,
-                             drop=result.drop.to_dict() if result.drop else None, validation=record.to_dict(),
-                             fidelity=cfg.fidelity, cosine=result.cosine, relative_error=result.relative_error)
     if _writer():
         save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
@@ -530,12 +525,15 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     result.chosen = chosen
     if output:
         set_scale(graph, chosen.lam)
-        bc = correct_biases(graph, ds, cfg)
+        bc = correct_biases(graph, ds, cfg)[0]
         save(ConvertedModel(graph, ds.sample_shape, cfg.to_dict(), identity,
                             {} if bc is None else {"bias_correction": bc}, result.to_dict(),
                             ds.preprocessing, ds.classes), output)
+    scored = (f"ANN validation accuracy {result.ann_accuracy:.2f}%" if cfg.fidelity == "accuracy" and val.labeled
+              else "trials scored by agreement with the ANN's top-1 (unlabeled)" if cfg.fidelity == "accuracy"
+              else "trials scored by 100 × cosine similarity with the ANN's outputs")
     text = (f"study {result.study} in {result.storage}: {result.trials_completed} completed trials, "
-            f"ANN validation accuracy {result.ann_accuracy:.2f}% on {_describe_validation(record)}\n"
+            f"{scored} on {_describe_validation(record)}\n"
             f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result.pareto_front)}\n"
             f"chosen: trial {chosen.trial} ({chosen.rule})")
     _emit(as_json, {**result.to_dict(), "output": output}, text)

@@ -19,7 +19,7 @@ from .capture import capture
 from .config import ConvertConfig, load_config
 from .data import Dataset
 from .errors import UserError
-from .evaluation import budget_warning, check_data
+from .evaluation import budget_warning, check_data, evaluate, from_passes
 from .ir import Graph, GraphError, validate_graph
 from .methods import METHODS, Applied
 from .model_file import ConvertedModel
@@ -38,6 +38,7 @@ class Conversion:
     graph: Graph | None = None
     applied: Applied = field(default_factory=Applied)
     input_abs_max: float | None = None            # max |x| of the calibration images (calibrate sets it)
+    checked: bias_correction.Checked | None = None   # bias correction's validation passes, reused by validate()
 
     def captured(self) -> Graph:
         """The graph, which the first pass (capture) sets."""
@@ -103,11 +104,12 @@ def _scale(c: Conversion) -> None:
     c.applied = METHODS[c.config.method].apply(c.captured(), c.data, c.config, source=c.source, quiet=c.quiet)
 
 
-def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig) -> dict | None:
+def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig
+                   ) -> tuple[dict | None, bias_correction.Checked | None]:
     """The bias correction of ``cfg.bias_correction`` on a graph whose λ is set (convert's last pass; ``tune -o``):
-    its record, or None when off or not the SFN method."""
+    its record (None when off or not the SFN method), and with ``auto`` its check's validation passes."""
     if cfg.bias_correction == "off" or cfg.method != "sfn" or graph.stateful:
-        return None
+        return None, None
     x = data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x      # one batch
     val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
         else None
@@ -116,7 +118,7 @@ def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig) -> dict | No
 
 
 def _bias_correction(c: Conversion) -> None:
-    record = correct_biases(c.captured(), c.data, c.config)
+    record, c.checked = correct_biases(c.captured(), c.data, c.config)
     if record is not None:
         c.applied.metrics["bias_correction"] = record
 
@@ -152,7 +154,7 @@ def build_graph(model, data: Dataset, cfg: ConvertConfig, quiet: bool = False) -
 
 def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source: dict | None = None,
             quiet: bool = True, val_data: Dataset | None = None, warn: Callable[[str], None] | None = None,
-            **overrides) -> ConvertedModel:
+            validate: bool = False, **overrides) -> ConvertedModel:
     """Convert a model (ExportedProgram or nn.Module) into a calibrated single-timestep SFN network,
     or with ``method`` (if, mtn, ecmt, pmsm, mbe) into one of the baselines of docs/methods.md.
 
@@ -161,7 +163,8 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
     The search validates on ``val_data`` when given (calibration then uses all of ``data``), else on images
     of ``data`` (``val_size``, ``val_fraction``: :meth:`Dataset.validation_split`). ``warn`` receives a line
     when the validation set cannot resolve ``max_drop`` (:func:`sfn_deploy.evaluation.budget_warning`),
-    just before the search.
+    just before the search. ``validate``: also measure the result on the validation images (the model's
+    ``validation`` and its metrics), from bias correction's own passes when its check ran them.
     """
     cfg = config or load_config("", overrides)
     if val_data is not None:
@@ -174,4 +177,21 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
     converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples": len(calib),
                          "input_abs_max": c.input_abs_max,     # input: fixed-point encoding (Lava)
                          **c.applied.metrics}
+    if validate:
+        _validate(converted, c)
     return converted
+
+
+def _validate(converted: ConvertedModel, c: Conversion) -> None:
+    cfg = c.config
+    val, record = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
+    if c.checked is not None:      # the check ran the SNN (counting) and the ANN over these images already
+        result = from_passes(cfg.fidelity, val, c.checked.snn, c.checked.ann, c.checked.counter)
+    else:
+        result = evaluate(converted, val, batch_size=cfg.batch_size, quiet=c.quiet)
+    converted.validation = result
+    converted.metrics.update(accuracy=result.accuracy, ann_accuracy=result.ann_accuracy, agreement=result.agreement,
+                             energy_ratio=result.energy_ratio, ac_snn=result.ac_snn, mac_snn=result.mac_snn,
+                             mac_ann=result.mac_ann, samples=result.samples,
+                             drop=result.drop.to_dict() if result.drop else None, validation=record.to_dict(),
+                             fidelity=cfg.fidelity, cosine=result.cosine, relative_error=result.relative_error)

@@ -328,30 +328,51 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
     graph = converted.graph
     kind = fidelity.of(converted.config)
     check_data(graph, data, "converted model", kind)
-    e_ac, e_mac = energy_constants(target)
     if kind == "output":
         cos, rel, counter = compare_outputs(graph, data, batch_size, quiet=quiet, desc="SNN and ANN", split=True)
         if backend != backends.REFERENCE:
             ann = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet)
             snn = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava)
             cos, rel = fidelity.cosine(snn, ann), fidelity.relative_error(snn, ann)
-        counts = counter.result()
-        return Evaluation(backend=backend, samples=len(data), accuracy=None, ann_accuracy=None, agreement=None,
-                          energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn,
-                          mac_snn=counts.mac_snn, mac_ann=counts.mac_ann, host_ops=counts.host_ops,
-                          layers=counts.reported_layers(),
-                          drop=drop_of(torch.ones(len(cos)), cos, binary=False),
-                          fidelity="output", cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()))
+        return _output_evaluation(backend, cos, rel, counter, target)
     snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN", split=True)
     if backend == backends.REFERENCE:
         ann_pred = predict(graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
     else:
         ann_pred = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet).argmax(-1)
         snn_pred = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava).argmax(-1)
+    return _accuracy_evaluation(backend, data, snn_pred, ann_pred, counter, target)
+
+
+def from_passes(kind: str, data: Dataset, snn: torch.Tensor, ann: torch.Tensor, counter: OpCounter,
+                target: str = "cmos45") -> Evaluation:
+    """The reference backend's :func:`evaluate` from passes already run over ``data`` (bias correction's check
+    runs them): top-1 classes (accuracy) or the outputs (output fidelity) of the SNN and the ANN, and the
+    SNN pass's op counter."""
+    if kind == "output":
+        return _output_evaluation(backends.REFERENCE, fidelity.cosine(snn, ann), fidelity.relative_error(snn, ann),
+                                  counter, target)
+    return _accuracy_evaluation(backends.REFERENCE, data, snn, ann, counter, target)
+
+
+def _counted(counter: OpCounter, target: str) -> dict[str, Any]:
     counts = counter.result()
+    e_ac, e_mac = energy_constants(target)
+    return dict(energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn, mac_snn=counts.mac_snn,
+                mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers())
+
+
+def _accuracy_evaluation(backend: str, data: Dataset, snn_pred: torch.Tensor, ann_pred: torch.Tensor,
+                         counter: OpCounter, target: str) -> Evaluation:
     drop = paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None
-    return Evaluation(backend=backend, samples=len(data), accuracy=labeled_accuracy(snn_pred, data),
+    return Evaluation(backend=backend, samples=len(snn_pred), accuracy=labeled_accuracy(snn_pred, data),
                       ann_accuracy=labeled_accuracy(ann_pred, data),
-                      agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
-                      energy_ratio=counts.energy_ratio(e_ac, e_mac), ac_snn=counts.ac_snn, mac_snn=counts.mac_snn,
-                      mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers(), drop=drop)
+                      agreement=100.0 * float((snn_pred == ann_pred).float().mean()), **_counted(counter, target),
+                      drop=drop)
+
+
+def _output_evaluation(backend: str, cos: torch.Tensor, rel: torch.Tensor, counter: OpCounter,
+                       target: str) -> Evaluation:
+    return Evaluation(backend=backend, samples=len(cos), accuracy=None, ann_accuracy=None, agreement=None,
+                      **_counted(counter, target), drop=drop_of(torch.ones(len(cos)), cos, binary=False),
+                      fidelity="output", cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()))

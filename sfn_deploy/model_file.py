@@ -21,6 +21,7 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,9 @@ class ConvertedModel:
     # how images became the calibration inputs (docs/data.md), reused by every later command; None: not known
     preprocessing: Preprocess | None = None
     classes: list[str] | None = None             # output i is class classes[i] (from class folders or a list)
+    # the Evaluation on the validation images that convert(validate=True) measured; never saved (metrics keep
+    # its figures)
+    validation: Any = field(default=None, repr=False, compare=False)
 
     @property
     def sites(self):

@@ -126,3 +126,23 @@ def test_tune_output_is_corrected_like_convert(digits_pt2, tmp_path):
         m = load(str(out))
         assert any("bias_ann" in n.params for n in m.graph.nodes) == (mode == "on")
         assert ("bias_correction" in m.metrics) == (mode == "on")
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_convert_reports_from_the_checks_passes_what_evaluate_measures(cnn_data, monkeypatch, kept):
+    """convert(validate=True) takes its validation figures from the auto check's passes (the state it kept)
+    instead of running the SNN and the ANN again: they equal a separate evaluate, op counts included."""
+    from sfn_deploy.evaluation import evaluate
+    m, data = cnn_data
+    if not kept:                # a shift that makes the SNN answer the ANN's rarest class: the check reverts it
+        rare = int(data.y.bincount(minlength=4).argmin())
+
+        def shifts(g, x):
+            last = [n.name for n in g.nodes if n.op == "linear"][-1]
+            return {last: -1000.0 * torch.nn.functional.one_hot(torch.tensor(rare), 4).float()}
+        monkeypatch.setattr(bias_correction, "shifts", shifts)
+    c = convert(m, data, scale=0.4, validate=True)
+    assert c.metrics["bias_correction"]["applied"] is kept
+    again = evaluate(c, data.validation_split(2000)[0])
+    assert c.validation.to_dict() == again.to_dict()
+    assert c.metrics["agreement"] == again.agreement and c.metrics["energy_ratio"] == again.energy_ratio
