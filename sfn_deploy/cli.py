@@ -720,9 +720,12 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
         level_agreement = e.details.get("level_agreement")
         extra = f"  levels equal {level_agreement:.4f}%" if "level_agreement" in e.details else ""
         setup = f" (+{e.setup_seconds:.2f} s set-up)" if e.setup_seconds else ""
-        lines.append(f"  {b:<6} {e.seconds:8.3f} s{setup}  {e.samples_per_s:9.1f} samples/s  accuracy "
-                     f"{_pct(e.accuracy)}  max|Δ| {e.max_abs_diff:.3g}  top-1 agreement "
-                     f"{e.prediction_agreement:.2f}%{extra}")
+        scored = (f"cosine {e.cosine:.6f}" if e.cosine is not None else
+                  f"accuracy {_pct(e.accuracy)}  max|Δ| {e.max_abs_diff:.3g}  top-1 agreement "
+                  f"{e.prediction_agreement:.2f}%")
+        if e.cosine is not None:
+            scored += f"  max|Δ| {e.max_abs_diff:.3g}"
+        lines.append(f"  {b:<6} {e.seconds:8.3f} s{setup}  {e.samples_per_s:9.1f} samples/s  {scored}{extra}")
         if "lava" in e.details:
             lv = e.details["lava"]
             lines.append(f"         Lava {lv['precision']}, {lv['lowering']}: {lv['processes']} processes "

@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
+from . import fidelity
 from .backends import REFERENCE, get
 from .data import Dataset
 from .errors import UserError
 from .evaluation import backend_logits, backend_runner, check_data, labeled_accuracy
 from .model_file import ConvertedModel
-from .results import Result
+from .results import Result, optional
 
 
 @dataclass
@@ -23,8 +24,9 @@ class BackendRun(Result):
     samples_per_s: float | None
     accuracy: float | None              # top-1, % (None: unlabeled data)
     max_abs_diff: float                 # largest |logit difference| from the reference
-    prediction_agreement: float         # top-1 agreement with the reference, %
+    prediction_agreement: float | None  # top-1 agreement with the reference, % (None: output fidelity)
     details: dict[str, Any] = field(default_factory=dict)   # the backend's own figures, as JSON keys after these
+    cosine: float | None = optional()   # output fidelity: mean cosine similarity with the reference's outputs
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -58,10 +60,11 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
              quiet: bool = True, threads: int | None = None, lava: dict | None = None) -> SimulateResult:
     for b in backends:
         get(b)
-    check_data(converted.graph, data, "converted model")
+    check_data(converted.graph, data, "converted model", fidelity.of(converted.config))
     if threads:
         torch.set_num_threads(threads)
     runs: dict[str, BackendRun] = {}
+    outputs = fidelity.of(converted.config) == "output"      # a backbone: no classes to compare
     t0 = time.perf_counter()
     ref = backend_logits(converted, data, REFERENCE, batch_size, quiet=quiet)
     t_ref = time.perf_counter() - t0
@@ -80,9 +83,11 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
             stream_setup, secs = backend.split_time(runner, time.perf_counter() - t0)
             setup += stream_setup
         entry = BackendRun(seconds=secs, setup_seconds=setup, samples_per_s=len(data) / secs if secs else None,
-                           accuracy=labeled_accuracy(logits.argmax(-1), data),
+                           accuracy=None if outputs else labeled_accuracy(logits.argmax(-1), data),
                            max_abs_diff=float((logits - ref).abs().max()),
-                           prediction_agreement=100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean()))
+                           prediction_agreement=None if outputs else
+                           100.0 * float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+                           cosine=float(fidelity.cosine(logits, ref).mean()) if outputs else None)
         if b != REFERENCE:
             entry.details = backend.details(runner, converted, data, batch_size)
         runs[b] = entry

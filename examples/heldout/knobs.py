@@ -10,6 +10,8 @@ Each mode calibrates once (``convert``'s passes at λ = 1, a seeded random 2,000
 - ``per-channel``: θ per channel (the same top-1 % rule over each channel's positive / negative values, 500
   calibration images) instead of per site, applied as a prescale x·θ/θ_c before the site's fire rule and
   out·θ_c/θ after it: the same levels and the same counting (the repeated-value caps are not applied per channel).
+- ``percentile``: one global p (θ = the top-p % activation of each site, from the calibration histograms kept on
+  the sites: no recalibration) for p in 0.01, 0.1, 0.3, 1 (the default), 3, at every λ.
 - ``sensitivity``: λ_s = c·d_s with d_s = (b_s / a_s)^(1/3) (geometric mean 1), where a_s is the mean squared
   error of the logits with only site s quantised at ``--lam0`` (÷ λ0², 256 calibration images) and b_s the
   energy of the operations its spikes drive at λ0 (× λ0): minimises Σ a_s λ_s² (quantisation noise ∝ step²) at
@@ -54,6 +56,20 @@ def levels(args, graph, calib, test, ann_pred) -> None:
                 s.attrs.update(M=m, rounding=rounding, levels=site_levels(m, "sformer", s.attrs["kind"]))
             for lam in args.lams:
                 _row(args, graph, test, ann_pred, lam, M=m, rounding=rounding, lam=lam)
+
+
+def percentile(args, graph, calib, test, ann_pred) -> None:
+    from sfn_deploy.calibrate import site_histogram, top_percent
+    for p in (0.01, 0.1, 0.3, 1.0, 3.0):
+        for s in graph.sites:
+            a = s.attrs
+            if a["kind"] == "softmax":
+                continue
+            a["percentile"] = p
+            a["theta_pos"] = top_percent(site_histogram(s, 0), p)
+            a["theta_neg"] = 0.0 if a.get("absorbs") else top_percent(site_histogram(s, 1), p)
+        for lam in args.lams:
+            _row(args, graph, test, ann_pred, lam, p=p, lam=lam)
 
 
 def _top1(v: torch.Tensor) -> torch.Tensor:
@@ -139,7 +155,7 @@ def sensitivity(args, graph, calib, test, ann_pred) -> None:
             _row(args, graph, test, ann_pred, point, mode=mode, lam=lam)
 
 
-MODES = {"levels": levels, "per-channel": per_channel, "sensitivity": sensitivity}
+MODES = {"levels": levels, "per-channel": per_channel, "sensitivity": sensitivity, "percentile": percentile}
 
 
 def main() -> None:
