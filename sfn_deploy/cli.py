@@ -381,7 +381,8 @@ def _describe_bias_correction(bc: dict) -> str:
 def _describe_fidelity(r) -> str:
     """The SNN against its ANN: accuracies and top-1 agreement, or the outputs' cosine similarity."""
     if r.fidelity == "output":
-        return (f"cosine similarity {r.cosine:.4f}  relative error {r.relative_error:.2f}% "
+        parts = f" (per output: {', '.join(f'{v:.4f}' for v in r.cosine_parts)})" if r.cosine_parts else ""
+        return (f"cosine similarity {r.cosine:.4f}{parts}  relative error {r.relative_error:.2f}% "
                 "(SNN outputs against the ANN's)")
     if r.accuracy is None:
         return f"agreement {r.agreement:.2f}% (unlabeled: scored against the ANN's top-1)"

@@ -43,6 +43,7 @@ class Evaluation(Result):
     fidelity: str | None = optional()                  # "output": scored by cosine similarity (None: accuracy)
     cosine: float | None = optional()                  # output fidelity: mean SNN/ANN cosine similarity
     relative_error: float | None = optional()          # output fidelity: mean ‖SNN − ANN‖ / ‖ANN‖, %
+    cosine_parts: list[float] | None = optional()      # several joined outputs: each one's mean cosine
 
 
 @dataclass
@@ -293,25 +294,32 @@ def backend_logits(converted: ConvertedModel, data: Dataset, backend: str, batch
     return torch.cat([runner(xb) for xb in batches])
 
 
+def _scores(graph: Graph, snn: torch.Tensor, ann: torch.Tensor) -> torch.Tensor:
+    """N × (2 + P): per sample the cosine, the relative error and each joined output part's cosine."""
+    cols = [fidelity.cosine(snn, ann)[:, None], fidelity.relative_error(snn, ann)[:, None]]
+    if graph.output_parts:
+        cols.append(fidelity.part_cosines(snn, ann, graph.output_parts))
+    return torch.cat(cols, dim=1)
+
+
 def compare_outputs(graph: Graph, data: Dataset, batch_size: int = 256, quiet: bool = True, desc: str = "comparing",
-                    split: bool = False) -> tuple[torch.Tensor, torch.Tensor, OpCounter]:
-    """Output fidelity in one pass: per-sample cosine similarity and relative error of the SNN's outputs
-    against the ANN's on the same batch, and the SNN's op counts. Two numbers per sample are kept, never the
-    outputs (a backbone's feature maps would grow with the data). ``split`` as in :func:`measure`."""
+                    split: bool = False) -> tuple[torch.Tensor, OpCounter]:
+    """Output fidelity in one pass: per sample the cosine similarity and relative error of the SNN's outputs
+    against the ANN's on the same batch (and each joined part's cosine: :func:`_scores`), and the SNN's op
+    counts. A few numbers per sample are kept, never the outputs (a backbone's feature maps would grow with the
+    data). ``split`` as in :func:`measure`."""
     counter = OpCounter(graph, True)
-    cos, rel = [torch.zeros(0)], [torch.zeros(0)]
+    scores = [torch.zeros(0, 2 + len(graph.output_parts or []))]
     part = distributed.shard(data, batch_size) if split else data
     for xb in progress(part.batches(batch_size), desc, quiet=quiet, total=-(-len(part) // batch_size)):
         counter.start_batch(xb.shape[0])
         snn = run(graph, xb, spiking=True, hook=counter)
-        ann = run(graph, xb, spiking=False)
-        cos.append(fidelity.cosine(snn, ann))
-        rel.append(fidelity.relative_error(snn, ann))
-    c, r = torch.cat(cos), torch.cat(rel)
+        scores.append(_scores(graph, snn, run(graph, xb, spiking=False)))
+    out = torch.cat(scores)
     if split and distributed.active():
         counter.absorb(distributed.gather(counter.state()))
-        return distributed.gather_cat(c), distributed.gather_cat(r), counter
-    return c, r, counter
+        return distributed.gather_cat(out), counter
+    return out, counter
 
 
 def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", limit: int | None = None,
@@ -329,12 +337,12 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
     kind = fidelity.of(converted.config)
     check_data(graph, data, "converted model", kind)
     if kind == "output":
-        cos, rel, counter = compare_outputs(graph, data, batch_size, quiet=quiet, desc="SNN and ANN", split=True)
+        scores, counter = compare_outputs(graph, data, batch_size, quiet=quiet, desc="SNN and ANN", split=True)
         if backend != backends.REFERENCE:
             ann = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet)
             snn = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava)
-            cos, rel = fidelity.cosine(snn, ann), fidelity.relative_error(snn, ann)
-        return _output_evaluation(backend, cos, rel, counter, target)
+            scores = _scores(graph, snn, ann)
+        return _output_evaluation(backend, scores, counter, target)
     snn_pred, counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN", split=True)
     if backend == backends.REFERENCE:
         ann_pred = predict(graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
@@ -350,8 +358,7 @@ def from_passes(kind: str, data: Dataset, snn: torch.Tensor, ann: torch.Tensor, 
     runs them): top-1 classes (accuracy) or the outputs (output fidelity) of the SNN and the ANN, and the
     SNN pass's op counter."""
     if kind == "output":
-        return _output_evaluation(backends.REFERENCE, fidelity.cosine(snn, ann), fidelity.relative_error(snn, ann),
-                                  counter, target)
+        return _output_evaluation(backends.REFERENCE, _scores(counter.graph, snn, ann), counter, target)
     return _accuracy_evaluation(backends.REFERENCE, data, snn, ann, counter, target)
 
 
@@ -371,8 +378,14 @@ def _accuracy_evaluation(backend: str, data: Dataset, snn_pred: torch.Tensor, an
                       drop=drop)
 
 
-def _output_evaluation(backend: str, cos: torch.Tensor, rel: torch.Tensor, counter: OpCounter,
-                       target: str) -> Evaluation:
-    return Evaluation(backend=backend, samples=len(cos), accuracy=None, ann_accuracy=None, agreement=None,
-                      **_counted(counter, target), drop=drop_of(torch.ones(len(cos)), cos, binary=False),
-                      fidelity="output", cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()))
+def output_figures(scores: torch.Tensor) -> dict[str, Any]:
+    """The fidelity fields of an :class:`Evaluation` (or a report) from :func:`compare_outputs`' scores."""
+    cos, rel, parts = scores[:, 0], scores[:, 1], scores[:, 2:]
+    return dict(accuracy=None, ann_accuracy=None, agreement=None,
+                drop=drop_of(torch.ones(len(cos)), cos, binary=False), fidelity="output",
+                cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()),
+                cosine_parts=[float(v) for v in parts.mean(0)] if parts.shape[1] else None)
+
+
+def _output_evaluation(backend: str, scores: torch.Tensor, counter: OpCounter, target: str) -> Evaluation:
+    return Evaluation(backend=backend, samples=len(scores), **_counted(counter, target), **output_figures(scores))

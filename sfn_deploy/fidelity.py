@@ -61,6 +61,13 @@ def cosine(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.where((na < _TINY) & (nb < _TINY), torch.ones_like(cos), cos).clamp(-1.0, 1.0).float()
 
 
+def part_cosines(out: torch.Tensor, ref: torch.Tensor, parts: list[list[int]]) -> torch.Tensor:
+    """N × P: the cosine of each joined output part (:attr:`Graph.output_parts`) on its own."""
+    sizes = [math.prod(p) for p in parts]
+    pairs = zip(out.flatten(1).split(sizes, dim=1), ref.flatten(1).split(sizes, dim=1), strict=True)
+    return torch.stack([cosine(a, b) for a, b in pairs], dim=1)
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-sample ‖SNN − ANN‖ / ‖ANN‖ (each sample flattened)."""
     a, b = out.flatten(1).double(), ref.flatten(1).double()

@@ -159,8 +159,9 @@ def _host_groups(hw: list[dict]) -> list[list[str]]:
 
 def _fidelity_rows(r: Report) -> list[list[str]]:
     if r.fidelity == "output":
-        return [["Output fidelity", f"cosine similarity {r.cosine:.4f}, relative error {r.relative_error:.2f} % "
-                                    "(SNN outputs against the ANN's)"]]
+        parts = f" (per output: {', '.join(f'{v:.4f}' for v in r.cosine_parts)})" if r.cosine_parts else ""
+        return [["Output fidelity", f"cosine similarity {r.cosine:.4f}{parts}, relative error "
+                                    f"{r.relative_error:.2f} % (SNN outputs against the ANN's)"]]
     return [["Accuracy", f"SNN {pct(r.accuracy)} vs ANN {pct(r.ann_accuracy)}"],
             ["Agreement SNN/ANN (top-1)", pct(r.agreement)]]
 

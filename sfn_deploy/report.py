@@ -20,10 +20,10 @@ from .evaluation import (
     PairedDrop,
     check_data,
     compare_outputs,
-    drop_of,
     energy_constants,
     labeled_accuracy,
     measure,
+    output_figures,
     paired_drop,
     predict,
 )
@@ -107,6 +107,7 @@ class Report(Result):
     fidelity: str | None = optional()               # "output": scored by cosine similarity (None: accuracy)
     cosine: float | None = optional()               # output fidelity: mean SNN/ANN cosine similarity
     relative_error: float | None = optional()       # output fidelity: mean ‖SNN − ANN‖ / ‖ANN‖, %
+    cosine_parts: list[float] | None = optional()   # several joined outputs: each one's mean cosine
 
 
 @dataclass
@@ -190,10 +191,9 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
         raise UserError("no target given")
     scored: dict[str, Any] = {}
     if kind == "output":
-        cos, rel, counter = compare_outputs(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
-        scored = dict(accuracy=None, ann_accuracy=None, agreement=None, fidelity="output",
-                      cosine=float(cos.mean()), relative_error=100.0 * float(rel.mean()),
-                      drop=drop_of(torch.ones(len(cos)), cos, binary=False))
+        scores, counter = compare_outputs(converted.graph, data, batch_size, quiet=quiet, desc="counting",
+                                          split=True)
+        scored = output_figures(scores)
     else:
         snn_pred, counter = measure(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
         ann_pred = predict(converted.graph, data, batch_size, quiet=quiet, desc="ANN", split=True)

@@ -127,7 +127,10 @@ def test_several_outputs_are_joined_and_their_shapes_recorded(images, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "f.onnx")).metadata_props}
     assert json.loads(meta["sfn_deploy.output_parts"]) == parts
     ev = json.loads(run("evaluate", out, "--data", images / "u.npz", "--limit", "4", "--json")[1])
-    assert 0 < ev["cosine"] <= 1
+    assert 0 < ev["cosine"] <= 1 and len(ev["cosine_parts"]) == 2 and all(0 < v <= 1 for v in ev["cosine_parts"])
+    rep = json.loads(run("report", out, "--data", images / "u.npz", "--limit", "4", "--target", "cmos45",
+                         "--json")[1])
+    assert rep["cosine_parts"] == pytest.approx(ev["cosine_parts"])
     line = run("convert", "timm:test_resnet", "--model-args", "features_only=True", "--fidelity", "accuracy",
                "--data", images / "l.npz", "--scale", "0.2", "-o", tmp_path / "g.sfn.pt")[2]
     assert "several tensors" in line and "--fidelity output" in line
