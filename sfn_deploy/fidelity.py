@@ -30,10 +30,25 @@ KINDS = ("auto", "accuracy", "output")
 _TINY = 1e-12
 
 
-def resolve(requested: str, out_shape: list[int], model: object = None, several: bool = False) -> str:
+# ops a classifier's logits may pass through after its last weight layer (pooling a 1×1-conv head, flattening)
+_AFTER_HEAD = {"flatten", "reshape", "squeeze", "mean", "avg_pool2d", "adaptive_avg_pool2d", "select", "slice"}
+
+
+def ends_in_weight_layer(graph) -> bool:
+    """Whether the output comes from a linear or convolution layer (through pooling and layout ops): a
+    classifier's head. A backbone's output comes from an activation, a norm or a pool of one."""
+    node = graph[graph.output]
+    while node.op in _AFTER_HEAD and node.inputs:
+        node = graph[node.inputs[0]]
+    return node.op in ("linear", "conv2d", "conv1d")
+
+
+def resolve(requested: str, out_shape: list[int], model: object = None, several: bool = False,
+            headless: bool = False) -> str:
     """The kind a conversion uses. ``auto``: ``output`` when the model does not return one N×classes tensor
-    (``several``: it returns more than one) or is a timm model built without its head (``num_classes=0``),
-    else ``accuracy``."""
+    (``several``: it returns more than one), is a timm model built without its head (``num_classes=0``) or,
+    with ``headless`` (the caller's judgement: unlabeled data and no weight layer at the output), looks like a
+    backbone; else ``accuracy``."""
     if requested not in KINDS:
         raise UserError(f"fidelity {requested!r}: choose one of {', '.join(KINDS)}")
     if requested == "accuracy" and (len(out_shape) != 2 or several):
@@ -42,7 +57,7 @@ def resolve(requested: str, out_shape: list[int], model: object = None, several:
                         f"{shape} (use --fidelity output)")
     if requested != "auto":
         return requested
-    if len(out_shape) != 2 or several or getattr(model, "num_classes", None) == 0:
+    if len(out_shape) != 2 or several or headless or getattr(model, "num_classes", None) == 0:
         return "output"
     return "accuracy"
 

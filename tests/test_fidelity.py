@@ -148,3 +148,24 @@ def test_a_damaged_output_parts_record_is_refused():
     for bad in ([], [[0]], [["a"]], "4"):
         with pytest.raises(GraphError, match="output_parts"):
             check_graph_dict({**d, "output_parts": bad})
+
+
+def test_auto_on_unlabeled_data_tells_a_pt2_backbone_from_a_classifier(images, tmp_path):
+    """A .pt2 returning N×D says nothing of its task; without labels, the output's producer decides: a weight
+    layer (a head) is a classifier, anything else (here a pooled activation) a backbone."""
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    dim = {0: torch.export.Dim("batch", min=1, max=4096)}
+    for name, net, want in (("backbone", body, "output"),
+                            ("classifier", torch.nn.Sequential(body, torch.nn.Linear(8, 3)), "accuracy")):
+        path = tmp_path / f"{name}.pt2"
+        torch.export.save(torch.export.export(net.eval(), (torch.zeros(2, 3, 32, 32),), dynamic_shapes=(dim,)),
+                          path)
+        code, text, err = run("convert", path, "--data", images / "u.npz", "--scale", "0.2", "-o",
+                              tmp_path / f"{name}.sfn.pt", "--json")
+        assert code == 0, err
+        assert json.loads(text)["config"]["fidelity"] == want, name
+        # with labels, auto keeps the classifier reading (the chance warning covers a backbone)
+        code, text, err = run("convert", path, "--data", images / "l.npz", "--scale", "0.2", "-o",
+                              tmp_path / f"{name}.l.sfn.pt", "--json")
+        assert code == 0 and json.loads(text)["config"]["fidelity"] == "accuracy", err
