@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from . import fidelity
 from .backends import REFERENCE, get
 from .data import Dataset
 from .errors import UserError
@@ -54,9 +56,10 @@ class ParityRow(Result):
     layers: list[SiteParity]
     first_differing: FirstDiffering | None
     output_max_abs_diff: float          # largest |logit difference|
-    prediction_agreement: float         # top-1 agreement, %
+    prediction_agreement: float | None  # top-1 agreement, % (None: output fidelity)
     compared_sites: int                 # sites with levels on both sides
     info: dict[str, Any] = field(default_factory=dict)  # the backends' settings (Lava: precision, lowering)
+    cosine: float | None = optional()   # output fidelity: mean cosine similarity of the outputs
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -96,10 +99,13 @@ def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_
         layers.append(row)
     out = np.abs(ref["outputs"].astype(np.float64) - other["outputs"].astype(np.float64))
     agree = ref["outputs"].reshape(len(out), -1).argmax(-1) == other["outputs"].reshape(len(out), -1).argmax(-1)
+    outputs = fidelity.of(model.config) == "output"      # a backbone: no classes to agree on
+    cos = fidelity.cosine(torch.from_numpy(np.asarray(other["outputs"])), torch.from_numpy(np.asarray(ref["outputs"])))
     return ParityRow(reference=ref_name, backend=other_name, samples=int(len(out)), layers=layers,
                      first_differing=first, output_max_abs_diff=float(out.max()),
-                     prediction_agreement=100.0 * float(agree.mean()),
-                     compared_sites=sum(r.levels_equal is not None for r in layers))
+                     prediction_agreement=None if outputs else 100.0 * float(agree.mean()),
+                     compared_sites=sum(r.levels_equal is not None for r in layers),
+                     cosine=float(cos.mean()) if outputs else None)
 
 
 def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = REFERENCE,
@@ -126,8 +132,10 @@ def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: s
 def format_parity(r: ParityRow) -> str:
     lava = r.info.get("lava")
     where = f" [Lava {lava['precision']}, {lava['lowering']}]" if lava is not None else ""
+    agreed = (f"cosine {r.cosine:.6f}" if r.cosine is not None else
+              f"top-1 agreement {r.prediction_agreement:.2f}%")
     lines = [f"per-layer parity, {r.backend} against {r.reference}{where} ({r.samples} samples): "
-             f"outputs max|Δ| {r.output_max_abs_diff:.3g}, top-1 agreement {r.prediction_agreement:.2f}%"]
+             f"outputs max|Δ| {r.output_max_abs_diff:.3g}, {agreed}"]
     for row in r.layers:
         if row.levels_equal is None:
             lines.append(f"  {row.site:<45} (no per-layer data on one side)")

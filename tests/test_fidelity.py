@@ -94,6 +94,11 @@ def test_feature_maps_convert_and_run_on_onnx(images, tmp_path):
     assert code == 0, err
     onnx = json.loads(text)["backends"]["onnx"]
     assert onnx["max_abs_diff"] < 1e-3 and onnx["cosine"] > 0.9999 and onnx["prediction_agreement"] is None
+    code, text, err = run("simulate", out, "--data", images / "u.npz", "--limit", "4", "--backend", "onnx",
+                          "--per-layer", "--json")
+    assert code == 0, err
+    row = json.loads(text)["parity"][0]
+    assert row["cosine"] > 0.9999 and row["prediction_agreement"] is None
 
 
 def test_unlabeled_classifier_data_is_scored_against_the_anns_top1(images, tmp_path):
