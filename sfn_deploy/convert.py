@@ -58,9 +58,9 @@ def _capture(c: Conversion) -> None:
     if c.config.method == "pmsm" and not c.data.labeled:
         raise UserError(f"{c.data.name}: --method pmsm fine-tunes on labels; this data has none")
     graph = capture(c.model, c.data.head(2))
-    # auto is resolved here, in the one record that the search, bias correction and the converted file read
-    # without labels nothing else tells a backbone returning N×D from a classifier: the output's producer does
-    val = c.data.validation or c.data
+    # auto is resolved here, in the record that the search, bias correction and the converted file read. Without
+    # labels nothing else tells a backbone returning N×D from a classifier: the output's producer does.
+    val = c.data.validation if c.data.validation is not None else c.data
     headless = not val.labeled and not fidelity.ends_in_weight_layer(graph)
     c.config.fidelity = kind = fidelity.resolve(c.config.fidelity, graph[graph.output].shape, c.model,
                                                 several=graph.output_parts is not None, headless=headless)
