@@ -62,7 +62,7 @@ def main() -> int:
     test = os.path.join(a.out, "heldout_unlabeled.npz")
     np.savez(test, x=held["x"][idx])
     out = os.path.join(a.out, "backbone.sfn.pt")
-    # a .pt2 backbone returning N×64 looks like a classifier to auto: say what it is
+    # auto reads it as a backbone too (unlabeled data, no weight layer at the output); said here for the record
     cmd = [CLI, "convert", model, "--data", unlabeled, "--fidelity", "output", "--trials", str(a.trials), "-o", out,
            "--json"]
     if a.max_drop is not None:
