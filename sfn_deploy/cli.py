@@ -416,7 +416,8 @@ def _fmt_front(front: list[ParetoPoint]) -> str:
 @click.option("--scale", type=float, default=None, help="Fix λ instead of searching it.")
 @click.option("--tune/--no-tune", default=None, help="Search λ (the default unless --scale is given).")
 @click.option("--max-drop", type=float, default=None,
-              help="Accuracy budget in points: the lowest-energy configuration within it.")
+              help="Budget in points of accuracy (of 100·cosine with --fidelity output): the lowest-energy "
+                   "configuration within it.")
 @click.option("--method", type=click.Choice(list(METHODS)), default=None,
               help="Conversion method (default sfn): sfn = Scale-and-Fire, T = 1; if = rate-coded IF over T steps; "
                    "mtn = its one-step multi-threshold equivalent (N = T); ecmt = ECMT over T steps; pmsm = "
