@@ -231,8 +231,9 @@ def convert_options(fn):
                      help="What the search and the reported drop compare with the ANN: accuracy = top-1 (the "
                           "labels, or the ANN's top-1 on unlabeled data); output = cosine similarity of the "
                           "outputs (backbones, feature maps; --max-drop then counts points of 100·cosine). "
-                          "Default auto: output when the model does not return N×classes or is a timm model "
-                          "with num_classes=0 (docs/concepts.md, 'Fidelity')."),
+                          "Default auto: output when the model does not return one N×classes tensor, is a timm "
+                          "model with num_classes=0, or (unlabeled data) no linear/conv layer produces its output "
+                          "(docs/concepts.md, 'Fidelity')."),
     ]
     for o in reversed(opts):
         fn = o(fn)
