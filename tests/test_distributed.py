@@ -110,3 +110,13 @@ def test_a_damaged_image_on_one_rank_stops_every_rank_with_one_line_each(convert
     assert r.returncode != 0 and sorted(errors) == sorted([
         "error: another torchrun rank stopped (its error is above); this rank stops too",
         f"error: {tmp_path / 'photos' / '1' / '3.png'}: not a readable image (not JPEG, PNG, WEBP, BMP, GIF or TIFF)"])
+
+
+def test_two_ranks_score_output_fidelity_as_one(digits_pt2, tmp_path):
+    """A model converted with output fidelity (cosine of the outputs): the ranks' per-sample scores, gathered in
+    order, give one process's cosine, interval and counts."""
+    out = tmp_path / "cos.sfn.pt"
+    cli("convert", digits_pt2, "--data", "sklearn:digits", "--scale", "0.2", "--fidelity", "output", "-o", out)
+    args = ("--data", "sklearn:digits", "--batch-size", "64")
+    one, two = cli("evaluate", out, *args), cli("evaluate", out, *args, ranks=2)
+    assert one == two and one["fidelity"] == "output" and 0 < one["cosine"] <= 1
