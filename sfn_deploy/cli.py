@@ -390,6 +390,18 @@ def _describe_fidelity(r) -> str:
     return f"ANN {r.ann_accuracy:.2f}%  SNN {r.accuracy:.2f}%  agreement {r.agreement:.2f}%"
 
 
+def _loose_budget(r, max_drop: float | None) -> str | None:
+    """Cosine budgets have no image-count rule (budget_warning counts discordant images): after the fact, say
+    when the validation images measured the drop less precisely than half the budget."""
+    if max_drop is None or r.drop is None:
+        return None
+    half = (r.drop.high - r.drop.low) / 2
+    if half <= max_drop / 2:
+        return None
+    return (f"the validation images measure the drop to ±{half:.2g} points of 100·cosine, more than half of "
+            f"--max-drop {max_drop:g}: give more images (--val-size, --val-data) for a budget this tight")
+
+
 def _chance_warning(r, classes: int) -> str | None:
     """A classifier whose ANN is at chance on its own validation labels is probably not a classifier of them
     (a backbone without a head, other labels, other preprocessing): say so once."""
@@ -457,6 +469,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     chance = _chance_warning(result, classes) if cfg.fidelity == "accuracy" else None
     if chance:
         _warn(chance)
+    loose = _loose_budget(result, cfg.max_drop) if cfg.fidelity == "output" else None
+    if loose:
+        _warn(loose)
     if _writer():
         save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})

@@ -68,6 +68,7 @@ def test_a_backbone_without_its_head_converts_searches_and_reports(images, tmp_p
                           images / "u.npz", "--search", "per-block", "--trials", "6", "--max-drop", "10",
                           "-o", out, "--json")
     assert code == 0, err
+    assert "measure the drop to" not in err                   # the interval is well within half of the budget
     r = json.loads(text)
     assert r["config"]["fidelity"] == "output" and r["agreement"] is None and r["accuracy"] is None
     assert 0 < r["cosine"] <= 1 and r["relative_error"] >= 0
@@ -81,6 +82,9 @@ def test_a_backbone_without_its_head_converts_searches_and_reports(images, tmp_p
     assert rep["fidelity"] == "output" and 0 < rep["cosine"] <= 1 and rep["agreement"] is None
     code, text, err = run("evaluate", out, "--data", images / "u.npz", "--limit", "8")
     assert code == 0 and "cosine similarity" in text and "points of 100·cosine" in text, err
+    code, _, err = run("convert", "timm:test_resnet", "--model-args", "num_classes=0", "--data", images / "u.npz",
+                       "--trials", "2", "--max-drop", "0.001", "-o", tmp_path / "t.sfn.pt")
+    assert code == 0 and "more than half of --max-drop 0.001" in err, err
 
 
 def test_feature_maps_convert_and_run_on_onnx(images, tmp_path):
