@@ -337,8 +337,10 @@ def evaluate(converted: ConvertedModel, data: Dataset, backend: str = "torch", l
     kind = fidelity.of(converted.config)
     check_data(graph, data, "converted model", kind)
     if kind == "output":
-        scores, counter = compare_outputs(graph, data, batch_size, quiet=quiet, desc="SNN and ANN", split=True)
-        if backend != backends.REFERENCE:
+        if backend == backends.REFERENCE:
+            scores, counter = compare_outputs(graph, data, batch_size, quiet=quiet, desc="SNN and ANN", split=True)
+        else:                   # the counts from the reference; the outputs compared are the backend's own
+            counter = measure(graph, data, batch_size, spiking=True, quiet=quiet, desc="SNN", split=True)[1]
             ann = backend_logits(converted, data, backend, batch_size, ann=True, quiet=quiet)
             snn = backend_logits(converted, data, backend, batch_size, quiet=quiet, lava=lava)
             scores = _scores(graph, snn, ann)
@@ -369,13 +371,17 @@ def _counted(counter: OpCounter, target: str) -> dict[str, Any]:
                 mac_ann=counts.mac_ann, host_ops=counts.host_ops, layers=counts.reported_layers())
 
 
+def accuracy_figures(data: Dataset, snn_pred: torch.Tensor, ann_pred: torch.Tensor) -> dict[str, Any]:
+    """The fidelity fields of an :class:`Evaluation` (or a report) from the SNN's and the ANN's top-1 classes."""
+    return dict(accuracy=labeled_accuracy(snn_pred, data), ann_accuracy=labeled_accuracy(ann_pred, data),
+                agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
+                drop=paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None)
+
+
 def _accuracy_evaluation(backend: str, data: Dataset, snn_pred: torch.Tensor, ann_pred: torch.Tensor,
                          counter: OpCounter, target: str) -> Evaluation:
-    drop = paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None
-    return Evaluation(backend=backend, samples=len(snn_pred), accuracy=labeled_accuracy(snn_pred, data),
-                      ann_accuracy=labeled_accuracy(ann_pred, data),
-                      agreement=100.0 * float((snn_pred == ann_pred).float().mean()), **_counted(counter, target),
-                      drop=drop)
+    return Evaluation(backend=backend, samples=len(snn_pred), **_counted(counter, target),
+                      **accuracy_figures(data, snn_pred, ann_pred))
 
 
 def output_figures(scores: torch.Tensor) -> dict[str, Any]:

@@ -135,10 +135,7 @@ def z_value(confidence: float) -> float:
 def normal_interval(diff: torch.Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high) of per-sample paired differences, the normal interval of the mean."""
     d = diff.double()
-    mean = float(d.mean())
-    sd = float(d.std()) if len(d) > 1 else math.inf
-    half = z_value(confidence) * sd / math.sqrt(len(d))
-    return mean, mean - half, mean + half
+    return (float(d.mean()), *interval_from_moments(float(d.sum()), float((d * d).sum()), len(d), confidence))
 
 
 def interval_from_moments(total: float, squares: float, n: int, confidence: float = 0.95) -> tuple[float, float]:

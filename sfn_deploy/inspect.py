@@ -91,13 +91,10 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {x['name']:<44} {x['role']:<13} {x['neurons']:>8} {x['theta_pos']:>9.4g} "
                      f"{x['theta_neg']:>9.4g} {x['lam']:>6.3f} {x['step_pos']:>10.4g} {x['top_level']}")
     m = s["metrics"]
-    if m.get("cosine") is not None:
-        scored = f"cosine similarity {m['cosine']:.4f} (SNN outputs against the ANN's)"
-    elif m.get("accuracy") is not None:
-        scored = f"ANN {m['ann_accuracy']:.2f}%  SNN {m['accuracy']:.2f}%"
-    elif m.get("agreement") is not None:
-        scored = f"agreement {m['agreement']:.2f}% (unlabeled)"
-    if "energy_ratio" in m and "samples" in m:
+    scored = (f"cosine similarity {m['cosine']:.4f} (SNN outputs against the ANN's)" if m.get("cosine") is not None
+              else f"ANN {m['ann_accuracy']:.2f}%  SNN {m['accuracy']:.2f}%" if m.get("accuracy") is not None
+              else f"agreement {m['agreement']:.2f}% (unlabeled)" if m.get("agreement") is not None else None)
+    if scored and "energy_ratio" in m and "samples" in m:
         lines += ["", f"validation at conversion ({m.get('samples')} samples): {scored}  "
                       f"energy ratio {m['energy_ratio']:.4f}"]
     if s.get("output_parts"):

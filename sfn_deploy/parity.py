@@ -100,12 +100,13 @@ def compare(model: ConvertedModel, ref: dict, other: dict, ref_name: str, other_
     out = np.abs(ref["outputs"].astype(np.float64) - other["outputs"].astype(np.float64))
     agree = ref["outputs"].reshape(len(out), -1).argmax(-1) == other["outputs"].reshape(len(out), -1).argmax(-1)
     outputs = fidelity.of(model.config) == "output"      # a backbone: no classes to agree on
-    cos = fidelity.cosine(torch.from_numpy(np.asarray(other["outputs"])), torch.from_numpy(np.asarray(ref["outputs"])))
+    cos = fidelity.cosine(torch.from_numpy(np.asarray(other["outputs"])),
+                          torch.from_numpy(np.asarray(ref["outputs"]))) if outputs else None
     return ParityRow(reference=ref_name, backend=other_name, samples=int(len(out)), layers=layers,
                      first_differing=first, output_max_abs_diff=float(out.max()),
                      prediction_agreement=None if outputs else 100.0 * float(agree.mean()),
                      compared_sites=sum(r.levels_equal is not None for r in layers),
-                     cosine=float(cos.mean()) if outputs else None)
+                     cosine=None if cos is None else float(cos.mean()))
 
 
 def parity(model: ConvertedModel, data: Dataset, backends: list[str], against: str = REFERENCE,

@@ -18,13 +18,12 @@ from .data import Dataset
 from .errors import UserError
 from .evaluation import (
     PairedDrop,
+    accuracy_figures,
     check_data,
     compare_outputs,
     energy_constants,
-    labeled_accuracy,
     measure,
     output_figures,
-    paired_drop,
     predict,
 )
 from .ir import NEURON_OPS
@@ -189,7 +188,6 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
     check_data(converted.graph, data, "converted model", kind)
     if not targets:
         raise UserError("no target given")
-    scored: dict[str, Any] = {}
     if kind == "output":
         scores, counter = compare_outputs(converted.graph, data, batch_size, quiet=quiet, desc="counting",
                                           split=True)
@@ -197,9 +195,7 @@ def build_report(converted: ConvertedModel, data: Dataset, targets: list[str], *
     else:
         snn_pred, counter = measure(converted.graph, data, batch_size, quiet=quiet, desc="counting", split=True)
         ann_pred = predict(converted.graph, data, batch_size, quiet=quiet, desc="ANN", split=True)
-        scored = dict(accuracy=labeled_accuracy(snn_pred, data), ann_accuracy=labeled_accuracy(ann_pred, data),
-                      agreement=100.0 * float((snn_pred == ann_pred).float().mean()),
-                      drop=paired_drop(ann_pred == data.y, snn_pred == data.y) if data.labeled else None)
+        scored = accuracy_figures(data, snn_pred, ann_pred)
     counts = counter.result()
     e_ac, e_mac = energy_constants("cmos45")
     lams = [s.attrs["lam"] for s in converted.sites]

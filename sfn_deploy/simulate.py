@@ -60,11 +60,12 @@ def simulate(converted: ConvertedModel, data: Dataset, backends: list[str], batc
              quiet: bool = True, threads: int | None = None, lava: dict | None = None) -> SimulateResult:
     for b in backends:
         get(b)
-    check_data(converted.graph, data, "converted model", fidelity.of(converted.config))
+    kind = fidelity.of(converted.config)
+    check_data(converted.graph, data, "converted model", kind)
     if threads:
         torch.set_num_threads(threads)
     runs: dict[str, BackendRun] = {}
-    outputs = fidelity.of(converted.config) == "output"      # a backbone: no classes to compare
+    outputs = kind == "output"      # a backbone: no classes to compare
     t0 = time.perf_counter()
     ref = backend_logits(converted, data, REFERENCE, batch_size, quiet=quiet)
     t_ref = time.perf_counter() - t0

@@ -62,6 +62,23 @@ def convert_example(name: str, mnist_dir: str, calib: int = 500, scale: float = 
     return snn, load_data(f"mnist:{mnist_dir}:8000:{8000 + test}")
 
 
+# The start of a λ-search worker script (str.format fields: marker, sleep): every trial's evaluation
+# (evaluation.score) first writes the marker file marker.PID, which wait_started watches for, then sleeps.
+SLOW_TRIALS = r"""
+import importlib, os, sys, time
+import torch
+torch.set_num_threads(1)
+evaluation = importlib.import_module("sfn_deploy.evaluation")
+import sfn_deploy.tuning as tuning
+_score = evaluation.score
+def slow_score(*args, **kw):                 # one λ trial: tell the test, then take a while
+    open({marker!r} + f".{{os.getpid()}}", "a").close()
+    time.sleep({sleep})
+    return _score(*args, **kw)
+evaluation.score = slow_score
+"""
+
+
 def finish_worker(proc, timeout) -> bytes:
     """The stdout of a worker process that must exit 0 within ``timeout`` s (killed, and the test failed, if not)."""
     try:

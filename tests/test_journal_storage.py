@@ -15,7 +15,7 @@ import time
 import optuna
 import pytest
 from click.testing import CliRunner
-from conftest import finish_worker, wait_started
+from conftest import SLOW_TRIALS, finish_worker, wait_started
 
 from sfn_deploy.cli import main
 from sfn_deploy.config import journal_path, load_config, storage_path
@@ -114,19 +114,8 @@ def test_three_cli_workers_share_one_journal_and_record_each_trial_once(tmp_path
     assert not os.path.exists(f"{path}.lock")                 # the append lock is released
 
 
-SLOW_CLI_WORKER = r"""
-import importlib, os, sys, time
-import torch
-torch.set_num_threads(1)
-evaluation = importlib.import_module("sfn_deploy.evaluation")
-import sfn_deploy.tuning as tuning
+SLOW_CLI_WORKER = SLOW_TRIALS + r"""
 from sfn_deploy.cli import main
-_score = evaluation.score
-def slow_score(*args, **kw):                 # one λ trial: tell the test, then take a while
-    open({marker!r} + f".{{os.getpid()}}", "a").close()
-    time.sleep({sleep})
-    return _score(*args, **kw)
-evaluation.score = slow_score
 if {remote}:                                 # pretend to run on another machine: only heartbeats tell
     tuning._namespace = lambda: "another-machine-" + str(os.getpid())
 tuning.HEARTBEAT_INTERVAL, tuning.GRACE_PERIOD = {heartbeat}

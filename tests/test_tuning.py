@@ -9,7 +9,7 @@ import time
 
 import optuna
 import pytest
-from conftest import finish_worker, wait_started
+from conftest import SLOW_TRIALS, finish_worker, wait_started
 
 from sfn_deploy import tuning
 from sfn_deploy.config import load_config
@@ -109,22 +109,10 @@ def test_study_made_for_other_groups_is_refused(tmp_path, digits, digits_mlp):
 
 # ---- dead workers, bounded loop, storage errors -------------------------------------------------
 
-SLOW_WORKER = r"""
-import os, sys, time
-import importlib
-import torch
-torch.set_num_threads(1)
-evaluation = importlib.import_module("sfn_deploy.evaluation")
-import sfn_deploy.tuning as tuning
+SLOW_WORKER = SLOW_TRIALS + r"""
 from sfn_deploy.config import load_config
 from sfn_deploy.convert import build_graph
 from sfn_deploy.data import load_data
-_score = evaluation.score
-def slow_score(*args, **kw):                 # one λ trial: tell the test, then take a while
-    open({marker!r} + f".{{os.getpid()}}", "a").close()
-    time.sleep({sleep})
-    return _score(*args, **kw)
-evaluation.score = slow_score
 if {remote}:                                 # pretend to run on another machine: only heartbeats tell
     tuning._namespace = lambda: "another-machine"
 tuning.HEARTBEAT_INTERVAL, tuning.GRACE_PERIOD = {heartbeat}
