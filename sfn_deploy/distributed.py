@@ -13,6 +13,8 @@ storage (``tune --storage``, docs/cli.md "Many workers, many machines"); under t
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -56,8 +58,18 @@ def world() -> World:
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+        atexit.register(_leave)
     _WORLD = World(dist.get_rank(), dist.get_world_size())
     return _WORLD
+
+
+def _leave() -> None:
+    """Destroy the group before the interpreter tears down: left to static destructors, gloo's threads can abort
+    the process ("terminate called without an active exception", exit -6) after the command's work is done."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        with contextlib.suppress(RuntimeError):
+            dist.destroy_process_group()
 
 
 def active() -> bool:
