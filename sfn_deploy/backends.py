@@ -89,7 +89,7 @@ BACKENDS: dict[str, Entry] = {e.name: e for e in (
     Entry("nir", "a NIR graph read back and run by nirtorch (partial: NIR regions plus host nodes)",
           "sfn_deploy.exporters.nir", ("partial", "max_size")),
     Entry("lava", "Lava processes on Loihi2SimCfg (graded or channel lowering, floating or fixed point)",
-          "sfn_deploy.exporters.lava", ("lowering", "data")),
+          "sfn_deploy.exporters.lava", ("lowering", "data", "avg_pool")),
 )}
 
 

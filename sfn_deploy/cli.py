@@ -578,27 +578,37 @@ def _lava_options(f):
     f = click.option("--precision", type=click.Choice(["floating_pt", "fixed_pt"]), default=None,
                      help="Lava: floating point, or Loihi's fixed point (8-bit weights, 24-bit membranes) "
                           "[default: floating_pt].")(f)
+    f = _avg_pool_option(None)(f)
     return click.option("--lowering", type=click.Choice(["graded", "channels"]), default=None,
                         help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1) "
                              "[default: graded].")(f)
 
 
-def _lava_choice(backends, precision, lowering) -> tuple[str, str]:
-    """--precision/--lowering apply to the Lava backend only: refuse them elsewhere rather than ignore them."""
+def _avg_pool_option(default):
+    return click.option("--avg-pool", type=click.Choice(["folded", "layer"]), default=default,
+                        help="Lava: average pooling of spikes folded into the next layer's weights, or a pooling "
+                             "layer of graded neurons (fewer events where pooled sums are sparse; graded lowering "
+                             "only; docs/lava.md)" + (" [default: folded]." if default is None else "."))
+
+
+def _lava_choice(backends, precision, lowering, avg_pool=None) -> tuple[str, str, str]:
+    """--precision/--lowering/--avg-pool apply to the Lava backend only: refuse them elsewhere rather than
+    ignore them."""
     if "lava" not in backends:
-        given = [o for o, v in (("--precision", precision), ("--lowering", lowering)) if v is not None]
+        given = [o for o, v in (("--precision", precision), ("--lowering", lowering), ("--avg-pool", avg_pool))
+                 if v is not None]
         if given:
             raise UserError(f"{given[0]} applies to --backend lava only (got --backend {', '.join(backends)})")
-    return precision or "floating_pt", lowering or "graded"
+    return precision or "floating_pt", lowering or "graded", avg_pool or "folded"
 
 
-def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
+def _lava_settings(model, ds, precision: str, lowering: str, avg_pool: str = "folded") -> dict:
     """Lava options; the fixed-point input range is the calibration data's (recorded at conversion),
     else the data at hand's."""
     amax = model.metrics.get("input_abs_max")
     if amax is None and ds is not None:
         amax = ds.abs_max()
-    return {"precision": precision, "lowering": lowering, "input_abs_max": amax}
+    return {"precision": precision, "lowering": lowering, "input_abs_max": amax, "avg_pool": avg_pool}
 
 
 @main.command("evaluate")
@@ -613,17 +623,18 @@ def _lava_settings(model, ds, precision: str, lowering: str) -> dict:
 @data_options
 @device_option
 @command
-def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, as_json, **kw):
+def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, precision, lowering, avg_pool, as_json,
+                 **kw):
     """Accuracy of the converted SNN against its ANN, with the paper's energy ratio."""
     from .evaluation import evaluate, format_drop
     from .model_file import load
 
-    precision, lowering = _lava_choice([backend], precision, lowering)
+    precision, lowering, avg_pool = _lava_choice([backend], precision, lowering, avg_pool)
     options, workers = _data_options(kw)
     model = load(converted)
     ds = _model_data(model, converted, data, options, workers, limit)
     r = evaluate(model, ds, backend, limit, batch_size, quiet=as_json,
-                 lava=_lava_settings(model, ds, precision, lowering))
+                 lava=_lava_settings(model, ds, precision, lowering, avg_pool))
     if not show_layers:
         r.layers = None
     text = (f"{r.samples} samples on {backend}: {_describe_fidelity(r)}"
@@ -651,10 +662,11 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
                    "(estimated before anything is built; default 1.5; the export peaks at about 3-4x this).")
 @click.option("--lowering", type=click.Choice(["graded", "channels"]), default="graded",
               help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1).")
+@_avg_pool_option("folded")
 @click.option("--data", default=None, help="Lava: data whose range sets the fixed-point input encoding "
               "(default: the calibration range recorded at conversion).")
 @command
-def export_cmd(converted, target, output, levels, ann, opset, partial, max_size, lowering, data, as_json):
+def export_cmd(converted, target, output, levels, ann, opset, partial, max_size, lowering, avg_pool, data, as_json):
     """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
     from .backends import BACKENDS, get_exporter, takes
     from .data import check_not_read, data_paths
@@ -673,8 +685,10 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
     model = load(converted)
     if (levels or ann) and "levels" not in accepts:
         raise UserError(f"--levels and --ann apply to --target {', '.join(takes('levels'))} only")
+    if avg_pool != "folded" and "avg_pool" not in accepts:
+        raise UserError(f"--avg-pool applies to --target {', '.join(takes('avg_pool'))} only (got --target {target})")
     options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "max_size": max_size,
-               "lowering": lowering}
+               "lowering": lowering, "avg_pool": avg_pool}
     if "data" in accepts:       # the range of --data sets the fixed-point input encoding
         options["input_abs_max"] = (_model_data(model, converted, data).abs_max()
                                     if data is not None else model.metrics.get("input_abs_max"))
@@ -701,14 +715,18 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
 @device_option
 @command
 def simulate_cmd(converted, data, backends, limit, batch_size, threads, against, per_layer, precision, lowering,
-                 as_json, **kw):
+                 avg_pool, as_json, **kw):
     """Run the SNN on backends, with timings and agreement against the torch reference.
 
     CONVERTED is a converted model, or a Lava bundle folder (then only Lava runs, without a reference)."""
     from .model_file import load
     from .simulate import simulate, simulate_bundle
 
-    precision, lowering = _lava_choice(["lava"] if os.path.isdir(converted) else backends, precision, lowering)
+    if os.path.isdir(converted) and avg_pool is not None:
+        raise UserError(f"{converted} is a Lava bundle: its average-pooling form was chosen at export "
+                        "(--avg-pool applies to a converted model)")
+    precision, lowering, avg_pool = _lava_choice(["lava"] if os.path.isdir(converted) else backends, precision,
+                                                 lowering, avg_pool)
     options, workers = _data_options(kw)
     if os.path.isdir(converted):
         if set(backends) - {"torch", "lava"} or per_layer:
@@ -723,7 +741,7 @@ def simulate_cmd(converted, data, backends, limit, batch_size, threads, against,
         return
     model = load(converted)
     ds = _model_data(model, converted, data, options, workers, limit)
-    lava = _lava_settings(model, ds, precision, lowering)
+    lava = _lava_settings(model, ds, precision, lowering, avg_pool)
     if per_layer:
         from .parity import format_parity, parity
         rows = parity(model, ds, list(backends), against, batch_size, lava)

@@ -412,6 +412,89 @@ def test_fixed_point_derives_the_range_of_an_analog_host_value(digits):
     assert enc["encode"] == "int" and 127 <= top / enc["scale"] < 2 ** 16    # 8 to 16 bits over the derived range
 
 
+class _SiluPoolNet:
+    """SiLU (sites with negative levels) before a 2×2 average pooling read by a convolution, and a global mean
+    without keepdim read by a linear layer: both poolings become pooling layers with --avg-pool layer."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1, self.c2, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), \
+                    nn.Linear(8, 10)
+
+            def forward(self, x):
+                h = nn.functional.avg_pool2d(nn.functional.silu(self.c1(x)), 2)
+                return self.fc(nn.functional.silu(self.c2(h)).mean((2, 3)))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+def test_pooling_layer_form_runs_on_cores_in_both_precisions(digits, tmp_path):
+    """--avg-pool layer: per polarity a depthwise Conv of ones and sum neurons, one step more latency per pool;
+    floating point reproduces the torch SNN's levels, fixed point the integer reference's bit for bit."""
+    from sfn_deploy.exporters.lava.bundle import read_bundle
+    from sfn_deploy.exporters.lava.reference import integer_reference
+    snn = convert(_SiluPoolNet.build(), digits.limit(300), scale=0.3)
+    assert all(s.params["bounds_neg"].numel() for s in snn.sites)          # both polarities are pooled
+    folded, layer = lower(snn, "graded", "floating_pt"), lower(snn, "graded", "floating_pt", avg_pool="layer")
+    assert folded.summary()["pooling_layers"] == 0 and layer.summary()["pooling_layers"] == 2
+    assert layer.latency == folded.latency + 2 and layer.summary()["host_ops"] == folded.summary()["host_ops"]
+    sums = [b for b in layer.blocks if b.kind == "neuron" and b.attrs.get("pool")]
+    assert len(sums) == 4 and all(b.arrays["table"][-1] == b.attrs["n_pos"] for b in sums)   # level = the sum
+    x = digits.x[300:330]
+    ref, lv = run_with_levels(snn.graph, x)
+    path = str(tmp_path / "b")
+    info = export_lava(snn, path, input_abs_max=1.0, avg_pool="layer")
+    assert info["pooling_layers"] == 2
+    r = run_lava(path, x.numpy(), "floating_pt", record=True, timeout=300)
+    for site, levels in _levels(lv, len(x)).items():
+        assert np.array_equal(r["levels"][site], levels), site
+    assert np.abs(r["outputs"] - ref.numpy()).max() < 1e-4
+    r = run_lava(path, x.numpy(), "fixed_pt", record=True, timeout=300)
+    iref = integer_reference(snn, read_bundle(path, "fixed_pt")[1]["fixed_pt"])
+    out, lvi = run_with_levels(iref.graph, x)
+    for site, levels in _levels(lvi, len(x)).items():
+        assert np.array_equal(r["levels"][site], levels), site
+    assert np.array_equal(r["outputs"], out.numpy()) and r["overflows"] == 0 and r["saturations"] == 0
+
+
+def test_cli_avg_pool_layer(digits, tmp_path):
+    """export/simulate --avg-pool layer on a converted model; refused on other targets and on a bundle."""
+    from sfn_deploy.model_file import save
+    model, bundle = str(tmp_path / "m.sfn.pt"), str(tmp_path / "m.lava")
+    save(convert(_SiluPoolNet.build(), digits.limit(300), scale=0.3), model)
+    r = _cli("export", "--target", "lava", model, "-o", bundle, "--avg-pool", "layer", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pooling_layers"] == 2
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        assert json.load(f)["avg_pool"] == "layer"
+    r = _cli("simulate", model, "--data", "sklearn:digits", "--limit", "10", "--backend", "lava", "--avg-pool",
+             "layer", "--per-layer", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["parity"]
+    assert rows[0]["first_differing"] is None and all(row["levels_equal"] == 100.0 for row in rows[0]["layers"])
+    for args, why in ((("export", "--target", "onnx", model, "-o", str(tmp_path / "m.onnx"), "--avg-pool", "layer"),
+                       "--avg-pool applies to --target lava only"),
+                      (("evaluate", model, "--data", "sklearn:digits", "--avg-pool", "layer"),
+                       "--avg-pool applies to --backend lava only"),
+                      (("simulate", bundle, "--data", "sklearn:digits", "--avg-pool", "layer"),
+                       "chosen at export")):
+        r = _cli(*args)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+
+
+def test_pooling_layer_needs_graded_spikes(pool_res_cat):
+    with pytest.raises(UserError, match="channel lowering's spikes are binary"):
+        lower(pool_res_cat, "channels", "floating_pt", avg_pool="layer")
+    with pytest.raises(UserError, match="unknown average-pooling form"):
+        lower(pool_res_cat, "graded", "floating_pt", avg_pool="pooled")
+
+
 def test_pool_event_counts_compare_the_folded_form_with_a_pooling_layer(pool_res_cat, digits):
     from sfn_deploy.exporters.lava.plan import pool_event_counts
     snn = pool_res_cat

@@ -33,12 +33,13 @@ from .worker import USER_ERROR
 __all__ = ["export_lava", "load_network", "run_lava", "read_bundle", "lower", "LOWERINGS", "PRECISIONS", "LavaNetwork"]
 
 
-def plans_for(model: ConvertedModel, lowering: str = "graded", input_abs_max: float | None = None):
+def plans_for(model: ConvertedModel, lowering: str = "graded", input_abs_max: float | None = None,
+              avg_pool: str = "folded"):
     """Both precisions' plans (fixed point left out, with the reason, where it cannot be planned)."""
     plans, missing = {}, {}
     for p in PRECISIONS:
         try:
-            plans[p] = lower(model, lowering, p, input_abs_max)
+            plans[p] = lower(model, lowering, p, input_abs_max, avg_pool)
         except UserError as e:
             if p == "floating_pt":
                 raise
@@ -47,14 +48,15 @@ def plans_for(model: ConvertedModel, lowering: str = "graded", input_abs_max: fl
 
 
 def export_lava(model: ConvertedModel, path: str, lowering: str = "graded",
-                input_abs_max: float | None = None) -> dict:
+                input_abs_max: float | None = None, avg_pool: str = "folded") -> dict:
     """Write the bundle folder atomically; return a summary (processes by kind, host work, latency).
     The fixed-point input encoding uses ``input_abs_max``, by default the calibration range the
-    conversion recorded."""
+    conversion recorded. ``avg_pool``: average pooling of spikes folded into the next layer's weights, or
+    a pooling layer (docs/lava.md, "Events: folded vs a pooling layer")."""
     if input_abs_max is None:
         input_abs_max = model.metrics.get("input_abs_max")
-    plans, missing = plans_for(model, lowering, input_abs_max)
-    info = {"lowering": lowering, "source": model.source, "input_shape": list(model.input_shape),
+    plans, missing = plans_for(model, lowering, input_abs_max, avg_pool)
+    info = {"lowering": lowering, "avg_pool": avg_pool, "source": model.source, "input_shape": list(model.input_shape),
             "missing": missing, "input_abs_max": input_abs_max,
             "preprocessing": None if model.preprocessing is None else model.preprocessing.to_dict(),  # docs/data.md
             "classes": model.classes, "output_parts": model.graph.output_parts}
@@ -158,12 +160,13 @@ class LavaRunner:
     batch through it. ``last`` keeps the latest run's result (levels, counters, timings)."""
 
     def __init__(self, model: ConvertedModel, precision: str = "floating_pt", lowering: str = "graded",
-                 input_abs_max: float | None = None, record: bool = False, timeout: float = 900.0):
+                 input_abs_max: float | None = None, record: bool = False, timeout: float = 900.0,
+                 avg_pool: str = "folded"):
         if precision not in PRECISIONS:
             raise UserError(f"unknown Lava precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self._tmp = tempfile.TemporaryDirectory(prefix="sfn-lava-bundle-")
         self.path = os.path.join(self._tmp.name, "bundle")
-        self.info = export_lava(model, self.path, lowering, input_abs_max)
+        self.info = export_lava(model, self.path, lowering, input_abs_max, avg_pool)
         if precision in self.info["missing"]:       # refuse with the plan's own reason
             raise UserError(self.info["missing"][precision])
         self.summary = self.info["summaries"][precision]
@@ -246,17 +249,19 @@ class LavaBackend:
 
     def parity_info(self, options: dict | None) -> dict:
         return {"lava": {"precision": (options or {}).get("precision", "floating_pt"),
-                         "lowering": (options or {}).get("lowering", "graded")}}
+                         "lowering": (options or {}).get("lowering", "graded"),
+                         "avg_pool": (options or {}).get("avg_pool", "folded")}}
 
     def export(self, model: ConvertedModel, path: str, *, lowering: str = "graded",
-               input_abs_max: float | None = None, **_other) -> dict:
-        return export_lava(model, path, lowering, input_abs_max)
+               input_abs_max: float | None = None, avg_pool: str = "folded", **_other) -> dict:
+        return export_lava(model, path, lowering, input_abs_max, avg_pool)
 
     def describe_export(self, info: dict) -> str:
         text = (f"wrote {info['path']}/: Lava bundle ({info['lowering']} lowering; {', '.join(info['precisions'])}), "
                 f"{info['processes']} processes ({info['neuro_core_processes']} on neuro-cores, "
                 f"{info['host_processes']} on the host: {', '.join(info['host_ops']) or 'input/output only'}), "
-                f"latency {info['latency_steps']} steps, {info['bytes']:,} bytes")
+                + (f"{info['pooling_layers']} pooling layers, " if info.get("pooling_layers") else "")
+                + f"latency {info['latency_steps']} steps, {info['bytes']:,} bytes")
         for p, why in info["missing"].items():
             text += f"\n  no {p} plan: {why}"
         return text

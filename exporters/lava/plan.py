@@ -37,6 +37,7 @@ from ...ir import Graph, Node
 
 LOWERINGS = ("graded", "channels")
 PRECISIONS = ("floating_pt", "fixed_pt")
+AVG_POOLS = ("folded", "layer")     # average pooling of spikes: folded into the next weights, or a pooling layer
 WEIGHT_BITS = 8
 ACC_BITS = 24
 INPUT_BITS = 8
@@ -66,6 +67,15 @@ class Block:
 
 
 @dataclass
+class _Source:
+    """The spikes a synaptic layer reads: the site whose levels (steps) they are worth, the (block, port) of each
+    polarity (None: sent by a host block), and the divisor of a pooling layer's window sums (1 otherwise)."""
+    site: Node
+    ports: dict | None
+    divisor: float = 1.0
+
+
+@dataclass
 class Plan:
     lowering: str
     precision: str
@@ -89,6 +99,8 @@ class Plan:
         return {"lowering": self.lowering, "precision": self.precision, "processes": len(self.blocks),
                 "by_kind": kinds, "latency_steps": self.latency, "host_ops": host_ops,
                 "neuro_core_processes": sum(b.where == "neuro-core" for b in self.blocks),
+                "pooling_layers": len({b.attrs["layer"] for b in self.blocks if b.kind == "conv"
+                                       and b.attrs.get("polarity") == "pool" and b.attrs.get("op") != "max_pool2d"}),
                 "host_processes": sum(b.where == "host" for b in self.blocks)}
 
 
@@ -125,11 +137,17 @@ def _numel(shape) -> int:
 
 class _Lowering:
     def __init__(self, graph: Graph, input_shape, lowering: str, precision: str, input_abs_max: float | None,
-                 split_weights: bool = True):
+                 split_weights: bool = True, avg_pool: str = "folded"):
         if lowering not in LOWERINGS:
             raise UserError(f"unknown Lava lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
         if precision not in PRECISIONS:
             raise UserError(f"unknown Lava precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if avg_pool not in AVG_POOLS:
+            raise UserError(f"unknown average-pooling form {avg_pool!r}; choose one of {', '.join(AVG_POOLS)}")
+        if avg_pool == "layer" and lowering == "channels":
+            raise UserError("a pooling layer sends graded sums; the channel lowering's spikes are binary: use "
+                            "--avg-pool folded with --lowering channels")
+        self.avg_pool = avg_pool
         self.g, self.users = graph, graph.users()
         self.lowering, self.precision = lowering, precision
         self.fixed = precision == "fixed_pt"
@@ -148,12 +166,16 @@ class _Lowering:
         self.core_pools: set = set()           # channel lowering: max pools done on cores (see _find_core_pools)
         self.aliases: set = set()              # flattens between such a pool and its synaptic layers
         self.folds: dict[str, str] = {}        # average pools of a site's spikes folded into linear layers -> site
+        self.pool_layers: dict[str, str] = {}  # average pools lowered to pooling layers (avg_pool "layer") -> site
+        self.pool_blocks: dict[str, dict] = {}  # such a pool -> {polarity: its sum neuron block}
         self.bounds: dict[str, float | None] = {}  # value -> bound on |value| (None: not derived)
 
     # graph facts
     def cls(self, n: Node) -> str:
         if n.name in self.core_pools:
             return "pool"
+        if n.name in self.pool_layers:
+            return "sumpool"
         if n.name in self.aliases:
             return "alias"
         if n.name in self.folds:
@@ -220,8 +242,35 @@ class _Lowering:
                 continue
             chain: list = []
             if self.users[n.name] and all(reaches_weights(n, u, chain) for u in self.users[n.name]):
+                if self.avg_pool == "layer" and self._sum_kernel(n) is not None:
+                    self.pool_layers[n.name] = n.inputs[0]
+                    self.aliases.update(chain)         # the flattens read the sum neurons' spikes in C·H·W order
+                    continue
                 for name in (n.name, *chain):
                     self.folds[name] = n.inputs[0]
+
+    def _sum_kernel(self, n: Node) -> tuple[list, list, list, int] | None:
+        """(kernel, stride, padding, divisor), each (h, w) but the divisor, when average pooling node n is a
+        window sum (a depthwise convolution of ones) divided by one count: a pooling layer can compute it.
+        None otherwise (count_include_pad off with padding, a divisor override, ceil mode, uneven adaptive
+        windows): such a pool stays folded."""
+        a = n.attrs
+        if len(self.g[n.inputs[0]].shape) != 4:
+            return None
+        h, w = self.g[n.inputs[0]].shape[2:]
+        if n.op == "avg_pool2d":
+            k = list(a["kernel_size"]) * (2 if len(a["kernel_size"]) == 1 else 1)
+            st = list(a["stride"] or k) * (2 if len(a["stride"] or k) == 1 else 1)
+            pad = list(a.get("padding", [0])) * (2 if len(a.get("padding", [0])) == 1 else 1)
+            if a.get("ceil_mode") or a.get("divisor_override") or (any(pad) and not a.get("count_include_pad", True)):
+                return None
+            return k, st, pad, k[0] * k[1]
+        if n.op == "mean" and sorted(d % 4 for d in a["dims"]) == [2, 3]:
+            return [h, w], [h, w], [0, 0], h * w
+        win = self._pool_window(n) if n.op == "adaptive_avg_pool2d" else None
+        if win is None:
+            return None
+        return [win[0], win[1]], [win[0], win[1]], [0, 0], win[0] * win[1]
 
     def _pool_window(self, n: Node) -> tuple[int, int] | None:
         """(kh, kw) when average pooling node n averages disjoint kh×kw windows tiling its input exactly."""
@@ -326,7 +375,7 @@ class _Lowering:
                 continue
             ins = [self.stage[i] for i in n.inputs if i in self.stage]
             s = max(ins, default=0)
-            self.stage[n.name] = s + 1 if self.cls(n) in ("synapse", "pool") else s
+            self.stage[n.name] = s + 1 if self.cls(n) in ("synapse", "pool", "sumpool") else s
             if n.op == "input" or (n.op in LATTICE_OPS and n.op != "max_pool2d" and n.inputs[0] in self.input_like):
                 self.input_like.add(n.name)          # the input moved around: its range is the input's
             if n.op == "sfn":
@@ -380,6 +429,7 @@ class _Lowering:
         groups = {h: grp for grp in self.host_groups() for h in grp}
         # host programs are filled after every block exists (their ports depend on producers and consumers)
         host_blocks: dict[str, Block] = {}
+        on_cores = {"neuron": self.neuron, "synapse": self.synapse, "pool": self.core_pool, "sumpool": self.sum_pool}
         for n in g:
             c = self.cls(n)
             if c == "host" and n.name not in self.block_of:
@@ -387,12 +437,8 @@ class _Lowering:
                 name = "input" if n.op == "input" else f"host_{n.name}"
                 b = self.add(Block(name, "host", self.stage[n.name], ir=list(grp)))
                 host_blocks[b.name] = b
-            elif c == "neuron":
-                self.neuron(n)
-            elif c == "synapse":
-                self.synapse(n)
-            elif c == "pool":
-                self.core_pool(n)
+            elif c in on_cores:
+                on_cores[c](n)
             elif c in ("alias", "fold"):
                 self.block_of[n.name] = self.block_of[n.inputs[0]]
         out = self.add(Block("output", "host", self.stage[out_node.name], ir=[]))
@@ -459,6 +505,43 @@ class _Lowering:
             "thr_neg": np.zeros(0)}))
         self.connect(conv.name, "a_out", any_.name, "a_in", self._from_conv_view(conv))
 
+    def sum_pool(self, p: Node) -> None:
+        """Average pooling of a site's spikes as a pooling layer: per polarity, a depthwise Conv of ones sums each
+        window's levels and graded neurons send the integer sum on (thresholds at every integer up to the
+        window's largest sum, so the level is the sum); the weight layers reading the pool divide by the window
+        (:meth:`_weight_parts`). One event per pre-pool spike into the layer, then one per non-zero sum."""
+        site = self.g[self.pool_layers[p.name]]
+        kernel = self._sum_kernel(p)
+        assert kernel is not None, "_find_folds makes pooling layers of such pools only"
+        k, st, pad, _ = kernel
+        bpos, bneg, table, _ = _site_arrays(site)
+        c, h, w = site.shape[1:]
+        out_chw = [c, *(p.shape[2:] if len(p.shape) == 4 else [1, 1])]
+        self.pool_blocks[p.name] = {}
+        for pol, nb, port in (("pos", bpos.size, "s_pos"), ("neg", bneg.size, "s_neg")):
+            if nb == 0 and pol == "neg":
+                continue
+            suffix = "" if pol == "pos" else "__neg"
+            conv = self.add(Block(f"sumpool_{p.name}{suffix}", "conv", self.stage[p.name], arrays={
+                "weight": np.ones((c, k[1], k[0], 1))}, attrs={
+                "op": p.op, "layer": p.name, "polarity": "pool", "input": site.name, "tokens": 1, "copies": 1,
+                "copy_ids": None, "shift": 0, "in_n": _numel(site.shape), "out_n": _numel(out_chw), "weight_exp": 0,
+                "scale": 1.0, "graded": True, "input_shape": [w, h, c], "stride": st[::-1], "padding": pad[::-1],
+                "dilation": [1, 1], "groups": c, "out_chw": out_chw}))
+            self.connect(self.block_of[site.name], port, conv.name, "s_in", self._to_conv_view(conv))
+            top = k[0] * k[1] * int(table[nb])          # the largest window sum of this polarity's levels
+            bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
+            n = _numel(out_chw)
+            neuron = self.add(Block(f"sum_{p.name}{suffix}", "neuron", self.stage[p.name], ir=[p.name] if not suffix
+                                    else [], attrs={"n": n, "shape": out_chw, "input": p.name, "dual": False,
+                                                    "channels": False, "n_pos": top, "n_neg": 0, "pool": True,
+                                                    "scale": 1.0}, arrays={
+                "bounds_pos": bounds, "bounds_neg": np.zeros(0, np.float32), "table": np.arange(top + 1),
+                "steps": np.array([1.0, 0.0]), "bias": np.zeros(n), "thr_pos": ceil_div(bounds, 1.0) if self.fixed
+                else bounds, "thr_neg": np.zeros(0)}))
+            self.connect(conv.name, "a_out", neuron.name, "a_in", self._from_conv_view(conv))
+            self.pool_blocks[p.name][pol] = neuron.name
+
     def neuron_thresholds(self, b: Block) -> None:
         """Bias and thresholds in the neuron's membrane units (float: the values themselves)."""
         if b.attrs.get("pool"):
@@ -484,21 +567,29 @@ class _Lowering:
         self.sites[b.ir[0]]["scale"] = scale
 
     # -- synapses
-    def _spike_source(self, value: str):
-        """(site, producer block, ports) feeding a synaptic layer with spikes, or None for analog input."""
+    def _spike_source(self, value: str) -> _Source | None:
+        """What feeds a synaptic layer with spikes, or None for analog input."""
         if value in self.folds:            # pooled spikes folded into the weights: the site's own spikes
             site = self.g[self.folds[value]]
-            return site, self.block_of[site.name], ("s_pos", "s_neg")
+            b = self.block_of[site.name]
+            return _Source(site, {"pos": (b, "s_pos"), "neg": (b, "s_neg")})
+        producer = self.g[value]
+        while producer.name in self.aliases:
+            producer = self.g[producer.inputs[0]]
+        if producer.name in self.pool_layers:    # a pooling layer's sums, one neuron block per polarity
+            blocks = self.pool_blocks[producer.name]
+            kernel = self._sum_kernel(producer)
+            assert kernel is not None, "_find_folds makes pooling layers of such pools only"
+            return _Source(self.g[self.pool_layers[producer.name]], {pol: (b, "s_pos") for pol, b in blocks.items()},
+                           float(kernel[3]))
         site_name = self.lattice.get(value)
         if site_name is None:
             return None
         site = self.g[site_name]
-        producer = self.g[value]
-        while producer.name in self.aliases:
-            producer = self.g[producer.inputs[0]]
         if producer.op == "sfn" or producer.name in self.core_pools:
-            return site, self.block_of[producer.name], ("s_pos", "s_neg")
-        return site, None, None          # through a host block: ports assigned by host_program
+            b = self.block_of[producer.name]
+            return _Source(site, {"pos": (b, "s_pos"), "neg": (b, "s_neg")})
+        return _Source(site, None)          # through a host block: ports assigned by host_program
 
     def synapse(self, n: Node) -> None:
         x = n.inputs[0]
@@ -559,9 +650,9 @@ class _Lowering:
             name = f"{kind}_{n.name}" + ("" if pol in ("analog", "pos") else "__neg") + (f"__g{k}" if k else "")
             blk = self.add(Block(name, kind, self.stage[n.name], attrs=attrs, arrays=arrays,
                                  ir=[n.name] if k == 0 else []))
-            if spikes is not None and spikes[1] is not None:
-                port = "s_pos" if pol == "pos" else "s_neg"
-                self.connect(spikes[1], port, blk.name, "s_in", self._to_conv_view(blk))
+            if spikes is not None and spikes.ports is not None:
+                src, port = spikes.ports[pol]
+                self.connect(src, port, blk.name, "s_in", self._to_conv_view(blk))
             # consumers are connected when they are built: neurons now, host blocks in host_program
             for user in self.users[n.name]:
                 if user.op == "sfn":
@@ -656,7 +747,8 @@ class _Lowering:
         if spikes is None:
             return [("analog", w)]
         parts = []
-        bpos, bneg, table, steps = _site_arrays(spikes[0])
+        bpos, bneg, table, steps = _site_arrays(spikes.site)
+        steps = steps / spikes.divisor          # a pooling layer's sums: the average's division
         dy = np.diff(table).astype(np.float64)
         for pol, nb, step, sign in (("pos", bpos.size, steps[0], 1.0), ("neg", bneg.size, steps[1], -1.0)):
             if nb == 0:
@@ -892,11 +984,12 @@ def _expand_bias(n: Node) -> np.ndarray:
     return np.tile(b, _numel(shape[:-1]))
 
 
-def lower(model, lowering: str = "graded", precision: str = "floating_pt", input_abs_max: float | None = None) -> Plan:
+def lower(model, lowering: str = "graded", precision: str = "floating_pt", input_abs_max: float | None = None,
+          avg_pool: str = "folded") -> Plan:
     """Plan the Lava processes of a converted model (see the module docstring)."""
     from ...methods import require_single_step
     require_single_step(model, "Lava")        # multi-timestep baselines (if, ecmt) keep state: refused
-    low = _Lowering(model.graph, model.input_shape, lowering, precision, input_abs_max)
+    low = _Lowering(model.graph, model.input_shape, lowering, precision, input_abs_max, avg_pool=avg_pool)
     return low.lower()
 
 

@@ -96,8 +96,10 @@ class _Builder:
                             f"{plan.precision}, {plan.lowering})")
         g = model.graph
         self.model, self.g, self.plan = model, g, plan
-        self.low = _Lowering(g, model.input_shape, "graded", "fixed_pt", None)
+        layer = any(b.attrs.get("polarity") == "pool" and b.attrs.get("op") != "max_pool2d" for b in plan.blocks)
+        self.low = _Lowering(g, model.input_shape, "graded", "fixed_pt", None, avg_pool="layer" if layer else "folded")
         self.low.analyse()                        # lattice (values carrying a site's levels) and folded pools
+        self.pooled: dict[str, dict] = {}         # a pooling layer's value (and flattens of it) -> {polarity: sums}
         self.nodes: list[Node] = []
         self.taken = {n.name for n in g}
         self.val: dict[str, str] = {}            # graph value -> its node here (levels for spikes)
@@ -180,6 +182,8 @@ class _Builder:
         x, pol = b.attrs["input"], b.attrs["polarity"]
         if pol == "analog":
             return self.quantised(x, b.attrs["scale"] / 2.0 ** b.attrs["weight_exp"])
+        if x in self.pooled:                      # a pooling layer's integer window sums
+            return self.pooled[x][pol]
         if x in self.low.folds:                   # folded pooling: the site's own spikes
             site = self.low.folds[x]
             src, sh = self.val[site], self.shape(site)
@@ -268,11 +272,45 @@ class _Builder:
                   "steps": torch.ones(2, dtype=torch.float32), "table": n.params["table"]}
         self.val[n.name] = self.emit("sfn", [v], n.shape, n.attrs, params, name=n.name)
 
+    def sum_pool(self, n: Node) -> None:
+        """A pooling layer: per polarity, the plan's depthwise Conv of ones over the site's levels of that sign
+        (integer sums, exact in float32); the sum neurons fire the sum itself."""
+        site = self.low.pool_layers[n.name]
+        src, sh = self.val[site], self.shape(site)
+        out = {}
+        for b in self.plan.blocks:
+            if b.kind != "conv" or b.attrs.get("layer") != n.name or b.attrs.get("polarity") != "pool":
+                continue
+            pol = "neg" if b.name.endswith("__neg") else "pos"
+            if pol == "pos":
+                lv = self.emit("relu", [src], sh, base=f"{site}__pos") \
+                    if self.g[site].params["bounds_neg"].numel() else src
+            else:
+                lv = self.emit("relu", [self.emit("mul", [src], sh, {"other": -1.0}, base=f"{site}__minus")], sh,
+                               base=f"{site}__neg")
+            a = b.attrs
+            attrs = {"stride": a["stride"][::-1], "padding": a["padding"][::-1], "dilation": [1, 1],
+                     "groups": a["groups"]}
+            w = torch.from_numpy(_torch_weight(b).astype(np.float32))
+            out_shape = [sh[0], *a["out_chw"]]
+            v = self.emit("conv2d", [lv], out_shape, attrs, {"weight": w}, base=b.name)
+            if list(n.shape) != out_shape:        # a mean without keepdim: (N, C)
+                v = self.emit("flatten", [v], list(n.shape), {"start": 1, "end": -1}, base=f"{b.name}__flat")
+            out[pol] = v
+        self.pooled[n.name] = out
+
     # -- the graph
     def build(self) -> Graph:
         g, low = self.g, self.low
         for n in g:
             c = low.cls(n)
+            if c == "sumpool":
+                self.sum_pool(n)
+                continue
+            if c == "alias" and n.inputs[0] in self.pooled:     # a flatten between a pooling layer and its readers
+                self.pooled[n.name] = {pol: self.emit(n.op, [v], n.shape, n.attrs, n.params, base=f"{n.name}__{pol}")
+                                       for pol, v in self.pooled[n.inputs[0]].items()}
+                continue
             if c in ("pool", "alias"):
                 raise UserError("the integer reference does not model threshold channels")
             if c == "fold":                         # read through the folded weights instead
