@@ -282,6 +282,19 @@ def _mapping(t: TargetPlan, level: int) -> list:
     return out
 
 
+def _avg_pool_line(e: Estimate) -> str | None:
+    """Both forms of average pooling on a graded target and the one priced in the total."""
+    a = e.avg_pool
+    if a is None:
+        return None
+    f, lay = a["folded"], a["layer"]
+    return (f"Average pooling ({', '.join(a['poolings'])}): folded into the next weights {count(f['synops'])} "
+            f"synops ({energy(f['energy_j'])}); as pooling layers {count(lay['synops'])} synops and "
+            f"{count(lay['neurons'])} neurons, {count(lay['active'])} firing ({energy(lay['energy_j'])}): "
+            f"{a['chosen']} is cheaper and priced in the total (sfn-deploy export --target lava --avg-pool "
+            f"{a['chosen']}).")
+
+
 def _energy(e: Estimate, level: int) -> list:
     """The energy terms of one target and the totals under them."""
     out: list = [("h", level + 1, "Energy per inference")]
@@ -307,6 +320,9 @@ def _energy(e: Estimate, level: int) -> list:
     if e.proxy_figures:
         lines.append("PROXY prices (another chip's figures, no published one for this target): "
                      + ", ".join(e.proxy_figures) + ". Treat the total as indicative.")
+    pool = _avg_pool_line(e)
+    if pool:
+        lines.append(pool)
     return out + [("p", s) for s in lines]
 
 
@@ -730,6 +746,10 @@ def _text_report(r: Report) -> list[str]:
         r8 = e.snn_over_int8_ann
         if r8 is not None:
             lines.append(f"  SNN / int8 ANN {ratio(r8)} ({'SNN wins' if r8 < 1 else 'int8 ANN wins'})")
+        if e.avg_pool is not None:
+            f, lay = e.avg_pool["folded"], e.avg_pool["layer"]
+            lines.append(f"  average pooling: folded {energy(f['energy_j'])}, pooling layers "
+                         f"{energy(lay['energy_j'])}: {e.avg_pool['chosen']} priced")
         if m.violations:
             lines += [f"  violation: {v.layer}: {v.rule}: {count(v.value)} > limit {count(v.limit)}"
                       for v in m.violations[:5]]

@@ -57,7 +57,9 @@ _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
            "roll"}
 _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll"}   # every element kept once
 CONVENTIONS = ("spike", "event", "channel")
-_PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes")
+_PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes",
+               "ac_event_layer", "pool_events", "pool_active")
+_POOL_LAYOUT = {"flatten", "reshape", "squeeze"}     # between an average pooling and the weight layers reading it
 
 Totals = tuple[float, float, float]                             # Σ|y|, Σ1[y≠0], Σk (or those × fan-out)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]        # per element: |y|, 1[y≠0], k
@@ -89,6 +91,11 @@ class LayerCount:
     timesteps: int = 1           # neuron sites: steps per inference (multi-timestep baselines); MBE: internal steps
     bases: int = 0               # MBE nodes: basis units (neurons × N bases) per inference
     level_hist: dict[float, float] = field(default_factory=dict)   # SFN sites: level -> occurrences per inference
+    # average pooling of a site's spikes as a pooling layer of graded neurons instead of folded (graded targets):
+    ac_event_layer: float = 0.0  # weight layers reading such a pooling: event-convention synops in that form
+    pool_events: float = 0.0     # the pooling node: events into its pooling layer (non-zero spike × windows)
+    pool_active: float = 0.0     # ... its sum neurons that fire (non-zero window sums, per polarity)
+    pool_neurons: int = 0        # ... its sum neurons (pooled elements × polarities)
 
     @property
     def firing_rate(self) -> float:
@@ -152,8 +159,9 @@ class _Spikes:
     after a summing pool, per-element sums of (|y|, 1[y≠0], k) that weight layers read with their fan-out."""
 
     def __init__(self, site: Node, index: torch.Tensor | None = None, sums: Triple | None = None,
-                 whole: Totals | None = None):
+                 whole: Totals | None = None, events: torch.Tensor | None = None):
         self.site, self.index, self.sums = site, index, sums    # index: the position
+        self.events = events     # an average pooling's: non-zero window sums per element (its pooling-layer form)
         self.n = site.params["table"].numel() - 1 if "table" in site.params else 0    # MBE: sums only
         self.whole = whole        # totals, known while only element-preserving layout ops were applied
 
@@ -169,7 +177,7 @@ class _Spikes:
             if not preserves:
                 raise RuntimeError(f"positions of {self.site.name} were not kept but are needed")
             return self
-        return _Spikes(self.site, sums=_each(fn, self.sums))
+        return _Spikes(self.site, sums=_each(fn, self.sums), events=None if self.events is None else fn(self.events))
 
     def triple(self) -> Triple:
         if self.sums is not None:
@@ -248,6 +256,34 @@ def _position_free(graph: Graph) -> set[str]:
     return {n.name for n in graph.nodes if n.op in NEURON_OPS and totals_only(n.name)}
 
 
+def pooling_layer_candidates(graph: Graph) -> set[str]:
+    """Average poolings of a site's spikes that a graded target can run as a pooling layer (a window sum of
+    ones divided by one count, read only by weight layers through flattens): the Lava lowering's
+    ``--avg-pool layer`` set (exporters/lava/plan.py, ``_find_folds``/``_sum_kernel``)."""
+    readers: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        for i in dict.fromkeys(n.inputs):
+            readers.setdefault(i, []).append(n)
+
+    def weights_only(name: str) -> bool:
+        rs = readers.get(name, [])
+        return bool(rs) and all(r.op in ("linear", "conv2d") or (r.op in _POOL_LAYOUT and r.bdim == 0
+                                                                 and weights_only(r.name)) for r in rs)
+
+    def one_count(n: Node) -> bool:
+        a, shape = n.attrs, graph[n.inputs[0]].shape
+        if len(shape) != 4:
+            return False
+        if n.op == "avg_pool2d":
+            return not (a.get("ceil_mode") or a.get("divisor_override")
+                        or (any(a.get("padding", [0])) and not a.get("count_include_pad", True)))
+        if n.op == "adaptive_avg_pool2d":
+            return shape[2] % n.shape[2] == 0 and shape[3] % n.shape[3] == 0
+        return n.op == "mean" and sorted(d % 4 for d in a["dims"]) == [2, 3]
+    return {n.name for n in graph.nodes if n.op in ("avg_pool2d", "adaptive_avg_pool2d", "mean") and n.bdim == 0
+            and graph[n.inputs[0]].op == "sfn" and one_count(n) and weights_only(n.name)}
+
+
 def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
     """|y| and k of each position, the weights that turn a histogram into totals."""
     t = table.tolist()
@@ -307,6 +343,7 @@ class OpCounter(Observer):
         self._grids: dict[str, FireGrid | None] = {}
         self._free = release_plan(graph)
         self.skip_positions = _position_free(graph) if spiking else set()
+        self.pool_candidates = pooling_layer_candidates(graph) if spiking else set()
 
     def start_batch(self, batch: int) -> None:
         self.samples += batch
@@ -391,6 +428,9 @@ class OpCounter(Observer):
         else:
             c.input = "spikes"
             c.add_synops(spikes.weighted(fan))
+            if spikes.events is not None:       # reading an average pooling: its pooling-layer form's events
+                ev = spikes.events.to(torch.float64)
+                c.ac_event_layer += _sum(ev) * float(fan) if fan.numel() == 1 else _sum(ev.sum(0) * fan)
 
     def _product(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
         """matmul A·B. With spikes in A each spike of A is added into the N columns of B; with spikes in B,
@@ -462,17 +502,36 @@ class OpCounter(Observer):
 
     def _avg_pool(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
         a = node.attrs
-        return _Spikes(s.site, sums=_each(lambda t: F.avg_pool2d(
-            t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], 1), s.triple()))
+        return self._summed(node, s, lambda t: F.avg_pool2d(
+            t, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], 1))
 
     def _adaptive_pool(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
-        t0 = s.triple()
-        k = t0[0].shape[-2] * t0[0].shape[-1] / (out.shape[-2] * out.shape[-1])
-        return _Spikes(s.site, sums=_each(lambda t: F.adaptive_avg_pool2d(t, node.attrs["output_size"]) * k, t0))
+        shape = s.triple()[0].shape
+        k = shape[-2] * shape[-1] / (out.shape[-2] * out.shape[-1])
+        return self._summed(node, s, lambda t: F.adaptive_avg_pool2d(t, node.attrs["output_size"]) * k)
 
     def _reduce(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
         a = node.attrs
-        return _Spikes(s.site, sums=_each(lambda t: t.sum(a["dims"], keepdim=a["keepdim"]), s.triple()))
+        return self._summed(node, s, lambda t: t.sum(a["dims"], keepdim=a["keepdim"]))
+
+    def _summed(self, node: Node, s: _Spikes, window_sum: Callable[[torch.Tensor], torch.Tensor]) -> _Spikes:
+        """A pooling's window sums of (|y|, 1[y≠0], k), which the weight layers reading it take with their
+        fan-out (the folded form). For a pooling-layer candidate also that form's figures: events into the
+        layer (each non-zero spike once per window holding it), its sum neurons per polarity and the non-zero
+        sums among them, and per pooled element the events its readers receive."""
+        sums = _each(window_sum, s.triple())
+        if node.name not in self.pool_candidates or s.index is None:
+            return _Spikes(s.site, sums=sums)
+        c = self.layers[node.name]
+        ev = (window_sum((s.index > s.n).to(torch.float32)) > 0).to(torch.float32)
+        polarities = 1
+        if s.site.params["bounds_neg"].numel():
+            ev = ev + (window_sum((s.index < s.n).to(torch.float32)) > 0).to(torch.float32)
+            polarities = 2
+        c.pool_events += _sum(sums[1])
+        c.pool_active += _sum(ev)
+        c.pool_neurons = ev[0].numel() * polarities
+        return _Spikes(s.site, sums=sums, events=ev)
 
     def _recoverable(self, site: Node) -> FireGrid | None:
         """The site's fire table if it maps every reachable output value back to its own position."""

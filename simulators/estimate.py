@@ -139,6 +139,7 @@ class Estimate(Result):
     layers_note: str
     included: list[str] | None = optional()    # terms an all-in price already covers (scope = "all_in" only)
     bands: dict[str, dict] | None = optional()  # "energy"/"latency": measured ÷ predicted over back-tests
+    avg_pool: dict | None = optional()  # graded targets: average pooling folded vs pooling layers (_avg_pool_forms)
 
 
 def _term(name: str, count: float, target: Target, section: str, key: str, what: str) -> EnergyTerm:
@@ -191,10 +192,43 @@ def _ann_terms(counts, target: Target, weights, products, per_layer, wbits: int)
                   f"bits read: one {wbits}-bit weight per MAC")]
 
 
-def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weights, per_layer) -> list[EnergyTerm]:
-    """Synaptic ops, neuron updates and spike messages of the placed layers, and the analog input layer."""
+def _avg_pool_forms(counts, target: Target, weights) -> dict | None:
+    """Average pooling of spikes on a graded target, both forms priced with the target's own figures: folded
+    into the next layer's weights (each pre-pool spike carries the pooled position's whole fan-out) or a pooling
+    layer of graded neurons (one event per spike into it, then the fan-out per non-zero window sum, plus its
+    neurons' updates and messages); the cheaper is chosen (``chosen``) and priced in the totals. None where no
+    pooling could be a layer or the target's spikes are not graded events. The layer form's extra pipeline step
+    per pooling and its neurons' compartments are not in the latency and the mapping."""
+    pools = [c for c in counts.layers if c.pool_neurons]
+    if not pools or target.spikes != "graded" or target.convention != "event":
+        return None
+    readers = [c for c in weights if c.ac_event_layer]
+    e_syn = (target.get("energy_pj", "synop") or 0.0) + (target.get("energy_pj", "payload_multiply") or 0.0)
+    e_fire = (target.get("energy_pj", "neuron_update") or 0.0) + (target.get("energy_pj", "spike") or 0.0)
+    e_silent = target.get("energy_pj", "neuron_update_inactive") or 0.0
+    folded = sum(c.ac_event for c in readers)
+    layer = sum(c.ac_event_layer for c in readers) + sum(c.pool_events for c in pools)
+    active, neurons = sum(c.pool_active for c in pools), sum(c.pool_neurons for c in pools)
+    folded_j = folded * e_syn * PJ
+    layer_j = (layer * e_syn + active * e_fire + (neurons - active) * e_silent) * PJ
+    return {"poolings": [c.name for c in pools], "readers": [c.name for c in readers],
+            "folded": {"synops": folded, "energy_j": folded_j},
+            "layer": {"synops": layer, "neurons": neurons, "active": active, "energy_j": layer_j},
+            "chosen": "layer" if layer_j < folded_j else "folded",
+            "note": "synops of the layers reading the poolings (and of the pooling layers); energy: those synops "
+                    "at synop + payload price, plus the pooling layers' neuron updates and messages; the layer form "
+                    "adds one pipeline step per pooling (not in latency_s)"}
+
+
+def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weights, per_layer,
+                   pools: dict | None = None) -> list[EnergyTerm]:
+    """Synaptic ops, neuron updates and spike messages of the placed layers, and the analog input layer; with
+    ``pools`` choosing the pooling-layer form, its synops, neurons and messages instead of the folded ones."""
     conv = target.convention
+    chosen = pools if pools is not None and pools["chosen"] == "layer" else None
     syn = sum(c.synops(conv) for c in weights)
+    if chosen is not None:
+        syn += chosen["layer"]["synops"] - chosen["folded"]["synops"]
     terms = [_term("synaptic ops", syn, target, "energy_pj", "synop",
                    f"weight layers with spike input, {conv} convention")]
     if target.spikes == "graded":
@@ -206,6 +240,9 @@ def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weight
         fired = _fired(p, stats, target, steps)
         active += fired
         inactive += p.compartments * steps - fired
+    if chosen is not None:
+        active += chosen["layer"]["active"]
+        inactive += chosen["layer"]["neurons"] - chosen["layer"]["active"]
     terms += [_term("neuron updates, active", active, target, "energy_pj", "neuron_update",
                     "compartments that fire (graded events, or binary channel spikes)"),
               _term("neuron updates, silent", inactive, target, "energy_pj", "neuron_update_inactive",
@@ -216,7 +253,8 @@ def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weight
                          what="first layer fed by the analog input: encoded off the neuro cores")]
     e_syn = target.get("energy_pj", "synop") or 0.0
     for c in weights:
-        per_layer[c.name].snn_j = c.synops(conv) * e_syn * PJ
+        ops = c.ac_event_layer if chosen is not None and c.ac_event_layer else c.synops(conv)
+        per_layer[c.name].snn_j = ops * e_syn * PJ
     return terms
 
 
@@ -239,13 +277,15 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
     wbits = int(target.get("precision", "weight_bits") or 8)
     host_ops = counts.host_ops
     per_layer = {c.name: LayerEnergy(c.name) for c in weights + products}
+    pools = None
 
     if target.runs == "ann":
         terms = _ann_terms(counts, target, weights, products, per_layer, wbits)
     elif target.spikes == "none":
         terms = _arithmetic_terms(counts, target, weights, products, per_layer, wbits)
     else:
-        terms = _spiking_terms(counts, target, mapping, stats, weights, per_layer)
+        pools = _avg_pool_forms(counts, target, weights)
+        terms = _spiking_terms(counts, target, mapping, stats, weights, per_layer, pools)
         host_ops += sum(c.mac_ann for c in products)
     terms.append(_term("host operations", host_ops, target, "energy_pj", "host_op",
                        "LayerNorm, softmax, GELU, residual arithmetic" +
@@ -316,7 +356,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
         layers_note="snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
                     "static power are network totals)",
         included=[t.term for t in terms if t.included_in] or None,
-        bands={k: {**vars(b), "text": str(b)} for k, b in target.bands.items()} or None)
+        bands={k: {**vars(b), "text": str(b)} for k, b in target.bands.items()} or None, avg_pool=pools)
 
 
 def _ann(mac_ann: float, target: Target, wbits: int, e_int8: float | None, e_int8_mem: float | None) -> AnnBaseline:

@@ -1,4 +1,5 @@
 """Exact op counts (SPEC §5): hand-computed values and an independent MAC count."""
+import pytest
 import timm
 import torch
 import torch.nn as nn
@@ -285,3 +286,51 @@ def test_torch_path_counts_are_exact_past_float32(monkeypatch):
     monkeypatch.setenv("SFN_NATIVE", "0")
     slow = count_ops(g, [x])
     assert [c.to_dict() for c in fast.layers] == [c.to_dict() for c in slow.layers]
+
+
+def test_average_pooling_both_forms_are_counted_and_a_graded_target_prices_the_cheaper():
+    """Per average pooling of a site's spikes read by weight layers, the counter also counts the pooling-layer
+    form (events into the layer = the non-zero spikes, one per disjoint window; its readers get one event per
+    non-zero window sum and polarity); a graded event target prices both and keeps the cheaper in its totals,
+    a binary target keeps the folded form."""
+    from sfn_deploy.exporters.lava.plan import pool_event_counts
+    from sfn_deploy.simulators.estimate import estimate
+    from sfn_deploy.targets import load_target
+    from sfn_deploy.targets.mapping import map_network
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    x = torch.rand(16, 1, 8, 8)
+    g = insert_sfn(capture(m, x))
+    _fix_sites(g, theta=0.5, lam=0.25)
+    c = count_ops(g, [x])
+    layers = {lc.name: lc for lc in c.layers}
+    pools = [lc for lc in c.layers if lc.pool_neurons]
+    assert [p.op for p in pools] == ["avg_pool2d", "adaptive_avg_pool2d"]
+
+    class _Model:                      # what pool_event_counts reads of a converted model
+        graph, input_shape = g, [1, 8, 8]
+    _, lv = run_with_levels(g, x)
+    rows = {r["pool"]: r for r in pool_event_counts(_Model, lv)}
+    for p in pools:
+        r = rows[p.name]
+        assert p.pool_events == pytest.approx(r["pre_pool_spikes"])
+        assert p.pool_active == pytest.approx(r["pooled_nonzero"])
+    head = layers["linear"]                    # reads the global pooling: fan-out 3, exact
+    assert head.ac_event_layer == pytest.approx(rows["adaptive_avg_pool2d"]["pooled_nonzero"] * 3)
+    assert head.ac_event == pytest.approx(rows["adaptive_avg_pool2d"]["pre_pool_spikes"] * 3)
+    for name in ("loihi2", "loihi1"):
+        t = load_target(name)
+        e = estimate(g, c, t, map_network(g, c, t))
+        if name == "loihi1":
+            assert e.avg_pool is None               # binary spikes cannot carry window sums
+            continue
+        a = e.avg_pool
+        assert a["poolings"] == ["avg_pool2d", "adaptive_avg_pool2d"] and a["folded"]["synops"] == pytest.approx(
+            sum(lc.ac_event for lc in c.layers if lc.ac_event_layer))
+        syn = next(term for term in e.energy_terms if term.term == "synaptic ops")
+        base = c.synops("event")
+        chosen = a["chosen"]
+        assert chosen == ("layer" if a["layer"]["energy_j"] < a["folded"]["energy_j"] else "folded")
+        assert syn.count == pytest.approx(base if chosen == "folded" else base - a["folded"]["synops"]
+                                          + a["layer"]["synops"])
