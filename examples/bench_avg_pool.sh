@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Average pooling of spikes, folded into the next weights vs pooling layers (issue 15; docs/lava.md, "Events: folded
+# vs a pooling layer"), on held-out trained models the Lava lowering was not tuned on: the loihi2 report's priced
+# forms on 500 held-out images, and Lava fixed point in both forms on 50 of them (prediction agreement with the
+# float torch SNN, and with the integer reference, which must be 100 %).
+#   CIFAR=/tmp/cifar_splits MNIST=/tmp/heldout bash examples/bench_avg_pool.sh OUT
+# CIFAR: examples/train_cifar.py's splits (calib1k for calibration, heldout for the figures); MNIST: the held-out
+# MNIST split of examples/heldout/train_mnist.py --write-npz (train for calibration, test for the figures).
+set -euo pipefail
+out=${1:?output folder}
+mkdir -p "$out"
+sfn=${SFN:-.venv/bin/sfn-deploy}
+row() {   # name model calib test
+  local name=$1 model=$2 calib=$3 test=$4
+  "$sfn" convert "$model" --data "$calib" --scale 0.3 -o "$out/$name.sfn.pt" --json > "$out/$name.convert.json"
+  "$sfn" report "$out/$name.sfn.pt" --data "$test" --limit 500 --target loihi2 --json > "$out/$name.report.json"
+  for form in folded layer; do
+    "$sfn" simulate "$out/$name.sfn.pt" --data "$test" --limit 50 --backend lava --precision fixed_pt \
+      --avg-pool "$form" --json > "$out/$name.lava_$form.json"
+  done
+  python3 - "$out" "$name" <<'PY'
+import json, sys
+out, name = sys.argv[1:]
+rep = json.load(open(f"{out}/{name}.report.json"))
+est = next(iter(rep["targets"].values()))["estimate"]
+row = {"model": name, "avg_pool": est.get("avg_pool")}
+for form in ("folded", "layer"):
+    lv = json.load(open(f"{out}/{name}.lava_{form}.json"))["backends"]["lava"]
+    row[form] = {"agreement_with_torch_snn": lv["prediction_agreement"],
+                 "integer_reference_agreement": lv["integer_reference"].get("lava_prediction_agreement"),
+                 "latency_steps": lv["lava"]["latency_steps"], "processes": lv["lava"]["processes"],
+                 "overflows": lv["lava"]["overflows"], "saturations": lv["lava"]["saturations"]}
+print(json.dumps(row))
+PY
+}
+row resnet20_cifar examples/models/cifar/resnet20.pt2 "$CIFAR/cifar10_calib1k.npz" "$CIFAR/cifar10_heldout.npz" | tee -a "$out/rows.jsonl"
+row mobilenetv2_cifar examples/models/cifar/mobilenetv2.pt2 "$CIFAR/cifar10_calib1k.npz" "$CIFAR/cifar10_heldout.npz" | tee -a "$out/rows.jsonl"
+row avgpool_cnn_mnist examples/models/heldout/avgpool_cnn.pt2 "$MNIST/mnist01_train.npz" "$MNIST/mnist01_test.npz" | tee -a "$out/rows.jsonl"
+row gap_cnn_mnist examples/models/heldout/gap_cnn.pt2 "$MNIST/mnist01_train.npz" "$MNIST/mnist01_test.npz" | tee -a "$out/rows.jsonl"
