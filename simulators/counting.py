@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from sfn_deploy.ir import NEURON_OPS, Graph, Node
 from sfn_deploy.neurons import NODE_CACHE, level_table, level_values, signed_table
 from sfn_deploy.ops import apply
+from sfn_deploy.pooling import pooling_layers
 
 from .firegrid import FireGrid, grid_for, native
 from .interpreter import Event, Observer, release_plan, run
@@ -59,7 +60,6 @@ _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze
 CONVENTIONS = ("spike", "event", "channel")
 _PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes",
                "ac_event_layer", "pool_events", "pool_active")
-_POOL_LAYOUT = {"flatten", "reshape", "squeeze"}     # between an average pooling and the weight layers reading it
 
 Totals = tuple[float, float, float]                             # Σ|y|, Σ1[y≠0], Σk (or those × fan-out)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]        # per element: |y|, 1[y≠0], k
@@ -256,34 +256,6 @@ def _position_free(graph: Graph) -> set[str]:
     return {n.name for n in graph.nodes if n.op in NEURON_OPS and totals_only(n.name)}
 
 
-def pooling_layer_candidates(graph: Graph) -> set[str]:
-    """Average poolings of a site's spikes that a graded target can run as a pooling layer (a window sum of
-    ones divided by one count, read only by weight layers through flattens): the Lava lowering's
-    ``--avg-pool layer`` set (exporters/lava/plan.py, ``_find_folds``/``_sum_kernel``)."""
-    readers: dict[str, list[Node]] = {}
-    for n in graph.nodes:
-        for i in dict.fromkeys(n.inputs):
-            readers.setdefault(i, []).append(n)
-
-    def weights_only(name: str) -> bool:
-        rs = readers.get(name, [])
-        return bool(rs) and all(r.op in ("linear", "conv2d") or (r.op in _POOL_LAYOUT and r.bdim == 0
-                                                                 and weights_only(r.name)) for r in rs)
-
-    def one_count(n: Node) -> bool:
-        a, shape = n.attrs, graph[n.inputs[0]].shape
-        if len(shape) != 4:
-            return False
-        if n.op == "avg_pool2d":
-            return not (a.get("ceil_mode") or a.get("divisor_override")
-                        or (any(a.get("padding", [0])) and not a.get("count_include_pad", True)))
-        if n.op == "adaptive_avg_pool2d":
-            return shape[2] % n.shape[2] == 0 and shape[3] % n.shape[3] == 0
-        return n.op == "mean" and sorted(d % 4 for d in a["dims"]) == [2, 3]
-    return {n.name for n in graph.nodes if n.op in ("avg_pool2d", "adaptive_avg_pool2d", "mean") and n.bdim == 0
-            and graph[n.inputs[0]].op == "sfn" and one_count(n) and weights_only(n.name)}
-
-
 def _hist_weights(table: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
     """|y| and k of each position, the weights that turn a histogram into totals."""
     t = table.tolist()
@@ -343,7 +315,7 @@ class OpCounter(Observer):
         self._grids: dict[str, FireGrid | None] = {}
         self._free = release_plan(graph)
         self.skip_positions = _position_free(graph) if spiking else set()
-        self.pool_candidates = pooling_layer_candidates(graph) if spiking else set()
+        self.pool_candidates = set(pooling_layers(graph)) if spiking else set()
 
     def start_batch(self, batch: int) -> None:
         self.samples += batch

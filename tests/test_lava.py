@@ -488,6 +488,31 @@ def test_cli_avg_pool_layer(digits, tmp_path):
         assert r.returncode == 2 and why in r.stderr, r.stderr
 
 
+def test_the_counter_prices_exactly_the_pooling_layers_lava_builds(digits):
+    """One set (sfn_deploy.pooling) for the lowering and the counter: an overlapping pooling read by a convolution
+    stays on the host in Lava, so the report must not price it as a pooling layer; the global mean is one."""
+    import torch
+    from torch import nn
+
+    from sfn_deploy.pooling import pooling_layers
+    from sfn_deploy.simulators.counting import count_ops
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = nn.functional.avg_pool2d(torch.relu(self.c1(x)), 3, 2, 1)        # 8×8 → 4×4, overlapping
+            return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+    torch.manual_seed(0)
+    snn = convert(Net().eval(), digits.limit(200), scale=0.3)
+    assert set(pooling_layers(snn.graph)) == lower(snn, "graded", "floating_pt", avg_pool="layer").pooling_layers() \
+        == {"mean"}
+    counts = {c.name: c for c in count_ops(snn.graph, [digits.x[:20]]).layers}
+    assert counts["avg_pool2d"].pool_neurons == 0 and counts["mean"].pool_neurons == 4
+
+
 def test_pooling_layer_needs_graded_spikes(pool_res_cat):
     with pytest.raises(UserError, match="channel lowering's spikes are binary"):
         lower(pool_res_cat, "channels", "floating_pt", avg_pool="layer")

@@ -34,6 +34,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...ir import Graph, Node
+from ...pooling import SUMMING, SumKernel, spike_poolings, sum_kernel, window
 
 LOWERINGS = ("graded", "channels")
 PRECISIONS = ("floating_pt", "fixed_pt")
@@ -44,8 +45,6 @@ INPUT_BITS = 8
 MAX_HOST_PORTS = 256      # of each kind on a HostOp (procs.processes.MAX_PORTS)
 LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
                 "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
-FOLD_POOLS = {"avg_pool2d", "adaptive_avg_pool2d", "mean", "sum"}   # linear in the levels: foldable into weights
-FOLD_LAYOUT = {"flatten", "reshape", "squeeze"}                     # between such a pool and a linear layer
 _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
@@ -91,6 +90,11 @@ class Plan:
     def block(self, name: str) -> Block:
         return next(b for b in self.blocks if b.name == name)
 
+    def pooling_layers(self) -> set[str]:
+        """The average poolings this plan runs as pooling layers (their sum Conv blocks; max pooling's are not)."""
+        return {b.attrs["layer"] for b in self.blocks if b.kind == "conv" and b.attrs.get("polarity") == "pool"
+                and b.attrs.get("op") != "max_pool2d"}
+
     def summary(self) -> dict:
         kinds: dict = {}
         for b in self.blocks:
@@ -99,8 +103,7 @@ class Plan:
         return {"lowering": self.lowering, "precision": self.precision, "processes": len(self.blocks),
                 "by_kind": kinds, "latency_steps": self.latency, "host_ops": host_ops,
                 "neuro_core_processes": sum(b.where == "neuro-core" for b in self.blocks),
-                "pooling_layers": len({b.attrs["layer"] for b in self.blocks if b.kind == "conv"
-                                       and b.attrs.get("polarity") == "pool" and b.attrs.get("op") != "max_pool2d"}),
+                "pooling_layers": len(self.pooling_layers()),
                 "host_processes": sum(b.where == "host" for b in self.blocks)}
 
 
@@ -166,7 +169,7 @@ class _Lowering:
         self.core_pools: set = set()           # channel lowering: max pools done on cores (see _find_core_pools)
         self.aliases: set = set()              # flattens between such a pool and its synaptic layers
         self.folds: dict[str, str] = {}        # average pools of a site's spikes folded into linear layers -> site
-        self.pool_layers: dict[str, str] = {}  # average pools lowered to pooling layers (avg_pool "layer") -> site
+        self.pool_layers: dict[str, tuple[str, SumKernel]] = {}  # pools lowered to pooling layers -> site, sum
         self.pool_blocks: dict[str, dict] = {}  # such a pool -> {polarity: its sum neuron block}
         self.bounds: dict[str, float | None] = {}  # value -> bound on |value| (None: not derived)
 
@@ -224,72 +227,17 @@ class _Lowering:
         reading a pooling of disjoint windows (kernel = stride, no padding, the map divisible; global pooling
         too) gets a convolution over the unpooled map: its kernel repeated over each window, divided by the
         window's size, stride and padding times the window. Each pre-pool spike then carries the pooled
-        position's full fan-out (see :func:`pool_event_counts`)."""
-        g = self.g
-
-        def reaches_weights(pool: Node, u: Node, chain: list) -> bool:
-            if u.op == "linear" and len(u.shape) == 2 and u.bdim == 0:
-                return True
-            if u.op == "conv2d" and u.inputs[0] == pool.name and self._pool_window(pool) is not None \
-                    and list(u.attrs.get("dilation", [1, 1])) == [1, 1]:
-                return True
-            if u.op in FOLD_LAYOUT and u.bdim == 0 and self.users[u.name]:
-                chain.append(u.name)
-                return all(reaches_weights(pool, v, chain) for v in self.users[u.name])
-            return False
-        for n in g:
-            if n.op not in FOLD_POOLS or n.bdim != 0 or not n.inputs or g[n.inputs[0]].op != "sfn":
-                continue
-            chain: list = []
-            if self.users[n.name] and all(reaches_weights(n, u, chain) for u in self.users[n.name]):
-                if self.avg_pool == "layer" and self._sum_kernel(n) is not None:
-                    self.pool_layers[n.name] = n.inputs[0]
-                    self.aliases.update(chain)         # the flattens read the sum neurons' spikes in C·H·W order
-                    continue
-                for name in (n.name, *chain):
-                    self.folds[name] = n.inputs[0]
-
-    def _sum_kernel(self, n: Node) -> tuple[list, list, list, int] | None:
-        """(kernel, stride, padding, divisor), each (h, w) but the divisor, when average pooling node n is a
-        window sum (a depthwise convolution of ones) divided by one count: a pooling layer can compute it.
-        None otherwise (count_include_pad off with padding, a divisor override, ceil mode, uneven adaptive
-        windows): such a pool stays folded."""
-        a = n.attrs
-        if len(self.g[n.inputs[0]].shape) != 4:
-            return None
-        h, w = self.g[n.inputs[0]].shape[2:]
-        if n.op == "avg_pool2d":
-            k = list(a["kernel_size"]) * (2 if len(a["kernel_size"]) == 1 else 1)
-            st = list(a["stride"] or k) * (2 if len(a["stride"] or k) == 1 else 1)
-            pad = list(a.get("padding", [0])) * (2 if len(a.get("padding", [0])) == 1 else 1)
-            if a.get("ceil_mode") or a.get("divisor_override") or (any(pad) and not a.get("count_include_pad", True)):
-                return None
-            return k, st, pad, k[0] * k[1]
-        if n.op == "mean" and sorted(d % 4 for d in a["dims"]) == [2, 3]:
-            return [h, w], [h, w], [0, 0], h * w
-        win = self._pool_window(n) if n.op == "adaptive_avg_pool2d" else None
-        if win is None:
-            return None
-        return [win[0], win[1]], [win[0], win[1]], [0, 0], win[0] * win[1]
-
-    def _pool_window(self, n: Node) -> tuple[int, int] | None:
-        """(kh, kw) when average pooling node n averages disjoint kh×kw windows tiling its input exactly."""
-        a = n.attrs
-        if len(n.shape) != 4 or len(self.g[n.inputs[0]].shape) != 4:
-            return None
-        h, w = self.g[n.inputs[0]].shape[2:]
-        if n.op == "avg_pool2d":
-            k = list(a["kernel_size"]) * (2 if len(a["kernel_size"]) == 1 else 1)
-            st = list(a["stride"] or k) * (2 if len(a["stride"] or k) == 1 else 1)
-            if k != st or any(a.get("padding", [0])) or a.get("divisor_override") or h % k[0] or w % k[1]:
-                return None
-            return k[0], k[1]
-        if n.op == "adaptive_avg_pool2d":
-            oh, ow = n.shape[2:]
-            return (h // oh, w // ow) if h % oh == 0 and w % ow == 0 else None
-        if n.op == "mean" and a.get("keepdim") and sorted(d % 4 for d in a["dims"]) == [2, 3]:
-            return h, w
-        return None
+        position's full fan-out (see :func:`pool_event_counts`). With ``avg_pool="layer"`` the poolings that are
+        window sums become pooling layers instead (:meth:`sum_pool`). Which poolings: :mod:`sfn_deploy.pooling`."""
+        for name, chain in spike_poolings(self.g, self.users).items():
+            site = self.g[name].inputs[0]
+            kernel = sum_kernel(self.g, self.g[name]) if self.avg_pool == "layer" else None
+            if kernel is not None:
+                self.pool_layers[name] = (site, kernel)
+                self.aliases.update(chain)         # the flattens read the sum neurons' spikes in C·H·W order
+            else:
+                for v in (name, *chain):
+                    self.folds[v] = site
 
     def bound(self, n: Node) -> float | None:
         """A bound on |value| of node n, derived from the graph (the bounds of its inputs, known already):
@@ -510,10 +458,9 @@ class _Lowering:
         window's levels and graded neurons send the integer sum on (thresholds at every integer up to the
         window's largest sum, so the level is the sum); the weight layers reading the pool divide by the window
         (:meth:`_weight_parts`). One event per pre-pool spike into the layer, then one per non-zero sum."""
-        site = self.g[self.pool_layers[p.name]]
-        kernel = self._sum_kernel(p)
-        assert kernel is not None, "_find_folds makes pooling layers of such pools only"
-        k, st, pad, _ = kernel
+        site_name, kernel = self.pool_layers[p.name]
+        site = self.g[site_name]
+        k, st, pad = kernel.kernel, kernel.stride, kernel.padding
         bpos, bneg, table, _ = _site_arrays(site)
         c, h, w = site.shape[1:]
         out_chw = [c, *(p.shape[2:] if len(p.shape) == 4 else [1, 1])]
@@ -577,11 +524,9 @@ class _Lowering:
         while producer.name in self.aliases:
             producer = self.g[producer.inputs[0]]
         if producer.name in self.pool_layers:    # a pooling layer's sums, one neuron block per polarity
-            blocks = self.pool_blocks[producer.name]
-            kernel = self._sum_kernel(producer)
-            assert kernel is not None, "_find_folds makes pooling layers of such pools only"
-            return _Source(self.g[self.pool_layers[producer.name]], {pol: (b, "s_pos") for pol, b in blocks.items()},
-                           float(kernel[3]))
+            pooled, kernel = self.pool_layers[producer.name]
+            return _Source(self.g[pooled], {pol: (b, "s_pos") for pol, b in self.pool_blocks[producer.name].items()},
+                           float(kernel.divisor))
         site_name = self.lattice.get(value)
         if site_name is None:
             return None
@@ -606,7 +551,7 @@ class _Lowering:
             w = self._folded_weight(w, x)
             in_n = _numel(self.g[self.folds[x]].shape)
         elif x in self.folds:             # a convolution over the unpooled map (see _find_folds)
-            win = self._pool_window(self.g[x])
+            win = window(self.g, self.g[x])
             assert win is not None, "_find_folds folds only such pools into convolutions"
             kh, kw = win
             w = np.repeat(np.repeat(w, kh, axis=2), kw, axis=3) / (kh * kw)
@@ -1009,7 +954,7 @@ def pool_event_counts(model, levels: dict) -> list[dict]:
     g, rows = low.g, []
     for name, site in low.folds.items():
         pool = g[name]
-        if pool.op not in FOLD_POOLS:
+        if pool.op not in SUMMING:
             continue
         lv = torch.as_tensor(levels[site]).reshape(-1, *g[site].shape[1:]).double()
         n = lv.shape[0]

@@ -96,8 +96,8 @@ class _Builder:
                             f"{plan.precision}, {plan.lowering})")
         g = model.graph
         self.model, self.g, self.plan = model, g, plan
-        layer = any(b.attrs.get("polarity") == "pool" and b.attrs.get("op") != "max_pool2d" for b in plan.blocks)
-        self.low = _Lowering(g, model.input_shape, "graded", "fixed_pt", None, avg_pool="layer" if layer else "folded")
+        self.low = _Lowering(g, model.input_shape, "graded", "fixed_pt", None,
+                             avg_pool="layer" if plan.pooling_layers() else "folded")
         self.low.analyse()                        # lattice (values carrying a site's levels) and folded pools
         self.pooled: dict[str, dict] = {}         # a pooling layer's value (and flattens of it) -> {polarity: sums}
         self.nodes: list[Node] = []
@@ -275,7 +275,7 @@ class _Builder:
     def sum_pool(self, n: Node) -> None:
         """A pooling layer: per polarity, the plan's depthwise Conv of ones over the site's levels of that sign
         (integer sums, exact in float32); the sum neurons fire the sum itself."""
-        site = self.low.pool_layers[n.name]
+        site = self.low.pool_layers[n.name][0]
         src, sh = self.val[site], self.shape(site)
         out = {}
         for b in self.plan.blocks:
