@@ -22,9 +22,10 @@ import torch
 
 from . import devices, fidelity
 from .data import Dataset
+from .evaluation import measure, predict
 from .ir import Graph
 from .simulators.counting import OpCounter
-from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan, run
+from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan
 
 IMAGES = 256            # calibration images the shifts are measured on (one batch: at most --batch-size)
 
@@ -90,18 +91,6 @@ class Checked:
     counter: OpCounter
 
 
-def _outputs(graph: Graph, data: Dataset, batch_size: int, spiking: bool, kind: str,
-             counter: OpCounter | None = None) -> torch.Tensor:
-    """The top-1 classes (accuracy fidelity) or the outputs themselves (output fidelity) of a pass."""
-    outs = []
-    for xb in data.batches(batch_size):
-        if counter is not None:
-            counter.start_batch(xb.shape[0])
-        out = run(graph, xb, spiking=spiking, hook=counter)
-        outs.append(out.argmax(-1) if kind == "accuracy" else out)
-    return torch.cat(outs)
-
-
 def _agreement(snn: torch.Tensor, ann: torch.Tensor, kind: str = "accuracy") -> float:
     """Top-1 agreement (%), or with output fidelity 100 × the mean cosine similarity."""
     same = fidelity.cosine(snn, ann) if kind == "output" else (snn == ann).float()
@@ -120,9 +109,8 @@ def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None
         record["measure"] = "cosine"            # the val_agreement figures are 100 × mean cosine similarity
     ann = before = checked = None
     if val is not None and mode == "auto":
-        ann = _outputs(graph, val, batch_size, False, kind)
-        counted = OpCounter(graph, True)
-        before = _outputs(graph, val, batch_size, True, kind, counted)
+        ann = predict(graph, val, batch_size, spiking=False, top1=kind == "accuracy")
+        before, counted = measure(graph, val, batch_size, top1=kind == "accuracy")
         checked = Checked(before, ann, counted)
         record["val_images"] = len(val)
         record["val_agreement_before"] = _agreement(before, ann, kind)
@@ -131,8 +119,7 @@ def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None
     record["layers"] = sum(1 for n in graph.nodes if "bias_ann" in n.params)
     record["max_abs_shift"] = max((float(s.abs().max()) for s in found.values()), default=0.0)
     if val is not None and ann is not None and before is not None and record["layers"]:
-        counted = OpCounter(graph, True)
-        after = _outputs(graph, val, batch_size, True, kind, counted)
+        after, counted = measure(graph, val, batch_size, top1=kind == "accuracy")
         record["val_agreement_after"] = _agreement(after, ann, kind)
         if kind == "accuracy" and val.labeled:
             drops = [_agreement(ann, val.y) - _agreement(p, val.y) for p in (before, after)]

@@ -219,32 +219,36 @@ def budget_warning(n: int, max_drop: float | None, available: int | None = None)
 
 
 def measure(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = True,
-            quiet: bool = True, desc: str = "evaluating", split: bool = False) -> tuple[torch.Tensor, OpCounter]:
-    """Predictions (argmax) and op counts of one pass over the data. ``split``: under torchrun, each rank
-    runs its share (:mod:`sfn_deploy.distributed`) and every rank gets the whole pass's predictions and counts;
-    every rank must then call it alike (evaluate and report do; the λ search does not split)."""
+            quiet: bool = True, desc: str = "evaluating", split: bool = False,
+            top1: bool = True) -> tuple[torch.Tensor, OpCounter]:
+    """Predictions (argmax; the outputs themselves without ``top1``) and op counts of one pass over the data.
+    ``split``: under torchrun, each rank runs its share (:mod:`sfn_deploy.distributed`) and every rank gets the
+    whole pass's predictions and counts; every rank must then call it alike (evaluate and report do; the λ
+    search does not split)."""
     counter = OpCounter(graph, spiking)
-    preds = _pass(graph, data, batch_size, spiking, quiet, desc, split, counter)
+    preds = _pass(graph, data, batch_size, spiking, quiet, desc, split, counter, top1)
     if split and distributed.active():
         counter.absorb(distributed.gather(counter.state()))
     return preds, counter
 
 
 def predict(graph: Graph, data: Dataset, batch_size: int = 256, spiking: bool = False,
-            quiet: bool = True, desc: str = "evaluating", split: bool = False) -> torch.Tensor:
-    """Predictions (argmax) of one pass, nothing counted: the ANN reference of evaluate and report (the counts
-    they report are the SNN pass's, whose counter also holds the ANN's MACs). ``split`` as in :func:`measure`."""
-    return _pass(graph, data, batch_size, spiking, quiet, desc, split, None)
+            quiet: bool = True, desc: str = "evaluating", split: bool = False, top1: bool = True) -> torch.Tensor:
+    """Predictions (argmax; the outputs without ``top1``) of one pass, nothing counted: the ANN reference of
+    evaluate and report (the counts they report are the SNN pass's, whose counter also holds the ANN's MACs).
+    ``split`` as in :func:`measure`."""
+    return _pass(graph, data, batch_size, spiking, quiet, desc, split, None, top1)
 
 
 def _pass(graph: Graph, data: Dataset, batch_size: int, spiking: bool, quiet: bool, desc: str, split: bool,
-          counter: OpCounter | None) -> torch.Tensor:
-    preds = [torch.zeros(0, dtype=torch.int64)]
+          counter: OpCounter | None, top1: bool = True) -> torch.Tensor:
+    preds = [torch.zeros(0, dtype=torch.int64)] if top1 else []
     part = distributed.shard(data, batch_size) if split else data
     for xb in progress(part.batches(batch_size), desc, quiet=quiet, total=-(-len(part) // batch_size)):
         if counter is not None:
             counter.start_batch(xb.shape[0])
-        preds.append(run(graph, xb, spiking=spiking, hook=counter).argmax(-1))
+        out = run(graph, xb, spiking=spiking, hook=counter)
+        preds.append(out.argmax(-1) if top1 else out)
     if split and distributed.active():
         return distributed.gather_cat(torch.cat(preds))
     return torch.cat(preds)
