@@ -87,12 +87,17 @@ def test_a_backbone_without_its_head_converts_searches_and_reports(images, tmp_p
     assert code == 0 and "more than half of --max-drop 0.001" in err, err
 
 
-def test_feature_maps_convert_and_run_on_onnx(images, tmp_path):
-    out = tmp_path / "m.sfn.pt"
-    code, text, err = run("convert", "timm:test_resnet", "--model-args", "num_classes=0,global_pool=''",
-                          "--data", images / "u.npz", "--scale", "0.2", "-o", out, "--json")
+def _convert_unlabeled(images, out, model_args: str) -> None:
+    """timm's test ResNet with ``model_args``, converted at λ 0.2 on the unlabeled images: output fidelity."""
+    code, text, err = run("convert", "timm:test_resnet", "--model-args", model_args, "--data", images / "u.npz",
+                          "--scale", "0.2", "-o", out, "--json")
     assert code == 0, err
     assert json.loads(text)["config"]["fidelity"] == "output"
+
+
+def test_feature_maps_convert_and_run_on_onnx(images, tmp_path):
+    out = tmp_path / "m.sfn.pt"
+    _convert_unlabeled(images, out, "num_classes=0,global_pool=''")
     code, text, err = run("simulate", out, "--data", images / "u.npz", "--limit", "4", "--backend", "onnx",
                           "--json")
     assert code == 0, err
@@ -124,10 +129,7 @@ def test_a_classifier_at_chance_on_its_labels_is_warned_about(images, tmp_path):
 
 def test_several_outputs_are_joined_and_their_shapes_recorded(images, tmp_path):
     out = tmp_path / "f.sfn.pt"
-    code, text, err = run("convert", "timm:test_resnet", "--model-args", "features_only=True,out_indices=(1,2)",
-                          "--data", images / "u.npz", "--scale", "0.2", "-o", out, "--json")
-    assert code == 0, err
-    assert json.loads(text)["config"]["fidelity"] == "output"
+    _convert_unlabeled(images, out, "features_only=True,out_indices=(1,2)")
     parts = json.loads(run("inspect", out, "--json")[1])["output_parts"]
     assert len(parts) == 2 and all(len(p) == 3 for p in parts)
     code, _, err = run("export", out, "--target", "onnx", "-o", tmp_path / "f.onnx")
