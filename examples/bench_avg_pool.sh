@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Average pooling of spikes, folded into the next weights vs pooling layers (issue 15; docs/lava.md, "Events: folded
-# vs a pooling layer"), on held-out trained models the Lava lowering was not tuned on: the loihi2 report's priced
-# forms on 500 held-out images, and Lava fixed point in both forms on 50 of them (prediction agreement with the
-# float torch SNN, and with the integer reference, which must be 100 %).
+# vs a pooling layer"), on held-out trained models the Lava lowering was not tuned on: the report's two forms on
+# 500 held-out images (loihi2 in full; the form spinnaker2 and akd1000 keep), and Lava fixed point in both forms
+# on 50 of them (prediction agreement with the float torch SNN, and with the integer reference, which must be
+# 100 %).
 #   CIFAR=/tmp/cifar_splits MNIST=/tmp/heldout bash examples/bench_avg_pool.sh OUT
 # CIFAR: examples/train_cifar.py's splits (calib1k for calibration, heldout for the figures); MNIST: the held-out
 # MNIST split of examples/heldout/train_mnist.py --write-npz (train for calibration, test for the figures).
@@ -13,7 +14,8 @@ sfn=${SFN:-.venv/bin/sfn-deploy}
 row() {   # name model calib test
   local name=$1 model=$2 calib=$3 test=$4
   "$sfn" convert "$model" --data "$calib" --scale 0.3 -o "$out/$name.sfn.pt" --json > "$out/$name.convert.json"
-  "$sfn" report "$out/$name.sfn.pt" --data "$test" --limit 500 --target loihi2 --json > "$out/$name.report.json"
+  "$sfn" report "$out/$name.sfn.pt" --data "$test" --limit 500 --target loihi2 --target spinnaker2 \
+    --target akd1000 --json > "$out/$name.report.json"
   for form in folded layer; do
     "$sfn" simulate "$out/$name.sfn.pt" --data "$test" --limit 50 --backend lava --precision fixed_pt \
       --avg-pool "$form" --json > "$out/$name.lava_$form.json"
@@ -22,8 +24,9 @@ row() {   # name model calib test
 import json, sys
 out, name = sys.argv[1:]
 rep = json.load(open(f"{out}/{name}.report.json"))
-est = next(iter(rep["targets"].values()))["estimate"]
-row = {"model": name, "avg_pool": est.get("avg_pool")}
+est = {t: v["estimate"] for t, v in rep["targets"].items()}
+row = {"model": name, "avg_pool": est["loihi2"].get("avg_pool"),      # both forms, whole estimates included
+       "chosen": {t: (e.get("avg_pool") or {}).get("chosen") for t, e in est.items()}}
 for form in ("folded", "layer"):
     lv = json.load(open(f"{out}/{name}.lava_{form}.json"))["backends"]["lava"]
     row[form] = {"agreement_with_torch_snn": lv["prediction_agreement"],

@@ -584,11 +584,14 @@ def _lava_options(f):
                              "[default: graded].")(f)
 
 
-def _avg_pool_option(default):
-    return click.option("--avg-pool", type=click.Choice(["folded", "layer"]), default=default,
+def _avg_pool_option(default, auto: bool = False):
+    return click.option("--avg-pool", type=click.Choice(["folded", "layer"] + (["auto"] if auto else [])),
+                        default=default,
                         help="Lava: average pooling of spikes folded into the next layer's weights, or a pooling "
                              "layer of graded neurons (fewer events where pooled sums are sparse; graded lowering "
-                             "only; docs/lava.md)" + (" [default: folded]." if default is None else "."))
+                             "only; docs/lava.md)" + ("; auto: the form the loihi2 report keeps on a counting pass "
+                                                      "over --data" if auto else "")
+                             + (" [default: folded]." if default in (None, "folded") else "."))
 
 
 def _lava_choice(backends, precision, lowering, avg_pool=None) -> tuple[str, str, str]:
@@ -662,9 +665,9 @@ def evaluate_cmd(converted, data, backend, limit, batch_size, show_layers, preci
                    "(estimated before anything is built; default 1.5; the export peaks at about 3-4x this).")
 @click.option("--lowering", type=click.Choice(["graded", "channels"]), default="graded",
               help="Lava: graded spikes (Loihi 2) or binary threshold channels (Loihi 1).")
-@_avg_pool_option("folded")
+@_avg_pool_option("folded", auto=True)
 @click.option("--data", default=None, help="Lava: data whose range sets the fixed-point input encoding "
-              "(default: the calibration range recorded at conversion).")
+              "(default: the calibration range recorded at conversion), and that --avg-pool auto counts on.")
 @command
 def export_cmd(converted, target, output, levels, ann, opset, partial, max_size, lowering, avg_pool, data, as_json):
     """Write the converted network in a target format: ONNX file, NIR file, or Lava bundle folder."""
@@ -687,13 +690,30 @@ def export_cmd(converted, target, output, levels, ann, opset, partial, max_size,
         raise UserError(f"--levels and --ann apply to --target {', '.join(takes('levels'))} only")
     if avg_pool != "folded" and "avg_pool" not in accepts:
         raise UserError(f"--avg-pool applies to --target {', '.join(takes('avg_pool'))} only (got --target {target})")
+    chosen = None
+    if avg_pool == "auto":
+        avg_pool, chosen = _auto_avg_pool(model, converted, data, lowering)
     options = {"levels": levels, "ann": ann, "opset": opset, "partial": partial, "max_size": max_size,
                "lowering": lowering, "avg_pool": avg_pool}
     if "data" in accepts:       # the range of --data sets the fixed-point input encoding
         options["input_abs_max"] = (_model_data(model, converted, data).abs_max()
                                     if data is not None else model.metrics.get("input_abs_max"))
     info = exporter.export(model, path, **options)
-    _emit(as_json, {"target": target, **info}, exporter.describe_export(info))
+    if chosen is not None:
+        info = {**info, "avg_pool": avg_pool, "avg_pool_why": chosen}
+    text = exporter.describe_export(info)
+    _emit(as_json, {"target": target, **info},
+          text if chosen is None else f"{text}\naverage pooling: {avg_pool} ({chosen})")
+
+
+def _auto_avg_pool(model, path: str, data, lowering: str) -> tuple[str, str]:
+    """--avg-pool auto: the form the loihi2 estimate keeps on a counting pass over --data."""
+    from .report import avg_pool_choice
+    if lowering != "graded":
+        return "folded", "threshold channels are binary: a pooling layer needs graded spikes"
+    if data is None:
+        raise UserError("--avg-pool auto needs --data: the form is chosen on a counting pass over it")
+    return avg_pool_choice(model, _model_data(model, path, data))
 
 
 @main.command("simulate")
@@ -847,8 +867,11 @@ def report_cmd(converted, data, targets, output, scales, levels, limit, batch_si
 @main.command("check")
 @click.argument("converted", type=click.Path(dir_okay=False))
 @click.option("--target", required=True, help=_target_help())
+@click.option("--avg-pool", type=click.Choice(["folded", "layer"]), default="folded", show_default=True,
+              help="Average pooling of spikes folded into the next weights, or placed as pooling layers of graded "
+                   "neurons (what export --target lava --avg-pool layer builds; graded targets only).")
 @command
-def check_cmd(converted, target, as_json):
+def check_cmd(converted, target, avg_pool, as_json):
     """Pre-flight hardware check: every violated limit at once. Exit 0 when the network fits, 2 when not."""
     from .model_file import load
     from .report import count_static
@@ -856,8 +879,10 @@ def check_cmd(converted, target, as_json):
     from .targets.mapping import map_network
 
     t = load_target(target)
+    if avg_pool == "layer" and t.spikes != "graded":
+        raise UserError(f"--avg-pool layer needs a target with graded spikes ({t.name}'s are {t.spikes})")
     model = load(converted)
-    m = map_network(model.graph, count_static(model), t)
+    m = map_network(model.graph, count_static(model), t, avg_pool=avg_pool)
     d = m.to_dict()
     d["layers"] = [{k: p[k] for k in ("name", "op", "cores", "binding")} for p in d["layers"]]
     lines = [f"{converted} on {t.name}: {'fits' if m.fits else 'does NOT fit'}"

@@ -288,10 +288,18 @@ def _avg_pool_line(e: Estimate) -> str | None:
     if a is None:
         return None
     f, lay = a["folded"], a["layer"]
+    if "total_j" not in f:                       # priced in one form only (estimate() without plan_target)
+        return (f"Average pooling ({', '.join(a['poolings'])}): folded {count(f['synops'])} synops "
+                f"({energy(f['energy_j'])}); as pooling layers {count(lay['synops'])} synops and "
+                f"{count(lay['neurons'])} neurons ({energy(lay['energy_j'])}); {a['priced']} priced.")
+    why = (f"; as layers it would break {', '.join(lay['breaks'])}" if lay.get("breaks") else
+           "; both forms fit" if f["fits"] and lay["fits"] else "")
     return (f"Average pooling ({', '.join(a['poolings'])}): folded into the next weights {count(f['synops'])} "
-            f"synops ({energy(f['energy_j'])}); as pooling layers {count(lay['synops'])} synops and "
-            f"{count(lay['neurons'])} neurons, {count(lay['active'])} firing ({energy(lay['energy_j'])}): "
-            f"{a['chosen']} is cheaper and priced in the total (sfn-deploy export --target lava --avg-pool "
+            f"synops ({energy(f['energy_j'])}), total {energy(f['total_j'])}, latency {seconds(f['latency_s'])}, "
+            f"{count(f['cores'])} cores; as pooling layers {count(lay['synops'])} synops and "
+            f"{count(lay['neurons'])} neurons, {count(lay['active'])} firing ({energy(lay['energy_j'])}), total "
+            f"{energy(lay['total_j'])}, latency {seconds(lay['latency_s'])}, {count(lay['cores'])} cores{why}: "
+            f"{a['chosen']} is kept, in the mapping and the totals (sfn-deploy export --target lava --avg-pool "
             f"{a['chosen']}).")
 
 
@@ -747,9 +755,11 @@ def _text_report(r: Report) -> list[str]:
         if r8 is not None:
             lines.append(f"  SNN / int8 ANN {ratio(r8)} ({'SNN wins' if r8 < 1 else 'int8 ANN wins'})")
         if e.avg_pool is not None:
-            f, lay = e.avg_pool["folded"], e.avg_pool["layer"]
-            lines.append(f"  average pooling: folded {energy(f['energy_j'])}, pooling layers "
-                         f"{energy(lay['energy_j'])}: {e.avg_pool['chosen']} priced")
+            a = e.avg_pool
+            f, lay = a["folded"], a["layer"]
+            lines.append(f"  average pooling: folded {energy(f.get('total_j', f['energy_j']))}, pooling layers "
+                         f"{energy(lay.get('total_j', lay['energy_j']))}: {a.get('chosen', a['priced'])} kept"
+                         + (f" (as layers: {', '.join(lay['breaks'])})" if lay.get("breaks") else ""))
         if m.violations:
             lines += [f"  violation: {v.layer}: {v.rule}: {count(v.value)} > limit {count(v.limit)}"
                       for v in m.violations[:5]]

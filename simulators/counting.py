@@ -133,15 +133,6 @@ def _fanout(node: Node, x: torch.Tensor) -> torch.Tensor:
     return grad[0]
 
 
-def stages(graph: Graph) -> dict[str, int]:
-    """Pipeline step of each node: weight layers, products and host operations each add one."""
-    out: dict[str, int] = {}
-    for n in graph.nodes:
-        s = max((out[i] for i in n.inputs), default=0)
-        out[n.name] = s + (1 if n.kind in ("weight", "product", "host") else 0)
-    return out
-
-
 def _sum(t: torch.Tensor) -> float:
     return float(t.sum(dtype=torch.float64))
 
@@ -304,7 +295,7 @@ class OpCounter(Observer):
     def __init__(self, graph: Graph, spiking: bool = True):
         self.graph = graph
         self.spiking = spiking
-        st = stages(graph)
+        st = graph.stages()
         self.layers = {n.name: LayerCount(n.name, n.op, n.kind, n.source, st[n.name]) for n in graph.nodes}
         self.samples = 0
         self.batch = 0

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from sfn_deploy.ir import NEURON_OPS
 from sfn_deploy.results import Result, optional
-from sfn_deploy.targets.mapping import Mapping
+from sfn_deploy.targets.mapping import POOLING_LAYER, Mapping, map_network
 from sfn_deploy.targets.schema import Target
 
 PJ = 1e-12
@@ -152,9 +152,17 @@ def _term(name: str, count: float, target: Target, section: str, key: str, what:
                       evidence=fig.evidence if fig is not None else "")
 
 
+def _synops(c, conv: str, mapping: Mapping) -> float:
+    """A weight layer's synaptic ops; where the mapping places the pooling it reads as a layer, one event per
+    non-zero window sum per fan-out instead of the pooled spikes' fan-outs."""
+    return c.ac_event_layer if mapping.avg_pool == "layer" and c.ac_event_layer else c.synops(conv)
+
+
 def _fired(p, stats: dict, target: Target, steps: int = 1) -> float:
-    """Compartment updates of a placed layer that fire per inference (graded events or binary channel spikes),
-    over the network's ``steps`` timesteps."""
+    """Compartment updates of a placed layer that fire per inference (graded events or binary channel spikes;
+    a pooling layer's non-zero window sums), over the network's ``steps`` timesteps."""
+    if p.op == POOLING_LAYER:
+        return min(stats[p.name].pool_active, p.compartments * steps)
     sites = [stats[s] for s in p.sites]
     fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
     return min(fired, p.compartments * steps)
@@ -193,12 +201,11 @@ def _ann_terms(counts, target: Target, weights, products, per_layer, wbits: int)
 
 
 def _avg_pool_forms(counts, target: Target, weights) -> dict | None:
-    """Average pooling of spikes on a graded target, both forms priced with the target's own figures: folded
-    into the next layer's weights (each pre-pool spike carries the pooled position's whole fan-out) or a pooling
-    layer of graded neurons (one event per spike into it, then the fan-out per non-zero window sum, plus its
-    neurons' updates and messages); the cheaper is chosen (``chosen``) and priced in the totals. None where no
-    pooling could be a layer or the target's spikes are not graded events. The layer form's extra pipeline step
-    per pooling and its neurons' compartments are not in the latency and the mapping."""
+    """Average pooling of spikes on a graded target, the part of the bill that differs between its two forms,
+    priced with the target's own figures: folded into the next layer's weights (each pre-pool spike carries the
+    pooled position's whole fan-out) or a pooling layer of graded neurons (one event per spike into it, then the
+    fan-out per non-zero window sum, plus its neurons' updates and messages). None where no pooling could be a
+    layer or the target's spikes are not graded events. :func:`plan_target` compares the whole estimates."""
     pools = [c for c in counts.layers if c.pool_neurons]
     if not pools or target.spikes != "graded" or target.convention != "event":
         return None
@@ -214,18 +221,18 @@ def _avg_pool_forms(counts, target: Target, weights) -> dict | None:
     return {"poolings": [c.name for c in pools], "readers": [c.name for c in readers],
             "folded": {"synops": folded, "energy_j": folded_j},
             "layer": {"synops": layer, "neurons": neurons, "active": active, "energy_j": layer_j},
-            "chosen": "layer" if layer_j < folded_j else "folded",
-            "note": "synops of the layers reading the poolings (and of the pooling layers); energy: those synops "
-                    "at synop + payload price, plus the pooling layers' neuron updates and messages; the layer form "
-                    "adds one pipeline step per pooling (not in latency_s)"}
+            "note": "energy_j: the part that differs, the synops of the layers reading the poolings (and of the "
+                    "pooling layers) at synop + payload price, plus the pooling layers' neuron updates and "
+                    "messages; total_j, latency_s, cores: the whole estimate in each form (static energy, the "
+                    "pooling layers' pipeline step, cores and payloads included)"}
 
 
 def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weights, per_layer,
                    pools: dict | None = None) -> list[EnergyTerm]:
-    """Synaptic ops, neuron updates and spike messages of the placed layers, and the analog input layer; with
-    ``pools`` choosing the pooling-layer form, its synops, neurons and messages instead of the folded ones."""
+    """Synaptic ops, neuron updates and spike messages of the placed layers (pooling layers included where the
+    mapping places them: ``pools``' layer synops instead of the folded ones), and the analog input layer."""
     conv = target.convention
-    chosen = pools if pools is not None and pools["chosen"] == "layer" else None
+    chosen = pools if pools is not None and mapping.avg_pool == "layer" else None
     syn = sum(c.synops(conv) for c in weights)
     if chosen is not None:
         syn += chosen["layer"]["synops"] - chosen["folded"]["synops"]
@@ -240,9 +247,6 @@ def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weight
         fired = _fired(p, stats, target, steps)
         active += fired
         inactive += p.compartments * steps - fired
-    if chosen is not None:
-        active += chosen["layer"]["active"]
-        inactive += chosen["layer"]["neurons"] - chosen["layer"]["active"]
     terms += [_term("neuron updates, active", active, target, "energy_pj", "neuron_update",
                     "compartments that fire (graded events, or binary channel spikes)"),
               _term("neuron updates, silent", inactive, target, "energy_pj", "neuron_update_inactive",
@@ -253,8 +257,7 @@ def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weight
                          what="first layer fed by the analog input: encoded off the neuro cores")]
     e_syn = target.get("energy_pj", "synop") or 0.0
     for c in weights:
-        ops = c.ac_event_layer if chosen is not None and c.ac_event_layer else c.synops(conv)
-        per_layer[c.name].snn_j = ops * e_syn * PJ
+        per_layer[c.name].snn_j = _synops(c, conv, mapping) * e_syn * PJ
     return terms
 
 
@@ -285,6 +288,8 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
         terms = _arithmetic_terms(counts, target, weights, products, per_layer, wbits)
     else:
         pools = _avg_pool_forms(counts, target, weights)
+        if pools is not None:
+            pools["priced"] = mapping.avg_pool
         terms = _spiking_terms(counts, target, mapping, stats, weights, per_layer, pools)
         host_ops += sum(c.mac_ann for c in products)
     terms.append(_term("host operations", host_ops, target, "energy_pj", "host_op",
@@ -305,18 +310,22 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
                 message_bits += c.active * (int(table.max()).bit_length() + (1 if c.dual else 0))
             else:                               # one binary spike per active channel
                 message_bits += c.channel_spikes
+    for p in mapping.layers:                    # pooling layers: one window sum per firing sum neuron
+        if p.op == POOLING_LAYER:
+            message_bits += stats[p.name].pool_active * p.payload_bits
     for c in weights + products:
-        per_layer[c.name].synops = c.synops(conv)
+        per_layer[c.name].synops = _synops(c, conv, mapping) if c.kind == "weight" else c.synops(conv)
     for c in weights:                           # products have no stored weights to read
         # a graded or multi-spike event reads its weight once; a binary channel reads its own weight
         per_layer[c.name].synaptic_reads = (
-            (c.ac_channel if target.spikes == "binary" else c.ac_event) if c.input == "spikes" else c.mac)
+            (c.ac_channel if target.spikes == "binary" else _synops(c, "event", mapping)) if c.input == "spikes"
+            else c.mac)
     all_reads = sum(r.synaptic_reads if r.synaptic_reads is not None else 0.0 for r in per_layer.values())
     traffic = Traffic(synaptic_reads=all_reads, synaptic_read_bits=all_reads * wbits, message_bits=message_bits,
                       note="reads: one stored weight per non-zero input per fan-out (per active channel on binary "
                            "targets) or per MAC of a weight layer; message bits: payloads of the spikes sent by "
-                           "on-core neurons only (graded: the signed level's bits per event; binary: one per channel "
-                           "spike), no routing headers")
+                           "on-core neurons only (graded: the signed level's bits per event, a pooling layer's "
+                           "largest window sum's bits; binary: one per channel spike), no routing headers")
     lat = _latency(counts, target, mapping)
     dynamic = sum(t.joules or 0.0 for t in terms if t.priced)
     memory = sum(t.joules or 0.0 for t in terms if t.priced and t.term == "weight memory")
@@ -351,12 +360,38 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
         snn_over_int8_ann=energy / compare_to if compare_to and target.runs == "snn" else None,
         snn_over_int8_ann_baseline=("int8_with_memory_j" if compare_to == ann.int8_with_memory_j
                                     else "int8_j") if compare_to and target.runs == "snn" else None,
-        traffic=traffic, pipeline_steps=len({c.stage for c in counts.layers if c.stage}),
+        traffic=traffic, pipeline_steps=len(set(mapping.stages.values()) - {0} if mapping.stages
+                                            else {c.stage for c in counts.layers if c.stage}),
         layers=list(per_layer.values()),
         layers_note="snn_j: synaptic ops and MACs of each layer only (neuron updates, messages, memory and "
                     "static power are network totals)",
         included=[t.term for t in terms if t.included_in] or None,
         bands={k: {**vars(b), "text": str(b)} for k, b in target.bands.items()} or None, avg_pool=pools)
+
+
+def plan_target(graph, counts, target: Target) -> tuple[Mapping, Estimate]:
+    """Mapping and estimate on one target. Where average pooling could run as pooling layers (graded event
+    targets), both forms are mapped and priced whole (static energy over the other pipeline, cores, payloads),
+    and the cheaper is kept unless a pooling layer breaks a limit (a window sum's payload) or the layer form
+    breaks one the folded form keeps (``avg_pool["layer"]["breaks"]``); ``avg_pool`` says both."""
+    folded = map_network(graph, counts, target)
+    e = estimate(graph, counts, target, folded)
+    if e.avg_pool is None:
+        return folded, e
+    layered = map_network(graph, counts, target, avg_pool="layer")
+    e2 = estimate(graph, counts, target, layered)
+    old_rules = {v.rule for v in folded.violations}
+    breaks = sorted({f"{v.rule} ({v.value:,.0f} > {v.limit:,.0f})" for v in layered.violations
+                     if v.layer in e.avg_pool["poolings"] or v.rule not in old_rules})
+    for form, est, m in (("folded", e, folded), ("layer", e2, layered)):
+        e.avg_pool[form].update(total_j=est.energy_j, latency_s=est.latency_s, cores=m.cores, fits=m.fits)
+    e.avg_pool["layer"]["breaks"] = breaks
+    keep = e2.energy_j < e.energy_j and not breaks
+    e.avg_pool["chosen"] = "layer" if keep else "folded"
+    if not keep:
+        return folded, e
+    e2.avg_pool = {**e.avg_pool, "priced": "layer"}
+    return layered, e2
 
 
 def _ann(mac_ann: float, target: Target, wbits: int, e_int8: float | None, e_int8_mem: float | None) -> AnnBaseline:
@@ -397,6 +432,12 @@ def _proxy_times(target: Target) -> list[str]:
     return [f"time_ns.{k}" for k, fig in target.figures.get("time_ns", {}).items() if fig.evidence == "proxy"]
 
 
+def _placed_synops(p, stats: dict, conv: str, mapping: Mapping) -> float:
+    """Synaptic ops of one placed layer: a pooling layer's events in; a weight layer's (:func:`_synops`)."""
+    c = stats[p.name]
+    return c.pool_events if p.op == POOLING_LAYER else _synops(c, conv, mapping)
+
+
 def _latency(counts, target: Target, mapping: Mapping) -> Latency:
     if target.spikes == "none":
         return _arithmetic_latency(counts, target)
@@ -408,20 +449,23 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
     stats = {c.name: c for c in counts.layers}
     conv = target.convention
     steps = _steps(counts)
+    stage_of = mapping.stages or {c.name: c.stage for c in counts.layers}
     stage_time: dict[int, float] = {}          # per timestep: a T-step network spreads its work over T steps
     for p in mapping.layers:
-        c = stats[p.name]
         fired = _fired(p, stats, target, steps)
         silent = t["neuron_update_inactive"] if t["neuron_update_inactive"] is not None else t["neuron_update"]
         upd = fired * (t["neuron_update"] or 0.0) + (p.compartments * steps - fired) * (silent or 0.0)
-        ns = (c.synops(conv) * (t["synop"] or 0.0) + upd + fired * (t["spike"] or 0.0)) / (p.cores * steps)
-        stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), ns)
+        ns = (_placed_synops(p, stats, conv, mapping) * (t["synop"] or 0.0) + upd + fired * (t["spike"] or 0.0)) \
+            / (p.cores * steps)
+        stage = stage_of[p.name]
+        stage_time[stage] = max(stage_time.get(stage, 0.0), ns)
     host = target.get("time_ns", "host_op")
     if host is not None:                       # host work runs serially on one host core
         for c in counts.layers:
             work = c.host_ops + (c.mac_ann if c.kind == "product" else 0.0)   # products run on the host too
             if work:
-                stage_time[c.stage] = max(stage_time.get(c.stage, 0.0), work * host)
+                stage = stage_of[c.name]
+                stage_time[stage] = max(stage_time.get(stage, 0.0), work * host)
     if t["timestep"] is not None:              # a clocked chip: every stage lasts at least one tick
         stage_time = {k: max(v, t["timestep"]) for k, v in stage_time.items()}
     barrier = t["barrier"] or 0.0

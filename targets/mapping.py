@@ -16,6 +16,10 @@ The model (an estimate for planning, not a place-and-route):
   needs the tile's receptive field; a linear core needs every input of the tokens it holds).
   The constraint that set the core count is the layer's binding constraint.
 - Core-to-core fan-out of a layer = cores of the layers its spikes feed (an upper bound).
+- ``avg_pool="layer"`` (graded targets): each average pooling that Lava can build as a pooling layer
+  (sfn_deploy/pooling.py) is placed as one: per polarity a depthwise window sum of ones into graded sum
+  neurons (one compartment per pooled element), one more pipeline step; its payload is the largest window
+  sum, which needs more bits than a level.
 - Products of two spike tensors (attention) have no static synapses and, with LayerNorm,
   softmax, GELU and residual arithmetic, run on the host: listed as host work, not violations.
 A limit the target file does not give is not checked, and the mapping says so.
@@ -23,14 +27,17 @@ A limit the target file does not give is not checked, and the mapping says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sfn_deploy.ir import NEURON_OPS, Graph, Node
+from sfn_deploy.pooling import SumKernel, pooling_layers
 
 from .schema import Target
 
 _THROUGH = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand",
             "cat", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"}
+POOLING_LAYER = "pooling layer"   # the op of a placed pooling layer (``avg_pool="layer"``)
 FIXED_POINT_WEIGHT_BITS = 8      # the Lava export's weights (exporters/lava): what fidelity was measured at
 LIMITS = {"neurons": "neurons per core", "synapse_bits": "synaptic memory per core (bits)",
           "fan_in": "input axons per core", "fan_out": "destination cores per core"}
@@ -69,6 +76,8 @@ class Placement:
     dest_cores: int = 0
     input_channels: int = 1       # binary targets: axons per input element (the input site's channels)
     sites: list = field(default_factory=list)   # the SFN sites this layer's output feeds
+    stage: int = 0                # pipeline step (a pooling layer adds one)
+    payload_bits: int = 0         # pooling layers: bits of the largest window sum their events carry
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -86,6 +95,8 @@ class Mapping:
     chip_binding: str = ""
     compartments: int = 0
     synapses: int = 0
+    avg_pool: str = "folded"      # how average pooling of spikes is placed: folded into weights, or "layer"
+    stages: dict[str, int] = field(default_factory=dict)   # pipeline step of every graph node in this form
 
     @property
     def fits(self) -> bool:
@@ -94,6 +105,7 @@ class Mapping:
     def to_dict(self) -> dict:
         return {"target": self.target, "fits": self.fits, "cores": self.cores, "chips": self.chips,
                 "chip_binding": self.chip_binding, "compartments": self.compartments, "synapses": self.synapses,
+                "avg_pool": self.avg_pool,
                 "unchecked": self.unchecked, "violations": [v.to_dict() for v in self.violations],
                 "host_work": self.host_work, "layers": [p.to_dict() for p in self.layers]}
 
@@ -133,48 +145,55 @@ def _axons(node: Node, graph: Graph, per_core: int, units: int) -> int:
         out_f, in_f = w.shape
         tokens = max(units // out_f, 1)
         return min(tokens, math.ceil(per_core / out_f)) * in_f
-    c_out, c_in_g, kh, kw = w.shape
     a = node.attrs
-    h_out, w_out = node.shape[-2], node.shape[-1]
+    return _conv_axons(x[-2:], node.shape[-2:], tuple(w.shape), a["stride"], a["dilation"], a["groups"], per_core)
+
+
+def _conv_axons(x_hw, out_hw, w_shape: tuple, stride, dilation, groups: int, per_core: int) -> int:
+    """Distinct inputs of one core holding a spatial tile of a convolution's output with all its channels."""
+    c_out, c_in_g, kh, kw = w_shape
+    h_out, w_out = out_hw
     positions = max(math.ceil(per_core / c_out), 1)
     side = math.ceil(math.sqrt(positions))
     th, tw = min(side, h_out), min(math.ceil(positions / min(side, h_out)), w_out)
-    ih = min((th - 1) * a["stride"][0] + a["dilation"][0] * (kh - 1) + 1, x[-2])
-    iw = min((tw - 1) * a["stride"][1] + a["dilation"][1] * (kw - 1) + 1, x[-1])
+    ih = min((th - 1) * stride[0] + dilation[0] * (kh - 1) + 1, x_hw[0])
+    iw = min((tw - 1) * stride[1] + dilation[1] * (kw - 1) + 1, x_hw[1])
     channels_here = min(per_core, c_out)
-    groups_here = min(a["groups"], math.ceil(channels_here * a["groups"] / c_out))
+    groups_here = min(groups, math.ceil(channels_here * groups / c_out))
     return ih * iw * c_in_g * groups_here
 
 
-def _host_work(graph: Graph, node: Node, c, spiking: bool) -> list[dict]:
-    """What of ``node`` (with per-layer statistics ``c``) runs on the host rather than on cores."""
+def _host_work(graph: Graph, node: Node, c, spiking: bool, stage: int) -> list[dict]:
+    """What of ``node`` (with per-layer statistics ``c``, at pipeline step ``stage``) runs on the host rather than
+    on cores."""
     work = []
     if node.kind == "host" and c.host_ops:
-        work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements", "stage": c.stage,
+        work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements", "stage": stage,
                      "why": "not a synaptic operation: runs on the host (embedded or attached CPU)"})
     elif node.op == "matmul" and spiking:
-        work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "unit": "MACs", "stage": c.stage,
+        work.append({"layer": node.name, "op": "matmul", "ops": c.mac_ann, "unit": "MACs", "stage": stage,
                      "why": "product of two activations: no static synapses to store on a core"})
     elif node.op in NEURON_OPS and graph[node.inputs[0]].kind == "host" and spiking:
-        work.append({"layer": node.name, "op": node.op, "ops": c.neurons, "unit": "neurons", "stage": c.stage,
+        work.append({"layer": node.name, "op": node.op, "ops": c.neurons, "unit": "neurons", "stage": stage,
                      "why": f"SFN fed by host op {graph[node.inputs[0]].op}: spikes encoded on the host"})
     if node.kind == "weight" and c.input == "analog" and spiking:
-        work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "unit": "MACs", "stage": c.stage,
+        work.append({"layer": node.name, "op": "input encoding", "ops": c.mac, "unit": "MACs", "stage": stage,
                      "why": "fed by the analog network input: its neurons are placed on cores, but its "
                             "MACs are not synaptic ops (the input must be encoded as spikes first)"})
     return work
 
 
-def _cores(graph: Graph, node: Node, units: int, ch_in: int, need: dict, fan_in_limit) -> tuple[int, str]:
+def _cores(units: int, need: dict, fan_in_limit, axons: Callable[[int], int]) -> tuple[int, str]:
     """Cores for one layer and the limit that sets their number: the most that neurons or synaptic memory need,
-    raised (binary search) until the distinct inputs of one core's neurons fit the core's fan-in."""
+    raised (binary search) until the distinct inputs of one core's neurons (``axons(per_core)``) fit the core's
+    fan-in."""
     binding = max(need, key=lambda k: need[k])
     cores = max(need.values())
     if not fan_in_limit:
         return cores, binding
 
     def fits(k: int) -> bool:
-        return _axons(node, graph, math.ceil(units / k), units) * ch_in <= fan_in_limit
+        return axons(math.ceil(units / k)) <= fan_in_limit
 
     lo, hi = cores, max(units, cores)
     if fits(lo):
@@ -240,7 +259,8 @@ def _place(graph: Graph, users: dict, node: Node, stats: dict, core: dict, wbits
             "synapse_bits": math.ceil(bits / core["synapse_bits"]) if core["synapse_bits"] else 1}
     cores, binding, axons = 1, "none", 0
     if target.has_cores:
-        cores, binding = _cores(graph, node, units, ch_in, need, core["fan_in"])
+        cores, binding = _cores(units, need, core["fan_in"],
+                                lambda per_core: _axons(node, graph, per_core, units) * ch_in)
         axons = _axons(node, graph, math.ceil(units / cores), units) * ch_in
     if cores == 1 and binding != "fan_in":
         binding = "none (fits one core)"
@@ -250,10 +270,56 @@ def _place(graph: Graph, users: dict, node: Node, stats: dict, core: dict, wbits
     return p, sites
 
 
-def map_network(graph: Graph, counts, target: Target) -> Mapping:
-    """Map the network with the per-layer statistics of ``counts`` (an OpCounts) onto ``target``."""
-    m = Mapping(target.name)
+def _place_pool(graph: Graph, node: Node, kernel: SumKernel, core: dict, wbits: int,
+                target: Target) -> tuple[Placement, list[Violation]]:
+    """An average pooling placed as a pooling layer (as exporters/lava builds it): per polarity of its site, a
+    depthwise window sum of ones into graded sum neurons whose level is the window's integer sum."""
+    site = graph[node.inputs[0]]
+    ch, h, w = site.shape[1:]
+    out_hw = list(node.shape[2:]) if len(node.shape) == 4 else [1, 1]
+    table = site.params["table"]
+    tops = [int(table.max())] + ([int(-table.min())] if site.params["bounds_neg"].numel() else [])
+    area = kernel.kernel[0] * kernel.kernel[1]
+    per_pol = ch * out_hw[0] * out_hw[1]
+    units = per_pol * len(tops)
+    syn = (ch * area if target.weight_sharing else per_pol * area) * len(tops)
+    bits = syn * wbits
+    need = {"neurons": math.ceil(per_pol / core["neurons"]) if core["neurons"] else 1,
+            "synapse_bits": math.ceil(bits / len(tops) / core["synapse_bits"]) if core["synapse_bits"] else 1}
+
+    def axons(per_core: int) -> int:
+        return _conv_axons((h, w), out_hw, (ch, 1, *kernel.kernel), kernel.stride, [1, 1], ch, per_core)
+
+    cores, binding, per_core_axons = 0, "none", 0
+    if target.has_cores:
+        cores, binding = _cores(per_pol, need, core["fan_in"], axons)
+        per_core_axons = axons(math.ceil(per_pol / cores))
+        cores *= len(tops)
+        if cores == len(tops) and binding != "fan_in":
+            binding = "none (fits one core)"
+    p = Placement(node.name, POOLING_LAYER, node.source, units, units, syn, bits, area, per_core_axons, cores,
+                  LIMITS.get(binding, binding), "spikes")
+    out = []
+    p.payload_bits = need_bits = max(max(tops) * area, 1).bit_length()    # the largest window sum, per polarity
+    payload = target.get("precision", "payload_bits")
+    if target.has_cores and payload and need_bits > payload:
+        out.append(Violation(p.name, "graded spike payload of a window sum (bits)", payload, need_bits,
+                             "keep the average pooling folded into the next weights (--avg-pool folded)"))
+    if target.has_cores and core["fan_in"] and per_core_axons > core["fan_in"]:
+        out.append(Violation(p.name, LIMITS["fan_in"], core["fan_in"], per_core_axons,
+                             "keep the average pooling folded into the next weights (--avg-pool folded)"))
+    return p, out
+
+
+def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") -> Mapping:
+    """Map the network with the per-layer statistics of ``counts`` (an OpCounts) onto ``target``; average pooling
+    of spikes folded into the next weights, or (``avg_pool="layer"``, graded targets) as pooling layers."""
+    if avg_pool not in ("folded", "layer") or (avg_pool == "layer" and target.spikes != "graded"):
+        raise ValueError(f"avg_pool {avg_pool!r} on a target with {target.spikes} spikes")
+    m = Mapping(target.name, avg_pool=avg_pool)
     users = graph.users()
+    pools = pooling_layers(graph, users) if avg_pool == "layer" else {}
+    m.stages = graph.stages(pools)
     stats = {c.name: c for c in counts.layers}
     core = {k: target.get("core", k) for k in LIMITS}
     chip = {k: target.get("chip", k) for k in ("cores", "neurons", "synapses")}
@@ -266,20 +332,29 @@ def map_network(graph: Graph, counts, target: Target) -> Mapping:
 
     spiking = target.spikes != "none"        # an arithmetic target prices products and encoding as ops
     for node in graph.nodes:
-        m.host_work += _host_work(graph, node, stats[node.name], spiking)
+        m.host_work += _host_work(graph, node, stats[node.name], spiking, m.stages[node.name])
+        if node.name in pools:
+            p, bad = _place_pool(graph, node, pools[node.name], core, wbits, target)
+            p.stage = m.stages[node.name]
+            m.layers.append(p)
+            m.violations += bad
         if node.kind != "weight":
             continue
         p, sites = _place(graph, users, node, stats, core, wbits, target)
+        p.stage = m.stages[node.name]
         m.layers.append(p)
         if target.has_cores:
             m.violations += _violations(p, sites, stats, core, wbits, target)
 
     by_name = {p.name: p for p in m.layers}
+
+    def receivers(u: Node) -> bool:             # where a site's or a pooling layer's events go
+        return u.kind == "weight" or u.name in pools
+
     for p in m.layers:
-        dest = 0
-        for s in p.sites:
-            dest += sum(by_name[w.name].cores for w in _reach(graph, users, s, lambda u: u.kind == "weight"))
-        p.dest_cores = dest
+        starts = [p.name] if p.name in pools else p.sites
+        p.dest_cores = sum(by_name[r.name].cores for s in starts for r in _reach(graph, users, s, receivers))
+        dest = p.dest_cores
         if target.has_cores and core["fan_out"] and dest > core["fan_out"]:
             m.violations.append(Violation(p.name, LIMITS["fan_out"], core["fan_out"], dest,
                                           "place consumer layers on fewer, fuller cores or split this layer"))

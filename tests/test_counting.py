@@ -294,9 +294,8 @@ def test_average_pooling_both_forms_are_counted_and_a_graded_target_prices_the_c
     non-zero window sum and polarity); a graded event target prices both and keeps the cheaper in its totals,
     a binary target keeps the folded form."""
     from sfn_deploy.exporters.lava.plan import pool_event_counts
-    from sfn_deploy.simulators.estimate import estimate
+    from sfn_deploy.simulators.estimate import plan_target
     from sfn_deploy.targets import load_target
-    from sfn_deploy.targets.mapping import map_network
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
                       nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
@@ -321,9 +320,9 @@ def test_average_pooling_both_forms_are_counted_and_a_graded_target_prices_the_c
     assert head.ac_event == pytest.approx(rows["adaptive_avg_pool2d"]["pre_pool_spikes"] * 3)
     for name in ("loihi2", "loihi1"):
         t = load_target(name)
-        e = estimate(g, c, t, map_network(g, c, t))
+        m, e = plan_target(g, c, t)
         if name == "loihi1":
-            assert e.avg_pool is None               # binary spikes cannot carry window sums
+            assert e.avg_pool is None and m.avg_pool == "folded"    # binary spikes cannot carry window sums
             continue
         a = e.avg_pool
         assert a["poolings"] == ["avg_pool2d", "adaptive_avg_pool2d"] and a["folded"]["synops"] == pytest.approx(
@@ -331,6 +330,8 @@ def test_average_pooling_both_forms_are_counted_and_a_graded_target_prices_the_c
         syn = next(term for term in e.energy_terms if term.term == "synaptic ops")
         base = c.synops("event")
         chosen = a["chosen"]
-        assert chosen == ("layer" if a["layer"]["energy_j"] < a["folded"]["energy_j"] else "folded")
+        assert chosen == m.avg_pool == a["priced"]
+        assert chosen == ("layer" if a["layer"]["total_j"] < a["folded"]["total_j"] else "folded")
+        assert e.energy_j == a[chosen]["total_j"]
         assert syn.count == pytest.approx(base if chosen == "folded" else base - a["folded"]["synops"]
                                           + a["layer"]["synops"])

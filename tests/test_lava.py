@@ -483,9 +483,24 @@ def test_cli_avg_pool_layer(digits, tmp_path):
                       (("evaluate", model, "--data", "sklearn:digits", "--avg-pool", "layer"),
                        "--avg-pool applies to --backend lava only"),
                       (("simulate", bundle, "--data", "sklearn:digits", "--avg-pool", "layer"),
-                       "chosen at export")):
+                       "chosen at export"),
+                      (("check", model, "--target", "loihi1", "--avg-pool", "layer"), "needs a target with graded")):
         r = _cli(*args)
         assert r.returncode == 2 and why in r.stderr, r.stderr
+    r = _cli("export", "--target", "lava", model, "-o", str(tmp_path / "auto.lava"), "--avg-pool", "auto", "--data",
+             "sklearn:digits", "--json")                 # the form loihi2's estimate keeps on the data
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    from sfn_deploy.data import load_data
+    from sfn_deploy.model_file import load
+    from sfn_deploy.report import avg_pool_choice
+    assert (d["avg_pool"], d["avg_pool_why"]) == avg_pool_choice(load(model), load_data("sklearn:digits"))
+    assert d["pooling_layers"] == (2 if d["avg_pool"] == "layer" else 0) and "loihi2 estimate" in d["avg_pool_why"]
+    r = _cli("export", "--target", "lava", model, "-o", str(tmp_path / "x.lava"), "--avg-pool", "auto")
+    assert r.returncode == 2 and "--avg-pool auto needs --data" in r.stderr
+    r = _cli("check", model, "--target", "loihi2", "--avg-pool", "layer", "--json")      # what that bundle places
+    d = json.loads(r.stdout)
+    assert d["avg_pool"] == "layer" and sum(p["op"] == "pooling layer" for p in d["layers"]) == 2
 
 
 def test_the_counter_prices_exactly_the_pooling_layers_lava_builds(digits):
@@ -511,6 +526,48 @@ def test_the_counter_prices_exactly_the_pooling_layers_lava_builds(digits):
         == {"mean"}
     counts = {c.name: c for c in count_ops(snn.graph, [digits.x[:20]]).layers}
     assert counts["avg_pool2d"].pool_neurons == 0 and counts["mean"].pool_neurons == 4
+
+
+def test_the_mapping_places_the_pooling_layers_lava_builds(pool_res_cat, digits, tmp_path):
+    """With ``avg_pool="layer"`` the mapping places, per pooling, the sum neurons the Lava plan builds (one
+    compartment each, the largest window sum as payload), one pipeline step more; a target whose payload cannot
+    carry a window sum keeps the pooling folded, and says why."""
+    from sfn_deploy.simulators.counting import count_ops
+    from sfn_deploy.simulators.estimate import estimate, plan_target
+    from sfn_deploy.targets import load_target
+    from sfn_deploy.targets.mapping import POOLING_LAYER, map_network
+    snn = pool_res_cat
+    plan = lower(snn, "graded", "floating_pt", avg_pool="layer")
+    built: dict = {}
+    for b in plan.blocks:
+        if b.kind == "neuron" and b.attrs.get("pool"):
+            layer = b.name.removeprefix("sum_").removesuffix("__neg")
+            built.setdefault(layer, []).append(b)
+    counts = count_ops(snn.graph, [digits.x[300:320]])
+    t = load_target("loihi2")
+    folded, layered = map_network(snn.graph, counts, t), map_network(snn.graph, counts, t, avg_pool="layer")
+    placed = {p.name: p for p in layered.layers if p.op == POOLING_LAYER}
+    assert set(placed) == set(built) == {"avg_pool2d", "adaptive_avg_pool2d"}
+    for name, p in placed.items():
+        assert p.units == p.compartments == sum(b.attrs["n"] for b in built[name])
+        assert p.payload_bits == max(b.attrs["n_pos"] for b in built[name]).bit_length()
+    assert layered.compartments == folded.compartments + sum(p.units for p in placed.values())
+    head = next(p for p in layered.layers if p.op == "linear")
+    assert head.stage == folded.stages[head.name] + 2         # behind two pooling layers
+    stats = {c.name: c for c in counts.layers}
+    assert placed["avg_pool2d"].dest_cores == sum(p.cores for p in layered.layers
+                                                  if p.op == "conv2d" and p.stage > placed["avg_pool2d"].stage
+                                                  and snn.graph[p.name].inputs == ["avg_pool2d"])
+    assert stats["avg_pool2d"].pool_neurons == placed["avg_pool2d"].units
+
+    m, e = plan_target(snn.graph, counts, t)
+    assert e.avg_pool["chosen"] == m.avg_pool
+    assert len(estimate(snn.graph, counts, t, layered).stages) == len(estimate(snn.graph, counts, t, folded).stages) + 2
+    small = tmp_path / "p4.toml"                  # loihi2 with 4-bit payloads: a 2×2 sum of levels up to 8 needs 6
+    small.write_text(open(t.path).read().replace("payload_bits = { value = 24", "payload_bits = { value = 4"))
+    m4, e4 = plan_target(snn.graph, counts, load_target(str(small)))
+    assert m4.avg_pool == "folded" and e4.avg_pool["chosen"] == "folded"
+    assert any("window sum" in b for b in e4.avg_pool["layer"]["breaks"])
 
 
 def test_pooling_layer_needs_graded_spikes(pool_res_cat):
