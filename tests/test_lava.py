@@ -3,6 +3,7 @@
 Every Lava run happens in a killable subprocess (run_lava) and is short (tens of samples)."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -339,11 +340,12 @@ def pool_res_cat(digits):
 
 def test_pooling_folds_into_weights_and_a_host_block_takes_many_inputs(pool_res_cat, digits, tmp_path):
     """Average pooling of spikes runs on cores, folded into the next layer's weights (a convolution over the
-    unpooled map, a linear layer W·P); the residual sum and the 8-way concatenation stay on the host, the
-    latter in a HostOp with 8 input ports. Floating point reproduces the reference's levels exactly."""
+    unpooled map, a linear layer W·P), and so does the residual sum (its neurons integrate both operands'
+    synapses); the 8-way concatenation stays on the host, in a HostOp with 8 input ports. Floating point
+    reproduces the reference's levels exactly."""
     snn = pool_res_cat
     plan = lower(snn, "graded", "floating_pt")
-    assert plan.summary()["host_ops"] == ["add", "cat"]
+    assert plan.summary()["host_ops"] == ["cat"] and plan.summary()["residual_sums"] == 1
     cat = next(b for b in plan.blocks if "cat" in b.attrs.get("ops", []))
     assert len(cat.attrs["inputs"]) == 8
     conv3 = next(b for b in plan.blocks if b.kind == "conv" and b.attrs["layer"] == "conv2d_10")
@@ -562,9 +564,11 @@ def test_the_mapping_places_the_pooling_layers_lava_builds(pool_res_cat, digits,
 
     m, e = plan_target(snn.graph, counts, t)
     assert e.avg_pool["chosen"] == m.avg_pool
-    assert len(estimate(snn.graph, counts, t, layered).stages) == len(estimate(snn.graph, counts, t, folded).stages) + 2
-    small = tmp_path / "p4.toml"                  # loihi2 with 4-bit payloads: a 2×2 sum of levels up to 8 needs 6
-    small.write_text(open(t.path).read().replace("payload_bits = { value = 24", "payload_bits = { value = 4"))
+    stages = [len(estimate(snn.graph, counts, t, m).stages) for m in (folded, layered)]
+    assert stages[1] == stages[0] + 2
+    small = tmp_path / "p4.toml"                  # loihi2 with 4-bit payloads: a window sum needs more
+    text = pathlib.Path(t.path).read_text()
+    small.write_text(text.replace("payload_bits = { value = 24", "payload_bits = { value = 4"))
     m4, e4 = plan_target(snn.graph, counts, load_target(str(small)))
     assert m4.avg_pool == "folded" and e4.avg_pool["chosen"] == "folded"
     assert any("window sum" in b for b in e4.avg_pool["layer"]["breaks"])
@@ -676,6 +680,57 @@ def test_integer_reference_uses_the_plans_integers_and_certifies_float32_exactne
     r = run_reference(ref, digits.x[200:240])
     assert r["float32_exact"] and 0 < r["largest_sum"] < 2 ** 24
     assert set(r["levels"]) == {s.name for s in snn.sites}
+
+
+class _ResidualNet:
+    """Residual sums on cores: an identity shortcut from a dual (GELU) site and a strided 1×1 projection
+    shortcut, each operand one or two synaptic steps behind the other."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+                    nn.Conv2d(8, 8, 3, padding=1)
+                self.c4, self.c5 = nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.Conv2d(12, 12, 3, padding=1)
+                self.down, self.fc = nn.Conv2d(8, 12, 1, stride=2), nn.Linear(12, 10)
+
+            def forward(self, x):
+                h = nn.functional.gelu(self.c1(x))
+                h = torch.relu(self.c3(torch.relu(self.c2(h))) + h)
+                h = torch.relu(self.c5(torch.relu(self.c4(h))) + self.down(h))
+                return self.fc(h.mean((2, 3)))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+def test_residual_sums_run_on_cores_bit_for_bit(digits):
+    """Both residual sums run on cores: their neurons integrate the two operands' synapses in one integer unit
+    (the identity shortcut through a depthwise 1×1 synapse), the earlier operand's spikes relayed to the later
+    one's step. Floating point gives the torch SNN's levels; fixed point equals the integer reference in every
+    level and logit."""
+    from sfn_deploy.parity import parity
+    snn = convert(_ResidualNet.build(), digits.limit(300), scale=0.3)
+    for prec in ("floating_pt", "fixed_pt"):
+        plan = lower(snn, "graded", prec, input_abs_max=1.0)
+        summary = plan.summary()
+        assert summary["residual_sums"] == 2 and "add" not in summary["host_ops"], summary
+        relays = [b for b in plan.blocks if b.kind == "neuron" and b.attrs.get("relay")]
+        assert len(relays) == 3 and {b.attrs["n_neg"] for b in relays} == {0}     # a dual site: 2 polarities
+    data = digits.subset(np.arange(300, 316))
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
+    assert rows[0].first_differing is None and all(r.levels_equal == 100.0 for r in rows[0].layers)
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
+                                                        "input_abs_max": 1.0})
+    exact = rows[1]
+    assert (exact.backend, exact.reference) == ("lava", "integer-reference")
+    assert exact.first_differing is None and exact.output_max_abs_diff == 0
+    assert all(r.levels_equal == 100.0 for r in exact.layers)
+    assert rows[2].prediction_agreement >= 90
 
 
 def test_host_integers_round_like_the_host_encoder():

@@ -51,6 +51,94 @@ _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}
 _ACTIVATIONS = {"hardtanh", *_SMALL_NEGATIVE}       # between a split layer and its neurons (see _fine_exponent)
 
 
+def _shortcut(graph: Graph, users: dict, value: str) -> tuple[Node, list, list] | None:
+    """A parameter-free shortcut (ResNet "option A"): strided slices of a site's spikes over H and W, then zero
+    channels padded on: (the site, the strides, the padded channels before and after), or None. It is a 1×1
+    convolution of the site's spikes; each node of the chain must be read by the next only."""
+    n, stride, chans = graph[value], [1, 1], [0, 0]
+    while n.op in ("slice", "pad"):
+        a, src = n.attrs, graph[n.inputs[0]]
+        if len(n.shape) != 4 or len(users[n.name]) != 1 or len(src.shape) != 4:
+            return None
+        if n.op == "pad":
+            p = list(a["pad"]) + [0] * (8 - len(a["pad"]))
+            if float(a.get("value", 0.0)) != 0.0 or any(p[:4]) or any(p[6:]) or min(p) < 0 or chans != [0, 0]:
+                return None
+            chans = [p[4], p[5]]
+        else:
+            d = a["dim"] % 4
+            if d not in (2, 3) or (a.get("start") or 0) != 0 or (a.get("end") is not None and a["end"] < src.shape[d]) \
+                    or stride[d - 2] != 1:
+                return None
+            stride[d - 2] = int(a.get("step") or 1)
+        n = src
+    return (n, stride, chans) if n.op == "sfn" and n.bdim == 0 and n.name != value else None
+
+
+def residual_sums(graph: Graph) -> tuple[Graph, set[str]]:
+    """Residual sums that run on cores (graded lowering): an ``add`` of two conv maps read only by SFN sites,
+    each operand a weight layer read by nothing else, a site's own spikes, or a parameter-free shortcut of them
+    (:func:`_shortcut`). The neurons after it integrate both operands' synaptic input (Lava sums the connections
+    into one ``a_in``), in one integer unit; a site's spikes reach them through a synapse this returns as an
+    explicit graph node (``<add>_skip``): a depthwise 1×1 convolution of ones, or the shortcut's strided 1×1
+    convolution placing each channel (the same values in float32, so the SNN is unchanged; the shortcut's
+    slices and padding are removed). Returns the graph (a copy where it changed) and the names of those sums;
+    the other sums stay on the host."""
+    import torch
+    users = graph.users()
+    sums: dict[str, dict[int, tuple]] = {}
+    for n in graph:
+        if n.op != "add" or len(n.inputs) != 2 or n.attrs or n.bdim != 0 or len(n.shape) != 4 \
+                or not users[n.name] or any(u.op != "sfn" for u in users[n.name]):
+            continue
+        skips = {}
+        for k, i in enumerate(n.inputs):
+            v = graph[i]
+            cut = _shortcut(graph, users, i) if v.op in ("slice", "pad") else None
+            if list(v.shape) != list(n.shape) or v.bdim != 0:
+                break
+            if v.op == "sfn":
+                skips[k] = (v, [1, 1], None)
+            elif cut is not None:
+                skips[k] = (cut[0], cut[1], cut[2])
+            elif v.op != "conv2d" or [u.name for u in users[i]] != [n.name]:
+                break
+        else:
+            sums[n.name] = skips
+    if not any(sums.values()):
+        return graph, set(sums)
+    dropped: set[str] = set()          # a shortcut's slices and padding, replaced by its synapse
+    nodes: list[Node] = []
+    taken = {n.name for n in graph}
+    for n in graph:
+        if sums.get(n.name):
+            n = Node(n.name, n.op, list(n.inputs), dict(n.attrs), dict(n.params), list(n.shape), n.bdim, n.source)
+            for k, (site, stride, chans) in sums[n.name].items():
+                name, j = f"{n.name}_skip", 1
+                while name in taken:
+                    j += 1
+                    name = f"{n.name}_skip_{j}"
+                taken.add(name)
+                c_out, c_in = n.shape[1], site.shape[1]
+                if chans is None:           # identity: depthwise ones
+                    w, groups = torch.ones(c_out, 1, 1, 1), c_out
+                else:                       # channel c lands on c + chans[0]
+                    w, groups = torch.zeros(c_out, c_in, 1, 1), 1
+                    w[torch.arange(c_in) + chans[0], torch.arange(c_in)] = 1.0
+                    v = graph[n.inputs[k]]
+                    while v.name != site.name:
+                        dropped.add(v.name)
+                        v = graph[v.inputs[0]]
+                nodes.append(Node(name, "conv2d", [site.name], {"stride": list(stride), "padding": [0, 0],
+                                                                "dilation": [1, 1], "groups": groups},
+                                  {"weight": w}, list(n.shape), 0,
+                                  f"shortcut synapse of the residual sum {n.name} (exporters/lava/plan.py)"))
+                n.inputs[k] = name
+        nodes.append(n)
+    return Graph([n for n in nodes if n.name not in dropped], graph.output, graph.timesteps, graph.method,
+                 graph.output_parts), set(sums)
+
+
 @dataclass
 class Block:
     name: str
@@ -93,7 +181,16 @@ class Plan:
     def pooling_layers(self) -> set[str]:
         """The average poolings this plan runs as pooling layers (their sum Conv blocks; max pooling's are not)."""
         return {b.attrs["layer"] for b in self.blocks if b.kind == "conv" and b.attrs.get("polarity") == "pool"
-                and b.attrs.get("op") != "max_pool2d"}
+                and b.attrs.get("op") != "max_pool2d" and not b.attrs.get("relay")}
+
+    def residual_sums(self) -> int:
+        """Residual sums on cores: neurons driven by the synapses of two weight layers."""
+        layer = {b.name: b.attrs["layer"] for b in self.blocks if b.kind in ("conv", "dense", "sparse")}
+        drivers: dict[str, set] = {}
+        for c in self.connections:
+            if c["dst_port"] == "a_in" and c["src"] in layer:
+                drivers.setdefault(c["dst"], set()).add(layer[c["src"]])
+        return sum(len(v) > 1 for v in drivers.values())
 
     def summary(self) -> dict:
         kinds: dict = {}
@@ -103,7 +200,7 @@ class Plan:
         return {"lowering": self.lowering, "precision": self.precision, "processes": len(self.blocks),
                 "by_kind": kinds, "latency_steps": self.latency, "host_ops": host_ops,
                 "neuro_core_processes": sum(b.where == "neuro-core" for b in self.blocks),
-                "pooling_layers": len(self.pooling_layers()),
+                "pooling_layers": len(self.pooling_layers()), "residual_sums": self.residual_sums(),
                 "host_processes": sum(b.where == "host" for b in self.blocks)}
 
 
@@ -151,6 +248,7 @@ class _Lowering:
             raise UserError("a pooling layer sends graded sums; the channel lowering's spikes are binary: use "
                             "--avg-pool folded with --lowering channels")
         self.avg_pool = avg_pool
+        graph, self.resums = residual_sums(graph) if lowering == "graded" else (graph, set())
         self.g, self.users = graph, graph.users()
         self.lowering, self.precision = lowering, precision
         self.fixed = precision == "fixed_pt"
@@ -172,9 +270,12 @@ class _Lowering:
         self.pool_layers: dict[str, tuple[str, SumKernel]] = {}  # pools lowered to pooling layers -> site, sum
         self.pool_blocks: dict[str, dict] = {}  # such a pool -> {polarity: its sum neuron block}
         self.bounds: dict[str, float | None] = {}  # value -> bound on |value| (None: not derived)
+        self.delays: dict[str, int] = {}       # operand of a residual sum on cores -> steps its input is relayed
 
     # graph facts
     def cls(self, n: Node) -> str:
+        if n.name in self.resums:
+            return "resum"
         if n.name in self.core_pools:
             return "pool"
         if n.name in self.pool_layers:
@@ -333,6 +434,36 @@ class _Lowering:
             if n.bdim != 0 and n.op in ("linear", "conv2d", "sfn"):
                 raise UserError(f"Lava export: node {n.name} ({n.op}) has its batch axis elsewhere than first; "
                                 "not supported")
+        self._align_residual_sums()
+
+    def _align_residual_sums(self) -> None:
+        """Each operand of a residual sum on cores reaches its neurons at the sum's stage: an operand layer at an
+        earlier stage reads its spikes through relays (:meth:`_relay`), one step each. A sum whose operand reads
+        an analog value (its integer unit could not be the other's) or spikes that come from the host (no
+        port to relay) stays on the host."""
+        for name in sorted(self.resums, key=lambda v: self.stage[v]):
+            ops = self.g[name].inputs
+            kinds = [self._spike_kind(self.g[o].inputs[0]) for o in ops]
+            if any(k is None or (k == "host" and self.stage[o] < self.stage[name]) for k, o in zip(kinds, ops,
+                                                                                                 strict=True)):
+                self.resums.discard(name)
+                continue
+            for o in ops:
+                if self.stage[o] < self.stage[name]:
+                    self.delays[o] = self.stage[name] - self.stage[o]
+                    self.stage[o] = self.stage[name]
+
+    def _spike_kind(self, value: str) -> str | None:
+        """How a weight layer reading ``value`` gets spikes: "site" (a site's own ports, folded pooling included),
+        "host" (levels a host block sends), None (an analog value, or a pooling layer's sums)."""
+        if value in self.folds:
+            return "site"
+        producer = self.g[value]
+        while producer.name in self.aliases:
+            producer = self.g[producer.inputs[0]]
+        if producer.name in self.pool_layers or value not in self.lattice:
+            return None
+        return "site" if producer.op == "sfn" or producer.name in self.core_pools else "host"
 
     def host_groups(self) -> list[list[str]]:
         """Host nodes of equal stage joined by host→host edges (the input node is a host node)."""
@@ -377,7 +508,8 @@ class _Lowering:
         groups = {h: grp for grp in self.host_groups() for h in grp}
         # host programs are filled after every block exists (their ports depend on producers and consumers)
         host_blocks: dict[str, Block] = {}
-        on_cores = {"neuron": self.neuron, "synapse": self.synapse, "pool": self.core_pool, "sumpool": self.sum_pool}
+        on_cores = {"neuron": self.neuron, "synapse": self.synapse, "pool": self.core_pool, "sumpool": self.sum_pool,
+                    "resum": lambda n: None}     # its operands' synapses drive its neurons
         for n in g:
             c = self.cls(n)
             if c == "host" and n.name not in self.block_of:
@@ -391,6 +523,7 @@ class _Lowering:
                 self.block_of[n.name] = self.block_of[n.inputs[0]]
         out = self.add(Block("output", "host", self.stage[out_node.name], ir=[]))
         host_blocks["output"] = out
+        self._common_units()
         for b in host_blocks.values():
             self.host_program(b, out_node)
         for b in self.blocks:                    # the neurons fed by host blocks know their scale only now
@@ -410,6 +543,58 @@ class _Lowering:
         self._check_acyclic()
         return Plan(self.lowering, self.precision, self.blocks, self.conns, "input", "output",
                     self.stage[out_node.name], self.input_shape, list(out_node.shape[1:]), self.sites)
+
+    def _common_units(self) -> None:
+        """Fixed point: the operand layers of a residual sum on cores add up at its neurons in one integer unit,
+        the finest of their exponents; the coarser layer's processes shift their sums up by the difference
+        (Lava's weight_exp), as a split layer's coarse half does."""
+        for name in self.resums:
+            ops = set(self.g[name].inputs)
+            blocks = [b for b in self.blocks if b.kind in ("conv", "dense", "sparse") and b.attrs["layer"] in ops]
+            e = min(b.attrs["weight_exp"] for b in blocks)
+            for b in blocks:
+                b.attrs["shift"] += b.attrs["weight_exp"] - e
+                b.attrs["weight_exp"] = e
+                b.attrs["scale"] = 2.0 ** e if self.fixed else b.attrs["scale"]
+            for o in ops:
+                self.acc_scale[o] = blocks[0].attrs["scale"]
+            self.acc_scale[name] = blocks[0].attrs["scale"]
+
+    def _relay(self, spikes: _Source, value: str, steps: int, layer: str) -> _Source:
+        """``spikes`` ``steps`` steps later: per polarity a chain of identity synapses (a depthwise 1×1 Conv of
+        ones) into graded neurons that fire the level they receive (thresholds at every integer up to the
+        largest level, as a pooling layer's sum neurons), one step each. Exact in fixed point."""
+        assert spikes.ports is not None, "_align_residual_sums relays a site's own ports only"
+        bpos, bneg, table, _ = _site_arrays(spikes.site)
+        c, h, w = spikes.site.shape[1:]
+        chw, n = [c, h, w], _numel(spikes.site.shape)
+        ports = dict(spikes.ports)
+        start = self.stage[layer] - steps - 1          # the stage of the spikes relayed
+        for k in range(1, steps + 1):
+            for pol, nb in (("pos", bpos.size), ("neg", bneg.size)):
+                if nb == 0 or pol not in ports:
+                    continue
+                suffix = "" if pol == "pos" else "__neg"
+                base = f"relay{k}_{layer}{suffix}"
+                conv = self.add(Block(f"{base}_syn", "conv", start + k, arrays={"weight": np.ones((c, 1, 1, 1))},
+                                      attrs={"op": "conv2d", "layer": base, "polarity": "pool", "input": value,
+                                             "relay": True,
+                                             "tokens": 1, "copies": 1, "copy_ids": None, "shift": 0, "in_n": n,
+                                             "out_n": n, "weight_exp": 0, "scale": 1.0, "graded": True,
+                                             "input_shape": [w, h, c], "stride": [1, 1], "padding": [0, 0],
+                                             "dilation": [1, 1], "groups": c, "out_chw": chw}))
+                self.connect(*ports[pol], conv.name, "s_in", self._to_conv_view(conv))
+                top = int(table[nb])
+                bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
+                neuron = self.add(Block(base, "neuron", start + k, attrs={
+                    "n": n, "shape": chw, "input": value, "dual": False, "channels": False, "n_pos": top, "n_neg": 0,
+                    "pool": True, "relay": True, "scale": 1.0}, arrays={
+                    "bounds_pos": bounds, "bounds_neg": np.zeros(0, np.float32), "table": np.arange(top + 1),
+                    "steps": np.array([1.0, 0.0]), "bias": np.zeros(n),
+                    "thr_pos": ceil_div(bounds, 1.0) if self.fixed else bounds, "thr_neg": np.zeros(0)}))
+                self.connect(conv.name, "a_out", neuron.name, "a_in", self._from_conv_view(conv))
+                ports[pol] = (neuron.name, "s_pos")
+        return _Source(spikes.site, ports, spikes.divisor)
 
     # -- neurons
     def neuron(self, site: Node) -> None:
@@ -496,14 +681,17 @@ class _Lowering:
         src = self.g[b.attrs["input"]]
         n = b.attrs["n"]
         bias = np.zeros(n)
-        if self.cls(src) == "synapse" and src.params.get("bias") is not None:
-            bias = _expand_bias(src).astype(np.float64)
+        layers = [src] if self.cls(src) == "synapse" else [self.g[o] for o in src.inputs] \
+            if self.cls(src) == "resum" else []
+        for layer in layers:                # a residual sum on cores: both operands' biases
+            if layer.params.get("bias") is not None:
+                bias = bias + _expand_bias(layer).astype(np.float64)
         bpos, bneg = b.arrays["bounds_pos"], b.arrays["bounds_neg"]
         if not self.fixed:
             b.arrays.update(bias=bias, thr_pos=bpos, thr_neg=bneg)
             scale = 1.0
         else:
-            if self.cls(src) == "synapse":
+            if layers:
                 scale = self.acc_scale[src.name]
             else:                           # the host sends the value at a scale resolving every boundary
                 top = float(max(np.abs(bpos).max(initial=0), np.abs(bneg).max(initial=0), 1e-30))
@@ -540,6 +728,8 @@ class _Lowering:
         x = n.inputs[0]
         w = n.params["weight"].double().numpy()
         spikes = self._spike_source(x)
+        if n.name in self.delays and spikes is not None:
+            spikes = self._relay(spikes, x, self.delays[n.name], n.name)
         if spikes is None and self.cls(self.g[x]) != "host":
             raise UserError(f"Lava export: {n.name} ({n.op}) reads {x} ({self.g[x].op}) directly; a synaptic layer "
                             "must read spikes or a host value")
@@ -600,8 +790,8 @@ class _Lowering:
                 self.connect(src, port, blk.name, "s_in", self._to_conv_view(blk))
             # consumers are connected when they are built: neurons now, host blocks in host_program
             for user in self.users[n.name]:
-                if user.op == "sfn":
-                    self.connect(blk.name, "a_out", self.block_of.get(user.name, f"sfn_{user.name}"), "a_in",
+                for site in [user] if user.op == "sfn" else self.users[user.name] if user.name in self.resums else []:
+                    self.connect(blk.name, "a_out", self.block_of.get(site.name, f"sfn_{site.name}"), "a_in",
                                  self._from_conv_view(blk))
         self.block_of[n.name] = f"{kind}_{n.name}"
 
@@ -675,7 +865,7 @@ class _Lowering:
                 edge = max(float(np.abs(bp).max(initial=0)), float(np.abs(bn).max(initial=0)))
                 seen_max = max(float(u.attrs.get("max_pos") or 0), float(u.attrs.get("max_neg") or 0))
                 top = max(top, factor * (min(edge, 2 * seen_max) if seen_max > 0 else edge))
-            elif self.cls(u) == "host" and u.op in ("add", "sub", "relu") and u.name != self.g.output:
+            elif self.cls(u) in ("host", "resum") and u.op in ("add", "sub", "relu") and u.name != self.g.output:
                 todo.extend((v, factor) for v in self.users[u.name])
             elif self.cls(u) == "host" and u.op in _ACTIVATIONS and u.name != self.g.output:
                 # what an activation's input reaches beyond its output's range is not seen: 8x more room

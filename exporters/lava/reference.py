@@ -94,11 +94,11 @@ class _Builder:
         if plan.precision != "fixed_pt" or plan.lowering != "graded":
             raise UserError("the integer reference follows a fixed-point plan with the graded lowering (got "
                             f"{plan.precision}, {plan.lowering})")
-        g = model.graph
-        self.model, self.g, self.plan = model, g, plan
-        self.low = _Lowering(g, model.input_shape, "graded", "fixed_pt", None,
+        self.model, self.plan = model, plan
+        self.low = _Lowering(model.graph, model.input_shape, "graded", "fixed_pt", None,
                              avg_pool="layer" if plan.pooling_layers() else "folded")
         self.low.analyse()                        # lattice (values carrying a site's levels) and folded pools
+        self.g = g = self.low.g                   # with the identity synapses of residual sums on cores
         self.pooled: dict[str, dict] = {}         # a pooling layer's value (and flattens of it) -> {polarity: sums}
         self.nodes: list[Node] = []
         self.taken = {n.name for n in g}
@@ -248,8 +248,13 @@ class _Builder:
         src = n.inputs[0]
         sh = self.shape(n.name)
         s32 = np.float32(scale)
-        if self.low.cls(self.g[src]) == "synapse":            # v = acc + bias, saturated at the membrane's ends
-            v = self.accumulator(src)
+        kind = self.low.cls(self.g[src])
+        if kind in ("synapse", "resum"):       # v = acc (both operands' of a residual sum) + bias, saturated
+            layers = [src] if kind == "synapse" else self.g[src].inputs
+            v = self.accumulator(layers[0])
+            for other in layers[1:]:
+                v = self.emit("add", [v, self.accumulator(other)], sh, base=f"{src}__acc")
+                self.totals.append(v)
             bias = np.asarray(b.arrays["bias"], np.int64)
             if np.any(bias):
                 if np.abs(bias).max() >= 2 ** 24:
@@ -317,6 +322,8 @@ class _Builder:
                 continue
             if c == "synapse":
                 self.accumulator(n.name)
+            elif c == "resum":                      # its neurons sum the operands' accumulators (site())
+                continue
             elif c == "neuron":
                 self.site(n)
             elif n.op in ("input", "constant"):

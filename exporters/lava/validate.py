@@ -592,14 +592,15 @@ def _check_scales(plan: Plan, by_name: dict) -> None:
 def _check_exponent_groups(plan: Plan) -> None:
     """Fixed-point channel lowering: the processes of one layer and polarity hold each channel copy exactly
     once, with distinct shifts, the layer's smallest exponent unshifted (plan._exponent_groups). Split
-    layers (graded, fixed point): per polarity one coarse process (shifted) and one fine (unshifted)."""
+    layers (graded, fixed point): per polarity one coarse process shifted more than one fine (unshifted, or
+    shifted to a residual sum's common unit: plan._common_units)."""
     halves: dict = {}
     for b in plan.blocks:
         if b.kind in SYNAPSES and b.attrs.get("split"):
             halves.setdefault((str(b.attrs.get("layer")), b.attrs["polarity"]), []).append(b)
     for (layer, pol), blks in halves.items():
         shifts = sorted(b.attrs.get("shift", 0) for b in blks)
-        if len(blks) != 2 or shifts[0] != 0 or shifts[1] == 0 \
+        if len(blks) != 2 or shifts[0] >= shifts[1] \
                 or blks[0].arrays["weight"].shape != blks[1].arrays["weight"].shape:
             raise _Invalid(f"blocks {', '.join(b.name for b in blks)}: a split layer {layer} ({pol}) has one coarse "
                            "(shifted) and one fine (unshifted) process of equal shape")
