@@ -683,8 +683,9 @@ def test_integer_reference_uses_the_plans_integers_and_certifies_float32_exactne
 
 
 class _ResidualNet:
-    """Residual sums on cores: an identity shortcut from a dual (GELU) site and a strided 1×1 projection
-    shortcut, each operand one or two synaptic steps behind the other."""
+    """Residual sums on cores: an identity shortcut from a dual (GELU) site, a strided 1×1 projection
+    shortcut and a parameter-free one (strided slices, zero channels padded on: CIFAR ResNets' option A),
+    each operand one or two synaptic steps behind the other."""
 
     @staticmethod
     def build():
@@ -697,30 +698,33 @@ class _ResidualNet:
                 self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
                     nn.Conv2d(8, 8, 3, padding=1)
                 self.c4, self.c5 = nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.Conv2d(12, 12, 3, padding=1)
-                self.down, self.fc = nn.Conv2d(8, 12, 1, stride=2), nn.Linear(12, 10)
+                self.c6, self.c7 = nn.Conv2d(12, 20, 3, stride=2, padding=1), nn.Conv2d(20, 20, 3, padding=1)
+                self.down, self.fc = nn.Conv2d(8, 12, 1, stride=2), nn.Linear(20, 10)
 
             def forward(self, x):
                 h = nn.functional.gelu(self.c1(x))
                 h = torch.relu(self.c3(torch.relu(self.c2(h))) + h)
                 h = torch.relu(self.c5(torch.relu(self.c4(h))) + self.down(h))
+                cut = nn.functional.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+                h = torch.relu(self.c7(torch.relu(self.c6(h))) + cut)
                 return self.fc(h.mean((2, 3)))
         torch.manual_seed(0)
         return Net().eval()
 
 
 def test_residual_sums_run_on_cores_bit_for_bit(digits):
-    """Both residual sums run on cores: their neurons integrate the two operands' synapses in one integer unit
-    (the identity shortcut through a depthwise 1×1 synapse), the earlier operand's spikes relayed to the later
-    one's step. Floating point gives the torch SNN's levels; fixed point equals the integer reference in every
+    """The three residual sums run on cores: their neurons integrate the two operands' synapses in one integer
+    unit (the shortcuts through 1×1 synapses: depthwise ones, or a strided embedding of the channels), the
+    earlier operand's spikes relayed to the later one's step. Floating point gives the torch SNN's levels; fixed point equals the integer reference in every
     level and logit."""
     from sfn_deploy.parity import parity
     snn = convert(_ResidualNet.build(), digits.limit(300), scale=0.3)
     for prec in ("floating_pt", "fixed_pt"):
         plan = lower(snn, "graded", prec, input_abs_max=1.0)
         summary = plan.summary()
-        assert summary["residual_sums"] == 2 and "add" not in summary["host_ops"], summary
+        assert summary["residual_sums"] == 3 and summary["host_ops"] == ["gelu"], summary   # GELU: the host's
         relays = [b for b in plan.blocks if b.kind == "neuron" and b.attrs.get("relay")]
-        assert len(relays) == 3 and {b.attrs["n_neg"] for b in relays} == {0}     # a dual site: 2 polarities
+        assert len(relays) == 4 and {b.attrs["n_neg"] for b in relays} == {0}     # a dual site: 2 polarities
     data = digits.subset(np.arange(300, 316))
     rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
     assert rows[0].first_differing is None and all(r.levels_equal == 100.0 for r in rows[0].layers)
