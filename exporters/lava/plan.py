@@ -11,7 +11,8 @@ neither Lava nor torch to read. Each block is one Lava process:
   per polarity, both summed at the consumer. Linear layers over tokens (leading axes besides
   the batch) are a Sparse block-diagonal matrix: Loihi has no weight sharing across tokens.
 * ``host``: what neuro-cores cannot do (LayerNorm, softmax, GELU, products of two spike tensors,
-  residual adds, max pooling of graded spikes, layout), the input encoder and the output decoder.
+  residual adds other than :func:`residual_sums`, max pooling of graded spikes, layout), the input encoder
+  and the output decoder. A residual sum on cores has no block: both operands' synapses drive its neurons.
   Host nodes of the same pipeline stage joined by host→host edges share one process.
 
 Timing: every synaptic process adds one step, so a value's *stage* is the number of synaptic
