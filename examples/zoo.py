@@ -184,12 +184,17 @@ def torch_tensor(a):
 
 
 def _lava(converted, precision: str) -> str:
+    """Whether the plan builds; for fixed point also what stays on the host (besides input and output) and how many
+    residual sums run on cores."""
     try:
         from sfn_deploy.exporters.lava import lower
-        lower(converted, precision=precision, input_abs_max=converted.metrics.get("input_abs_max"))
-        return "plan ok"
+        plan = lower(converted, precision=precision, input_abs_max=converted.metrics.get("input_abs_max"))
     except Exception as e:
         return f"refused: {_short(e)}"
+    if precision != "fixed_pt":
+        return "plan ok"
+    s = plan.summary()
+    return (f"plan ok; {s['residual_sums']} residual sums on cores; host: {', '.join(s['host_ops']) or 'I/O only'}")
 
 
 def _nir(converted) -> str:

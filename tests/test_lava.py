@@ -715,8 +715,8 @@ class _ResidualNet:
 def test_residual_sums_run_on_cores_bit_for_bit(digits):
     """The three residual sums run on cores: their neurons integrate the two operands' synapses in one integer
     unit (the shortcuts through 1×1 synapses: depthwise ones, or a strided embedding of the channels), the
-    earlier operand's spikes relayed to the later one's step. Floating point gives the torch SNN's levels; fixed point equals the integer reference in every
-    level and logit."""
+    earlier operand's spikes relayed to the later one's step. Floating point gives the torch SNN's levels;
+    fixed point equals the integer reference in every level and logit."""
     from sfn_deploy.parity import parity
     snn = convert(_ResidualNet.build(), digits.limit(300), scale=0.3)
     for prec in ("floating_pt", "fixed_pt"):

@@ -5,6 +5,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,11 +14,19 @@ import zoo  # noqa: E402
 
 from sfn_deploy.convert import convert  # noqa: E402
 from sfn_deploy.data import Dataset  # noqa: E402
+from sfn_deploy.errors import UserError  # noqa: E402
+from sfn_deploy.exporters.lava.plan import lower  # noqa: E402
+from sfn_deploy.exporters.lava.reference import integer_reference, run_reference  # noqa: E402
+from sfn_deploy.exporters.lava.validate import validate_plan  # noqa: E402
 from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx  # noqa: E402
 from sfn_deploy.simulators.interpreter import run, run_with_levels  # noqa: E402
 
 # architectures refused at capture, with the reason they are refused (a test checks the message)
 REFUSED: dict[str, str] = {}
+# every residual sum runs on cores in Lava (exporters/lava/plan.py, residual_sums)
+RESIDUAL_ON_CORES = {"resnet20_cifar"}
+# Lava plans refused, and why: the batch axis folded into windows (Swin) or patches (MobileViT, LeViT's heads)
+LAVA_REFUSED = dict.fromkeys(["levit_128s", "mobilevit_xxs", "swin_tiny_patch4_window7_224"], "rows per sample")
 
 
 def _data(n: int, size: int, seed: int) -> Dataset:
@@ -46,3 +55,16 @@ def test_zoo_row(name):
     same = sum(int((torch.as_tensor(onnx_levels[k]) == v).sum()) for k, v in levels.items())
     total = sum(v.numel() for v in levels.values())
     assert same >= 0.99 * total, f"ONNX spike levels agree on {same} of {total}"
+    # the Lava plans (the processes are run by tests/test_lava.py) pass the bundle validator, and the fixed-point
+    # one's integer reference runs with float32 arithmetic exact; every CNN's residual sums on cores
+    if name in LAVA_REFUSED:
+        with pytest.raises(UserError, match=LAVA_REFUSED[name]):
+            lower(converted, "graded", "floating_pt")
+        return
+    for precision in ("floating_pt", "fixed_pt"):
+        plan = lower(converted, "graded", precision, input_abs_max=1.0)
+        validate_plan(plan)
+    r = run_reference(integer_reference(converted, plan), test.x)
+    assert r["float32_exact"] and np.isfinite(r["outputs"]).all()
+    if name in RESIDUAL_ON_CORES:
+        assert "add" not in plan.summary()["host_ops"] and plan.summary()["residual_sums"] > 0

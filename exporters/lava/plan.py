@@ -435,6 +435,10 @@ class _Lowering:
             if n.bdim != 0 and n.op in ("linear", "conv2d", "sfn"):
                 raise UserError(f"Lava export: node {n.name} ({n.op}) has its batch axis elsewhere than first; "
                                 "not supported")
+            if n.op in ("linear", "conv2d", "sfn") and n.shape and n.shape[0] != 1:
+                raise UserError(f"Lava export: node {n.name} ({n.op}) holds {n.shape[0]} rows per sample (the batch "
+                                "axis folded into windows or patches); a process here holds one row of one sample: "
+                                "not supported")
         self._align_residual_sums()
 
     def _align_residual_sums(self) -> None:
