@@ -261,6 +261,7 @@ class LavaBackend:
                 f"{info['processes']} processes ({info['neuro_core_processes']} on neuro-cores, "
                 f"{info['host_processes']} on the host: {', '.join(info['host_ops']) or 'input/output only'}), "
                 + (f"{info['pooling_layers']} pooling layers, " if info.get("pooling_layers") else "")
+                + (f"{info['residual_sums']} residual sums on cores, " if info.get("residual_sums") else "")
                 + f"latency {info['latency_steps']} steps, {info['bytes']:,} bytes")
         for p, why in info["missing"].items():
             text += f"\n  no {p} plan: {why}"
