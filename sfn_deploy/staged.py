@@ -38,8 +38,10 @@ image dominates (as accurate or more, and as cheap or cheaper), a shared point t
 check excepted; by energy ratio, each is checked at its neighbours, every λ × (1 + :data:`NEIGHBOUR`) and
 × (1 − :data:`NEIGHBOUR`), which must be within budget too (without ``max_drop``: lose at most
 :data:`NEIGHBOUR_SLACK` points against the candidate). The first candidate that passes is chosen; after
-:data:`MAX_CANDIDATES` failures the checked candidate whose worse neighbour is the most accurate is taken, and
-the rule says so. Neighbour checks are not trials of the study (a rerun repeats them: two evaluations per
+:data:`MAX_CANDIDATES` failures the shared λ left among the candidates are checked the same way, cheapest first
+(:data:`MAX_SHARED_FALLBACK` at most: a point one shared λ can reach and hold is a safer choice than one that
+failed); if none holds, the checked candidate whose worse neighbour is the most accurate is taken, and the rule
+says so. Neighbour checks are not trials of the study (a rerun repeats them: two evaluations per
 candidate checked, stopped early when a neighbour is clearly outside the budget).
 """
 from __future__ import annotations
@@ -68,7 +70,8 @@ STEP_MIN = 1.06             # the pattern search ends when its step would be sma
 MAX_ROUNDS = 12             # pattern-search rounds at most
 NEIGHBOUR = 0.03            # the chosen point must hold at λ × (1 ± NEIGHBOUR)
 NEIGHBOUR_SLACK = 0.5       # without a budget: points a neighbour may lose against the candidate
-MAX_CANDIDATES = 4          # candidates checked at their neighbours before giving up
+MAX_CANDIDATES = 4          # candidates checked at their neighbours before the shared λ are tried
+MAX_SHARED_FALLBACK = 3     # then shared λ checked at their neighbours before giving up
 ENERGY_SLACK = 0.02         # prune a trial whose energy ratio exceeds the incumbent's by more than this share
 MIN_RUNG = 100              # images of the smallest rung
 MAX_RUNGS = 4
@@ -476,6 +479,15 @@ def select(points: list[Candidate], c: Context, evaluate: Callable[[dict[str, fl
         failed |= {p.trial}
     if not tried:
         return None, "", checks
+    # the cheapest candidates all failed: the shared λ left, cheapest first, which a search never does worse than
+    for p in [q for q in candidates(points, c, failed) if q.shared][:MAX_SHARED_FALLBACK]:
+        mine, worst = _neighbours(p, c.target if c.max_drop is not None else p.accuracy - NEIGHBOUR_SLACK, c.n,
+                                  evaluate)
+        checks += mine
+        if mine[-1].ok:
+            return p, (f"the cheapest shared λ that held at λ × (1 ± {NEIGHBOUR:g}); {len(tried)} cheaper point(s) "
+                       "failed at a neighbour"), checks
+        tried.append((worst, p))
     worst, p = max(tried, key=lambda w: (w[0], -w[1].energy_ratio))
     return p, (f"no candidate held at λ × (1 ± {NEIGHBOUR:g}) ({len(tried)} checked); the one with the most "
                "accurate neighbour taken"), checks

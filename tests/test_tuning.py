@@ -451,6 +451,28 @@ def test_candidates_prefer_a_dominating_shared_point():
     assert [p.trial for p in staged.candidates([blocks, shared, cheaper], c, frozenset({2}))] == [7, 5]
 
 
+def test_when_the_cheapest_candidates_fail_the_cheapest_shared_lambda_that_holds_is_chosen():
+    """Four per-block candidates beside a cliff fail their neighbour check: the search goes on with the shared
+    λ left (cheapest first) instead of taking a failed point; only when none holds does it take the failed
+    candidate with the most accurate neighbour."""
+    c = staged.Context(ann_accuracy=99.0, max_drop=1.0, n=100, groups=["a", "b"])
+    c.target = 98.0
+    blocks = [staged.Candidate(trial=10 + k, accuracy=98.2, energy_ratio=0.20 + 0.01 * k,
+                               lam={"a": 0.5 + 0.01 * k, "b": 0.3}, shared=False) for k in range(4)]
+    shared = [staged.Candidate(trial=k, accuracy=98.5 + 0.1 * k, energy_ratio=0.40 + 0.05 * k,
+                               lam={"a": 0.3 - 0.05 * k, "b": 0.3 - 0.05 * k}, shared=True) for k in range(3)]
+
+    def evaluate(lam: dict, floor: float, holds=lambda lam: max(lam.values()) < 0.305) -> staged.Rung:
+        acc = 98.6 if holds(lam) else 90.0        # past λ 0.305 in any group: off a cliff
+        return staged.Rung(100, acc, 99.0, None, None, 0.3)
+
+    p, rule, checks = staged.select(blocks + shared, c, evaluate)
+    assert p.trial == 1 and p.shared and "cheapest shared λ that held" in rule   # 0.3 × 1.03 is past the cliff
+    assert [k.trial for k in checks if not k.ok] == [10, 11, 12, 13, 0]
+    p, rule, _ = staged.select(blocks + shared, c, lambda lam, floor: evaluate(lam, floor, lambda lam: False))
+    assert not p.shared and "most accurate neighbour taken" in rule and "(7 checked)" in rule
+
+
 def test_neighbour_check_rejects_a_point_beside_a_cliff(cliff, digits, digits_mlp):
     cfg = _staged_cfg(search="shared", strategy="staged", trials=16)
     g = build_graph(digits_mlp, digits, cfg, quiet=True)
