@@ -131,13 +131,14 @@ class Graph:
         """True when the graph must run over T timesteps (it holds a stateful neuron)."""
         return any(n.op in STATEFUL_OPS for n in self.nodes)
 
-    def stages(self, extra=frozenset()) -> dict[str, int]:
-        """Pipeline step of each node: weight layers, products, host operations and the nodes named in ``extra``
-        (poolings run as pooling layers) each add one."""
+    def stages(self, extra=frozenset(), free=frozenset(), kinds=("weight", "product", "host")) -> dict[str, int]:
+        """Pipeline step of each node: nodes of ``kinds`` (the report's model: weight layers, products, host
+        operations; a Lava pipeline's: weight layers only) and the nodes named in ``extra`` (poolings run as
+        pooling layers) each add one, those named in ``free`` (residual sums on cores) none."""
         out: dict[str, int] = {}
         for n in self.nodes:
             s = max((out[i] for i in n.inputs), default=0)
-            out[n.name] = s + (1 if n.kind in ("weight", "product", "host") or n.name in extra else 0)
+            out[n.name] = s + (1 if (n.kind in kinds or n.name in extra) and n.name not in free else 0)
         return out
 
     def users(self) -> dict[str, list[Node]]:

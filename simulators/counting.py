@@ -50,6 +50,7 @@ from sfn_deploy.ir import NEURON_OPS, Graph, Node
 from sfn_deploy.neurons import NODE_CACHE, level_table, level_values, signed_table
 from sfn_deploy.ops import apply
 from sfn_deploy.pooling import pooling_layers
+from sfn_deploy.residual import core_sums
 
 from .firegrid import FireGrid, grid_for, native
 from .interpreter import Event, Observer, release_plan, run
@@ -59,7 +60,7 @@ _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
 _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll"}   # every element kept once
 CONVENTIONS = ("spike", "event", "channel")
 _PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes",
-               "ac_event_layer", "pool_events", "pool_active")
+               "ac_event_layer", "pool_events", "pool_active", "skip_events")
 
 Totals = tuple[float, float, float]                             # Σ|y|, Σ1[y≠0], Σk (or those × fan-out)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]        # per element: |y|, 1[y≠0], k
@@ -96,6 +97,9 @@ class LayerCount:
     pool_events: float = 0.0     # the pooling node: events into its pooling layer (non-zero spike × windows)
     pool_active: float = 0.0     # ... its sum neurons that fire (non-zero window sums, per polarity)
     pool_neurons: int = 0        # ... its sum neurons (pooled elements × polarities)
+    # a residual sum a graded chip runs on cores (sfn_deploy/residual.py): events of its operands that are a site's
+    # spikes, each one synaptic op through the 1×1 shortcut synapse
+    skip_events: float = 0.0
 
     @property
     def firing_rate(self) -> float:
@@ -307,6 +311,7 @@ class OpCounter(Observer):
         self._free = release_plan(graph)
         self.skip_positions = _position_free(graph) if spiking else set()
         self.pool_candidates = set(pooling_layers(graph)) if spiking else set()
+        self.core_sums = core_sums(graph) if spiking else {}
 
     def start_batch(self, batch: int) -> None:
         self.samples += batch
@@ -433,8 +438,11 @@ class OpCounter(Observer):
                 total[i] += v
 
     def _host(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
-        """Host operations: one per output element."""
+        """Host operations: one per output element; a residual sum that can run on cores also counts its
+        spike operands' events (the non-zero values the sum reads: after a shortcut's slices and padding)."""
         c.host_ops += float(out.numel())
+        for k in self.core_sums.get(event.node.name, ()):
+            c.skip_events += _sum(event.args[k] != 0)
 
     def _scaling(self, c: LayerCount, event: Event, out: torch.Tensor) -> None:
         """mul, div: host operations; by a scalar, the spikes stay spikes (scaled)."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from sfn_deploy.ir import NEURON_OPS
 from sfn_deploy.results import Result, optional
-from sfn_deploy.targets.mapping import POOLING_LAYER, Mapping, map_network
+from sfn_deploy.targets.mapping import POOLING_LAYER, RELAY, SHORTCUT, Mapping, map_network
 from sfn_deploy.targets.schema import Target
 
 PJ = 1e-12
@@ -163,6 +163,8 @@ def _fired(p, stats: dict, target: Target, steps: int = 1) -> float:
     a pooling layer's non-zero window sums), over the network's ``steps`` timesteps."""
     if p.op == POOLING_LAYER:
         return min(stats[p.name].pool_active, p.compartments * steps)
+    if p.op == RELAY:                   # a relay passes on every event of the site it reads
+        return min(stats[p.reads].active, p.compartments * steps)
     sites = [stats[s] for s in p.sites]
     fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
     return min(fired, p.compartments * steps)
@@ -236,6 +238,7 @@ def _spiking_terms(counts, target: Target, mapping: Mapping, stats: dict, weight
     syn = sum(c.synops(conv) for c in weights)
     if chosen is not None:
         syn += chosen["layer"]["synops"] - chosen["folded"]["synops"]
+    syn += sum(_RESIDUAL_SYNOPS[p.op](stats[p.reads]) for p in mapping.layers if p.op in _RESIDUAL_SYNOPS)
     terms = [_term("synaptic ops", syn, target, "energy_pj", "synop",
                    f"weight layers with spike input, {conv} convention")]
     if target.spikes == "graded":
@@ -291,7 +294,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
         if pools is not None:
             pools["priced"] = mapping.avg_pool
         terms = _spiking_terms(counts, target, mapping, stats, weights, per_layer, pools)
-        host_ops += sum(c.mac_ann for c in products)
+        host_ops += sum(c.mac_ann for c in products) - sum(stats[a].host_ops for a in mapping.residual_sums)
     terms.append(_term("host operations", host_ops, target, "energy_pj", "host_op",
                        "LayerNorm, softmax, GELU, residual arithmetic" +
                        (", attention products" if target.spikes != "none" and products else "")))
@@ -310,9 +313,9 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
                 message_bits += c.active * (int(table.max()).bit_length() + (1 if c.dual else 0))
             else:                               # one binary spike per active channel
                 message_bits += c.channel_spikes
-    for p in mapping.layers:                    # pooling layers: one window sum per firing sum neuron
-        if p.op == POOLING_LAYER:
-            message_bits += stats[p.name].pool_active * p.payload_bits
+    for p in mapping.layers:                    # pooling layers (a window sum) and relays (a level) per event
+        if p.op in (POOLING_LAYER, RELAY):
+            message_bits += _fired(p, stats, target) * p.payload_bits
     for c in weights + products:
         per_layer[c.name].synops = _synops(c, conv, mapping) if c.kind == "weight" else c.synops(conv)
     for c in weights:                           # products have no stored weights to read
@@ -434,8 +437,14 @@ def _proxy_times(target: Target) -> list[str]:
 
 def _placed_synops(p, stats: dict, conv: str, mapping: Mapping) -> float:
     """Synaptic ops of one placed layer: a pooling layer's events in; a weight layer's (:func:`_synops`)."""
+    if p.op in _RESIDUAL_SYNOPS:
+        return _RESIDUAL_SYNOPS[p.op](stats[p.reads])
     c = stats[p.name]
     return c.pool_events if p.op == POOLING_LAYER else _synops(c, conv, mapping)
+
+
+# a residual sum on cores: its shortcut synapses take one op per spike of a site operand, a relay one per event
+_RESIDUAL_SYNOPS = {SHORTCUT: lambda c: c.skip_events, RELAY: lambda c: c.active}
 
 
 def _latency(counts, target: Target, mapping: Mapping) -> Latency:
@@ -457,13 +466,13 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
         upd = fired * (t["neuron_update"] or 0.0) + (p.compartments * steps - fired) * (silent or 0.0)
         ns = (_placed_synops(p, stats, conv, mapping) * (t["synop"] or 0.0) + upd + fired * (t["spike"] or 0.0)) \
             / (p.cores * steps)
-        stage = stage_of[p.name]
+        stage = p.stage if mapping.stages else stage_of[p.name]
         stage_time[stage] = max(stage_time.get(stage, 0.0), ns)
     host = target.get("time_ns", "host_op")
     if host is not None:                       # host work runs serially on one host core
         for c in counts.layers:
             work = c.host_ops + (c.mac_ann if c.kind == "product" else 0.0)   # products run on the host too
-            if work:
+            if work and c.name not in mapping.residual_sums:
                 stage = stage_of[c.name]
                 stage_time[stage] = max(stage_time.get(stage, 0.0), work * host)
     if t["timestep"] is not None:              # a clocked chip: every stage lasts at least one tick

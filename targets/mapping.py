@@ -20,6 +20,11 @@ The model (an estimate for planning, not a place-and-route):
   (sfn_deploy/pooling.py) is placed as one: per polarity a depthwise window sum of ones into graded sum
   neurons (one compartment per pooled element), one more pipeline step; its payload is the largest window
   sum, which needs more bits than a level.
+- Graded targets: a residual sum of conv maps read by sites (sfn_deploy/residual.py) runs on cores, as the
+  Lava export builds it: both operands' synapses drive the sites' neurons (placed once, with the first
+  operand layer), a site's spikes reach them through a 1×1 shortcut synapse (one synaptic op per spike, no
+  neurons of its own, stored on the neurons' cores), and the operand with fewer synaptic layers reads its
+  spikes through relays, one graded neuron per element, polarity and pipeline step.
 - Products of two spike tensors (attention) have no static synapses and, with LayerNorm,
   softmax, GELU and residual arithmetic, run on the host: listed as host work, not violations.
 A limit the target file does not give is not checked, and the mapping says so.
@@ -32,12 +37,15 @@ from dataclasses import dataclass, field
 
 from sfn_deploy.ir import NEURON_OPS, Graph, Node
 from sfn_deploy.pooling import SumKernel, pooling_layers
+from sfn_deploy.residual import core_sums
 
 from .schema import Target
 
 _THROUGH = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand",
             "cat", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"}
 POOLING_LAYER = "pooling layer"   # the op of a placed pooling layer (``avg_pool="layer"``)
+SHORTCUT = "shortcut synapses"    # a residual sum's 1×1 synapses from a site's spikes (graded targets)
+RELAY = "relay"                   # one step's relay neurons of a residual sum's earlier operand
 FIXED_POINT_WEIGHT_BITS = 8      # the Lava export's weights (exporters/lava): what fidelity was measured at
 LIMITS = {"neurons": "neurons per core", "synapse_bits": "synaptic memory per core (bits)",
           "fan_in": "input axons per core", "fan_out": "destination cores per core"}
@@ -77,7 +85,8 @@ class Placement:
     input_channels: int = 1       # binary targets: axons per input element (the input site's channels)
     sites: list = field(default_factory=list)   # the SFN sites this layer's output feeds
     stage: int = 0                # pipeline step (a pooling layer adds one)
-    payload_bits: int = 0         # pooling layers: bits of the largest window sum their events carry
+    payload_bits: int = 0         # pooling layers and relays: bits of the largest value their events carry
+    reads: str = ""               # shortcut synapses: the residual sum; relays: the site whose spikes they pass on
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -96,6 +105,7 @@ class Mapping:
     compartments: int = 0
     synapses: int = 0
     avg_pool: str = "folded"      # how average pooling of spikes is placed: folded into weights, or "layer"
+    residual_sums: list[str] = field(default_factory=list)   # graded targets: residual sums placed on cores
     stages: dict[str, int] = field(default_factory=dict)   # pipeline step of every graph node in this form
 
     @property
@@ -105,7 +115,7 @@ class Mapping:
     def to_dict(self) -> dict:
         return {"target": self.target, "fits": self.fits, "cores": self.cores, "chips": self.chips,
                 "chip_binding": self.chip_binding, "compartments": self.compartments, "synapses": self.synapses,
-                "avg_pool": self.avg_pool,
+                "avg_pool": self.avg_pool, "residual_sums": self.residual_sums,
                 "unchecked": self.unchecked, "violations": [v.to_dict() for v in self.violations],
                 "host_work": self.host_work, "layers": [p.to_dict() for p in self.layers]}
 
@@ -114,8 +124,9 @@ def _n(v: float) -> str:
     return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"
 
 
-def _reach(graph: Graph, users: dict, name: str, stop) -> list[Node]:
-    """Nodes satisfying ``stop`` reached from ``name`` through layout and pooling ops."""
+def _reach(graph: Graph, users: dict, name: str, stop, through=frozenset()) -> list[Node]:
+    """Nodes satisfying ``stop`` reached from ``name`` through layout and pooling ops (and the nodes named in
+    ``through``: residual sums on cores)."""
     found, todo, seen = [], [name], set()
     while todo:
         for u in users.get(todo.pop(), []):
@@ -124,7 +135,7 @@ def _reach(graph: Graph, users: dict, name: str, stop) -> list[Node]:
             seen.add(u.name)
             if stop(u):
                 found.append(u)
-            elif u.op in _THROUGH:
+            elif u.op in _THROUGH or u.name in through:
                 todo.append(u.name)
     return found
 
@@ -163,10 +174,12 @@ def _conv_axons(x_hw, out_hw, w_shape: tuple, stride, dilation, groups: int, per
     return ih * iw * c_in_g * groups_here
 
 
-def _host_work(graph: Graph, node: Node, c, spiking: bool, stage: int) -> list[dict]:
+def _host_work(graph: Graph, node: Node, c, spiking: bool, stage: int, sums=frozenset()) -> list[dict]:
     """What of ``node`` (with per-layer statistics ``c``, at pipeline step ``stage``) runs on the host rather than
-    on cores."""
-    work = []
+    on cores (a residual sum on cores and the sites it feeds: nothing)."""
+    work: list[dict] = []
+    if node.name in sums or (node.op in NEURON_OPS and node.inputs and node.inputs[0] in sums):
+        return work
     if node.kind == "host" and c.host_ops:
         work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements", "stage": stage,
                      "why": "not a synaptic operation: runs on the host (embedded or attached CPU)"})
@@ -235,12 +248,14 @@ def _violations(p: Placement, sites: list[Node], stats: dict, core: dict, wbits:
 
 
 def _place(graph: Graph, users: dict, node: Node, stats: dict, core: dict, wbits: int,
-           target: Target) -> tuple[Placement, list[Node]]:
-    """Place one weight layer; returns the placement and the SFN sites its output feeds."""
+           target: Target, sums=frozenset(), shares: bool = False) -> tuple[Placement, list[Node]]:
+    """Place one weight layer; returns the placement and the SFN sites its output feeds (through the residual
+    ``sums`` on cores too; ``shares``: another operand of such a sum places those neurons)."""
     c = stats[node.name]
     binary = target.spikes == "binary"
-    sites = _reach(graph, users, node.name, lambda u: u.op in NEURON_OPS)
-    hosts = _reach(graph, users, node.name, lambda u: u.op not in NEURON_OPS and u.op not in _THROUGH)
+    sites = _reach(graph, users, node.name, lambda u: u.op in NEURON_OPS, sums)
+    hosts = _reach(graph, users, node.name,
+                   lambda u: u.op not in NEURON_OPS and u.op not in _THROUGH and u.name not in sums, sums)
     output = "spikes" if sites and not hosts else "host" if hosts else "network output"
     channels = 0
     if binary and sites:
@@ -252,10 +267,10 @@ def _place(graph: Graph, users: dict, node: Node, stats: dict, core: dict, wbits
         ch_in = stats[src.name].levels * (2 if stats[src.name].dual else 1)
     fan_in = c.fan_in * ch_in
     units = c.neurons
-    comp = units * (1 + channels)
+    comp = 0 if shares else units * (1 + channels)
     syn = (c.weights if target.weight_sharing else c.connections) * ch_in
     bits = syn * wbits
-    need = {"neurons": math.ceil(comp / core["neurons"]) if core["neurons"] else 1,
+    need = {"neurons": max(math.ceil(comp / core["neurons"]), 1) if core["neurons"] else 1,
             "synapse_bits": math.ceil(bits / core["synapse_bits"]) if core["synapse_bits"] else 1}
     cores, binding, axons = 1, "none", 0
     if target.has_cores:
@@ -311,6 +326,77 @@ def _place_pool(graph: Graph, node: Node, kernel: SumKernel, core: dict, wbits: 
     return p, out
 
 
+def _delays(graph: Graph, sums: dict, stages: dict) -> dict[str, tuple[str, int]]:
+    """Each operand of a residual sum on cores that reaches it early (a conv layer, or a shortcut synapse
+    keyed ``<sum>:<k>``): the site whose spikes its relays pass on, and for how many steps."""
+    out = {}
+    for name, spikes in sums.items():
+        for k, i in enumerate(graph[name].inputs):
+            if k in spikes:
+                site, stage, key = spikes[k].site, stages[spikes[k].site] + 1, f"{name}:{k}"
+            else:
+                x = graph[graph[i].inputs[0]]
+                site, stage, key = (x.name if x.op in NEURON_OPS else x.inputs[0]), stages[i], i
+            if stage < stages[name]:
+                out[key] = (site, stages[name] - stage)
+    return out
+
+
+def _place_sum(graph: Graph, node: Node, spikes: dict, delayed: dict, wbits: int, target: Target,
+               stages: dict) -> list[Placement]:
+    """A residual sum on cores: the 1×1 shortcut synapses of its spike operands (on the cores of the neurons
+    they drive) and the relays of its early operands, one placement per step."""
+    out = []
+    if spikes:
+        pos = node.shape[2] * node.shape[3]
+        syn = sum(graph[cut.site].shape[1] * (1 if target.weight_sharing else pos) for cut in spikes.values())
+        # with no conv operand the shortcut synapses place the neurons themselves
+        units = 0 if len(spikes) < len(node.inputs) else int(math.prod(node.shape[1:]))
+        per_core = target.get("core", "neurons")
+        cores = (math.ceil(units / per_core) if per_core else 1) if target.has_cores and units else 0
+        out.append(Placement(f"{node.name}:shortcut", SHORTCUT, node.source, units, units, syn, syn * wbits, 1, 0,
+                             cores, "none (on its sum's neurons' cores)" if not units else LIMITS["neurons"],
+                             "spikes", sites=[u.name for u in graph.users()[node.name]] if units else [],
+                             stage=stages[node.name], reads=node.name))
+    for key in [f"{node.name}:{k}" for k in spikes] + [i for i in node.inputs if i not in spikes]:
+        if key not in delayed:
+            continue
+        site_name, steps = delayed[key]
+        site = graph[site_name]
+        table = site.params["table"]
+        polarities = 2 if site.params["bounds_neg"].numel() else 1
+        n = int(math.prod(site.shape[1:])) * polarities
+        bits = max(int(table.max()), 1).bit_length()
+        per_core = target.get("core", "neurons")
+        cores = (math.ceil(n / per_core) if per_core else 1) if target.has_cores else 0
+        for step in range(1, steps + 1):            # at the steps after the site's, in the report's stages
+            out.append(Placement(f"{key}:relay{step}", RELAY, site.source, n, n, n, n * wbits, 1, 0, cores,
+                                 LIMITS["neurons"] if cores > 1 else "none (fits one core)", "spikes",
+                                 stage=stages[site_name] + step, payload_bits=bits, reads=site_name))
+    return out
+
+
+def _fan_out(m: Mapping, graph: Graph, users: dict, pools, limit) -> None:
+    """Destination cores of each placement's events (a violation past ``limit``); a residual sum's shortcut
+    synapses sit on the cores of the neurons they drive."""
+    by_name = {p.name: p for p in m.layers}
+    for p in m.layers:
+        if p.op == SHORTCUT and not p.units:
+            holder = next((by_name[i] for i in graph[p.reads].inputs if i in by_name and by_name[i].compartments),
+                          None)
+            p.cores = holder.cores if holder is not None else p.cores
+
+    def receivers(u: Node) -> bool:             # where a site's or a pooling layer's events go
+        return u.kind == "weight" or u.name in pools
+
+    for p in m.layers:
+        starts = [p.name] if p.name in pools else p.sites
+        p.dest_cores = sum(by_name[r.name].cores for s in starts for r in _reach(graph, users, s, receivers))
+        if limit and p.dest_cores > limit:
+            m.violations.append(Violation(p.name, LIMITS["fan_out"], limit, p.dest_cores,
+                                          "place consumer layers on fewer, fuller cores or split this layer"))
+
+
 def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") -> Mapping:
     """Map the network with the per-layer statistics of ``counts`` (an OpCounts) onto ``target``; average pooling
     of spikes folded into the next weights, or (``avg_pool="layer"``, graded targets) as pooling layers."""
@@ -319,7 +405,8 @@ def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") 
     m = Mapping(target.name, avg_pool=avg_pool)
     users = graph.users()
     pools = pooling_layers(graph, users) if avg_pool == "layer" else {}
-    m.stages = graph.stages(pools)
+    sums = core_sums(graph, pools, users) if target.spikes == "graded" else {}
+    m.stages = graph.stages(pools, sums)
     stats = {c.name: c for c in counts.layers}
     core = {k: target.get("core", k) for k in LIMITS}
     chip = {k: target.get("chip", k) for k in ("cores", "neurons", "synapses")}
@@ -331,41 +418,34 @@ def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") 
         m.unchecked += [f"{k} per chip" for k, v in chip.items() if v is None and k != "cores"]
 
     spiking = target.spikes != "none"        # an arithmetic target prices products and encoding as ops
+    m.residual_sums = list(sums)
+    delayed = _delays(graph, sums, graph.stages(pools, sums, kinds=("weight",)))   # synaptic steps, as in Lava
+    shares = {o for name in sums for o in [i for i in graph[name].inputs if graph[i].op == "conv2d"][1:]}
     for node in graph.nodes:
-        m.host_work += _host_work(graph, node, stats[node.name], spiking, m.stages[node.name])
+        m.host_work += _host_work(graph, node, stats[node.name], spiking, m.stages[node.name], sums)
         if node.name in pools:
             p, bad = _place_pool(graph, node, pools[node.name], core, wbits, target)
             p.stage = m.stages[node.name]
             m.layers.append(p)
             m.violations += bad
+        if node.name in sums:
+            m.layers += _place_sum(graph, node, sums[node.name], delayed, wbits, target, m.stages)
         if node.kind != "weight":
             continue
-        p, sites = _place(graph, users, node, stats, core, wbits, target)
-        p.stage = m.stages[node.name]
+        p, sites = _place(graph, users, node, stats, core, wbits, target, sums, node.name in shares)
+        p.stage = m.stages[next(iter(users[node.name])).name] if node.name in delayed else m.stages[node.name]
         m.layers.append(p)
         if target.has_cores:
             m.violations += _violations(p, sites, stats, core, wbits, target)
 
-    by_name = {p.name: p for p in m.layers}
-
-    def receivers(u: Node) -> bool:             # where a site's or a pooling layer's events go
-        return u.kind == "weight" or u.name in pools
-
-    for p in m.layers:
-        starts = [p.name] if p.name in pools else p.sites
-        p.dest_cores = sum(by_name[r.name].cores for s in starts for r in _reach(graph, users, s, receivers))
-        dest = p.dest_cores
-        if target.has_cores and core["fan_out"] and dest > core["fan_out"]:
-            m.violations.append(Violation(p.name, LIMITS["fan_out"], core["fan_out"], dest,
-                                          "place consumer layers on fewer, fuller cores or split this layer"))
-
+    _fan_out(m, graph, users, pools, core["fan_out"] if target.has_cores else None)
     if target.spikes != "none" and wbits < FIXED_POINT_WEIGHT_BITS and m.layers:
         m.violations.append(Violation(
             "all weight layers", "weight precision (bits)", wbits, FIXED_POINT_WEIGHT_BITS,
             f"quantise the weights to {wbits} bit{'s' if wbits != 1 else ''} (quantisation-aware training in the "
             "chip's own toolchain); "
             f"sfn-deploy's fixed point and its measured fidelity are for {FIXED_POINT_WEIGHT_BITS}-bit weights"))
-    m.cores = sum(p.cores for p in m.layers) if target.has_cores else 0
+    m.cores = sum(p.cores for p in m.layers if p.op != SHORTCUT or p.units) if target.has_cores else 0
     m.compartments = sum(p.compartments for p in m.layers)
     m.synapses = sum(p.synapses for p in m.layers)
     if target.has_cores:

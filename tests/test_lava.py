@@ -737,6 +737,36 @@ def test_residual_sums_run_on_cores_bit_for_bit(digits):
     assert rows[2].prediction_agreement >= 90
 
 
+def test_the_mapping_places_the_residual_sums_lava_builds(digits):
+    """On a graded target the report maps the residual sums as the Lava export builds them: not host work, their
+    shortcut synapses one synaptic op per spike of the site operand, and the relays' neurons those of Lava's plan,
+    each at its pipeline step."""
+    from sfn_deploy.simulators.counting import count_ops
+    from sfn_deploy.simulators.estimate import estimate
+    from sfn_deploy.targets import load_target
+    from sfn_deploy.targets.mapping import RELAY, SHORTCUT, map_network
+    snn = convert(_ResidualNet.build(), digits.limit(300), scale=0.3)
+    plan = lower(snn, "graded", "floating_pt")
+    counts = count_ops(snn.graph, [digits.x[300:320]])
+    stats = {c.name: c for c in counts.layers}
+    m = map_network(snn.graph, counts, load_target("loihi2"))
+    adds = [n.name for n in snn.graph if n.op == "add"]
+    assert m.residual_sums == adds and plan.summary()["residual_sums"] == len(adds)
+    assert not [h for h in m.host_work if h["layer"] in adds or h["op"] == "add"]
+    relays = [p for p in m.layers if p.op == RELAY]
+    built = [b for b in plan.blocks if b.kind == "neuron" and b.attrs.get("relay")]
+    assert sum(p.compartments for p in relays) == sum(b.attrs["n"] for b in built)
+    assert len(relays) == len({b.name.removesuffix("__neg") for b in built})       # one per step (both polarities)
+    first = snn.graph[adds[0]]                 # the identity shortcut of the GELU site: one op per event
+    site = next(i for i in first.inputs if snn.graph[i].op == "sfn")
+    assert stats[adds[0]].skip_events == pytest.approx(stats[site].active) and stats[site].active > 0
+    assert sum(p.op == SHORTCUT for p in m.layers) == 2          # the identity and the option-A shortcut
+    e = estimate(snn.graph, counts, load_target("loihi2"), m)
+    host = next(t for t in e.energy_terms if t.term == "host operations")
+    assert host.count == pytest.approx(counts.host_ops - sum(stats[a].host_ops for a in adds))
+    assert map_network(snn.graph, counts, load_target("loihi1")).residual_sums == []   # binary: on the host
+
+
 def test_host_integers_round_like_the_host_encoder():
     """The op table has no rounding: the reference's rint (x + 2^23 − 2^23 per sign) and the float32 product with
     1/scale give the host encoder's integers, ties to even and the clip at ±(2^23 − 1) included."""

@@ -35,7 +35,8 @@ import numpy as np
 
 from ...errors import UserError
 from ...ir import Graph, Node
-from ...pooling import SUMMING, SumKernel, spike_poolings, sum_kernel, window
+from ...pooling import SUMMING, SumKernel, pooling_layers, spike_poolings, sum_kernel, window
+from ...residual import core_sums
 
 LOWERINGS = ("graded", "channels")
 PRECISIONS = ("floating_pt", "fixed_pt")
@@ -52,86 +53,37 @@ _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}
 _ACTIVATIONS = {"hardtanh", *_SMALL_NEGATIVE}       # between a split layer and its neurons (see _fine_exponent)
 
 
-def _shortcut(graph: Graph, users: dict, value: str) -> tuple[Node, list, list] | None:
-    """A parameter-free shortcut (ResNet "option A"): strided slices of a site's spikes over H and W, then zero
-    channels padded on: (the site, the strides, the padded channels before and after), or None. It is a 1×1
-    convolution of the site's spikes; each node of the chain must be read by the next only."""
-    n, stride, chans = graph[value], [1, 1], [0, 0]
-    while n.op in ("slice", "pad"):
-        a, src = n.attrs, graph[n.inputs[0]]
-        if len(n.shape) != 4 or len(users[n.name]) != 1 or len(src.shape) != 4:
-            return None
-        if n.op == "pad":
-            p = list(a["pad"]) + [0] * (8 - len(a["pad"]))
-            if float(a.get("value", 0.0)) != 0.0 or any(p[:4]) or any(p[6:]) or min(p) < 0 or chans != [0, 0]:
-                return None
-            chans = [p[4], p[5]]
-        else:
-            d = a["dim"] % 4
-            if d not in (2, 3) or (a.get("start") or 0) != 0 or (a.get("end") is not None and a["end"] < src.shape[d]) \
-                    or stride[d - 2] != 1:
-                return None
-            stride[d - 2] = int(a.get("step") or 1)
-        n = src
-    return (n, stride, chans) if n.op == "sfn" and n.bdim == 0 and n.name != value else None
-
-
-def residual_sums(graph: Graph) -> tuple[Graph, set[str]]:
-    """Residual sums that run on cores (graded lowering): an ``add`` of two conv maps read only by SFN sites,
-    each operand a weight layer read by nothing else, a site's own spikes, or a parameter-free shortcut of them
-    (:func:`_shortcut`). The neurons after it integrate both operands' synaptic input (Lava sums the connections
-    into one ``a_in``), in one integer unit; a site's spikes reach them through a synapse this returns as an
-    explicit graph node (``<add>_skip``): a depthwise 1×1 convolution of ones, or the shortcut's strided 1×1
-    convolution placing each channel (the same values in float32, so the SNN is unchanged; the shortcut's
-    slices and padding are removed). Returns the graph (a copy where it changed) and the names of those sums;
-    the other sums stay on the host."""
+def residual_sums(graph: Graph, pool_layers=frozenset()) -> tuple[Graph, set[str]]:
+    """Residual sums that run on cores (graded lowering; which: :func:`sfn_deploy.residual.core_sums`). The
+    neurons after one integrate both operands' synaptic input (Lava sums the connections into one ``a_in``), in one
+    integer unit; a site's spikes reach them through a synapse this adds to the graph (``<add>_skip``): a depthwise
+    1×1 convolution of ones, or a parameter-free shortcut's strided 1×1 convolution placing each channel (the same
+    values in float32, so the SNN is unchanged; the shortcut's slices and padding are removed). Returns the graph
+    (a copy where it changed) and the names of those sums; the other sums stay on the host."""
     import torch
-    users = graph.users()
-    sums: dict[str, dict[int, tuple]] = {}
-    for n in graph:
-        if n.op != "add" or len(n.inputs) != 2 or n.attrs or n.bdim != 0 or len(n.shape) != 4 \
-                or not users[n.name] or any(u.op != "sfn" for u in users[n.name]):
-            continue
-        skips = {}
-        for k, i in enumerate(n.inputs):
-            v = graph[i]
-            cut = _shortcut(graph, users, i) if v.op in ("slice", "pad") else None
-            if list(v.shape) != list(n.shape) or v.bdim != 0:
-                break
-            if v.op == "sfn":
-                skips[k] = (v, [1, 1], None)
-            elif cut is not None:
-                skips[k] = (cut[0], cut[1], cut[2])
-            elif v.op != "conv2d" or [u.name for u in users[i]] != [n.name]:
-                break
-        else:
-            sums[n.name] = skips
+    sums = core_sums(graph, pool_layers)
     if not any(sums.values()):
         return graph, set(sums)
-    dropped: set[str] = set()          # a shortcut's slices and padding, replaced by its synapse
+    dropped = {v for spikes in sums.values() for cut in spikes.values() for v in cut.chain}
     nodes: list[Node] = []
     taken = {n.name for n in graph}
     for n in graph:
         if sums.get(n.name):
             n = Node(n.name, n.op, list(n.inputs), dict(n.attrs), dict(n.params), list(n.shape), n.bdim, n.source)
-            for k, (site, stride, chans) in sums[n.name].items():
+            for k, cut in sums[n.name].items():
                 name, j = f"{n.name}_skip", 1
                 while name in taken:
                     j += 1
                     name = f"{n.name}_skip_{j}"
                 taken.add(name)
-                c_out, c_in = n.shape[1], site.shape[1]
-                if chans is None:           # identity: depthwise ones
+                c_out, c_in = n.shape[1], graph[cut.site].shape[1]
+                if cut.channels is None:        # identity: depthwise ones
                     w, groups = torch.ones(c_out, 1, 1, 1), c_out
-                else:                       # channel c lands on c + chans[0]
+                else:                           # channel c lands on c + the channels padded before it
                     w, groups = torch.zeros(c_out, c_in, 1, 1), 1
-                    w[torch.arange(c_in) + chans[0], torch.arange(c_in)] = 1.0
-                    v = graph[n.inputs[k]]
-                    while v.name != site.name:
-                        dropped.add(v.name)
-                        v = graph[v.inputs[0]]
-                nodes.append(Node(name, "conv2d", [site.name], {"stride": list(stride), "padding": [0, 0],
-                                                                "dilation": [1, 1], "groups": groups},
+                    w[torch.arange(c_in) + cut.channels[0], torch.arange(c_in)] = 1.0
+                nodes.append(Node(name, "conv2d", [cut.site], {"stride": list(cut.stride), "padding": [0, 0],
+                                                               "dilation": [1, 1], "groups": groups},
                                   {"weight": w}, list(n.shape), 0,
                                   f"shortcut synapse of the residual sum {n.name} (exporters/lava/plan.py)"))
                 n.inputs[k] = name
@@ -249,7 +201,8 @@ class _Lowering:
             raise UserError("a pooling layer sends graded sums; the channel lowering's spikes are binary: use "
                             "--avg-pool folded with --lowering channels")
         self.avg_pool = avg_pool
-        graph, self.resums = residual_sums(graph) if lowering == "graded" else (graph, set())
+        graph, self.resums = residual_sums(graph, pooling_layers(graph) if avg_pool == "layer" else ()) \
+            if lowering == "graded" else (graph, set())
         self.g, self.users = graph, graph.users()
         self.lowering, self.precision = lowering, precision
         self.fixed = precision == "fixed_pt"
