@@ -14,9 +14,13 @@ def test_quantile_within_one_bin_of_exact(seed, q, chunks):
     h = StreamingHistogram(bins=1024)
     for part in data.chunk(chunks):          # growing maxima force range doublings
         h.update(part.sort().values)
-    exact = torch.quantile(data, q).item()
+    # the exact quantile depends on the rank convention (torch: position (n − 1)·q, the histogram: rank q·n); in a
+    # sparse tail those two order statistics can lie several bins apart, so the histogram's must fall within a
+    # bin of the range between them
+    s = data.sort().values
+    lo, hi = s[int((len(s) - 1) * q)].item(), s[min(len(s) - 1, int(q * len(s)) + 1)].item()
     width = h.hi / h.bins
-    assert abs(h.quantile(q) - exact) <= 2 * width + 1e-12
+    assert lo - width - 1e-12 <= h.quantile(q) <= hi + width + 1e-12
     assert h.counts.numel() == 1024 and h.n == data.numel()
 
 
