@@ -134,7 +134,8 @@ class Graph:
     def stages(self, extra=frozenset(), free=frozenset(), kinds=("weight", "product", "host")) -> dict[str, int]:
         """Pipeline step of each node: nodes of ``kinds`` (the report's model: weight layers, products, host
         operations; a Lava pipeline's: weight layers only) and the nodes named in ``extra`` (poolings run as
-        pooling layers) each add one, those named in ``free`` (residual sums on cores) none."""
+        pooling layers) each add one, those named in ``free`` (residual sums and clips a chip does in its
+        synapses and neurons) none."""
         out: dict[str, int] = {}
         for n in self.nodes:
             s = max((out[i] for i in n.inputs), default=0)

@@ -294,7 +294,7 @@ def estimate(graph, counts, target: Target, mapping: Mapping) -> Estimate:
         if pools is not None:
             pools["priced"] = mapping.avg_pool
         terms = _spiking_terms(counts, target, mapping, stats, weights, per_layer, pools)
-        host_ops += sum(c.mac_ann for c in products) - sum(stats[a].host_ops for a in mapping.residual_sums)
+        host_ops += sum(c.mac_ann for c in products) - sum(stats[a].host_ops for a in _in_neurons(mapping))
     terms.append(_term("host operations", host_ops, target, "energy_pj", "host_op",
                        "LayerNorm, softmax, GELU, residual arithmetic" +
                        (", attention products" if target.spikes != "none" and products else "")))
@@ -435,6 +435,11 @@ def _proxy_times(target: Target) -> list[str]:
     return [f"time_ns.{k}" for k, fig in target.figures.get("time_ns", {}).items() if fig.evidence == "proxy"]
 
 
+def _in_neurons(mapping: Mapping) -> set[str]:
+    """Host-kind nodes a graded chip does in its synapses and neurons: residual sums on cores, ReLU6 clips."""
+    return set(mapping.residual_sums) | set(mapping.clips)
+
+
 def _placed_synops(p, stats: dict, conv: str, mapping: Mapping) -> float:
     """Synaptic ops of one placed layer: a pooling layer's events in; a weight layer's (:func:`_synops`)."""
     if p.op in _RESIDUAL_SYNOPS:
@@ -472,7 +477,7 @@ def _latency(counts, target: Target, mapping: Mapping) -> Latency:
     if host is not None:                       # host work runs serially on one host core
         for c in counts.layers:
             work = c.host_ops + (c.mac_ann if c.kind == "product" else 0.0)   # products run on the host too
-            if work and c.name not in mapping.residual_sums:
+            if work and c.name not in _in_neurons(mapping):
                 stage = stage_of[c.name]
                 stage_time[stage] = max(stage_time.get(stage, 0.0), work * host)
     if t["timestep"] is not None:              # a clocked chip: every stage lasts at least one tick

@@ -25,6 +25,8 @@ The model (an estimate for planning, not a place-and-route):
   operand layer), a site's spikes reach them through a 1×1 shortcut synapse (one synaptic op per spike, no
   neurons of its own, stored on the neurons' cores), and the operand with fewer synaptic layers reads its
   spikes through relays, one graded neuron per element, polarity and pipeline step.
+- Graded targets: a clip to [0, c] (ReLU6) read by positive-only sites (sfn_deploy/clips.py) runs in those
+  sites' neurons (thresholds up to c), not on the host.
 - Products of two spike tensors (attention) have no static synapses and, with LayerNorm,
   softmax, GELU and residual arithmetic, run on the host: listed as host work, not violations.
 A limit the target file does not give is not checked, and the mapping says so.
@@ -35,6 +37,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sfn_deploy.clips import neuron_clips
 from sfn_deploy.ir import NEURON_OPS, Graph, Node
 from sfn_deploy.pooling import SumKernel, pooling_layers
 from sfn_deploy.residual import core_sums
@@ -106,6 +109,7 @@ class Mapping:
     synapses: int = 0
     avg_pool: str = "folded"      # how average pooling of spikes is placed: folded into weights, or "layer"
     residual_sums: list[str] = field(default_factory=list)   # graded targets: residual sums placed on cores
+    clips: list[str] = field(default_factory=list)   # graded targets: ReLU6 clips run in the neurons they feed
     stages: dict[str, int] = field(default_factory=dict)   # pipeline step of every graph node in this form
 
     @property
@@ -115,7 +119,7 @@ class Mapping:
     def to_dict(self) -> dict:
         return {"target": self.target, "fits": self.fits, "cores": self.cores, "chips": self.chips,
                 "chip_binding": self.chip_binding, "compartments": self.compartments, "synapses": self.synapses,
-                "avg_pool": self.avg_pool, "residual_sums": self.residual_sums,
+                "avg_pool": self.avg_pool, "residual_sums": self.residual_sums, "clips": self.clips,
                 "unchecked": self.unchecked, "violations": [v.to_dict() for v in self.violations],
                 "host_work": self.host_work, "layers": [p.to_dict() for p in self.layers]}
 
@@ -174,11 +178,11 @@ def _conv_axons(x_hw, out_hw, w_shape: tuple, stride, dilation, groups: int, per
     return ih * iw * c_in_g * groups_here
 
 
-def _host_work(graph: Graph, node: Node, c, spiking: bool, stage: int, sums=frozenset()) -> list[dict]:
+def _host_work(graph: Graph, node: Node, c, spiking: bool, stage: int, in_neurons=frozenset()) -> list[dict]:
     """What of ``node`` (with per-layer statistics ``c``, at pipeline step ``stage``) runs on the host rather than
-    on cores (a residual sum on cores and the sites it feeds: nothing)."""
+    on cores (a residual sum or clip the chip does, ``in_neurons``, and the sites it feeds: nothing)."""
     work: list[dict] = []
-    if node.name in sums or (node.op in NEURON_OPS and node.inputs and node.inputs[0] in sums):
+    if node.name in in_neurons or (node.op in NEURON_OPS and node.inputs and node.inputs[0] in in_neurons):
         return work
     if node.kind == "host" and c.host_ops:
         work.append({"layer": node.name, "op": node.op, "ops": c.host_ops, "unit": "elements", "stage": stage,
@@ -406,7 +410,9 @@ def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") 
     users = graph.users()
     pools = pooling_layers(graph, users) if avg_pool == "layer" else {}
     sums = core_sums(graph, pools, users) if target.spikes == "graded" else {}
-    m.stages = graph.stages(pools, sums)
+    clips = neuron_clips(graph, users) if target.spikes == "graded" else {}
+    m.clips = list(clips)
+    m.stages = graph.stages(pools, sums | clips)
     stats = {c.name: c for c in counts.layers}
     core = {k: target.get("core", k) for k in LIMITS}
     chip = {k: target.get("chip", k) for k in ("cores", "neurons", "synapses")}
@@ -421,8 +427,9 @@ def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") 
     m.residual_sums = list(sums)
     delayed = _delays(graph, sums, graph.stages(pools, sums, kinds=("weight",)))   # synaptic steps, as in Lava
     shares = {o for name in sums for o in [i for i in graph[name].inputs if graph[i].op == "conv2d"][1:]}
+    in_neurons = set(sums) | set(clips)        # host ops a graded chip's synapses and neurons do
     for node in graph.nodes:
-        m.host_work += _host_work(graph, node, stats[node.name], spiking, m.stages[node.name], sums)
+        m.host_work += _host_work(graph, node, stats[node.name], spiking, m.stages[node.name], in_neurons)
         if node.name in pools:
             p, bad = _place_pool(graph, node, pools[node.name], core, wbits, target)
             p.stage = m.stages[node.name]
@@ -432,7 +439,7 @@ def map_network(graph: Graph, counts, target: Target, avg_pool: str = "folded") 
             m.layers += _place_sum(graph, node, sums[node.name], delayed, wbits, target, m.stages)
         if node.kind != "weight":
             continue
-        p, sites = _place(graph, users, node, stats, core, wbits, target, sums, node.name in shares)
+        p, sites = _place(graph, users, node, stats, core, wbits, target, in_neurons, node.name in shares)
         p.stage = m.stages[next(iter(users[node.name])).name] if node.name in delayed else m.stages[node.name]
         m.layers.append(p)
         if target.has_cores:

@@ -737,6 +737,58 @@ def test_residual_sums_run_on_cores_bit_for_bit(digits):
     assert rows[2].prediction_agreement >= 90
 
 
+class _InvertedResidualNet:
+    """A MobileNetV2-style block: ReLU6 after the stem, the expansion and the depthwise convolution, a linear
+    projection added to the block's input (the residual sum feeds a site, as the converter places one)."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem, self.expand = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 1)
+                self.dw, self.project = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 8, 1)
+                self.fc = nn.Linear(8, 10)
+
+            def forward(self, x):
+                h = nn.functional.relu6(self.stem(x))
+                e = nn.functional.relu6(self.dw(nn.functional.relu6(self.expand(h))))
+                return self.fc((h + self.project(e)).mean((2, 3)))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+def test_relu6_clips_run_in_the_neurons_and_the_inverted_residual_on_cores(digits):
+    """The clips to [0, 6] run in the neurons they feed (thresholds above 6 dropped: the same levels as firing on
+    the clipped value), the residual sum on cores: nothing but the input and output on the host. Floating point
+    gives the torch SNN's levels; fixed point equals the integer reference in every level and logit."""
+    from sfn_deploy.parity import parity
+    snn = convert(_InvertedResidualNet.build(), digits.limit(300), scale=0.3)
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
+    summary = plan.summary()
+    assert summary["host_ops"] == [] and summary["residual_sums"] == 1, summary
+    clipped = [b for b in plan.blocks if b.kind == "neuron" and "clip" in b.attrs]
+    assert len(clipped) == 3 and all(b.attrs["n_pos"] < len(b.arrays["table"]) - 1 for b in clipped)
+    data = digits.subset(np.arange(300, 316))
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
+    assert rows[0].first_differing is None and all(r.levels_equal == 100.0 for r in rows[0].layers)
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
+                                                        "input_abs_max": 1.0})
+    assert rows[1].first_differing is None and rows[1].output_max_abs_diff == 0
+    from sfn_deploy.simulators.counting import count_ops
+    from sfn_deploy.targets import load_target
+    from sfn_deploy.targets.mapping import map_network
+    m = map_network(snn.graph, count_ops(snn.graph, [data.x]), load_target("loihi2"))   # the report: the same
+    assert [h["op"] for h in m.host_work] == ["input encoding"] and len(m.clips) == 3 and m.residual_sums
+    from sfn_deploy.exporters.lava.plan import _Lowering
+    binary = _Lowering(snn.graph, snn.input_shape, "channels", "floating_pt", None)
+    binary.analyse()
+    assert not binary.clips and not binary.resums                      # graded lowering only
+
+
 def test_the_mapping_places_the_residual_sums_lava_builds(digits):
     """On a graded target the report maps the residual sums as the Lava export builds them: not host work, their
     shortcut synapses one synaptic op per spike of the site operand, and the relays' neurons those of Lava's plan,

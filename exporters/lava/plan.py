@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ...clips import neuron_clips
 from ...errors import UserError
 from ...ir import Graph, Node
 from ...pooling import SUMMING, SumKernel, pooling_layers, spike_poolings, sum_kernel, window
@@ -225,11 +226,14 @@ class _Lowering:
         self.pool_blocks: dict[str, dict] = {}  # such a pool -> {polarity: its sum neuron block}
         self.bounds: dict[str, float | None] = {}  # value -> bound on |value| (None: not derived)
         self.delays: dict[str, int] = {}       # operand of a residual sum on cores -> steps its input is relayed
+        self.clips: dict[str, float] = {}      # ReLU6-style clips folded into the neurons they feed -> the clip
 
     # graph facts
     def cls(self, n: Node) -> str:
         if n.name in self.resums:
             return "resum"
+        if n.name in self.clips:
+            return "clip"
         if n.name in self.core_pools:
             return "pool"
         if n.name in self.pool_layers:
@@ -369,9 +373,16 @@ class _Lowering:
         m = _numel(a["normalized_shape"]) if n.op == "layer_norm" else _numel(shape[1:]) // a["num_groups"]
         return math.sqrt(max(m - 1, 1)) * wmax + bmax
 
+    def _find_clips(self) -> None:
+        """Graded lowering: a clip to [0, c] (ReLU6) runs in the neurons it feeds (:mod:`sfn_deploy.clips`):
+        they read the weight layer's sum and keep their thresholds up to c (:meth:`neuron`)."""
+        if self.lowering == "graded":
+            self.clips = neuron_clips(self.g, self.users)
+
     def analyse(self) -> None:
         self._find_core_pools()
         self._find_folds()
+        self._find_clips()
         for n in self.g:
             self.bounds[n.name] = self.bound(n)
             if n.op == "constant":
@@ -477,7 +488,7 @@ class _Lowering:
                 host_blocks[b.name] = b
             elif c in on_cores:
                 on_cores[c](n)
-            elif c in ("alias", "fold"):
+            elif c in ("alias", "fold", "clip"):
                 self.block_of[n.name] = self.block_of[n.inputs[0]]
         out = self.add(Block("output", "host", self.stage[out_node.name], ir=[]))
         host_blocks["output"] = out
@@ -561,10 +572,15 @@ class _Lowering:
         src = self.g[site.inputs[0]]
         if self.cls(src) == "neuron":
             raise UserError(f"Lava export: site {site.name} reads another site ({src.name}) directly; not supported")
+        clip = {}
+        if src.name in self.clips:          # the neuron reads the layer's sum; no level beyond the clip
+            clip = {"clip": self.clips[src.name]}
+            bpos = bpos[bpos <= np.float32(clip["clip"])]
+            src = self.g[src.inputs[0]]
         b = self.add(Block(f"sfn_{site.name}", "neuron", self.stage[site.name], ir=[site.name],
                            attrs={"n": n, "shape": list(site.shape[1:]), "input": src.name,
                                   "dual": bool(bneg.size), "channels": self.lowering == "channels",
-                                  "n_pos": int(bpos.size), "n_neg": int(bneg.size)},
+                                  "n_pos": int(bpos.size), "n_neg": int(bneg.size), **clip},
                            arrays={"bounds_pos": bpos, "bounds_neg": bneg, "table": table,
                                    "steps": steps.astype(np.float64)}))
         self.sites[site.name] = {"block": b.name, "stage": b.stage}
@@ -748,7 +764,9 @@ class _Lowering:
                 self.connect(src, port, blk.name, "s_in", self._to_conv_view(blk))
             # consumers are connected when they are built: neurons now, host blocks in host_program
             for user in self.users[n.name]:
-                for site in [user] if user.op == "sfn" else self.users[user.name] if user.name in self.resums else []:
+                sites = [user] if user.op == "sfn" else \
+                    self.users[user.name] if user.name in self.resums or user.name in self.clips else []
+                for site in sites:
                     self.connect(blk.name, "a_out", self.block_of.get(site.name, f"sfn_{site.name}"), "a_in",
                                  self._from_conv_view(blk))
         self.block_of[n.name] = f"{kind}_{n.name}"
@@ -825,7 +843,7 @@ class _Lowering:
                 top = max(top, factor * (min(edge, 2 * seen_max) if seen_max > 0 else edge))
             elif self.cls(u) in ("host", "resum") and u.op in ("add", "sub", "relu") and u.name != self.g.output:
                 todo.extend((v, factor) for v in self.users[u.name])
-            elif self.cls(u) == "host" and u.op in _ACTIVATIONS and u.name != self.g.output:
+            elif self.cls(u) in ("host", "clip") and u.op in _ACTIVATIONS and u.name != self.g.output:
                 # what an activation's input reaches beyond its output's range is not seen: 8x more room
                 todo.extend((v, 8 * factor) for v in self.users[u.name])
             else:

@@ -246,6 +246,8 @@ class _Builder:
         b = self.neuron[n.name]
         scale = float(b.attrs["scale"])
         src = n.inputs[0]
+        if self.low.cls(self.g[src]) == "clip":              # the neuron reads the clipped layer's sum itself
+            src = self.g[src].inputs[0]
         sh = self.shape(n.name)
         s32 = np.float32(scale)
         kind = self.low.cls(self.g[src])
@@ -322,7 +324,7 @@ class _Builder:
                 continue
             if c == "synapse":
                 self.accumulator(n.name)
-            elif c == "resum":                      # its neurons sum the operands' accumulators (site())
+            elif c in ("resum", "clip"):            # done by the neurons they feed (site())
                 continue
             elif c == "neuron":
                 self.site(n)
