@@ -547,12 +547,13 @@ class _Lowering:
                 base = f"relay{k}_{layer}{suffix}"
                 conv = self.add(Block(f"{base}_syn", "conv", start + k, arrays={"weight": np.ones((c, 1, 1, 1))},
                                       attrs={"op": "conv2d", "layer": base, "polarity": "pool", "input": value,
-                                             "relay": True,
-                                             "tokens": 1, "copies": 1, "copy_ids": None, "shift": 0, "in_n": n,
+                                             "relay": True, "tokens": 1, "copies": 1, "copy_ids": None, "shift": 0,
+                                             "in_n": n,
                                              "out_n": n, "weight_exp": 0, "scale": 1.0, "graded": True,
                                              "input_shape": [w, h, c], "stride": [1, 1], "padding": [0, 0],
                                              "dilation": [1, 1], "groups": c, "out_chw": chw}))
-                self.connect(*ports[pol], conv.name, "s_in", self._to_conv_view(conv))
+                src, src_port = ports[pol]
+                self.connect(src, src_port, conv.name, "s_in", self._to_conv_view(conv))
                 top = int(table[nb])
                 bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
                 neuron = self.add(Block(base, "neuron", start + k, attrs={
