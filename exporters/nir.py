@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..backends import Simple
+from ..clips import neuron_clips
 from ..errors import UserError
 from ..ir import Graph, Node
 from ..model_file import ConvertedModel, atomic_write
@@ -192,8 +193,11 @@ class _Plan:
         self.graph, self.partial = graph, partial
         self.order = {n.name: i for i, n in enumerate(graph)}
         self.host: dict[str, str] = {}
+        users = graph.users()
+        # a clip to [0, c] read by one site fuses into that site's thresholds (sfn_deploy/clips.py)
+        self.clips = {k: c for k, c in neuron_clips(graph, users).items() if len(users[k]) == 1}
         for n in graph:
-            if n.op != "input" and (why := _problem(n, graph)):
+            if n.op != "input" and n.name not in self.clips and (why := _problem(n, graph)):
                 self.host[n.name] = why
         if partial:
             live, stack = set(), [graph.output]
@@ -211,6 +215,9 @@ class _Plan:
             for n in self.members():
                 if n.op == "max_pool2d" and n.inputs[0] in self.host:
                     self.host[n.name] = f"max pooling of spikes whose site {n.inputs[0]} runs on the host"
+                clip_site = self.graph.users()[n.name][0].name if n.name in self.clips else None
+                if clip_site is not None and (clip_site in self.host or n.inputs[0] in self.host):
+                    self.host[n.name] = f"a clip whose layer or site {clip_site} runs on the host"
             if partial and len(self.host) == before:
                 self._regions()
             if len(self.host) == before:
@@ -230,7 +237,7 @@ class _Plan:
                 v = parent[v]
             return v
         for n in self.members():
-            if n.op == "sfn":                       # elementwise: its input and output share a layout
+            if n.op == "sfn" or n.name in self.clips:   # elementwise: its input and output share a layout
                 parent[find(n.name)] = find(n.inputs[0])
         chosen = {}
         for root, rs in self._layout_requests(find).items():
@@ -340,12 +347,15 @@ class _Value:
     base: tuple | None = None
 
 
-def _site_channels(site: Node):
-    """(float32 thresholds θ, float64 increments, signs) of the G binary channels of one SFN site."""
+def _site_channels(site: Node, clip: float | None = None):
+    """(float32 thresholds θ, float64 increments, signs) of the G binary channels of one SFN site (with ``clip``:
+    of the positive boundaries up to it only, the site then reading the unclipped value)."""
     p = site.params
     table = p["table"].double().numpy()
     steps = p["steps"].double().numpy()
     bpos, bneg = p["bounds_pos"].numpy().astype(_F32), p["bounds_neg"].numpy().astype(_F32)
+    if clip is not None:
+        bpos = bpos[bpos <= _F32(clip)]
     dy = np.diff(table)
     theta = np.concatenate([np.nextafter(bpos, _F32(-np.inf)), np.nextafter(bneg, _F32(-np.inf))]).astype(_F32)
     inc = np.concatenate([dy[:bpos.size] * steps[0], -dy[:bneg.size] * steps[1]])
@@ -384,12 +394,13 @@ class _Lowering:
         return name
 
     # a synaptic layer: fold the increments of an expanded input, optionally tile rows for a following site
-    def weight_layer(self, name, kind, w, b, attrs, x: _Value, site: Node | None, out_shape: tuple) -> _Value:
+    def weight_layer(self, name, kind, w, b, attrs, x: _Value, site: Node | None, out_shape: tuple,
+                     clip: float | None = None) -> _Value:
         w64 = w.astype(np.float64)
         inc = theta = None
         sign = np.ones(1)
         if site is not None:                # one copy of the rows per channel, negated for the negative branch
-            theta, inc, sign = _site_channels(site)
+            theta, inc, sign = _site_channels(site, clip)
             b = None if b is None else np.concatenate([b * s for s in sign])
         # fold Σ_g copy_g·inc_g of an expanded input into the columns (copy index outermost); each block is
         # computed in float64 and rounded once into the float32 result (no float64 copy of the whole tiling)
@@ -475,6 +486,11 @@ class _Lowering:
             op, p, a = node.op, node.params, node.attrs
             if op in ("linear", "conv2d"):
                 users = self.users[node.name]
+                clip = None
+                if len(users) == 1 and users[0].name in self.plan.clips and users[0].name in self.members:
+                    fused.add(users[0].name)            # the clip: the site keeps its thresholds up to it
+                    clip = self.plan.clips[users[0].name]
+                    users = self.users[users[0].name]
                 site = users[0] if (len(users) == 1 and users[0].op == "sfn" and users[0].name in self.members
                                     and node.name not in self.outputs) else None
                 w = p["weight"].double().numpy()
@@ -485,7 +501,8 @@ class _Lowering:
                 else:
                     kind, attrs = "conv2d", a
                 out_shape = self.plan.nir_shape(node.name)
-                self.env[(site or node).name] = self.weight_layer(node.name, kind, w, b, attrs, x, site, out_shape)
+                self.env[(site or node).name] = self.weight_layer(node.name, kind, w, b, attrs, x, site, out_shape,
+                                                                  clip)
                 if site is not None:
                     fused.add(site.name)
             elif op == "sfn":

@@ -33,7 +33,9 @@ def nir_levels(module, graph: Graph, x):
         h.remove()
     levels = {}
     for site in graph.sites:
-        n, m = site.params["bounds_pos"].numel(), site.params["bounds_neg"].numel()
+        m = site.params["bounds_neg"].numel()
+        g = spikes[site.name][0].numel() // int(np.prod(site.shape[1:]))    # channels (a clip keeps fewer)
+        n = g - m
         s = spikes[site.name].reshape(x.shape[0], n + m, -1)        # copy index outermost
         table = site.params["table"]
         lv = table[s[:, :n].sum(1).long()] - (table[s[:, n:].sum(1).long()] if m else 0)
@@ -107,6 +109,23 @@ def test_digits_mlp_roundtrip(mlp_snn, digits, tmp_path):
     g = nir.read(info["path"])
     kinds = {type(v).__name__ for v in g.nodes.values()}
     assert kinds <= {"Input", "Output", "Affine", "Linear", "Flatten", "Threshold"} and "Threshold" in kinds
+
+
+def test_relu6_fuses_into_the_thresholds(digits, tmp_path):
+    """A clip to [0, 6] read by a site is no host node: the site reads the layer's sum and keeps its thresholds up
+    to 6 (sfn_deploy/clips.py), which fires the levels firing on the clipped value gives."""
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU6(),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    snn = convert(net, digits.limit(200), scale=0.3)
+    assert [n.op for n in snn.graph].count("hardtanh") == 2
+    x = digits.x[200:264]
+    info, got, ref, gl, rl = roundtrip(snn, tmp_path, x)
+    assert_same(got, ref, gl, rl)
+    kept = [t.threshold.shape[0] for t in nir.read(info["path"]).nodes.values() if isinstance(t, nir.Threshold)]
+    full = [s.params["bounds_pos"].numel() * s.shape[1] for s in snn.sites]
+    assert sum(kept) < sum(full)                                  # the levels above 6 are gone
 
 
 def test_cnn_without_max_pool_roundtrip(cnn_snn, tmp_path):
