@@ -15,19 +15,22 @@ from .pooling import spike_poolings
 
 @dataclass(frozen=True)
 class Shortcut:
-    """An operand that is a site's spikes, reaching the sum through a 1×1 synapse: the identity (``channels``
-    None) or a parameter-free shortcut (ResNet "option A": strided slices over H and W, then ``channels`` zero
-    channels padded on before and after), whose slices and padding (``chain``) the synapse replaces."""
-    site: str
+    """An operand that is spikes, reaching the sum through a 1×1 synapse that reads ``spikes`` (a site, or a max
+    pooling of one, whose levels a host sends): the identity (``channels`` None) or a parameter-free shortcut
+    (ResNet "option A": strided slices over H and W, then ``channels`` zero channels padded on before and after),
+    whose slices and padding (``chain``) the synapse replaces."""
+    spikes: str
     stride: tuple[int, int] = (1, 1)
     channels: tuple[int, int] | None = None
     chain: tuple[str, ...] = ()
 
 
 def shortcut(graph: Graph, users: dict[str, list[Node]], value: str) -> Shortcut | None:
-    """``value`` as a site's spikes, directly or through a parameter-free shortcut each of whose nodes only the
-    next reads; None otherwise."""
+    """``value`` as a site's spikes, directly, through a parameter-free shortcut each of whose nodes only the
+    next reads, or max-pooled (timm's and torchvision's ResNets after the stem); None otherwise."""
     n, stride, chans, chain = graph[value], [1, 1], None, []
+    if n.op == "max_pool2d" and graph[n.inputs[0]].op == "sfn" and n.bdim == 0:
+        return Shortcut(n.name)
     while n.op in ("slice", "pad"):
         a, src = n.attrs, graph[n.inputs[0]]
         if len(n.shape) != 4 or len(users[n.name]) != 1 or len(src.shape) != 4:
@@ -51,9 +54,10 @@ def shortcut(graph: Graph, users: dict[str, list[Node]], value: str) -> Shortcut
 
 
 def _reads_spikes(graph: Graph, layer: Node, folded: set[str]) -> bool:
-    """A weight layer reading a site's own spikes: directly, or through an average pooling folded into it."""
+    """A weight layer reading a site's own spikes: directly, through an average pooling folded into it, or
+    max-pooled (levels a host sends)."""
     x = graph[layer.inputs[0]]
-    return x.op == "sfn" or x.name in folded
+    return x.op == "sfn" or x.name in folded or (x.op == "max_pool2d" and graph[x.inputs[0]].op == "sfn")
 
 
 def core_sums(graph: Graph, pool_layers=frozenset(), users: dict[str, list[Node]] | None = None

@@ -163,8 +163,8 @@ def _fired(p, stats: dict, target: Target, steps: int = 1) -> float:
     a pooling layer's non-zero window sums), over the network's ``steps`` timesteps."""
     if p.op == POOLING_LAYER:
         return min(stats[p.name].pool_active, p.compartments * steps)
-    if p.op == RELAY:                   # a relay passes on every event of the site it reads
-        return min(stats[p.reads].active, p.compartments * steps)
+    if p.op == RELAY:                   # a relay passes on every event of the site (or max pooling) it reads
+        return min(_relayed(stats[p.reads]), p.compartments * steps)
     sites = [stats[s] for s in p.sites]
     fired = sum(s.channel_spikes if target.spikes == "binary" else s.active for s in sites)
     return min(fired, p.compartments * steps)
@@ -448,8 +448,13 @@ def _placed_synops(p, stats: dict, conv: str, mapping: Mapping) -> float:
     return c.pool_events if p.op == POOLING_LAYER else _synops(c, conv, mapping)
 
 
+def _relayed(c) -> float:
+    """Events a relay passes on: a site's, or those of max-pooled levels (its residual sum's ``skip_events``)."""
+    return c.active if c.op in NEURON_OPS else c.skip_events
+
+
 # a residual sum on cores: its shortcut synapses take one op per spike of a site operand, a relay one per event
-_RESIDUAL_SYNOPS = {SHORTCUT: lambda c: c.skip_events, RELAY: lambda c: c.active}
+_RESIDUAL_SYNOPS = {SHORTCUT: lambda c: c.skip_events, RELAY: _relayed}
 
 
 def _latency(counts, target: Target, mapping: Mapping) -> Latency:

@@ -337,10 +337,11 @@ def _delays(graph: Graph, sums: dict, stages: dict) -> dict[str, tuple[str, int]
     for name, spikes in sums.items():
         for k, i in enumerate(graph[name].inputs):
             if k in spikes:
-                site, stage, key = spikes[k].site, stages[spikes[k].site] + 1, f"{name}:{k}"
+                site, stage, key = spikes[k].spikes, stages[spikes[k].spikes] + 1, f"{name}:{k}"
             else:
-                x = graph[graph[i].inputs[0]]
-                site, stage, key = (x.name if x.op in NEURON_OPS else x.inputs[0]), stages[i], i
+                x = graph[graph[i].inputs[0]]      # a site, a max pooling of one, or a folded pooling of one
+                site, stage, key = (x.name if x.op in NEURON_OPS or x.op == "max_pool2d" else x.inputs[0]), \
+                    stages[i], i
             if stage < stages[name]:
                 out[key] = (site, stages[name] - stage)
     return out
@@ -353,7 +354,7 @@ def _place_sum(graph: Graph, node: Node, spikes: dict, delayed: dict, wbits: int
     out = []
     if spikes:
         pos = node.shape[2] * node.shape[3]
-        syn = sum(graph[cut.site].shape[1] * (1 if target.weight_sharing else pos) for cut in spikes.values())
+        syn = sum(graph[cut.spikes].shape[1] * (1 if target.weight_sharing else pos) for cut in spikes.values())
         # with no conv operand the shortcut synapses place the neurons themselves
         units = 0 if len(spikes) < len(node.inputs) else int(math.prod(node.shape[1:]))
         per_core = target.get("core", "neurons")
@@ -365,18 +366,23 @@ def _place_sum(graph: Graph, node: Node, spikes: dict, delayed: dict, wbits: int
     for key in [f"{node.name}:{k}" for k in spikes] + [i for i in node.inputs if i not in spikes]:
         if key not in delayed:
             continue
-        site_name, steps = delayed[key]
-        site = graph[site_name]
+        value, steps = delayed[key]
+        site = graph[value]
+        while site.op not in NEURON_OPS:        # max-pooled levels: the site they come from
+            site = graph[site.inputs[0]]
         table = site.params["table"]
         polarities = 2 if site.params["bounds_neg"].numel() else 1
-        n = int(math.prod(site.shape[1:])) * polarities
+        n = int(math.prod(graph[value].shape[1:])) * polarities
+        # what the relays pass on: the site's events; max-pooled levels: a shortcut's are the sum's skip_events,
+        # a conv operand's are bounded by the site's events before the pooling
+        reads = value if value == site.name else node.name if key.startswith(f"{node.name}:") else site.name
         bits = max(int(table.max()), 1).bit_length()
         per_core = target.get("core", "neurons")
         cores = (math.ceil(n / per_core) if per_core else 1) if target.has_cores else 0
         for step in range(1, steps + 1):            # at the steps after the site's, in the report's stages
             out.append(Placement(f"{key}:relay{step}", RELAY, site.source, n, n, n, n * wbits, 1, 0, cores,
                                  LIMITS["neurons"] if cores > 1 else "none (fits one core)", "spikes",
-                                 stage=stages[site_name] + step, payload_bits=bits, reads=site_name))
+                                 stage=stages[value] + step, payload_bits=bits, reads=reads))
     return out
 
 

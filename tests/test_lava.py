@@ -737,6 +737,51 @@ def test_residual_sums_run_on_cores_bit_for_bit(digits):
     assert rows[2].prediction_agreement >= 90
 
 
+class _StemPoolResNet:
+    """timm's and torchvision's ResNets after the stem: the first block's shortcut is the stem's max pooling (run
+    on the host: graded spikes have no max on Loihi), so the relays of that operand take host-sent levels."""
+
+    @staticmethod
+    def build(down: bool):
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                width = 12 if down else 8
+                self.stem, self.c1 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, width, 3, padding=1)
+                self.c2, self.fc = nn.Conv2d(width, width, 3, padding=1), nn.Linear(width, 10)
+                self.down = nn.Conv2d(8, width, 1) if down else nn.Identity()   # ResNet-50's first block
+
+            def forward(self, x):
+                h = nn.functional.max_pool2d(torch.relu(self.stem(x)), 2)
+                h = torch.relu(self.c2(torch.relu(self.c1(h))) + self.down(h))
+                return self.fc(h.mean((2, 3)))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+@pytest.mark.parametrize("down", [False, True])
+def test_a_max_pooled_shortcut_is_relayed_from_the_host(digits, down):
+    """The sum whose shortcut is a max pooling on the host (or a projection of it) runs on cores: the host sends
+    the pooled levels into relays, which bring them to the other operand's step. Float levels = torch's; fixed =
+    integer reference."""
+    from sfn_deploy.parity import parity
+    snn = convert(_StemPoolResNet.build(down), digits.limit(300), scale=0.3)
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
+    assert plan.summary()["residual_sums"] == 1 and plan.summary()["host_ops"] == ["max_pool2d"]
+    relays = [b for b in plan.blocks if b.attrs.get("relay") and b.kind == "conv"]
+    host = next(b for b in plan.blocks if b.kind == "host" and "max_pool2d" in b.attrs.get("ops", []))
+    assert relays and any(c["src"] == host.name and c["dst"] == relays[0].name for c in plan.connections)
+    data = digits.subset(np.arange(300, 316))
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
+    assert rows[0].first_differing is None
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
+                                                        "input_abs_max": 1.0})
+    assert rows[1].first_differing is None and rows[1].output_max_abs_diff == 0
+
+
 class _InvertedResidualNet:
     """A MobileNetV2-style block: ReLU6 after the stem, the expansion and the depthwise convolution, a linear
     projection added to the block's input (the residual sum feeds a site, as the converter places one)."""

@@ -24,7 +24,7 @@ from sfn_deploy.simulators.interpreter import run, run_with_levels  # noqa: E402
 # architectures refused at capture, with the reason they are refused (a test checks the message)
 REFUSED: dict[str, str] = {}
 # every residual sum runs on cores in Lava (exporters/lava/plan.py, residual_sums)
-RESIDUAL_ON_CORES = {"resnet20_cifar"}
+RESIDUAL_ON_CORES = {"resnet20_cifar", "resnet18", "resnet50", "tv:resnet18", "regnetx_002", "mobilenetv2_100"}
 # Lava plans refused, and why: the batch axis folded into windows (Swin) or patches (MobileViT, LeViT's heads)
 LAVA_REFUSED = dict.fromkeys(["levit_128s", "mobilevit_xxs", "swin_tiny_patch4_window7_224"], "rows per sample")
 

@@ -77,13 +77,13 @@ def residual_sums(graph: Graph, pool_layers=frozenset()) -> tuple[Graph, set[str
                     j += 1
                     name = f"{n.name}_skip_{j}"
                 taken.add(name)
-                c_out, c_in = n.shape[1], graph[cut.site].shape[1]
+                c_out, c_in = n.shape[1], graph[cut.spikes].shape[1]
                 if cut.channels is None:        # identity: depthwise ones
                     w, groups = torch.ones(c_out, 1, 1, 1), c_out
                 else:                           # channel c lands on c + the channels padded before it
                     w, groups = torch.zeros(c_out, c_in, 1, 1), 1
                     w[torch.arange(c_in) + cut.channels[0], torch.arange(c_in)] = 1.0
-                nodes.append(Node(name, "conv2d", [cut.site], {"stride": list(cut.stride), "padding": [0, 0],
+                nodes.append(Node(name, "conv2d", [cut.spikes], {"stride": list(cut.stride), "padding": [0, 0],
                                                                "dilation": [1, 1], "groups": groups},
                                   {"weight": w}, list(n.shape), 0,
                                   f"shortcut synapse of the residual sum {n.name} (exporters/lava/plan.py)"))
@@ -227,6 +227,7 @@ class _Lowering:
         self.bounds: dict[str, float | None] = {}  # value -> bound on |value| (None: not derived)
         self.delays: dict[str, int] = {}       # operand of a residual sum on cores -> steps its input is relayed
         self.clips: dict[str, float] = {}      # ReLU6-style clips folded into the neurons they feed -> the clip
+        self.relay_heads: dict[str, dict] = {}  # a layer whose host-sent spikes are relayed -> {polarity: 1st Conv}
 
     # graph facts
     def cls(self, n: Node) -> str:
@@ -407,14 +408,13 @@ class _Lowering:
 
     def _align_residual_sums(self) -> None:
         """Each operand of a residual sum on cores reaches its neurons at the sum's stage: an operand layer at an
-        earlier stage reads its spikes through relays (:meth:`_relay`), one step each. A sum whose operand reads
-        an analog value (its integer unit could not be the other's) or spikes that come from the host (no
-        port to relay) stays on the host."""
+        earlier stage reads its spikes through relays (:meth:`_relay`), one step each (spikes a host block sends
+        too). A sum whose operand reads an analog value (its integer unit could not be the other's) stays on the
+        host."""
         for name in sorted(self.resums, key=lambda v: self.stage[v]):
             ops = self.g[name].inputs
             kinds = [self._spike_kind(self.g[o].inputs[0]) for o in ops]
-            if any(k is None or (k == "host" and self.stage[o] < self.stage[name]) for k, o in zip(kinds, ops,
-                                                                                                 strict=True)):
+            if any(k is None for k in kinds):
                 self.resums.discard(name)
                 continue
             for o in ops:
@@ -532,12 +532,14 @@ class _Lowering:
     def _relay(self, spikes: _Source, value: str, steps: int, layer: str) -> _Source:
         """``spikes`` ``steps`` steps later: per polarity a chain of identity synapses (a depthwise 1×1 Conv of
         ones) into graded neurons that fire the level they receive (thresholds at every integer up to the
-        largest level, as a pooling layer's sum neurons), one step each. Exact in fixed point."""
-        assert spikes.ports is not None, "_align_residual_sums relays a site's own ports only"
+        largest level, as a pooling layer's sum neurons), one step each. Exact in fixed point. Spikes a host block
+        sends (``spikes.ports`` None: max-pooled levels) enter the first Conv through the port ``host_program``
+        gives them (``relay_heads``)."""
         bpos, bneg, table, _ = _site_arrays(spikes.site)
-        c, h, w = spikes.site.shape[1:]
-        chw, n = [c, h, w], _numel(spikes.site.shape)
-        ports = dict(spikes.ports)
+        shape = self.g[value].shape if spikes.ports is None else spikes.site.shape   # what the ports carry
+        c, h, w = shape[1:]
+        chw, n = [c, h, w], _numel(shape)
+        ports: dict = dict(spikes.ports) if spikes.ports is not None else {"pos": None, "neg": None}
         start = self.stage[layer] - steps - 1          # the stage of the spikes relayed
         for k in range(1, steps + 1):
             for pol, nb in (("pos", bpos.size), ("neg", bneg.size)):
@@ -548,12 +550,14 @@ class _Lowering:
                 conv = self.add(Block(f"{base}_syn", "conv", start + k, arrays={"weight": np.ones((c, 1, 1, 1))},
                                       attrs={"op": "conv2d", "layer": base, "polarity": "pool", "input": value,
                                              "relay": True, "tokens": 1, "copies": 1, "copy_ids": None, "shift": 0,
-                                             "in_n": n,
-                                             "out_n": n, "weight_exp": 0, "scale": 1.0, "graded": True,
+                                             "in_n": n, "out_n": n, "weight_exp": 0, "scale": 1.0, "graded": True,
                                              "input_shape": [w, h, c], "stride": [1, 1], "padding": [0, 0],
                                              "dilation": [1, 1], "groups": c, "out_chw": chw}))
-                src, src_port = ports[pol]
-                self.connect(src, src_port, conv.name, "s_in", self._to_conv_view(conv))
+                if ports[pol] is None:                 # fed by a host block's output (host_program)
+                    self.relay_heads.setdefault(layer, {})[pol] = conv.name
+                else:
+                    src, src_port = ports[pol]
+                    self.connect(src, src_port, conv.name, "s_in", self._to_conv_view(conv))
                 top = int(table[nb])
                 bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
                 neuron = self.add(Block(base, "neuron", start + k, attrs={
@@ -564,7 +568,7 @@ class _Lowering:
                     "thr_pos": ceil_div(bounds, 1.0) if self.fixed else bounds, "thr_neg": np.zeros(0)}))
                 self.connect(conv.name, "a_out", neuron.name, "a_in", self._from_conv_view(conv))
                 ports[pol] = (neuron.name, "s_pos")
-        return _Source(spikes.site, ports, spikes.divisor)
+        return _Source(spikes.site, {p: v for p, v in ports.items() if v is not None}, spikes.divisor)
 
     # -- neurons
     def neuron(self, site: Node) -> None:
@@ -1035,6 +1039,12 @@ class _Lowering:
             enc = "int" if self.fixed else "value"
             dsts = [(f"sfn_{user.name}", "a_in", None)]
             spec: dict[str, Any] = {"value": n.name, "encode": enc, "neuron": user.name}
+        elif user.name in self.relay_heads:     # a residual sum's delayed operand: its relays take the levels
+            for pol, head in self.relay_heads[user.name].items():
+                blk = self.by_name[head]
+                self._append_output(outputs, {"value": n.name, "encode": f"levels_{pol}", "site": lat}, blk,
+                                    self._to_conv_view(blk), n)
+            return
         else:                               # a synaptic layer
             blks = [blk for blk in self.blocks if blk.kind in ("dense", "sparse", "conv")
                     and blk.attrs["layer"] == user.name]     # every polarity / exponent group of this layer
