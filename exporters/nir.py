@@ -215,7 +215,7 @@ class _Plan:
             for n in self.members():
                 if n.op == "max_pool2d" and n.inputs[0] in self.host:
                     self.host[n.name] = f"max pooling of spikes whose site {n.inputs[0]} runs on the host"
-                clip_site = self.graph.users()[n.name][0].name if n.name in self.clips else None
+                clip_site = users[n.name][0].name if n.name in self.clips else None
                 if clip_site is not None and (clip_site in self.host or n.inputs[0] in self.host):
                     self.host[n.name] = f"a clip whose layer or site {clip_site} runs on the host"
             if partial and len(self.host) == before:

@@ -64,8 +64,8 @@ def core_sums(graph: Graph, pool_layers=frozenset(), users: dict[str, list[Node]
               ) -> dict[str, dict[int, Shortcut]]:
     """The residual sums on cores, each with its operands that are a site's spikes (by operand index): an ``add``
     of two conv maps (the batch axis first) whose every reader is an SFN site, each operand a convolution read by
-    nothing else that reads a site's spikes (directly or through an average pooling folded into it, i.e. not one
-    of ``pool_layers``), or a site's spikes (:func:`shortcut`)."""
+    nothing else that reads a site's spikes (directly, max-pooled, or through an average pooling folded into it,
+    i.e. not one of ``pool_layers``), or a site's spikes (:func:`shortcut`)."""
     users = graph.users() if users is None else users
     folded = set(spike_poolings(graph, users)) - set(pool_layers)
     sums: dict[str, dict[int, Shortcut]] = {}

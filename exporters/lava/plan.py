@@ -408,31 +408,14 @@ class _Lowering:
 
     def _align_residual_sums(self) -> None:
         """Each operand of a residual sum on cores reaches its neurons at the sum's stage: an operand layer at an
-        earlier stage reads its spikes through relays (:meth:`_relay`), one step each (spikes a host block sends
-        too). A sum whose operand reads an analog value (its integer unit could not be the other's) stays on the
-        host."""
+        earlier stage reads its spikes (a site's, or those a host block sends) through relays (:meth:`_relay`),
+        one step each. Every operand reads spikes (:func:`sfn_deploy.residual.core_sums`), so the operands add
+        up in one integer unit (:meth:`_common_units`)."""
         for name in sorted(self.resums, key=lambda v: self.stage[v]):
-            ops = self.g[name].inputs
-            kinds = [self._spike_kind(self.g[o].inputs[0]) for o in ops]
-            if any(k is None for k in kinds):
-                self.resums.discard(name)
-                continue
-            for o in ops:
+            for o in self.g[name].inputs:
                 if self.stage[o] < self.stage[name]:
                     self.delays[o] = self.stage[name] - self.stage[o]
                     self.stage[o] = self.stage[name]
-
-    def _spike_kind(self, value: str) -> str | None:
-        """How a weight layer reading ``value`` gets spikes: "site" (a site's own ports, folded pooling included),
-        "host" (levels a host block sends), None (an analog value, or a pooling layer's sums)."""
-        if value in self.folds:
-            return "site"
-        producer = self.g[value]
-        while producer.name in self.aliases:
-            producer = self.g[producer.inputs[0]]
-        if producer.name in self.pool_layers or value not in self.lattice:
-            return None
-        return "site" if producer.op == "sfn" or producer.name in self.core_pools else "host"
 
     def host_groups(self) -> list[list[str]]:
         """Host nodes of equal stage joined by host→host edges (the input node is a host node)."""
@@ -537,37 +520,20 @@ class _Lowering:
         gives them (``relay_heads``)."""
         bpos, bneg, table, _ = _site_arrays(spikes.site)
         shape = self.g[value].shape if spikes.ports is None else spikes.site.shape   # what the ports carry
-        c, h, w = shape[1:]
-        chw, n = [c, h, w], _numel(shape)
+        chw = list(shape[1:])
         ports: dict = dict(spikes.ports) if spikes.ports is not None else {"pos": None, "neg": None}
         start = self.stage[layer] - steps - 1          # the stage of the spikes relayed
+        one = SumKernel([1, 1], [1, 1], [0, 0], 1)
         for k in range(1, steps + 1):
             for pol, nb in (("pos", bpos.size), ("neg", bneg.size)):
                 if nb == 0 or pol not in ports:
                     continue
-                suffix = "" if pol == "pos" else "__neg"
-                base = f"relay{k}_{layer}{suffix}"
-                conv = self.add(Block(f"{base}_syn", "conv", start + k, arrays={"weight": np.ones((c, 1, 1, 1))},
-                                      attrs={"op": "conv2d", "layer": base, "polarity": "pool", "input": value,
-                                             "relay": True, "tokens": 1, "copies": 1, "copy_ids": None, "shift": 0,
-                                             "in_n": n, "out_n": n, "weight_exp": 0, "scale": 1.0, "graded": True,
-                                             "input_shape": [w, h, c], "stride": [1, 1], "padding": [0, 0],
-                                             "dilation": [1, 1], "groups": c, "out_chw": chw}))
+                base = f"relay{k}_{layer}" + ("" if pol == "pos" else "__neg")
+                conv, neuron = self._sum_layer(f"{base}_syn", base, start + k, "conv2d", base, (value, value), chw, chw,
+                                               one, int(table[nb]), [], ports[pol], {"relay": True})
                 if ports[pol] is None:                 # fed by a host block's output (host_program)
-                    self.relay_heads.setdefault(layer, {})[pol] = conv.name
-                else:
-                    src, src_port = ports[pol]
-                    self.connect(src, src_port, conv.name, "s_in", self._to_conv_view(conv))
-                top = int(table[nb])
-                bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
-                neuron = self.add(Block(base, "neuron", start + k, attrs={
-                    "n": n, "shape": chw, "input": value, "dual": False, "channels": False, "n_pos": top, "n_neg": 0,
-                    "pool": True, "relay": True, "scale": 1.0}, arrays={
-                    "bounds_pos": bounds, "bounds_neg": np.zeros(0, np.float32), "table": np.arange(top + 1),
-                    "steps": np.array([1.0, 0.0]), "bias": np.zeros(n),
-                    "thr_pos": ceil_div(bounds, 1.0) if self.fixed else bounds, "thr_neg": np.zeros(0)}))
-                self.connect(conv.name, "a_out", neuron.name, "a_in", self._from_conv_view(conv))
-                ports[pol] = (neuron.name, "s_pos")
+                    self.relay_heads.setdefault(layer, {})[pol] = conv
+                ports[pol] = (neuron, "s_pos")
         return _Source(spikes.site, {p: v for p, v in ports.items() if v is not None}, spikes.divisor)
 
     # -- neurons
@@ -624,7 +590,7 @@ class _Lowering:
         (:meth:`_weight_parts`). One event per pre-pool spike into the layer, then one per non-zero sum."""
         site_name, kernel = self.pool_layers[p.name]
         site = self.g[site_name]
-        k, st, pad = kernel.kernel, kernel.stride, kernel.padding
+        k = kernel.kernel
         bpos, bneg, table, _ = _site_arrays(site)
         c, h, w = site.shape[1:]
         out_chw = [c, *(p.shape[2:] if len(p.shape) == 4 else [1, 1])]
@@ -633,25 +599,39 @@ class _Lowering:
             if nb == 0 and pol == "neg":
                 continue
             suffix = "" if pol == "pos" else "__neg"
-            conv = self.add(Block(f"sumpool_{p.name}{suffix}", "conv", self.stage[p.name], arrays={
-                "weight": np.ones((c, k[1], k[0], 1))}, attrs={
-                "op": p.op, "layer": p.name, "polarity": "pool", "input": site.name, "tokens": 1, "copies": 1,
-                "copy_ids": None, "shift": 0, "in_n": _numel(site.shape), "out_n": _numel(out_chw), "weight_exp": 0,
-                "scale": 1.0, "graded": True, "input_shape": [w, h, c], "stride": st[::-1], "padding": pad[::-1],
-                "dilation": [1, 1], "groups": c, "out_chw": out_chw}))
-            self.connect(self.block_of[site.name], port, conv.name, "s_in", self._to_conv_view(conv))
             top = k[0] * k[1] * int(table[nb])          # the largest window sum of this polarity's levels
-            bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
-            n = _numel(out_chw)
-            neuron = self.add(Block(f"sum_{p.name}{suffix}", "neuron", self.stage[p.name], ir=[p.name] if not suffix
-                                    else [], attrs={"n": n, "shape": out_chw, "input": p.name, "dual": False,
-                                                    "channels": False, "n_pos": top, "n_neg": 0, "pool": True,
-                                                    "scale": 1.0}, arrays={
-                "bounds_pos": bounds, "bounds_neg": np.zeros(0, np.float32), "table": np.arange(top + 1),
-                "steps": np.array([1.0, 0.0]), "bias": np.zeros(n), "thr_pos": ceil_div(bounds, 1.0) if self.fixed
-                else bounds, "thr_neg": np.zeros(0)}))
-            self.connect(conv.name, "a_out", neuron.name, "a_in", self._from_conv_view(conv))
-            self.pool_blocks[p.name][pol] = neuron.name
+            _, neuron = self._sum_layer(f"sumpool_{p.name}{suffix}", f"sum_{p.name}{suffix}", self.stage[p.name],
+                                        p.op, p.name, (site.name, p.name), [c, h, w], out_chw, kernel, top,
+                                        [p.name] if not suffix else [], (self.block_of[site.name], port))
+            self.pool_blocks[p.name][pol] = neuron
+
+    def _sum_layer(self, conv_name: str, neuron_name: str, stage: int, op: str, layer: str, inputs: tuple,
+                   in_chw: list, out_chw: list, kernel: SumKernel, top: int, ir: list, src: tuple | None,
+                   extra: dict | None = None) -> tuple[str, str]:
+        """A depthwise Conv of ones over ``kernel``'s windows (``in_chw`` → ``out_chw``) into graded neurons that
+        fire the integer window sum (thresholds at every integer up to ``top``): a pooling layer's blocks, and a
+        relay step's (a 1×1 window). ``inputs``: the values the Conv and the neurons read; ``src``: the (block,
+        port) feeding the Conv, None when a host block's port is connected later. The two blocks' names."""
+        c, h, w = in_chw
+        extra = extra or {}
+        conv = self.add(Block(conv_name, "conv", stage, arrays={
+            "weight": np.ones((c, kernel.kernel[1], kernel.kernel[0], 1))}, attrs={
+            "op": op, "layer": layer, "polarity": "pool", "input": inputs[0], "tokens": 1, "copies": 1,
+            "copy_ids": None, "shift": 0, "in_n": _numel(in_chw), "out_n": _numel(out_chw), "weight_exp": 0,
+            "scale": 1.0, "graded": True, "input_shape": [w, h, c], "stride": kernel.stride[::-1],
+            "padding": kernel.padding[::-1], "dilation": [1, 1], "groups": c, "out_chw": out_chw, **extra}))
+        if src is not None:
+            self.connect(src[0], src[1], conv.name, "s_in", self._to_conv_view(conv))
+        bounds = np.arange(top, dtype=np.float32) + np.float32(0.5)
+        n = _numel(out_chw)
+        neuron = self.add(Block(neuron_name, "neuron", stage, ir=ir, attrs={
+            "n": n, "shape": out_chw, "input": inputs[1], "dual": False, "channels": False, "n_pos": top,
+            "n_neg": 0, "pool": True, **extra, "scale": 1.0}, arrays={
+            "bounds_pos": bounds, "bounds_neg": np.zeros(0, np.float32), "table": np.arange(top + 1),
+            "steps": np.array([1.0, 0.0]), "bias": np.zeros(n), "thr_pos": ceil_div(bounds, 1.0) if self.fixed
+            else bounds, "thr_neg": np.zeros(0)}))
+        self.connect(conv.name, "a_out", neuron.name, "a_in", self._from_conv_view(conv))
+        return conv.name, neuron.name
 
     def neuron_thresholds(self, b: Block) -> None:
         """Bias and thresholds in the neuron's membrane units (float: the values themselves)."""
