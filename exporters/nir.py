@@ -149,7 +149,8 @@ def _problem(node: Node, graph: Graph) -> str | None:
     if node.bdim != 0:
         return "batch axis is not the first axis"
     if op == "conv2d" and a.get("groups", 1) != 1:
-        return "grouped convolution is not supported by the NIR exporter"
+        return ("grouped convolution: NIR's Conv2d types its input as weight.shape[1] = C/groups channels, so "
+                "nir.read refuses the file (NIR 1.0.8)")
     if op == "avg_pool2d" and (any(a.get("padding", [0])) or a.get("ceil_mode") or a.get("divisor_override")):
         return "average pooling with padding, ceil_mode or divisor_override"
     if op in ("flatten", "reshape") and _merge_range(node, graph) is None:

@@ -510,3 +510,25 @@ def test_size_is_estimated_before_building_and_over_the_limit_refused(cnn_snn, p
     assert 0.97 * est <= _array_bytes(built) <= 1.03 * est
     with pytest.raises(UserError, match=r"about 0\.0 GiB .* over the 0\.0 GiB limit; raise it with --max-size"):
         (to_nir_partial if partial else to_nir)(cnn_snn, max_bytes=est // 2)
+
+
+def test_grouped_convolutions_stay_on_the_host_while_nir_types_ignore_groups(tmp_path):
+    """Why grouped convolutions are host nodes: NIR's Conv2d types its input with weight.shape[1] (C/groups), so
+    nir.read (type check on by default) refuses any file holding one. When this fails, NIR has fixed it: lower
+    grouped convolutions (exporters/nir.py, ``_problem``)."""
+    w = np.ones((4, 1, 3, 3), np.float32)
+    conv = nir.Conv2d(input_shape=(8, 8), weight=w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4,
+                      bias=np.zeros(4, np.float32))
+    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([4, 8, 8])}), "conv": conv,
+                            "output": nir.Output(output_type={"output": np.array([4, 8, 8])})},
+                     edges=[("input", "conv"), ("conv", "output")], type_check=False)
+    path = str(tmp_path / "grouped.nir")
+    nir.write(path, g)
+    with pytest.raises(ValueError, match="type mismatch"):
+        nir.read(path)
+    depthwise = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                              nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.rand(16, 2, 6, 6)
+    model = convert(depthwise, Dataset(x, torch.zeros(16, dtype=torch.long), "random"), scale=0.5)
+    host = nir_exp.nir_host_nodes(model.graph)
+    assert [model.graph[n].op for n in host] == ["conv2d"] and "nir.read refuses" in next(iter(host.values()))
