@@ -133,3 +133,23 @@ def test_zoo_operator_families_capture_exactly():
     for batch in (1, 3):
         x = torch.randn(batch, 3, 8, 8)
         torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+class FoldedExpand(nn.Module):
+    """BotNet's relative logits: heads folded into the batch axis, then broadcast along another axis."""
+
+    def forward(self, x):                       # x: (B, 8, 4)
+        h = x.reshape(-1, 4, 1, 4)              # (B·2, 4, 1, 4)
+        h = h.expand(-1, -1, 3, -1) * 2         # the folded batch axis kept
+        return h.reshape(x.shape[0], 96)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_expand_keeps_a_batch_axis_with_items_folded_in(dynamic):
+    m = FoldedExpand()
+    ep = torch.export.export(m, (torch.randn(2, 8, 4),),
+                             dynamic_shapes=({0: torch.export.Dim("b")},) if dynamic else None)
+    g = capture(ep)
+    for b in (1, 2, 5):
+        x = torch.randn(b, 8, 4)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x))

@@ -238,11 +238,12 @@ def expand(b, n):
     if bdim is None and shape and shape[0] == b.batch and (off > 0 or x.shape[0] == 1) and b.batch > 1:
         bdim = 0                      # a stored tensor broadcast over the (static) batch
     for i, s in enumerate(shape):
-        if sym[i] or i == bdim:
-            sh.append("B")
+        if i >= off and x.shape[i - off] == s:
+            sh.append(-1)             # kept as it is: the batch axis too, with items folded into it (B·heads) or not
+        elif sym[i] or i == bdim:     # broadcast over the batch
+            k = s // b.batch if b.batch and s % b.batch == 0 else 1
+            sh.append("B" if k == 1 else f"B*{k}")
             bdim = i
-        elif i >= off and x.shape[i - off] == s:
-            sh.append(-1)
         else:
             sh.append(s)
     return b.emit(n, "expand", [x], {"shape": sh}, {}, shape, bdim)
