@@ -710,6 +710,9 @@ class _Lowering:
         e = self.emit("Exp", [self.emit("Neg", [xs[0]])])
         return self.emit("Div", [xs[0], self.emit("Add", [e, self.scalar(1.0)])], out)
 
+    def op_leaky_relu(self, n, a, p, xs, out):
+        return self.emit("LeakyRelu", [xs[0]], out, alpha=float(a["negative_slope"]))
+
     def op_sigmoid(self, n, a, p, xs, out):
         return self.emit("Sigmoid", [xs[0]], out)
 

@@ -569,6 +569,12 @@ def _hardtanh(node, args, graph, batch):
     return torch.clamp(args[0], node.attrs["min_val"], node.attrs["max_val"])
 
 
+@register("leaky_relu", "host", "x for x ≥ 0, negative_slope · x below",
+          attrs={"negative_slope": "float: the slope below zero"})
+def _leaky_relu(node, args, graph, batch):
+    return F.leaky_relu(args[0], node.attrs["negative_slope"])
+
+
 @register("hardswish", "host", "x · relu6(x + 3) / 6")
 def _hardswish(node, args, graph, batch):
     return F.hardswish(args[0])

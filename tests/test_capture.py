@@ -153,3 +153,60 @@ def test_expand_keeps_a_batch_axis_with_items_folded_in(dynamic):
     for b in (1, 2, 5):
         x = torch.randn(b, 8, 4)
         torch.testing.assert_close(run(g, x, spiking=False), m(x))
+
+
+class MaskedAttention(nn.Module):
+    """Fused attention with a stored float bias (BEiT's relative position bias), a stored boolean mask, or causal."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.qkv = kind, nn.Linear(8, 24)
+        self.register_buffer("bias", torch.randn(2, 5, 5))
+        self.register_buffer("allowed", torch.rand(5, 5) > 0.3)
+
+    def forward(self, x):                                   # x: (B, 5, 8)
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        kw = {"float": {"attn_mask": self.bias}, "bool": {"attn_mask": self.allowed},
+              "causal": {"is_causal": True}}[self.kind]
+        return nn.functional.scaled_dot_product_attention(q, k, v, **kw).flatten(1)
+
+
+@pytest.mark.parametrize("kind", ["float", "bool", "causal"])
+def test_attention_masks_become_an_additive_constant_before_the_softmax(kind):
+    m = MaskedAttention(kind).eval()
+    g = capture(m, torch.randn(2, 5, 8))
+    assert [n.op for n in g.nodes].count("softmax") == 1 and any(n.name.endswith("_mask") for n in g.nodes)
+    for b in (1, 3):
+        x = torch.randn(b, 5, 8)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+class PositionEncoding(nn.Module):
+    """EdgeNeXt / XCiT style: a sine encoding built at run time from zeros(B, H, W), arange and cumsum, then a
+    1×1 conv, repeated over the batch; F.normalize (clamp_min, expand_as); a leaky ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):                                   # x: (B, 4, 3, 3)
+        b, _, h, w = x.shape
+        mask = ~torch.zeros(b, h, w, dtype=torch.bool)
+        y = mask.cumsum(1, dtype=torch.float32)
+        t = 10000 ** (2 * (torch.arange(4, dtype=torch.float32) // 2) / 4)
+        pos = torch.cat([(y[..., None] / t).sin(), (y[..., None] / t).cos()], dim=3).permute(0, 3, 1, 2)
+        pe = self.proj(pos)
+        fixed = torch.arange(9, dtype=torch.float32).reshape(1, 1, 3, 3).repeat(b, 4, 1, 1)
+        h = nn.functional.leaky_relu(x + pe + 0.1 * fixed, 0.1)
+        return nn.functional.normalize(h.flatten(1), dim=-1)
+
+
+def test_input_independent_tensors_fold_and_broadcast_over_the_batch():
+    m = PositionEncoding().eval()
+    g = capture(m, torch.randn(2, 4, 3, 3))
+    assert "leaky_relu" in {n.op for n in g.nodes}
+    for b in (1, 2, 5):
+        x = torch.randn(b, 4, 3, 3)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)

@@ -519,3 +519,38 @@ def test_a_site_too_fine_for_the_lookup_is_refused_not_compared():
     g = Graph([Node("input", "input", shape=[1, 4], bdim=0), site], "sfn_fine")
     with pytest.raises(UnsupportedOpsError, match="sfn_fine.*30,000 firing boundaries have no constant-time lookup"):
         to_onnx(ConvertedModel(g, [4]))
+
+
+class _LeakyMasked(nn.Module):
+    """Rules added from models the zoo never saw: a leaky ReLU CNN (CSPResNet), a position encoding built at run
+    time (EdgeNeXt, XCiT) and fused attention with a stored relative-position bias and a boolean mask (BEiT)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.qkv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 12), nn.Linear(64 * 4, 10)
+        self.register_buffer("bias", torch.randn(1, 64, 64) * 0.3)
+        self.register_buffer("allowed", torch.rand(64, 64) > 0.2)
+
+    def forward(self, x):                                      # (B, 1, 8, 8): digits
+        h = nn.functional.leaky_relu(self.conv(x), 0.1)        # (B, 4, 8, 8)
+        b = h.shape[0]
+        row = (~torch.zeros(b, 8, 8, dtype=torch.bool)).cumsum(1, dtype=torch.float32)
+        t = h.flatten(2).transpose(1, 2) + 0.05 * row.flatten(1)[..., None]                      # (B, 64, 4)
+        q, k, v = self.qkv(t).reshape(b, 64, 3, 1, 4).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias) + \
+            nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed)
+        return self.head(nn.functional.leaky_relu(a, 0.2).flatten(1))
+
+
+def test_leaky_relu_run_time_constants_and_attention_masks_export(digits):
+    snn = convert(_LeakyMasked().eval(), digits.limit(200), scale=0.3)
+    assert {"leaky_relu", "softmax", "expand"} <= {n.op for n in snn.graph.nodes}
+    x = digits.x[200:213]
+    proto = to_onnx(snn, levels=True)
+    onnx.checker.check_model(proto, full_check=True)
+    ref_logits, ref_levels = reference(snn.graph, x)
+    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
+    for name, lv in levels.items():
+        assert np.array_equal(lv, ref_levels[name]), name
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))

@@ -51,7 +51,7 @@ LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squee
 _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
-_ACTIVATIONS = {"hardtanh", *_SMALL_NEGATIVE}       # between a split layer and its neurons (see _fine_exponent)
+_ACTIVATIONS = {"hardtanh", "leaky_relu", *_SMALL_NEGATIVE}    # between a split layer and its neurons (_fine_exponent)
 
 
 def residual_sums(graph: Graph, pool_layers=frozenset()) -> tuple[Graph, set[str]]:
@@ -341,6 +341,8 @@ class _Lowering:
             return max(ins)
         if op in _SMALL_NEGATIVE:
             return max(b0, _SMALL_NEGATIVE[op])
+        if op == "leaky_relu":
+            return b0 * max(1.0, abs(float(a["negative_slope"])))
         if op == "pad":
             return max(b0, abs(float(a.get("value", 0.0))))
         if op in ("add", "sub"):
@@ -829,8 +831,11 @@ class _Lowering:
             elif self.cls(u) in ("host", "resum") and u.op in ("add", "sub", "relu") and u.name != self.g.output:
                 todo.extend((v, factor) for v in self.users[u.name])
             elif self.cls(u) in ("host", "clip") and u.op in _ACTIVATIONS and u.name != self.g.output:
-                # what an activation's input reaches beyond its output's range is not seen: 8x more room
-                todo.extend((v, 8 * factor) for v in self.users[u.name])
+                # what an activation's input reaches beyond its output's range is not seen: 8x more room (a leaky
+                # ReLU's negative inputs reach 1/slope times its outputs)
+                room = max(8.0, 1.0 / abs(u.attrs["negative_slope"])) if u.op == "leaky_relu" and \
+                    u.attrs["negative_slope"] else 8.0
+                todo.extend((v, room * factor) for v in self.users[u.name])
             else:
                 top = max(top, self.bounds.get(n.name) or math.inf)
         if not math.isfinite(top) or top <= 0:

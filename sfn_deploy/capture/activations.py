@@ -47,6 +47,26 @@ def clamp(b, n):
     return b.emit(n, "hardtanh", [n.args[0]], {"min_val": lo, "max_val": hi}, {}, meta_shape(n))
 
 
+@rule(aten.clamp_min.default, aten.clamp_min_.default)
+def clamp_min(b, n):
+    lo = float(n.args[1])
+    op = "relu" if lo == 0.0 else "hardtanh"
+    return b.emit(n, op, [n.args[0]], {} if op == "relu" else {"min_val": lo, "max_val": float("inf")}, {},
+                  meta_shape(n))
+
+
+@rule(aten.clamp_max.default, aten.clamp_max_.default)
+def clamp_max(b, n):
+    return b.emit(n, "hardtanh", [n.args[0]], {"min_val": float("-inf"), "max_val": float(n.args[1])}, {},
+                  meta_shape(n))
+
+
+@rule(aten.leaky_relu.default, aten.leaky_relu_.default)
+def leaky_relu(b, n):
+    return b.emit(n, "leaky_relu", [n.args[0]], {"negative_slope": float(arg(n, 1, "negative_slope", 0.01))}, {},
+                  meta_shape(n))
+
+
 def _pointwise(op: str, *targets):
     """A parameter-free pointwise nonlinearity mapped one to one onto IR op ``op``."""
     @rule(*targets)

@@ -26,8 +26,8 @@ from ..ir import Graph, Node, nonfinite
 Rule = Callable[["Builder", torch.fx.Node], "Node | None"]
 RULES: dict[object, Rule] = {}
 
-# ops that would turn a stored tensor into a batch-sized one: folding them would fix the example's batch
-_NO_FOLD = {torch.ops.aten.expand.default, torch.ops.aten.repeat.default}
+# ops that may turn a stored tensor into a batch-sized one: folded only when no new axis has the example's batch
+_BROADCASTS = {torch.ops.aten.expand.default, torch.ops.aten.repeat.default, torch.ops.aten.expand_as.default}
 
 
 def rule(*targets) -> Callable[[Rule], Rule]:
@@ -136,6 +136,7 @@ class Builder:
         self.problems: list[str] = []
         self.batch = 0
         self.tuples: dict[str, list[Node]] = {}   # fx node with several outputs -> one IR node per output
+        self.per_batch: set[str] = set()   # folded tensors made with the example's batch size as their first axis
 
     # -- what rules use --------------------------------------------------------
     def add(self, node: Node) -> Node:
@@ -154,6 +155,8 @@ class Builder:
                 return self.index[self.env[a.name]]
             if a.name in self.state:      # a parameter used as data
                 t = self.stored(a.name)
+                if a.name in self.per_batch and self._same_samples(t):
+                    return self._per_batch(a.name, t)
                 node = self.add(Node(a.name, "constant", [], {}, {"value": t}, list(t.shape), None, a.name))
                 self.env[a.name] = node.name
                 return node
@@ -177,6 +180,20 @@ class Builder:
                 raise UserError(f"{self.origin.get(ph, repr(ph))} holds NaN/Inf values ({bad} of {t.numel()})")
             self.checked.add(ph)
         return t
+
+    def _same_samples(self, t: torch.Tensor) -> bool:
+        return t.dim() > 0 and t.shape[0] == self.batch and all(torch.equal(t[0], t[i]) for i in range(1, len(t)))
+
+    def _per_batch(self, name: str, t: torch.Tensor) -> Node:
+        """A folded tensor built from the example's batch size (``torch.zeros(B, H, W)`` in a position encoding)
+        whose samples are all the same: one sample, broadcast over the batch. (Samples that differ: a table whose
+        first axis merely equals the example's batch, kept as it is.)"""
+        one = self.add(Node(name + "_sample", "constant", [], {}, {"value": t[:1].clone()}, [1, *t.shape[1:]], None,
+                            name))
+        node = self.add(Node(name, "expand", [one.name], {"shape": ["B"] + [-1] * (t.dim() - 1)}, {},
+                             [self.batch, *t.shape[1:]], 0, name))
+        self.env[name] = node.name
+        return node
 
     def is_param(self, a) -> bool:
         return isinstance(a, torch.fx.Node) and a.name in self.state and a.name not in self.env
@@ -264,12 +281,17 @@ class Builder:
                 self.env[fx_node.name] = self.add(Node(fx_node.name, "constant", [], {}, {}, shape, 0)).name
 
     def _fold(self, fx_node) -> bool:
-        """Evaluate an operator computed from stored tensors only, once, as a constant."""
+        """Evaluate an operator computed from stored tensors only (or from no tensor at all: ``arange``, ``zeros``
+        of fixed sizes, as in sine position encodings), once, as a constant. Not folded: random operators, and
+        outputs with a symbolic (batch) size or, from a broadcast, an axis of the example's batch size."""
         ins = list(fx_node.all_input_nodes)
-        if not ins or fx_node.target in _NO_FOLD or not isinstance(fx_node.target, torch._ops.OpOverload) \
+        target = fx_node.target
+        if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in target.tags \
                 or not all(i.name in self.state for i in ins):
             return False
         if any(sym_entries(fx_node)) if isinstance(fx_node.meta.get("val"), torch.Tensor) else True:
+            return False
+        if target in _BROADCASTS and self._batch_axis_made(fx_node):
             return False
 
         def value(a):
@@ -282,7 +304,18 @@ class Builder:
             return False
         self.state[fx_node.name] = out.detach()
         self.origin[fx_node.name] = f"a tensor computed from stored tensors ({fx_node.target})"
+        if any(i.name in self.per_batch for i in ins) or (not ins and self.batch > 1 and out.dim() and
+                                                          out.shape[0] == self.batch):
+            self.per_batch.add(fx_node.name)
         return True
+
+    def _batch_axis_made(self, fx_node) -> bool:
+        """A broadcast gives some axis the example's batch size that its input did not have (with a static
+        export the batch is a plain number: folding would fix it)."""
+        out = meta_shape(fx_node) or []
+        src = meta_shape(fx_node.args[0]) or []
+        off = len(out) - len(src)
+        return self.batch > 1 and any(s == self.batch and (i < off or src[i - off] != s) for i, s in enumerate(out))
 
 
 def prune(graph: Graph) -> Graph:

@@ -228,7 +228,7 @@ def cat(b, n):
     return b.emit(n, "cat", xs, {"dim": d}, {}, shape, bdim)
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, aten.expand_as.default)
 def expand(b, n):
     x, shape = b.ir(n.args[0]), meta_shape(n)
     sym = sym_entries(n)
@@ -247,6 +247,16 @@ def expand(b, n):
         else:
             sh.append(s)
     return b.emit(n, "expand", [x], {"shape": sh}, {}, shape, bdim)
+
+
+@rule(aten.repeat.default)
+def repeat(b, n):
+    """A repeat that only tiles axes of size 1 (a position embedding repeated over the batch) is a broadcast."""
+    src, out = meta_shape(n.args[0]) or [], meta_shape(n) or []
+    off = len(out) - len(src)
+    if any(i >= off and src[i - off] != 1 and s != src[i - off] for i, s in enumerate(out)):
+        raise Unsupported(f"repeat tiles an axis longer than 1 ({src} -> {out})")
+    return expand(b, n)
 
 
 def batch_reshape(x, out: list[int], sym: list[bool], batch: int) -> tuple[list, int | None]:
