@@ -764,7 +764,14 @@ class _Lowering:
         begin, end = [0] * rank, [0] * rank
         for i in range(0, len(widths), 2):          # torch: (last axis begin, end, next-to-last ...)
             begin[rank - 1 - i // 2], end[rank - 1 - i // 2] = widths[i], widths[i + 1]
-        return self.emit("Pad", [xs[0], self.const(begin + end), self.scalar(a["value"])], out, mode="constant")
+        mode = a.get("mode", "constant")
+        if mode == "constant":
+            return self.emit("Pad", [xs[0], self.const(begin + end), self.scalar(a.get("value", 0.0))], out,
+                             mode="constant")
+        if mode == "circular" and self.opset < 19:
+            raise UserError(f"ONNX export: {n.name}: circular padding needs opset 19 or later (Pad mode=wrap)")
+        return self.emit("Pad", [xs[0], self.const(begin + end)], out,
+                         mode={"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode])
 
     def op_roll(self, n, a, p, xs, out):
         x = xs[0]

@@ -625,11 +625,15 @@ def _sum(node, args, graph, batch):
     return args[0].sum(node.attrs["dims"], keepdim=node.attrs["keepdim"])
 
 
-@register("pad", "layout", "constant padding",
+@register("pad", "layout", "padding: a constant, or the edge's values (reflect, replicate, circular)",
           attrs={"pad": "int[]: widths (before, after) per axis, last axis first (F.pad's order)",
-                 "value": "float | -inf: the padding value"})
+                 "value?": "float | -inf: the padding value (constant padding)",
+                 "mode?": "'constant' | 'reflect' | 'replicate' | 'circular': (default constant)"})
 def _pad(node, args, graph, batch):
-    return F.pad(args[0], node.attrs["pad"], "constant", node.attrs["value"])
+    mode = node.attrs.get("mode", "constant")
+    if mode == "constant":
+        return F.pad(args[0], node.attrs["pad"], "constant", node.attrs.get("value", 0.0))
+    return F.pad(args[0], node.attrs["pad"], mode)
 
 
 @register("roll", "layout", "cyclic shift (shifted windows)",

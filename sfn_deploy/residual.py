@@ -37,7 +37,8 @@ def shortcut(graph: Graph, users: dict[str, list[Node]], value: str) -> Shortcut
             return None
         if n.op == "pad":
             p = list(a["pad"]) + [0] * (8 - len(a["pad"]))
-            if float(a.get("value", 0.0)) != 0.0 or any(p[:4]) or any(p[6:]) or min(p) < 0 or chans is not None:
+            if a.get("mode", "constant") != "constant" or float(a.get("value", 0.0)) != 0.0 or any(p[:4]) \
+                    or any(p[6:]) or min(p) < 0 or chans is not None:
                 return None
             chans = (p[4], p[5])
         else:

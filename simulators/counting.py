@@ -458,9 +458,13 @@ class OpCounter(Observer):
         return s.map(lambda t: apply(node, [t], self.graph, self.batch), preserves=node.op in _PRESERVE)
 
     def _pad(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:
-        """Padded positions are silent: position N, level 0."""
+        """Zero-padded positions are silent (position N, level 0); reflect / replicate / circular padding copies
+        the edge's positions."""
         if s.index is None:
             return self._layout(node, s, out)
+        mode = node.attrs.get("mode", "constant")
+        if mode != "constant":          # (F.pad has no integer reflect/replicate: positions are small, exact in float)
+            return _Spikes(s.site, index=F.pad(s.index.double(), node.attrs["pad"], mode).to(s.index.dtype))
         return _Spikes(s.site, index=F.pad(s.index, node.attrs["pad"], "constant", s.n))
 
     def _max_pool(self, node: Node, s: _Spikes, out: torch.Tensor) -> _Spikes:

@@ -335,3 +335,32 @@ def test_average_pooling_both_forms_are_counted_and_a_graded_target_prices_the_c
         assert e.energy_j == a[chosen]["total_j"]
         assert syn.count == pytest.approx(base if chosen == "folded" else base - a["folded"]["synops"]
                                           + a["layer"]["synops"])
+
+
+class _EdgePad(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        return F.pad(x, (1, 2, 2, 1), self.mode)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_spikes_are_followed_through_padding_that_copies_the_edge(mode):
+    """Reflect / replicate / circular padding copies spikes to the border (TResNet's anti-aliasing, circular convs),
+    positions included: through a folded 2×2 average pooling, each spike carries its pooled position's fan-out in
+    the next convolution (Σ over outputs of the window sums of |level|)."""
+    m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), _EdgePad(mode), nn.AvgPool2d(2),
+                      nn.Conv2d(1, 2, 2, bias=False)).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+    x = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 6
+    g = insert_sfn(capture(m, x[:2]))
+    _fix_sites(g)
+    assert any(n.op == "pad" and n.attrs.get("mode") == mode for n in g.nodes)
+    c = count_ops(g, [x])
+    _, levels = run_with_levels(g, x)
+    y = F.pad(levels[g.sites[0].name].abs().float(), (1, 2, 2, 1), mode)
+    brute = F.conv2d(F.avg_pool2d(y, 2) * 4, torch.ones(2, 1, 2, 2)).sum() / 6
+    assert float(brute) > 0 and abs(c.ac_snn - float(brute)) < 1e-3

@@ -554,3 +554,30 @@ def test_leaky_relu_run_time_constants_and_attention_masks_export(digits):
     for name, lv in levels.items():
         assert np.array_equal(lv, ref_levels[name]), name
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+
+
+class _EdgePadCNN(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode, self.c1, self.c2, self.fc = mode, nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):                                       # (B, 1, 8, 8) → (B, 4, 6, 6) → padded 8×8 → 6×6
+        return self.fc(torch.relu(self.c2(nn.functional.pad(torch.relu(self.c1(x)), (1, 1, 1, 1), self.mode)))
+                       .flatten(1))
+
+
+@pytest.mark.parametrize("mode,opset", [("reflect", 17), ("replicate", 17), ("circular", 19)])
+def test_padding_that_copies_the_edge_exports(digits, mode, opset):
+    snn = convert(_EdgePadCNN(mode).eval(), digits.limit(200), scale=0.3)
+    x = digits.x[200:213]
+    proto = to_onnx(snn, levels=True, opset=opset)
+    onnx.checker.check_model(proto, full_check=True)
+    ref_logits, ref_levels = reference(snn.graph, x)
+    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
+    for name, lv in levels.items():
+        assert np.array_equal(lv, ref_levels[name]), name
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+    if mode == "circular":
+        with pytest.raises(UserError, match="opset 19"):
+            to_onnx(snn, opset=18)

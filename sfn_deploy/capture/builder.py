@@ -286,8 +286,10 @@ class Builder:
         outputs with a symbolic (batch) size or, from a broadcast, an axis of the example's batch size."""
         ins = list(fx_node.all_input_nodes)
         target = fx_node.target
-        if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in target.tags \
-                or not all(i.name in self.state for i in ins):
+        if not isinstance(target, torch._ops.OpOverload) or not all(i.name in self.state for i in ins):
+            return False
+        inference_dropout = "dropout" in target.name() and arg(fx_node, 2, "train", True) is False
+        if torch.Tag.nondeterministic_seeded in target.tags and not inference_dropout:     # random operators
             return False
         if any(sym_entries(fx_node)) if isinstance(fx_node.meta.get("val"), torch.Tensor) else True:
             return False

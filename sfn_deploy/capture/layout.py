@@ -32,21 +32,25 @@ def to_dtype(b, n):
     return b.ir(n.args[0])
 
 
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
 @rule(aten.constant_pad_nd.default, aten.pad.default)
 def pad(b, n):
     x = b.ir(n.args[0])
     widths = [int(v) for v in n.args[1]]
     mode = arg(n, 2, "mode", "constant") if n.target == aten.pad.default else "constant"
     value = arg(n, 3, "value", None) if n.target == aten.pad.default else arg(n, 2, "value", 0)
-    if mode != "constant":
-        raise Unsupported(f"{mode} padding (constant padding is supported)")
+    if mode not in PAD_MODES:
+        raise Unsupported(f"{mode} padding (constant, reflect, replicate and circular are supported)")
     r = len(x.shape)
     padded = [r - 1 - i // 2 for i in range(0, len(widths), 2) if widths[i] or widths[i + 1]]
     if x.bdim in padded:
         raise Unsupported("padding the batch axis")
     if any(v < 0 for v in widths):
         raise Unsupported("negative padding (cropping)")
-    return b.emit(n, "pad", [x], {"pad": widths, "value": float(value or 0.0)}, {}, meta_shape(n))
+    attrs = {"pad": widths, "value": float(value or 0.0)} if mode == "constant" else {"pad": widths, "mode": mode}
+    return b.emit(n, "pad", [x], attrs, {}, meta_shape(n))
 
 
 @rule(aten.roll.default)

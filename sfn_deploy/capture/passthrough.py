@@ -8,8 +8,10 @@ from .builder import rule
 aten = torch.ops.aten
 
 
-@rule(aten.dropout.default, aten.clone.default, aten.alias.default, aten.detach.default,
-      aten.contiguous.default, aten.lift_fresh_copy.default, aten.feature_dropout.default)
+@rule(aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default, aten.feature_dropout_.default,
+      aten.alpha_dropout.default, aten.alpha_dropout_.default, aten.feature_alpha_dropout.default,
+      aten.feature_alpha_dropout_.default, aten.clone.default, aten.alias.default, aten.detach.default,
+      aten.contiguous.default, aten.lift_fresh_copy.default)
 def identity(b, n):
     return b.ir(n.args[0])
 
