@@ -210,3 +210,49 @@ def test_input_independent_tensors_fold_and_broadcast_over_the_batch():
     for b in (1, 2, 5):
         x = torch.randn(b, 4, 3, 3)
         torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention (torchvision's ViT): sequence-first inside, so reshapes fold the batch inside the
+    sequence axis (``view(tgt_len * bsz, embed)``) as well as heads into it."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x):                                   # x: (B, 5, 8)
+        h = x if self.batch_first else x.transpose(0, 1)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return (h if self.batch_first else h.transpose(0, 1)).flatten(1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_captures_exactly(batch_first):
+    m = MHA(batch_first).eval()
+    g = capture(m, torch.randn(2, 5, 8))
+    assert [n.op for n in g.nodes].count("softmax") == 1
+    for b in (1, 3, 4):
+        x = torch.randn(b, 5, 8)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+class ShiftMask(nn.Module):
+    """torchvision Swin's shifted-window mask: built on x.new_zeros, filled slice by slice, compared, masked."""
+
+    def forward(self, x):                                   # x: (B, 4, 4)
+        mask = x.new_zeros((4, 4))
+        mask[:2, :] = 1.0
+        mask[:, 3:] += 2.0
+        bias = (mask.reshape(16, 1) - mask.reshape(1, 16)).ne(0).float().masked_fill(mask.reshape(16, 1) == 3, -5.0)
+        return (x.reshape(x.shape[0], 16, 1) + bias).softmax(-1).flatten(1) + torch.zeros_like(x).flatten(1).sum(1,
+                                                                                                      keepdim=True)
+
+
+def test_tensors_of_the_inputs_shape_only_fold():
+    m = ShiftMask().eval()
+    g = capture(m, torch.randn(2, 4, 4))
+    for b in (1, 3):
+        x = torch.randn(b, 4, 4)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x))

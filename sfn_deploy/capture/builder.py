@@ -26,6 +26,11 @@ from ..ir import Graph, Node, nonfinite
 Rule = Callable[["Builder", torch.fx.Node], "Node | None"]
 RULES: dict[object, Rule] = {}
 
+aten = torch.ops.aten
+# tensors whose value depends on their input's shape and type only (the fill value of new_full/full_like is arg 2/1)
+_SHAPE_ONLY = {aten.new_zeros.default: 0.0, aten.zeros_like.default: 0.0, aten.new_empty.default: 0.0,
+               aten.empty_like.default: 0.0, aten.new_ones.default: 1.0, aten.ones_like.default: 1.0,
+               aten.new_full.default: 2, aten.full_like.default: 1}
 # ops that may turn a stored tensor into a batch-sized one: folded only when no new axis has the example's batch
 _BROADCASTS = {torch.ops.aten.expand.default, torch.ops.aten.repeat.default, torch.ops.aten.expand_as.default}
 
@@ -137,6 +142,7 @@ class Builder:
         self.batch = 0
         self.tuples: dict[str, list[Node]] = {}   # fx node with several outputs -> one IR node per output
         self.per_batch: set[str] = set()   # folded tensors made with the example's batch size as their first axis
+        self.outer: dict[str, int] = {}     # node -> items outside the batch within its batch axis (see batch_reshape)
 
     # -- what rules use --------------------------------------------------------
     def add(self, node: Node) -> Node:
@@ -198,14 +204,20 @@ class Builder:
     def is_param(self, a) -> bool:
         return isinstance(a, torch.fx.Node) and a.name in self.state and a.name not in self.env
 
-    def emit(self, fx_node, op, inputs, attrs=None, params=None, shape=None, bdim="same", name=None) -> Node:
-        """Add an IR node for ``fx_node``; ``bdim="same"`` aligns the batch axis with the first batched input."""
+    def emit(self, fx_node, op, inputs, attrs=None, params=None, shape=None, bdim="same", name=None,
+             outer: int | None = None) -> Node:
+        """Add an IR node for ``fx_node``; ``bdim="same"`` aligns the batch axis with the first batched input.
+        ``outer``: items outside the batch within its axis (a reshape's); other ops keep their input's."""
         ins = [i if isinstance(i, Node) else self.ir(i) for i in inputs]
         if bdim == "same":
             bdim = _rank_aligned_bdim(ins, len(shape) if shape is not None else len(ins[0].shape))
-        node = Node(name or fx_node.name, op, [i.name for i in ins], attrs or {}, params or {},
-                    list(shape) if shape is not None else list(ins[0].shape), bdim, where(fx_node))
-        return self.add(node)
+        node = self.add(Node(name or fx_node.name, op, [i.name for i in ins], attrs or {}, params or {},
+                             list(shape) if shape is not None else list(ins[0].shape), bdim, where(fx_node)))
+        if outer is None and bdim is not None:
+            outer = next((self.outer[i.name] for i in ins if i.bdim is not None and i.name in self.outer), 1)
+        if outer is not None and outer > 1:
+            self.outer[node.name] = outer
+        return node
 
     # -- the loop --------------------------------------------------------------
     def build(self) -> Graph:
@@ -286,6 +298,8 @@ class Builder:
         outputs with a symbolic (batch) size or, from a broadcast, an axis of the example's batch size."""
         ins = list(fx_node.all_input_nodes)
         target = fx_node.target
+        if target in _SHAPE_ONLY:
+            return self._fold_shape_only(fx_node)
         if not isinstance(target, torch._ops.OpOverload) or not all(i.name in self.state for i in ins):
             return False
         inference_dropout = "dropout" in target.name() and arg(fx_node, 2, "train", True) is False
@@ -308,6 +322,19 @@ class Builder:
         self.origin[fx_node.name] = f"a tensor computed from stored tensors ({fx_node.target})"
         if any(i.name in self.per_batch for i in ins) or (not ins and self.batch > 1 and out.dim() and
                                                           out.shape[0] == self.batch):
+            self.per_batch.add(fx_node.name)
+        return True
+
+    def _fold_shape_only(self, fx_node) -> bool:
+        """``x.new_zeros(size)``, ``zeros_like(x)``, …: a constant of the example's shape (Swin's attention mask
+        is built on one); one made with the example's batch as its first axis is broadcast over the batch."""
+        val, fill = fx_node.meta.get("val"), _SHAPE_ONLY[fx_node.target]
+        if not isinstance(val, torch.Tensor) or any(sym_entries(fx_node)):
+            return False
+        value = float(fx_node.args[fill]) if isinstance(fill, int) else fill
+        self.state[fx_node.name] = torch.full([concrete(v) for v in val.shape], value, dtype=val.dtype)
+        self.origin[fx_node.name] = f"a tensor of the example's shape ({fx_node.target})"
+        if self.batch > 1 and val.dim() and concrete(val.shape[0]) == self.batch:
             self.per_batch.add(fx_node.name)
         return True
 

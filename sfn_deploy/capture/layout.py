@@ -10,18 +10,12 @@ from .builder import Unsupported, arg, meta_shape, prod, rule, sym_entries
 aten = torch.ops.aten
 
 
-@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
+      aten.reshape_as.default, aten.view_as.default)
 def reshape(b, n):
     x, shape = b.ir(n.args[0]), meta_shape(n)
-    sh, bdim = batch_reshape(x, shape, sym_entries(n), b.batch)
-    return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, bdim)
-
-
-@rule(aten.reshape_as.default, aten.view_as.default)
-def reshape_as(b, n):
-    x, shape = b.ir(n.args[0]), meta_shape(n)
-    sh, bdim = batch_reshape(x, shape, sym_entries(n), b.batch)
-    return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, bdim)
+    sh, bdim, outer = batch_reshape(x, shape, sym_entries(n), b.batch, b.outer.get(x.name, 1))
+    return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, bdim, outer=outer)
 
 
 @rule(aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
@@ -119,12 +113,11 @@ def flatten(b, n):
     r = len(x.shape)
     s, e = (n.args[1] if len(n.args) > 1 else 0) % r, (n.args[2] if len(n.args) > 2 else -1) % r
     if x.bdim is not None and s <= x.bdim <= e and s != e:
-        if x.bdim != s:
-            raise Unsupported("flattening axes before the batch axis into it")
-        shape = meta_shape(n)           # the batch axis takes the axes after it in: "B*k"
+        shape = meta_shape(n)           # the batch axis takes the axes around it in: "B*k"
         sh: list = list(shape)
         sh[s] = f"B*{shape[s] // b.batch}"
-        return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, s)
+        outer = prod(x.shape[s:x.bdim]) * b.outer.get(x.name, 1)
+        return b.emit(n, "reshape", [x], {"shape": sh}, {}, shape, s, outer=outer)
     bdim = None if x.bdim is None else (x.bdim if x.bdim < s else x.bdim - (e - s) if x.bdim > e else s)
     return b.emit(n, "flatten", [x], {"start": s, "end": e}, {}, meta_shape(n), bdim)
 
@@ -263,29 +256,32 @@ def repeat(b, n):
     return expand(b, n)
 
 
-def batch_reshape(x, out: list[int], sym: list[bool], batch: int) -> tuple[list, int | None]:
-    """Locate the batch axis of a reshape's output and write its entry as "B" or "B*k".
+def batch_reshape(x, out: list[int], sym: list[bool], batch: int, outer: int = 1) -> tuple[list, int | None, int]:
+    """Locate the batch axis of a reshape's output: its entry written "B" or "B*k", its index, and how many items
+    sit outside the batch within that entry (``outer``; the input's is given).
 
-    The batch axis may take k following axes in (windows or tokens folded into the batch, "B*k") or give
-    them back (the folded axis split into B and the rest): both keep the batch outermost in its entry.
+    Row-major, the input is [P, batch, S]: P items before the batch (the axes before its own, times the items
+    outside it within its entry) and S after. An output axis holds the batch when the axes before it divide P
+    and those after divide S: it then holds (P / before) · batch · (S / after) items — windows or tokens folded
+    into the batch after it ("B*k", ``outer`` 1) or before it (nn.MultiheadAttention's sequence-first
+    ``view(tgt_len * bsz, embed)``: ``outer`` = tgt_len); the sizes in "B*k" are all a reshape needs.
     """
     if x.bdim is None:
-        return list(out), None
+        return list(out), None, 1
     p, s_in = x.bdim, x.shape
-    size = s_in[p]                                     # batch · k for a value with k items folded in
-    before = prod(s_in[:p])
+    before = prod(s_in[:p]) * outer
+    after = prod(s_in[p + 1:]) * (s_in[p] // (batch * outer))
     candidates = []
     for q in range(len(out)):
-        # with the axes before it unchanged, the entry keeps the batch outermost when it is a multiple of
-        # the batch and either takes further items in (a multiple of the input entry) or gives some back
-        if prod(out[:q]) == before and out[q] % batch == 0 and (out[q] % size == 0 or size % out[q] == 0):
-            candidates.append((q, out[q] // batch))
+        pre, post = prod(out[:q]), prod(out[q + 1:])
+        if before % pre == 0 and after % post == 0 and out[q] == (before // pre) * batch * (after // post):
+            candidates.append((q, out[q] // batch, before // pre))
     if any(sym):                                       # dynamic export: trust the symbols
         candidates = [c for c in candidates if sym[c[0]]] or candidates
     if not candidates:
         raise Unsupported(f"cannot follow the batch axis through reshape {s_in} -> {out}; "
                           "export the model with a dynamic batch dimension")
-    q, k = candidates[0]
+    q, k, kept_outside = candidates[0]
     sh: list = list(out)
     sh[q] = "B" if k == 1 else f"B*{k}"
-    return sh, q
+    return sh, q, kept_outside
