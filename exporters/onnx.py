@@ -612,6 +612,10 @@ class _Lowering:
         return self.emit("AveragePool", [xs[0]], out, count_include_pad=int(include), ceil_mode=int(overhang),
                          **geo)
 
+    def op_upsample_nearest(self, n, a, p, xs, out):     # copies: two Gathers with the capture's indices
+        rows = self.emit("Gather", [xs[0], self.const([int(v) for v in a["rows"]])], axis=2)
+        return self.emit("Gather", [rows, self.const([int(v) for v in a["cols"]])], out, axis=3)
+
     def op_adaptive_avg_pool2d(self, n, a, p, xs, out):
         src = self.graph[n.inputs[0]]
         if len(src.shape) != 4 or src.bdim != 0:

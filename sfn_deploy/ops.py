@@ -490,6 +490,16 @@ def _adaptive_avg_pool2d(node, args, graph, batch):
     return F.adaptive_avg_pool2d(args[0], node.attrs["output_size"])
 
 
+@register("upsample_nearest", "layout", "nearest upsampling: output row i, column j copies input row rows[i], column "
+          "cols[j]", attrs={"rows": "int[]: the source row of each output row",
+                            "cols": "int[]: the source column of each output column"})
+def _upsample_nearest(node, args, graph, batch):
+    x = args[0]
+    rows = torch.tensor(node.attrs["rows"], dtype=torch.long, device=x.device)
+    cols = torch.tensor(node.attrs["cols"], dtype=torch.long, device=x.device)
+    return x.index_select(2, rows).index_select(3, cols)
+
+
 @register("mean", "pool", "mean over axes", attrs=_REDUCE)
 def _mean(node, args, graph, batch):
     return args[0].mean(node.attrs["dims"], keepdim=node.attrs["keepdim"])

@@ -13,7 +13,7 @@ from .ir import Graph, Node
 from .neurons import boundaries
 
 # ops a spike tensor passes through unchanged in meaning, so the neuron sits before them
-_SPIKE_TRANSPARENT = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll",
+_SPIKE_TRANSPARENT = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll", "upsample_nearest",
                       "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean", "sum"}
 
 

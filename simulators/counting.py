@@ -56,7 +56,7 @@ from .firegrid import FireGrid, grid_for, native
 from .interpreter import Event, Observer, release_plan, run
 
 _FOLLOW = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice", "expand", "pad",
-           "roll"}
+           "upsample_nearest", "roll"}
 _PRESERVE = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "roll"}   # every element kept once
 CONVENTIONS = ("spike", "event", "channel")
 _PER_SAMPLE = ("mac_ann", "ac", "ac_event", "ac_channel", "mac", "host_ops", "spikes", "active", "channel_spikes",

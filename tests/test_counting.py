@@ -364,3 +364,18 @@ def test_spikes_are_followed_through_padding_that_copies_the_edge(mode):
     y = F.pad(levels[g.sites[0].name].abs().float(), (1, 2, 2, 1), mode)
     brute = F.conv2d(F.avg_pool2d(y, 2) * 4, torch.ones(2, 1, 2, 2)).sum() / 6
     assert float(brute) > 0 and abs(c.ac_snn - float(brute)) < 1e-3
+
+
+def test_spikes_are_followed_through_nearest_upsampling():
+    """Each copy of a spike is an event of the next layer: Σ |level| of the upsampled map times the fan-out."""
+    m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), nn.Upsample(size=(7, 5)),
+                      nn.Conv2d(1, 3, 1, bias=False)).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+    x = torch.rand(6, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * 6
+    g = insert_sfn(capture(m, x[:2]))
+    _fix_sites(g)
+    c = count_ops(g, [x])
+    _, levels = run_with_levels(g, x)
+    brute = 3 * F.interpolate(levels[g.sites[0].name].abs().float(), size=(7, 5)).sum() / 6
+    assert float(brute) > 0 and abs(c.ac_snn - float(brute)) < 1e-3

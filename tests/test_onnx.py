@@ -581,3 +581,34 @@ def test_padding_that_copies_the_edge_exports(digits, mode, opset):
     if mode == "circular":
         with pytest.raises(UserError, match="opset 19"):
             to_onnx(snn, opset=18)
+
+
+class _Upsample(nn.Module):
+    """HRNet's fuse layers: a coarse branch upsampled (nearest) and added to a fine one."""
+
+    def __init__(self, how: dict):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.c1, self.c2, self.fc = how, nn.Conv2d(1, 4, 3, stride=2), nn.Conv2d(4, 4, 1), nn.LazyLinear(10)
+
+    def forward(self, x):                                       # (B, 1, 8, 8) → (B, 4, 3, 3) → upsampled
+        h = torch.relu(self.c1(x))
+        return self.fc(torch.relu(self.c2(nn.functional.interpolate(h, **self.how))).flatten(1))
+
+
+@pytest.mark.parametrize("how", [{"scale_factor": 2, "mode": "nearest"}, {"size": (7, 5), "mode": "nearest"},
+                                 {"size": (7, 5), "mode": "nearest-exact"}, {"scale_factor": 1.7, "mode": "nearest"}])
+def test_nearest_upsampling_captures_counts_and_exports_exactly(digits, how):
+    m = _Upsample(how).eval()
+    m(digits.x[:2])                                             # (sizes the lazy head)
+    snn = convert(m, digits.limit(200), scale=0.3)
+    assert "upsample_nearest" in {n.op for n in snn.graph.nodes}
+    x = digits.x[200:213]
+    torch.testing.assert_close(run(snn.graph, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    proto = to_onnx(snn, levels=True)
+    onnx.checker.check_model(proto, full_check=True)
+    ref_logits, ref_levels = reference(snn.graph, x)
+    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
+    for name, lv in levels.items():
+        assert np.array_equal(lv, ref_levels[name]), name
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))

@@ -48,7 +48,8 @@ INPUT_BITS = 8
 MAX_HOST_PORTS = 256      # of each kind on a HostOp (procs.processes.MAX_PORTS)
 LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "select", "slice",
                 "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
-_SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat"}
+_SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat",
+                              "upsample_nearest"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
 _ACTIVATIONS = {"hardtanh", "leaky_relu", *_SMALL_NEGATIVE}    # between a split layer and its neurons (_fine_exponent)

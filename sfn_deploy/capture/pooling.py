@@ -35,6 +35,24 @@ def adaptive_avg_pool2d(b, n):
     return b.emit(n, "adaptive_avg_pool2d", [n.args[0]], {"output_size": pair(n.args[1])}, {}, meta_shape(n))
 
 
+@rule(aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten._upsample_nearest_exact2d.vec,
+      aten._upsample_nearest_exact2d.default)
+def upsample_nearest(b, n):
+    """Nearest upsampling (HRNet's fuse layers, FPNs) copies rows and columns: the source row and column of every
+    output one, found by running the very operator on row and column numbers (torch's own index arithmetic)."""
+    x = b.ir(n.args[0])
+    if len(x.shape) != 4 or x.bdim != 0:
+        raise Unsupported("nearest upsampling of a value that is not batch × channels × rows × columns")
+    h, w = x.shape[2:]
+    with torch.no_grad():
+        rows = n.target(torch.arange(h, dtype=torch.float32).reshape(1, 1, h, 1).expand(1, 1, h, w).contiguous(),
+                        *n.args[1:], **n.kwargs)
+        cols = n.target(torch.arange(w, dtype=torch.float32).reshape(1, 1, 1, w).expand(1, 1, h, w).contiguous(),
+                        *n.args[1:], **n.kwargs)
+    return b.emit(n, "upsample_nearest", [x], {"rows": [int(v) for v in rows[0, 0, :, 0]],
+                                               "cols": [int(v) for v in cols[0, 0, 0, :]]}, {}, meta_shape(n))
+
+
 @rule(aten.mean.dim, aten.sum.dim_IntList)
 def mean(b, n):
     x = b.ir(n.args[0])
