@@ -256,3 +256,32 @@ def test_tensors_of_the_inputs_shape_only_fold():
     for b in (1, 3):
         x = torch.randn(b, 4, 4)
         torch.testing.assert_close(run(g, x, spiking=False), m(x))
+
+
+class Float32Region(nn.Module):
+    """EfficientViT's linear attention: a region forced to float32 with torch.autocast(enabled=False)."""
+
+    def __init__(self, enabled: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enabled, self.fc = enabled, nn.Linear(6, 6)
+
+    def forward(self, x):                                   # x: (B, 4, 6)
+        h = torch.relu(self.fc(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+            a = h.float() @ h.float().transpose(1, 2)
+            y = a / (a.sum(-1, keepdim=True) + 1e-5)
+        return self.fc(y @ h).flatten(1)
+
+
+def test_float32_autocast_regions_are_inlined_and_mixed_precision_refused():
+    m = Float32Region(False).eval()
+    ep = torch.export.export(m, (torch.randn(2, 4, 6),))
+    before = len(ep.graph.nodes)
+    g = capture(ep)
+    assert len(ep.graph.nodes) == before                  # the user's program is left as it was
+    for b in (1, 3):
+        x = torch.randn(b, 4, 6)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x))
+    with pytest.raises(UnsupportedOpsError, match="mixed-precision autocast region"):
+        capture(Float32Region(True).eval(), torch.randn(2, 4, 6))

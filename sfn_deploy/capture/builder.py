@@ -15,7 +15,9 @@ need no rule of their own.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch.export import ExportedProgram
@@ -222,11 +224,12 @@ class Builder:
     # -- the loop --------------------------------------------------------------
     def build(self) -> Graph:
         gm = self.ep.graph_module
+        fx_graph = _inline_float32_regions(gm)
         user_inputs = [s.arg.name for s in self.ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
         if len(user_inputs) != 1:
             raise UserError(f"the model must take exactly one tensor input, it takes {len(user_inputs)}")
         out_node = None
-        for fx_node in gm.graph.nodes:
+        for fx_node in fx_graph.nodes:
             if fx_node.op == "placeholder":
                 if fx_node.name == user_inputs[0]:
                     shape = meta_shape(fx_node)
@@ -238,6 +241,8 @@ class Builder:
             if fx_node.op == "output":
                 outs = fx_node.args[0]
                 out_node = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+                continue
+            if fx_node.op == "get_attr":         # a submodule a higher-order call reads: that call is checked
                 continue
             if fx_node.op != "call_function":
                 self.problems.append(f"{fx_node.op} {fx_node.target} at {where(fx_node)}")
@@ -345,6 +350,37 @@ class Builder:
         src = meta_shape(fx_node.args[0]) or []
         off = len(out) - len(src)
         return self.batch > 1 and any(s == self.batch and (i < off or src[i - off] != s) for i, s in enumerate(out))
+
+
+def _inline_float32_regions(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """The program's graph, with each ``torch.autocast(enabled=False)`` region (EfficientViT's linear attention
+    forces float32 that way; torch.export wraps it in a ``wrap_with_autocast`` call of a submodule) copied inline:
+    the converted network computes in float32 anyway. A copy: the user's program is left as it was. Enabled
+    regions (mixed precision) stay, and are reported as unsupported."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop and not n.args[2]]
+    if hop is None or not calls:
+        return gm.graph
+    graph = torch.fx.Graph()
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    for call in calls:
+        node = copies[call]
+        sub, operands = cast(torch.fx.Node, node.args[4]), cast(tuple, node.args[5:])
+        body = cast(torch.fx.GraphModule, gm.get_submodule(str(sub.target))).graph
+        inputs = [p for p in body.nodes if p.op == "placeholder"]
+        with graph.inserting_before(node):
+            out = graph.graph_copy(body, dict(zip(inputs, operands, strict=True)))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise UserError(f"an autocast region's result is read by {user.target}, not by picking an output")
+            user.replace_all_uses_with(out[cast(int, user.args[1])])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not sub.users:
+            graph.erase_node(sub)
+    return graph
 
 
 def prune(graph: Graph) -> Graph:

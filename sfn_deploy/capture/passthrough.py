@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .builder import rule
+from .builder import Unsupported, rule
 
 aten = torch.ops.aten
 
@@ -19,3 +19,11 @@ def identity(b, n):
 @rule(aten.sym_size.int, aten.sym_numel.default, aten._assert_tensor_metadata.default, aten._assert_scalar.default)
 def no_data(b, n):
     return None
+
+
+if hasattr(torch.ops.higher_order, "wrap_with_autocast"):
+    @rule(torch.ops.higher_order.wrap_with_autocast)
+    def autocast(b, n):
+        """Regions with autocast disabled are inlined before the rules run (builder._inline_float32_regions)."""
+        raise Unsupported(f"a mixed-precision autocast region ({n.args[1]}): the converted network computes in "
+                          "float32; export the model without autocast")
