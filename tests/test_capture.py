@@ -285,3 +285,25 @@ def test_float32_autocast_regions_are_inlined_and_mixed_precision_refused():
         torch.testing.assert_close(run(g, x, spiking=False), m(x))
     with pytest.raises(UnsupportedOpsError, match="mixed-precision autocast region"):
         capture(Float32Region(True).eval(), torch.randn(2, 4, 6))
+
+
+def signal_cnn():
+    """A keyword-spotting-style 1-D CNN: Conv1d, BatchNorm1d, pooling, a depthwise Conv1d, adaptive pooling."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 8, 5, stride=2, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+                      nn.Conv1d(8, 8, 3, groups=8, dilation=2), nn.ReLU(), nn.AvgPool1d(2), nn.Conv1d(8, 16, 1),
+                      nn.ReLU(), nn.AdaptiveAvgPool1d(3), nn.Flatten(), nn.Linear(48, 4))
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    return m.eval()
+
+
+def test_one_dimensional_layers_run_as_their_two_dimensional_forms():
+    m = signal_cnn()
+    g = fold_batchnorm(capture(m, torch.randn(2, 2, 64)))
+    ops = [n.op for n in g.nodes]
+    assert ops.count("conv2d") == 3 and "batch_norm" not in ops
+    assert ops.count("unsqueeze") == 1 and "squeeze" not in ops          # the input gets its row axis, once
+    for b in (1, 3):
+        x = torch.randn(b, 2, 64)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)

@@ -886,3 +886,27 @@ def test_host_integers_round_like_the_host_encoder():
         got = run(Graph(nodes, out), torch.from_numpy(x)[None]).numpy()[0]
         want = np.clip(np.rint((x * np.float32(1.0 / scale)).astype(np.float64)), -LIM, LIM)   # host.py's encoder
         assert np.array_equal(got, want), scale
+
+
+def test_a_one_dimensional_cnn_runs_on_cores(digits):
+    """Conv1d / pooling run as their one-row 2-D forms (sfn_deploy/capture/rows.py): in Lava floating point the
+    levels are the torch SNN's, in fixed point the integer reference's; only the input's row axis is host work."""
+    import torch
+    from torch import nn
+
+    from sfn_deploy.data import Dataset
+    from sfn_deploy.parity import parity
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.AvgPool1d(2),
+                        nn.Conv1d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv1d(8, 16, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    rows = Dataset(digits.x[:, 0], digits.y, "digits as 8 signals of length 8")      # (B, 8, 8)
+    snn = convert(net, rows.limit(300), scale=0.3)
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
+    assert plan.summary()["host_ops"] == ["unsqueeze"], plan.summary()
+    data = rows.subset(np.arange(300, 316))
+    out = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
+    assert out[0].first_differing is None and all(r.levels_equal == 100.0 for r in out[0].layers)
+    out = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
+                                                       "input_abs_max": 1.0})
+    assert out[1].first_differing is None and out[1].output_max_abs_diff == 0

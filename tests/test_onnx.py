@@ -19,6 +19,7 @@ from onnx.reference.op_run import OpRun
 
 from sfn_deploy.capture import capture
 from sfn_deploy.convert import convert
+from sfn_deploy.data import Dataset
 from sfn_deploy.errors import UserError
 from sfn_deploy.exporters.onnx import OnnxRunner, export_onnx, fire_table, to_onnx
 from sfn_deploy.ir import Graph, Node
@@ -609,6 +610,19 @@ def test_nearest_upsampling_captures_counts_and_exports_exactly(digits, how):
     onnx.checker.check_model(proto, full_check=True)
     ref_logits, ref_levels = reference(snn.graph, x)
     logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
+    for name, lv in levels.items():
+        assert np.array_equal(lv, ref_levels[name]), name
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+
+
+def test_a_one_dimensional_cnn_exports_with_the_torch_levels():
+    from test_capture import signal_cnn
+    m = signal_cnn()
+    x = torch.randn(96, 2, 64, generator=torch.Generator().manual_seed(0))
+    data = Dataset(x, m(x).argmax(1), "signals")
+    snn = convert(m, data.limit(80), scale=0.3)
+    ref_logits, ref_levels = reference(snn.graph, x[80:])
+    logits, levels = OnnxRunner(to_onnx(snn, levels=True), threads=1).run_with_levels(x[80:])
     for name, lv in levels.items():
         assert np.array_equal(lv, ref_levels[name]), name
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))

@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 
 from ..errors import UserError
 from ..ir import Graph
-from . import activations, arithmetic, attention, layout, normalization, passthrough, pooling, weights  # noqa: F401  (rules register on import)
+from . import activations, arithmetic, attention, layout, normalization, passthrough, pooling, rows, weights  # noqa: F401  (rules register on import)
 from .builder import RULES, Builder
 
 __all__ = ["RULES", "capture", "export_module"]
@@ -38,4 +38,4 @@ def capture(model, example: torch.Tensor | None = None) -> Graph:
         if example is None:
             raise UserError("capturing an nn.Module needs an example input")
         ep = export_module(model, example)
-    return Builder(ep).build()
+    return rows.keep_rows(Builder(ep).build())

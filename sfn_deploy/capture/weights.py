@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 
 from .builder import Unsupported, meta_shape, pair, rule
+from .rows import conv1d_as_2d
 
 aten = torch.ops.aten
 
 
-@rule(aten.conv2d.default, aten.convolution.default)
+@rule(aten.conv2d.default, aten.conv1d.default, aten.convolution.default)
 def conv2d(b, n):
     args = n.args
     if n.target == aten.convolution.default:
@@ -17,17 +18,21 @@ def conv2d(b, n):
             raise Unsupported("transposed convolution")
     else:
         x, w = args[0], args[1]
+        one = n.target == aten.conv1d.default
         rest = list(args[2:]) + [None] * 5
         bias = rest[0]
-        stride, padding, dilation, groups = rest[1] or [1, 1], rest[2] or [0, 0], rest[3] or [1, 1], rest[4] or 1
+        stride, padding, dilation = rest[1] or [1] * (2 - one), rest[2] or [0] * (2 - one), rest[3] or [1] * (2 - one)
+        groups = rest[4] or 1
     if isinstance(padding, str):
         raise Unsupported(f"padding={padding!r}; export with numeric padding")
     weight = b.param(w)
-    if weight.dim() != 4:
-        raise Unsupported("only 2-D convolutions are supported")
     params = {"weight": weight}
     if bias is not None:
         params["bias"] = b.param(bias)
+    if weight.dim() == 3:
+        return conv1d_as_2d(b, n, x, params, stride, padding, dilation, int(groups))
+    if weight.dim() != 4:
+        raise Unsupported("only 1-D and 2-D convolutions are supported")
     attrs = {"stride": pair(stride), "padding": pair(padding), "dilation": pair(dilation), "groups": int(groups)}
     return b.emit(n, "conv2d", [x], attrs, params, meta_shape(n))
 
