@@ -307,3 +307,31 @@ def test_one_dimensional_layers_run_as_their_two_dimensional_forms():
     for b in (1, 3):
         x = torch.randn(b, 2, 64)
         torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum (custom attention code): decomposed by torch.export's own rule first."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):                                   # x: (B, 5, 8)
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        a = (torch.einsum("bhid,bhjd->bhij", q, k) * 0.5).softmax(-1)
+        return self.out(torch.einsum("bhij,bhjd->bhid", a, v).transpose(1, 2).flatten(2)).flatten(1)
+
+
+def test_einsum_is_decomposed_and_its_products_get_sites():
+    from sfn_deploy.passes import insert_sfn
+    m = EinsumAttention().eval()
+    ep = torch.export.export(m, (torch.randn(2, 5, 8),))
+    g = capture(ep)
+    assert any(n.target is torch.ops.aten.einsum.default for n in ep.graph.nodes)     # the user's program kept
+    assert [n.op for n in g.nodes].count("matmul") == 2
+    for b in (1, 3):
+        x = torch.randn(b, 5, 8)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x))
+    roles = {s.attrs["role"] for s in insert_sfn(g).sites}
+    assert "post-softmax" in roles and len(roles) >= 3

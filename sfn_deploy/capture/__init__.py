@@ -30,6 +30,20 @@ def export_module(model: torch.nn.Module, example: torch.Tensor) -> ExportedProg
         raise UserError(f"torch.export could not capture the model: {str(e).splitlines()[0]}") from e
 
 
+# composite operators written out in the operators they are made of (torch.export's own decompositions) before
+# the rules run: einsum (custom attention code) becomes permutes, reshapes and batched products
+DECOMPOSE = {torch.ops.aten.einsum.default}
+
+
+def decompose(ep: ExportedProgram) -> ExportedProgram:
+    """``ep`` with the :data:`DECOMPOSE` operators it uses decomposed (a new program; ``ep`` is left as it was)."""
+    used = {n.target for n in ep.graph.nodes if n.op == "call_function"} & DECOMPOSE
+    if not used:
+        return ep
+    table = {k: v for k, v in torch.export.default_decompositions().items() if k in used}
+    return ep.run_decompositions(table)
+
+
 def capture(model, example: torch.Tensor | None = None) -> Graph:
     """Build the IR graph from an ExportedProgram, or from a module and an example input."""
     if isinstance(model, ExportedProgram):
@@ -38,4 +52,4 @@ def capture(model, example: torch.Tensor | None = None) -> Graph:
         if example is None:
             raise UserError("capturing an nn.Module needs an example input")
         ep = export_module(model, example)
-    return rows.keep_rows(Builder(ep).build())
+    return rows.keep_rows(Builder(decompose(ep)).build())
