@@ -135,6 +135,13 @@ def test_zoo_operator_families_capture_exactly():
         torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
 
 
+def exact_at_batches(g, m, shape: tuple, batches: tuple, tol: float | None = None) -> None:
+    """The captured graph computes the model at batch sizes other than the example's."""
+    for b in batches:
+        x = torch.randn(b, *shape)
+        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=tol, atol=tol)
+
+
 class FoldedExpand(nn.Module):
     """BotNet's relative logits: heads folded into the batch axis, then broadcast along another axis."""
 
@@ -150,9 +157,7 @@ def test_expand_keeps_a_batch_axis_with_items_folded_in(dynamic):
     ep = torch.export.export(m, (torch.randn(2, 8, 4),),
                              dynamic_shapes=({0: torch.export.Dim("b")},) if dynamic else None)
     g = capture(ep)
-    for b in (1, 2, 5):
-        x = torch.randn(b, 8, 4)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x))
+    exact_at_batches(g, m, (8, 4), (1, 2, 5))
 
 
 class MaskedAttention(nn.Module):
@@ -177,9 +182,7 @@ def test_attention_masks_become_an_additive_constant_before_the_softmax(kind):
     m = MaskedAttention(kind).eval()
     g = capture(m, torch.randn(2, 5, 8))
     assert [n.op for n in g.nodes].count("softmax") == 1 and any(n.name.endswith("_mask") for n in g.nodes)
-    for b in (1, 3):
-        x = torch.randn(b, 5, 8)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    exact_at_batches(g, m, (5, 8), (1, 3), 1e-5)
 
 
 class PositionEncoding(nn.Module):
@@ -207,9 +210,7 @@ def test_input_independent_tensors_fold_and_broadcast_over_the_batch():
     m = PositionEncoding().eval()
     g = capture(m, torch.randn(2, 4, 3, 3))
     assert "leaky_relu" in {n.op for n in g.nodes}
-    for b in (1, 2, 5):
-        x = torch.randn(b, 4, 3, 3)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    exact_at_batches(g, m, (4, 3, 3), (1, 2, 5), 1e-5)
 
 
 class MHA(nn.Module):
@@ -233,9 +234,7 @@ def test_multihead_attention_captures_exactly(batch_first):
     m = MHA(batch_first).eval()
     g = capture(m, torch.randn(2, 5, 8))
     assert [n.op for n in g.nodes].count("softmax") == 1
-    for b in (1, 3, 4):
-        x = torch.randn(b, 5, 8)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    exact_at_batches(g, m, (5, 8), (1, 3, 4), 1e-5)
 
 
 class ShiftMask(nn.Module):
@@ -253,9 +252,7 @@ class ShiftMask(nn.Module):
 def test_tensors_of_the_inputs_shape_only_fold():
     m = ShiftMask().eval()
     g = capture(m, torch.randn(2, 4, 4))
-    for b in (1, 3):
-        x = torch.randn(b, 4, 4)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x))
+    exact_at_batches(g, m, (4, 4), (1, 3))
 
 
 class Float32Region(nn.Module):
@@ -280,9 +277,7 @@ def test_float32_autocast_regions_are_inlined_and_mixed_precision_refused():
     before = len(ep.graph.nodes)
     g = capture(ep)
     assert len(ep.graph.nodes) == before                  # the user's program is left as it was
-    for b in (1, 3):
-        x = torch.randn(b, 4, 6)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x))
+    exact_at_batches(g, m, (4, 6), (1, 3))
     with pytest.raises(UnsupportedOpsError, match="mixed-precision autocast region"):
         capture(Float32Region(True).eval(), torch.randn(2, 4, 6))
 
@@ -304,9 +299,7 @@ def test_one_dimensional_layers_run_as_their_two_dimensional_forms():
     ops = [n.op for n in g.nodes]
     assert ops.count("conv2d") == 3 and "batch_norm" not in ops
     assert ops.count("unsqueeze") == 1 and "squeeze" not in ops          # the input gets its row axis, once
-    for b in (1, 3):
-        x = torch.randn(b, 2, 64)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    exact_at_batches(g, m, (2, 64), (1, 3), 1e-5)
 
 
 class EinsumAttention(nn.Module):
@@ -330,8 +323,6 @@ def test_einsum_is_decomposed_and_its_products_get_sites():
     g = capture(ep)
     assert any(n.target is torch.ops.aten.einsum.default for n in ep.graph.nodes)     # the user's program kept
     assert [n.op for n in g.nodes].count("matmul") == 2
-    for b in (1, 3):
-        x = torch.randn(b, 5, 8)
-        torch.testing.assert_close(run(g, x, spiking=False), m(x))
+    exact_at_batches(g, m, (5, 8), (1, 3))
     roles = {s.attrs["role"] for s in insert_sfn(g).sites}
     assert "post-softmax" in roles and len(roles) >= 3

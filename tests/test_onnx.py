@@ -522,6 +522,15 @@ def test_a_site_too_fine_for_the_lookup_is_refused_not_compared():
         to_onnx(ConvertedModel(g, [4]))
 
 
+def same_as_torch(proto, snn, x):
+    """The ONNX model's spike levels equal the torch SNN's at every site; its logits are close."""
+    ref_logits, ref_levels = reference(snn.graph, x)
+    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
+    for name, lv in levels.items():
+        assert np.array_equal(lv, ref_levels[name]), name
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+
+
 class _LeakyMasked(nn.Module):
     """Rules added from models the zoo never saw: a leaky ReLU CNN (CSPResNet), a position encoding built at run
     time (EdgeNeXt, XCiT) and fused attention with a stored relative-position bias and a boolean mask (BEiT)."""
@@ -550,11 +559,7 @@ def test_leaky_relu_run_time_constants_and_attention_masks_export(digits):
     x = digits.x[200:213]
     proto = to_onnx(snn, levels=True)
     onnx.checker.check_model(proto, full_check=True)
-    ref_logits, ref_levels = reference(snn.graph, x)
-    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
-    for name, lv in levels.items():
-        assert np.array_equal(lv, ref_levels[name]), name
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+    same_as_torch(proto, snn, x)
 
 
 class _EdgePadCNN(nn.Module):
@@ -574,11 +579,7 @@ def test_padding_that_copies_the_edge_exports(digits, mode, opset):
     x = digits.x[200:213]
     proto = to_onnx(snn, levels=True, opset=opset)
     onnx.checker.check_model(proto, full_check=True)
-    ref_logits, ref_levels = reference(snn.graph, x)
-    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
-    for name, lv in levels.items():
-        assert np.array_equal(lv, ref_levels[name]), name
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+    same_as_torch(proto, snn, x)
     if mode == "circular":
         with pytest.raises(UserError, match="opset 19"):
             to_onnx(snn, opset=18)
@@ -608,11 +609,7 @@ def test_nearest_upsampling_captures_counts_and_exports_exactly(digits, how):
     torch.testing.assert_close(run(snn.graph, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
     proto = to_onnx(snn, levels=True)
     onnx.checker.check_model(proto, full_check=True)
-    ref_logits, ref_levels = reference(snn.graph, x)
-    logits, levels = OnnxRunner(proto, threads=1).run_with_levels(x)
-    for name, lv in levels.items():
-        assert np.array_equal(lv, ref_levels[name]), name
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+    same_as_torch(proto, snn, x)
 
 
 def test_a_one_dimensional_cnn_exports_with_the_torch_levels():
@@ -621,8 +618,4 @@ def test_a_one_dimensional_cnn_exports_with_the_torch_levels():
     x = torch.randn(96, 2, 64, generator=torch.Generator().manual_seed(0))
     data = Dataset(x, m(x).argmax(1), "signals")
     snn = convert(m, data.limit(80), scale=0.3)
-    ref_logits, ref_levels = reference(snn.graph, x[80:])
-    logits, levels = OnnxRunner(to_onnx(snn, levels=True), threads=1).run_with_levels(x[80:])
-    for name, lv in levels.items():
-        assert np.array_equal(lv, ref_levels[name]), name
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+    same_as_torch(to_onnx(snn, levels=True), snn, x[80:])
