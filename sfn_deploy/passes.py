@@ -44,11 +44,28 @@ def fold_batchnorm(graph: Graph) -> Graph:
     return graph
 
 
-def _role(src: Node, consumer: Node, slot: int, graph: Graph) -> str:
+_SCORE_PATH = {"mul", "div", "add", "sub", "reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze"}
+
+
+def _scores(graph: Graph, product: Node, users: dict) -> bool:
+    """The product's values reach a softmax through scalings, masks and layout ops only: it is q·kᵀ (however
+    written: a transposed key, a permuted one from a decomposed einsum)."""
+    todo, seen = [product], set()
+    while todo:
+        for u in users[todo.pop().name]:
+            if u.op == "softmax":
+                return True
+            if u.op in _SCORE_PATH and u.name not in seen:
+                seen.add(u.name)
+                todo.append(u)
+    return False
+
+
+def _role(src: Node, consumer: Node, slot: int, graph: Graph, users: dict) -> str:
     if src.op == "softmax":
         return "post-softmax"
     if consumer.op == "matmul":
-        if graph[consumer.inputs[1]].op == "transpose":      # q·kᵀ
+        if _scores(graph, consumer, users):                  # q·kᵀ
             return "q" if slot == 0 else "k"
         return "v" if slot == 1 else "attn"
     if src.op == "matmul":
@@ -85,7 +102,7 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
         kind = "softmax" if src.op == "softmax" else "dual"
         attrs = {"kind": kind, "fire": fire, "M": levels, "levels": site_levels(levels, fire, kind, softmax_levels),
                  "rounding": rounding, "lam": 1.0,
-                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, graph),
+                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, graph, users),
                  "absorbs": "relu" if absorb else None, "feeds": consumer.name}
         sfn = Node(graph.fresh_name(f"sfn_{name}"), "sfn", [src.inputs[0] if absorb else name], attrs, {},
                    list(src.shape), src.bdim, src.source)
