@@ -1,6 +1,7 @@
 """Data sets for calibration, tuning and evaluation (SPEC §6 "Data in", docs/data.md).
 
-Accepted: an ``.npz`` with ``x`` (float32, N×C×H×W, normalised as the model expects)
+Accepted: an ``.npz`` with ``x`` (float32, N×C×H×W images, N×C×L signals or N×F features, normalised as the
+model expects)
 and ``y`` (int64, N); a folder of class folders of images (ImageNet layout), or of images
 alone (unlabeled); a ``.csv``/``.tsv`` list of ``path,label`` (or of paths alone); ``sklearn:digits``;
 ``mnist:DIR`` (the IDX files of the MNIST release; ``mnist:DIR[:a:b]`` selects
@@ -244,8 +245,9 @@ class Dataset:
 
 
 def _check(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
-    if x.ndim != 4:
-        raise UserError(f"{name}: 'x' must have shape N×C×H×W, got {tuple(x.shape)}")
+    if x.ndim not in (2, 3, 4):
+        raise UserError(f"{name}: 'x' must have shape N×C×H×W (images), N×C×L (signals) or N×F (features), got "
+                        f"{tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise UserError(f"{name}: 'y' must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     if x.shape[0] == 0:

@@ -138,6 +138,8 @@ def ws(tmp_path_factory, digits_pt2, digits):
     np.savez(p("intx.npz"), x=np.zeros((4, 1, 8, 8), dtype=np.int64), y=np.zeros(4, dtype=np.int64))
     np.savez(p("nox.npz"), y=np.zeros(4, dtype=np.int64))          # no x (an npz without y is unlabeled data)
     np.savez(p("shape.npz"), x=np.zeros((4, 3, 9, 9), dtype=np.float32), y=np.zeros(4, dtype=np.int64))
+    np.savez(p("signals.npz"), x=np.zeros((4, 1, 64), dtype=np.float32), y=np.zeros(4, dtype=np.int64))   # N×C×L
+    np.savez(p("rank.npz"), x=np.zeros((4, 1, 2, 8, 8), dtype=np.float32), y=np.zeros(4, dtype=np.int64))
 
     # configs and target files
     configs = {"section.toml": "[convert]\nlevels = 4\n[evaluate]\nlimit = 5\n",
@@ -219,7 +221,8 @@ CASES = [
      2, "nan.pt2: parameter"),
     ("sfnpt_nan", ["evaluate", "{nan.sfn.pt}", "--data", "sklearn:digits"], 2, "nan.sfn.pt"),
     *[(f"npz_{k}", ["evaluate", "{good.sfn.pt}", "--data", f"{{{k}.npz}}"], 2, f"{k}.npz")
-      for k in ("truncated", "zero", "random", "bitflip", "nanx", "intx", "nox", "shape", "labels")],
+      for k in ("truncated", "zero", "random", "bitflip", "nanx", "intx", "nox", "shape", "signals", "rank",
+                "labels")],
     *[(f"bundle_{k}", ["simulate", f"{{{k}.lava}}", "--data", "{data.npz}", "--backend", "lava"], 2, f"{k}.lava")
       for k in ("truncated_arrays", "random_arrays", "truncated_manifest", "random_manifest", "latency",
                 "noarrays")],
