@@ -714,6 +714,31 @@ class _Lowering:
         e = self.emit("Exp", [self.emit("Neg", [xs[0]])])
         return self.emit("Div", [xs[0], self.emit("Add", [e, self.scalar(1.0)])], out)
 
+    def op_elu(self, n, a, p, xs, out):             # torch: scale·x, or scale·alpha·(exp(input_scale·x) − 1)
+        x = xs[0]
+        z = self.emit("Mul", [x, self.scalar(a["input_scale"])]) if a["input_scale"] != 1.0 else x
+        neg = self.emit("Mul", [self.emit("Sub", [self.emit("Exp", [z]), self.scalar(1.0)]),
+                                self.scalar(a["alpha"])])
+        pos = x
+        if a["scale"] != 1.0:
+            neg, pos = (self.emit("Mul", [v, self.scalar(a["scale"])]) for v in (neg, pos))
+        return self.emit("Where", [self.emit("Greater", [x, self.scalar(0.0)]), pos, neg], out)
+
+    def op_prelu(self, n, a, p, xs, out):           # the slopes along axis 1
+        w = p["weight"].reshape([-1] + [1] * (len(n.shape) - 2)) if len(n.shape) > 2 else p["weight"]
+        return self.emit("PRelu", [xs[0], self.param(w, "weight")], out)
+
+    def op_softplus(self, n, a, p, xs, out):        # torch: x where beta·x > threshold, else log1p(exp(beta·x))/beta
+        x, beta = xs[0], a["beta"]
+        bx = self.emit("Mul", [x, self.scalar(beta)]) if beta != 1.0 else x
+        soft = self.emit("Softplus", [bx])
+        if beta != 1.0:
+            soft = self.emit("Div", [soft, self.scalar(beta)])
+        return self.emit("Where", [self.emit("Greater", [bx, self.scalar(a["threshold"])]), x, soft], out)
+
+    def op_abs(self, n, a, p, xs, out):
+        return self.emit("Abs", [xs[0]], out)
+
     def op_leaky_relu(self, n, a, p, xs, out):
         return self.emit("LeakyRelu", [xs[0]], out, alpha=float(a["negative_slope"]))
 

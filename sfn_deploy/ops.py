@@ -585,6 +585,31 @@ def _leaky_relu(node, args, graph, batch):
     return F.leaky_relu(args[0], node.attrs["negative_slope"])
 
 
+@register("elu", "host", "ELU / SELU / CELU: scale·x above 0, scale·alpha·(exp(input_scale·x) − 1) below",
+          attrs={"alpha": "float: the negative saturation", "scale": "float: the output scale (SELU's λ)",
+                 "input_scale": "float: the exponent's input scale (CELU: 1/alpha)"})
+def _elu(node, args, graph, batch):
+    a = node.attrs
+    return torch.ops.aten.elu(args[0], a["alpha"], a["scale"], a["input_scale"])
+
+
+@register("prelu", "host", "x above 0, weight·x below (a learnt slope per channel, axis 1, or one shared)",
+          params={"weight": "float [C] or [1]: the slopes"})
+def _prelu(node, args, graph, batch):
+    return F.prelu(args[0], node.params["weight"])
+
+
+@register("softplus", "host", "log(1 + exp(beta·x)) / beta, x where beta·x > threshold",
+          attrs={"beta": "float: the sharpness", "threshold": "float: where it becomes x"})
+def _softplus(node, args, graph, batch):
+    return F.softplus(args[0], node.attrs["beta"], node.attrs["threshold"])
+
+
+@register("abs", "host", "|x|")
+def _abs(node, args, graph, batch):
+    return torch.abs(args[0])
+
+
 @register("hardswish", "host", "x · relu6(x + 3) / 6")
 def _hardswish(node, args, graph, batch):
     return F.hardswish(args[0])

@@ -619,3 +619,26 @@ def test_a_one_dimensional_cnn_exports_with_the_torch_levels():
     data = Dataset(x, m(x).argmax(1), "signals")
     snn = convert(m, data.limit(80), scale=0.3)
     same_as_torch(to_onnx(snn, levels=True), snn, x[80:])
+
+
+class _Abs(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
+@pytest.mark.parametrize("make", [lambda: nn.PReLU(4), nn.PReLU, lambda: nn.ELU(0.7), nn.SELU, lambda: nn.CELU(1.3),
+                                  lambda: nn.Softplus(2.0, 5.0), _Abs, lambda: nn.InstanceNorm2d(4, affine=True)],
+                         ids=["prelu", "prelu_shared", "elu", "selu", "celu", "softplus", "abs", "instance_norm"])
+def test_more_activations_capture_and_export_with_the_torch_levels(make):
+    torch.manual_seed(0)
+    act = make()
+    if isinstance(act, nn.PReLU):
+        with torch.no_grad():
+            act.weight.uniform_(-0.5, 0.5)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.Conv2d(4, 4, 3), nn.AdaptiveMaxPool2d(3), nn.Flatten(),
+                      nn.Linear(36, 5)).eval()
+    x = torch.randn(80, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    g = capture(m, x[:2])
+    torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
+    snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
+    same_as_torch(to_onnx(snn, levels=True), snn, x[64:])

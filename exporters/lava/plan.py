@@ -52,7 +52,8 @@ _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean"
                               "upsample_nearest"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
-_ACTIVATIONS = {"hardtanh", "leaky_relu", *_SMALL_NEGATIVE}    # between a split layer and its neurons (_fine_exponent)
+_ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs",     # between a split layer and its
+                *_SMALL_NEGATIVE}                                                  # neurons (_fine_exponent)
 
 
 def residual_sums(graph: Graph, pool_layers=frozenset()) -> tuple[Graph, set[str]]:
@@ -344,6 +345,14 @@ class _Lowering:
             return max(b0, _SMALL_NEGATIVE[op])
         if op == "leaky_relu":
             return b0 * max(1.0, abs(float(a["negative_slope"])))
+        if op == "prelu":
+            return b0 * max(1.0, float(p["weight"].abs().max()))
+        if op == "elu":                      # scale·x above 0; below, down to −scale·alpha
+            return abs(float(a["scale"])) * max(b0, abs(float(a["alpha"])))
+        if op == "softplus":                 # log(1 + e^{βx})/β ≤ max(x, 0) + ln 2/β
+            return b0 + math.log(2.0) / float(a["beta"])
+        if op == "abs":
+            return b0
         if op == "pad":
             return max(b0, abs(float(a.get("value", 0.0))))
         if op in ("add", "sub"):
@@ -834,8 +843,9 @@ class _Lowering:
             elif self.cls(u) in ("host", "clip") and u.op in _ACTIVATIONS and u.name != self.g.output:
                 # what an activation's input reaches beyond its output's range is not seen: 8x more room (a leaky
                 # ReLU's negative inputs reach 1/slope times its outputs)
-                room = max(8.0, 1.0 / abs(u.attrs["negative_slope"])) if u.op == "leaky_relu" and \
-                    u.attrs["negative_slope"] else 8.0
+                slopes = [abs(u.attrs["negative_slope"])] if u.op == "leaky_relu" else \
+                    u.params["weight"].abs().tolist() if u.op == "prelu" else []
+                room = max([8.0] + [1.0 / v for v in slopes if v > 0])
                 todo.extend((v, room * factor) for v in self.users[u.name])
             else:
                 top = max(top, self.bounds.get(n.name) or math.inf)

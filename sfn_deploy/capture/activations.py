@@ -67,6 +67,34 @@ def leaky_relu(b, n):
                   meta_shape(n))
 
 
+@rule(aten.elu.default, aten.elu_.default, aten.celu.default, aten.celu_.default, aten.selu.default,
+      aten.selu_.default)
+def elu(b, n):
+    """ELU family: x above 0, scale·α·(exp(x/α·input_scale) − 1) below (CELU: input_scale 1/α; SELU: fixed)."""
+    name = n.target.name().split("::")[1].split(".")[0].rstrip("_")
+    if name == "selu":
+        alpha, scale, input_scale = 1.6732632423543772, 1.0507009873554805, 1.0
+    elif name == "celu":
+        alpha = float(arg(n, 1, "alpha", 1.0))
+        scale, input_scale = 1.0, 1.0 / alpha
+    else:
+        alpha, scale, input_scale = (float(arg(n, i, k, d)) for i, k, d in
+                                     ((1, "alpha", 1.0), (2, "scale", 1.0), (3, "input_scale", 1.0)))
+    return b.emit(n, "elu", [n.args[0]], {"alpha": alpha, "scale": scale, "input_scale": input_scale}, {},
+                  meta_shape(n))
+
+
+@rule(aten.prelu.default, aten._prelu_kernel.default)
+def prelu(b, n):
+    return b.emit(n, "prelu", [n.args[0]], {}, {"weight": b.param(n.args[1])}, meta_shape(n))
+
+
+@rule(aten.softplus.default)
+def softplus(b, n):
+    return b.emit(n, "softplus", [n.args[0]], {"beta": float(arg(n, 1, "beta", 1.0)),
+                                               "threshold": float(arg(n, 2, "threshold", 20.0))}, {}, meta_shape(n))
+
+
 def _pointwise(op: str, *targets):
     """A parameter-free pointwise nonlinearity mapped one to one onto IR op ``op``."""
     @rule(*targets)
@@ -82,3 +110,4 @@ silu = _pointwise("silu", aten.silu.default, aten.silu_.default)
 sigmoid = _pointwise("sigmoid", aten.sigmoid.default, aten.sigmoid_.default)
 tanh = _pointwise("tanh", aten.tanh.default, aten.tanh_.default)
 mish = _pointwise("mish", aten.mish.default, aten.mish_.default)
+absolute = _pointwise("abs", aten.abs.default, aten.abs_.default)

@@ -181,6 +181,8 @@ def unbind(b, n):
 @rule(operator.getitem)
 def getitem(b, n):
     src, i = n.args[0], int(n.args[1])
+    if not n.users:                      # an output nothing reads (adaptive max pooling's indices)
+        return None
     if "_sfn_unbind_dim" in src.meta:
         x = b.ir(src)
         return select(b, n, x, src.meta["_sfn_unbind_dim"], i, meta_shape(n))

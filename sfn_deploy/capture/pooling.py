@@ -30,6 +30,18 @@ def avg_pool2d(b, n):
     return b.emit(n, "avg_pool2d", [args[0]], attrs, {}, meta_shape(n))
 
 
+@rule(aten.adaptive_max_pool2d.default)
+def adaptive_max_pool2d(b, n):
+    """Adaptive max pooling to a size that divides the input: max pooling with kernel = stride = input / output."""
+    x, out = b.ir(n.args[0]), pair(n.args[1])
+    h, w = x.shape[-2:]
+    if h % out[0] or w % out[1]:
+        raise Unsupported(f"adaptive max pooling {h}×{w} -> {out[0]}×{out[1]}: only sizes that divide the input")
+    k = [h // out[0], w // out[1]]
+    attrs = {"kernel_size": k, "stride": k, "padding": [0, 0], "dilation": [1, 1], "ceil_mode": False}
+    return b.emit(n, "max_pool2d", [x], attrs, {}, meta_shape(n, 0))
+
+
 @rule(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
 def adaptive_avg_pool2d(b, n):
     return b.emit(n, "adaptive_avg_pool2d", [n.args[0]], {"output_size": pair(n.args[1])}, {}, meta_shape(n))
