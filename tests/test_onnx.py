@@ -642,3 +642,18 @@ def test_more_activations_capture_and_export_with_the_torch_levels(make):
     torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
     snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
     same_as_torch(to_onnx(snn, levels=True), snn, x[64:])
+
+
+@pytest.mark.parametrize("make,channels", [(nn.LogSigmoid, 4), (lambda: nn.GLU(1), 2), (lambda: nn.PixelShuffle(2), 1),
+                                           (lambda: nn.PixelUnshuffle(2), 16)],
+                         ids=["logsigmoid", "glu", "pixel_shuffle", "pixel_unshuffle"])
+def test_modules_written_with_existing_ops_capture_and_export(make, channels):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make(), nn.Conv2d(channels, 4, 1), nn.Flatten(),
+                      nn.LazyLinear(5)).eval()
+    x = torch.randn(80, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    m(x[:2])
+    g = capture(m, x[:2])
+    torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
+    snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
+    same_as_torch(to_onnx(snn, levels=True), snn, x[64:])

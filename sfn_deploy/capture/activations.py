@@ -95,6 +95,29 @@ def softplus(b, n):
                                                "threshold": float(arg(n, 2, "threshold", 20.0))}, {}, meta_shape(n))
 
 
+@rule(aten.log_sigmoid.default, aten.log_sigmoid_forward.default)
+def log_sigmoid(b, n):
+    """log σ(x) = −softplus(−x)."""
+    shape = meta_shape(n, 0)
+    neg = b.emit(n, "mul", [n.args[0]], {"other": -1.0}, {}, shape, name=n.name + "_neg")
+    sp = b.emit(n, "softplus", [neg], {"beta": 1.0, "threshold": 20.0}, {}, shape, name=n.name + "_softplus")
+    return b.emit(n, "mul", [sp], {"other": -1.0}, {}, shape)
+
+
+@rule(aten.glu.default)
+def glu(b, n):
+    """GLU (gated convolutions, Conformer): the first half times σ(the second half) along ``dim``."""
+    from .layout import slice_node
+    x = b.ir(n.args[0])
+    d = int(arg(n, 1, "dim", -1)) % len(x.shape)
+    half = x.shape[d] // 2
+    shape = meta_shape(n) or []
+    a = slice_node(b, n, x, d, 0, half, 1, shape, name=n.name + "_a")
+    g = slice_node(b, n, x, d, half, 2 * half, 1, shape, name=n.name + "_b")
+    gate = b.emit(n, "sigmoid", [g], {}, {}, shape, name=n.name + "_gate")
+    return b.emit(n, "mul", [a, gate], {}, {}, shape)
+
+
 def _pointwise(op: str, *targets):
     """A parameter-free pointwise nonlinearity mapped one to one onto IR op ``op``."""
     @rule(*targets)

@@ -248,6 +248,24 @@ def expand(b, n):
     return b.emit(n, "expand", [x], {"shape": sh}, {}, shape, bdim)
 
 
+@rule(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+def pixel_shuffle(b, n):
+    """Pixel (un)shuffle as reshape, permute, reshape: values move, none change (spikes pass through)."""
+    x, r = b.ir(n.args[0]), int(n.args[1])
+    if len(x.shape) != 4 or x.bdim != 0:
+        raise Unsupported("pixel shuffle of a value that is not batch × channels × rows × columns")
+    c, h, w = x.shape[1:]
+    out = meta_shape(n) or []
+    if n.target == aten.pixel_shuffle.default:       # (C·r², H, W) -> (C, H·r, W·r)
+        split, perm, mid = ["B", c // (r * r), r, r, h, w], [0, 1, 4, 2, 5, 3], [x.shape[0], c // (r * r), h, r, w, r]
+    else:                                            # (C, H·r, W·r) -> (C·r², H, W)
+        split, perm, mid = ["B", c, h // r, r, w // r, r], [0, 1, 3, 5, 2, 4], [x.shape[0], c, r, r, h // r, w // r]
+    v = b.emit(n, "reshape", [x], {"shape": split}, {}, [x.shape[0], *[s for s in split[1:]]], 0,
+               name=n.name + "_split")
+    p = b.emit(n, "permute", [v], {"dims": perm}, {}, mid, 0, name=n.name + "_permute")
+    return b.emit(n, "reshape", [p], {"shape": ["B", *out[1:]]}, {}, out, 0)
+
+
 @rule(aten.repeat.default)
 def repeat(b, n):
     """A repeat that only tiles axes of size 1 (a position embedding repeated over the batch) is a broadcast."""
