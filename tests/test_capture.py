@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from sfn_deploy.capture import capture
-from sfn_deploy.errors import UnsupportedOpsError
+from sfn_deploy.errors import UnsupportedOpsError, UserError
 from sfn_deploy.passes import fold_batchnorm
 from sfn_deploy.simulators.interpreter import run
 
@@ -326,3 +326,30 @@ def test_einsum_is_decomposed_and_its_products_get_sites():
     exact_at_batches(g, m, (5, 8), (1, 3))
     roles = {s.attrs["role"] for s in insert_sfn(g).sites}
     assert {"q", "k", "v", "post-softmax", "attn-out"} <= roles
+
+
+class SizeAssert(nn.Module):
+    def forward(self, x):
+        torch._assert(x.shape[-1] % 7 == 0, "")          # timm's form (pytest rewrites a bare assert)
+        return x.flatten(1)
+
+
+def test_a_model_failing_its_own_check_is_refused_with_where_it_failed():
+    with pytest.raises(UserError, match=r"AssertionError with no message at test_capture\.py:\d+"):
+        capture(SizeAssert(), torch.randn(2, 3, 8))
+
+
+@pytest.mark.parametrize("conv,shape", [(lambda: nn.Conv2d(3, 4, 3, padding="same"), (3, 9, 8)),
+                                        (lambda: nn.Conv2d(3, 4, 4, padding="same"), (3, 9, 8)),
+                                        (lambda: nn.Conv2d(3, 4, (2, 5), padding="same", dilation=(1, 2)), (3, 9, 8)),
+                                        (lambda: nn.Conv2d(3, 4, 3, padding="valid"), (3, 9, 8)),
+                                        (lambda: nn.Conv1d(3, 4, 4, padding="same"), (3, 9))],
+                         ids=["same_odd", "same_even", "same_dilated", "valid", "same_1d"])
+def test_padding_by_name(conv, shape):
+    """ConvMixer writes padding="same": symmetric amounts stay in the convolution, uneven ones (even kernels)
+    become a zero padding before it, the extra after, as torch pads."""
+    torch.manual_seed(0)
+    m = nn.Sequential(conv(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5)).eval()
+    m(torch.rand(2, *shape))
+    g = capture(m, torch.rand(2, *shape))
+    exact_at_batches(g, m, shape, (1, 3), 1e-5)

@@ -27,7 +27,15 @@ def export_module(model: torch.nn.Module, example: torch.Tensor) -> ExportedProg
     try:
         return torch.export.export(model, (x,), strict=False)
     except Exception as e:  # torch.export's own errors name the construct that failed
-        raise UserError(f"torch.export could not capture the model: {str(e).splitlines()[0]}") from e
+        first = (str(e).strip().splitlines() or [f"{type(e).__name__} with no message{_model_frame(e)}"])[0]
+        raise UserError(f"torch.export could not capture the model: {first}") from e
+
+
+def _model_frame(e: Exception) -> str:
+    """' at file.py:line' of the innermost frame outside torch (where the model's own code failed), or ''."""
+    import traceback
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    return f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
 
 
 # composite operators written out in the operators they are made of (torch.export's own decompositions) before

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import Graph
+from ..ir import Graph, Node
 from .builder import Unsupported, meta_shape, pair, rule
 
 aten = torch.ops.aten
@@ -19,7 +19,7 @@ _ROW_FREE = {"relu", "hardtanh", "leaky_relu", "gelu", "silu", "sigmoid", "tanh"
 def as_rows(b, n, x):
     """A batch × channels × length value as batch × channels × 1 × length (1-D layers run as their 2-D forms, so
     every backend and the counter need nothing new); ``from_rows`` takes the row axis away again."""
-    x = b.ir(x)
+    x = x if isinstance(x, Node) else b.ir(x)
     if len(x.shape) != 3 or x.bdim != 0:
         raise Unsupported("a 1-D layer on a value that is not batch × channels × length")
     return b.emit(n, "unsqueeze", [x], {"dim": 2}, {}, [x.shape[0], x.shape[1], 1, x.shape[2]], 0,

@@ -9,7 +9,8 @@ from .rows import conv1d_as_2d
 aten = torch.ops.aten
 
 
-@rule(aten.conv2d.default, aten.conv1d.default, aten.convolution.default)
+@rule(aten.conv2d.default, aten.conv1d.default, aten.convolution.default, aten.conv2d.padding,
+      aten.conv1d.padding)
 def conv2d(b, n):
     args = n.args
     if n.target == aten.convolution.default:
@@ -18,13 +19,13 @@ def conv2d(b, n):
             raise Unsupported("transposed convolution")
     else:
         x, w = args[0], args[1]
-        one = n.target == aten.conv1d.default
+        one = n.target in (aten.conv1d.default, aten.conv1d.padding)
         rest = list(args[2:]) + [None] * 5
         bias = rest[0]
         stride, padding, dilation = rest[1] or [1] * (2 - one), rest[2] or [0] * (2 - one), rest[3] or [1] * (2 - one)
         groups = rest[4] or 1
     if isinstance(padding, str):
-        raise Unsupported(f"padding={padding!r}; export with numeric padding")
+        x, padding = _padding_by_name(b, n, x, b.param(w), padding, dilation)
     weight = b.param(w)
     params = {"weight": weight}
     if bias is not None:
@@ -35,6 +36,30 @@ def conv2d(b, n):
         raise Unsupported("only 1-D and 2-D convolutions are supported")
     attrs = {"stride": pair(stride), "padding": pair(padding), "dilation": pair(dilation), "groups": int(groups)}
     return b.emit(n, "conv2d", [x], attrs, params, meta_shape(n))
+
+
+def _padding_by_name(b, n, x, weight, padding: str, dilation):
+    """padding="valid" is none; "same" (stride 1) pads dilation·(k − 1) per axis, the odd one after (torch's
+    rule): symmetric amounts stay in the convolution, uneven ones become an explicit zero padding before it."""
+    k = list(weight.shape[2:])
+    if padding == "valid":
+        return x, [0] * len(k)
+    if padding != "same":
+        raise Unsupported(f"padding={padding!r}")
+    d = pair(dilation)[:len(k)] if len(k) == 2 else [pair(dilation)[0]]
+    total = [di * (ki - 1) for di, ki in zip(d, k, strict=True)]
+    before = [t // 2 for t in total]
+    if all(t == 2 * p for t, p in zip(total, before, strict=True)):
+        return x, before
+    widths: list[int] = []
+    for t, p in reversed(list(zip(total, before, strict=True))):     # F.pad's order: last axis first
+        widths += [p, t - p]
+    src = b.ir(x)
+    shape = list(src.shape)
+    for i, t in enumerate(total):
+        shape[len(shape) - len(total) + i] += t
+    padded = b.emit(n, "pad", [src], {"pad": widths, "value": 0.0}, {}, shape, name=n.name + "_same")
+    return padded, [0] * len(k)
 
 
 @rule(aten.linear.default)
