@@ -353,3 +353,17 @@ def test_padding_by_name(conv, shape):
     m(torch.rand(2, *shape))
     g = capture(m, torch.rand(2, *shape))
     exact_at_batches(g, m, shape, (1, 3), 1e-5)
+
+
+class RepeatInterleave(nn.Module):
+    """GCViT: a sample's global query repeated for each of its windows (folded into the batch axis)."""
+
+    def forward(self, x):                                   # x: (B, 4, 6)
+        windows = x.reshape(-1, 2, 6)                       # (B·2, 2, 6)
+        query = x.mean(1, keepdim=True).repeat_interleave(windows.shape[0] // x.shape[0], dim=0)
+        return (windows * query).reshape(x.shape[0], -1) + x.repeat_interleave(2, dim=2).sum(2)[:, :1]
+
+
+def test_repeat_interleave_along_the_batch_axis_and_another():
+    m = RepeatInterleave()
+    exact_at_batches(capture(m, torch.rand(2, 4, 6)), m, (4, 6), (1, 3))

@@ -248,6 +248,28 @@ def expand(b, n):
     return b.emit(n, "expand", [x], {"shape": sh}, {}, shape, bdim)
 
 
+@rule(aten.repeat_interleave.self_int)
+def repeat_interleave(b, n):
+    """Each entry k times in a row along ``dim`` (GCViT repeats a sample's global query for each of its windows,
+    folded into the batch axis): unsqueeze, expand, and merge the two axes."""
+    x, k = b.ir(n.args[0]), int(n.args[1])
+    dim = arg(n, 2, "dim")
+    if dim is None or arg(n, 3, "output_size") not in (None, int(meta_shape(n)[int(dim) % len(x.shape)])):
+        raise Unsupported("repeat_interleave without a dim (over the flattened tensor)")
+    d, out = int(dim) % len(x.shape), meta_shape(n) or []
+    wide = list(x.shape[:d + 1]) + [k] + list(x.shape[d + 1:])
+    u = b.emit(n, "unsqueeze", [x], {"dim": d + 1}, {}, wide[:d + 1] + [1] + wide[d + 2:],
+               None if x.bdim is None else x.bdim + (x.bdim > d), name=n.name + "_axis")
+    e = b.emit(n, "expand", [u], {"shape": [-1] * (d + 1) + [k] + [-1] * (len(wide) - d - 2)}, {}, wide, u.bdim,
+               name=n.name + "_copies")
+    shape: list = list(out)
+    if x.bdim == d:
+        shape[d] = f"B*{out[d] // b.batch}"
+    elif x.bdim is not None:
+        shape[x.bdim] = "B" if x.shape[x.bdim] == b.batch else f"B*{x.shape[x.bdim] // b.batch}"
+    return b.emit(n, "reshape", [e], {"shape": shape}, {}, out, x.bdim, outer=b.outer.get(x.name, 1))
+
+
 @rule(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
 def pixel_shuffle(b, n):
     """Pixel (un)shuffle as reshape, permute, reshape: values move, none change (spikes pass through)."""
