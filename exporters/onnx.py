@@ -736,6 +736,20 @@ class _Lowering:
             soft = self.emit("Div", [soft, self.scalar(beta)])
         return self.emit("Where", [self.emit("Greater", [bx, self.scalar(a["threshold"])]), x, soft], out)
 
+    def op_pow(self, n, a, p, xs, out):
+        if a["exponent"] == 2.0:                    # torch squares exactly (x·x): so does Mul
+            return self.emit("Mul", [xs[0], xs[0]], out)
+        return self.emit("Pow", [xs[0], self.scalar(a["exponent"])], out)
+
+    def op_amax(self, n, a, p, xs, out):
+        return self._reduce("ReduceMax", a["dims"], a["keepdim"], xs[0], out)
+
+    def op_sqrt(self, n, a, p, xs, out):
+        return self.emit("Sqrt", [xs[0]], out)
+
+    def op_rsqrt(self, n, a, p, xs, out):
+        return self.emit("Reciprocal", [self.emit("Sqrt", [xs[0]])], out)
+
     def op_abs(self, n, a, p, xs, out):
         return self.emit("Abs", [xs[0]], out)
 

@@ -605,6 +605,26 @@ def _softplus(node, args, graph, batch):
     return F.softplus(args[0], node.attrs["beta"], node.attrs["threshold"])
 
 
+@register("pow", "host", "x to a constant power", attrs={"exponent": "float: the power"})
+def _pow(node, args, graph, batch):
+    return torch.pow(args[0], node.attrs["exponent"])
+
+
+@register("amax", "host", "maximum over axes (Hiera's token pooling)", attrs=_REDUCE)
+def _amax(node, args, graph, batch):
+    return args[0].amax(node.attrs["dims"], keepdim=node.attrs["keepdim"])
+
+
+@register("sqrt", "host", "√x (hand-written norms)")
+def _sqrt(node, args, graph, batch):
+    return torch.sqrt(args[0])
+
+
+@register("rsqrt", "host", "1/√x (hand-written norms)")
+def _rsqrt(node, args, graph, batch):
+    return torch.rsqrt(args[0])
+
+
 @register("abs", "host", "|x|")
 def _abs(node, args, graph, batch):
     return torch.abs(args[0])

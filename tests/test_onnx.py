@@ -657,3 +657,27 @@ def test_modules_written_with_existing_ops_capture_and_export(make, channels):
     torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
     snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
     same_as_torch(to_onnx(snn, levels=True), snn, x[64:])
+
+
+class _StarPool(nn.Module):
+    """MetaFormer's StarReLU (s·relu(x)² + b), a cube, a hand-written RMS norm and Hiera's max over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(4 * 8, 5)
+
+    def forward(self, x):                                       # (B, 3, 8, 8)
+        h = 0.8 * torch.relu(self.c1(x)).square() - 0.1 + 0.01 * self.c1(x).pow(3)
+        h = h / (h.pow(2).mean(1, keepdim=True) + 1e-6).sqrt() * (h.abs() + 1).rsqrt()
+        return self.fc(self.c2(h).amax(dim=3).flatten(1))
+
+
+def test_powers_and_maxima_capture_and_export_with_the_torch_levels():
+    m = _StarPool().eval()
+    x = torch.randn(80, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    g = capture(m, x[:2])
+    assert {"pow", "amax"} <= {n.op for n in g.nodes}
+    torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
+    snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
+    same_as_torch(to_onnx(snn, levels=True), snn, x[64:])

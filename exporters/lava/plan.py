@@ -28,6 +28,7 @@ at 8 bits over its range, a neuron's input at the neuron's scale, spikes as leve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,19 @@ _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
 _ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs",     # between a split layer and its
                 *_SMALL_NEGATIVE}                                                  # neurons (_fine_exponent)
+
+
+# |f(x)| from the bound b of |x| for pointwise ops whose bound depends on their attributes
+_POINTWISE_BOUND: dict[str, Callable[[Node, float], float | None]] = {
+    "leaky_relu": lambda n, b: b * max(1.0, abs(float(n.attrs["negative_slope"]))),
+    "prelu": lambda n, b: b * max(1.0, float(n.params["weight"].abs().max())),
+    "elu": lambda n, b: abs(float(n.attrs["scale"])) * max(b, abs(float(n.attrs["alpha"]))),   # down to −scale·α
+    "softplus": lambda n, b: b + math.log(2.0) / float(n.attrs["beta"]),        # ≤ max(x, 0) + ln 2 / β
+    "abs": lambda n, b: b,
+    "amax": lambda n, b: b,
+    "sqrt": lambda n, b: math.sqrt(b),
+    "pow": lambda n, b: b ** float(n.attrs["exponent"]) if float(n.attrs["exponent"]) > 0 else None,
+}
 
 
 def residual_sums(graph: Graph, pool_layers=frozenset()) -> tuple[Graph, set[str]]:
@@ -343,16 +357,8 @@ class _Lowering:
             return max(ins)
         if op in _SMALL_NEGATIVE:
             return max(b0, _SMALL_NEGATIVE[op])
-        if op == "leaky_relu":
-            return b0 * max(1.0, abs(float(a["negative_slope"])))
-        if op == "prelu":
-            return b0 * max(1.0, float(p["weight"].abs().max()))
-        if op == "elu":                      # scale·x above 0; below, down to −scale·alpha
-            return abs(float(a["scale"])) * max(b0, abs(float(a["alpha"])))
-        if op == "softplus":                 # log(1 + e^{βx})/β ≤ max(x, 0) + ln 2/β
-            return b0 + math.log(2.0) / float(a["beta"])
-        if op == "abs":
-            return b0
+        if op in _POINTWISE_BOUND:
+            return _POINTWISE_BOUND[op](n, b0)
         if op == "pad":
             return max(b0, abs(float(a.get("value", 0.0))))
         if op in ("add", "sub"):

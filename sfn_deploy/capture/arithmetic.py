@@ -43,3 +43,12 @@ def addcmul(b, n):
     if value != 1.0:
         p = b.emit(n, "mul", [p], {"other": value}, {}, prod_shape, name=n.name + "_scale")
     return b.emit(n, "add", [x, p], {}, {}, shape)
+
+
+@rule(aten.pow.Tensor_Scalar, aten.square.default)
+def power(b, n):
+    """x^p with a constant exponent (MetaFormer's StarReLU s·relu(x)² + b, hand-written RMS norms)."""
+    exponent = 2.0 if n.target == aten.square.default else n.args[1]
+    if not isinstance(exponent, (int, float)):
+        raise Unsupported("a power whose exponent is not a constant")
+    return b.emit(n, "pow", [n.args[0]], {"exponent": float(exponent)}, {}, meta_shape(n))

@@ -65,6 +65,18 @@ def upsample_nearest(b, n):
                                                "cols": [int(v) for v in cols[0, 0, 0, :]]}, {}, meta_shape(n))
 
 
+@rule(aten.amax.default)
+def amax(b, n):
+    x = b.ir(n.args[0])
+    dims = n.args[1] if len(n.args) > 1 else []
+    dims = sorted(d % len(x.shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+    keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+    if not dims or x.bdim in dims:
+        raise Unsupported("maximum over the batch axis")
+    bdim = None if x.bdim is None else (x.bdim if keep else x.bdim - sum(d < x.bdim for d in dims))
+    return b.emit(n, "amax", [x], {"dims": dims, "keepdim": keep}, {}, meta_shape(n), bdim)
+
+
 @rule(aten.mean.dim, aten.sum.dim_IntList)
 def mean(b, n):
     x = b.ir(n.args[0])
