@@ -120,12 +120,12 @@ def test_pickle_refused_without_trust(tmp_path, digits_mlp):
 
 
 def test_unsupported_layer_names_every_node(tmp_path):
-    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Softplus(), torch.nn.Linear(8, 8),
-                            torch.nn.LogSigmoid(), torch.nn.Linear(8, 10))
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Hardshrink(), torch.nn.Linear(8, 8),
+                            torch.nn.Threshold(0.1, 0.0), torch.nn.Linear(8, 10))
     ep = torch.export.export(m.eval(), (torch.zeros(2, 1, 8, 8),))
     torch.export.save(ep, tmp_path / "odd.pt2")
     r = sfn("convert", tmp_path / "odd.pt2", "--data", "sklearn:digits", "-o", tmp_path / "o.pt", "--scale", 0.3)
-    _bad(r, "2 unsupported", "softplus", "log_sigmoid")
+    _bad(r, "2 unsupported", "hardshrink", "threshold")
 
 
 def test_timm_model_with_local_weights(tmp_path):
