@@ -616,6 +616,16 @@ class _Lowering:
         rows = self.emit("Gather", [xs[0], self.const([int(v) for v in a["rows"]])], axis=2)
         return self.emit("Gather", [rows, self.const([int(v) for v in a["cols"]])], out, axis=3)
 
+    def op_upsample_bilinear(self, n, a, p, xs, out):   # Resize in torch's coordinate convention
+        mode = "align_corners" if a["align_corners"] else "pytorch_half_pixel"
+        if a["scales"]:
+            ins = [xs[0], "", self.const([1.0, 1.0, *a["scales"]], _F32)]
+        else:
+            ins = [xs[0], "", "", self.emit("Concat", [self.emit("Slice", [self.emit("Shape", [xs[0]]),
+                                                                        self.const([0]), self.const([2])]),
+                                                      self.const([int(v) for v in a["size"]])], axis=0)]
+        return self.emit("Resize", ins, out, mode="linear", coordinate_transformation_mode=mode)
+
     def op_adaptive_avg_pool2d(self, n, a, p, xs, out):
         src = self.graph[n.inputs[0]]
         if len(src.shape) != 4 or src.bdim != 0:

@@ -500,6 +500,15 @@ def _upsample_nearest(node, args, graph, batch):
     return x.index_select(2, rows).index_select(3, cols)
 
 
+@register("upsample_bilinear", "host", "bilinear upsampling (torch's upsample_bilinear2d)",
+          attrs={"size": "int[]: output rows, columns", "align_corners": "bool: corner pixels aligned",
+                 "scales": "float[] | None: the scale factors the model gave (they set the sampling positions)"})
+def _upsample_bilinear(node, args, graph, batch):
+    a = node.attrs
+    return torch.ops.aten.upsample_bilinear2d.vec(args[0], None if a["scales"] else a["size"], a["align_corners"],
+                                                  a["scales"])
+
+
 @register("mean", "pool", "mean over axes", attrs=_REDUCE)
 def _mean(node, args, graph, batch):
     return args[0].mean(node.attrs["dims"], keepdim=node.attrs["keepdim"])

@@ -367,3 +367,17 @@ class RepeatInterleave(nn.Module):
 def test_repeat_interleave_along_the_batch_axis_and_another():
     m = RepeatInterleave()
     exact_at_batches(capture(m, torch.rand(2, 4, 6)), m, (4, 6), (1, 3))
+
+
+def test_capturing_a_module_leaves_its_cached_state_alone():
+    """EfficientFormer-V2 caches its attention bias in a plain dict attribute on the first eval-mode call: when
+    that call is the export's, the cache kept a traced value and the caller's module gave symbolic outputs."""
+    m = timm.create_model("efficientformerv2_s0", pretrained=False, num_classes=10, img_size=64).eval()
+    twin = timm.create_model("efficientformerv2_s0", pretrained=False, num_classes=10, img_size=64).eval()
+    twin.load_state_dict(m.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    g = capture(m, torch.rand(2, 3, 64, 64))         # the first call: the export's
+    after = m(x)
+    assert type(after.abs().max().item()) is float
+    torch.testing.assert_close(after, twin(x))
+    torch.testing.assert_close(run(g, x, spiking=False), twin(x), rtol=1e-5, atol=1e-5)

@@ -681,3 +681,18 @@ def test_powers_and_maxima_capture_and_export_with_the_torch_levels():
     torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
     snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
     same_as_torch(to_onnx(snn, levels=True), snn, x[64:])
+
+
+@pytest.mark.parametrize("how", [{"scale_factor": 2, "mode": "bilinear"}, {"size": (7, 5), "mode": "bilinear"},
+                                 {"size": (7, 5), "mode": "bilinear", "align_corners": True},
+                                 {"scale_factor": 1.7, "mode": "bilinear"}])
+def test_bilinear_upsampling_captures_and_exports(digits, how):
+    m = _Upsample(how).eval()
+    m(digits.x[:2])
+    snn = convert(m, digits.limit(200), scale=0.3)
+    assert "upsample_bilinear" in {n.op for n in snn.graph.nodes}
+    x = digits.x[200:213]
+    torch.testing.assert_close(run(snn.graph, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    proto = to_onnx(snn, levels=True)
+    onnx.checker.check_model(proto, full_check=True)
+    same_as_torch(proto, snn, x)

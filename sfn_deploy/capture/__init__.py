@@ -9,6 +9,9 @@ Adding a rule: write ``@rule(torch.ops.aten.<op>.<overload>)`` on a function
 """
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 from torch.export import ExportedProgram
 
@@ -21,8 +24,13 @@ __all__ = ["RULES", "capture", "export_module"]
 
 
 def export_module(model: torch.nn.Module, example: torch.Tensor) -> ExportedProgram:
-    """torch.export an eval-mode module on an example batch of two (fixes the batch axis unambiguously)."""
-    model = model.eval()
+    """torch.export an eval-mode module on an example batch of two (fixes the batch axis unambiguously).
+
+    Exported is a copy that shares the parameters and buffers: tracing runs the module's own Python, and a module
+    that caches tensors in its attributes (EfficientFormer-V2's attention-bias cache) would otherwise keep traced
+    values there, and give the caller's module symbolic outputs afterwards."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers(), _attribute_tensors(model))}
+    model = copy.deepcopy(model, shared).eval()
     x = example[:1].expand(2, *example.shape[1:]).clone() if example.shape[0] != 2 else example
     try:
         return torch.export.export(model, (x,), strict=False)
@@ -50,6 +58,24 @@ def decompose(ep: ExportedProgram) -> ExportedProgram:
         return ep
     table = {k: v for k, v in torch.export.default_decompositions().items() if k in used}
     return ep.run_decompositions(table)
+
+
+def _attribute_tensors(model: torch.nn.Module):
+    """Tensors kept in the modules' plain attributes (and in dicts, lists or tuples there): shared, not copied."""
+    def walk(v, depth=0):
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif depth < 3 and isinstance(v, dict):
+            for u in v.values():
+                yield from walk(u, depth + 1)
+        elif depth < 3 and isinstance(v, (list, tuple)):
+            for u in v:
+                yield from walk(u, depth + 1)
+    for m in model.modules():
+        for v in vars(m).values():
+            if not isinstance(v, (torch.nn.Module, dict)) or isinstance(v, dict) and not any(
+                    isinstance(u, torch.nn.Module) for u in v.values()):
+                yield from walk(v)
 
 
 def capture(model, example: torch.Tensor | None = None) -> Graph:

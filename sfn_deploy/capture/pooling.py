@@ -77,6 +77,24 @@ def amax(b, n):
     return b.emit(n, "amax", [x], {"dims": dims, "keepdim": keep}, {}, meta_shape(n), bdim)
 
 
+@rule(aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default)
+def upsample_bilinear(b, n):
+    """Bilinear upsampling (EfficientFormer-V2, FPNs): a host op replaying torch's own operator with the
+    arguments it was called with (scale factors, when given, set the sampling positions, as in torch)."""
+    x, out = b.ir(n.args[0]), meta_shape(n) or []
+    if len(x.shape) != 4 or x.bdim != 0:
+        raise Unsupported("bilinear upsampling of a value that is not batch × channels × rows × columns")
+    if n.target == aten.upsample_bilinear2d.vec:
+        align, scales = bool(n.args[2]), n.args[3] if len(n.args) > 3 else None
+    else:
+        align = bool(n.args[2])
+        sh, sw = (n.args[3] if len(n.args) > 3 else None), (n.args[4] if len(n.args) > 4 else None)
+        scales = None if sh is None or sw is None else [sh, sw]
+    attrs = {"size": [int(v) for v in out[2:]], "align_corners": align,
+             "scales": None if scales is None else [float(v) for v in scales]}
+    return b.emit(n, "upsample_bilinear", [x], attrs, {}, out)
+
+
 @rule(aten.mean.dim, aten.sum.dim_IntList)
 def mean(b, n):
     x = b.ir(n.args[0])
