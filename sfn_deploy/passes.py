@@ -47,7 +47,7 @@ def fold_batchnorm(graph: Graph) -> Graph:
 _SCORE_PATH = {"mul", "div", "add", "sub", "reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze"}
 
 
-def _scores(graph: Graph, product: Node, users: dict) -> bool:
+def _scores(product: Node, users: dict) -> bool:
     """The product's values reach a softmax through scalings, masks and layout ops only: it is q·kᵀ (however
     written: a transposed key, a permuted one from a decomposed einsum)."""
     todo, seen = [product], set()
@@ -61,11 +61,11 @@ def _scores(graph: Graph, product: Node, users: dict) -> bool:
     return False
 
 
-def _role(src: Node, consumer: Node, slot: int, graph: Graph, users: dict) -> str:
+def _role(src: Node, consumer: Node, slot: int, users: dict) -> str:
     if src.op == "softmax":
         return "post-softmax"
     if consumer.op == "matmul":
-        if _scores(graph, consumer, users):                  # q·kᵀ
+        if _scores(consumer, users):                         # q·kᵀ
             return "q" if slot == 0 else "k"
         return "v" if slot == 1 else "attn"
     if src.op == "matmul":
@@ -102,7 +102,7 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
         kind = "softmax" if src.op == "softmax" else "dual"
         attrs = {"kind": kind, "fire": fire, "M": levels, "levels": site_levels(levels, fire, kind, softmax_levels),
                  "rounding": rounding, "lam": 1.0,
-                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, graph, users),
+                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, users),
                  "absorbs": "relu" if absorb else None, "feeds": consumer.name}
         sfn = Node(graph.fresh_name(f"sfn_{name}"), "sfn", [src.inputs[0] if absorb else name], attrs, {},
                    list(src.shape), src.bdim, src.source)

@@ -72,10 +72,8 @@ def _attribute_tensors(model: torch.nn.Module):
             for u in v:
                 yield from walk(u, depth + 1)
     for m in model.modules():
-        for v in vars(m).values():
-            if not isinstance(v, (torch.nn.Module, dict)) or isinstance(v, dict) and not any(
-                    isinstance(u, torch.nn.Module) for u in v.values()):
-                yield from walk(v)
+        for v in vars(m).values():      # (submodules yield nothing: walk enters dicts, lists and tuples only)
+            yield from walk(v)
 
 
 def capture(model, example: torch.Tensor | None = None) -> Graph:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .builder import arg, meta_shape, rule
+from .layout import slice_node
 
 aten = torch.ops.aten
 
@@ -71,10 +72,9 @@ def leaky_relu(b, n):
       aten.selu_.default)
 def elu(b, n):
     """ELU family: x above 0, scale·α·(exp(x/α·input_scale) − 1) below (CELU: input_scale 1/α; SELU: fixed)."""
-    name = n.target.name().split("::")[1].split(".")[0].rstrip("_")
-    if name == "selu":
+    if n.target in (aten.selu.default, aten.selu_.default):
         alpha, scale, input_scale = 1.6732632423543772, 1.0507009873554805, 1.0
-    elif name == "celu":
+    elif n.target in (aten.celu.default, aten.celu_.default):
         alpha = float(arg(n, 1, "alpha", 1.0))
         scale, input_scale = 1.0, 1.0 / alpha
     else:
@@ -107,7 +107,6 @@ def log_sigmoid(b, n):
 @rule(aten.glu.default)
 def glu(b, n):
     """GLU (gated convolutions, Conformer): the first half times σ(the second half) along ``dim``."""
-    from .layout import slice_node
     x = b.ir(n.args[0])
     d = int(arg(n, 1, "dim", -1)) % len(x.shape)
     half = x.shape[d] // 2

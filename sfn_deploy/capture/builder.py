@@ -358,8 +358,8 @@ def _inline_float32_regions(gm: torch.fx.GraphModule) -> torch.fx.Graph:
     the converted network computes in float32 anyway. A copy: the user's program is left as it was. Enabled
     regions (mixed precision) stay, and are reported as unsupported."""
     hop = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop and not n.args[2]]
-    if hop is None or not calls:
+    calls = [n for n in gm.graph.nodes if hop is not None and n.target is hop and not n.args[2]]
+    if not calls:
         return gm.graph
     graph = torch.fx.Graph()
     copies: dict[torch.fx.Node, torch.fx.Node] = {}

@@ -282,7 +282,7 @@ def pixel_shuffle(b, n):
         split, perm, mid = ["B", c // (r * r), r, r, h, w], [0, 1, 4, 2, 5, 3], [x.shape[0], c // (r * r), h, r, w, r]
     else:                                            # (C, H·r, W·r) -> (C·r², H, W)
         split, perm, mid = ["B", c, h // r, r, w // r, r], [0, 1, 3, 5, 2, 4], [x.shape[0], c, r, r, h // r, w // r]
-    v = b.emit(n, "reshape", [x], {"shape": split}, {}, [x.shape[0], *[s for s in split[1:]]], 0,
+    v = b.emit(n, "reshape", [x], {"shape": split}, {}, [x.shape[0], *split[1:]], 0,
                name=n.name + "_split")
     p = b.emit(n, "permute", [v], {"dims": perm}, {}, mid, 0, name=n.name + "_permute")
     return b.emit(n, "reshape", [p], {"shape": ["B", *out[1:]]}, {}, out, 0)

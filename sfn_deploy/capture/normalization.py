@@ -56,13 +56,12 @@ def instance_norm(b, n):
     (with tracked statistics at inference: a BatchNorm)."""
     x, w, bias, mean, var, use_input_stats = n.args[:6]
     eps = float(arg(n, 7, "eps", 1e-5))
-    if not use_input_stats:
-        params = {"running_mean": b.param(mean), "running_var": b.param(var)}
-        params.update({k: b.param(v) for k, v in (("weight", w), ("bias", bias)) if v is not None})
-        return b.emit(n, "batch_norm", [x], {"eps": eps}, params, meta_shape(n))
-    params = {k: b.param(v) for k, v in (("weight", w), ("bias", bias)) if v is not None}
+    affine = {k: b.param(v) for k, v in (("weight", w), ("bias", bias)) if v is not None}
     shape = meta_shape(n) or []
-    return b.emit(n, "group_norm", [x], {"num_groups": int(shape[1]), "eps": eps}, params, shape)
+    if not use_input_stats:
+        params = {"running_mean": b.param(mean), "running_var": b.param(var), **affine}
+        return b.emit(n, "batch_norm", [x], {"eps": eps}, params, shape)
+    return b.emit(n, "group_norm", [x], {"num_groups": int(shape[1]), "eps": eps}, affine, shape)
 
 
 @rule(aten.linalg_vector_norm.default)

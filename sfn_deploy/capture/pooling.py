@@ -8,26 +8,32 @@ from .builder import Unsupported, meta_shape, pair, rule
 aten = torch.ops.aten
 
 
-@rule(aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
-def max_pool2d(b, n):
-    args = n.args
+def max_pool_attrs(args) -> dict:
+    """max_pool{1,2}d's arguments (kernel, stride, padding, dilation, ceil_mode) as max_pool2d attrs (pairs)."""
     k = pair(args[1])
     stride = pair(args[2]) if len(args) > 2 and args[2] else k
-    attrs = {"kernel_size": k, "stride": stride, "padding": pair(args[3] if len(args) > 3 else 0),
-             "dilation": pair(args[4] if len(args) > 4 else 1), "ceil_mode": bool(args[5]) if len(args) > 5 else False}
-    return b.emit(n, "max_pool2d", [args[0]], attrs, {}, meta_shape(n, 0))
+    return {"kernel_size": k, "stride": stride, "padding": pair(args[3] if len(args) > 3 else 0),
+            "dilation": pair(args[4] if len(args) > 4 else 1), "ceil_mode": bool(args[5]) if len(args) > 5 else False}
+
+
+def avg_pool_attrs(args) -> dict:
+    """avg_pool{1,2}d's arguments as avg_pool2d attrs (pairs)."""
+    k = pair(args[1])
+    stride = pair(args[2]) if len(args) > 2 and args[2] else k
+    return {"kernel_size": k, "stride": stride, "padding": pair(args[3] if len(args) > 3 else 0),
+            "ceil_mode": bool(args[4]) if len(args) > 4 else False,
+            "count_include_pad": bool(args[5]) if len(args) > 5 else True,
+            "divisor_override": args[6] if len(args) > 6 else None}
+
+
+@rule(aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
+def max_pool2d(b, n):
+    return b.emit(n, "max_pool2d", [n.args[0]], max_pool_attrs(n.args), {}, meta_shape(n, 0))
 
 
 @rule(aten.avg_pool2d.default)
 def avg_pool2d(b, n):
-    args = n.args
-    k = pair(args[1])
-    stride = pair(args[2]) if len(args) > 2 and args[2] else k
-    attrs = {"kernel_size": k, "stride": stride, "padding": pair(args[3] if len(args) > 3 else 0),
-             "ceil_mode": bool(args[4]) if len(args) > 4 else False,
-             "count_include_pad": bool(args[5]) if len(args) > 5 else True,
-             "divisor_override": args[6] if len(args) > 6 else None}
-    return b.emit(n, "avg_pool2d", [args[0]], attrs, {}, meta_shape(n))
+    return b.emit(n, "avg_pool2d", [n.args[0]], avg_pool_attrs(n.args), {}, meta_shape(n))
 
 
 @rule(aten.adaptive_max_pool2d.default)

@@ -8,6 +8,7 @@ import torch
 
 from ..ir import Graph, Node
 from .builder import Unsupported, meta_shape, pair, rule
+from .pooling import avg_pool_attrs, max_pool_attrs
 
 aten = torch.ops.aten
 
@@ -17,8 +18,7 @@ _ROW_FREE = {"relu", "hardtanh", "leaky_relu", "gelu", "silu", "sigmoid", "tanh"
 
 
 def as_rows(b, n, x):
-    """A batch × channels × length value as batch × channels × 1 × length (1-D layers run as their 2-D forms, so
-    every backend and the counter need nothing new); ``from_rows`` takes the row axis away again."""
+    """A batch × channels × length value as batch × channels × 1 × length."""
     x = x if isinstance(x, Node) else b.ir(x)
     if len(x.shape) != 3 or x.bdim != 0:
         raise Unsupported("a 1-D layer on a value that is not batch × channels × length")
@@ -26,55 +26,40 @@ def as_rows(b, n, x):
                   name=n.name + "_rows")
 
 
-def from_rows(b, n, y):
-    shape = meta_shape(n)
-    return b.emit(n, "squeeze", [y], {"dims": [2]}, {}, shape, 0)
+def one_row(b, n, op: str, x, attrs: dict, params: dict | None = None):
+    """The 2-D ``op`` over x's rows form, then the row axis squeezed away again."""
+    out = meta_shape(n, 0) or []
+    y = b.emit(n, op, [as_rows(b, n, x)], attrs, params or {}, [out[0], out[1], 1, out[2]], 0, name=n.name + "_2d")
+    return b.emit(n, "squeeze", [y], {"dims": [2]}, {}, out, 0)
+
+
+def _row_window(attrs: dict) -> dict:
+    """2-D window attrs parsed from 1-D arguments (each pair [v, v]) as one row: [1, v] ([0, v] for padding)."""
+    return {k: [0 if k == "padding" else 1, v[1]] if k in _WINDOW else v for k, v in attrs.items()}
+
+
+_WINDOW = ("kernel_size", "stride", "padding", "dilation")
 
 
 def conv1d_as_2d(b, n, x, params, stride, padding, dilation, groups: int):
     """Conv1d (keyword spotting, ECG, any signal) as a Conv2d over one row: kernel 1 × K."""
-    w = params["weight"]
-    params = {**params, "weight": w.unsqueeze(2)}
-    attrs = {"stride": [1, pair(stride)[0]], "padding": [0, pair(padding)[0]], "dilation": [1, pair(dilation)[0]],
-             "groups": groups}
-    out = meta_shape(n) or []
-    y = b.emit(n, "conv2d", [as_rows(b, n, x)], attrs, params, [out[0], out[1], 1, out[2]], 0,
-               name=n.name + "_2d")
-    return from_rows(b, n, y)
+    attrs = _row_window({"stride": pair(stride), "padding": pair(padding), "dilation": pair(dilation)})
+    return one_row(b, n, "conv2d", x, {**attrs, "groups": groups}, {**params, "weight": params["weight"].unsqueeze(2)})
 
 
 @rule(aten.max_pool1d.default, aten.max_pool1d_with_indices.default)
 def max_pool1d(b, n):
-    args, out = n.args, meta_shape(n, 0)
-    k = pair(args[1])[0]
-    stride = pair(args[2])[0] if len(args) > 2 and args[2] else k
-    attrs = {"kernel_size": [1, k], "stride": [1, stride], "padding": [0, pair(args[3] if len(args) > 3 else 0)[0]],
-             "dilation": [1, pair(args[4] if len(args) > 4 else 1)[0]],
-             "ceil_mode": bool(args[5]) if len(args) > 5 else False}
-    y = b.emit(n, "max_pool2d", [as_rows(b, n, args[0])], attrs, {}, [out[0], out[1], 1, out[2]], 0,
-               name=n.name + "_2d")
-    return from_rows(b, n, y)
+    return one_row(b, n, "max_pool2d", n.args[0], _row_window(max_pool_attrs(n.args)))
 
 
 @rule(aten.avg_pool1d.default)
 def avg_pool1d(b, n):
-    args, out = n.args, meta_shape(n)
-    k = pair(args[1])[0]
-    stride = pair(args[2])[0] if len(args) > 2 and args[2] else k
-    attrs = {"kernel_size": [1, k], "stride": [1, stride], "padding": [0, pair(args[3] if len(args) > 3 else 0)[0]],
-             "ceil_mode": bool(args[4]) if len(args) > 4 else False,
-             "count_include_pad": bool(args[5]) if len(args) > 5 else True, "divisor_override": None}
-    y = b.emit(n, "avg_pool2d", [as_rows(b, n, args[0])], attrs, {}, [out[0], out[1], 1, out[2]], 0,
-               name=n.name + "_2d")
-    return from_rows(b, n, y)
+    return one_row(b, n, "avg_pool2d", n.args[0], _row_window(avg_pool_attrs(n.args)))
 
 
 @rule(aten.adaptive_avg_pool1d.default)
 def adaptive_avg_pool1d(b, n):
-    out = meta_shape(n)
-    y = b.emit(n, "adaptive_avg_pool2d", [as_rows(b, n, n.args[0])], {"output_size": [1, pair(n.args[1])[0]]}, {},
-               [out[0], out[1], 1, out[2]], 0, name=n.name + "_2d")
-    return from_rows(b, n, y)
+    return one_row(b, n, "adaptive_avg_pool2d", n.args[0], {"output_size": [1, pair(n.args[1])[0]]})
 
 
 def keep_rows(graph: Graph) -> Graph:

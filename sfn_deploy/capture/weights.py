@@ -24,9 +24,9 @@ def conv2d(b, n):
         bias = rest[0]
         stride, padding, dilation = rest[1] or [1] * (2 - one), rest[2] or [0] * (2 - one), rest[3] or [1] * (2 - one)
         groups = rest[4] or 1
-    if isinstance(padding, str):
-        x, padding = _padding_by_name(b, n, x, b.param(w), padding, dilation)
     weight = b.param(w)
+    if isinstance(padding, str):
+        x, padding = _padding_by_name(b, n, x, weight, padding, dilation)
     params = {"weight": weight}
     if bias is not None:
         params["bias"] = b.param(bias)
@@ -46,7 +46,7 @@ def _padding_by_name(b, n, x, weight, padding: str, dilation):
         return x, [0] * len(k)
     if padding != "same":
         raise Unsupported(f"padding={padding!r}")
-    d = pair(dilation)[:len(k)] if len(k) == 2 else [pair(dilation)[0]]
+    d = pair(dilation)[:len(k)]
     total = [di * (ki - 1) for di, ki in zip(d, k, strict=True)]
     before = [t // 2 for t in total]
     if all(t == 2 * p for t, p in zip(total, before, strict=True)):
