@@ -346,36 +346,33 @@ class _EdgePad(nn.Module):
         return F.pad(x, (1, 2, 2, 1), self.mode)
 
 
+def _one_site_counted(layers, shape: tuple):
+    """conv 1×1 of ones → ReLU (one site, θ = λ = 1: the levels are the inputs' integers) → ``layers``, counted
+    on 6 random inputs in [0, 6): the graph, the counts per inference, and |level| of the site."""
+    m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), *layers).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+    x = torch.rand(6, 1, *shape, generator=torch.Generator().manual_seed(0)) * 6
+    g = insert_sfn(capture(m, x[:2]))
+    _fix_sites(g)
+    _, levels = run_with_levels(g, x)
+    return g, count_ops(g, [x]), levels[g.sites[0].name].abs().float()
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_spikes_are_followed_through_padding_that_copies_the_edge(mode):
     """Reflect / replicate / circular padding copies spikes to the border (TResNet's anti-aliasing, circular convs),
     positions included: through a folded 2×2 average pooling, each spike carries its pooled position's fan-out in
     the next convolution (Σ over outputs of the window sums of |level|)."""
-    m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), _EdgePad(mode), nn.AvgPool2d(2),
-                      nn.Conv2d(1, 2, 2, bias=False)).eval()
-    with torch.no_grad():
-        m[0].weight.fill_(1.0)
-    x = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 6
-    g = insert_sfn(capture(m, x[:2]))
-    _fix_sites(g)
+    g, c, level = _one_site_counted([_EdgePad(mode), nn.AvgPool2d(2), nn.Conv2d(1, 2, 2, bias=False)], (5, 5))
     assert any(n.op == "pad" and n.attrs.get("mode") == mode for n in g.nodes)
-    c = count_ops(g, [x])
-    _, levels = run_with_levels(g, x)
-    y = F.pad(levels[g.sites[0].name].abs().float(), (1, 2, 2, 1), mode)
+    y = F.pad(level, (1, 2, 2, 1), mode)
     brute = F.conv2d(F.avg_pool2d(y, 2) * 4, torch.ones(2, 1, 2, 2)).sum() / 6
     assert float(brute) > 0 and abs(c.ac_snn - float(brute)) < 1e-3
 
 
 def test_spikes_are_followed_through_nearest_upsampling():
     """Each copy of a spike is an event of the next layer: Σ |level| of the upsampled map times the fan-out."""
-    m = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), nn.Upsample(size=(7, 5)),
-                      nn.Conv2d(1, 3, 1, bias=False)).eval()
-    with torch.no_grad():
-        m[0].weight.fill_(1.0)
-    x = torch.rand(6, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * 6
-    g = insert_sfn(capture(m, x[:2]))
-    _fix_sites(g)
-    c = count_ops(g, [x])
-    _, levels = run_with_levels(g, x)
-    brute = 3 * F.interpolate(levels[g.sites[0].name].abs().float(), size=(7, 5)).sum() / 6
+    _, c, level = _one_site_counted([nn.Upsample(size=(7, 5)), nn.Conv2d(1, 3, 1, bias=False)], (3, 3))
+    brute = 3 * F.interpolate(level, size=(7, 5)).sum() / 6
     assert float(brute) > 0 and abs(c.ac_snn - float(brute)) < 1e-3

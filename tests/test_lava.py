@@ -682,6 +682,18 @@ def test_integer_reference_uses_the_plans_integers_and_certifies_float32_exactne
     assert set(r["levels"]) == {s.name for s in snn.sites}
 
 
+def lava_matches_torch_and_the_integer_reference(snn, data):
+    """Lava floating point gives the torch SNN's levels at every layer; fixed point equals the integer reference in
+    every level and logit. The fixed-point parity rows, for further checks."""
+    from sfn_deploy.parity import parity
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
+    assert rows[0].first_differing is None and all(r.levels_equal == 100.0 for r in rows[0].layers)
+    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
+                                                        "input_abs_max": 1.0})
+    assert rows[1].first_differing is None and rows[1].output_max_abs_diff == 0
+    return rows
+
+
 class _ResidualNet:
     """Residual sums on cores: an identity shortcut from a dual (GELU) site, a strided 1×1 projection
     shortcut and a parameter-free one (strided slices, zero channels padded on: CIFAR ResNets' option A),
@@ -717,7 +729,6 @@ def test_residual_sums_run_on_cores_bit_for_bit(digits):
     unit (the shortcuts through 1×1 synapses: depthwise ones, or a strided embedding of the channels), the
     earlier operand's spikes relayed to the later one's step. Floating point gives the torch SNN's levels;
     fixed point equals the integer reference in every level and logit."""
-    from sfn_deploy.parity import parity
     snn = convert(_ResidualNet.build(), digits.limit(300), scale=0.3)
     for prec in ("floating_pt", "fixed_pt"):
         plan = lower(snn, "graded", prec, input_abs_max=1.0)
@@ -726,10 +737,7 @@ def test_residual_sums_run_on_cores_bit_for_bit(digits):
         relays = [b for b in plan.blocks if b.kind == "neuron" and b.attrs.get("relay")]
         assert len(relays) == 4 and {b.attrs["n_neg"] for b in relays} == {0}     # a dual site: 2 polarities
     data = digits.subset(np.arange(300, 316))
-    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
-    assert rows[0].first_differing is None and all(r.levels_equal == 100.0 for r in rows[0].layers)
-    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
-                                                        "input_abs_max": 1.0})
+    rows = lava_matches_torch_and_the_integer_reference(snn, data)
     exact = rows[1]
     assert (exact.backend, exact.reference) == ("lava", "integer-reference")
     assert exact.first_differing is None and exact.output_max_abs_diff == 0
@@ -767,7 +775,6 @@ def test_a_max_pooled_shortcut_is_relayed_from_the_host(digits, down):
     """The sum whose shortcut is a max pooling on the host (or a projection of it) runs on cores: the host sends
     the pooled levels into relays, which bring them to the other operand's step. Float levels = torch's; fixed =
     integer reference."""
-    from sfn_deploy.parity import parity
     snn = convert(_StemPoolResNet.build(down), digits.limit(300), scale=0.3)
     plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
     assert plan.summary()["residual_sums"] == 1 and plan.summary()["host_ops"] == ["max_pool2d"]
@@ -775,11 +782,7 @@ def test_a_max_pooled_shortcut_is_relayed_from_the_host(digits, down):
     host = next(b for b in plan.blocks if b.kind == "host" and "max_pool2d" in b.attrs.get("ops", []))
     assert relays and any(c["src"] == host.name and c["dst"] == relays[0].name for c in plan.connections)
     data = digits.subset(np.arange(300, 316))
-    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
-    assert rows[0].first_differing is None
-    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
-                                                        "input_abs_max": 1.0})
-    assert rows[1].first_differing is None and rows[1].output_max_abs_diff == 0
+    lava_matches_torch_and_the_integer_reference(snn, data)
 
 
 class _InvertedResidualNet:
@@ -810,7 +813,6 @@ def test_relu6_clips_run_in_the_neurons_and_the_inverted_residual_on_cores(digit
     """The clips to [0, 6] run in the neurons they feed (thresholds above 6 dropped: the same levels as firing on
     the clipped value), the residual sum on cores: nothing but the input and output on the host. Floating point
     gives the torch SNN's levels; fixed point equals the integer reference in every level and logit."""
-    from sfn_deploy.parity import parity
     snn = convert(_InvertedResidualNet.build(), digits.limit(300), scale=0.3)
     plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
     summary = plan.summary()
@@ -818,11 +820,7 @@ def test_relu6_clips_run_in_the_neurons_and_the_inverted_residual_on_cores(digit
     clipped = [b for b in plan.blocks if b.kind == "neuron" and "clip" in b.attrs]
     assert len(clipped) == 3 and all(b.attrs["n_pos"] < len(b.arrays["table"]) - 1 for b in clipped)
     data = digits.subset(np.arange(300, 316))
-    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
-    assert rows[0].first_differing is None and all(r.levels_equal == 100.0 for r in rows[0].layers)
-    rows = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
-                                                        "input_abs_max": 1.0})
-    assert rows[1].first_differing is None and rows[1].output_max_abs_diff == 0
+    lava_matches_torch_and_the_integer_reference(snn, data)
     from sfn_deploy.simulators.counting import count_ops
     from sfn_deploy.targets import load_target
     from sfn_deploy.targets.mapping import map_network
@@ -895,7 +893,6 @@ def test_a_one_dimensional_cnn_runs_on_cores(digits):
     from torch import nn
 
     from sfn_deploy.data import Dataset
-    from sfn_deploy.parity import parity
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.AvgPool1d(2),
                         nn.Conv1d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv1d(8, 16, 1), nn.ReLU(),
@@ -905,8 +902,4 @@ def test_a_one_dimensional_cnn_runs_on_cores(digits):
     plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
     assert plan.summary()["host_ops"] == ["unsqueeze"], plan.summary()
     data = rows.subset(np.arange(300, 316))
-    out = parity(snn, data, ["lava"], "torch", lava={"precision": "floating_pt", "lowering": "graded"})
-    assert out[0].first_differing is None and all(r.levels_equal == 100.0 for r in out[0].layers)
-    out = parity(snn, data, ["lava"], "torch", lava={"precision": "fixed_pt", "lowering": "graded",
-                                                       "input_abs_max": 1.0})
-    assert out[1].first_differing is None and out[1].output_max_abs_diff == 0
+    lava_matches_torch_and_the_integer_reference(snn, data)

@@ -531,6 +531,23 @@ def same_as_torch(proto, snn, x):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
 
 
+def converts_and_exports(m, calib: Dataset, x):
+    """The converted graph computes the model (ANN), and its ONNX export passes the checker and gives the torch
+    SNN's levels on x; the converted model, for the caller's own checks."""
+    snn = convert(m, calib, scale=0.3)
+    torch.testing.assert_close(run(snn.graph, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
+    proto = to_onnx(snn, levels=True)
+    onnx.checker.check_model(proto, full_check=True)
+    same_as_torch(proto, snn, x)
+    return snn
+
+
+def _random(n: int = 80):
+    """n random 3×8×8 inputs: the first 64 calibrate (labels unused), the rest test."""
+    x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), x[64:]
+
+
 class _LeakyMasked(nn.Module):
     """Rules added from models the zoo never saw: a leaky ReLU CNN (CSPResNet), a position encoding built at run
     time (EdgeNeXt, XCiT) and fused attention with a stored relative-position bias and a boolean mask (BEiT)."""
@@ -603,13 +620,8 @@ class _Upsample(nn.Module):
 def test_nearest_upsampling_captures_counts_and_exports_exactly(digits, how):
     m = _Upsample(how).eval()
     m(digits.x[:2])                                             # (sizes the lazy head)
-    snn = convert(m, digits.limit(200), scale=0.3)
+    snn = converts_and_exports(m, digits.limit(200), digits.x[200:213])
     assert "upsample_nearest" in {n.op for n in snn.graph.nodes}
-    x = digits.x[200:213]
-    torch.testing.assert_close(run(snn.graph, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
-    proto = to_onnx(snn, levels=True)
-    onnx.checker.check_model(proto, full_check=True)
-    same_as_torch(proto, snn, x)
 
 
 def test_a_one_dimensional_cnn_exports_with_the_torch_levels():
@@ -637,11 +649,7 @@ def test_more_activations_capture_and_export_with_the_torch_levels(make):
             act.weight.uniform_(-0.5, 0.5)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.Conv2d(4, 4, 3), nn.AdaptiveMaxPool2d(3), nn.Flatten(),
                       nn.Linear(36, 5)).eval()
-    x = torch.randn(80, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    g = capture(m, x[:2])
-    torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
-    snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
-    same_as_torch(to_onnx(snn, levels=True), snn, x[64:])
+    converts_and_exports(m, *_random())
 
 
 @pytest.mark.parametrize("make,channels", [(nn.LogSigmoid, 4), (lambda: nn.GLU(1), 2), (lambda: nn.PixelShuffle(2), 1),
@@ -651,12 +659,9 @@ def test_modules_written_with_existing_ops_capture_and_export(make, channels):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make(), nn.Conv2d(channels, 4, 1), nn.Flatten(),
                       nn.LazyLinear(5)).eval()
-    x = torch.randn(80, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    m(x[:2])
-    g = capture(m, x[:2])
-    torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
-    snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
-    same_as_torch(to_onnx(snn, levels=True), snn, x[64:])
+    calib, x = _random()
+    m(x[:2])                                                    # (sizes the lazy head)
+    converts_and_exports(m, calib, x)
 
 
 class _StarPool(nn.Module):
@@ -674,13 +679,8 @@ class _StarPool(nn.Module):
 
 
 def test_powers_and_maxima_capture_and_export_with_the_torch_levels():
-    m = _StarPool().eval()
-    x = torch.randn(80, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    g = capture(m, x[:2])
-    assert {"pow", "amax"} <= {n.op for n in g.nodes}
-    torch.testing.assert_close(run(g, x[64:], spiking=False), m(x[64:]), rtol=1e-5, atol=1e-5)
-    snn = convert(m, Dataset(x[:64], torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
-    same_as_torch(to_onnx(snn, levels=True), snn, x[64:])
+    snn = converts_and_exports(_StarPool().eval(), *_random())
+    assert {"pow", "amax"} <= {n.op for n in snn.graph.nodes}
 
 
 @pytest.mark.parametrize("how", [{"scale_factor": 2, "mode": "bilinear"}, {"size": (7, 5), "mode": "bilinear"},
@@ -689,10 +689,5 @@ def test_powers_and_maxima_capture_and_export_with_the_torch_levels():
 def test_bilinear_upsampling_captures_and_exports(digits, how):
     m = _Upsample(how).eval()
     m(digits.x[:2])
-    snn = convert(m, digits.limit(200), scale=0.3)
+    snn = converts_and_exports(m, digits.limit(200), digits.x[200:213])
     assert "upsample_bilinear" in {n.op for n in snn.graph.nodes}
-    x = digits.x[200:213]
-    torch.testing.assert_close(run(snn.graph, x, spiking=False), m(x), rtol=1e-5, atol=1e-5)
-    proto = to_onnx(snn, levels=True)
-    onnx.checker.check_model(proto, full_check=True)
-    same_as_torch(proto, snn, x)
