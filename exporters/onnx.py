@@ -524,6 +524,9 @@ class _Lowering:
     def op_softmax(self, n, a, p, xs, out):
         return self.emit("Softmax", [xs[0]], out, axis=int(a["dim"]))
 
+    def op_log_softmax(self, n, a, p, xs, out):
+        return self.emit("LogSoftmax", [xs[0]], out, axis=int(a["dim"]))
+
     def op_layer_norm(self, n, a, p, xs, out):
         k = len(a["normalized_shape"])
         if list(n.shape[len(n.shape) - k:]) != list(a["normalized_shape"]):
@@ -733,6 +736,10 @@ class _Lowering:
         if a["scale"] != 1.0:
             neg, pos = (self.emit("Mul", [v, self.scalar(a["scale"])]) for v in (neg, pos))
         return self.emit("Where", [self.emit("Greater", [x, self.scalar(0.0)]), pos, neg], out)
+
+    def op_threshold(self, n, a, p, xs, out):       # torch: x where x > threshold, else value
+        keep = self.emit("Greater", [xs[0], self.scalar(a["threshold"])])
+        return self.emit("Where", [keep, xs[0], self.scalar(a["value"])], out)
 
     def op_prelu(self, n, a, p, xs, out):           # the slopes along axis 1
         w = p["weight"].reshape([-1] + [1] * (len(n.shape) - 2)) if len(n.shape) > 2 else p["weight"]

@@ -411,6 +411,12 @@ def _softmax(node, args, graph, batch):
     return torch.softmax(args[0], node.attrs["dim"])
 
 
+@register("log_softmax", "host", "log of the softmax over an axis (the output of classifiers trained with NLL loss)",
+          attrs={"dim": "int: the axis"})
+def _log_softmax(node, args, graph, batch):
+    return torch.log_softmax(args[0], node.attrs["dim"])
+
+
 @register("layer_norm", "host", "LayerNorm over the last len(normalized_shape) axes",
           attrs={"normalized_shape": "int[]: the normalised trailing axes' sizes", "eps": "float: added to the "
                  "variance", **_mbe("layer_norm", {"delta_amax?": "float: the largest |x − mean| seen (≥ 0)"})},
@@ -600,6 +606,12 @@ def _leaky_relu(node, args, graph, batch):
 def _elu(node, args, graph, batch):
     a = node.attrs
     return torch.ops.aten.elu(args[0], a["alpha"], a["scale"], a["input_scale"])
+
+
+@register("threshold", "host", "x where x > threshold, else value (nn.Threshold; Hardshrink is built from two)",
+          attrs={"threshold": "float: the comparison", "value": "float: the output at or below it"})
+def _threshold(node, args, graph, batch):
+    return F.threshold(args[0], node.attrs["threshold"], node.attrs["value"])
 
 
 @register("prelu", "host", "x above 0, weight·x below (a learnt slope per channel, axis 1, or one shared)",

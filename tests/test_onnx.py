@@ -639,8 +639,11 @@ class _Abs(nn.Module):
 
 
 @pytest.mark.parametrize("make", [lambda: nn.PReLU(4), nn.PReLU, lambda: nn.ELU(0.7), nn.SELU, lambda: nn.CELU(1.3),
-                                  lambda: nn.Softplus(2.0, 5.0), _Abs, lambda: nn.InstanceNorm2d(4, affine=True)],
-                         ids=["prelu", "prelu_shared", "elu", "selu", "celu", "softplus", "abs", "instance_norm"])
+                                  lambda: nn.Softplus(2.0, 5.0), _Abs, lambda: nn.InstanceNorm2d(4, affine=True),
+                                  lambda: nn.Threshold(0.1, -0.5), lambda: nn.Hardshrink(0.3),
+                                  lambda: nn.Softshrink(0.3), nn.RReLU],
+                         ids=["prelu", "prelu_shared", "elu", "selu", "celu", "softplus", "abs", "instance_norm",
+                              "threshold", "hardshrink", "softshrink", "rrelu"])
 def test_more_activations_capture_and_export_with_the_torch_levels(make):
     torch.manual_seed(0)
     act = make()
@@ -653,8 +656,8 @@ def test_more_activations_capture_and_export_with_the_torch_levels(make):
 
 
 @pytest.mark.parametrize("make,channels", [(nn.LogSigmoid, 4), (lambda: nn.GLU(1), 2), (lambda: nn.PixelShuffle(2), 1),
-                                           (lambda: nn.PixelUnshuffle(2), 16)],
-                         ids=["logsigmoid", "glu", "pixel_shuffle", "pixel_unshuffle"])
+                                           (lambda: nn.PixelUnshuffle(2), 16), (lambda: nn.ChannelShuffle(2), 4)],
+                         ids=["logsigmoid", "glu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"])
 def test_modules_written_with_existing_ops_capture_and_export(make, channels):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make(), nn.Conv2d(channels, 4, 1), nn.Flatten(),
@@ -662,6 +665,16 @@ def test_modules_written_with_existing_ops_capture_and_export(make, channels):
     calib, x = _random()
     m(x[:2])                                                    # (sizes the lazy head)
     converts_and_exports(m, calib, x)
+
+
+def test_a_log_softmax_output_exports_and_keeps_the_prediction():
+    """PyTorch's MNIST example ends in log_softmax (trained with NLL loss): a host op after the last layer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 5),
+                      nn.LogSoftmax(1)).eval()
+    calib, x = _random()
+    snn = converts_and_exports(m, calib, x)
+    assert snn.graph[snn.graph.output].op == "log_softmax"
 
 
 class _StarPool(nn.Module):

@@ -53,7 +53,7 @@ _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean"
                               "upsample_nearest", "upsample_bilinear"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
-_ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs",     # between a split layer and its
+_ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs", "threshold",   # between a split layer and its
                 *_SMALL_NEGATIVE}                                                  # neurons (_fine_exponent)
 
 
@@ -64,6 +64,7 @@ _POINTWISE_BOUND: dict[str, Callable[[Node, float], float | None]] = {
     "elu": lambda n, b: abs(float(n.attrs["scale"])) * max(b, abs(float(n.attrs["alpha"]))),   # down to −scale·α
     "softplus": lambda n, b: b + math.log(2.0) / float(n.attrs["beta"]),        # ≤ max(x, 0) + ln 2 / β
     "abs": lambda n, b: b,
+    "threshold": lambda n, b: max(b, abs(float(n.attrs["value"]))),
     "amax": lambda n, b: b,
     "sqrt": lambda n, b: math.sqrt(b),
     "pow": lambda n, b: b ** float(n.attrs["exponent"]) if float(n.attrs["exponent"]) > 0 else None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .builder import arg, meta_shape, rule
+from .builder import Unsupported, arg, meta_shape, rule
 from .layout import slice_node
 
 aten = torch.ops.aten
@@ -23,6 +23,12 @@ def gelu(b, n):
 def softmax(b, n):
     shape = meta_shape(n)
     return b.emit(n, "softmax", [n.args[0]], {"dim": n.args[1] % len(shape)}, {}, shape)
+
+
+@rule(aten.log_softmax.int, aten._log_softmax.default)
+def log_softmax(b, n):
+    shape = meta_shape(n)
+    return b.emit(n, "log_softmax", [n.args[0]], {"dim": n.args[1] % len(shape)}, {}, shape)
 
 
 @rule(aten.hardtanh.default, aten.hardtanh_.default)
@@ -66,6 +72,39 @@ def clamp_max(b, n):
 def leaky_relu(b, n):
     return b.emit(n, "leaky_relu", [n.args[0]], {"negative_slope": float(arg(n, 1, "negative_slope", 0.01))}, {},
                   meta_shape(n))
+
+
+@rule(aten.rrelu.default, aten.rrelu_.default)
+def rrelu(b, n):
+    """RReLU at inference: a leaky ReLU with the mean of its random slopes, (lower + upper) / 2."""
+    if arg(n, 3, "training", False):
+        raise Unsupported("RReLU in training mode (random slopes): export the model in eval mode")
+    lower, upper = float(arg(n, 1, "lower", 1.0 / 8.0)), float(arg(n, 2, "upper", 1.0 / 3.0))
+    return b.emit(n, "leaky_relu", [n.args[0]], {"negative_slope": (lower + upper) / 2.0}, {}, meta_shape(n))
+
+
+@rule(aten.threshold.default, aten.threshold_.default)
+def threshold(b, n):
+    return b.emit(n, "threshold", [n.args[0]], {"threshold": float(n.args[1]), "value": float(n.args[2])}, {},
+                  meta_shape(n))
+
+
+@rule(aten.hardshrink.default)
+def hardshrink(b, n):
+    """x where |x| > λ, else 0: threshold(x, λ, 0) − threshold(−x, λ, 0)."""
+    lam, shape = float(arg(n, 1, "lambd", 0.5)), meta_shape(n)
+    pos = b.emit(n, "threshold", [n.args[0]], {"threshold": lam, "value": 0.0}, {}, shape, name=n.name + "_pos")
+    neg = b.emit(n, "mul", [n.args[0]], {"other": -1.0}, {}, shape, name=n.name + "_negated")
+    neg = b.emit(n, "threshold", [neg], {"threshold": lam, "value": 0.0}, {}, shape, name=n.name + "_neg")
+    return b.emit(n, "sub", [pos, neg], {}, {}, shape)
+
+
+@rule(aten.softshrink.default)
+def softshrink(b, n):
+    """x − clamp(x, −λ, λ): shrunk towards 0 by λ, 0 within it."""
+    lam, shape = float(arg(n, 1, "lambd", 0.5)), meta_shape(n)
+    inner = b.emit(n, "hardtanh", [n.args[0]], {"min_val": -lam, "max_val": lam}, {}, shape, name=n.name + "_clamp")
+    return b.emit(n, "sub", [n.args[0], inner], {}, {}, shape)
 
 
 @rule(aten.elu.default, aten.elu_.default, aten.celu.default, aten.celu_.default, aten.selu.default,

@@ -288,6 +288,21 @@ def pixel_shuffle(b, n):
     return b.emit(n, "reshape", [p], {"shape": ["B", *out[1:]]}, {}, out, 0)
 
 
+@rule(aten.channel_shuffle.default, aten.native_channel_shuffle.default)
+def channel_shuffle(b, n):
+    """ShuffleNet's channel shuffle as reshape, transpose, reshape: channels move, none change."""
+    x, g = b.ir(n.args[0]), int(n.args[1])
+    if len(x.shape) < 3 or x.bdim != 0:
+        raise Unsupported("channel shuffle of a value that is not batch × channels × …")
+    c, rest = x.shape[1], list(x.shape[2:])
+    out = meta_shape(n) or list(x.shape)
+    split = ["B", g, c // g, *rest]
+    v = b.emit(n, "reshape", [x], {"shape": split}, {}, [x.shape[0], *split[1:]], 0, name=n.name + "_split")
+    t = b.emit(n, "transpose", [v], {"dim0": 1, "dim1": 2}, {}, [x.shape[0], c // g, g, *rest], 0,
+               name=n.name + "_transpose")
+    return b.emit(n, "reshape", [t], {"shape": ["B", *out[1:]]}, {}, out, 0)
+
+
 @rule(aten.repeat.default)
 def repeat(b, n):
     """A repeat that only tiles axes of size 1 (a position embedding repeated over the batch) is a broadcast."""
