@@ -53,8 +53,8 @@ _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean"
                               "upsample_nearest", "upsample_bilinear"}
 _UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
-_ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs", "threshold",   # between a split layer and its
-                *_SMALL_NEGATIVE}                                                  # neurons (_fine_exponent)
+_ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs",     # between a split layer and its
+                "threshold", *_SMALL_NEGATIVE}                                     # neurons (_fine_exponent)
 
 
 # |f(x)| from the bound b of |x| for pointwise ops whose bound depends on their attributes
