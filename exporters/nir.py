@@ -112,6 +112,7 @@ def _merge_range(node: Node, graph: Graph) -> tuple[int, int] | None:
 
 _HOST_WHY = {
     "softmax": "softmax (exponentials normalised over a row): no NIR primitive",
+    "log_softmax": "log-softmax (log-probabilities normalised over a row): no NIR primitive",
     "layer_norm": "LayerNorm (per-sample mean and variance): no NIR primitive",
     "batch_norm": "unfolded BatchNorm: not lowered by the NIR exporter",
     "gelu": "GELU nonlinearity: no NIR primitive (only threshold neurons)",

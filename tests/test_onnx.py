@@ -675,6 +675,8 @@ def test_a_log_softmax_output_exports_and_keeps_the_prediction():
     calib, x = _random()
     snn = converts_and_exports(m, calib, x)
     assert snn.graph[snn.graph.output].op == "log_softmax"
+    from sfn_deploy.exporters.nir import nir_host_nodes
+    assert "log-softmax" in nir_host_nodes(snn.graph)[snn.graph.output]        # NIR: left to the host, named
 
 
 class _StarPool(nn.Module):
