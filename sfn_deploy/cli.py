@@ -181,9 +181,10 @@ def main():
 
 def model_options(fn):
     fn = click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (runs code from the file).")(fn)
-    fn = click.option("--model-args", default=None, help="timm keyword arguments, e.g. num_classes=10,img_size=28.")(fn)
+    fn = click.option("--model-args", default=None,
+                      help="timm:/torchvision: keyword arguments, e.g. num_classes=10,img_size=28.")(fn)
     fn = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                      help="Weights for a timm: model (safetensors or a state dict).")(fn)
+                      help="Weights for a timm: or torchvision: model (safetensors or a state dict).")(fn)
     return fn
 
 
@@ -262,8 +263,9 @@ def _check_convert_paths(model, data, output, config_file, weights, storage, val
     """convert/tune: no output (the model file, the study database) may be one of the command's inputs."""
     from .config import storage_path
     from .data import check_not_read, data_paths
+    from .models import library_spec
     from .outputs import check_output
-    inputs = [None if model.startswith("timm:") else model, weights, config_file, *data_paths(data),
+    inputs = [None if library_spec(model) else model, weights, config_file, *data_paths(data),
               *data_paths(val_data)]
     db = storage_path(storage)
     if db is not None:
@@ -324,6 +326,9 @@ def _load_datasets(data, val_data, model="", net=None, options=None, workers=0):
     defaults = None
     if model.startswith("timm:") and net is not None and (is_image_spec(data) or is_image_spec(val_data)):
         defaults = timm_defaults(net, model[len("timm:"):], options)
+    if model.startswith("torchvision:") and is_image_spec(data) and not {"mean", "std"} & set(options):
+        _warn(f"{model} carries no preprocessing: images are read as [0, 1] pixels without mean/std; torchvision's "
+              "ImageNet weights expect --resize 256 --crop 224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")
     ds = load_data(data, options, defaults=defaults, workers=workers)
     if val_data is None:
         return ds
@@ -448,7 +453,7 @@ def _fmt_front(front: list[ParetoPoint]) -> str:
 @device_option
 @command
 def convert_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
-    """Convert MODEL (.pt2, timm:NAME or a trusted pickle) into a single-timestep SFN network
+    """Convert MODEL (.pt2, timm:NAME, torchvision:NAME or a trusted pickle) into a single-timestep SFN network
     (or, with --method, into one of the baselines it is compared with)."""
     from .convert import convert
     from .evaluation import format_drop

@@ -1,4 +1,4 @@
-"""Model loading (SPEC §6 "Models in"): torch.export programs, timm names, trusted pickles."""
+"""Model loading (SPEC §6 "Models in"): torch.export programs, timm and torchvision names, trusted pickles."""
 from __future__ import annotations
 
 import ast
@@ -79,25 +79,43 @@ def _check_finite(path: str, kind: str, tensors: dict) -> None:
             raise UserError(f"{path}: {kind} {name!r} holds NaN/Inf values ({bad} of {t.numel()})")
 
 
+LIBRARIES = ("timm:", "torchvision:")      # model names built by a library, weights from --weights
+
+
+def library_spec(spec: str) -> bool:
+    """A model named by a library (built in this process) rather than read from a file."""
+    return spec.startswith(LIBRARIES)
+
+
+def _build(spec: str, model_args: dict) -> torch.nn.Module:
+    """The library's model with random weights (no download: ``pretrained``/``weights`` stay off)."""
+    library, name = spec.split(":", 1)
+    try:
+        if library == "timm":
+            import timm
+            return timm.create_model(name, pretrained=False, **model_args)
+        import torchvision
+        if name not in torchvision.models.list_models():
+            raise UserError(f"{spec}: not a torchvision model (torchvision.models.list_models() names them)")
+        return torchvision.models.get_model(name, weights=None, **model_args)
+    except RuntimeError as e:
+        raise UserError(f"{spec}: {str(e).splitlines()[0]}") from e
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{spec}: bad --model-args ({e})") from e
+
+
 def load_model(spec: str, weights: str | None = None, model_args: dict | None = None,
                trust_pickle: bool = False):
     """Return (model, identity): model is an ExportedProgram or an eval-mode nn.Module."""
     identity: dict = {"spec": spec}
-    if spec.startswith("timm:"):
-        import timm
-        name = spec[len("timm:"):]
-        try:
-            model = timm.create_model(name, pretrained=False, **(model_args or {}))
-        except RuntimeError as e:
-            raise UserError(f"{spec}: {str(e).splitlines()[0]}") from e
-        except TypeError as e:
-            raise UserError(f"{spec}: bad --model-args ({e})") from e
+    if library_spec(spec):
+        model = _build(spec, dict(model_args or {}))
         identity["model_args"] = dict(model_args or {})
         if weights:
             sd, digest = _load_state_dict(weights)
             result = model.load_state_dict(sd, strict=False)
             if result.missing_keys or result.unexpected_keys:
-                raise UserError(f"{weights}: does not match {name} ({len(result.missing_keys)} missing, "
+                raise UserError(f"{weights}: does not match {spec} ({len(result.missing_keys)} missing, "
                                 f"{len(result.unexpected_keys)} unexpected keys, e.g. "
                                 f"{(result.missing_keys or result.unexpected_keys)[0]!r})")
             _check_finite(weights, "weight", sd)

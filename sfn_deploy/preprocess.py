@@ -322,8 +322,8 @@ def _per_channel(vals: tuple[float, ...] | None, channels: int) -> list[float] |
 def image_transform(p: Preprocess):
     """PIL image (already in the recipe's mode: L or RGB) → float32 C×H×W tensor, as timm's eval transform."""
     import numpy as np
-    from torchvision.transforms import InterpolationMode  # type: ignore[import-untyped]
-    from torchvision.transforms.v2 import functional as F  # type: ignore[import-untyped]
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
     mode = InterpolationMode(p.interpolation)
     mean, std = _per_channel(p.mean, p.channels or 1), _per_channel(p.std, p.channels or 1)

@@ -137,6 +137,29 @@ def test_unsupported_layer_names_every_node(tmp_path):
     _bad(r, "2 unsupported", "sign", "floor")
 
 
+def test_torchvision_model_with_local_weights(tmp_path):
+    """torchvision:NAME builds the model (no download) and loads a fine-tuned state dict; its ANN is the model's."""
+    import torchvision
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    m = torchvision.models.get_model("mobilenet_v3_small", num_classes=4).eval()
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.savez(tmp_path / "d.npz", x=x.numpy(), y=m(x).argmax(1).numpy())
+    args = ["torchvision:mobilenet_v3_small", "--model-args", "num_classes=4", "--data", tmp_path / "d.npz"]
+    r = sfn("convert", *args, "--weights", tmp_path / "w.safetensors", "-o", tmp_path / "m.pt", "--scale", 0.3,
+            "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ann_accuracy"] == 100.0 and out["sites"] > 10        # the labels are this ANN's own predictions
+    _bad(sfn("convert", "torchvision:no_such_net", "--data", tmp_path / "d.npz", "-o", tmp_path / "n.pt",
+             "--scale", 0.3), "not a torchvision model")
+    save_file({"foo": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    _bad(sfn("convert", *args, "--weights", tmp_path / "bad.safetensors", "-o", tmp_path / "b.pt", "--scale", 0.3),
+         "bad.safetensors", "missing")
+
+
 def test_timm_model_with_local_weights(tmp_path):
     import timm
     from safetensors.torch import save_file
