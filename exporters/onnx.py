@@ -773,6 +773,9 @@ class _Lowering:
     def op_leaky_relu(self, n, a, p, xs, out):
         return self.emit("LeakyRelu", [xs[0]], out, alpha=float(a["negative_slope"]))
 
+    def op_sign(self, n, a, p, xs, out):
+        return self.emit("Sign", [xs[0]], out)
+
     def op_sigmoid(self, n, a, p, xs, out):
         return self.emit("Sigmoid", [xs[0]], out)
 

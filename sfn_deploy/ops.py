@@ -646,6 +646,11 @@ def _rsqrt(node, args, graph, batch):
     return torch.rsqrt(args[0])
 
 
+@register("sign", "host", "−1, 0 or 1 by the sign of x (LPPool)")
+def _sign(node, args, graph, batch):
+    return torch.sign(args[0])
+
+
 @register("abs", "host", "|x|")
 def _abs(node, args, graph, batch):
     return torch.abs(args[0])

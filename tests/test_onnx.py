@@ -655,6 +655,19 @@ def test_more_activations_capture_and_export_with_the_torch_levels(make):
     converts_and_exports(m, *_random())
 
 
+@pytest.mark.parametrize("make", [lambda: nn.LocalResponseNorm(3), lambda: nn.LocalResponseNorm(2, 1e-3, 0.5, 2.0),
+                                  lambda: nn.Sequential(nn.ReLU(), nn.LPPool2d(2, 2)),
+                                  lambda: nn.Sequential(nn.ReLU(), nn.LPPool2d(3, (2, 3), 1))],
+                         ids=["lrn", "lrn_even", "lppool_2", "lppool_3"])
+def test_response_norm_and_power_pooling_capture_and_export(make):
+    """AlexNet-era LocalResponseNorm (a 3-D average over channel windows) and LPPool (sign, powers, pooling)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make(), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.LazyLinear(5)).eval()
+    calib, x = _random()
+    m(x[:2])                                                    # (sizes the lazy head)
+    converts_and_exports(m, calib, x)
+
+
 @pytest.mark.parametrize("make,channels", [(nn.LogSigmoid, 4), (lambda: nn.GLU(1), 2), (lambda: nn.PixelShuffle(2), 1),
                                            (lambda: nn.PixelUnshuffle(2), 16), (lambda: nn.ChannelShuffle(2), 4)],
                          ids=["logsigmoid", "glu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"])

@@ -51,7 +51,7 @@ LATTICE_OPS = {"reshape", "permute", "transpose", "flatten", "unsqueeze", "squee
                 "max_pool2d"}   # a spike tensor passes through these as levels (max is monotone in the level)
 _SAME_BOUND = LATTICE_OPS | {"relu", "avg_pool2d", "adaptive_avg_pool2d", "mean", "expand", "roll", "cat",
                               "upsample_nearest", "upsample_bilinear"}
-_UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax"}
+_UNIT_BOUND = {"sigmoid", "hardsigmoid", "tanh", "softmax", "sign"}
 _SMALL_NEGATIVE = {"gelu": 0.17, "silu": 0.28, "hardswish": 0.375, "mish": 0.31}    # |f(x)| ≤ max(|x|, this)
 _ACTIVATIONS = {"hardtanh", "leaky_relu", "prelu", "elu", "softplus", "abs",     # between a split layer and its
                 "threshold", *_SMALL_NEGATIVE}                                     # neurons (_fine_exponent)

@@ -36,6 +36,26 @@ def avg_pool2d(b, n):
     return b.emit(n, "avg_pool2d", [n.args[0]], avg_pool_attrs(n.args), {}, meta_shape(n))
 
 
+@rule(aten.avg_pool3d.default)
+def avg_pool3d(b, n):
+    """3-D average pooling over the first spatial axis only (LocalResponseNorm's window over channels): a 2-D
+    pooling of the other two axes flattened into one, kernel 1 along it."""
+    x = b.ir(n.args[0])
+    k = list(n.args[1])
+    stride = list(n.args[2]) if len(n.args) > 2 and n.args[2] else k
+    pad = list(n.args[3]) if len(n.args) > 3 else [0, 0, 0]
+    if len(x.shape) != 5 or x.bdim != 0 or k[1:] != [1, 1] or stride[1:] != [1, 1] or any(pad[1:]):
+        raise Unsupported(f"3-D average pooling with kernel {k}, stride {stride}: only windows along the first "
+                          "spatial axis")
+    c, d, h, w = x.shape[1:]
+    out = meta_shape(n) or []
+    flat = b.emit(n, "reshape", [x], {"shape": ["B", c, d, h * w]}, {}, [x.shape[0], c, d, h * w], 0,
+                  name=n.name + "_flat")
+    attrs = avg_pool_attrs([None, [k[0], 1], [stride[0], 1], [pad[0], 0], *n.args[4:]])
+    pooled = b.emit(n, "avg_pool2d", [flat], attrs, {}, [x.shape[0], c, out[2], h * w], 0, name=n.name + "_pool")
+    return b.emit(n, "reshape", [pooled], {"shape": ["B", *out[1:]]}, {}, out, 0)
+
+
 @rule(aten.adaptive_max_pool2d.default)
 def adaptive_max_pool2d(b, n):
     """Adaptive max pooling to a size that divides the input: max pooling with kernel = stride = input / output."""
