@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedOpsError, UserError
 from ..ir import Graph
 from ..model_file import ConvertedModel, atomic_write
+from ..samples import Rows
 
 __all__ = ["to_onnx", "export_onnx", "OnnxRunner", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET"]
 
@@ -1038,13 +1039,14 @@ class OnnxBackend:
     def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
         """Levels from the level-output export."""
         runner = OnnxRunner(to_onnx(model, levels=True))
+        rows = Rows(model.graph)
         outs: list = []
         levels: dict[str, list] = {}
         for i in range(0, len(x), batch_size):
             y, lv = runner.run_with_levels(x[i:i + batch_size].numpy())
             outs.append(y)
             for k, v in lv.items():
-                levels.setdefault(k, []).append(v.reshape(v.shape[0], -1).astype(np.int64))
+                levels.setdefault(k, []).append(rows(k, v).astype(np.int64))
         return {"outputs": np.concatenate(outs), "levels": {k: np.concatenate(v) for k, v in levels.items()},
                 "pre": {}}
 

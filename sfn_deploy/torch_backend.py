@@ -7,24 +7,26 @@ import torch
 from .backends import Simple
 from .model_file import ConvertedModel
 from .neurons import signed_table
+from .samples import Rows
 from .simulators.interpreter import Event, Observer, run
 
 
 class _SiteRecorder(Observer):
     """Each site's signed levels and pre-activations (one row per sample), batch after batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, graph) -> None:
         self.levels: dict[str, list] = {}
         self.pre: dict[str, list] = {}
+        self.rows = Rows(graph)
 
     def __call__(self, event: Event) -> None:
         pos = event.position
         if pos is None:
             return
+        name = event.node.name
         lv = torch.index_select(signed_table(event.node), 0, pos.reshape(-1)).view(pos.shape)
-        self.levels.setdefault(event.node.name, []).append(lv.reshape(lv.shape[0], -1).numpy())
-        x = event.args[0]
-        self.pre.setdefault(event.node.name, []).append(x.reshape(x.shape[0], -1).numpy())
+        self.levels.setdefault(name, []).append(self.rows(name, lv).numpy())
+        self.pre.setdefault(name, []).append(self.rows(name, event.args[0]).numpy())
 
 
 class TorchBackend(Simple):
@@ -37,7 +39,7 @@ class TorchBackend(Simple):
 
     def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
         """Levels and pre-activations of every site, as the interpreter's observer sees them."""
-        keep = _SiteRecorder()
+        keep = _SiteRecorder(model.graph)
         outs = [run(model.graph, x[i:i + batch_size], hook=keep).numpy() for i in range(0, len(x), batch_size)]
         cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}     # noqa: E731
         return {"outputs": np.concatenate(outs), "levels": cat(keep.levels), "pre": cat(keep.pre)}

@@ -903,3 +903,22 @@ def test_a_one_dimensional_cnn_runs_on_cores(digits):
     assert plan.summary()["host_ops"] == ["unsqueeze"], plan.summary()
     data = rows.subset(np.arange(300, 316))
     lava_matches_torch_and_the_integer_reference(snn, data)
+
+
+def test_windows_and_sequence_first_attention_run_on_lava():
+    """Linear layers and sites whose batch axis holds several rows of a sample (Swin's windows, folded after the
+    batch) or is not first (nn.MultiheadAttention computes sequence-first) run on cores, one sample per step:
+    float levels = torch's at every site, fixed point = the integer reference (sfn_deploy.samples)."""
+    import torch
+    from test_samples import WindowsAndHeads
+
+    from sfn_deploy.data import Dataset
+    x = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    snn = convert(WindowsAndHeads().eval(), Dataset(x[:32], torch.zeros(32, dtype=torch.long), "random"), scale=0.3)
+    plan = lower(snn, "graded", "fixed_pt", input_abs_max=4.0)
+    on_cores = [snn.graph[b.ir[0]] for b in plan.blocks if b.ir and b.kind != "host"]
+    linear = [n for n in on_cores if n.op == "linear"]
+    assert any(n.bdim == 0 and n.shape[0] == 4 for n in linear)          # 4 windows of one sample
+    assert any(n.bdim == 1 for n in linear)                              # the sequence-first in_proj
+    assert {"sfn_relu", "sfn_select"} <= {n.name for n in on_cores}
+    lava_matches_torch_and_the_integer_reference(snn, Dataset(x[32:], torch.zeros(16, dtype=torch.long), "random"))

@@ -25,10 +25,9 @@ from sfn_deploy.simulators.interpreter import run, run_with_levels  # noqa: E402
 REFUSED: dict[str, str] = {}
 # every residual sum runs on cores in Lava (exporters/lava/plan.py, residual_sums)
 RESIDUAL_ON_CORES = {"resnet20_cifar", "resnet18", "resnet50", "tv:resnet18", "regnetx_002", "mobilenetv2_100"}
-# Lava plans refused, and why: the batch axis folded into windows (Swin) or patches (MobileViT, LeViT's heads, BotNet's
-# relative logits), or moved (nn.MultiheadAttention computes sequence-first)
-LAVA_REFUSED = {**dict.fromkeys(["levit_128s", "mobilevit_xxs", "swin_tiny_patch4_window7_224", "botnet26t_256"],
-                                "rows per sample"), "tv:vit_b_16": "batch axis elsewhere than first"}
+# Lava plans refused, and why (none since linear layers and sites with the batch axis folded into windows, patches
+# or heads, or moved by nn.MultiheadAttention's sequence-first computation, run on cores: sfn_deploy/samples.py)
+LAVA_REFUSED: dict[str, str] = {}
 
 
 def _data(n: int, size: int, seed: int) -> Dataset:

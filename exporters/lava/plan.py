@@ -39,6 +39,7 @@ from ...errors import UserError
 from ...ir import Graph, Node
 from ...pooling import SUMMING, SumKernel, pooling_layers, spike_poolings, sum_kernel, window
 from ...residual import core_sums
+from ...samples import regular
 
 LOWERINGS = ("graded", "channels")
 PRECISIONS = ("floating_pt", "fixed_pt")
@@ -416,13 +417,10 @@ class _Lowering:
                 self.lattice[n.name] = n.name
             elif n.op in LATTICE_OPS and n.inputs and n.inputs[0] in self.lattice:
                 self.lattice[n.name] = self.lattice[n.inputs[0]]
-            if n.bdim != 0 and n.op in ("linear", "conv2d", "sfn"):
-                raise UserError(f"Lava export: node {n.name} ({n.op}) has its batch axis elsewhere than first; "
-                                "not supported")
-            if n.op in ("linear", "conv2d", "sfn") and n.shape and n.shape[0] != 1:
-                raise UserError(f"Lava export: node {n.name} ({n.op}) holds {n.shape[0]} rows per sample (the batch "
-                                "axis folded into windows or patches); a process here holds one row of one sample: "
-                                "not supported")
+            if n.op == "conv2d" and not regular(n):
+                raise UserError(f"Lava export: convolution {n.name} holds {n.shape[n.bdim or 0]} images per sample "
+                                "(the batch axis folded into windows or patches, or not first); a Conv process "
+                                "here holds one image of one sample: not supported")
         self._align_residual_sums()
 
     def _align_residual_sums(self) -> None:
@@ -568,7 +566,8 @@ class _Lowering:
             bpos = bpos[bpos <= np.float32(clip["clip"])]
             src = self.g[src.inputs[0]]
         b = self.add(Block(f"sfn_{site.name}", "neuron", self.stage[site.name], ir=[site.name],
-                           attrs={"n": n, "shape": list(site.shape[1:]), "input": src.name,
+                           attrs={"n": n, "shape": list(site.shape[1:] if regular(site) else site.shape),
+                                  "input": src.name,
                                   "dual": bool(bneg.size), "channels": self.lowering == "channels",
                                   "n_pos": int(bpos.size), "n_neg": int(bneg.size), **clip},
                            arrays={"bounds_pos": bpos, "bounds_neg": bneg, "table": table,
@@ -711,7 +710,7 @@ class _Lowering:
         if spikes is None and self.cls(self.g[x]) != "host":
             raise UserError(f"Lava export: {n.name} ({n.op}) reads {x} ({self.g[x].op}) directly; a synaptic layer "
                             "must read spikes or a host value")
-        token_dims = n.op == "linear" and len(n.shape) > 2
+        token_dims = n.op == "linear" and _numel(n.shape[:-1]) > 1     # rows of one sample (tokens, windows)
         in_n = _numel(self.g[x].shape)
         conv = dict(n.attrs)
         src_shape = list(self.g[x].shape[1:])
@@ -733,7 +732,7 @@ class _Lowering:
         e = weight_exponent(max(float(np.abs(m).max(initial=0)) for _, m in parts)) if self.fixed else 0
         procs, e, scale_in, split = self._processes(x, n, parts, e, spikes, w.shape[1])
         self.acc_scale[n.name] = scale_in * 2.0 ** e
-        tokens = _numel(n.shape[1:-1]) if token_dims else 1
+        tokens = _numel(n.shape[:-1]) if token_dims else 1
         for k, (pol, m, e_q, shift, ids) in enumerate(procs):
             copies = m.shape[1] // w.shape[1] if ids is None else next(p[1].shape[1] for p in parts
                                                                        if p[0] == pol) // w.shape[1]
@@ -1103,10 +1102,9 @@ class _Lowering:
 def _expand_bias(n: Node) -> np.ndarray:
     """The layer's bias per output unit, in the flattened (C·H·W or tokens·features) order."""
     b = n.params["bias"].double().numpy()
-    shape = n.shape[1:]
     if n.op == "conv2d":
-        return np.repeat(b, _numel(shape[1:]))
-    return np.tile(b, _numel(shape[:-1]))
+        return np.repeat(b, _numel(n.shape[2:]))
+    return np.tile(b, _numel(n.shape[:-1]))          # one sample's rows, wherever its batch axis is
 
 
 def lower(model, lowering: str = "graded", precision: str = "floating_pt", input_abs_max: float | None = None,

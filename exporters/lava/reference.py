@@ -43,6 +43,7 @@ from ...ir import Graph, Node
 from ...model_file import ConvertedModel
 from ...neurons import signed_table
 from ...ops import apply
+from ...samples import Rows, regular
 from ...simulators.interpreter import Event, Observer, run
 from .plan import LATTICE_OPS, Plan, _Lowering, lower
 
@@ -103,6 +104,7 @@ class _Builder:
         self.nodes: list[Node] = []
         self.taken = {n.name for n in g}
         self.val: dict[str, str] = {}            # graph value -> its node here (levels for spikes)
+        self.bdims: dict[str, int | None] = {}    # node here -> its batch axis
         self.cache: dict[tuple, str] = {}
         self.neuron = {b.ir[0]: b for b in plan.blocks if b.kind == "neuron" and not b.attrs.get("pool")}
         self.groups: dict[str, list] = {}
@@ -119,16 +121,36 @@ class _Builder:
 
     # -- nodes
     def emit(self, op: str, inputs: list, shape, attrs: dict | None = None, params: dict | None = None,
-             base: str = "ref", name: str | None = None) -> str:
+             base: str = "ref", name: str | None = None, bdim: int | None = None) -> str:
+        """A node; its batch axis, unless given, is its first input's (the reference's own nodes are pointwise
+        or act on the last axis), so folded and sequence-first values keep their layout (sfn_deploy.samples)."""
         if name is None:
             name, k = base, 1
             while name in self.taken:
                 k += 1
                 name = f"{base}_{k}"
         self.taken.add(name)
-        self.nodes.append(Node(name, op, list(inputs), dict(attrs or {}), dict(params or {}), list(shape), 0,
+        if bdim is None:
+            bdim = next((self.bdims[i] for i in inputs if i in self.bdims), 0)
+        self.bdims[name] = bdim
+        self.nodes.append(Node(name, op, list(inputs), dict(attrs or {}), dict(params or {}), list(shape), bdim,
                                "integer reference"))
         return name
+
+    def row_constant(self, values: np.ndarray, value: str, base: str) -> str:
+        """A per-sample vector (a bias in the plan's flattened order) as a constant broadcasting over the batch:
+        the sample's shape where the batch axis is first and alone, else one row, which every row repeats
+        (a linear layer's bias over tokens, windows or sequence-first rows)."""
+        node, sh = self.g[value], self.shape(value)
+        if regular(node):
+            v, shape = values.reshape(sh[1:]), sh[1:]
+        else:
+            rows = values.reshape(-1, sh[-1])
+            if not (rows == rows[:1]).all():
+                raise UserError(f"the integer reference: {value} has a bias that differs between its rows")
+            v, shape = rows[0], [sh[-1]]
+        return self.emit("constant", [], shape, params={"value": torch.from_numpy(np.ascontiguousarray(v))},
+                         base=base, bdim=0)
 
     def shape(self, value: str) -> list:
         return list(self.g[value].shape)
@@ -160,8 +182,7 @@ class _Builder:
                 sh = self.shape(value)
                 v = self.emit("mul", [self.accumulator(value)], sh, {"other": _f32(scale)}, base=f"{value}__decoded")
                 if bias is not None:
-                    c = self.emit("constant", [], sh[1:], params={"value": torch.from_numpy(
-                        np.asarray(bias, np.float32).reshape(sh[1:]))}, base=f"{value}__bias")
+                    c = self.row_constant(np.asarray(bias, np.float32), value, f"{value}__bias")
                     v = self.emit("add", [v, c], sh, base=f"{value}__plus_bias")
                 self.cache[key] = v
             return self.cache[key]
@@ -261,8 +282,7 @@ class _Builder:
             if np.any(bias):
                 if np.abs(bias).max() >= 2 ** 24:
                     raise UserError(f"the integer reference: bias of {b.name} beyond 24 bits")
-                c = self.emit("constant", [], sh[1:], params={"value": torch.from_numpy(
-                    bias.astype(np.float32).reshape(sh[1:]))}, base=f"{n.name}__bias")
+                c = self.row_constant(bias.astype(np.float32), n.name, f"{n.name}__bias")
                 v = self.emit("add", [v, c], sh, base=f"{n.name}__biased")
                 self.totals.append(v)
             lo, hi = -(1 << 23), (1 << 23) - 1
@@ -329,12 +349,11 @@ class _Builder:
             elif c == "neuron":
                 self.site(n)
             elif n.op in ("input", "constant"):
-                self.val[n.name] = self.emit(n.op, [], n.shape, n.attrs, n.params, name=n.name)
+                self.val[n.name] = self.emit(n.op, [], n.shape, n.attrs, n.params, name=n.name, bdim=n.bdim)
             else:                                   # host work, on what the host holds
                 passes = n.op in LATTICE_OPS and n.name in low.lattice      # levels pass through
                 ins = [self.val[i] if passes or g[i].op == "constant" else self.host_value(i) for i in n.inputs]
-                self.val[n.name] = self.emit(n.op, ins, n.shape, n.attrs, n.params, name=n.name)
-                self.nodes[-1].bdim = n.bdim
+                self.val[n.name] = self.emit(n.op, ins, n.shape, n.attrs, n.params, name=n.name, bdim=n.bdim)
         out = self.host_value(g.output)
         return Graph(self.nodes, out, g.timesteps, g.method, g.output_parts)
 
@@ -367,15 +386,15 @@ class _Recorder(Observer):
         self.pre: dict[str, list] = {}
         self.largest = 0.0
         self.absolute: dict[str, Node] = {}
+        self.rows = Rows(ref.graph)
 
     def __call__(self, event: Event) -> None:
         node = event.node
         if event.position is not None:
             pos = event.position
             lv = torch.index_select(signed_table(node), 0, pos.reshape(-1)).view(pos.shape)
-            self.levels.setdefault(node.name, []).append(lv.reshape(lv.shape[0], -1).numpy())
-            x = event.args[0]
-            self.pre.setdefault(node.name, []).append(x.reshape(x.shape[0], -1).numpy())
+            self.levels.setdefault(node.name, []).append(self.rows(node.name, lv).numpy())
+            self.pre.setdefault(node.name, []).append(self.rows(node.name, event.args[0]).numpy())
         elif node.name in self.sums:
             a = self.absolute.get(node.name)
             if a is None:
