@@ -193,6 +193,9 @@ def convert_options(fn):
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                      help="TOML file with any of these options; flags override it."),
         click.option("--levels", type=int, default=None, help="M: linear levels per polarity (default 8)."),
+        click.option("--levels-if-missed", type=int, default=None,
+                     help="With --max-drop: when no λ meets it, search again with this M (default 12 unless "
+                          "--levels is given; 0: off; docs/concepts.md, 'The λ search')."),
         click.option("--fire", type=click.Choice(["sformer", "linear", "exponential"]), default=None,
                      help="Fire function (default sformer)."),
         click.option("--rounding", type=click.Choice(["paper", "nearest"]), default=None,
@@ -241,16 +244,12 @@ def convert_options(fn):
     return fn
 
 
-_CFG_KEYS = ("method", "timesteps", "v0", "epochs",
-             "levels", "fire", "rounding", "softmax_levels", "percentile", "search", "trials", "val_size",
-             "val_fraction", "storage",
-             "study", "strategy",
-             "seed", "batch_size", "calib_limit", "scale", "tune", "max_drop", "bias_correction", "fidelity")
-
-
 def _config(config_file, kwargs):
-    from .config import load_config
-    overrides = {k: kwargs[k] for k in _CFG_KEYS if kwargs.get(k) is not None}
+    """The conversion options: ConvertConfig's fields given as flags, over the TOML file's."""
+    from dataclasses import fields
+
+    from .config import ConvertConfig, load_config
+    overrides = {f.name: kwargs[f.name] for f in fields(ConvertConfig) if kwargs.get(f.name) is not None}
     return load_config(config_file, overrides)
 
 
@@ -507,9 +506,22 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     if bc:
         text += "\n" + _describe_bias_correction(bc)
     if converted.search:
-        text += "\n" + f"λ search: {converted.search['trials_completed']} trials, chose trial " \
-                       f"{converted.search['chosen']['trial']} ({converted.search['chosen']['rule']})"
+        text += "\n" + _describe_search(converted.search)
     _emit(as_json, payload, text)
+
+
+def _describe_search(search: dict) -> str:
+    line = f"λ search: {search['trials_completed']} trials, chose trial {search['chosen']['trial']} " \
+           f"({search['chosen']['rule']})"
+    missed = search.get("missed")
+    if missed is None:
+        return line
+    m, other = search["levels"], missed["levels"]
+    if m > other:
+        return (f"λ search at M = {other}: no λ within the budget (most accurate: {missed['chosen']['accuracy']:.2f}%)"
+                f"; searched again at M = {m}:\n{line}")
+    return (f"{line}; a second search at M = {other} found none within the budget either (most accurate: "
+            f"{missed['chosen']['accuracy']:.2f}%), M = {m} kept")
 
 
 @main.command("tune")

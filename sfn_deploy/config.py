@@ -29,6 +29,9 @@ STRATEGIES = ("tpe", "staged")
 VAL_SIZE = 2000
 
 
+LEVELS_IF_MISSED = 12      # docs/zoo.md "With M = 12 levels": every trained CIFAR family within a point
+
+
 @dataclass
 class ConvertConfig:
     method: str = "sfn"             # sfn | if | mtn | ecmt (pmsm, mbe: not yet); docs/methods.md
@@ -37,6 +40,8 @@ class ConvertConfig:
     epochs: float = 1.0             # pmsm: fine-tune epochs over the conversion data (fractions allowed)
     lr: float = 1e-3                # pmsm: fine-tune learning rate (Adam; 10× for the thresholds)
     levels: int = 8                 # M: linear levels per polarity (2M levels, 4M thresholds in all)
+    levels_if_missed: int | None = None  # M to search again with when no λ meets max_drop (None: 12 when
+    #                                     `levels` was not given, else off; 0: off)
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
     softmax_levels: str = "dense"   # post-softmax neurons: dense (every integer up to the top level) | fire
@@ -134,6 +139,8 @@ def _check_ranges(cfg: ConvertConfig) -> None:
     """Numeric options of every method: each within its range."""
     if not 1 <= cfg.levels <= 16:
         _bad("levels", f"M must be between 1 and 16, got {cfg.levels}")
+    if cfg.levels_if_missed is not None and not 0 <= cfg.levels_if_missed <= 16:
+        _bad("levels_if_missed", f"M must be between 1 and 16 (0: off), got {cfg.levels_if_missed}")
     if not 0 <= cfg.percentile < 100:
         _bad("percentile", f"p must lie in [0, 100), got {cfg.percentile}")
     if cfg.scale is not None and not 0 < cfg.scale <= 1:
@@ -223,6 +230,8 @@ def load_config(path: str, overrides: dict) -> ConvertConfig:
         raise UserError("options 'val_size' and 'val_fraction' both size the validation set; give one "
                         "(val_size: a number of images, the default rule; val_fraction: a share of --data)")
     cfg = ConvertConfig(**values)
+    if cfg.levels_if_missed is None:     # the measured second try (docs/concepts.md), unless M was chosen
+        cfg.levels_if_missed = LEVELS_IF_MISSED if values.get("levels") is None else 0
     if cfg.scale is not None and (values.get("tune") is True or cfg.max_drop is not None):
         raise UserError("option 'scale' fixes λ; it cannot be combined with 'tune' or 'max_drop'")
     if cfg.scale is not None and "tune" not in values:

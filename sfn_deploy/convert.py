@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import bias_correction, distributed, fidelity
@@ -174,6 +174,8 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
         data = data.with_validation(val_data)
     t0 = time.time()
     c = run_passes(Conversion(model, data, cfg, source or {}, quiet, warn))
+    if c.applied.search.get("levels", cfg.levels) != cfg.levels:     # the search's second try kept its M
+        cfg = replace(cfg, levels=c.applied.search["levels"])
     converted = ConvertedModel(c.captured(), data.sample_shape, cfg.to_dict(), source or {}, {},
                                c.applied.search, data.preprocessing, data.classes)
     calib = data.limit(cfg.calib_limit)

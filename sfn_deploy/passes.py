@@ -169,6 +169,16 @@ def configure(node: Node, lam: float) -> Node:
     return node
 
 
+def set_levels(graph: Graph, m: int, softmax_levels: str) -> Graph:
+    """Give every site M = ``m`` levels per polarity (θ, calibration and λ kept)."""
+    from .neurons import site_levels
+    for s in graph.sites:
+        s.attrs["M"] = m
+        s.attrs["levels"] = site_levels(m, s.attrs["fire"], s.attrs["kind"], softmax_levels)
+        configure(s, s.attrs["lam"])
+    return graph
+
+
 def set_scale(graph: Graph, lam: float | dict[str, float]) -> Graph:
     """Set one shared λ, or λ per site (dict site name → λ; missing sites keep theirs)."""
     for node in graph.sites:

@@ -29,8 +29,7 @@ from .evaluation import (
 from .ir import NEURON_OPS
 from .methods import method_of
 from .model_file import ConvertedModel
-from .neurons import site_levels
-from .passes import configure, set_scale
+from .passes import set_levels, set_scale
 from .planning import PlanRow, rank
 from .pooling import pooling_layers
 from .results import Result, optional
@@ -124,12 +123,8 @@ def variant(converted: ConvertedModel, scale: float | None = None, levels: int |
                         f"{converted.graph.method}")
     out = copy.deepcopy(converted)
     if levels is not None:
-        for s in out.sites:
-            s.attrs["M"] = levels
-            # a model converted before post-softmax levels were dense has no softmax_levels: it had the fire's
-            s.attrs["levels"] = site_levels(levels, s.attrs["fire"], s.attrs["kind"],
-                                            converted.config.get("softmax_levels", "fire"))
-            configure(s, s.attrs["lam"])
+        # a model converted before post-softmax levels were dense has no softmax_levels: it had the fire's
+        set_levels(out.graph, levels, converted.config.get("softmax_levels", "fire"))
     if scale is not None:
         set_scale(out.graph, scale)
     return out

@@ -88,6 +88,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, digits_pt2, converted):
     out = tmp_path / "never.pt"
     _bad(sfn("convert", tmp_path / "missing.pt2", "--data", "sklearn:digits", "-o", out, "--scale", 0.3),
          "missing.pt2")
+    _bad(sfn("convert", digits_pt2, "--data", "sklearn:digits", "-o", out, "--max-drop", 1, "--levels-if-missed",
+             20), "levels_if_missed")             # every ConvertConfig field given as a flag reaches the config
     np.savez(tmp_path / "nokey.npz", images=np.zeros((2, 1, 8, 8), np.float32))
     _bad(sfn("convert", digits_pt2, "--data", tmp_path / "nokey.npz", "-o", out, "--scale", 0.3), "nokey.npz", "x")
     x = np.zeros((4, 1, 8, 8), np.float32)

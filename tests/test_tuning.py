@@ -535,3 +535,25 @@ def test_staged_and_tpe_studies_are_told_apart(tmp_path, digits, digits_mlp):
     names = {tuning.study_name({}, cfg), tuning.study_name({}, load_config("", {"search": "per-site",
                                                                                  "strategy": "tpe"}))}
     assert len(names) == 2
+
+
+def test_a_missed_budget_is_searched_again_with_more_levels(digits_mlp, digits):
+    """No λ at M = 1 keeps the digits MLP within a point: the search runs again at levels_if_missed (M = 8), and
+    the network keeps M = 8 and a point within the budget, recording the first search's best; with 0, M stays."""
+    from sfn_deploy.convert import convert
+    c = convert(digits_mlp, digits, max_drop=1.0, trials=8, levels=1, levels_if_missed=8)
+    s = c.search
+    assert c.config["levels"] == s["levels"] == 8 and all(n.attrs["M"] == 8 for n in c.sites)
+    assert s["chosen"]["accuracy"] >= s["ann_accuracy"] - 1.0
+    assert s["missed"]["levels"] == 1 and s["missed"]["chosen"]["accuracy"] < s["ann_accuracy"] - 1.0
+    kept = convert(digits_mlp, digits, max_drop=1.0, trials=8, levels=1, levels_if_missed=0)
+    assert kept.config["levels"] == 1 and "missed" not in kept.search
+    assert kept.search["chosen"]["rule"].startswith("no configuration within")
+
+
+def test_levels_if_missed_defaults_to_12_unless_levels_is_given():
+    assert load_config("", {"max_drop": 1.0}).levels_if_missed == 12
+    assert load_config("", {"max_drop": 1.0, "levels": 8}).levels_if_missed == 0
+    assert load_config("", {"levels": 6, "levels_if_missed": 10}).levels_if_missed == 10
+    with pytest.raises(UserError, match="levels_if_missed"):
+        load_config("", {"levels_if_missed": 17})
