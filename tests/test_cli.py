@@ -122,21 +122,21 @@ def test_pickle_refused_without_trust(tmp_path, digits_mlp):
 
 
 class _Odd(torch.nn.Module):
-    """Two operators no rule covers (a sign and a floor), one after each of two hidden layers."""
+    """Two operators no rule covers (a rounding and a floor), one after each of two hidden layers."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b, self.c = torch.nn.Linear(64, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10)
 
     def forward(self, x):
-        return self.c(torch.floor(self.b(self.a(x.flatten(1)).sign())))
+        return self.c(torch.floor(self.b(self.a(x.flatten(1)).round())))
 
 
 def test_unsupported_layer_names_every_node(tmp_path):
     ep = torch.export.export(_Odd().eval(), (torch.zeros(2, 1, 8, 8),))
     torch.export.save(ep, tmp_path / "odd.pt2")
     r = sfn("convert", tmp_path / "odd.pt2", "--data", "sklearn:digits", "-o", tmp_path / "o.pt", "--scale", 0.3)
-    _bad(r, "2 unsupported", "sign", "floor")
+    _bad(r, "2 unsupported", "round", "floor")
 
 
 def test_torchvision_model_with_local_weights(tmp_path):
