@@ -381,3 +381,14 @@ def test_capturing_a_module_leaves_its_cached_state_alone():
     assert type(after.abs().max().item()) is float
     torch.testing.assert_close(after, twin(x))
     torch.testing.assert_close(run(g, x, spiking=False), twin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_exported_with_a_dynamic_batch_captures():
+    """nn.MultiheadAttention computes ``bsz * num_heads`` with Python arithmetic on the batch size: exported with a
+    dynamic batch (as the docs ask), the graph holds operator.mul on sizes, which carries no data."""
+    from test_samples import WindowsAndHeads
+    m = WindowsAndHeads().eval()
+    x = torch.randn(5, 1, 8, 8)
+    ep = torch.export.export(m, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    g = capture(ep, x[:2])
+    torch.testing.assert_close(run(g, x), m(x), rtol=1e-5, atol=1e-5)

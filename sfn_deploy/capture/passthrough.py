@@ -1,6 +1,8 @@
 """Operators that carry no computation at inference: copies, dropout, shape queries and asserts."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .builder import Unsupported, rule
@@ -18,6 +20,16 @@ def identity(b, n):
 
 @rule(aten.sym_size.int, aten.sym_numel.default, aten._assert_tensor_metadata.default, aten._assert_scalar.default)
 def no_data(b, n):
+    return None
+
+
+@rule(operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.truediv, operator.neg,
+      torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min)
+def size_arithmetic(b, n):
+    """Arithmetic on sizes (nn.MultiheadAttention's ``bsz * num_heads`` under a dynamic batch): no data; the
+    reshapes that use the result read their shapes from the example."""
+    if isinstance(n.meta.get("val"), torch.Tensor):
+        raise Unsupported("Python arithmetic on a tensor in an ATen graph")
     return None
 
 
