@@ -772,10 +772,11 @@ def _missed(result: SearchResult, max_drop: float | None) -> bool:
 
 def _search_again(graph: Graph, data: Dataset, config: ConvertConfig, source: dict | None, quiet: bool,
                   first: SearchResult, m: int) -> Applied:
-    """No λ met the budget at M levels: search again at ``m`` (θ and calibration kept; its own study), and keep
+    """No λ met the budget at M levels: search again at ``m`` (θ and calibration kept; its own study: a study
+    named with ``--study`` gets ``-levels<m>`` appended), and keep
     the second search's point when it meets the budget or is more accurate (docs/concepts.md, "The λ search").
     The search records both, and ``levels``: the M the network was left with."""
-    again = replace(config, levels=m)
+    again = replace(config, levels=m, study=None if config.study is None else f"{config.study}-levels{m}")
     set_levels(graph, m, config.softmax_levels)
     second = run_search(graph, data, again, source or {}, quiet=quiet)
     second.chosen = b = choose(second, config.max_drop)

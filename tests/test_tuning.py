@@ -541,9 +541,10 @@ def test_a_missed_budget_is_searched_again_with_more_levels(digits_mlp, digits):
     """No λ at M = 1 keeps the digits MLP within a point: the search runs again at levels_if_missed (M = 8), and
     the network keeps M = 8 and a point within the budget, recording the first search's best; with 0, M stays."""
     from sfn_deploy.convert import convert
-    c = convert(digits_mlp, digits, max_drop=1.0, trials=8, levels=1, levels_if_missed=8)
+    c = convert(digits_mlp, digits, max_drop=1.0, trials=8, levels=1, levels_if_missed=8, study="mine")
     s = c.search
     assert c.config["levels"] == s["levels"] == 8 and all(n.attrs["M"] == 8 for n in c.sites)
+    assert s["study"] == "mine-levels8"                  # a named study is not reused for the other M
     assert s["chosen"]["accuracy"] >= s["ann_accuracy"] - 1.0
     assert s["missed"]["levels"] == 1 and s["missed"]["chosen"]["accuracy"] < s["ann_accuracy"] - 1.0
     kept = convert(digits_mlp, digits, max_drop=1.0, trials=8, levels=1, levels_if_missed=0)
