@@ -11,8 +11,9 @@ from .samples import Rows
 from .simulators.interpreter import Event, Observer, run
 
 
-class _SiteRecorder(Observer):
-    """Each site's signed levels and pre-activations (one row per sample), batch after batch."""
+class SiteRecorder(Observer):
+    """Each site's signed levels and pre-activations (one row per sample, sfn_deploy.samples), batch after batch;
+    the Lava integer reference records with it too."""
 
     def __init__(self, graph) -> None:
         self.levels: dict[str, list] = {}
@@ -39,7 +40,7 @@ class TorchBackend(Simple):
 
     def layers(self, model: ConvertedModel, x: torch.Tensor, batch_size: int, options: dict | None = None) -> dict:
         """Levels and pre-activations of every site, as the interpreter's observer sees them."""
-        keep = _SiteRecorder(model.graph)
+        keep = SiteRecorder(model.graph)
         outs = [run(model.graph, x[i:i + batch_size], hook=keep).numpy() for i in range(0, len(x), batch_size)]
         cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}     # noqa: E731
         return {"outputs": np.concatenate(outs), "levels": cat(keep.levels), "pre": cat(keep.pre)}

@@ -41,10 +41,10 @@ import torch
 from ...errors import UserError
 from ...ir import Graph, Node
 from ...model_file import ConvertedModel
-from ...neurons import signed_table
 from ...ops import apply
-from ...samples import Rows, regular
-from ...simulators.interpreter import Event, Observer, run
+from ...samples import regular
+from ...simulators.interpreter import Event, run
+from ...torch_backend import SiteRecorder
 from .plan import LATTICE_OPS, Plan, _Lowering, lower
 
 LIM = (1 << 23) - 1                 # what the host clips an integer it sends to (24-bit signed payloads)
@@ -374,27 +374,22 @@ def integer_reference(model: ConvertedModel, plan: Plan | None = None,
                                search={})
 
 
-class _Recorder(Observer):
+class _Recorder(SiteRecorder):
     """Each site's signed levels and pre-activations (as the torch backend records them), and the certificate
     of exactness: the largest Σ|w|·|x| of any synapse group (same layer, |weights| on |inputs|) and the largest
     |sum| of exact integers, in integer units."""
 
     def __init__(self, ref: ConvertedModel):
+        super().__init__(ref.graph)
         info = ref.metrics["integer_reference"]
         self.sums, self.totals = set(info["sums"]), set(info["totals"])
-        self.levels: dict[str, list] = {}
-        self.pre: dict[str, list] = {}
         self.largest = 0.0
         self.absolute: dict[str, Node] = {}
-        self.rows = Rows(ref.graph)
 
     def __call__(self, event: Event) -> None:
         node = event.node
         if event.position is not None:
-            pos = event.position
-            lv = torch.index_select(signed_table(node), 0, pos.reshape(-1)).view(pos.shape)
-            self.levels.setdefault(node.name, []).append(self.rows(node.name, lv).numpy())
-            self.pre.setdefault(node.name, []).append(self.rows(node.name, event.args[0]).numpy())
+            super().__call__(event)
         elif node.name in self.sums:
             a = self.absolute.get(node.name)
             if a is None:

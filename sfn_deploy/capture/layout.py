@@ -270,37 +270,36 @@ def repeat_interleave(b, n):
     return b.emit(n, "reshape", [e], {"shape": shape}, {}, out, x.bdim, outer=b.outer.get(x.name, 1))
 
 
+def _move_values(b, n, x, split: list, perm: list):
+    """Reshape ``x`` to ``split`` ("B" first), permute the axes by ``perm``, reshape to the node's own shape:
+    values move, none change (spikes pass through as levels)."""
+    full = [x.shape[0], *split[1:]]
+    v = b.emit(n, "reshape", [x], {"shape": split}, {}, full, 0, name=n.name + "_split")
+    p = b.emit(n, "permute", [v], {"dims": perm}, {}, [full[i] for i in perm], 0, name=n.name + "_permute")
+    out = meta_shape(n) or list(x.shape)
+    return b.emit(n, "reshape", [p], {"shape": ["B", *out[1:]]}, {}, out, 0)
+
+
 @rule(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
 def pixel_shuffle(b, n):
-    """Pixel (un)shuffle as reshape, permute, reshape: values move, none change (spikes pass through)."""
+    """Pixel (un)shuffle: (C·r², H, W) <-> (C, H·r, W·r)."""
     x, r = b.ir(n.args[0]), int(n.args[1])
     if len(x.shape) != 4 or x.bdim != 0:
         raise Unsupported("pixel shuffle of a value that is not batch × channels × rows × columns")
     c, h, w = x.shape[1:]
-    out = meta_shape(n) or []
-    if n.target == aten.pixel_shuffle.default:       # (C·r², H, W) -> (C, H·r, W·r)
-        split, perm, mid = ["B", c // (r * r), r, r, h, w], [0, 1, 4, 2, 5, 3], [x.shape[0], c // (r * r), h, r, w, r]
-    else:                                            # (C, H·r, W·r) -> (C·r², H, W)
-        split, perm, mid = ["B", c, h // r, r, w // r, r], [0, 1, 3, 5, 2, 4], [x.shape[0], c, r, r, h // r, w // r]
-    v = b.emit(n, "reshape", [x], {"shape": split}, {}, [x.shape[0], *split[1:]], 0,
-               name=n.name + "_split")
-    p = b.emit(n, "permute", [v], {"dims": perm}, {}, mid, 0, name=n.name + "_permute")
-    return b.emit(n, "reshape", [p], {"shape": ["B", *out[1:]]}, {}, out, 0)
+    if n.target == aten.pixel_shuffle.default:
+        return _move_values(b, n, x, ["B", c // (r * r), r, r, h, w], [0, 1, 4, 2, 5, 3])
+    return _move_values(b, n, x, ["B", c, h // r, r, w // r, r], [0, 1, 3, 5, 2, 4])
 
 
 @rule(aten.channel_shuffle.default, aten.native_channel_shuffle.default)
 def channel_shuffle(b, n):
-    """ShuffleNet's channel shuffle as reshape, transpose, reshape: channels move, none change."""
+    """ShuffleNet's channel shuffle: the channels as g groups, read group-minor."""
     x, g = b.ir(n.args[0]), int(n.args[1])
     if len(x.shape) < 3 or x.bdim != 0:
         raise Unsupported("channel shuffle of a value that is not batch × channels × …")
-    c, rest = x.shape[1], list(x.shape[2:])
-    out = meta_shape(n) or list(x.shape)
-    split = ["B", g, c // g, *rest]
-    v = b.emit(n, "reshape", [x], {"shape": split}, {}, [x.shape[0], *split[1:]], 0, name=n.name + "_split")
-    t = b.emit(n, "transpose", [v], {"dim0": 1, "dim1": 2}, {}, [x.shape[0], c // g, g, *rest], 0,
-               name=n.name + "_transpose")
-    return b.emit(n, "reshape", [t], {"shape": ["B", *out[1:]]}, {}, out, 0)
+    rest = list(x.shape[2:])
+    return _move_values(b, n, x, ["B", g, x.shape[1] // g, *rest], [0, 2, 1, *range(3, 3 + len(rest))])
 
 
 @rule(aten.repeat.default)
