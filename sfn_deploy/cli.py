@@ -89,6 +89,9 @@ def command(fn):
         if not debug:
             warnings.filterwarnings("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
+            # SQLAlchemy (Optuna's --storage) logs a traceback when Ctrl-C lands inside its connection pool's
+            # finaliser; the command still ends with "interrupted", and storage errors surface as exceptions.
+            logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
             if "optuna" in sys.modules or fn.__name__ in ("convert_cmd", "tune_cmd"):
                 import optuna  # importing optuna resets its logger: set its own verbosity
                 optuna.logging.set_verbosity(optuna.logging.ERROR)
