@@ -41,7 +41,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale", type=float, default=0.2)
+    ap.add_argument("--allocator", choices=("cli", "default"), default="cli",
+                    help="cli: glibc's mmap threshold as the CLI sets it (sfn_deploy/allocator.py); default: glibc's")
     args = ap.parse_args()
+    if args.allocator == "cli":
+        from sfn_deploy.allocator import tune
+        tune()
     net, ident = load_model(args.model, model_args={"num_classes": 10})
     with tempfile.TemporaryDirectory() as tmp:
         photos(CIFAR, args.photos_per_class * len(os.listdir(CIFAR)), tmp)
@@ -66,7 +71,7 @@ def main() -> None:
     n = len(data)
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"model": args.model, "images": n, "batch_size": args.batch_size, "workers": args.workers,
-           "threads": torch.get_num_threads(), "timm_img_s": round(n / med["timm"], 2),
+           "threads": torch.get_num_threads(), "allocator": args.allocator, "timm_img_s": round(n / med["timm"], 2),
            "snn_img_s": round(n / med["snn"], 2), "ratio": round(med["timm"] / med["snn"], 3),
            "times": times}
     print(json.dumps(row))

@@ -99,11 +99,11 @@ class FireGrid:
             out = torch.empty(x.shape, dtype=torch.float32)
         pos = torch.empty(x.shape, dtype=torch.int32) if position else None
         n, parts = x.numel(), _parts(x.numel())
-        h = torch.zeros(parts, 4 * bins, dtype=torch.int64) if hist else None
+        h = torch.zeros(parts, bins, dtype=torch.int64) if hist else None
         lib.sfn_fire_parts(x.data_ptr(), n, self.shift, self.base.data_ptr(), self.inner.data_ptr(),
                            values.data_ptr(), out.data_ptr(), None if pos is None else pos.data_ptr(),
                            None if h is None else h.data_ptr(), bins, parts)
-        return out, pos, None if h is None else h[:, :bins].sum(0)
+        return out, pos, None if h is None else h.sum(0)
 
     def position(self, x: torch.Tensor) -> torch.Tensor:
         """signed index + n (the row of the site's level table), int32, same shape as x."""
@@ -163,11 +163,21 @@ def fire_with(node, x: torch.Tensor, hist: bool = False, position: bool = True, 
 
 # The fused loop. A cell is (bits ^ 2^31) >> shift, which equals (int32 bits >> shift) + offset: the loop
 # shifts the signed bits arithmetically and reads tables based at their middle (one instruction fewer per element);
-# the comparison is the same float32 ``x >= inner`` (false for NaN) and the value a copy of values[position].
-# Four partial histograms avoid a store-to-load stall when neighbours share a position.
+# the comparison is the same float32 ``x >= inner`` (ordered: false for NaN) and the value a copy of
+# values[position]. Blocks of 256 elements: positions first (8 at a time with AVX2 gathers where the CPU has
+# them, checked at run time), then their histogram from the block in L1 (counting inside the position loop made
+# each increment wait on the table reads: twice the loop's time), in four partial uint32 histograms.
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SFN_SCALAR)
+#include <immintrin.h>
+#define SFN_X86 1
+#endif
+
+#define BLOCK 256
+#define SMALL_BINS 1024             /* histograms up to this many bins count in uint32 partials */
+#define FLUSH ((int64_t)1 << 30)    /* ... folded into the int64 result before a partial could overflow */
 
 /* base, inner: the tables' middle entries (cell offset), so that a negative signed cell reads below them */
 static inline int32_t cell_pos(const float *x, int shift, const int32_t *base, const float *inner) {
@@ -177,43 +187,91 @@ static inline int32_t cell_pos(const float *x, int shift, const int32_t *base, c
     return base[c] + (*x >= inner[c]);
 }
 
-/* the loop for fixed choices of writing positions and counting (a copy each: no tests per element) */
-static inline __attribute__((always_inline)) void fire_loop(
-        const float *x, int64_t n, int shift, const int32_t *base, const float *inner, const float *values,
-        float *out, int32_t *pos, int64_t *hist, int64_t bins, const int with_pos, const int with_hist) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        int32_t k0 = cell_pos(x + i, shift, base, inner), k1 = cell_pos(x + i + 1, shift, base, inner);
-        int32_t k2 = cell_pos(x + i + 2, shift, base, inner), k3 = cell_pos(x + i + 3, shift, base, inner);
-        out[i] = values[k0]; out[i + 1] = values[k1]; out[i + 2] = values[k2]; out[i + 3] = values[k3];
-        if (with_pos) { pos[i] = k0; pos[i + 1] = k1; pos[i + 2] = k2; pos[i + 3] = k3; }
-        if (with_hist) { hist[k0]++; hist[bins + k1]++; hist[2 * bins + k2]++; hist[3 * bins + k3]++; }
+static void block_scalar(const float *x, int64_t m, int shift, const int32_t *base, const float *inner,
+                         const float *values, float *out, int32_t *k) {
+    for (int64_t j = 0; j < m; j++) {
+        int32_t p = cell_pos(x + j, shift, base, inner);
+        out[j] = values[p];
+        k[j] = p;
     }
-    for (; i < n; i++) {
-        int32_t k = cell_pos(x + i, shift, base, inner);
-        out[i] = values[k];
-        if (with_pos) pos[i] = k;
-        if (with_hist) hist[k]++;
-    }
-    if (with_hist)
-        for (i = 0; i < bins; i++) hist[i] += hist[bins + i] + hist[2 * bins + i] + hist[3 * bins + i];
 }
 
-/* n elements: out = values[k], pos = k (pos may be NULL), hist += counts of k (NULL: none; else 4 x bins
-   partial histograms, folded into the first bins at the end) */
+#ifdef SFN_X86
+/* the same, eight at a time: the same cells, the same ordered float32 comparison, the same copies */
+__attribute__((target("avx2"))) static void block_avx2(const float *x, int64_t m, int shift, const int32_t *base,
+                                                       const float *inner, const float *values, float *out,
+                                                       int32_t *k) {
+    __m128i sh = _mm_cvtsi32_si128(shift);
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        __m256i c = _mm256_sra_epi32(_mm256_castps_si256(v), sh);
+        __m256i b = _mm256_i32gather_epi32((const int *)base, c, 4);
+        __m256 ge = _mm256_cmp_ps(v, _mm256_i32gather_ps(inner, c, 4), _CMP_GE_OQ);
+        __m256i p = _mm256_sub_epi32(b, _mm256_castps_si256(ge));          /* true is -1 */
+        _mm256_storeu_ps(out + j, _mm256_i32gather_ps(values, p, 4));
+        _mm256_storeu_si256((__m256i *)(k + j), p);
+    }
+    block_scalar(x + j, m - j, shift, base, inner, values, out + j, k + j);
+}
+#endif
+
+static int simd = -1;               /* -1: not decided yet; sfn_simd(0) forces the scalar loop (tests) */
+
+/* want: 0 scalar, 1 SIMD where the CPU has it, -1 query; returns whether the SIMD loop runs */
+int sfn_simd(int want) {
+    int have = 0;
+#ifdef SFN_X86
+    __builtin_cpu_init();
+    have = __builtin_cpu_supports("avx2") != 0;
+#endif
+    if (want >= 0 || simd < 0)
+        simd = want == 0 ? 0 : have;
+    return simd;
+}
+
+/* n elements: out = values[k], pos = k (pos may be NULL), hist += counts of k (NULL: none; bins int64) */
 void sfn_fire(const float *x, int64_t n, int shift, const int32_t *base0, const float *inner0,
               const float *values, float *out, int32_t *pos, int64_t *hist, int64_t bins) {
     const int64_t offset = (int64_t)1 << (31 - shift);
     const int32_t *base = base0 + offset;
     const float *inner = inner0 + offset;
-    if (pos && hist)
-        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 1, 1);
-    else if (pos)
-        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 1, 0);
-    else if (hist)
-        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 0, 1);
-    else
-        fire_loop(x, n, shift, base, inner, values, out, pos, hist, bins, 0, 0);
+    int use_simd = simd < 0 ? sfn_simd(-1) : simd;
+    int32_t kb[BLOCK];
+    uint32_t part[4][SMALL_BINS];
+    int small = bins <= SMALL_BINS;
+    if (hist && small)
+        for (int r = 0; r < 4; r++) memset(part[r], 0, (size_t)bins * sizeof(uint32_t));
+    int64_t since = 0;
+    for (int64_t i = 0; i < n; i += BLOCK) {
+        int64_t m = n - i < BLOCK ? n - i : BLOCK;
+        int32_t *k = pos ? pos + i : kb;
+#ifdef SFN_X86
+        if (use_simd)
+            block_avx2(x + i, m, shift, base, inner, values, out + i, k);
+        else
+#endif
+            block_scalar(x + i, m, shift, base, inner, values, out + i, k);
+        if (!hist)
+            continue;
+        if (!small) {
+            for (int64_t j = 0; j < m; j++) hist[k[j]]++;
+            continue;
+        }
+        int64_t j = 0;
+        for (; j + 4 <= m; j += 4) {
+            part[0][k[j]]++; part[1][k[j + 1]]++; part[2][k[j + 2]]++; part[3][k[j + 3]]++;
+        }
+        for (; j < m; j++) part[0][k[j]]++;
+        since += m;
+        if (since >= FLUSH || i + m >= n) {
+            for (int64_t b = 0; b < bins; b++) {
+                hist[b] += (int64_t)part[0][b] + part[1][b] + part[2][b] + part[3][b];
+                part[0][b] = part[1][b] = part[2][b] = part[3][b] = 0;
+            }
+            since = 0;
+        }
+    }
 }
 
 /* per sample element e, sums over the batch of |y|, 1[y != 0] and k read from each position (int64, exact):
@@ -233,7 +291,7 @@ void sfn_spike_sums(const int32_t *pos, int64_t batch, int64_t elems, const int6
 }
 
 /* the same over `parts` equal ranges (whole 64-byte lines), on OpenMP threads when built with it; part j
-   counts into hist + j * 4 * bins (its first bins hold its histogram) */
+   counts into hist + j * bins */
 void sfn_fire_parts(const float *x, int64_t n, int shift, const int32_t *base, const float *inner,
                     const float *values, float *out, int32_t *pos, int64_t *hist, int64_t bins, int parts) {
     int64_t step = (n + 16 * (int64_t)parts - 1) / (16 * (int64_t)parts) * 16;
@@ -246,7 +304,7 @@ void sfn_fire_parts(const float *x, int64_t n, int shift, const int32_t *base, c
         int64_t start = j * step, stop = start + step < n ? start + step : n;
         if (start < stop)
             sfn_fire(x + start, stop - start, shift, base, inner, values, out + start, pos ? pos + start : 0,
-                     hist ? hist + j * 4 * bins : 0, bins);
+                     hist ? hist + j * bins : 0, bins);
     }
 }
 """
@@ -271,19 +329,23 @@ def native():
     return _native_lib[0]
 
 
-def cache_path(openmp: bool = True) -> str:
-    """Where the compiled loop is kept (one file per version of its source, with and without OpenMP)."""
+def cache_path(openmp: bool = True, simd: bool = True) -> str:
+    """Where the compiled loop is kept (one file per version of its source, with and without OpenMP and the
+    SIMD kernel)."""
     key = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
     root = os.environ.get("SFN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sfn_deploy")
-    return os.path.join(root, f"firegrid_{key}{'_omp' if openmp else ''}.so")
+    return os.path.join(root, f"firegrid_{key}{'_omp' if openmp else ''}{'' if simd else '_scalar'}.so")
 
 
 def _build():
-    """The OpenMP build (its threads are torch's own when torch uses GNU OpenMP), else the serial one."""
+    """The OpenMP build (its threads are torch's own when torch uses GNU OpenMP), else the serial one; each with
+    the AVX2 kernel, else without it (a compiler that cannot build it)."""
     for openmp in (True, False):
-        lib = _load(cache_path(openmp), ["-fopenmp"] if openmp else [])
-        if lib is not None:
-            return lib
+        for simd in (True, False):
+            flags = (["-fopenmp"] if openmp else []) + ([] if simd else ["-DSFN_SCALAR"])
+            lib = _load(cache_path(openmp, simd), flags)
+            if lib is not None:
+                return lib
     return None
 
 
@@ -311,6 +373,8 @@ def _load(path: str, flags: list[str]):
         lib.sfn_fire_parts.restype = None
         lib.sfn_spike_sums.argtypes = [p, i64, i64, p, p, p, p]
         lib.sfn_spike_sums.restype = None
+        lib.sfn_simd.argtypes, lib.sfn_simd.restype = [ctypes.c_int], ctypes.c_int
+        lib.sfn_simd(0 if os.environ.get("SFN_SIMD", "1") == "0" else 1)
         return lib
     except (OSError, subprocess.SubprocessError):
         return None

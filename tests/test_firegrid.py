@@ -68,13 +68,25 @@ def test_exponential_sixteen_levels_agrees():
     assert torch.equal(_index(node, x), spike_index(node, x))
 
 
-@pytest.mark.parametrize("fire_fn, m, rounding, theta_pos, theta_neg, lam", CASES[1::3])
-def test_native_loop_equals_torch_ops(fire_fn, m, rounding, theta_pos, theta_neg, lam, monkeypatch):
-    """The fused C loop gives the torch path's output bits, positions and histogram, NaN included."""
-    from sfn_deploy.neurons import level_table as _level_table
+@pytest.fixture(params=["simd", "scalar"])
+def loop(request):
+    """The compiled loop, once with its SIMD (AVX2) kernel where the CPU has one, once scalar."""
     from sfn_deploy.simulators import firegrid
-    if firegrid.native() is None:
+    lib = firegrid.native()
+    if lib is None:
         pytest.skip("no C compiler: the torch operations run")
+    if request.param == "simd" and not lib.sfn_simd(1):
+        pytest.skip("no AVX2 on this CPU: the scalar loop runs")
+    lib.sfn_simd(request.param == "simd")
+    yield lib
+    lib.sfn_simd(1)
+
+
+@pytest.mark.parametrize("fire_fn, m, rounding, theta_pos, theta_neg, lam", CASES[1::3])
+def test_native_loop_equals_torch_ops(fire_fn, m, rounding, theta_pos, theta_neg, lam, monkeypatch, loop):
+    """The fused C loop (SIMD and scalar) gives the torch path's output bits, positions and histogram, NaN
+    included, for lengths that end inside a vector and a block."""
+    from sfn_deploy.neurons import level_table as _level_table
     node = _site(fire_fn, m, rounding, theta_pos, theta_neg, lam)
     grid = grid_for(node)
     if grid is None:
@@ -102,12 +114,10 @@ def test_fire_is_the_same_with_and_without_the_native_loop(monkeypatch):
     assert out.shape == pos.shape == x.shape
 
 
-def test_native_loop_split_over_threads_is_the_same(monkeypatch):
+def test_native_loop_split_over_threads_is_the_same(monkeypatch, loop):
     """Parts on several threads (each its own histogram) give the single-thread bits, positions and counts."""
     from sfn_deploy.neurons import level_table as _level_table
     from sfn_deploy.simulators import firegrid
-    if firegrid.native() is None:
-        pytest.skip("no C compiler: the torch operations run")
     node = _site("sformer", 8, "paper", 1.0, 0.5, 0.2)
     grid, values = grid_for(node), _level_table(node, torch.float32)
     x = torch.randn(50_001) * 3
@@ -123,3 +133,32 @@ def test_native_loop_split_over_threads_is_the_same(monkeypatch):
         torch.set_num_threads(threads)
     assert torch.equal(got[0].view(torch.int32), ref[0].view(torch.int32))
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]) and int(got[2].sum()) == x.numel()
+
+
+def test_native_loop_many_bins_and_block_tails(loop):
+    """More positions than the loop's small partial histograms hold (counted straight into int64) and lengths
+    around the 8-element vectors and 256-element blocks: the torch path's results."""
+    from sfn_deploy.neurons import level_table as _level_table
+    node = _site("linear", 600, "paper", 1.0, 1.0, 0.01)                 # 2·600 + 1 positions
+    grid, values = grid_for(node), _level_table(node, torch.float32)
+    assert grid is not None and 2 * (values.numel() // 2) + 1 > 1024
+    for n in (4096, 4103, 4352, 4357, 70_001):
+        x = torch.randn(n) * 0.7
+        got = grid.fire(x, values, hist=True)
+        k = grid.position(x)                                               # the torch operations
+        assert torch.equal(got[1], k)
+        assert torch.equal(got[0].view(torch.int32), values[k.long()].view(torch.int32))
+        assert torch.equal(got[2], torch.bincount(k.long(), minlength=values.numel()))
+
+
+def test_build_without_the_simd_kernel(tmp_path, monkeypatch):
+    """The fallback build for compilers that cannot build the AVX2 kernel: it compiles and never uses SIMD."""
+    import shutil
+
+    from sfn_deploy.simulators import firegrid
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SFN_CACHE", str(tmp_path))
+    path = firegrid.cache_path(openmp=False, simd=False)
+    lib = firegrid._load(path, ["-DSFN_SCALAR"])
+    assert lib is not None and path.endswith("_scalar.so") and lib.sfn_simd(1) == 0
