@@ -57,6 +57,7 @@ from ..clips import neuron_clips
 from ..errors import UserError
 from ..ir import Graph, Node
 from ..model_file import ConvertedModel, atomic_write
+from ..samples import Rows
 from ..untrusted import reason, regular_file
 
 __all__ = ["to_nir", "export_nir", "export_size", "nir_node_map", "load_nir", "check_nir", "to_nir_partial",
@@ -1180,10 +1181,16 @@ class NirBackend(Simple):
         then the negative ones), as nirtorch computes them."""
         runner = self.runner(model)
         if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
-            y, spikes = run_partial(runner, x, spikes=True, batch_size=batch_size)
-            return {"outputs": y.numpy(), "pre": {},
-                    "levels": {s.name: _channel_levels(s, spikes[s.name]).reshape(len(x), -1).numpy()
-                               for s in model.sites if s.name in spikes}}
+            rows = Rows(model.graph)                   # per batch: a folded or sequence-first batch axis
+            outs, caught = [], defaultdict(list)
+            for k in range(0, len(x), batch_size):
+                y, spikes = run_partial(runner, x[k:k + batch_size], spikes=True, batch_size=batch_size)
+                outs.append(y)
+                for s in model.sites:
+                    if s.name in spikes:
+                        caught[s.name].append(rows(s.name, _channel_levels(s, spikes[s.name])))
+            return {"outputs": torch.cat(outs).numpy(), "pre": {},
+                    "levels": {name: torch.cat(v).numpy() for name, v in caught.items()}}
         modules = dict(runner.named_modules())
         levels: dict[str, list] = {}
         hooks = []

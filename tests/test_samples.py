@@ -44,3 +44,18 @@ def test_rows_of_a_batch_are_each_sample_run_alone():
             if name in naive_ok and not torch.equal(batched[name].reshape(8, -1)[i], v.reshape(-1)):
                 naive_ok.discard(name)
     assert naive_ok == {"sfn_relu"}     # sample-major windows read as stored; the sequence-first sites do not
+
+
+def test_nir_partial_levels_are_per_sample_rows():
+    """The NIR backend's per-layer levels (partial export: a site inside an NIR region keeps its folded batch
+    axis, here the windows) come back as the torch backend's per-sample rows."""
+    from sfn_deploy.backends import get
+    m = WindowsAndHeads().eval()
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    snn = convert(m, Dataset(x[:32], torch.zeros(32, dtype=torch.long), "random"), scale=0.3)
+    ref = get("torch").layers(snn, x[32:], 8)["levels"]
+    got = get("nir").layers(snn, x[32:], 8)["levels"]
+    irregular = {s.name for s in snn.graph.sites if not regular(s)}
+    assert got and irregular & set(got)              # some folded or sequence-first sites are inside NIR regions
+    for name, v in got.items():
+        assert v.shape == ref[name].shape and (v == ref[name]).all(), name
