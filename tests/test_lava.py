@@ -922,3 +922,17 @@ def test_windows_and_sequence_first_attention_run_on_lava():
     assert any(n.bdim == 1 for n in linear)                              # the sequence-first in_proj
     assert {"sfn_relu", "sfn_select"} <= {n.name for n in on_cores}
     lava_matches_torch_and_the_integer_reference(snn, Dataset(x[32:], torch.zeros(16, dtype=torch.long), "random"))
+
+
+def test_reference_node_takes_its_batched_inputs_batch_axis():
+    """An integer-reference node whose first input is a constant (no batch axis) takes the batch axis of the
+    batched input after it, not the constant's none."""
+    from sfn_deploy.exporters.lava.reference import _Builder
+    b = object.__new__(_Builder)
+    b.nodes, b.taken, b.bdims = [], set(), {}
+    c = b.emit("constant", [], [4])
+    assert b.bdims[c] is None
+    x = b.emit("relu", [], [3, 2, 4], bdim=1)               # a sequence-first value: batch axis 1
+    assert b.bdims[b.emit("add", [c, x], [3, 2, 4])] == 1
+    assert b.bdims[b.emit("mul", [c], [4])] is None          # constants only: still a constant
+    assert b.bdims[b.emit("relu", [], [2, 4])] == 0

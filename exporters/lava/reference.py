@@ -122,16 +122,20 @@ class _Builder:
     # -- nodes
     def emit(self, op: str, inputs: list, shape, attrs: dict | None = None, params: dict | None = None,
              base: str = "ref", name: str | None = None, bdim: int | None = None) -> str:
-        """A node; its batch axis, unless given, is its first input's (the reference's own nodes are pointwise
-        or act on the last axis), so folded and sequence-first values keep their layout (sfn_deploy.samples)."""
+        """A node; its batch axis, unless given, is its first batched input's (the reference's own nodes are
+        pointwise or act on the last axis), so folded and sequence-first values keep their layout
+        (sfn_deploy.samples); a constant has none and is passed over."""
         if name is None:
             name, k = base, 1
             while name in self.taken:
                 k += 1
                 name = f"{base}_{k}"
         self.taken.add(name)
-        if bdim is None:
-            bdim = next((self.bdims[i] for i in inputs if i in self.bdims), 0)
+        if op == "constant":
+            bdim = None                           # no batch axis: it broadcasts over the batch
+        elif bdim is None:
+            known = [self.bdims[i] for i in inputs if i in self.bdims]
+            bdim = next((b for b in known if b is not None), None if known else 0)
         self.bdims[name] = bdim
         self.nodes.append(Node(name, op, list(inputs), dict(attrs or {}), dict(params or {}), list(shape), bdim,
                                "integer reference"))
