@@ -1184,7 +1184,7 @@ class NirBackend(Simple):
             rows = Rows(model.graph)                   # per batch: a folded or sequence-first batch axis
             outs, caught = [], defaultdict(list)
             for k in range(0, len(x), batch_size):
-                y, spikes = run_partial(runner, x[k:k + batch_size], spikes=True, batch_size=batch_size)
+                y, spikes = runner(x[k:k + batch_size], spikes=True)
                 outs.append(y)
                 for s in model.sites:
                     if s.name in spikes:

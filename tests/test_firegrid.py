@@ -77,9 +77,10 @@ def loop(request):
         pytest.skip("no C compiler: the torch operations run")
     if request.param == "simd" and not lib.sfn_simd(1):
         pytest.skip("no AVX2 on this CPU: the scalar loop runs")
+    before = lib.sfn_simd(-1)
     lib.sfn_simd(request.param == "simd")
     yield lib
-    lib.sfn_simd(1)
+    lib.sfn_simd(before)                     # what SFN_SIMD chose for the rest of the run
 
 
 @pytest.mark.parametrize("fire_fn, m, rounding, theta_pos, theta_neg, lam", CASES[1::3])
