@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 import warnings
 from typing import TYPE_CHECKING
@@ -151,8 +152,54 @@ class _FiniteRange(click.FloatRange):
         return v
 
 
+def _threads_left(grace: float = 1.0) -> list:
+    """The non-daemon threads still there after ``grace`` seconds (Python waits for them before it exits); polled,
+    not joined: a thread whose ``start()`` the interrupt cut short cannot be joined."""
+    import threading
+    deadline = time.monotonic() + grace
+    while True:
+        left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _interrupt_again(hook):
+    """An unraisable-exception hook that delivers again a Ctrl-C that landed inside a finaliser (``__del__``, a
+    weakref callback: a library's connection pool, a tensor's storage), where Python would print "Exception ignored
+    in ..." and swallow it, and the command would go on running. Sent again a moment later from a helper thread:
+    raised here, inside the hook, it would be swallowed the same way."""
+    import signal
+    import threading
+
+    def unraisable(u):
+        if u.exc_type is not None and issubclass(u.exc_type, KeyboardInterrupt):
+            main_id = threading.main_thread().ident
+            again = threading.Timer(0.05, signal.pthread_kill, (main_id, signal.SIGINT))
+            again.daemon = True
+            again.start()
+            return
+        hook(u)
+    return unraisable
+
+
 class _Group(click.Group):
     """Click's usage errors as one line (and one JSON object with --json), like every other error."""
+
+    def __call__(self, *args, **kwargs):
+        """The process's entry point (the console script, ``python -m``): an interrupted process ends even when
+        the interrupt left a library's non-daemon thread running, which Python would wait for forever (Optuna's
+        heartbeat thread never stops when Ctrl-C lands just as it starts). Our own clean-up has run by then.
+        In-process callers (click's CliRunner) call :meth:`main` and keep their interpreter."""
+        sys.unraisablehook = _interrupt_again(sys.unraisablehook)
+        try:
+            return self.main(*args, **kwargs)
+        except SystemExit as e:
+            if e.code == 130 and _threads_left():
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
