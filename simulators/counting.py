@@ -294,7 +294,7 @@ class OpCounter(Observer):
     new op is one entry in one of the tables; an op in neither adds nothing and drops its input's spikes."""
 
     wants_hist = True        # the interpreter hands each site's histogram of positions (event.hist)
-    reads_site_inputs = False   # a site's output may overwrite its input (SnnInterpreter.fire)
+    reads_private_inputs = False    # a site or an in-place op may write its output over its input
 
     def __init__(self, graph: Graph, spiking: bool = True):
         self.graph = graph

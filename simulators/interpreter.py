@@ -32,7 +32,7 @@ from sfn_deploy import devices
 from sfn_deploy.errors import UserError
 from sfn_deploy.ir import NEURON_OPS, OPS, STATEFUL_OPS, Graph, Node
 from sfn_deploy.neurons import NODE_CACHE, signed_table
-from sfn_deploy.ops import apply
+from sfn_deploy.ops import IN_PLACE, apply, apply_in_place
 
 from .firegrid import fire_with
 from .temporal import gate, temporal_plan
@@ -81,11 +81,12 @@ class Event:
 class Observer:
     """Called with every :class:`Event`. ``wants_hist``: single-step runs hand each site's histogram of
     positions (``event.hist``); ``skip_positions``: names of sites whose positions it never reads (no
-    ``event.position`` there, which saves writing them); ``reads_site_inputs``: whether it reads a neuron's input
-    (``event.args``) — when not, a single-step neuron may write its output over an input nothing else reads."""
+    ``event.position`` there, which saves writing them); ``reads_private_inputs``: whether it reads the input
+    (``event.args[0]``) of a neuron or of an op with an in-place form (``ops.IN_PLACE``) — when not, such a node
+    may write its output over an input nothing else reads (:func:`private_inputs`)."""
     wants_hist: bool = False
     skip_positions: Any = ()
-    reads_site_inputs: bool = True
+    reads_private_inputs: bool = True
 
     def __call__(self, event: Event) -> None:
         raise NotImplementedError
@@ -174,7 +175,8 @@ class Interpreter:
         self.observer = observer
         self.wants_hist = bool(getattr(observer, "wants_hist", False))
         self.skip_positions = getattr(observer, "skip_positions", None) or ()
-        self.overwrite_inputs = observer is None or not getattr(observer, "reads_site_inputs", True)
+        self.overwrite_inputs = observer is None or not getattr(observer, "reads_private_inputs", True)
+        self.private: frozenset[str] = frozenset()      # nodes that may write over their input (the single-step runs)
         self.x = torch.empty(0)        # the batch of the current run
         self.batch = 0
 
@@ -209,7 +211,11 @@ class Interpreter:
         return self.call_op(node, args)
 
     def call_op(self, node: Node, args: list) -> torch.Tensor:
-        """A non-neuron op, by the op table."""
+        """A non-neuron op, by the op table; over its input where that is private (:func:`private_inputs`)."""
+        if node.name in self.private and _overwritable(args[0]):
+            out = apply_in_place(node, args)
+            if out is not None:
+                return out
         return apply(node, args, self.graph, self.batch)
 
     def call_kind(self, kind: NeuronKind, node: Node, args: list, event: Event) -> torch.Tensor:
@@ -228,13 +234,17 @@ class AnnInterpreter(Interpreter):
     """The ANN: every neuron is the identity or the ReLU it absorbed, and every weight layer has the source
     model's bias (``bias_ann`` where bias correction gave the SNN another), so the result is the source model's."""
 
+    def __init__(self, graph: Graph, observer: Observer | None = None):
+        super().__init__(graph, observer)
+        self.private = private_inputs(graph, sites=False) if self.overwrite_inputs else frozenset()
+
     def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
         return _absorbed(node, args[0])
 
     def call_op(self, node: Node, args: list) -> torch.Tensor:
         if "bias_ann" in node.params:
-            node = ann_view(node)
-        return apply(node, args, self.graph, self.batch)
+            return apply(ann_view(node), args, self.graph, self.batch)
+        return super().call_op(node, args)
 
 
 def ann_view(node: Node) -> Node:
@@ -247,13 +257,21 @@ def ann_view(node: Node) -> Node:
 _FRESH_KINDS = ("weight", "product", "host", "pool")     # ops that compute a new tensor (layout ops may alias)
 
 
-def private_inputs(graph: Graph) -> frozenset[str]:
-    """Neuron sites whose input value nothing else reads and whose producer computes a new tensor: the fire rule
-    may write its output over that input (one 4-byte stream per element and a fresh allocation fewer)."""
+def private_inputs(graph: Graph, sites: bool = True) -> frozenset[str]:
+    """Nodes whose (first) input value nothing else reads, computed by a producer that makes a new tensor: a
+    neuron site (``sites``) or an op with an in-place form (``ops.IN_PLACE``) may write its output over that input
+    (a fresh allocation fewer, and for a site one 4-byte stream per element fewer)."""
     users = graph.users()
-    return frozenset(s.name for s in graph.sites
-                     if len(users[s.inputs[0]]) == 1 and s.inputs[0] != graph.output
-                     and graph[s.inputs[0]].kind in _FRESH_KINDS and graph[s.inputs[0]].op != "pad")
+    site_names = {s.name for s in graph.sites} if sites else set()
+    return frozenset(n.name for n in graph.nodes
+                     if (n.name in site_names or n.op in IN_PLACE) and n.inputs
+                     and len(users[n.inputs[0]]) == 1 and n.inputs[0] != graph.output
+                     and graph[n.inputs[0]].kind in _FRESH_KINDS and graph[n.inputs[0]].op != "pad")
+
+
+def _overwritable(x: torch.Tensor) -> bool:
+    """A value an op may write its output over: its own storage (not a view), dense, float32, no autograd."""
+    return x._base is None and x.is_contiguous() and not x.requires_grad and x.dtype == torch.float32
 
 
 class SnnInterpreter(Interpreter):
@@ -270,8 +288,7 @@ class SnnInterpreter(Interpreter):
             raise NotImplementedError(f"no neuron kind is registered for node {node.name} ({node.op})")
         position = node.name not in self.skip_positions
         x = args[0]
-        over = (node.name in self.private and x._base is None and x.is_contiguous() and not x.requires_grad
-                and x.dtype == torch.float32)
+        over = node.name in self.private and _overwritable(x)
         out, event.position, event.hist = fire_with(node, x, self.wants_hist, position, out=x if over else None)
         return out
 
@@ -395,7 +412,7 @@ def run_on(graph: Graph, x: torch.Tensor, spiking: bool, observer: Observer | No
 
 
 class _Levels(Observer):
-    reads_site_inputs = False
+    reads_private_inputs = False
 
     def __init__(self):
         self.levels: dict[str, torch.Tensor] = {}

@@ -114,9 +114,10 @@ def test_unknown_op_is_named():
 
 
 def test_fire_over_private_inputs_changes_no_result_and_no_shared_value():
-    """A site may write its output over an input nothing else reads (SnnInterpreter.private): the counting run
-    (whose observer does not read site inputs) must give the very outputs, counts and levels of a run whose
-    observer does, on a ViT whose q, k, v are views of one qkv tensor, and leave the caller's batch alone."""
+    """A site or an op with an in-place form may write its output over an input nothing else reads
+    (Interpreter.private): the counting run (whose observer does not read those inputs) must give the very
+    outputs, counts and levels of a run whose observer does, on a ViT whose q, k, v are views of one qkv tensor,
+    and leave the caller's batch alone."""
     import timm
 
     from sfn_deploy import convert
@@ -131,9 +132,10 @@ def test_fire_over_private_inputs_changes_no_result_and_no_shared_value():
     private = interpreter.private_inputs(g)
     assert private and all(g[g[s].inputs[0]].kind != "layout" for s in private)
     assert {s.name for s in g.sites if s.attrs["role"] in ("q", "k", "v")}.isdisjoint(private)
+    assert {"gelu", "softmax", "mul"} <= {g[n].op for n in private}     # ops with an in-place form, too
 
     class Reads(OpCounter):
-        reads_site_inputs = True                      # the same counter, but no site may overwrite its input
+        reads_private_inputs = True                   # the same counter, but nothing may overwrite its input
     counted, plain = OpCounter(g), Reads(g)
     keep = x.clone()
     counted.start_batch(len(x))

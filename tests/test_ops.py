@@ -214,3 +214,29 @@ def test_docs_list_every_op_with_its_declaration():
     spec.loader.exec_module(mod)
     with open(os.path.join(ROOT, "docs", "ops.md"), encoding="utf-8") as f:
         assert f.read() == mod.markdown(), "docs/ops.md is stale: run python examples/op_table.py"
+
+
+@pytest.mark.parametrize("op, attrs, shape", [
+    ("gelu", {}, (3, 7, 33)), ("gelu", {"approximate": "tanh"}, (5, 17)),
+    ("softmax", {"dim": -1}, (2, 3, 197, 197)), ("softmax", {"dim": 2}, (4, 6, 35)),
+    ("softmax", {"dim": 1}, (4, 6, 35)),                      # not the last axis: the implementation runs
+    ("mul", {"other": 0.125}, (2, 6, 50, 50)), ("mul", {"other": 0.3}, (1001,)), ("mul", {"other": float("inf")}, (9,)),
+    ("div", {"other": 3.0}, (7, 129)), ("div", {"other": 0.1}, (64,))])
+def test_in_place_forms_give_the_implementations_bits(op, attrs, shape):
+    """An op's in-place form (ops.IN_PLACE, run by the interpreter over an input nothing else reads) writes the
+    very bits its implementation returns, into the input's own storage; None where it does not apply."""
+    from sfn_deploy.ops import apply, apply_in_place
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 30
+    x.view(-1)[:3] = torch.tensor([0.0, -0.0, 1e30])
+    node = Node("n", op, ["x"], attrs, {}, list(shape), 0)
+    ref = apply(node, [x.clone()], None, shape[0])
+    y = x.clone()
+    out = apply_in_place(node, [y])
+    if op == "softmax" and attrs["dim"] not in (-1, len(shape) - 1):
+        assert out is None
+        return
+    assert out is not None and out.data_ptr() == y.data_ptr()
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    if op in ("mul", "div"):               # by a second input: the implementation runs
+        assert apply_in_place(Node("n", op, ["a", "b"], {}, {}, list(shape), 0), [x, x]) is None
