@@ -257,14 +257,14 @@ def apply(node, args: list, graph, batch: int) -> torch.Tensor:
     return spec.impl(node, args, graph, batch)
 
 
-IN_PLACE: dict[str, Callable[[object, list], torch.Tensor | None]] = {}
+IN_PLACE: dict[str, Callable[[object, list, int], torch.Tensor | None]] = {}
 
 
 def in_place(name: str):
-    """Decorator: op ``name``'s result written over its first input, bit for bit its implementation's (the same
-    torch kernel, its output its input), or None where this node needs the implementation. The interpreter runs
-    it where nothing else reads that input: a fresh allocation fewer, whose page faults cost as much as the op
-    (:func:`sfn_deploy.simulators.interpreter.private_inputs`)."""
+    """Decorator: op ``name``'s result written over its input ``i`` (``(node, args, i)``; 0 but for ``add``), bit
+    for bit its implementation's (the same torch kernel, its output that input), or None where this node needs
+    the implementation. The interpreter runs it where nothing else reads that input: a fresh allocation fewer,
+    whose page faults cost as much as the op (:func:`sfn_deploy.simulators.interpreter.private_inputs`)."""
     def add(fn):
         if name not in TABLE or name in IN_PLACE:
             raise ValueError(f"op {name!r}: an in-place form needs the op, once")
@@ -273,10 +273,10 @@ def in_place(name: str):
     return add
 
 
-def apply_in_place(node, args: list) -> torch.Tensor | None:
-    """``node``'s result over ``args[0]`` (:func:`in_place`), or None where the op has no such form here."""
+def apply_in_place(node, args: list, i: int = 0) -> torch.Tensor | None:
+    """``node``'s result over ``args[i]`` (:func:`in_place`), or None where the op has no such form here."""
     fn = IN_PLACE.get(node.op)
-    return None if fn is None else fn(node, args)
+    return None if fn is None else fn(node, args, i)
 
 
 def resolve_shape(shape: list, batch: int) -> list[int]:
@@ -426,7 +426,7 @@ def _gelu(node, args, graph, batch):
 
 
 @in_place("gelu")
-def _gelu_over(node, args):
+def _gelu_over(node, args, i):
     return torch.ops.aten.gelu_(args[0], approximate=node.attrs.get("approximate", "none"))
 
 
@@ -439,7 +439,7 @@ def _softmax(node, args, graph, batch):
 
 
 @in_place("softmax")
-def _softmax_over(node, args):
+def _softmax_over(node, args, i):
     x, dim = args[0], node.attrs["dim"]
     if dim not in (-1, x.dim() - 1):     # the last axis: each row read whole before it is written
         return None
@@ -489,6 +489,14 @@ def _add(node, args, graph, batch):
     return args[0] + _alpha_other(node, args)
 
 
+@in_place("add")
+def _add_over(node, args, i):
+    a, b = (args + [None])[:2]
+    if b is None or node.attrs.get("alpha", 1) != 1 or a.shape != b.shape or a.dtype != b.dtype:
+        return None              # a scalar, a multiplier, broadcasting or promotion: the implementation
+    return torch.add(a, b, out=args[i])
+
+
 @register("sub", "host", "a − alpha·b", inputs="a, b?", attrs={**_SCALAR, "alpha?": "float: (default 1)"})
 def _sub(node, args, graph, batch):
     return args[0] - _alpha_other(node, args)
@@ -500,7 +508,7 @@ def _mul(node, args, graph, batch):
 
 
 @in_place("mul")
-def _mul_over(node, args):
+def _mul_over(node, args, i):
     return torch.mul(args[0], node.attrs["other"], out=args[0]) if len(args) == 1 else None
 
 
@@ -510,7 +518,7 @@ def _div(node, args, graph, batch):
 
 
 @in_place("div")
-def _div_over(node, args):
+def _div_over(node, args, i):
     return torch.div(args[0], node.attrs["other"], out=args[0]) if len(args) == 1 else None
 
 

@@ -312,6 +312,7 @@ class OpCounter(Observer):
         self.skip_positions = _position_free(graph) if spiking else set()
         self.pool_candidates = set(pooling_layers(graph)) if spiking else set()
         self.core_sums = core_sums(graph) if spiking else {}
+        self.kept = frozenset(graph[n].inputs[k] for n, ks in self.core_sums.items() for k in ks)  # read by _host
 
     def start_batch(self, batch: int) -> None:
         self.samples += batch

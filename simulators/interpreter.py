@@ -81,12 +81,14 @@ class Event:
 class Observer:
     """Called with every :class:`Event`. ``wants_hist``: single-step runs hand each site's histogram of
     positions (``event.hist``); ``skip_positions``: names of sites whose positions it never reads (no
-    ``event.position`` there, which saves writing them); ``reads_private_inputs``: whether it reads the input
-    (``event.args[0]``) of a neuron or of an op with an in-place form (``ops.IN_PLACE``) — when not, such a node
-    may write its output over an input nothing else reads (:func:`private_inputs`)."""
+    ``event.position`` there, which saves writing them); ``reads_private_inputs``: whether it reads the inputs
+    (``event.args``) of neurons and of ops with an in-place form (``ops.IN_PLACE``) — when not, such a node may
+    write its output over an input nothing else reads (:func:`private_inputs`), except the values named in
+    ``kept``, which it does read."""
     wants_hist: bool = False
     skip_positions: Any = ()
     reads_private_inputs: bool = True
+    kept: frozenset[str] = frozenset()
 
     def __call__(self, event: Event) -> None:
         raise NotImplementedError
@@ -176,7 +178,8 @@ class Interpreter:
         self.wants_hist = bool(getattr(observer, "wants_hist", False))
         self.skip_positions = getattr(observer, "skip_positions", None) or ()
         self.overwrite_inputs = observer is None or not getattr(observer, "reads_private_inputs", True)
-        self.private: frozenset[str] = frozenset()      # nodes that may write over their input (the single-step runs)
+        self.kept = frozenset(getattr(observer, "kept", ()))
+        self.private: dict[str, int] = {}     # node → the input it may write over (the single-step runs)
         self.x = torch.empty(0)        # the batch of the current run
         self.batch = 0
 
@@ -212,8 +215,9 @@ class Interpreter:
 
     def call_op(self, node: Node, args: list) -> torch.Tensor:
         """A non-neuron op, by the op table; over its input where that is private (:func:`private_inputs`)."""
-        if node.name in self.private and _overwritable(args[0]):
-            out = apply_in_place(node, args)
+        i = self.private.get(node.name)
+        if i is not None and _overwritable(args[i]):
+            out = apply_in_place(node, args, i)
             if out is not None:
                 return out
         return apply(node, args, self.graph, self.batch)
@@ -236,7 +240,7 @@ class AnnInterpreter(Interpreter):
 
     def __init__(self, graph: Graph, observer: Observer | None = None):
         super().__init__(graph, observer)
-        self.private = private_inputs(graph, sites=False) if self.overwrite_inputs else frozenset()
+        self.private = private_inputs(graph, sites=False, kept=self.kept) if self.overwrite_inputs else {}
 
     def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
         return _absorbed(node, args[0])
@@ -257,16 +261,24 @@ def ann_view(node: Node) -> Node:
 _FRESH_KINDS = ("weight", "product", "host", "pool")     # ops that compute a new tensor (layout ops may alias)
 
 
-def private_inputs(graph: Graph, sites: bool = True) -> frozenset[str]:
-    """Nodes whose (first) input value nothing else reads, computed by a producer that makes a new tensor: a
-    neuron site (``sites``) or an op with an in-place form (``ops.IN_PLACE``) may write its output over that input
-    (a fresh allocation fewer, and for a site one 4-byte stream per element fewer)."""
+def private_inputs(graph: Graph, sites: bool = True, kept: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Node → the input it may write its output over: a value nothing else reads (not one of ``kept``), computed
+    by a producer that makes a new tensor. Neuron sites (``sites``) and unary ops with an in-place form
+    (``ops.IN_PLACE``) write over their input; a sum over either operand (a fresh allocation fewer, and for a
+    site one 4-byte stream per element fewer)."""
     users = graph.users()
     site_names = {s.name for s in graph.sites} if sites else set()
-    return frozenset(n.name for n in graph.nodes
-                     if (n.name in site_names or n.op in IN_PLACE) and n.inputs
-                     and len(users[n.inputs[0]]) == 1 and n.inputs[0] != graph.output
-                     and graph[n.inputs[0]].kind in _FRESH_KINDS and graph[n.inputs[0]].op != "pad")
+
+    def private(value: str) -> bool:
+        return (len(users[value]) == 1 and value != graph.output and value not in kept
+                and graph[value].kind in _FRESH_KINDS and graph[value].op != "pad")
+    out: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.name in site_names or n.op in IN_PLACE:
+            k = next((k for k, v in enumerate(n.inputs[:2 if n.op == "add" else 1]) if private(v)), None)
+            if k is not None:
+                out[n.name] = k
+    return out
 
 
 def _overwritable(x: torch.Tensor) -> bool:
@@ -281,14 +293,14 @@ class SnnInterpreter(Interpreter):
 
     def __init__(self, graph: Graph, observer: Observer | None = None):
         super().__init__(graph, observer)
-        self.private = private_inputs(graph) if self.overwrite_inputs else frozenset()
+        self.private = private_inputs(graph, kept=self.kept) if self.overwrite_inputs else {}
 
     def fire(self, node: Node, args: list, event: Event) -> torch.Tensor:
         if node.op not in NEURON_OPS:
             raise NotImplementedError(f"no neuron kind is registered for node {node.name} ({node.op})")
         position = node.name not in self.skip_positions
         x = args[0]
-        over = node.name in self.private and _overwritable(x)
+        over = self.private.get(node.name) == 0 and _overwritable(x)
         out, event.position, event.hist = fire_with(node, x, self.wants_hist, position, out=x if over else None)
         return out
 

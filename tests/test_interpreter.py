@@ -113,30 +113,51 @@ def test_unknown_op_is_named():
         ops.apply(type(node)("n", "input", [], {}, {}, [1], 0), [x], g, 1)
 
 
-def test_fire_over_private_inputs_changes_no_result_and_no_shared_value():
+class _Residual(nn.Module):
+    """A residual sum on cores, max-pooled spikes + conv: the counter reads the pooled spikes after the sum
+    (OpCounter.kept), so the sum may write over the conv's output only."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = torch.relu(nn.functional.max_pool2d(y, 3, 1, 1) + self.c2(y))
+        return self.head(y.mean((2, 3)))
+
+
+def _vit():
+    import timm
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                             embed_dim=64, depth=2, num_heads=2).eval()
+
+
+@pytest.mark.parametrize("make, ops_over", [(_vit, {"gelu", "softmax", "mul", "add"}), (_Residual, {"add"})])
+def test_fire_over_private_inputs_changes_no_result_and_no_shared_value(make, ops_over):
     """A site or an op with an in-place form may write its output over an input nothing else reads
     (Interpreter.private): the counting run (whose observer does not read those inputs) must give the very
-    outputs, counts and levels of a run whose observer does, on a ViT whose q, k, v are views of one qkv tensor,
-    and leave the caller's batch alone."""
-    import timm
-
+    outputs, counts and levels of a run whose observer does — on a ViT whose q, k, v are views of one qkv tensor,
+    and on a residual CNN whose sum's spike operand the counter reads — and leave the caller's batch alone."""
     from sfn_deploy import convert
     from sfn_deploy.data import Dataset
     from sfn_deploy.simulators.counting import OpCounter
     torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
-                          embed_dim=64, depth=2, num_heads=2).eval()
+    m = make().eval()
     x = torch.randn(6, 3, 32, 32)
     snn = convert(m, Dataset(x, torch.zeros(6, dtype=torch.long), "r"), scale=0.2, bias_correction="off")
     g = snn.graph
-    private = interpreter.private_inputs(g)
-    assert private and all(g[g[s].inputs[0]].kind != "layout" for s in private)
-    assert {s.name for s in g.sites if s.attrs["role"] in ("q", "k", "v")}.isdisjoint(private)
-    assert {"gelu", "softmax", "mul"} <= {g[n].op for n in private}     # ops with an in-place form, too
+    counted = OpCounter(g)
+    private = interpreter.private_inputs(g, kept=counted.kept)
+    assert private and all(g[g[n].inputs[k]].kind != "layout" for n, k in private.items())
+    assert {s.name for s in g.sites if s.attrs.get("role") in ("q", "k", "v")}.isdisjoint(private)
+    assert ops_over <= {g[n].op for n in private}     # ops with an in-place form, too
+    assert make is _vit or counted.kept               # the residual sum's pooled spikes
 
     class Reads(OpCounter):
         reads_private_inputs = True                   # the same counter, but nothing may overwrite its input
-    counted, plain = OpCounter(g), Reads(g)
+    plain = Reads(g)
     keep = x.clone()
     counted.start_batch(len(x))
     plain.start_batch(len(x))

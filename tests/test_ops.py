@@ -240,3 +240,20 @@ def test_in_place_forms_give_the_implementations_bits(op, attrs, shape):
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
     if op in ("mul", "div"):               # by a second input: the implementation runs
         assert apply_in_place(Node("n", op, ["a", "b"], {}, {}, list(shape), 0), [x, x]) is None
+
+
+def test_in_place_sum_writes_over_either_operand():
+    """``add`` over its operand i gives the bits of a + b; a scalar, a multiplier or broadcasting does not run so."""
+    from sfn_deploy.ops import apply, apply_in_place
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 197, 33) * 1e3, torch.randn(4, 197, 33)
+    node = Node("n", "add", ["a", "b"], {}, {}, [4, 197, 33], 0)
+    ref = apply(node, [a, b], None, 4)
+    for i in (0, 1):
+        args = [a.clone(), b.clone()]
+        out = apply_in_place(node, args, i)
+        assert out is not None and out.data_ptr() == args[i].data_ptr()
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    assert apply_in_place(node, [a.clone(), b[:1].clone()], 0) is None
+    assert apply_in_place(Node("n", "add", ["a", "b"], {"alpha": 2}, {}, [4, 197, 33], 0), [a, b], 0) is None
+    assert apply_in_place(Node("n", "add", ["a"], {"other": 1.0}, {}, [4, 197, 33], 0), [a], 0) is None
