@@ -279,6 +279,28 @@ def apply_in_place(node, args: list, i: int = 0) -> torch.Tensor | None:
     return None if fn is None else fn(node, args, i)
 
 
+INTO: dict[str, Callable[[object, list, Callable], torch.Tensor | None]] = {}
+
+
+def into(name: str):
+    """Decorator: op ``name``'s result written into ``take(shape)`` (``(node, args, take)``: a dense float32 tensor
+    of that shape, one a run released or a new one), bit for bit its implementation's (the same torch kernel with
+    ``out=``), or None where this node needs the implementation. The interpreter hands out the buffers of values it
+    has released, which saves fresh mappings (:class:`sfn_deploy.simulators.interpreter.Buffers`)."""
+    def add(fn):
+        if name not in TABLE or name in INTO:
+            raise ValueError(f"op {name!r}: an into form needs the op, once")
+        INTO[name] = fn
+        return fn
+    return add
+
+
+def apply_into(node, args: list, take: Callable) -> torch.Tensor | None:
+    """``node``'s result in a buffer from ``take`` (:func:`into`), or None where the op has no such form here."""
+    fn = INTO.get(node.op)
+    return None if fn is None else fn(node, args, take)
+
+
 def resolve_shape(shape: list, batch: int) -> list[int]:
     """Replace the batch entries "B" / "B*k" of a stored shape by numbers."""
     out = []
@@ -390,11 +412,35 @@ def _linear(node, args, graph, batch):
     return F.linear(args[0], node.params["weight"], node.params.get("bias"))
 
 
+@into("linear")
+def _linear_into(node, args, take):
+    x, w, b = args[0], node.params["weight"], node.params.get("bias")
+    if x.dim() < 2 or not x.is_contiguous() or x.dtype != torch.float32 or w.dtype != torch.float32 \
+            or (b is not None and b.dtype != torch.float32):
+        return None
+    out = take((*x.shape[:-1], w.shape[0]))
+    flat, rows = out.view(-1, w.shape[0]), x.reshape(-1, x.shape[-1])      # what F.linear runs on a dense x
+    if b is None:
+        torch.matmul(rows, w.t(), out=flat)
+    else:
+        torch.addmm(b, rows, w.t(), out=flat)
+    return out
+
+
 @register("matmul", "product", "product of two activations (attention q·kᵀ and attn·v)", inputs="a, b",
           attrs=written_by("mbe", {"mbe_product?": "'coincidence': both operands are MBE spikes (counted as "
                                                    "coincidences)"}))
 def _matmul(node, args, graph, batch):
     return torch.matmul(args[0], args[1])
+
+
+@into("matmul")
+def _matmul_into(node, args, take):
+    a, b = args
+    if a.dim() < 2 or b.dim() < 2 or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return None
+    return torch.matmul(a, b, out=take((*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2],
+                                        b.shape[-1])))
 
 
 # ---------------------------------------------------------------- neurons (run by the interpreter's neuron kinds)

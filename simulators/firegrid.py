@@ -82,7 +82,7 @@ class FireGrid:
         2n+1 positions (only if ``hist``). One fused pass over x, split over torch's threads, when the native loop is
         available; otherwise the torch operations. ``out``: a contiguous float32 tensor of x's shape (x itself
         allowed: each element is read before it is written) that the native loop writes the output into; a
-        strided x is copied first, and the output goes over the copy."""
+        strided x is copied first (into ``out``, where given), and the output goes over the copy."""
         lib = native() if x.numel() >= _NATIVE_MIN and x.device.type == "cpu" else None
         bins = 2 * self.n + 1
         if lib is None:
@@ -90,12 +90,14 @@ class FireGrid:
             out = torch.index_select(values, 0, every.reshape(-1)).view(every.shape)
             return (out, every if position else None,
                     torch.bincount(every.reshape(-1), minlength=bins) if hist else None)
-        dense = x.contiguous()     # (a strided read in the loop measured slower than this copy)
-        if dense is not x and out is None:
-            out = dense            # the copy is this call's own: the output goes over it
-        x = dense
+        if not x.is_contiguous():  # (a strided read in the loop measured no faster than this copy)
+            if out is not None and _fits(out, x):
+                x = out.copy_(x)   # the copy in the caller's buffer, the output over it
+            else:
+                x = x.contiguous()
+                out = x if out is None else out     # the copy is this call's own: the output goes over it
         values = values.contiguous()
-        if out is None or out.shape != x.shape or not out.is_contiguous() or out.dtype != torch.float32:
+        if out is None or not _fits(out, x):
             out = torch.empty(x.shape, dtype=torch.float32)
         pos = torch.empty(x.shape, dtype=torch.int32) if position else None
         n, parts = x.numel(), _parts(x.numel())
@@ -130,6 +132,11 @@ class FireGrid:
         x = torch.from_numpy(probes)
         ref = spike_index(node, x.to(node.params["bounds_pos"].device)).cpu()     # where the node's bounds are
         return bool(torch.equal(self.position(x).to(torch.int64) - self.n, ref))
+
+
+def _fits(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``out`` can take the native loop's output for x (dense float32 of x's shape)."""
+    return out.shape == x.shape and out.is_contiguous() and out.dtype == torch.float32
 
 
 def grid_for(node) -> FireGrid | None:

@@ -22,6 +22,7 @@ evaluation with an :class:`Event`. :func:`run` also accepts the older hook form
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,7 +33,7 @@ from sfn_deploy import devices
 from sfn_deploy.errors import UserError
 from sfn_deploy.ir import NEURON_OPS, OPS, STATEFUL_OPS, Graph, Node
 from sfn_deploy.neurons import NODE_CACHE, signed_table
-from sfn_deploy.ops import IN_PLACE, apply, apply_in_place
+from sfn_deploy.ops import IN_PLACE, apply, apply_in_place, apply_into
 
 from .firegrid import fire_with
 from .temporal import gate, temporal_plan
@@ -182,6 +183,7 @@ class Interpreter:
         self.private: dict[str, int] = {}     # node → the input it may write over (the single-step runs)
         self.x = torch.empty(0)        # the batch of the current run
         self.batch = 0
+        self.buffers = Buffers()       # released values' storage, handed out again within this run
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The graph's output on the batch ``x``."""
@@ -196,8 +198,9 @@ class Interpreter:
             env[node.name] = out
             if observer is not None:
                 observer(event)
+            del args, event, out                     # (so that a released value's only reference is env's)
             for name in free.get(node.name, ()):     # bounded memory: drop values nobody reads any more
-                del env[name]
+                self.buffers.give(env.pop(name))
         return env[self.graph.output]
 
     def run_node(self, node: Node, args: list, event: Event) -> torch.Tensor:
@@ -215,9 +218,15 @@ class Interpreter:
 
     def call_op(self, node: Node, args: list) -> torch.Tensor:
         """A non-neuron op, by the op table; over its input where that is private (:func:`private_inputs`)."""
+        if torch.is_grad_enabled():       # (a method trained through the graph: autograd's tensors)
+            return apply(node, args, self.graph, self.batch)
         i = self.private.get(node.name)
         if i is not None and _overwritable(args[i]):
             out = apply_in_place(node, args, i)
+            if out is not None:
+                return out
+        if x_on_cpu(args):
+            out = apply_into(node, args, self.buffers.take)
             if out is not None:
                 return out
         return apply(node, args, self.graph, self.batch)
@@ -281,6 +290,61 @@ def private_inputs(graph: Graph, sites: bool = True, kept: frozenset[str] = froz
     return out
 
 
+def x_on_cpu(args: list) -> bool:
+    """Whether every input is a CPU tensor (the buffers are CPU memory)."""
+    return all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+
+
+class Buffers:
+    """The storage of values a run released, handed out again by shape (``ops.into`` forms, a neuron's output):
+    under the CLI's 1 MiB mmap threshold (``sfn_deploy.allocator``) each fresh activation is a new mapping whose
+    page faults cost about as much as the op that fills it. A released value joins only when nothing else can
+    reach it (no other Python reference, no other tensor on its storage), is a dense float32 CPU tensor of at
+    least ``MIN_BYTES`` and the pool holds under ``LIMIT`` bytes; the pool lives for one run (one batch)."""
+
+    MIN_BYTES = 1 << 20
+    LIMIT = 256 << 20
+
+    def __init__(self):
+        self.free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self.held = 0
+        self.reused = 0
+
+    def take(self, shape) -> torch.Tensor:
+        """A dense float32 tensor of ``shape``: a released one, else a new one."""
+        stack = self.free.get(tuple(shape))
+        if stack:
+            t = stack.pop()
+            self.held -= t.numel() * 4
+            self.reused += 1
+            return t
+        return torch.empty(tuple(shape), dtype=torch.float32)
+
+    def give(self, t) -> None:
+        """Keep ``t`` (passed with its holder's last reference: ``env.pop(name)``) if it is the pool's to reuse."""
+        size = t.numel() * 4 if type(t) is torch.Tensor else 0
+        if size < self.MIN_BYTES or self.held + size > self.LIMIT or sys.getrefcount(t) > _ALONE[0] \
+                or t.dtype != torch.float32 or t.device.type != "cpu" or t._base is not None \
+                or not t.is_contiguous() or t.requires_grad or t.storage_offset() != 0 \
+                or t.untyped_storage().nbytes() != size or _storage_users(t) != _ALONE[1]:
+            return
+        self.free.setdefault(tuple(t.shape), []).append(t)
+        self.held += size
+
+    @staticmethod
+    def _refs(t) -> int:          # the references ``give`` sees on a value nothing else holds
+        return sys.getrefcount(t)
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors share t's storage (torch's count, plus the probe's own), or -1 where torch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return -1 if count is None else count(t.untyped_storage()._cdata)
+
+
+_ALONE = (Buffers._refs({"t": torch.empty(1)}.pop("t")), _storage_users(torch.empty(1)))
+
+
 def _overwritable(x: torch.Tensor) -> bool:
     """A value an op may write its output over: its own storage (not a view), dense, float32, no autograd."""
     return x._base is None and x.is_contiguous() and not x.requires_grad and x.dtype == torch.float32
@@ -301,7 +365,9 @@ class SnnInterpreter(Interpreter):
         position = node.name not in self.skip_positions
         x = args[0]
         over = self.private.get(node.name) == 0 and _overwritable(x)
-        out, event.position, event.hist = fire_with(node, x, self.wants_hist, position, out=x if over else None)
+        into = x if over else self.buffers.take(x.shape) if x.device.type == "cpu" and x.numel() >= (
+            Buffers.MIN_BYTES // 4) and x.dtype == torch.float32 and not torch.is_grad_enabled() else None
+        out, event.position, event.hist = fire_with(node, x, self.wants_hist, position, out=into)
         return out
 
 

@@ -169,3 +169,54 @@ def test_fire_over_private_inputs_changes_no_result_and_no_shared_value(make, op
     assert [c.to_dict() for c in counted.result().layers] == [c.to_dict() for c in plain.result().layers]
     levels = interpreter.run_with_levels(g, x)[1]     # its observer reads positions only: writes over inputs
     assert all(torch.equal(levels[k], v) for k, v in interpreter.run_with_levels(g, x.clone())[1].items())
+
+
+@pytest.mark.parametrize("make", [_vit, _Residual])
+def test_reused_buffers_change_no_result(make, monkeypatch):
+    """Released values' storage handed out again (Buffers, ops.INTO forms, a neuron's output) gives the very
+    outputs, counts and levels of a run that allocates every value afresh, and is reused."""
+    from sfn_deploy import convert
+    from sfn_deploy.data import Dataset
+    from sfn_deploy.simulators.counting import OpCounter
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    snn = convert(make().eval(), Dataset(x, torch.zeros(16, dtype=torch.long), "r"), scale=0.2,
+                  bias_correction="off")
+    g = snn.graph
+    seen = []
+    take = interpreter.Buffers.take
+
+    def counted_take(self, shape):
+        seen.append(self)
+        return take(self, shape)
+    monkeypatch.setattr(interpreter.Buffers, "MIN_BYTES", 1 << 12)     # this small model's values join too
+    monkeypatch.setattr(interpreter.Buffers, "take", counted_take)
+
+    def counted_run():
+        c = OpCounter(g)
+        c.start_batch(len(x))
+        with torch.no_grad():
+            out = interpreter.run(g, x, hook=c)
+        return out, [d.to_dict() for d in c.result().layers], interpreter.run_with_levels(g, x)[1]
+    a = counted_run()
+    assert make is _Residual or sum(b.reused for b in set(seen)) > 0     # (the CNN's shapes do not recur)
+    monkeypatch.setattr(ops, "INTO", {})
+    monkeypatch.setattr(interpreter.Buffers, "LIMIT", 0)
+    b = counted_run()
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def test_buffers_keep_only_what_nothing_else_reaches():
+    """A released value joins the pool only when its holder's reference was the last one and no view shares its
+    storage; a kept one comes back for its shape only."""
+    pool = interpreter.Buffers()
+    env = {k: torch.empty(1 << 20) for k in "abcd"}
+    other, view = env["b"], env["c"].view(2, -1)
+    for k in "abc":
+        pool.give(env.pop(k))
+    assert sum(len(v) for v in pool.free.values()) == 1
+    assert pool.take((1 << 20,)) is not other and pool.reused == 1
+    assert pool.take((1 << 20,)).data_ptr() not in (other.data_ptr(), view.data_ptr())   # empty: a new one
+    assert pool.take((2, 1 << 19)).shape == (2, 1 << 19) and pool.reused == 1
+    assert len(env) == 1
