@@ -5,8 +5,9 @@ per-batch activations (tens of MB each for a ViT at 224×224) come from the heap
 resident set of ``evaluate`` on a ViT-S/16 at batch 64 grew from 3.7 GB on 1,000 photos to 6.1 GB on 10,000
 (examples/bench_memory.py). With the threshold fixed at 1 MiB every such block is mapped and returned whole:
 1.06 GB, flat over 6 passes of 1,000 photos, against 3.4 → 4.1 GB (docs/benchmarks.md, "Memory with streamed
-photos"); the page faults of fresh mappings cost some speed. ``SFN_MALLOC=default`` keeps glibc's behaviour;
-other C libraries (macOS, musl) are left alone.
+photos"). The page faults of fresh mappings cost about as much as the ops that fill them: the interpreter
+reuses the storage of the values it released within each batch (``simulators.interpreter.Buffers``).
+``SFN_MALLOC=default`` keeps glibc's behaviour; other C libraries (macOS, musl) are left alone.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ evaluation with an :class:`Event`. :func:`run` also accepts the older hook form
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -296,39 +297,44 @@ def x_on_cpu(args: list) -> bool:
 
 
 class Buffers:
-    """The storage of values a run released, handed out again by shape (``ops.into`` forms, a neuron's output):
-    under the CLI's 1 MiB mmap threshold (``sfn_deploy.allocator``) each fresh activation is a new mapping whose
-    page faults cost about as much as the op that fills it. A released value joins only when nothing else can
-    reach it (no other Python reference, no other tensor on its storage), is a dense float32 CPU tensor of at
-    least ``MIN_BYTES`` and the pool holds under ``LIMIT`` bytes; the pool lives for one run (one batch)."""
+    """The storage of values a run released, handed out again (``ops.into`` forms, a neuron's output): under the
+    CLI's 1 MiB mmap threshold (``sfn_deploy.allocator``) each fresh activation is a new mapping whose page faults
+    cost about as much as the op that fills it. A released value's storage joins only when nothing else can reach
+    it (no other Python reference, no other tensor on it) and it is a dense float32 CPU tensor of at least
+    ``MIN_BYTES``; a request gets the smallest kept storage that holds it and is at most twice its size (best
+    fit: the pool holds few buffers at a time). At most ``LIMIT`` bytes are kept; the pool lives for one run
+    (one batch)."""
 
     MIN_BYTES = 1 << 20
     LIMIT = 256 << 20
 
     def __init__(self):
-        self.free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self.free: list[torch.UntypedStorage] = []
         self.held = 0
         self.reused = 0
 
     def take(self, shape) -> torch.Tensor:
-        """A dense float32 tensor of ``shape``: a released one, else a new one."""
-        stack = self.free.get(tuple(shape))
-        if stack:
-            t = stack.pop()
-            self.held -= t.numel() * 4
-            self.reused += 1
-            return t
-        return torch.empty(tuple(shape), dtype=torch.float32)
+        """A dense float32 tensor of ``shape``: on a released storage, else a new one."""
+        shape = tuple(shape)
+        need = math.prod(shape) * 4
+        fits = [(s.nbytes(), k) for k, s in enumerate(self.free) if need <= s.nbytes() <= 2 * need]
+        if not fits:
+            return torch.empty(shape, dtype=torch.float32)
+        size, k = min(fits)
+        self.held -= size
+        self.reused += 1
+        return torch.empty(0, dtype=torch.float32).set_(self.free.pop(k), 0, shape)  # type: ignore[call-overload]
 
     def give(self, t) -> None:
-        """Keep ``t`` (passed with its holder's last reference: ``env.pop(name)``) if it is the pool's to reuse."""
-        size = t.numel() * 4 if type(t) is torch.Tensor else 0
+        """Keep ``t``'s storage (``t`` passed with its holder's last reference: ``env.pop(name)``) if it is the
+        pool's to reuse."""
+        size = t.untyped_storage().nbytes() if type(t) is torch.Tensor else 0
         if size < self.MIN_BYTES or self.held + size > self.LIMIT or sys.getrefcount(t) > _ALONE[0] \
                 or t.dtype != torch.float32 or t.device.type != "cpu" or t._base is not None \
                 or not t.is_contiguous() or t.requires_grad or t.storage_offset() != 0 \
-                or t.untyped_storage().nbytes() != size or _storage_users(t) != _ALONE[1]:
+                or _storage_users(t) != _ALONE[1]:
             return
-        self.free.setdefault(tuple(t.shape), []).append(t)
+        self.free.append(t.untyped_storage())
         self.held += size
 
     @staticmethod

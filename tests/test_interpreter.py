@@ -212,11 +212,20 @@ def test_buffers_keep_only_what_nothing_else_reaches():
     storage; a kept one comes back for its shape only."""
     pool = interpreter.Buffers()
     env = {k: torch.empty(1 << 20) for k in "abcd"}
+    env["a"].fill_(7.0)
     other, view = env["b"], env["c"].view(2, -1)
     for k in "abc":
         pool.give(env.pop(k))
-    assert sum(len(v) for v in pool.free.values()) == 1
-    assert pool.take((1 << 20,)) is not other and pool.reused == 1
+    assert len(pool.free) == 1
+    got = pool.take((2, 1 << 19))                  # another shape of the same size: the kept storage
+    assert got.shape == (2, 1 << 19) and got.is_contiguous() and got._base is None and pool.reused == 1
+    assert bool((got == 7.0).all())
     assert pool.take((1 << 20,)).data_ptr() not in (other.data_ptr(), view.data_ptr())   # empty: a new one
-    assert pool.take((2, 1 << 19)).shape == (2, 1 << 19) and pool.reused == 1
+    pool.give(got)                                 # still referenced here: not kept
+    assert not pool.free
+    ptr, env["g"] = got.data_ptr(), got
+    del got
+    pool.give(env.pop("g"))                        # a storage handed out comes back
+    assert pool.take((1 << 10,)).numel() == 1 << 10 and pool.reused == 1     # too small for it: a new one
+    assert pool.take((3 << 18,)).data_ptr() == ptr and pool.reused == 2       # ≤ twice its size: fits
     assert len(env) == 1
