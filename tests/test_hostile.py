@@ -516,7 +516,8 @@ main(["work"])
 def test_interrupt_inside_a_finaliser_is_not_swallowed():
     """Python swallows an exception raised in ``__del__`` ("Exception ignored in ..."): a Ctrl-C landing there
     would be lost and the command would go on; the CLI delivers it again and ends with its one line."""
-    r = subprocess.run([sys.executable, "-c", _FINALISER_INTERRUPTED], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", _FINALISER_INTERRUPTED], capture_output=True, text=True, timeout=60,
+                       preexec_fn=_default_sigint)         # (the CLI delivers it again as a SIGINT)
     assert r.returncode == 130, r.stderr
     assert r.stderr.strip().splitlines() == ["interrupted"]
     assert "went on" not in r.stdout
