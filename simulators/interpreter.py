@@ -219,17 +219,16 @@ class Interpreter:
 
     def call_op(self, node: Node, args: list) -> torch.Tensor:
         """A non-neuron op, by the op table; over its input where that is private (:func:`private_inputs`)."""
-        if torch.is_grad_enabled():       # (a method trained through the graph: autograd's tensors)
-            return apply(node, args, self.graph, self.batch)
+        if torch.is_grad_enabled() or not x_on_cpu(args):     # autograd's tensors (a method trained through
+            return apply(node, args, self.graph, self.batch)  # the graph); a GPU's caching allocator
         i = self.private.get(node.name)
         if i is not None and _overwritable(args[i]):
             out = apply_in_place(node, args, i)
             if out is not None:
                 return out
-        if x_on_cpu(args):
-            out = apply_into(node, args, self.buffers.take)
-            if out is not None:
-                return out
+        out = apply_into(node, args, self.buffers.take)
+        if out is not None:
+            return out
         return apply(node, args, self.graph, self.batch)
 
     def call_kind(self, kind: NeuronKind, node: Node, args: list, event: Event) -> torch.Tensor:
@@ -292,7 +291,8 @@ def private_inputs(graph: Graph, sites: bool = True, kept: frozenset[str] = froz
 
 
 def x_on_cpu(args: list) -> bool:
-    """Whether every input is a CPU tensor (the buffers are CPU memory)."""
+    """Whether every input is a CPU tensor: the in-place and into forms are for the CPU, where every fresh
+    activation costs page faults (a GPU's caching allocator reuses its memory itself)."""
     return all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
 
 
