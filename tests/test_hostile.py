@@ -467,6 +467,8 @@ def interrupted(self):       # Ctrl-C as Optuna starts a trial's heartbeat threa
     if where == "inside":    # while Thread.start waits for the new thread to run (as seen in CI)
         real = threading.Event.wait
         def wait(event, timeout=None):
+            if threading.current_thread() is not threading.main_thread():   # (tqdm's monitor thread)
+                return real(event, timeout)
             threading.Event.wait = real
             raise KeyboardInterrupt
         threading.Event.wait = wait
