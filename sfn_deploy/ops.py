@@ -40,6 +40,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -257,48 +258,41 @@ def apply(node, args: list, graph, batch: int) -> torch.Tensor:
     return spec.impl(node, args, graph, batch)
 
 
-IN_PLACE: dict[str, Callable[[object, list, int], torch.Tensor | None]] = {}
+# Optional faster forms of an op, each bit for bit its implementation's (the same torch kernel), or None where a
+# node needs the implementation: (node, args, extra) -> tensor | None.
+Form = Callable[[object, list, Any], "torch.Tensor | None"]
+IN_PLACE: dict[str, Form] = {}
+INTO: dict[str, Form] = {}
 
 
-def in_place(name: str):
-    """Decorator: op ``name``'s result written over its input ``i`` (``(node, args, i)``; 0 but for ``add``), bit
-    for bit its implementation's (the same torch kernel, its output that input), or None where this node needs
-    the implementation. The interpreter runs it where nothing else reads that input: a fresh allocation fewer,
-    whose page faults cost as much as the op (:func:`sfn_deploy.simulators.interpreter.private_inputs`)."""
-    def add(fn):
-        if name not in TABLE or name in IN_PLACE:
-            raise ValueError(f"op {name!r}: an in-place form needs the op, once")
-        IN_PLACE[name] = fn
+def _form(forms: dict[str, Form], name: str, what: str):
+    def add(fn: Form) -> Form:
+        if name not in TABLE or name in forms:
+            raise ValueError(f"op {name!r}: {what} needs the op, once")
+        forms[name] = fn
         return fn
     return add
 
 
-def apply_in_place(node, args: list, i: int = 0) -> torch.Tensor | None:
-    """``node``'s result over ``args[i]`` (:func:`in_place`), or None where the op has no such form here."""
-    fn = IN_PLACE.get(node.op)
-    return None if fn is None else fn(node, args, i)
-
-
-INTO: dict[str, Callable[[object, list, Callable], torch.Tensor | None]] = {}
+def in_place(name: str):
+    """Decorator: op ``name``'s result written over its input ``i`` (``(node, args, i)``). The interpreter runs it
+    where nothing else reads that input: a fresh allocation fewer, whose page faults cost as much as the op
+    (:func:`sfn_deploy.simulators.interpreter.private_inputs`)."""
+    return _form(IN_PLACE, name, "an in-place form")
 
 
 def into(name: str):
     """Decorator: op ``name``'s result written into ``take(shape)`` (``(node, args, take)``: a dense float32 tensor
-    of that shape, one a run released or a new one), bit for bit its implementation's (the same torch kernel with
-    ``out=``), or None where this node needs the implementation. The interpreter hands out the buffers of values it
-    has released, which saves fresh mappings (:class:`sfn_deploy.simulators.interpreter.Buffers`)."""
-    def add(fn):
-        if name not in TABLE or name in INTO:
-            raise ValueError(f"op {name!r}: an into form needs the op, once")
-        INTO[name] = fn
-        return fn
-    return add
+    of that shape, one a run released or a new one; the kernel's ``out=``). The interpreter hands out the buffers
+    of values it has released, which saves fresh mappings (:class:`sfn_deploy.simulators.interpreter.Buffers`)."""
+    return _form(INTO, name, "an into form")
 
 
-def apply_into(node, args: list, take: Callable) -> torch.Tensor | None:
-    """``node``'s result in a buffer from ``take`` (:func:`into`), or None where the op has no such form here."""
-    fn = INTO.get(node.op)
-    return None if fn is None else fn(node, args, take)
+def apply_form(forms: dict[str, Form], node, args: list, extra) -> torch.Tensor | None:
+    """``node``'s result by its form in ``forms`` (:data:`IN_PLACE` with the input's index, :data:`INTO` with
+    ``take``), or None where the op has no such form or this node needs the implementation."""
+    fn = forms.get(node.op)
+    return None if fn is None else fn(node, args, extra)
 
 
 def resolve_shape(shape: list, batch: int) -> list[int]:

@@ -34,7 +34,7 @@ from sfn_deploy import devices
 from sfn_deploy.errors import UserError
 from sfn_deploy.ir import NEURON_OPS, OPS, STATEFUL_OPS, Graph, Node
 from sfn_deploy.neurons import NODE_CACHE, signed_table
-from sfn_deploy.ops import IN_PLACE, apply, apply_in_place, apply_into
+from sfn_deploy.ops import IN_PLACE, INTO, apply, apply_form
 
 from .firegrid import fire_with
 from .temporal import gate, temporal_plan
@@ -223,10 +223,10 @@ class Interpreter:
             return apply(node, args, self.graph, self.batch)  # the graph); a GPU's caching allocator
         i = self.private.get(node.name)
         if i is not None and _overwritable(args[i]):
-            out = apply_in_place(node, args, i)
+            out = apply_form(IN_PLACE, node, args, i)
             if out is not None:
                 return out
-        out = apply_into(node, args, self.buffers.take)
+        out = apply_form(INTO, node, args, self.buffers.take)
         if out is not None:
             return out
         return apply(node, args, self.graph, self.batch)

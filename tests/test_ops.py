@@ -225,35 +225,35 @@ def test_docs_list_every_op_with_its_declaration():
 def test_in_place_forms_give_the_implementations_bits(op, attrs, shape):
     """An op's in-place form (ops.IN_PLACE, run by the interpreter over an input nothing else reads) writes the
     very bits its implementation returns, into the input's own storage; None where it does not apply."""
-    from sfn_deploy.ops import apply, apply_in_place
+    from sfn_deploy.ops import IN_PLACE, apply, apply_form
     torch.manual_seed(0)
     x = torch.randn(shape) * 30
     x.view(-1)[:3] = torch.tensor([0.0, -0.0, 1e30])
     node = Node("n", op, ["x"], attrs, {}, list(shape), 0)
     ref = apply(node, [x.clone()], None, shape[0])
     y = x.clone()
-    out = apply_in_place(node, [y])
+    out = apply_form(IN_PLACE, node, [y], 0)
     if op == "softmax" and attrs["dim"] not in (-1, len(shape) - 1):
         assert out is None
         return
     assert out is not None and out.data_ptr() == y.data_ptr()
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
     if op in ("mul", "div"):               # by a second input: the implementation runs
-        assert apply_in_place(Node("n", op, ["a", "b"], {}, {}, list(shape), 0), [x, x]) is None
+        assert apply_form(IN_PLACE, Node("n", op, ["a", "b"], {}, {}, list(shape), 0), [x, x], 0) is None
 
 
 def test_in_place_sum_writes_over_either_operand():
     """``add`` over its operand i gives the bits of a + b; a scalar, a multiplier or broadcasting does not run so."""
-    from sfn_deploy.ops import apply, apply_in_place
+    from sfn_deploy.ops import IN_PLACE, apply, apply_form
     torch.manual_seed(0)
     a, b = torch.randn(4, 197, 33) * 1e3, torch.randn(4, 197, 33)
     node = Node("n", "add", ["a", "b"], {}, {}, [4, 197, 33], 0)
     ref = apply(node, [a, b], None, 4)
     for i in (0, 1):
         args = [a.clone(), b.clone()]
-        out = apply_in_place(node, args, i)
+        out = apply_form(IN_PLACE, node, args, i)
         assert out is not None and out.data_ptr() == args[i].data_ptr()
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
-    assert apply_in_place(node, [a.clone(), b[:1].clone()], 0) is None
-    assert apply_in_place(Node("n", "add", ["a", "b"], {"alpha": 2}, {}, [4, 197, 33], 0), [a, b], 0) is None
-    assert apply_in_place(Node("n", "add", ["a"], {"other": 1.0}, {}, [4, 197, 33], 0), [a], 0) is None
+    assert apply_form(IN_PLACE, node, [a.clone(), b[:1].clone()], 0) is None
+    assert apply_form(IN_PLACE, Node("n", "add", ["a", "b"], {"alpha": 2}, {}, [4, 197, 33], 0), [a, b], 0) is None
+    assert apply_form(IN_PLACE, Node("n", "add", ["a"], {"other": 1.0}, {}, [4, 197, 33], 0), [a], 0) is None
