@@ -219,8 +219,8 @@ class Interpreter:
 
     def call_op(self, node: Node, args: list) -> torch.Tensor:
         """A non-neuron op, by the op table; over its input where that is private (:func:`private_inputs`)."""
-        if torch.is_grad_enabled() or not x_on_cpu(args):     # autograd's tensors (a method trained through
-            return apply(node, args, self.graph, self.batch)  # the graph); a GPU's caching allocator
+        if not _reusing(args):
+            return apply(node, args, self.graph, self.batch)
         i = self.private.get(node.name)
         if i is not None and _overwritable(args[i]):
             out = apply_form(IN_PLACE, node, args, i)
@@ -271,10 +271,10 @@ _FRESH_KINDS = ("weight", "product", "host", "pool")     # ops that compute a ne
 
 
 def private_inputs(graph: Graph, sites: bool = True, kept: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Node → the input it may write its output over: a value nothing else reads (not one of ``kept``), computed
-    by a producer that makes a new tensor. Neuron sites (``sites``) and unary ops with an in-place form
-    (``ops.IN_PLACE``) write over their input; a sum over either operand (a fresh allocation fewer, and for a
-    site one 4-byte stream per element fewer)."""
+    """Node → the first of its inputs it may write its output over: a value nothing else reads (not one of
+    ``kept``), computed by a producer that makes a new tensor; for neuron sites (``sites``) and ops with an
+    in-place form (``ops.IN_PLACE``, which may still decline that input). A fresh allocation fewer, and for a
+    site one 4-byte stream per element fewer."""
     users = graph.users()
     site_names = {s.name for s in graph.sites} if sites else set()
 
@@ -284,16 +284,18 @@ def private_inputs(graph: Graph, sites: bool = True, kept: frozenset[str] = froz
     out: dict[str, int] = {}
     for n in graph.nodes:
         if n.name in site_names or n.op in IN_PLACE:
-            k = next((k for k, v in enumerate(n.inputs[:2 if n.op == "add" else 1]) if private(v)), None)
+            k = next((k for k, v in enumerate(n.inputs) if private(v)), None)
             if k is not None:
                 out[n.name] = k
     return out
 
 
-def x_on_cpu(args: list) -> bool:
-    """Whether every input is a CPU tensor: the in-place and into forms are for the CPU, where every fresh
-    activation costs page faults (a GPU's caching allocator reuses its memory itself)."""
-    return all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+def _reusing(args: list) -> bool:
+    """Whether a node on these inputs may use the in-place and into forms and the released buffers: on the CPU,
+    where every fresh activation costs page faults (a GPU's caching allocator reuses its memory itself), and
+    without autograd (a method trained through the graph)."""
+    return not torch.is_grad_enabled() and all(isinstance(a, torch.Tensor) and a.device.type == "cpu"
+                                               for a in args)
 
 
 class Buffers:
@@ -317,7 +319,7 @@ class Buffers:
         """A dense float32 tensor of ``shape``: on a released storage, else a new one."""
         shape = tuple(shape)
         need = math.prod(shape) * 4
-        fits = [(s.nbytes(), k) for k, s in enumerate(self.free) if need <= s.nbytes() <= 2 * need]
+        fits = [(size, k) for k, size in enumerate(s.nbytes() for s in self.free) if need <= size <= 2 * need]
         if not fits:
             return torch.empty(shape, dtype=torch.float32)
         size, k = min(fits)
@@ -370,9 +372,12 @@ class SnnInterpreter(Interpreter):
             raise NotImplementedError(f"no neuron kind is registered for node {node.name} ({node.op})")
         position = node.name not in self.skip_positions
         x = args[0]
-        over = self.private.get(node.name) == 0 and _overwritable(x)
-        into = x if over else self.buffers.take(x.shape) if x.device.type == "cpu" and x.numel() >= (
-            Buffers.MIN_BYTES // 4) and x.dtype == torch.float32 and not torch.is_grad_enabled() else None
+        if self.private.get(node.name) == 0 and _overwritable(x):
+            into: torch.Tensor | None = x
+        elif _reusing(args) and x.dtype == torch.float32 and x.numel() * 4 >= Buffers.MIN_BYTES:
+            into = self.buffers.take(x.shape)
+        else:
+            into = None
         out, event.position, event.hist = fire_with(node, x, self.wants_hist, position, out=into)
         return out
 
