@@ -1127,9 +1127,10 @@ def load_partial(path_or_graph) -> PartialModule:
     return PartialModule(g, where)
 
 
-def run_partial(path_or_graph, x, *, spikes: bool = False, batch_size: int = 256):
+def run_partial(path_or_graph, x, *, spikes: bool = False, batch_size: int = 256, each=None):
     """Run a partial NIR export on the batch x (in chunks of ``batch_size``): the network output, and with
-    ``spikes=True`` the threshold channels of every site in a NIR region (see :class:`PartialModule`)."""
+    ``spikes=True`` the threshold channels of every site in a NIR region (see :class:`PartialModule`), each
+    chunk's passed through ``each(site, channels)`` where given (what depends on the chunk's own batch)."""
     module = path_or_graph if isinstance(path_or_graph, PartialModule) else load_partial(path_or_graph)
     outs, caught = [], defaultdict(list)
     for k in range(0, x.shape[0], batch_size):
@@ -1137,7 +1138,7 @@ def run_partial(path_or_graph, x, *, spikes: bool = False, batch_size: int = 256
         if spikes:
             r, sp = r
             for site, v in sp.items():
-                caught[site].append(v)
+                caught[site].append(v if each is None else each(site, v))
         outs.append(r)
     y = torch.cat(outs)
     return (y, {k: torch.cat(v) for k, v in caught.items()}) if spikes else y
@@ -1182,15 +1183,9 @@ class NirBackend(Simple):
         runner = self.runner(model)
         if isinstance(runner, PartialModule):          # sites inside NIR regions: channels (batch, G, *shape)
             rows = Rows(model.graph)                   # per batch: a folded or sequence-first batch axis
-            outs, caught = [], defaultdict(list)
-            for k in range(0, len(x), batch_size):
-                y, spikes = runner(x[k:k + batch_size], spikes=True)
-                outs.append(y)
-                for s in model.sites:
-                    if s.name in spikes:
-                        caught[s.name].append(rows(s.name, _channel_levels(s, spikes[s.name])))
-            return {"outputs": torch.cat(outs).numpy(), "pre": {},
-                    "levels": {name: torch.cat(v).numpy() for name, v in caught.items()}}
+            y, caught = run_partial(runner, x, spikes=True, batch_size=batch_size,
+                                    each=lambda name, ch: rows(name, _channel_levels(model.graph[name], ch)))
+            return {"outputs": y.numpy(), "pre": {}, "levels": {k: v.numpy() for k, v in caught.items()}}
         modules = dict(runner.named_modules())
         levels: dict[str, list] = {}
         hooks = []
