@@ -244,8 +244,9 @@ def convert_options(fn):
                      help="TOML file with any of these options; flags override it."),
         click.option("--levels", type=int, default=None, help="M: linear levels per polarity (default 8)."),
         click.option("--levels-if-missed", type=int, default=None,
-                     help="With --max-drop: when no λ meets it, search again with this M (default 12 unless "
-                          "--levels is given; 0: off; docs/concepts.md, 'The λ search')."),
+                     help="When no λ meets --max-drop (without it: comes within 0.5 points of the ANN), search "
+                          "again with this M (default 12 unless --levels is given; 0: off; docs/concepts.md, "
+                          "'The λ search')."),
         click.option("--fire", type=click.Choice(["sformer", "linear", "exponential"]), default=None,
                      help="Fire function (default sformer)."),
         click.option("--rounding", type=click.Choice(["paper", "nearest"]), default=None,
@@ -531,7 +532,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
     payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
                **{k: v for k, v in result.to_dict().items() if k not in ("layers", "drop")},
-               "chosen": converted.search.get("chosen"), "config": cfg.to_dict()}
+               "chosen": converted.search.get("chosen"), "config": cfg.to_dict(),
+               "levels": converted.config.get("levels"), "missed": converted.search.get("missed")}
     from .methods import method_of
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
@@ -567,10 +569,12 @@ def _describe_search(search: dict) -> str:
     if missed is None:
         return line
     m, other = search["levels"], missed["levels"]
+    goal = missed.get("goal")             # files converted before the goal was recorded: a --max-drop budget
+    within = "within the budget" if goal is None else f"within {goal:g} points of the ANN"
     if m > other:
-        return (f"λ search at M = {other}: no λ within the budget (most accurate: {missed['chosen']['accuracy']:.2f}%)"
+        return (f"λ search at M = {other}: no λ {within} (most accurate: {missed['chosen']['accuracy']:.2f}%)"
                 f"; searched again at M = {m}:\n{line}")
-    return (f"{line}; a second search at M = {other} found none within the budget either (most accurate: "
+    return (f"{line}; a second search at M = {other} found none {within} either (most accurate: "
             f"{missed['chosen']['accuracy']:.2f}%), M = {m} kept")
 
 

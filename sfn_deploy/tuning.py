@@ -64,7 +64,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # private, but what Optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from . import evaluation, fidelity, staged
-from .config import JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
+from .config import GOAL, JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
 from .data import Dataset, Validation
 from .errors import UserError
 from .ir import Graph
@@ -759,33 +759,40 @@ def apply_sfn(graph: Graph, data: Dataset, config: ConvertConfig, *, source: dic
     result = run_search(graph, data, config, source or {}, quiet=quiet)
     result.chosen = choose(result, config.max_drop)
     more = config.levels_if_missed or 0
-    if _missed(result, config.max_drop) and more > config.levels:
+    if _missed(result, _goal(config)) and more > config.levels:
         return _search_again(graph, data, config, source, quiet, result, more)
     set_scale(graph, result.chosen.lam)
     return Applied(search=result.to_dict())
 
 
-def _missed(result: SearchResult, max_drop: float | None) -> bool:
+def _goal(config: ConvertConfig) -> float:
+    """The drop in points past which the search tries more levels: the budget, else the default goal."""
+    return GOAL if config.max_drop is None else config.max_drop
+
+
+def _missed(result: SearchResult, goal: float) -> bool:
     c = result.chosen
-    return max_drop is not None and c is not None and c.accuracy < result.ann_accuracy - max_drop
+    return c is not None and c.accuracy < result.ann_accuracy - goal
 
 
 def _search_again(graph: Graph, data: Dataset, config: ConvertConfig, source: dict | None, quiet: bool,
                   first: SearchResult, m: int) -> Applied:
-    """No λ met the budget at M levels: search again at ``m`` (θ and calibration kept; its own study: a study
-    named with ``--study`` gets ``-levels<m>`` appended), and keep
-    the second search's point when it meets the budget or is more accurate (docs/concepts.md, "The λ search").
-    The search records both, and ``levels``: the M the network was left with."""
+    """No λ met the budget (without one: :data:`GOAL`) at M levels: search again at ``m`` (θ and calibration
+    kept; its own study: a study named with ``--study`` gets ``-levels<m>`` appended), and keep the second
+    search's point when it meets the budget or is more accurate (docs/concepts.md, "The λ search").
+    The search records both, ``levels`` (the M the network was left with) and the ``goal`` that was missed."""
     again = replace(config, levels=m, study=None if config.study is None else f"{config.study}-levels{m}")
     set_levels(graph, m, config.softmax_levels)
     second = run_search(graph, data, again, source or {}, quiet=quiet)
     second.chosen = b = choose(second, config.max_drop)
     a = first.chosen
     assert a is not None                     # _missed: the first search chose a point
-    if _missed(second, config.max_drop) and b.accuracy <= a.accuracy:
+    goal = _goal(config)
+    missed = {"levels": m, "chosen": b.to_dict(), "goal": goal}
+    if _missed(second, goal) and b.accuracy <= a.accuracy:
         set_levels(graph, config.levels, config.softmax_levels)
         set_scale(graph, a.lam)
-        return Applied(search={**first.to_dict(), "levels": config.levels,
-                               "missed": {"levels": m, "chosen": b.to_dict()}})
+        return Applied(search={**first.to_dict(), "levels": config.levels, "missed": missed})
     set_scale(graph, b.lam)
-    return Applied(search={**second.to_dict(), "levels": m, "missed": {"levels": config.levels, "chosen": a.to_dict()}})
+    return Applied(search={**second.to_dict(), "levels": m,
+                           "missed": {"levels": config.levels, "chosen": a.to_dict(), "goal": goal}})

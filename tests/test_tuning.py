@@ -552,6 +552,24 @@ def test_a_missed_budget_is_searched_again_with_more_levels(digits_mlp, digits):
     assert kept.search["chosen"]["rule"].startswith("no configuration within")
 
 
+def test_without_a_budget_a_point_past_the_goal_is_searched_again(digits_mlp, digits):
+    """Without --max-drop the goal is config.GOAL: at M = 1 the most accurate λ is further than that below the
+    ANN, so the search runs again at M = 8 and keeps it (more accurate); the record names the goal and the CLI
+    says it; at M = 8, already within the goal, nothing is searched again."""
+    from sfn_deploy.cli import _describe_search
+    from sfn_deploy.config import GOAL
+    from sfn_deploy.convert import convert
+    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=8)
+    s = c.search
+    assert s["missed"]["goal"] == GOAL and s["missed"]["levels"] == 1
+    assert s["missed"]["chosen"]["accuracy"] < s["ann_accuracy"] - GOAL
+    assert c.config["levels"] == s["levels"] == 8 and s["chosen"]["accuracy"] > s["missed"]["chosen"]["accuracy"]
+    assert f"no λ within {GOAL:g} points of the ANN" in _describe_search(s)
+    within = convert(digits_mlp, digits, trials=8, levels=8, levels_if_missed=12)
+    assert within.search["chosen"]["accuracy"] >= within.search["ann_accuracy"] - GOAL
+    assert "missed" not in within.search and within.config["levels"] == 8
+
+
 def test_levels_if_missed_defaults_to_12_unless_levels_is_given():
     assert load_config("", {"max_drop": 1.0}).levels_if_missed == 12
     assert load_config("", {"max_drop": 1.0, "levels": 8}).levels_if_missed == 0

@@ -8,7 +8,8 @@
 # cifar10_calib1k (30 trials) and the 35-minute CIFAR models on cifar10_calib4k (30 trials), both tested on the
 # 4,000 held-out images. Rows: OUT/rows.jsonl; a row whose evaluation exists is skipped, so a rerun resumes.
 # Needs /tmp/heldout (train_mnist.py --write-npz), /tmp/heldout2 (train_mnist.py --seed-offset 1 --out) and
-# /tmp/cifar_splits (train_cifar.py --write-splits).
+# /tmp/cifar_splits (train_cifar.py --write-splits); /tmp/heldout3 (--seed-offset 2) is used when it exists.
+# ROWS=REGEX runs only the rows whose name matches (e.g. ROWS='^(heldout3|cifar)_').
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 M=${SFN_MNIST:-../shared/data/mnist}
@@ -17,6 +18,7 @@ mkdir -p "$out"
 row() { # name model calibration test [extra convert options...]
   local name=$1 model=$2 cal=$3 tst=$4; shift 4
   local o=$out/${name}_$tag
+  [[ -n ${ROWS:-} && ! $name =~ $ROWS ]] && return 0
   [ -s "$o.eval.json" ] && return 0
   nice -n 10 .venv/bin/sfn-deploy convert "$model" --data "$cal" -o "$o.sfn.pt" --storage "$o.db" --json \
       "${flags[@]}" "$@" > "$o.convert.json" 2> "$o.err" || { echo "FAIL convert $name $tag" >> "$out/log"; return 0; }
@@ -30,10 +32,12 @@ print(json.dumps({"model": name, "tag": tag, "flags": flags.strip(), "lam": c["l
                   "bias_correction": (c.get("bias_correction") or {}).get("applied"),
                   "test_ann": round(e["ann_accuracy"], 2), "test_snn": round(e["accuracy"], 2),
                   "test_drop": round(e["ann_accuracy"] - e["accuracy"], 2), "agreement": round(e["agreement"], 2),
-                  "energy": round(e["energy_ratio"], 4), "convert_seconds": c.get("convert_seconds")}))
+                  "energy": round(e["energy_ratio"], 4), "convert_seconds": c.get("convert_seconds"),
+                  "levels": c.get("levels"), "missed": c.get("missed")}))
 PY
 }
-for set in examples/models/heldout /tmp/heldout2; do
+for set in examples/models/heldout /tmp/heldout2 /tmp/heldout3; do
+  [ -d "$set" ] || continue
   s=$(basename "$set")
   row "${s}_avgpool_cnn" "$set/avgpool_cnn.pt2" /tmp/heldout/mnist01_train.npz /tmp/heldout/mnist01_test.npz
   for m in mlp gap_cnn vit; do
