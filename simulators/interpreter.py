@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -298,22 +299,31 @@ def _reusing(args: list) -> bool:
                                                for a in args)
 
 
+def _mebibytes(name: str) -> int:
+    raw = os.environ[name]
+    if not raw.strip().isdigit():
+        raise UserError(f"{name}={raw!r}: give a whole number of MiB (0: none)")
+    return int(raw) << 20
+
+
 class Buffers:
     """The storage of values a run released, handed out again (``ops.into`` forms, a neuron's output): under the
     CLI's 1 MiB mmap threshold (``sfn_deploy.allocator``) each fresh activation is a new mapping whose page faults
     cost about as much as the op that fills it. A released value's storage joins only when nothing else can reach
     it (no other Python reference, no other tensor on it) and it is a dense float32 CPU tensor of at least
     ``MIN_BYTES``; a request gets the smallest kept storage that holds it and is at most twice its size (best
-    fit: the pool holds few buffers at a time). At most ``LIMIT`` bytes are kept; the pool lives for one run
-    (one batch)."""
+    fit: the pool holds few buffers at a time). At most ``LIMIT`` bytes are kept, or ``SFN_BUFFER_POOL_MB``
+    MiB (a smaller machine trades speed for memory; 0: no pool); the pool lives for one run (one batch)."""
 
     MIN_BYTES = 1 << 20
     LIMIT = 256 << 20
+    ENV = "SFN_BUFFER_POOL_MB"
 
     def __init__(self):
         self.free: list[torch.UntypedStorage] = []
         self.held = 0
         self.reused = 0
+        self.limit = self.LIMIT if os.environ.get(self.ENV, "") == "" else _mebibytes(self.ENV)
 
     def take(self, shape) -> torch.Tensor:
         """A dense float32 tensor of ``shape``: on a released storage, else a new one."""
@@ -331,7 +341,7 @@ class Buffers:
         """Keep ``t``'s storage (``t`` passed with its holder's last reference: ``env.pop(name)``) if it is the
         pool's to reuse."""
         size = t.untyped_storage().nbytes() if type(t) is torch.Tensor else 0
-        if size < self.MIN_BYTES or self.held + size > self.LIMIT or sys.getrefcount(t) > _ALONE[0] \
+        if size < self.MIN_BYTES or self.held + size > self.limit or sys.getrefcount(t) > _ALONE[0] \
                 or t.dtype != torch.float32 or t.device.type != "cpu" or t._base is not None \
                 or not t.is_contiguous() or t.requires_grad or t.storage_offset() != 0 \
                 or _storage_users(t) != _ALONE[1]:

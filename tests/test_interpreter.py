@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from sfn_deploy import ops
 from sfn_deploy.capture import capture
+from sfn_deploy.errors import UserError
 from sfn_deploy.ir import OPS
 from sfn_deploy.neurons import NODE_CACHE, level_table, level_values, signed_table
 from sfn_deploy.passes import configure, insert_sfn
@@ -202,8 +203,10 @@ def test_reused_buffers_change_no_result(make, monkeypatch):
     assert make is _Residual or sum(b.reused for b in set(seen)) > 0     # (the CNN's shapes do not recur)
     for op in list(ops.INTO):                        # every into form off
         monkeypatch.delitem(ops.INTO, op)
-    monkeypatch.setattr(interpreter.Buffers, "LIMIT", 0)
+    monkeypatch.setenv("SFN_BUFFER_POOL_MB", "0")       # the user's knob: no pool
+    seen.clear()
     b = counted_run()
+    assert sum(p.reused for p in set(seen)) == 0
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
@@ -230,3 +233,17 @@ def test_buffers_keep_only_what_nothing_else_reaches():
     assert pool.take((1 << 10,)).numel() == 1 << 10 and pool.reused == 1     # too small for it: a new one
     assert pool.take((3 << 18,)).data_ptr() == ptr and pool.reused == 2       # ≤ twice its size: fits
     assert len(env) == 1
+
+
+def test_buffer_pool_limit_from_the_environment(monkeypatch):
+    """SFN_BUFFER_POOL_MB caps what the pool keeps; a value that is not a whole number is refused by name."""
+    monkeypatch.setenv("SFN_BUFFER_POOL_MB", "1")
+    pool = interpreter.Buffers()
+    env = {k: torch.empty(1 << 18) for k in "ab"}      # 1 MiB each
+    pool.give(env.pop("a"))
+    pool.give(env.pop("b"))                              # would exceed 1 MiB: not kept
+    assert len(pool.free) == 1 and pool.held == 1 << 20
+    for bad in ("lots", "-5", "1.5"):
+        monkeypatch.setenv("SFN_BUFFER_POOL_MB", bad)
+        with pytest.raises(UserError, match="SFN_BUFFER_POOL_MB"):
+            interpreter.Buffers()
