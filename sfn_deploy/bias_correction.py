@@ -97,13 +97,23 @@ def _agreement(snn: torch.Tensor, ann: torch.Tensor, kind: str = "accuracy") -> 
     return round(100.0 * float(same.mean()), 4)
 
 
+def keep(agreement_before: float, agreement_after: float, drops: list[float], max_drop: float | None) -> bool:
+    """``auto``'s rule: agreement with the ANN does not fall, and the drop (before, after) stays within
+    ``max_drop`` or does not grow. Agreement is the tighter statistic (docs/concepts.md "Validation images"), yet
+    on weak models it can rise while the drop grows: convert's budget, or its goal, is the drop."""
+    if agreement_after < agreement_before:
+        return False
+    return max_drop is None or drops[1] <= max(max_drop, drops[0])
+
+
 def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None, batch_size: int = 256,
             max_drop: float | None = None, kind: str = "accuracy") -> tuple[dict, Checked | None]:
     """Measure the shifts on ``x`` and apply them. ``mode`` "on": keep them; "auto": keep them only if the SNN's
     agreement with the ANN on ``val`` (streamed; top-1, or with output fidelity the cosine similarity) does not
-    fall and, with a ``max_drop`` budget, its drop there (against the labels when there are any) stays within
-    the budget or does not grow. Returns the record kept in the converted model's metrics, and with "auto" the
-    check's passes at the state kept (:class:`Checked`; None otherwise)."""
+    fall and, with ``max_drop`` (convert passes its budget, else ``config.GOAL``), its drop there (against the
+    labels when there are any) stays within it or does not grow (:func:`keep`). Returns the record kept in the
+    converted model's metrics, and with "auto" the check's passes at the state kept (:class:`Checked`; None
+    otherwise)."""
     record: dict = {"mode": mode, "images": int(x.shape[0])}
     if kind == "output":
         record["measure"] = "cosine"            # the val_agreement figures are 100 × mean cosine similarity
@@ -126,10 +136,7 @@ def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None
         else:                   # the ANN is the reference: its score is 100
             drops = [100.0 - record[f"val_agreement_{w}"] for w in ("before", "after")]
         record["val_drop_before"], record["val_drop_after"] = (round(d, 4) for d in drops)
-        worse = record["val_agreement_after"] < record["val_agreement_before"]
-        if max_drop is not None and drops[1] > max(max_drop, drops[0]):
-            worse = True
-        if worse:
+        if not keep(record["val_agreement_before"], record["val_agreement_after"], drops, max_drop):
             revert(graph)
         else:
             checked = Checked(after, ann, counted)

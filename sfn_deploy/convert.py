@@ -116,7 +116,7 @@ def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig
     x = data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x      # one batch
     val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
         else None
-    return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.max_drop,
+    return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.goal,
                                    fidelity.of(cfg.to_dict()))
 
 

@@ -64,7 +64,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # private, but what Optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from . import evaluation, fidelity, staged
-from .config import GOAL, JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
+from .config import JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
 from .data import Dataset, Validation
 from .errors import UserError
 from .ir import Graph
@@ -759,15 +759,10 @@ def apply_sfn(graph: Graph, data: Dataset, config: ConvertConfig, *, source: dic
     result = run_search(graph, data, config, source or {}, quiet=quiet)
     result.chosen = choose(result, config.max_drop)
     more = config.levels_if_missed or 0
-    if _missed(result, _goal(config)) and more > config.levels:
+    if _missed(result, config.goal) and more > config.levels:
         return _search_again(graph, data, config, source, quiet, result, more)
     set_scale(graph, result.chosen.lam)
     return Applied(search=result.to_dict())
-
-
-def _goal(config: ConvertConfig) -> float:
-    """The drop in points past which the search tries more levels: the budget, else the default goal."""
-    return GOAL if config.max_drop is None else config.max_drop
 
 
 def _missed(result: SearchResult, goal: float) -> bool:
@@ -777,7 +772,7 @@ def _missed(result: SearchResult, goal: float) -> bool:
 
 def _search_again(graph: Graph, data: Dataset, config: ConvertConfig, source: dict | None, quiet: bool,
                   first: SearchResult, m: int) -> Applied:
-    """No λ met the budget (without one: :data:`GOAL`) at M levels: search again at ``m`` (θ and calibration
+    """No λ met the budget (without one: :data:`config.GOAL`) at M levels: search again at ``m`` (θ and calibration
     kept; its own study: a study named with ``--study`` gets ``-levels<m>`` appended), and keep the second
     search's point when it meets the budget or is more accurate (docs/concepts.md, "The λ search").
     The search records both, ``levels`` (the M the network was left with) and the ``goal`` that was missed."""
@@ -787,7 +782,7 @@ def _search_again(graph: Graph, data: Dataset, config: ConvertConfig, source: di
     second.chosen = b = choose(second, config.max_drop)
     a = first.chosen
     assert a is not None                     # _missed: the first search chose a point
-    goal = _goal(config)
+    goal = config.goal
     missed = {"levels": m, "chosen": b.to_dict(), "goal": goal}
     if _missed(second, goal) and b.accuracy <= a.accuracy:
         set_levels(graph, config.levels, config.softmax_levels)

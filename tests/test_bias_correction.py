@@ -77,6 +77,24 @@ def test_auto_keeps_it_only_if_validation_agreement_does_not_fall(cnn_data, monk
                        m[-1].bias.detach())
 
 
+def test_auto_keeps_the_drop_within_the_budget_or_the_goal(cnn_data, monkeypatch):
+    """Higher agreement is not enough when the drop grows past the budget, or without one past config.GOAL
+    (convert passes cfg.goal)."""
+    from sfn_deploy.config import GOAL
+    assert bias_correction.keep(80.0, 82.0, [0.3, 0.4], 0.5)
+    assert not bias_correction.keep(80.0, 82.0, [0.3, 1.2], 0.5)        # agreement up, drop past the goal
+    assert bias_correction.keep(80.0, 82.0, [1.5, 1.2], 0.5)            # already past it: not worse
+    assert not bias_correction.keep(82.0, 80.0, [0.3, 0.2], 0.5)        # agreement down
+    assert bias_correction.keep(80.0, 82.0, [0.3, 1.2], None)
+    m, data = cnn_data
+    seen = []
+    correct = bias_correction.correct
+    monkeypatch.setattr(bias_correction, "correct", lambda *a, **k: seen.append(a[5]) or correct(*a, **k))
+    convert(m, data, scale=0.4)
+    convert(m, data, max_drop=1.0, trials=2)
+    assert seen == [GOAL, 1.0]
+
+
 def test_model_file_and_onnx_ann_export_keep_the_source_bias(cnn_data, tmp_path):
     pytest.importorskip("onnxruntime")
     from sfn_deploy.exporters.onnx import OnnxRunner, to_onnx
