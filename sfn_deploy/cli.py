@@ -244,9 +244,9 @@ def convert_options(fn):
                      help="TOML file with any of these options; flags override it."),
         click.option("--levels", type=int, default=None, help="M: linear levels per polarity (default 8)."),
         click.option("--levels-if-missed", type=int, default=None,
-                     help="When no λ meets --max-drop (without it: comes within 0.5 points of the ANN), search "
-                          "again with this M (default 12 unless --levels is given; 0: off; docs/concepts.md, "
-                          "'The λ search')."),
+                     help="When the result misses --max-drop (without it: 0.5 points) on the validation images, "
+                          "bias correction included, search again with this M (default 12 unless --levels is "
+                          "given; 0: off; docs/concepts.md, 'The λ search')."),
         click.option("--fire", type=click.Choice(["sformer", "linear", "exponential"]), default=None,
                      help="Fire function (default sformer)."),
         click.option("--rounding", type=click.Choice(["paper", "nearest"]), default=None,
@@ -572,11 +572,12 @@ def _describe_search(search: dict) -> str:
     m, other = search["levels"], missed["levels"]
     goal = missed.get("goal")             # files converted before the goal was recorded: a --max-drop budget
     within = "within the budget" if goal is None else f"within {goal:g} points of the ANN"
+    accuracy = missed.get("accuracy", missed["chosen"]["accuracy"])      # validation, bias correction included
     if m > other:
-        return (f"λ search at M = {other}: no λ {within} (most accurate: {missed['chosen']['accuracy']:.2f}%)"
-                f"; searched again at M = {m}:\n{line}")
-    return (f"{line}; a second search at M = {other} found none {within} either (most accurate: "
-            f"{missed['chosen']['accuracy']:.2f}%), M = {m} kept")
+        return (f"λ search at M = {other}: not {within} (validation {accuracy:.2f}%); searched again at M = {m}:"
+                f"\n{line}")
+    return (f"{line}; a second search at M = {other} was not {within} either (validation {accuracy:.2f}%), "
+            f"M = {m} kept")
 
 
 @main.command("tune")

@@ -56,7 +56,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -69,7 +69,7 @@ from .data import Dataset, Validation
 from .errors import UserError
 from .ir import Graph
 from .methods import Applied
-from .passes import set_levels, set_scale
+from .passes import set_scale
 from .progress import progress
 from .results import Result, optional
 
@@ -758,36 +758,5 @@ def apply_sfn(graph: Graph, data: Dataset, config: ConvertConfig, *, source: dic
         return Applied()
     result = run_search(graph, data, config, source or {}, quiet=quiet)
     result.chosen = choose(result, config.max_drop)
-    more = config.levels_if_missed or 0
-    if _missed(result, config.goal) and more > config.levels:
-        return _search_again(graph, data, config, source, quiet, result, more)
     set_scale(graph, result.chosen.lam)
     return Applied(search=result.to_dict())
-
-
-def _missed(result: SearchResult, goal: float) -> bool:
-    c = result.chosen
-    return c is not None and c.accuracy < result.ann_accuracy - goal
-
-
-def _search_again(graph: Graph, data: Dataset, config: ConvertConfig, source: dict | None, quiet: bool,
-                  first: SearchResult, m: int) -> Applied:
-    """No λ met the budget (without one: :data:`config.GOAL`) at M levels: search again at ``m`` (θ and calibration
-    kept; its own study: a study named with ``--study`` gets ``-levels<m>`` appended), and keep the second
-    search's point when it meets the budget or is more accurate (docs/concepts.md, "The λ search").
-    The search records both, ``levels`` (the M the network was left with) and the ``goal`` that was missed."""
-    again = replace(config, levels=m, study=None if config.study is None else f"{config.study}-levels{m}")
-    set_levels(graph, m, config.softmax_levels)
-    second = run_search(graph, data, again, source or {}, quiet=quiet)
-    second.chosen = b = choose(second, config.max_drop)
-    a = first.chosen
-    assert a is not None                     # _missed: the first search chose a point
-    goal = config.goal
-    missed = {"levels": m, "chosen": b.to_dict(), "goal": goal}
-    if _missed(second, goal) and b.accuracy <= a.accuracy:
-        set_levels(graph, config.levels, config.softmax_levels)
-        set_scale(graph, a.lam)
-        return Applied(search={**first.to_dict(), "levels": config.levels, "missed": missed})
-    set_scale(graph, b.lam)
-    return Applied(search={**second.to_dict(), "levels": m,
-                           "missed": {"levels": config.levels, "chosen": a.to_dict(), "goal": goal}})

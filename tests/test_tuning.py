@@ -9,6 +9,7 @@ import time
 
 import optuna
 import pytest
+import torch
 from conftest import SLOW_TRIALS, finish_worker, wait_started
 
 from sfn_deploy import tuning
@@ -559,15 +560,54 @@ def test_without_a_budget_a_point_past_the_goal_is_searched_again(digits_mlp, di
     from sfn_deploy.cli import _describe_search
     from sfn_deploy.config import GOAL
     from sfn_deploy.convert import convert
-    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=8)
+    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=8, validate=True)
     s = c.search
     assert s["missed"]["goal"] == GOAL and s["missed"]["levels"] == 1
-    assert s["missed"]["chosen"]["accuracy"] < s["ann_accuracy"] - GOAL
-    assert c.config["levels"] == s["levels"] == 8 and s["chosen"]["accuracy"] > s["missed"]["chosen"]["accuracy"]
-    assert f"no λ within {GOAL:g} points of the ANN" in _describe_search(s)
+    assert s["missed"]["accuracy"] < c.metrics["ann_accuracy"] - GOAL      # what decided: after bias correction
+    assert c.config["levels"] == s["levels"] == 8 and c.metrics["accuracy"] > s["missed"]["accuracy"]
+    assert f"not within {GOAL:g} points of the ANN" in _describe_search(s)
     within = convert(digits_mlp, digits, trials=8, levels=8, levels_if_missed=12)
     assert within.search["chosen"]["accuracy"] >= within.search["ann_accuracy"] - GOAL
     assert "missed" not in within.search and within.config["levels"] == 8
+
+
+def _checked_as(monkeypatch, snn_for):
+    """bias_correction.correct with the check's SNN predictions replaced by ``snn_for(graph, checked)``: the
+    corrected result the retry sees, chosen by the test."""
+    from dataclasses import replace
+
+    from sfn_deploy import bias_correction
+    real = bias_correction.correct
+
+    def fake(graph, *a, **k):
+        record, checked = real(graph, *a, **k)
+        return record, replace(checked, snn=snn_for(graph, checked))
+    monkeypatch.setattr(bias_correction, "correct", fake)
+
+
+def test_the_second_search_is_decided_after_bias_correction(digits_mlp, digits, monkeypatch):
+    """At M = 1 the search's point misses the goal; when the corrected result is within it (here: agreeing with
+    the ANN everywhere), nothing is searched again."""
+    from sfn_deploy.convert import convert
+    _checked_as(monkeypatch, lambda graph, checked: checked.ann.clone())
+    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=8)
+    assert "missed" not in c.search and c.config["levels"] == 1
+
+
+def test_a_worse_second_search_leaves_the_first_result_as_it_was(digits_mlp, digits, monkeypatch):
+    """When the second search (and its correction) is no better, the network goes back to the first M, λ and
+    corrected biases: the same outputs as a conversion that never retried."""
+    from sfn_deploy.convert import convert
+    from sfn_deploy.simulators.interpreter import run
+    plain = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=0)
+    _checked_as(monkeypatch, lambda graph, checked: checked.snn if graph.sites[0].attrs["M"] == 1
+                else (checked.ann + 1) % 10)                  # the M = 8 result: wrong everywhere
+    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=8)
+    assert c.config["levels"] == 1 and c.search["missed"]["levels"] == 8 and c.search["missed"]["accuracy"] < 1
+    assert c.search["chosen"] == plain.search["chosen"]
+    assert c.metrics["bias_correction"] == plain.metrics["bias_correction"]
+    x = digits.x[:200]
+    assert torch.equal(run(c.graph, x), run(plain.graph, x))
 
 
 def test_levels_if_missed_defaults_to_12_unless_levels_is_given():
