@@ -20,6 +20,7 @@ from . import distributed
 from .ir import Graph
 from .passes import configure
 from .progress import progress
+from .simulators.firegrid import count_equal, mode_rows, signed_counts
 from .simulators.interpreter import Event, Observer, run
 
 
@@ -93,18 +94,21 @@ def update_signed(pos: StreamingHistogram, neg: StreamingHistogram, x: torch.Ten
     if lo < 0:
         neg.fit(-lo)
     b = pos.bins
-    positive = x > 0
-    scale = torch.where(positive, b / pos.hi if pos.hi else 0.0, -b / neg.hi if neg.hi else 0.0)
-    idx = (x * scale).long().clamp_(0, b - 1)               # truncation is floor: x · scale ≥ 0
-    idx += (~positive).long() * b                           # negatives (and zeros, removed below) after b
-    counts = torch.bincount(idx, minlength=2 * b).to("cpu", torch.float64)      # (a GPU's counts: to the host)
-    nonzero = int(torch.count_nonzero(x))
-    counts[b] -= x.numel() - nonzero                        # zeros landed in the first negative bin
+    sp, sn = b / pos.hi if pos.hi else 0.0, -b / neg.hi if neg.hi else 0.0
+    native = signed_counts(x, sp, sn, b)                    # the same counts in one pass, where it is built
+    if native is not None:
+        counts = native.to(torch.float64)
+    else:
+        positive = x > 0
+        scale = torch.where(positive, sp, sn)
+        idx = (x * scale).long().clamp_(0, b - 1)           # truncation is floor: x · scale ≥ 0
+        idx += (~positive).long() * b                       # negatives (and zeros, removed below) after b
+        counts = torch.bincount(idx, minlength=2 * b).to("cpu", torch.float64)  # (a GPU's counts: to the host)
+        counts[b] -= x.numel() - int(torch.count_nonzero(x))    # zeros landed in the first negative bin
     pos.counts += counts[:b]
     neg.counts += counts[b:]
-    n_pos = int(round(float(counts[:b].sum())))
-    pos.n += n_pos
-    neg.n += nonzero - n_pos
+    pos.n += int(round(float(counts[:b].sum())))
+    neg.n += int(round(float(counts[b:].sum())))
 
 
 def channel_axis(x: torch.Tensor) -> int:
@@ -137,13 +141,17 @@ class RepeatedValues:
             positions = v.shape[0] * v.shape[2]
             at = torch.arange(0, positions, max(1, positions // self.sample), device=x.device)
             sample = v[at // v.shape[2], :, at % v.shape[2]]                    # positions × C
-            mode = sample.T.contiguous().mode(dim=1).values
-            counts = (v == mode.view(1, -1, 1)).sum((0, 2))
+            mode = mode_rows(sample.T.contiguous())
+            counts = count_equal(v, mode, v.shape[2])
+            if counts is None:
+                counts = (v == mode.view(1, -1, 1)).sum((0, 2))
         else:                           # channels last (features, tokens)
             v = x.reshape(-1, x.shape[-1])
             positions = v.shape[0]
-            mode = v[::max(1, positions // self.sample)].T.contiguous().mode(dim=1).values
-            counts = (v == mode).sum(0)
+            mode = mode_rows(v[::max(1, positions // self.sample)].T.contiguous())
+            counts = count_equal(v, mode, 1)
+            if counts is None:
+                counts = (v == mode).sum(0)
         if not self.candidates:
             self.candidates = [{} for _ in range(mode.shape[0])]
         if mode.shape[0] != len(self.candidates):

@@ -176,6 +176,7 @@ def fire_with(node, x: torch.Tensor, hist: bool = False, position: bool = True, 
 # each increment wait on the table reads: twice the loop's time), in four partial uint32 histograms.
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SFN_SCALAR)
 #include <immintrin.h>
@@ -297,6 +298,116 @@ void sfn_spike_sums(const int32_t *pos, int64_t batch, int64_t elems, const int6
     }
 }
 
+/* calibration's signed histogram in one pass (calibrate.update_signed): a positive x counts in
+   hist[min((int64)(x * sp), bins - 1)], a negative one in hist[bins + min((int64)(x * sn), bins - 1)] (sn < 0),
+   a NaN in hist[bins] (where the torch ops put it), zeros nowhere; float32 products truncated, as torch's.
+   Over `parts` equal ranges on OpenMP threads: part j counts into hist + j * 2 * bins. */
+static void hist_signed(const float *x, int64_t n, float sp, float sn, int64_t bins, int64_t *hist) {
+    int64_t top = bins - 1, *neg = hist + bins;
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        if (v > 0) {
+            int64_t k = (int64_t)(v * sp);
+            hist[k < top ? k : top]++;
+        } else if (v < 0) {
+            int64_t k = (int64_t)(v * sn);
+            neg[k < top ? k : top]++;
+        } else if (v != v) {
+            neg[0]++;
+        }
+    }
+}
+
+void sfn_hist_signed(const float *x, int64_t n, float sp, float sn, int64_t bins, int64_t *hist, int parts) {
+    int64_t step = (n + (int64_t)parts - 1) / (int64_t)parts;
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int j = 0; j < parts; j++) {
+        int64_t start = j * step, stop = start + step < n ? start + step : n;
+        if (start < stop)
+            hist_signed(x + start, stop - start, sp, sn, bins, hist + j * 2 * bins);
+    }
+}
+
+/* calibration's repeated values: per channel c, how many x[o][c][i] equal value[c] (x: outer × C × inner;
+   inner = 1 for channels last); part j of the outer range counts into counts + j * C */
+void sfn_count_equal(const float *x, int64_t outer, int64_t chans, int64_t inner, const float *value,
+                     int64_t *counts, int parts) {
+    int64_t step = (outer + (int64_t)parts - 1) / (int64_t)parts;
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int j = 0; j < parts; j++) {
+        int64_t *k = counts + j * chans;
+        for (int64_t o = j * step; o < outer && o < (j + 1) * step; o++)
+            for (int64_t c = 0; c < chans; c++) {
+                const float *row = x + (o * chans + c) * inner;
+                float v = value[c];
+                int64_t m = 0;
+                for (int64_t i = 0; i < inner; i++)
+                    m += row[i] == v;
+                k[c] += m;
+            }
+    }
+}
+
+/* calibration's repeated values: the most frequent value of each row of s (rows × m, float32), ties to the
+   smallest, torch.mode's rule on the CPU, counted in a hash table instead of a sort. Returns how many rows hold
+   a NaN or a modal zero of both signs (then the caller asks torch.mode: which of equal values it returns is its
+   sort's); those rows' out is not set. */
+static int mode_row(const float *s, int64_t m, uint32_t *keys, int32_t *counts, int64_t size, float *out) {
+    int bits = 0;
+    while (((int64_t)1 << bits) < size) bits++;
+    memset(counts, 0, size * sizeof(int32_t));
+    int zero_signs = 0;
+    for (int64_t i = 0; i < m; i++) {
+        float v = s[i];
+        if (v != v) return 1;
+        uint32_t key;
+        memcpy(&key, &v, 4);
+        if (v == 0) {                 /* −0 and +0 are one value, as they are to torch.mode */
+            zero_signs |= key ? 2 : 1;
+            key = 0;
+        }
+        uint64_t h = ((uint64_t)key * 0x9E3779B97F4A7C15ull) >> (64 - bits);
+        while (counts[h] && keys[h] != key) h = (h + 1) & (size - 1);
+        keys[h] = key;
+        counts[h]++;
+    }
+    int32_t best = 0;
+    float value = 0;
+    for (int64_t h = 0; h < size; h++) {
+        if (!counts[h]) continue;
+        float v;
+        memcpy(&v, &keys[h], 4);
+        if (counts[h] > best || (counts[h] == best && v < value)) {
+            best = counts[h];
+            value = v;
+        }
+    }
+    if (value == 0 && zero_signs == 3) return 1;
+    *out = value == 0 && zero_signs == 2 ? -0.0f : value;
+    return 0;
+}
+
+int sfn_mode_rows(const float *s, int64_t rows, int64_t m, float *out, int parts) {
+    int64_t size = 1;
+    while (size < 2 * m) size <<= 1;
+    int64_t step = (rows + (int64_t)parts - 1) / (int64_t)parts;
+    int odd = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+:odd)
+    for (int j = 0; j < parts; j++) {
+        uint32_t *keys = malloc(size * sizeof(uint32_t));
+        int32_t *counts = malloc(size * sizeof(int32_t));
+        if (!keys || !counts) {
+            odd += 1;
+        } else {
+            for (int64_t r = j * step; r < rows && r < (j + 1) * step; r++)
+                odd += mode_row(s + r * m, m, keys, counts, size, out + r);
+        }
+        free(keys);
+        free(counts);
+    }
+    return odd;
+}
+
 /* the same over `parts` equal ranges (whole 64-byte lines), on OpenMP threads when built with it; part j
    counts into hist + j * bins */
 void sfn_fire_parts(const float *x, int64_t n, int shift, const int32_t *base, const float *inner,
@@ -325,6 +436,53 @@ def _parts(n: int) -> int:
 
 _NATIVE_MIN = 4096          # below this the torch operations are as fast (no call overhead to win back)
 _native_lib: list = []      # [] not tried yet; [None] unavailable; [lib]
+
+
+def signed_counts(x: torch.Tensor, sp: float, sn: float, bins: int) -> torch.Tensor | None:
+    """Calibration's 2·``bins`` signed histogram counts of a CPU float32 ``x`` in one native pass (positive
+    values at scale ``sp``, negative ones at ``sn`` < 0; the counts of ``calibrate.update_signed``'s torch
+    ops), or None: no native library, or a tensor too small or not float32 on the CPU."""
+    ok = x.numel() >= _NATIVE_MIN and x.device.type == "cpu" and x.dtype == torch.float32
+    lib = native() if ok else None
+    if lib is None:
+        return None
+    x = x.contiguous()
+    parts = _parts(x.numel())
+    hist = torch.zeros(parts, 2 * bins, dtype=torch.int64)
+    lib.sfn_hist_signed(x.data_ptr(), x.numel(), sp, sn, bins, hist.data_ptr(), parts)
+    return hist.sum(0)
+
+
+def count_equal(x: torch.Tensor, value: torch.Tensor, inner: int) -> torch.Tensor | None:
+    """Per channel, how many entries of a CPU float32 ``x`` (outer × C × ``inner``) equal that channel's
+    ``value`` (int64, C), in one native pass without a boolean copy; None as :func:`signed_counts`."""
+    ok = x.numel() >= _NATIVE_MIN and x.device.type == "cpu" and x.dtype == torch.float32
+    lib = native() if ok else None
+    if lib is None:
+        return None
+    x, value = x.contiguous(), value.to(torch.float32).contiguous()
+    chans = value.numel()
+    outer = x.numel() // (chans * inner)
+    parts = max(1, min(_parts(x.numel()), outer))
+    counts = torch.zeros(parts, chans, dtype=torch.int64)
+    lib.sfn_count_equal(x.data_ptr(), outer, chans, inner, value.data_ptr(), counts.data_ptr(), parts)
+    return counts.sum(0)
+
+
+def mode_rows(s: torch.Tensor) -> torch.Tensor:
+    """``s.mode(dim=1).values`` of a rows × m tensor: on a CPU float32 one by hashing (the same values; a
+    sort costs more than the rest of calibration together), else, or for rows with a NaN or a modal zero
+    of both signs, torch's."""
+    ok = s.dim() == 2 and s.numel() >= _NATIVE_MIN and s.device.type == "cpu" and s.dtype == torch.float32
+    lib = native() if ok else None
+    if lib is None:
+        return s.mode(dim=1).values
+    s = s.contiguous()
+    out = torch.empty(s.shape[0], dtype=torch.float32)
+    if lib.sfn_mode_rows(s.data_ptr(), s.shape[0], s.shape[1], out.data_ptr(), max(1, min(_parts(s.numel()),
+                                                                                            s.shape[0]))):
+        return s.mode(dim=1).values
+    return out
 
 
 def native():
@@ -378,6 +536,12 @@ def _load(path: str, flags: list[str]):
         lib.sfn_fire.restype = None
         lib.sfn_fire_parts.argtypes = [p, i64, ctypes.c_int, p, p, p, p, p, p, i64, ctypes.c_int]
         lib.sfn_fire_parts.restype = None
+        lib.sfn_hist_signed.argtypes = [p, i64, ctypes.c_float, ctypes.c_float, i64, p, ctypes.c_int]
+        lib.sfn_hist_signed.restype = None
+        lib.sfn_count_equal.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
+        lib.sfn_count_equal.restype = None
+        lib.sfn_mode_rows.argtypes = [p, i64, i64, p, ctypes.c_int]
+        lib.sfn_mode_rows.restype = ctypes.c_int
         lib.sfn_spike_sums.argtypes = [p, i64, i64, p, p, p, p]
         lib.sfn_spike_sums.restype = None
         lib.sfn_simd.argtypes, lib.sfn_simd.restype = [ctypes.c_int], ctypes.c_int

@@ -202,3 +202,55 @@ def test_the_baselines_and_softmax_sites_keep_their_steps(attrs):
     s = configure(_site(**attrs), 0.5)
     if attrs.get("kind") != "softmax":
         assert s.params["steps"].tolist() == pytest.approx([1.0, 0.5])
+
+
+def _mode_cases():
+    torch.manual_seed(0)
+    z = torch.zeros(3, 4096)
+    z[0, :10], z[0, 10:] = -0.0, 1.0                     # a minority of −0: +0 is not the mode
+    z[1, ::2] = -0.0                                     # both signs modal: torch's sort decides (fallback)
+    nan = torch.randn(4, 4096)
+    nan[2, 5] = float("nan")
+    ties = torch.randint(-3, 3, (20, 4096)).float() * 0.5
+    ties[ties == 0] = -0.0                               # only −0: the mode keeps its sign
+    return [(torch.randn(384, 4096) * 4).round(), torch.randn(197, 4096), torch.relu(torch.randn(64, 4096)),
+            torch.zeros(10, 4096), torch.randint(0, 3, (50, 4096)).float(), z, nan, ties,
+            torch.arange(8192.0).view(2, 4096)]          # every value once: the smallest
+
+
+def test_hashed_mode_is_torch_mode_bit_for_bit():
+    """firegrid.mode_rows (the native hash count) returns torch.mode's values, ties to the smallest, −0 and +0 as
+    one value with torch's sign, and hands NaN rows and two-signed modal zeros to torch."""
+    from simulators.firegrid import mode_rows, native
+    assert native() is not None                          # (the suite's machines have a C compiler)
+    for s in _mode_cases():
+        got, want = mode_rows(s), s.mode(dim=1).values
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def test_native_calibration_is_the_torch_ops_bit_for_bit(monkeypatch):
+    """Histograms, θ and repeated values from the native kernels (signed histogram, equal counts, hashed mode)
+    equal those of the torch ops (SFN_NATIVE=0), on sites with a repeated background, zeros of both signs and
+    channels-last tokens, values on bin edges and a NaN."""
+    from sfn_deploy.calibrate import RepeatedValues, update_signed
+    torch.manual_seed(1)
+    batches = [torch.relu(torch.randn(16, 8, 24, 24)).round(), (torch.randn(16, 8, 24, 24) * 2).round(),
+               torch.randn(8, 197, 64) * 3, torch.cat([torch.arange(4096.0) / 512, -torch.arange(4096.0) / 256]),
+               torch.tensor([float("nan"), 0.0, -0.0, 2.0] * 2048)]
+
+    def calibrated():
+        out = []
+        for x in batches:
+            pos, neg, rep = StreamingHistogram(), StreamingHistogram(), RepeatedValues()
+            for chunk in (x, x * 1.5):
+                update_signed(pos, neg, chunk)
+                if x.dim() > 1:
+                    rep.update(chunk)
+            out.append((pos.counts, neg.counts, pos.n, neg.n, pos.hi, neg.hi, rep.candidates, rep.positions,
+                        *rep.result()))
+        return out
+    native = calibrated()
+    monkeypatch.setenv("SFN_NATIVE", "0")
+    for a, b in zip(native, calibrated(), strict=True):
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v
