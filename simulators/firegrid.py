@@ -19,6 +19,10 @@ without a compiler, or with ``SFN_NATIVE=0``, the torch operations run instead. 
 over as many threads as torch may use (``torch.get_num_threads()``), each part with its own histogram;
 built with ``-fopenmp`` the parts run on the OpenMP runtime torch already loaded, so the simulator and
 torch's kernels share one pool of threads (a compiler without OpenMP gives a serial build: same results).
+
+The library also holds calibration's three per-batch kernels (:func:`signed_counts`, :func:`count_equal`,
+:func:`mode_rows`: one pass each instead of a dozen torch passes or a sort per channel), for the same reason and
+with the same guarantee: the counts and values of the torch ops they replace, bit for bit.
 """
 from __future__ import annotations
 
