@@ -17,6 +17,7 @@ import math
 import torch
 
 from . import distributed
+from .errors import UserError
 from .ir import Graph
 from .passes import configure
 from .progress import progress
@@ -89,6 +90,9 @@ def update_signed(pos: StreamingHistogram, neg: StreamingHistogram, x: torch.Ten
     if x.numel() == 0:
         return
     lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isinf(lo) or math.isinf(hi):
+        raise UserError("the ANN's activations overflow float32 (±inf) on the calibration data: the model's "
+                        "weights or its inputs are out of range")
     if hi > 0:
         pos.fit(hi)
     if lo < 0:
@@ -193,7 +197,10 @@ class _SiteInputs(Observer):
     def __call__(self, event: Event) -> None:
         if event.node.op == "sfn":
             x = event.args[0]
-            update_signed(self.pos[event.node.name], self.neg[event.node.name], x)
+            try:
+                update_signed(self.pos[event.node.name], self.neg[event.node.name], x)
+            except UserError as e:
+                raise UserError(f"site {event.node.name}: {e}") from None
             self.modes[event.node.name].update(x)
 
 

@@ -133,6 +133,10 @@ def ws(tmp_path_factory, digits_pt2, digits):
     bad = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
     bad[1].weight.data[0, 0] = float("nan")
     torch.export.save(torch.export.export(bad, (digits.x[:2],)), p("nan.pt2"))
+    huge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 10)).eval()
+    huge[1].weight.data.fill_(3e38)                      # finite weights whose activations overflow to inf
+    torch.export.save(torch.export.export(huge, (digits.x[:2],)), p("overflow.pt2"))
     np.savez(p("labels.npz"), x=digits.x[:50].numpy(), y=np.full(50, 50, dtype=np.int64))
     np.savez(p("nanx.npz"), x=np.full((4, 1, 8, 8), np.nan, dtype=np.float32), y=np.zeros(4, dtype=np.int64))
     np.savez(p("intx.npz"), x=np.zeros((4, 1, 8, 8), dtype=np.int64), y=np.zeros(4, dtype=np.int64))
@@ -219,6 +223,8 @@ CASES = [
      "wrongshape.sfn.pt"),
     ("pt2_nan_weight", ["convert", "{nan.pt2}", "--data", "sklearn:digits", "--scale", "0.2", "-o", "{out.sfn.pt}"],
      2, "nan.pt2: parameter"),
+    ("pt2_overflowing_activations", ["convert", "{overflow.pt2}", "--data", "sklearn:digits", "--scale", "0.2",
+                                     "-o", "{out.sfn.pt}"], 2, "overflow float32"),
     ("sfnpt_nan", ["evaluate", "{nan.sfn.pt}", "--data", "sklearn:digits"], 2, "nan.sfn.pt"),
     *[(f"npz_{k}", ["evaluate", "{good.sfn.pt}", "--data", f"{{{k}.npz}}"], 2, f"{k}.npz")
       for k in ("truncated", "zero", "random", "bitflip", "nanx", "intx", "nox", "shape", "signals", "rank",
