@@ -442,12 +442,17 @@ _NATIVE_MIN = 4096          # below this the torch operations are as fast (no ca
 _native_lib: list = []      # [] not tried yet; [None] unavailable; [lib]
 
 
+def _native_for(x: torch.Tensor):
+    """The native library for a calibration kernel over ``x``: a CPU float32 tensor large enough to gain."""
+    ok = x.numel() >= _NATIVE_MIN and x.device.type == "cpu" and x.dtype == torch.float32
+    return native() if ok else None
+
+
 def signed_counts(x: torch.Tensor, sp: float, sn: float, bins: int) -> torch.Tensor | None:
     """Calibration's 2·``bins`` signed histogram counts of a CPU float32 ``x`` in one native pass (positive
     values at scale ``sp``, negative ones at ``sn`` < 0; the counts of ``calibrate.update_signed``'s torch
     ops), or None: no native library, or a tensor too small or not float32 on the CPU."""
-    ok = x.numel() >= _NATIVE_MIN and x.device.type == "cpu" and x.dtype == torch.float32
-    lib = native() if ok else None
+    lib = _native_for(x)
     if lib is None:
         return None
     x = x.contiguous()
@@ -460,8 +465,7 @@ def signed_counts(x: torch.Tensor, sp: float, sn: float, bins: int) -> torch.Ten
 def count_equal(x: torch.Tensor, value: torch.Tensor, inner: int) -> torch.Tensor | None:
     """Per channel, how many entries of a CPU float32 ``x`` (outer × C × ``inner``) equal that channel's
     ``value`` (int64, C), in one native pass without a boolean copy; None as :func:`signed_counts`."""
-    ok = x.numel() >= _NATIVE_MIN and x.device.type == "cpu" and x.dtype == torch.float32
-    lib = native() if ok else None
+    lib = _native_for(x)
     if lib is None:
         return None
     x, value = x.contiguous(), value.to(torch.float32).contiguous()
@@ -477,8 +481,7 @@ def mode_rows(s: torch.Tensor) -> torch.Tensor:
     """``s.mode(dim=1).values`` of a rows × m tensor: on a CPU float32 one by hashing (the same values; a
     sort costs more than the rest of calibration together), else, or for rows with a NaN or a modal zero
     of both signs, torch's."""
-    ok = s.dim() == 2 and s.numel() >= _NATIVE_MIN and s.device.type == "cpu" and s.dtype == torch.float32
-    lib = native() if ok else None
+    lib = _native_for(s) if s.dim() == 2 else None
     if lib is None:
         return s.mode(dim=1).values
     s = s.contiguous()
