@@ -134,9 +134,10 @@ def _validation_scores(c: Conversion) -> tuple[float, float]:
         return search["chosen"]["accuracy"], search["ann_accuracy"]
     val = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0]
     r = from_passes(cfg.fidelity, val, c.checked.snn, c.checked.ann, c.checked.counter)
-    if r.accuracy is None:          # output fidelity: 100 × cosine against the ANN's 100, as the search scores it
-        return 100.0 * r.cosine, 100.0
-    return r.accuracy, r.ann_accuracy
+    if r.accuracy is not None and r.ann_accuracy is not None:
+        return r.accuracy, r.ann_accuracy
+    assert r.cosine is not None     # output fidelity: 100 × cosine against the ANN's 100, as the search scores it
+    return 100.0 * r.cosine, 100.0
 
 
 def _more_levels(c: Conversion) -> None:
