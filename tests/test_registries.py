@@ -29,7 +29,7 @@ def test_every_backend_loads_and_follows_the_protocol():
 
 def test_pipeline_is_what_inspect_shows():
     assert [p.name for p in PIPELINE] == ["capture", "fold_batchnorm", "insert_sfn", "calibrate", "scale",
-                                          "bias_correction"]
+                                          "bias_correction", "more_levels"]
     assert all(callable(p.run) and p.description for p in PIPELINE)
 
 
