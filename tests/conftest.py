@@ -10,6 +10,8 @@ from sfn_deploy.data import load_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.environ.get("SFN_MNIST", os.path.join(ROOT, "..", "shared", "data", "mnist"))
+# the CIFAR-10 training JPEGs (CLASS/NNNN.jpg), as examples/train_cifar.py reads them
+CIFAR_DIR = os.environ.get("SFN_CIFAR10_DIR", os.path.join(ROOT, "..", "shared", "data", "cifar10", "train"))
 MODELS = os.path.join(ROOT, "examples", "models")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import CIFAR_DIR
 from PIL import Image
 
 from sfn_deploy.cli import main
@@ -20,8 +21,7 @@ from sfn_deploy.data import NO_LABEL, load_data
 from sfn_deploy.errors import UserError
 from sfn_deploy.preprocess import Preprocess, image_transform, parse_options, plan, timm_defaults
 
-CIFAR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10",
-                     "train")
+CIFAR = CIFAR_DIR
 CLASSES = ("airplane", "cat", "ship")
 SIZES = [(32, 32), (48, 40), (40, 64), (64, 64), (36, 50)]
 MEAN, STD = "0.4914,0.4822,0.4465", "0.247,0.243,0.261"
@@ -35,7 +35,7 @@ def read(*args, **kwargs):
 def _cifar(cls: str, i: int) -> Image.Image:
     path = os.path.join(CIFAR, cls, f"{i:04d}.jpg")
     if not os.path.exists(path):
-        pytest.skip("CIFAR-10 JPEGs not found (../shared/data/cifar10)")
+        pytest.skip("CIFAR-10 JPEGs not found (set SFN_CIFAR10_DIR)")
     with Image.open(path) as im:
         return im.convert("RGB")
 

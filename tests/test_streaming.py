@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import CIFAR_DIR
 from PIL import Image
 
 from sfn_deploy import convert, evaluate
@@ -14,8 +15,7 @@ from sfn_deploy.models import load_model
 from sfn_deploy.preprocess import parse_options
 from sfn_deploy.report import build_report
 
-CIFAR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10",
-                     "train")
+CIFAR = CIFAR_DIR
 CLASSES = ("airplane", "cat", "ship")
 OPTIONS = {"resize": "36", "crop": "32", "mean": "0.49,0.48,0.45", "std": "0.25,0.24,0.26"}
 
@@ -29,7 +29,7 @@ def photos(tmp_path_factory):
         for i in range(10):
             path = os.path.join(CIFAR, c, f"{i:04d}.jpg")
             if not os.path.exists(path):
-                pytest.skip("CIFAR-10 JPEGs not found (../shared/data/cifar10)")
+                pytest.skip("CIFAR-10 JPEGs not found (set SFN_CIFAR10_DIR)")
             with Image.open(path) as im:
                 im.convert("RGB").resize((32 + 4 * (i % 3), 40 - 2 * (i % 2))).save(root / c / f"{i:02d}.png")
     return str(root)
