@@ -136,8 +136,11 @@ def _validation_scores(c: Conversion) -> tuple[float, float]:
     r = from_passes(cfg.fidelity, val, c.checked.snn, c.checked.ann, c.checked.counter)
     if r.accuracy is not None and r.ann_accuracy is not None:
         return r.accuracy, r.ann_accuracy
-    assert r.cosine is not None     # output fidelity: 100 × cosine against the ANN's 100, as the search scores it
-    return 100.0 * r.cosine, 100.0
+    # as the search scores them: output fidelity 100 × cosine, unlabeled images the agreement with the ANN's
+    # top-1; the ANN scores 100
+    score = 100.0 * r.cosine if r.cosine is not None else r.agreement
+    assert score is not None
+    return score, 100.0
 
 
 def _more_levels(c: Conversion) -> None:

@@ -610,6 +610,19 @@ def test_a_worse_second_search_leaves_the_first_result_as_it_was(digits_mlp, dig
     assert torch.equal(run(c.graph, x), run(plain.graph, x))
 
 
+def test_the_second_search_on_unlabeled_and_output_fidelity_data(digits_mlp, digits):
+    """Without labels the result is scored by its agreement with the ANN's top-1, with output fidelity by the
+    cosine (the ANN scores 100 either way): M = 1 misses the goal and is searched again at M = 8."""
+    from sfn_deploy.config import GOAL
+    from sfn_deploy.convert import convert
+    from sfn_deploy.data import Dataset
+    unlabeled = Dataset(digits.x, torch.full_like(digits.y, -1), name="digits, no labels")
+    for kind in ("accuracy", "output"):
+        c = convert(digits_mlp, unlabeled, trials=4, levels=1, levels_if_missed=8, fidelity=kind)
+        missed = c.search["missed"]
+        assert missed["levels"] == 1 and missed["accuracy"] < 100.0 - GOAL, kind
+
+
 def test_levels_if_missed_defaults_to_12_unless_levels_is_given():
     assert load_config("", {"max_drop": 1.0}).levels_if_missed == 12
     assert load_config("", {"max_drop": 1.0, "levels": 8}).levels_if_missed == 0
