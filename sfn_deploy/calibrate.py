@@ -120,6 +120,20 @@ def channel_axis(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 else x.dim() - 1
 
 
+def _mode(s: torch.Tensor) -> torch.Tensor:
+    """Each row's most frequent value (torch.mode's, ties to the smallest): the native hash count where it runs."""
+    native = mode_rows(s)
+    return s.mode(dim=1).values if native is None else native
+
+
+def _count_equal(x: torch.Tensor, value: torch.Tensor, inner: int) -> torch.Tensor:
+    """Per channel, how many entries of ``x`` (outer × C × ``inner``) equal that channel's ``value``."""
+    native = count_equal(x, value, inner)
+    if native is not None:
+        return native
+    return (x.reshape(-1, value.numel(), inner) == value.view(1, -1, 1)).sum((0, 2))
+
+
 class RepeatedValues:
     """Per channel, the value a site's input takes most often and the share of positions where it does.
 
@@ -145,17 +159,13 @@ class RepeatedValues:
             positions = v.shape[0] * v.shape[2]
             at = torch.arange(0, positions, max(1, positions // self.sample), device=x.device)
             sample = v[at // v.shape[2], :, at % v.shape[2]]                    # positions × C
-            mode = mode_rows(sample.T.contiguous())
-            counts = count_equal(v, mode, v.shape[2])
-            if counts is None:
-                counts = (v == mode.view(1, -1, 1)).sum((0, 2))
+            mode = _mode(sample.T.contiguous())
+            counts = _count_equal(v, mode, v.shape[2])
         else:                           # channels last (features, tokens)
             v = x.reshape(-1, x.shape[-1])
             positions = v.shape[0]
-            mode = mode_rows(v[::max(1, positions // self.sample)].T.contiguous())
-            counts = count_equal(v, mode, 1)
-            if counts is None:
-                counts = (v == mode).sum(0)
+            mode = _mode(v[::max(1, positions // self.sample)].T.contiguous())
+            counts = _count_equal(v, mode, 1)
         if not self.candidates:
             self.candidates = [{} for _ in range(mode.shape[0])]
         if mode.shape[0] != len(self.candidates):

@@ -31,9 +31,9 @@ VAL_SIZE = 2000
 
 LEVELS_IF_MISSED = 12      # docs/zoo.md "With M = 12 levels": every trained CIFAR family within a point
 # Without --max-drop, convert takes the most accurate point, and its safeguards keep to this drop as they keep
-# to a budget (issue 16's goal for convert without search options: within 0.5 point of the ANN): a most accurate
-# point further below the ANN on the validation images is searched again at LEVELS_IF_MISSED, and bias
-# correction is not kept where it takes the drop past this.
+# to a budget (issue 16's goal for convert without search options: within 0.5 point of the ANN): a result
+# further below the ANN on the validation images, bias correction included, is searched again at
+# LEVELS_IF_MISSED, and bias correction is not kept where it takes the drop past this.
 GOAL = 0.5
 
 
@@ -45,7 +45,7 @@ class ConvertConfig:
     epochs: float = 1.0             # pmsm: fine-tune epochs over the conversion data (fractions allowed)
     lr: float = 1e-3                # pmsm: fine-tune learning rate (Adam; 10× for the thresholds)
     levels: int = 8                 # M: linear levels per polarity (2M levels, 4M thresholds in all)
-    levels_if_missed: int | None = None  # M to search again with when no λ meets max_drop (without it: GOAL)
+    levels_if_missed: int | None = None  # M to search and correct again with when the result misses `goal`
     #                                     (None: 12 when `levels` was not given, else off; 0: off)
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
@@ -64,7 +64,8 @@ class ConvertConfig:
     seed: int = 0
     batch_size: int = 256
     calib_limit: int | None = None  # use at most this many samples for calibration
-    bias_correction: str = "auto"   # auto (kept if validation agreement does not fall) | on | off; sfn only
+    bias_correction: str = "auto"   # auto (kept if validation agreement does not fall, drop within `goal`)
+    #                                 | on | off; sfn only
     fidelity: str = "auto"          # accuracy | output (cosine of the outputs) | auto; capture resolves auto
 
     @property

@@ -356,9 +356,8 @@ void sfn_count_equal(const float *x, int64_t outer, int64_t chans, int64_t inner
    smallest, torch.mode's rule on the CPU, counted in a hash table instead of a sort. Returns how many rows hold
    a NaN or a modal zero of both signs (then the caller asks torch.mode: which of equal values it returns is its
    sort's); those rows' out is not set. */
-static int mode_row(const float *s, int64_t m, uint32_t *keys, int32_t *counts, int64_t size, float *out) {
-    int bits = 0;
-    while (((int64_t)1 << bits) < size) bits++;
+static int mode_row(const float *s, int64_t m, uint32_t *keys, int32_t *counts, int bits, float *out) {
+    int64_t size = (int64_t)1 << bits;
     memset(counts, 0, size * sizeof(int32_t));
     int zero_signs = 0;
     for (int64_t i = 0; i < m; i++) {
@@ -392,8 +391,9 @@ static int mode_row(const float *s, int64_t m, uint32_t *keys, int32_t *counts, 
 }
 
 int sfn_mode_rows(const float *s, int64_t rows, int64_t m, float *out, int parts) {
-    int64_t size = 1;
-    while (size < 2 * m) size <<= 1;
+    int bits = 1;                     /* a table of at least 2m entries */
+    while (((int64_t)1 << bits) < 2 * m) bits++;
+    int64_t size = (int64_t)1 << bits;
     int64_t step = (rows + (int64_t)parts - 1) / (int64_t)parts;
     int odd = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+:odd)
@@ -404,7 +404,7 @@ int sfn_mode_rows(const float *s, int64_t rows, int64_t m, float *out, int parts
             odd += 1;
         } else {
             for (int64_t r = j * step; r < rows && r < (j + 1) * step; r++)
-                odd += mode_row(s + r * m, m, keys, counts, size, out + r);
+                odd += mode_row(s + r * m, m, keys, counts, bits, out + r);
         }
         free(keys);
         free(counts);
@@ -433,9 +433,10 @@ void sfn_fire_parts(const float *x, int64_t n, int shift, const int32_t *base, c
 _PART_MIN = 1 << 16         # elements per thread below which splitting costs more than it saves
 
 
-def _parts(n: int) -> int:
-    """How many threads share a call: as many as torch may use, each with at least _PART_MIN elements."""
-    return max(1, min(torch.get_num_threads(), n // _PART_MIN))
+def _parts(n: int, most: int | None = None) -> int:
+    """How many threads share a call: as many as torch may use, each with at least _PART_MIN elements (and at
+    most ``most``: parts split rows)."""
+    return max(1, min(torch.get_num_threads(), n // _PART_MIN, n if most is None else most))
 
 
 _NATIVE_MIN = 4096          # below this the torch operations are as fast (no call overhead to win back)
@@ -464,32 +465,30 @@ def signed_counts(x: torch.Tensor, sp: float, sn: float, bins: int) -> torch.Ten
 
 def count_equal(x: torch.Tensor, value: torch.Tensor, inner: int) -> torch.Tensor | None:
     """Per channel, how many entries of a CPU float32 ``x`` (outer × C × ``inner``) equal that channel's
-    ``value`` (int64, C), in one native pass without a boolean copy; None as :func:`signed_counts`."""
+    ``value`` (float, C), in one native pass without a boolean copy; None as :func:`signed_counts`."""
     lib = _native_for(x)
     if lib is None:
         return None
     x, value = x.contiguous(), value.to(torch.float32).contiguous()
     chans = value.numel()
     outer = x.numel() // (chans * inner)
-    parts = max(1, min(_parts(x.numel()), outer))
+    parts = _parts(x.numel(), outer)
     counts = torch.zeros(parts, chans, dtype=torch.int64)
     lib.sfn_count_equal(x.data_ptr(), outer, chans, inner, value.data_ptr(), counts.data_ptr(), parts)
     return counts.sum(0)
 
 
-def mode_rows(s: torch.Tensor) -> torch.Tensor:
-    """``s.mode(dim=1).values`` of a rows × m tensor: on a CPU float32 one by hashing (the same values; a
-    sort costs more than the rest of calibration together), else, or for rows with a NaN or a modal zero
-    of both signs, torch's."""
+def mode_rows(s: torch.Tensor) -> torch.Tensor | None:
+    """``s.mode(dim=1).values`` of a CPU float32 rows × m tensor by hashing (the same values; a sort costs more
+    than the rest of calibration together), or None: as :func:`signed_counts`, or a row holds a NaN or a modal
+    zero of both signs (which of equal values torch returns is its sort's)."""
     lib = _native_for(s) if s.dim() == 2 else None
     if lib is None:
-        return s.mode(dim=1).values
+        return None
     s = s.contiguous()
     out = torch.empty(s.shape[0], dtype=torch.float32)
-    if lib.sfn_mode_rows(s.data_ptr(), s.shape[0], s.shape[1], out.data_ptr(), max(1, min(_parts(s.numel()),
-                                                                                            s.shape[0]))):
-        return s.mode(dim=1).values
-    return out
+    odd = lib.sfn_mode_rows(s.data_ptr(), s.shape[0], s.shape[1], out.data_ptr(), _parts(s.numel(), s.shape[0]))
+    return None if odd else out
 
 
 def native():

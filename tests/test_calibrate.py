@@ -219,13 +219,16 @@ def _mode_cases():
 
 
 def test_hashed_mode_is_torch_mode_bit_for_bit():
-    """firegrid.mode_rows (the native hash count) returns torch.mode's values, ties to the smallest, −0 and +0 as
-    one value with torch's sign, and hands NaN rows and two-signed modal zeros to torch."""
+    """The native hash count (firegrid.mode_rows, through calibrate._mode) returns torch.mode's values, ties to
+    the smallest, −0 and +0 as one value with torch's sign, and hands NaN rows and two-signed modal zeros to
+    torch."""
     from simulators.firegrid import mode_rows, native
     assert native() is not None                          # (the suite's machines have a C compiler)
+    from sfn_deploy.calibrate import _mode
     for s in _mode_cases():
-        got, want = mode_rows(s), s.mode(dim=1).values
+        got, want = _mode(s), s.mode(dim=1).values
         assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    assert mode_rows(_mode_cases()[4]) is not None            # the hash count ran (not torch's fallback)
 
 
 def test_native_calibration_is_the_torch_ops_bit_for_bit(monkeypatch):
