@@ -29,6 +29,7 @@ import json, sys
 o, name, tag, flags = sys.argv[1:]
 c, e = json.load(open(o + ".convert.json")), json.load(open(o + ".eval.json"))
 print(json.dumps({"model": name, "tag": tag, "flags": flags.strip(), "lam": c["lam"], "val_drop": c["drop"]["points"],
+                  "val_interval": [round(c["drop"]["low"], 2), round(c["drop"]["high"], 2)],
                   "bias_correction": (c.get("bias_correction") or {}).get("applied"),
                   "test_ann": round(e["ann_accuracy"], 2), "test_snn": round(e["accuracy"], 2),
                   "test_drop": round(e["ann_accuracy"] - e["accuracy"], 2), "agreement": round(e["agreement"], 2),
