@@ -593,9 +593,10 @@ def _describe_search(search: dict) -> str:
 @command
 def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle, as_json, **kw):
     """Search λ for accuracy and energy together; resumable with --storage/--study."""
-    from .convert import build_graph, correct_biases
+    from .convert import Conversion, finish, run_passes
     from .evaluation import budget_warning
-    from .model_file import ConvertedModel, save
+    from .methods import Applied
+    from .model_file import save
     from .passes import set_scale
     from .tuning import choose, run_search
 
@@ -607,19 +608,23 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     net, identity = _load_model(model, weights, model_args, trust_pickle)
     ds = _load_datasets(data, kw.get("val_data"), model, net, options, workers)
     val, record = ds.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
-    graph = build_graph(net, ds, cfg, quiet=as_json)
+    t0 = time.time()
+    c = run_passes(Conversion(net, ds, cfg, identity, quiet=as_json), stop_before="scale")
+    graph = c.captured()
     warning = budget_warning(len(val), cfg.max_drop, record.available)
     if warning:
         _warn(warning)
     result = run_search(graph, ds, cfg, identity, quiet=as_json)
     chosen = choose(result, cfg.max_drop)
     result.chosen = chosen
-    if output:
+    search = result.to_dict()
+    if output:      # what convert would write at this point: bias correction, the second search at more levels
         set_scale(graph, chosen.lam)
-        bc = correct_biases(graph, ds, cfg)[0]
-        save(ConvertedModel(graph, ds.sample_shape, cfg.to_dict(), identity,
-                            {} if bc is None else {"bias_correction": bc}, result.to_dict(),
-                            ds.preprocessing, ds.classes), output)
+        c.applied = Applied(search=search)
+        converted = finish(run_passes(c, start="bias_correction"), t0)
+        search = converted.search
+        if _writer():
+            save(converted, output)
     scored = (f"ANN validation accuracy {result.ann_accuracy:.2f}%" if cfg.fidelity == "accuracy" and val.labeled
               else "trials scored by agreement with the ANN's top-1 (unlabeled)" if cfg.fidelity == "accuracy"
               else "trials scored by 100 × cosine similarity with the ANN's outputs")
@@ -627,7 +632,9 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
             f"{scored} on {_describe_validation(record)}\n"
             f"Pareto front (accuracy ↑, energy ratio ↓):\n{_fmt_front(result.pareto_front)}\n"
             f"chosen: trial {chosen.trial} ({chosen.rule})")
-    _emit(as_json, {**result.to_dict(), "output": output}, text)
+    if "missed" in search:
+        text += "\n" + _describe_search(search)
+    _emit(as_json, {**search, "output": output}, text)
 
 
 def _bundle_data(path, precision, data, options, workers, limit):

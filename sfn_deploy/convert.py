@@ -201,9 +201,11 @@ PIPELINE: list[Pass] = [
 ]
 
 
-def run_passes(c: Conversion, stop_before: str | None = None) -> Conversion:
-    """Run the passes of :data:`PIPELINE` in order (up to, not including, ``stop_before``)."""
-    for p in PIPELINE:
+def run_passes(c: Conversion, stop_before: str | None = None, start: str | None = None) -> Conversion:
+    """Run the passes of :data:`PIPELINE` in order, from ``start`` (default the first) up to, not including,
+    ``stop_before``."""
+    names = [p.name for p in PIPELINE]
+    for p in PIPELINE[names.index(start) if start else 0:]:
         if p.name == stop_before:
             break
         p.run(c)
@@ -234,9 +236,15 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
         data = data.with_validation(val_data)
     t0 = time.time()
     c = run_passes(Conversion(model, data, cfg, source or {}, quiet, warn))
+    return finish(c, t0, validate)
+
+
+def finish(c: Conversion, t0: float, validate: bool = False) -> ConvertedModel:
+    """The converted model of what the passes left (:func:`convert`; ``tune -o`` after its own search)."""
+    cfg, data = c.config, c.data
     if c.applied.search.get("levels", cfg.levels) != cfg.levels:     # the search's second try kept its M
         cfg = replace(cfg, levels=c.applied.search["levels"])
-    converted = ConvertedModel(c.captured(), data.sample_shape, cfg.to_dict(), source or {}, {},
+    converted = ConvertedModel(c.captured(), data.sample_shape, cfg.to_dict(), c.source, {},
                                c.applied.search, data.preprocessing, data.classes)
     calib = data.limit(cfg.calib_limit)
     converted.metrics = {"convert_seconds": round(time.time() - t0, 3), "calibration_samples": len(calib),

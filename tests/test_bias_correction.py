@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sfn_deploy import bias_correction
 from sfn_deploy.cli import main
 from sfn_deploy.convert import convert
-from sfn_deploy.data import Dataset
+from sfn_deploy.data import Dataset, load_data
 from sfn_deploy.errors import UserError
 from sfn_deploy.model_file import load, save
 from sfn_deploy.simulators.interpreter import run
@@ -144,6 +144,28 @@ def test_tune_output_is_corrected_like_convert(digits_pt2, tmp_path):
         m = load(str(out))
         assert any("bias_ann" in n.params for n in m.graph.nodes) == (mode == "on")
         assert ("bias_correction" in m.metrics) == (mode == "on")
+
+
+def test_tune_output_is_searched_again_at_more_levels_like_convert(digits_pt2, tmp_path):
+    """``tune -o`` ends with convert's passes after the search: at M = 1 the digits MLP misses the goal, so the
+    file holds the second search's M = 8 and the same λ and biases that convert writes from the same study
+    options; the text says why."""
+    runner = CliRunner()
+    opts = ["--data", "sklearn:digits", "--trials", "4", "--val-fraction", "0.3", "--levels", "1",
+            "--levels-if-missed", "8"]
+    r = runner.invoke(main, ["tune", digits_pt2, *opts, "--storage", str(tmp_path / "t.db"),
+                             "-o", str(tmp_path / "t.sfn.pt")])
+    assert r.exit_code == 0, r.stderr
+    assert "searched again at M = 8" in r.stdout
+    r = runner.invoke(main, ["convert", digits_pt2, *opts, "--storage", str(tmp_path / "c.db"),
+                             "-o", str(tmp_path / "c.sfn.pt"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    t, c = load(str(tmp_path / "t.sfn.pt")), load(str(tmp_path / "c.sfn.pt"))
+    assert t.config["levels"] == c.config["levels"] == 8 and t.search["missed"]["levels"] == 1
+    assert t.search["chosen"]["lam"] == c.search["chosen"]["lam"]
+    assert t.metrics["input_abs_max"] == c.metrics["input_abs_max"]
+    x = load_data("sklearn:digits").x[:300]
+    assert torch.equal(run(t.graph, x), run(c.graph, x))
 
 
 @pytest.mark.parametrize("kept", [True, False])
