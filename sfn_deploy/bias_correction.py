@@ -131,10 +131,8 @@ def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None
     if val is not None and ann is not None and before is not None and record["layers"]:
         after, counted = measure(graph, val, batch_size, top1=kind == "accuracy")
         record["val_agreement_after"] = _agreement(after, ann, kind)
-        if kind == "accuracy" and val.labeled:
-            drops = [_agreement(ann, val.y) - _agreement(p, val.y) for p in (before, after)]
-        else:                   # the ANN is the reference: its score is 100
-            drops = [100.0 - record[f"val_agreement_{w}"] for w in ("before", "after")]
+        labels = val.y if val.labeled else None
+        drops = [a - s for s, a in (fidelity.scores(kind, p, ann, labels) for p in (before, after))]
         record["val_drop_before"], record["val_drop_after"] = (round(d, 4) for d in drops)
         if not keep(record["val_agreement_before"], record["val_agreement_after"], drops, max_drop):
             revert(graph)

@@ -133,14 +133,7 @@ def _validation_scores(c: Conversion) -> tuple[float, float]:
     if c.checked is None:
         return search["chosen"]["accuracy"], search["ann_accuracy"]
     val = c.data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0]
-    r = from_passes(cfg.fidelity, val, c.checked.snn, c.checked.ann, c.checked.counter)
-    if r.accuracy is not None and r.ann_accuracy is not None:
-        return r.accuracy, r.ann_accuracy
-    # as the search scores them: output fidelity 100 × cosine, unlabeled images the agreement with the ANN's
-    # top-1; the ANN scores 100
-    score = 100.0 * r.cosine if r.cosine is not None else r.agreement
-    assert score is not None
-    return score, 100.0
+    return fidelity.scores(cfg.fidelity, c.checked.snn, c.checked.ann, val.y if val.labeled else None)
 
 
 def _more_levels(c: Conversion) -> None:

@@ -127,6 +127,17 @@ def reference(kind: str, ann_out: torch.Tensor, labels: torch.Tensor | None) -> 
     return Reference("accuracy", labels, (top1 == labels).float())
 
 
+def scores(kind: str, snn: torch.Tensor, ann: torch.Tensor, labels: torch.Tensor | None) -> tuple[float, float]:
+    """(SNN, ANN) score in % of finished passes, as the search scores a trial: accuracy against the labels;
+    without labels the agreement with the ANN's top-1, or with output fidelity 100 × the mean cosine with the
+    ANN's outputs (the ANN scores 100 either way). ``snn``, ``ann``: top-1 classes, or outputs (``output``)."""
+    if kind == "output":
+        return 100.0 * float(cosine(snn, ann).double().mean()), 100.0
+    if labels is None:
+        return 100.0 * float((snn == ann).double().mean()), 100.0
+    return 100.0 * float((snn == labels).double().mean()), 100.0 * float((ann == labels).double().mean())
+
+
 def z_value(confidence: float) -> float:
     """The two-sided normal quantile of a confidence level (1.96 for 0.95)."""
     return NormalDist().inv_cdf(0.5 + confidence / 2)
