@@ -20,7 +20,8 @@ The issue's figures, per model and D:
 * ``saving``: 1 − staged energy / energy of the cheapest swept shared λ whose test accuracy is at least the staged
   point's (target ≥ 20 % on at least half of the models, never negative);
 * the same two for the staged point as ``convert`` delivers it (``delivered``: with its bias correction, kept or
-  not by the ``auto`` rule against the budget), against the same sweep of the paper's uncorrected shared λ.
+  not by the ``auto`` rule against the budget; with ``--bias-correction search`` every staged trial is scored
+  corrected and the chosen point keeps it), against the same sweep of the paper's uncorrected shared λ.
 
 Held-out models (docs/zoo.md, examples/heldout/README.md): MNIST ``heldout/NAME`` (images 0..7,999 calibrate and
 validate, 8,000..9,999 test; ``avgpool_cnn`` reads the [0, 1] .npz files that
@@ -133,8 +134,10 @@ def bench(name: str, model: str, calib: str, test_spec: str, args) -> dict:
                  "ann_test": evaluation.accuracy(ann_test, test.y),
                  "shared_search": {"seconds": round(shared_s, 2), "trials": shared.trials_completed}, "budgets": []}
     for d in args.max_drop:
-        staged, staged_s = _search(graph, data, {**base, "search": args.search, "max_drop": d}, args.batch_size)
-        row: dict = {"max_drop": d, "search": args.search, "strategy": staged.strategy,
+        opts = {**base, "search": args.search, "max_drop": d, "bias_correction": args.bias_correction}
+        staged, staged_s = _search(graph, data, opts, args.batch_size)
+        row: dict = {"max_drop": d, "search": args.search, "bias_correction": args.bias_correction,
+                     "strategy": staged.strategy,
                      "seconds": round(staged_s, 2), "time_ratio": round(staged_s / shared_s, 3),
                      "images": staged.images, "full_evaluations": round(staged.images / len(val), 2),
                      "checks": staged.checks}
@@ -147,8 +150,7 @@ def bench(name: str, model: str, calib: str, test_spec: str, args) -> dict:
                         "test": on(graph, test, lam, args.batch_size, ann_test)}
             v = row[key]["validation"]
             row[key]["budget_kept"] = row[key]["test"]["drop"] <= d + (v["high"] - v["low"]) / 2 + 1e-9
-        row["delivered"] = delivered(graph, data, val, test, row["staged"], {**base, "max_drop": d}, args,
-                                     ann_val, ann_test)
+        row["delivered"] = delivered(graph, data, val, test, row["staged"], opts, args, ann_val, ann_test)
         out["budgets"].append(row)
     targets = [r[k]["test"]["accuracy"] for r in out["budgets"] for k in ("staged", "delivered")]
     extra = [r["shared"]["lam"][0] for r in out["budgets"]]
@@ -215,8 +217,9 @@ def _fmt_delivered(rows: list[dict]) -> str:
             bc = dl["bias_correction"] or {}
             lines.append(
                 f"| {r['model']} | {b['max_drop']:g} | {s['drop']:.2f}, {s['energy_ratio']:.4f} | "
-                f"{'kept' if bc.get('applied') else 'not kept'} | {v['drop']:.2f} ({v['low']:.2f} to "
-                f"{v['high']:.2f}) | {t['drop']:.2f} | {'yes' if dl['budget_kept'] else 'no'} | "
+                f"{bc.get('mode', '—')}, {'kept' if bc.get('applied') else 'not kept'} | "
+                f"{v['drop']:.2f} ({v['low']:.2f} to {v['high']:.2f}) | {t['drop']:.2f} | "
+                f"{'yes' if dl['budget_kept'] else 'no'} | "
                 f"{t['energy_ratio']:.4f} | "
                 + (f"{ref['lam']:.3g} ({ref['accuracy']:.2f} %) | {ref['energy_ratio']:.4f} | "
                    f"{100 * b['delivered_saving']:.1f} % |" if ref else "— | — | — |"))
@@ -258,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--search", default="per-block", choices=["shared", "per-block", "per-site"],
                    help="the staged search's space (default per-block)")
+    p.add_argument("--bias-correction", default="auto", choices=["auto", "search"],
+                   help="the staged search's: auto (convert's default: the chosen point corrected afterwards) or "
+                        "search (every trial scored corrected)")
     p.add_argument("--val-size", type=int, default=2000)
     p.add_argument("--calib-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)

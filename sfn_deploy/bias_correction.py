@@ -24,10 +24,25 @@ from . import devices, fidelity
 from .data import Dataset
 from .evaluation import measure, predict
 from .ir import Graph
+from .passes import set_scale
 from .simulators.counting import OpCounter
 from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan
 
 IMAGES = 256            # calibration images the shifts are measured on (one batch: at most --batch-size)
+
+
+def images(data: Dataset, batch_size: int, seed: int) -> torch.Tensor:
+    """The calibration images the shifts are measured on: one seeded batch of ``data``."""
+    return data.sample(min(IMAGES, batch_size), seed + 1).in_memory().x
+
+
+def scaled(graph: Graph, lam: float | dict[str, float], x: torch.Tensor | None) -> None:
+    """A trial's state: the source model's biases, λ set, and with ``x`` (``--bias-correction search``) the
+    correction measured at that λ on ``x`` applied, so that the trial is scored as convert delivers its point."""
+    revert(graph)
+    set_scale(graph, lam)
+    if x is not None:
+        apply(graph, shifts(graph, x))
 
 
 def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,7 +123,8 @@ def keep(agreement_before: float, agreement_after: float, drops: list[float], ma
 
 def correct(graph: Graph, x: torch.Tensor, mode: str, val: Dataset | None = None, batch_size: int = 256,
             max_drop: float | None = None, kind: str = "accuracy") -> tuple[dict, Checked | None]:
-    """Measure the shifts on ``x`` and apply them. ``mode`` "on": keep them; "auto": keep them only if the SNN's
+    """Measure the shifts on ``x`` and apply them. ``mode`` "on" (or "search": the search scored its trials so):
+    keep them; "auto": keep them only if the SNN's
     agreement with the ANN on ``val`` (streamed; top-1, or with output fidelity the cosine similarity) does not
     fall and, with ``max_drop`` (convert passes its budget, else ``config.GOAL``), its drop there (against the
     labels when there are any) stays within it or does not grow (:func:`keep`). Returns the record kept in the

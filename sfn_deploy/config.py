@@ -65,7 +65,7 @@ class ConvertConfig:
     batch_size: int = 256
     calib_limit: int | None = None  # use at most this many samples for calibration
     bias_correction: str = "auto"   # auto (kept if validation agreement does not fall, drop within `goal`)
-    #                                 | on | off; sfn only
+    #                                 | on | off | search (every search trial scored corrected, kept); sfn only
     fidelity: str = "auto"          # accuracy | output (cosine of the outputs) | auto; capture resolves auto
 
     @property
@@ -116,7 +116,7 @@ def storage_path(url: str | None) -> str | None:
 
 
 _VAL_KEYS = {"val_size", "val_fraction"}
-BIAS_CORRECTION = ("auto", "on", "off")
+BIAS_CORRECTION = ("auto", "on", "off", "search")
 _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "softmax_levels": SOFTMAX_LEVELS,
             "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION, "fidelity": FIDELITY}
 
@@ -141,7 +141,7 @@ def _check_method_options(cfg: ConvertConfig) -> None:
         _bad("timesteps", f"PMSM-R runs one timestep (its T > 1 mode is not implemented), got {cfg.timesteps}")
     if cfg.epochs < 0 or cfg.lr <= 0:
         _bad("epochs" if cfg.epochs < 0 else "lr", f"must be positive, got {cfg.epochs if cfg.epochs < 0 else cfg.lr}")
-    if cfg.bias_correction == "on" and cfg.method != "sfn":
+    if cfg.bias_correction in ("on", "search") and cfg.method != "sfn":
         _bad("bias_correction", f"applies to the SFN method only, not {cfg.method}")
     if cfg.method == "sfn" and cfg.timesteps not in (None, 1):
         _bad("timesteps", f"the SFN method runs one timestep; T = {cfg.timesteps} applies to --method if, mtn, ecmt")

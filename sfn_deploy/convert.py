@@ -113,7 +113,7 @@ def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig
     its record (None when off or not the SFN method), and with ``auto`` its check's validation passes."""
     if cfg.bias_correction == "off" or cfg.method != "sfn" or graph.stateful:
         return None, None
-    x = data.sample(min(bias_correction.IMAGES, cfg.batch_size), cfg.seed + 1).in_memory().x      # one batch
+    x = bias_correction.images(data, cfg.batch_size, cfg.seed)
     val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
         else None
     return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.goal,

@@ -54,10 +54,10 @@ from typing import Any
 import optuna
 import torch
 
+from . import bias_correction
 from .evaluation import tango_interval
 from .fidelity import Reference, interval_from_moments
 from .ir import Graph
-from .passes import set_scale
 from .simulators.counting import OpCounter
 from .simulators.interpreter import run
 
@@ -129,9 +129,10 @@ class Evaluator:
     """Runs the SNN at given λ on growing prefixes of a seeded permutation of the validation images."""
 
     def __init__(self, graph: Graph, x: torch.Tensor, ref: Reference, batch_size: int,
-                 energy: tuple[float, float], seed: int = 0):
+                 energy: tuple[float, float], seed: int = 0, correct: torch.Tensor | None = None):
         perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))
         self.graph, self.x, self.ref = graph, x[perm], ref.subset(perm)
+        self.correct = correct          # the bias correction's images: each point scored corrected
         self.batch_size, self.energy = batch_size, energy
         self.rungs = rungs(len(ref))
         self.images = 0                 # images run so far, all trials and checks together (the search's cost)
@@ -142,7 +143,7 @@ class Evaluator:
 
     def run(self, lam: dict[str, float]) -> Iterator[Rung]:
         """The figures at each rung; the caller stops iterating to prune."""
-        set_scale(self.graph, lam)
+        bias_correction.scaled(self.graph, lam, self.correct)
         counter = OpCounter(self.graph, True)
         scores: list[torch.Tensor] = []
         start = 0

@@ -60,10 +60,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import torch
 from optuna.storages._heartbeat import BaseHeartbeat  # private, but what Optuna's heartbeat machinery checks for
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from . import evaluation, fidelity, staged
+from . import bias_correction, evaluation, fidelity, staged
 from .config import JOURNAL_SUFFIX, ConvertConfig, journal_path, redacted, storage_path
 from .data import Dataset, Validation
 from .errors import UserError
@@ -150,6 +151,8 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
         record["fidelity"] = "output"
     if strategy_of(cfg) == "staged":          # its objective depends on the budget; tpe studies keep their names
         record.update(strategy="staged", max_drop=cfg.max_drop)
+    if cfg.bias_correction == "search":       # trials scored corrected: other figures for the same λ
+        record["bias_correction"] = "search"
     if val_data is not None:
         record["val_data"] = val_data.fingerprint()[:16]
     blob = json.dumps(record, sort_keys=True, default=str)
@@ -472,6 +475,8 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
         return _run(graph, data, cfg, source, quiet, storage, grace_period)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
         raise UserError(f"--storage {shown}: {_first_line(e)}") from None
+    finally:                # the trials' corrections (--bias-correction search) are not the chosen point's
+        bias_correction.revert(graph)
 
 
 def _open_study(name: str, storage, sampler, groups: dict, attrs: dict, strategy: str = "tpe", pruner=None):
@@ -509,11 +514,11 @@ class _Staged:
     how a trial is scored (on growing image subsets, pruned by :class:`staged.RungPruner`), and the choice."""
 
     def __init__(self, graph: Graph, val: Dataset, ref: fidelity.Reference, ann_acc: float, cfg: ConvertConfig,
-                 groups: dict):
+                 groups: dict, correct: torch.Tensor | None = None):
         self.groups = groups
         self.context = staged.Context(ann_accuracy=ann_acc, max_drop=cfg.max_drop, n=len(val), groups=list(groups))
         self.evaluator = staged.Evaluator(graph, val.x, ref, cfg.batch_size, evaluation.energy_constants(),
-                                          cfg.seed)
+                                          cfg.seed, correct)
         self.pruner = staged.RungPruner(self.context)
         self.trials: list = []
 
@@ -613,7 +618,8 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     name = cfg.study or study_name(source, cfg, data.validation)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
         optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
-    plan = _Staged(graph, val, ref, ann_acc, cfg, groups) if strategy == "staged" else None
+    correct = bias_correction.images(data, cfg.batch_size, cfg.seed) if cfg.bias_correction == "search" else None
+    plan = _Staged(graph, val, ref, ann_acc, cfg, groups, correct) if strategy == "staged" else None
     # staged: univariate TPE after the planned points (it combines what each group tolerates, see staged.py)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=plan is None)
     attrs = {"ann_accuracy": ann_acc, "val_samples": len(val), "validation": record.to_dict()}
@@ -629,7 +635,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
         if plan is not None:
             trial.set_user_attr("lam", per_site)
             return plan.trial(study, trial, per_site)
-        set_scale(graph, per_site)
+        bias_correction.scaled(graph, per_site, correct)
         scores, counter = evaluation.score(graph, val, ref, cfg.batch_size)
         acc, ratio = 100.0 * float(scores.mean()), counter.result().energy_ratio(e_ac, e_mac)
         trial.set_user_attr("lam", per_site)

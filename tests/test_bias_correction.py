@@ -186,3 +186,43 @@ def test_convert_reports_from_the_checks_passes_what_evaluate_measures(cnn_data,
     again = evaluate(c, data.validation_split(2000)[0])
     assert c.validation.to_dict() == again.to_dict()
     assert c.metrics["agreement"] == again.agreement and c.metrics["energy_ratio"] == again.energy_ratio
+
+
+@pytest.mark.parametrize("search", ["shared", "per-block"])
+def test_search_mode_scores_each_trial_as_convert_delivers_it(cnn_data, search):
+    """``--bias-correction search``: every trial is scored with its own correction, so the chosen point's
+    validation accuracy is exactly what the delivered (corrected) network scores on the same images; the search
+    leaves no trial's correction behind, and its study is not the uncorrected one's."""
+    from sfn_deploy.config import load_config
+    from sfn_deploy.convert import build_graph
+    from sfn_deploy.tuning import run_search, study_name
+    m, data = cnn_data
+    opts = {"trials": 6, "max_drop": 1.0, "search": search, "val_size": 300}
+    c = convert(m, data, bias_correction="search", validate=True, **opts)
+    assert c.metrics["bias_correction"]["mode"] == "search" and c.metrics["bias_correction"]["applied"]
+    assert c.search["chosen"]["accuracy"] == pytest.approx(c.metrics["accuracy"], abs=1e-9)
+    names = {study_name({}, load_config("", {**opts, "bias_correction": mode})) for mode in ("search", "auto")}
+    assert len(names) == 2
+    g = build_graph(m, data, load_config("", {**opts, "bias_correction": "search"}))
+    run_search(g, data, load_config("", {**opts, "bias_correction": "search"}), {})
+    assert not any("bias_ann" in n.params for n in g.nodes)
+
+
+def test_the_search_mode_measures_each_trial_from_the_source_biases(cnn_data):
+    """Each trial reverts the last one's correction before measuring its own: scoring λ after other λ gives the
+    figures of scoring it first."""
+    from sfn_deploy.evaluation import ann_reference, energy_constants
+    from sfn_deploy.staged import Evaluator
+    m, data = cnn_data
+    g = convert(m, data, scale=0.4, bias_correction="off").graph
+    val = Dataset(data.x[:300], data.y[:300], name="val")
+    ref = ann_reference(g, val, "accuracy")
+    x = data.x[300:556]
+    ev = Evaluator(g, val.x, ref, 256, energy_constants(), correct=x)
+    first = ev.full({s.name: 0.5 for s in g.sites})
+    for lam in (0.2, 0.8, 0.35):
+        ev.full({s.name: lam for s in g.sites})
+    again = ev.full({s.name: 0.5 for s in g.sites})
+    assert (first.accuracy, first.energy) == (again.accuracy, again.energy)
+    plain = Evaluator(g, val.x, ref, 256, energy_constants()).full({s.name: 0.5 for s in g.sites})
+    assert plain.accuracy != first.accuracy
