@@ -194,6 +194,27 @@ def test_convert_warns_validates_on_val_data_and_records_it(tmp_path, digits_pt2
     assert m.metrics["calibration_samples"] == 1797                     # calibration used all of --data
 
 
+def test_convert_warns_when_the_measured_interval_is_wider_than_the_budget(tmp_path, digits_pt2, val_files):
+    """300 images pass the image-count rule for 1.5 points, but the SNN and the ANN disagree on enough of them
+    that the measured interval is wider than the budget: one line after the fact, with the images that would
+    do (the half-width falls as 1/√n); a budget the interval resolves gets none."""
+    def run(d):
+        code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "--val-data",
+                                    val_files / "val.npz", "-o", tmp_path / "m.pt", "--trials", 3,
+                                    "--max-drop", d, "--json")
+        assert code == 0, stderr
+        return json.loads(stdout)["drop"], stderr.strip().splitlines()
+    drop, lines = run(1.5)
+    half = (drop["high"] - drop["low"]) / 2
+    assert half > 1.5, drop
+    need = math.ceil(300 * (half / 1.5) ** 2)
+    assert lines == [f"warning: the 300 validation images measure the drop to ±{half:.2g} points, more than "
+                     f"--max-drop 1.5: the drop on other images may pass the budget by that much; about {need:,} "
+                     f"would measure it to ±1.5 (--val-size, --val-data)"]
+    drop, lines = run(30)
+    assert (drop["high"] - drop["low"]) / 2 < 30 and lines == []
+
+
 def test_convert_default_validates_on_all_small_data(tmp_path, digits_pt2):
     code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "-o", tmp_path / "m.pt",
                                 "--scale", 0.2)
