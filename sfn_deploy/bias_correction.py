@@ -108,8 +108,7 @@ class Checked:
 
 def _agreement(snn: torch.Tensor, ann: torch.Tensor, kind: str = "accuracy") -> float:
     """Top-1 agreement (%), or with output fidelity 100 × the mean cosine similarity."""
-    same = fidelity.cosine(snn, ann) if kind == "output" else (snn == ann).float()
-    return round(100.0 * float(same.mean()), 4)
+    return round(fidelity.scores(kind, snn, ann, None)[0], 4)
 
 
 def keep(agreement_before: float, agreement_after: float, drops: list[float], max_drop: float | None) -> bool:

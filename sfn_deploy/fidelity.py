@@ -132,10 +132,10 @@ def scores(kind: str, snn: torch.Tensor, ann: torch.Tensor, labels: torch.Tensor
     without labels the agreement with the ANN's top-1, or with output fidelity 100 × the mean cosine with the
     ANN's outputs (the ANN scores 100 either way). ``snn``, ``ann``: top-1 classes, or outputs (``output``)."""
     if kind == "output":
-        return 100.0 * float(cosine(snn, ann).double().mean()), 100.0
+        return 100.0 * float(cosine(snn, ann).mean()), 100.0
     if labels is None:
-        return 100.0 * float((snn == ann).double().mean()), 100.0
-    return 100.0 * float((snn == labels).double().mean()), 100.0 * float((ann == labels).double().mean())
+        return 100.0 * float((snn == ann).float().mean()), 100.0
+    return 100.0 * float((snn == labels).float().mean()), 100.0 * float((ann == labels).float().mean())
 
 
 def z_value(confidence: float) -> float:
