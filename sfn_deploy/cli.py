@@ -453,6 +453,7 @@ def _loose_budget(r, max_drop: float | None, kind: str) -> str | None:
     budget; for accuracy, that rule's floor assumes no disagreement, so say when the interval's half-width exceeds
     the budget itself (the test drop may then pass it by that much: held-out CIFAR models, docs/benchmarks.md)
     and about how many images would bring it to the budget (the half-width falls as 1/√n)."""
+    from .evaluation import budget_warning
     if max_drop is None or r.drop is None:
         return None
     half = (r.drop.high - r.drop.low) / 2
@@ -461,7 +462,7 @@ def _loose_budget(r, max_drop: float | None, kind: str) -> str | None:
             return None
         return (f"the validation images measure the drop to ±{half:.2g} points of 100·cosine, more than half of "
                 f"--max-drop {max_drop:g}: give more images (--val-size, --val-data) for a budget this tight")
-    if max_drop <= 0 or half <= max_drop:
+    if max_drop <= 0 or half <= max_drop or budget_warning(r.samples, max_drop):   # (said before the search)
         return None
     need = math.ceil(r.samples * (half / max_drop) ** 2)
     return (f"the {r.samples:,} validation images measure the drop to ±{half:.2g} points, more than --max-drop "
@@ -518,7 +519,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     """Convert MODEL (.pt2, timm:NAME, torchvision:NAME or a trusted pickle) into a single-timestep SFN network
     (or, with --method, into one of the baselines it is compared with)."""
     from .convert import convert
-    from .evaluation import budget_warning, format_drop
+    from .evaluation import format_drop
     from .model_file import save
 
     cfg = _config(config_file, kw)
@@ -536,8 +537,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     chance = _chance_warning(result, classes) if cfg.fidelity == "accuracy" else None
     if chance:
         _warn(chance)
-    floor = cfg.fidelity == "accuracy" and budget_warning(len(val), cfg.max_drop, record.available)
-    loose = None if floor else _loose_budget(result, cfg.max_drop, cfg.fidelity)     # (already said before the search)
+    loose = _loose_budget(result, cfg.max_drop, cfg.fidelity)
     if loose:
         _warn(loose)
     if _writer():
