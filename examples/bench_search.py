@@ -148,8 +148,7 @@ def bench(name: str, model: str, calib: str, test_spec: str, args) -> dict:
                         "lam": sorted({round(v, 4) for v in lam.values()}), "lam_sites": lam,
                         "validation": on(graph, val, lam, args.batch_size, ann_val),
                         "test": on(graph, test, lam, args.batch_size, ann_test)}
-            v = row[key]["validation"]
-            row[key]["budget_kept"] = row[key]["test"]["drop"] <= d + (v["high"] - v["low"]) / 2 + 1e-9
+            row[key]["budget_kept"] = kept(row[key], d)
         row["delivered"] = delivered(graph, data, val, test, row["staged"], opts, args, ann_val, ann_test)
         out["budgets"].append(row)
     targets = [r[k]["test"]["accuracy"] for r in out["budgets"] for k in ("staged", "delivered")]
@@ -165,6 +164,12 @@ def bench(name: str, model: str, calib: str, test_spec: str, args) -> dict:
     return out
 
 
+def kept(point: dict, d: float) -> bool:
+    """The issue's budget figure: the test drop within D plus the half-width of the validation interval."""
+    v = point["validation"]
+    return point["test"]["drop"] <= d + (v["high"] - v["low"]) / 2 + 1e-9
+
+
 def delivered(graph, data, val, test, staged: dict, opts: dict, args, ann_val, ann_test) -> dict:
     """The staged point as ``convert`` delivers it: with its bias correction (``auto``, judged against the budget
     on the validation images); the graph's biases are restored afterwards. Not the second search at more levels
@@ -176,8 +181,7 @@ def delivered(graph, data, val, test, staged: dict, opts: dict, args, ann_val, a
     out = {"bias_correction": record, "validation": on(graph, val, lam, args.batch_size, ann_val),
            "test": on(graph, test, lam, args.batch_size, ann_test)}
     bias_correction.revert(graph)
-    v = out["validation"]
-    out["budget_kept"] = out["test"]["drop"] <= opts["max_drop"] + (v["high"] - v["low"]) / 2 + 1e-9
+    out["budget_kept"] = kept(out, opts["max_drop"])
     return out
 
 
