@@ -260,18 +260,6 @@ def ann_reference(graph: Graph, data: Dataset, kind: str, batch_size: int = 256)
     return fidelity.reference(kind, out, data.y if data.labeled else None)
 
 
-def score(graph: Graph, data: Dataset, ref: fidelity.Reference, batch_size: int = 256) -> tuple[torch.Tensor,
-                                                                                                  OpCounter]:
-    """Per-sample scores of the SNN against ``ref`` (same samples, same order) and its op counts: one trial."""
-    counter = OpCounter(graph, True)
-    out, start = [], 0
-    for xb in data.batches(batch_size):
-        counter.start_batch(xb.shape[0])
-        out.append(ref.scores(run(graph, xb, spiking=True, hook=counter), start))
-        start += xb.shape[0]
-    return torch.cat(out), counter
-
-
 def backend_runner(converted: ConvertedModel, backend: str, ann: bool = False, threads: int | None = None,
                    lava: dict | None = None):
     """A function batch → logits running the SNN (or, with ann=True, its source ANN) on a backend.

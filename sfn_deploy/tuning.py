@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-import torch
 from optuna.storages._heartbeat import BaseHeartbeat  # private, but what Optuna's heartbeat machinery checks for
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -110,9 +109,9 @@ class SearchResult(Result):
     chosen: Chosen | None = optional()
     validation: Validation | None = optional()   # which images scored the trials (this worker's choice)
     strategy: str | None = optional()            # "staged" (the plain TPE study leaves it out)
-    max_drop: float | None = optional()          # staged: the budget the study and its choice were made for
-    checks: list[dict] | None = optional()       # staged: the neighbour checks of the candidates (staged.Check)
-    images: int | None = optional()              # staged: validation images this worker ran (trials and checks)
+    max_drop: float | None = optional()          # the budget the choice was made for
+    checks: list[dict] | None = optional()       # the neighbour checks of the candidates (staged.Check)
+    images: int | None = optional()              # validation images this worker ran (trials and checks)
 
 
 def strategy_of(cfg: ConvertConfig) -> str:
@@ -513,12 +512,8 @@ class _Staged:
     """The staged strategy's part of a worker (:mod:`sfn_deploy.staged`): what it enqueues before each trial,
     how a trial is scored (on growing image subsets, pruned by :class:`staged.RungPruner`), and the choice."""
 
-    def __init__(self, graph: Graph, val: Dataset, ref: fidelity.Reference, ann_acc: float, cfg: ConvertConfig,
-                 groups: dict, correct: torch.Tensor | None = None):
-        self.groups = groups
-        self.context = staged.Context(ann_accuracy=ann_acc, max_drop=cfg.max_drop, n=len(val), groups=list(groups))
-        self.evaluator = staged.Evaluator(graph, val.x, ref, cfg.batch_size, evaluation.energy_constants(),
-                                          cfg.seed, correct)
+    def __init__(self, context: staged.Context, evaluator: staged.Evaluator):
+        self.context, self.evaluator = context, evaluator
         self.pruner = staged.RungPruner(self.context)
         self.trials: list = []
 
@@ -543,17 +538,10 @@ class _Staged:
             trial.set_user_attr("rung", r.__dict__)          # what the pruner reads
             trial.report(staged.score(r.accuracy, r.energy, c.target), r.images)
             if r.images < c.n and trial.should_prune():
-                self._record(trial, r)
+                _record(trial, r)
                 raise optuna.TrialPruned(f"stopped after {r.images} images")
-        self._record(trial, r)
+        _record(trial, r)
         return staged.score(r.accuracy, r.energy, c.target)
-
-    @staticmethod
-    def _record(trial: optuna.Trial, r: staged.Rung) -> None:
-        """The figures of the last rung run (``images`` < n: pruned there)."""
-        for k in staged.RUNG_FIGURES:
-            trial.set_user_attr(k, getattr(r, k))
-        trial.set_user_attr("energy_ratio", r.energy)
 
     def _copy(self, study, trial: optuna.Trial, per_site: dict[str, float]) -> float | None:
         """The warm start repeats the best shared point, already run on every image: its figures are copied."""
@@ -567,30 +555,48 @@ class _Staged:
 
     def finish(self, study) -> tuple[list[ParetoPoint], Chosen | None, list[dict]]:
         """The front of the points run on every image, and the chosen point with its neighbour checks."""
-        c = self.context
         trials = study.get_trials(deepcopy=False)
-        c.update(trials)
-        points = [staged.Candidate(trial=t.number, accuracy=t.user_attrs["accuracy"],
-                                   energy_ratio=t.user_attrs["energy_ratio"], lam=t.user_attrs["lam"],
-                                   shared=staged.shared_value(staged.lams(t), c.groups) is not None)
-                  for t in trials if staged._full(t, c.n) and t.user_attrs.get("stage") != "warm"]
+        points = _points(trials, self.context)
         front = [ParetoPoint(trial=p.trial, accuracy=p.accuracy, energy_ratio=p.energy_ratio, lam=p.lam)
                  for p in points if not any(q.accuracy >= p.accuracy and q.energy_ratio <= p.energy_ratio
                                             and (q.accuracy, -q.energy_ratio) != (p.accuracy, -p.energy_ratio)
                                             for q in points)]
         front.sort(key=lambda r: (r.energy_ratio, -r.accuracy))
+        chosen, checks = _checked_choice(points, self.context, self.evaluator)
+        return front, chosen, checks
 
-        def evaluate(lam: dict[str, float], floor: float) -> staged.Rung:
-            return self.evaluator.full(lam, stop=lambda r: r.drop_low() > c.ann_accuracy - floor + 1e-9)
 
-        p, rule, checks = staged.select(points, c, evaluate)
-        if p is None and points:
-            p = max(points, key=lambda q: (q.accuracy, -q.energy_ratio))
-            rule = (f"no configuration within {c.max_drop} points; most accurate taken" if c.max_drop is not None
-                    else "max accuracy")
-        chosen = None if p is None else Chosen(trial=p.trial, accuracy=p.accuracy, energy_ratio=p.energy_ratio,
-                                               lam=p.lam, rule=rule)
-        return front, chosen, [k.to_dict() for k in checks]
+def _record(trial: optuna.Trial, r: staged.Rung) -> None:
+    """The figures of the last rung run (``images`` < n: pruned there), which staged.Context reads."""
+    for k in staged.RUNG_FIGURES:
+        trial.set_user_attr(k, getattr(r, k))
+    trial.set_user_attr("energy_ratio", r.energy)
+
+
+def _points(trials: list, c: staged.Context) -> list[staged.Candidate]:
+    """The trials run on every image (the warm start's copy left out), after updating ``c`` from the study."""
+    c.update(trials)
+    return [staged.Candidate(trial=t.number, accuracy=t.user_attrs["accuracy"],
+                             energy_ratio=t.user_attrs["energy_ratio"], lam=t.user_attrs["lam"],
+                             shared=staged.shared_value(staged.lams(t), c.groups) is not None)
+            for t in trials if staged._full(t, c.n) and t.user_attrs.get("stage") != "warm"]
+
+
+def _checked_choice(points: list[staged.Candidate], c: staged.Context, evaluator: staged.Evaluator
+                    ) -> tuple[Chosen | None, list[dict]]:
+    """The cheapest point within budget that holds at its neighbours (:func:`staged.select`), for either
+    strategy; with no point within budget, the most accurate."""
+    def evaluate(lam: dict[str, float], floor: float) -> staged.Rung:
+        return evaluator.full(lam, stop=lambda r: r.drop_low() > c.ann_accuracy - floor + 1e-9)
+
+    p, rule, checks = staged.select(points, c, evaluate)
+    if p is None and points:
+        p = max(points, key=lambda q: (q.accuracy, -q.energy_ratio))
+        rule = (f"no configuration within {c.max_drop} points; most accurate taken" if c.max_drop is not None
+                else "max accuracy")
+    chosen = None if p is None else Chosen(trial=p.trial, accuracy=p.accuracy, energy_ratio=p.energy_ratio,
+                                           lam=p.lam, rule=rule)
+    return chosen, [k.to_dict() for k in checks]
 
 
 def _reseed_beside_others(study, seed: int, here: str | None, multivariate: bool) -> None:
@@ -612,14 +618,16 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     val = val.in_memory(quiet=quiet)      # every trial reads it: decoded once (--val-size images, docs/data.md)
     ref = evaluation.ann_reference(graph, val, fidelity.of(cfg.to_dict()), cfg.batch_size)
     ann_acc = 100.0 * float(ref.ann.mean())
-    e_ac, e_mac = evaluation.energy_constants()
     groups = site_groups(graph, cfg.search)
     strategy = strategy_of(cfg)
     name = cfg.study or study_name(source, cfg, data.validation)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
         optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
     correct = bias_correction.images(data, cfg.batch_size, cfg.seed) if cfg.bias_correction == "search" else None
-    plan = _Staged(graph, val, ref, ann_acc, cfg, groups, correct) if strategy == "staged" else None
+    context = staged.Context(ann_accuracy=ann_acc, max_drop=cfg.max_drop, n=len(val), groups=list(groups))
+    evaluator = staged.Evaluator(graph, val.x, ref, cfg.batch_size, evaluation.energy_constants(), cfg.seed,
+                                 correct)
+    plan = _Staged(context, evaluator) if strategy == "staged" else None
     # staged: univariate TPE after the planned points (it combines what each group tolerates, see staged.py)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=plan is None)
     attrs = {"ann_accuracy": ann_acc, "val_samples": len(val), "validation": record.to_dict()}
@@ -635,11 +643,10 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
         if plan is not None:
             trial.set_user_attr("lam", per_site)
             return plan.trial(study, trial, per_site)
-        bias_correction.scaled(graph, per_site, correct)
-        scores, counter = evaluation.score(graph, val, ref, cfg.batch_size)
-        acc, ratio = 100.0 * float(scores.mean()), counter.result().energy_ratio(e_ac, e_mac)
+        r = evaluator.full(per_site)
+        _record(trial, r)
         trial.set_user_attr("lam", per_site)
-        return acc, ratio
+        return r.accuracy, r.energy
 
     def objective(trial: optuna.Trial):
         state["trial_id"] = trial._trial_id
@@ -671,7 +678,10 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
         front = sorted((ParetoPoint(trial=t.number, accuracy=t.values[0], energy_ratio=t.values[1],
                                     lam=t.user_attrs["lam"]) for t in study.best_trials),
                        key=lambda r: (r.energy_ratio, -r.accuracy))
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         chosen, checks = None, None
+        if all(staged._full(t, len(val)) for t in trials):   # else trials of an earlier version: choose() rules
+            chosen, checks = _checked_choice(_points(trials, context), context, evaluator)
     else:
         front, chosen, checks = plan.finish(study)
     return SearchResult(study=name, storage=redacted(cfg.storage) or "memory",
@@ -679,8 +689,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
                         ann_accuracy=study.user_attrs.get("ann_accuracy", ann_acc), val_samples=len(val),
                         groups={g: len(m) for g, m in groups.items()}, pareto_front=front, chosen=chosen,
                         validation=record, strategy="staged" if plan else None,
-                        max_drop=cfg.max_drop if plan else None, checks=checks,
-                        images=plan.evaluator.images if plan else None)
+                        max_drop=cfg.max_drop, checks=checks, images=evaluator.images)
 
 
 def _loop(study, storage, trials: int, grace: int, here, objective, state: dict, name: str, quiet: bool,
@@ -733,11 +742,11 @@ def _loop(study, storage, trials: int, grace: int, here, objective, state: dict,
 
 
 def choose(result: SearchResult, max_drop: float | None) -> Chosen:
-    """Most accurate point (ties: cheaper); with a budget, the cheapest point within max_drop points.
-
-    A staged search chose its point itself (checked at its neighbours, :func:`staged.select`): that choice is
-    returned when ``max_drop`` is the budget the study was made for."""
-    if result.strategy == "staged" and result.chosen is not None and result.max_drop == max_drop:
+    """The search's own choice (the cheapest point within budget that holds at its neighbours,
+    :func:`staged.select`) when ``max_drop`` is the budget it was made for; else, or for a study begun by a
+    version that recorded no neighbour-check figures: the most accurate point (ties: cheaper), with a budget the
+    cheapest point within max_drop points."""
+    if result.chosen is not None and result.max_drop == max_drop:
         return result.chosen
     front = result.pareto_front
     if not front:

@@ -64,20 +64,21 @@ def convert_example(name: str, mnist_dir: str, calib: int = 500, scale: float = 
     return snn, load_data(f"mnist:{mnist_dir}:8000:{8000 + test}")
 
 
-# The start of a λ-search worker script (str.format fields: marker, sleep): every trial's evaluation
-# (evaluation.score) first writes the marker file marker.PID, which wait_started watches for, then sleeps.
+# The start of a λ-search worker script (str.format fields: marker, sleep): every evaluation of a λ point
+# (staged.Evaluator.run: a trial or a neighbour check) first writes the marker file marker.PID, which
+# wait_started watches for, then sleeps.
 SLOW_TRIALS = r"""
 import importlib, os, sys, time
 import torch
 torch.set_num_threads(1)
-evaluation = importlib.import_module("sfn_deploy.evaluation")
+staged = importlib.import_module("sfn_deploy.staged")
 import sfn_deploy.tuning as tuning
-_score = evaluation.score
-def slow_score(*args, **kw):                 # one λ trial: tell the test, then take a while
+_run = staged.Evaluator.run
+def slow_run(self, lam):                     # one λ point: tell the test, then take a while
     open({marker!r} + f".{{os.getpid()}}", "a").close()
     time.sleep({sleep})
-    return _score(*args, **kw)
-evaluation.score = slow_score
+    yield from _run(self, lam)
+staged.Evaluator.run = slow_run
 """
 
 
