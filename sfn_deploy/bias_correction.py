@@ -11,8 +11,9 @@ path (products, residual sums, nonlinearities). One pass of the ANN and the SNN 
 The source model's bias is kept as ``bias_ann`` (the ANN reference, ``AnnInterpreter`` and the ONNX ANN export use
 it); ``bias`` is the SNN's, which every SNN backend and exporter reads as before. Measured (docs/concepts.md, "Bias
 correction"): top-1 agreement with the ANN rose in 25 of 30 held-out and bundled model/λ pairs, by up to 25 points,
-and fell in 5, by at most 0.75; ``auto`` (the default) therefore keeps the correction only where the validation
-images' agreement does not fall.
+and fell in 5, by at most 0.75; ``auto`` (the default) without a budget therefore keeps the correction only where
+the validation images' agreement does not fall. With ``--max-drop`` it is ``search`` (``ConvertConfig.correction``):
+every λ trial is scored with its own correction (:func:`scaled`), so the search sees what the correction buys.
 """
 from __future__ import annotations
 

@@ -280,10 +280,10 @@ def convert_options(fn):
         click.option("--calib-limit", type=int, default=None, help="Use at most N samples to calibrate."),
         click.option("--bias-correction", type=click.Choice(["auto", "on", "off", "search"]), default=None,
                      help="Fold each weight layer's mean SNN−ANN shift (256 calibration images) into the SNN's bias; "
-                          "auto keeps it only if agreement with the ANN on the validation images does not fall and "
-                          "the drop stays within --max-drop (else 0.5) or does not grow; search scores every λ "
-                          "trial with its own correction and keeps it (default auto; docs/concepts.md, "
-                          "'Bias correction')."),
+                          "search scores every λ trial with its own correction and keeps the chosen point's; auto "
+                          "is search with --max-drop, else keeps the correction only if agreement with the ANN on "
+                          "the validation images does not fall and the drop stays within 0.5 or does not grow "
+                          "(default auto; docs/concepts.md, 'Bias correction')."),
         click.option("--fidelity", type=click.Choice(["auto", "accuracy", "output"]), default=None,
                      help="What the search and the reported drop compare with the ANN: accuracy = top-1 (the "
                           "labels, or the ANN's top-1 on unlabeled data); output = cosine similarity of the "

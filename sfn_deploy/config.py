@@ -64,8 +64,9 @@ class ConvertConfig:
     seed: int = 0
     batch_size: int = 256
     calib_limit: int | None = None  # use at most this many samples for calibration
-    bias_correction: str = "auto"   # auto (kept if validation agreement does not fall, drop within `goal`)
-    #                                 | on | off | search (every search trial scored corrected, kept); sfn only
+    bias_correction: str = "auto"   # auto (with max_drop and a searched λ: search; else kept if validation
+    #                                 agreement does not fall, drop within `goal`) | on | off | search (every
+    #                                 search trial scored corrected, kept); sfn only. Runs as `correction` says
     fidelity: str = "auto"          # accuracy | output (cosine of the outputs) | auto; capture resolves auto
 
     @property
@@ -73,6 +74,16 @@ class ConvertConfig:
         """The drop in points that convert's safeguards keep to (a second search at more levels, bias
         correction's check): the budget, else :data:`GOAL`."""
         return GOAL if self.max_drop is None else self.max_drop
+
+    @property
+    def correction(self) -> str:
+        """The bias correction that runs: ``auto`` is ``search`` when the λ search has a budget (measured on the
+        held-out models: the budget kept as often, the energy lower on most; docs/concepts.md "Bias
+        correction"); else the mode given."""
+        if self.bias_correction == "auto" and self.max_drop is not None and self.scale is None \
+                and self.method == "sfn":
+            return "search"
+        return self.bias_correction
 
     def to_dict(self) -> dict:
         """The record saved in converted models and printed: a storage URL's password is never in it."""

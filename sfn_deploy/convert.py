@@ -109,15 +109,14 @@ def _scale(c: Conversion) -> None:
 
 def correct_biases(graph: Graph, data: Dataset, cfg: ConvertConfig
                    ) -> tuple[dict | None, bias_correction.Checked | None]:
-    """The bias correction of ``cfg.bias_correction`` on a graph whose λ is set (convert's last pass; ``tune -o``):
+    """The bias correction of ``cfg.correction`` on a graph whose λ is set (convert's last pass; ``tune -o``):
     its record (None when off or not the SFN method), and with ``auto`` its check's validation passes."""
-    if cfg.bias_correction == "off" or cfg.method != "sfn" or graph.stateful:
+    mode = cfg.correction
+    if mode == "off" or cfg.method != "sfn" or graph.stateful:
         return None, None
     x = bias_correction.images(data, cfg.batch_size, cfg.seed)
-    val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if cfg.bias_correction == "auto" \
-        else None
-    return bias_correction.correct(graph, x, cfg.bias_correction, val, cfg.batch_size, cfg.goal,
-                                   fidelity.of(cfg.to_dict()))
+    val = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)[0] if mode == "auto" else None
+    return bias_correction.correct(graph, x, mode, val, cfg.batch_size, cfg.goal, fidelity.of(cfg.to_dict()))
 
 
 def _bias_correction(c: Conversion) -> None:

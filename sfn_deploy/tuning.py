@@ -150,7 +150,7 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
         record["fidelity"] = "output"
     if strategy_of(cfg) == "staged":          # its objective depends on the budget; tpe studies keep their names
         record.update(strategy="staged", max_drop=cfg.max_drop)
-    if cfg.bias_correction == "search":       # trials scored corrected: other figures for the same λ
+    if cfg.correction == "search":            # trials scored corrected: other figures for the same λ
         record["bias_correction"] = "search"
     if val_data is not None:
         record["val_data"] = val_data.fingerprint()[:16]
@@ -623,7 +623,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     name = cfg.study or study_name(source, cfg, data.validation)
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:   # quieter than Optuna's INFO; a caller's
         optuna.logging.set_verbosity(optuna.logging.WARNING)      # stricter setting is kept
-    correct = bias_correction.images(data, cfg.batch_size, cfg.seed) if cfg.bias_correction == "search" else None
+    correct = bias_correction.images(data, cfg.batch_size, cfg.seed) if cfg.correction == "search" else None
     context = staged.Context(ann_accuracy=ann_acc, max_drop=cfg.max_drop, n=len(val), groups=list(groups))
     evaluator = staged.Evaluator(graph, val.x, ref, cfg.batch_size, evaluation.energy_constants(), cfg.seed,
                                  correct)

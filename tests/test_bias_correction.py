@@ -201,11 +201,30 @@ def test_search_mode_scores_each_trial_as_convert_delivers_it(cnn_data, search):
     c = convert(m, data, bias_correction="search", validate=True, **opts)
     assert c.metrics["bias_correction"]["mode"] == "search" and c.metrics["bias_correction"]["applied"]
     assert c.search["chosen"]["accuracy"] == pytest.approx(c.metrics["accuracy"], abs=1e-9)
-    names = {study_name({}, load_config("", {**opts, "bias_correction": mode})) for mode in ("search", "auto")}
-    assert len(names) == 2
+    names = {mode: study_name({}, load_config("", {**opts, "bias_correction": mode}))
+             for mode in ("search", "auto", "off")}
+    assert names["search"] == names["auto"] != names["off"]     # with a budget, auto is search
     g = build_graph(m, data, load_config("", {**opts, "bias_correction": "search"}))
     run_search(g, data, load_config("", {**opts, "bias_correction": "search"}), {})
     assert not any("bias_ann" in n.params for n in g.nodes)
+
+
+def test_auto_is_search_with_a_budget_and_the_after_the_fact_check_without(cnn_data):
+    """The default: with --max-drop the search scores every trial corrected (the budget kept as often, the energy
+    lower on most held-out models); without a budget, or at a fixed λ, the chosen point is corrected afterwards and
+    kept only if the check allows."""
+    from sfn_deploy.config import load_config
+    m, data = cnn_data
+    assert load_config("", {"max_drop": 1.0}).correction == "search"
+    assert [load_config("", kw).correction for kw in ({}, {"scale": 0.3}, {"max_drop": 1.0, "bias_correction": "on"},
+                                                        {"max_drop": 1.0, "bias_correction": "off"})] == [
+        "auto", "auto", "on", "off"]
+    budget = convert(m, data, trials=4, max_drop=1.0, val_size=300)
+    assert budget.metrics["bias_correction"]["mode"] == "search"
+    assert budget.config["bias_correction"] == "auto"          # what the user asked for is what is recorded
+    plain = convert(m, data, trials=4, val_size=300)
+    assert plain.metrics["bias_correction"]["mode"] == "auto" and "val_agreement_before" in plain.metrics[
+        "bias_correction"]
 
 
 def test_the_search_mode_measures_each_trial_from_the_source_biases(cnn_data):
