@@ -19,9 +19,10 @@ The issue's figures, per model and D:
   (what ``convert`` prints) for the staged point (and, for reference, the shared search's point);
 * ``saving``: 1 − staged energy / energy of the cheapest swept shared λ whose test accuracy is at least the staged
   point's (target ≥ 20 % on at least half of the models, never negative);
-* the same two for the staged point as ``convert`` delivers it (``delivered``: with its bias correction, kept or
-  not by the ``auto`` rule against the budget; with ``--bias-correction search`` every staged trial is scored
-  corrected and the chosen point keeps it), against the same sweep of the paper's uncorrected shared λ.
+* the same two for the staged point as ``convert`` delivers it (``delivered``: with its bias correction; with
+  ``--bias-correction search``, which ``auto`` is with a budget since 67dc564, every staged trial is scored
+  corrected and the chosen point keeps it; rows made before with ``auto`` corrected the chosen point afterwards,
+  kept or not by the check against the budget), against the same sweep of the paper's uncorrected shared λ.
 
 Held-out models (docs/zoo.md, examples/heldout/README.md): MNIST ``heldout/NAME`` (images 0..7,999 calibrate and
 validate, 8,000..9,999 test; ``avgpool_cnn`` reads the [0, 1] .npz files that
@@ -171,9 +172,10 @@ def kept(point: dict, d: float) -> bool:
 
 
 def delivered(graph, data, val, test, staged: dict, opts: dict, args, ann_val, ann_test) -> dict:
-    """The staged point as ``convert`` delivers it: with its bias correction (``auto``, judged against the budget
-    on the validation images); the graph's biases are restored afterwards. Not the second search at more levels
-    (``more_levels``: a budget the staged point misses on validation)."""
+    """The staged point as ``convert`` delivers it: with its bias correction (``ConvertConfig.correction``; rows
+    made before 67dc564 with ``auto``: judged against the budget on the validation images); the graph's biases are
+    restored afterwards. Not the second search at more levels (``more_levels``: a budget the staged point misses on
+    validation)."""
     cfg = load_config("", {**opts, "batch_size": args.batch_size})
     lam = staged["lam_sites"]
     set_scale(graph, lam)
@@ -266,8 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--search", default="per-block", choices=["shared", "per-block", "per-site"],
                    help="the staged search's space (default per-block)")
     p.add_argument("--bias-correction", default="auto", choices=["auto", "search"],
-                   help="the staged search's: auto (convert's default: the chosen point corrected afterwards) or "
-                        "search (every trial scored corrected)")
+                   help="the staged search's: auto (convert's default; with a budget it is search since 67dc564, "
+                        "the rows before it corrected the chosen point afterwards) or search (every trial scored "
+                        "corrected)")
     p.add_argument("--val-size", type=int, default=2000)
     p.add_argument("--calib-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
