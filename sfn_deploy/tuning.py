@@ -43,8 +43,8 @@ thread still runs holds back the end of the search until it is killed. An in-mem
 worker and no heartbeat. Ctrl-C fails the running trial (Optuna sets it to FAIL; a
 rerun runs a new trial in its place) and propagates KeyboardInterrupt. Storage errors
 (a missing folder, a file that is not SQLite or not a journal, a damaged journal, a
-read-only database, an unreachable server) are UserErrors of one line naming the
-storage, with a password in a URL hidden.
+read-only database, an unreachable server, a trial whose recorded figures this module
+never writes) are UserErrors of one line naming the storage, with a password in a URL hidden.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ import copy
 import datetime
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -599,6 +600,35 @@ def _checked_choice(points: list[staged.Candidate], c: staged.Context, evaluator
     return chosen, [k.to_dict() for k in checks]
 
 
+def _check_figures(study, shown: str, sites: set[str]) -> None:
+    """Refuse a study whose finished trials carry figures this module never writes (the study file was edited or
+    damaged): the choice and the staged plan read them."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                      optuna.trial.TrialState.PRUNED)):
+        what = _damage(t.user_attrs, sites)
+        if what:
+            raise UserError(f"--storage {shown}: study {study.study_name!r}, trial {t.number}: {what}; the study "
+                            "was changed outside sfn-deploy (use another --study or --storage)")
+
+
+def _damage(a: dict, sites: set[str]) -> str | None:
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for k in ("accuracy", "energy_ratio", "diff_sum", "diff_squares"):
+        if a.get(k) is not None and not number(a[k]):
+            return f"{k} {a[k]!r} is not a finite number"
+    for k in ("images", "ann_only", "snn_only"):
+        v = a.get(k)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return f"{k} {v!r} is not a count"
+    lam = a.get("lam")
+    if lam is not None and not (isinstance(lam, dict) and all(
+            k in sites and number(v) and v > 0 for k, v in lam.items())):
+        return "its λ is not a map of this model's sites to positive numbers"
+    return None
+
+
 def _reseed_beside_others(study, seed: int, here: str | None, multivariate: bool) -> None:
     """Once another worker's trials are in the study, seed this worker's sampler from ``seed``, the trial count
     and this process before each trial: workers with one ``--seed`` (it also picks the validation images) would
@@ -633,6 +663,8 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     attrs = {"ann_accuracy": ann_acc, "val_samples": len(val), "validation": record.to_dict()}
     study = _open_study(name, storage, sampler, groups, {**attrs, "strategy": strategy} if plan else attrs,
                         strategy, plan.pruner if plan else None)
+    shown, sites = redacted(cfg.storage) or "memory", {s.name for s in graph.sites}
+    _check_figures(study, shown, sites)
     here = _namespace()
     rdb = _heartbeats(storage)   # a database or journal storage
     state: dict[str, Any] = {"pruned": False, "superseded": False, "returned": False, "trial_id": None}
@@ -674,6 +706,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
             plan.before_trial(study)
 
     _loop(study, storage, cfg.trials, grace, here, objective, state, name, quiet, before=before)
+    _check_figures(study, shown, sites)
     if plan is None:
         front = sorted((ParetoPoint(trial=t.number, accuracy=t.values[0], energy_ratio=t.values[1],
                                     lam=t.user_attrs["lam"]) for t in study.best_trials),

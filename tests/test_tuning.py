@@ -348,6 +348,32 @@ def test_read_only_database_file_is_a_user_error(tmp_path, digits, digits_mlp):
     assert msg.startswith(f"--storage {db}:") and "readonly" in msg
 
 
+@pytest.mark.parametrize("strategy", ["tpe", "staged"])
+@pytest.mark.parametrize("key, value, words", [
+    ("accuracy", '"x"', "accuracy 'x' is not a finite number"),
+    ("energy_ratio", "NaN", "energy_ratio nan is not a finite number"),
+    ("images", "-5", "images -5 is not a count"),
+    ("lam", '{"no_such_site": 0.2}', "its λ is not a map of this model's sites"),
+])
+def test_a_study_with_damaged_figures_is_refused_in_one_line(tmp_path, digits, digits_mlp, strategy, key, value,
+                                                            words):
+    """The choice and the staged plan read each trial's figures back from the study file: one edited or damaged
+    there is refused (a UserError naming the storage and the trial), not an internal error."""
+    import sqlite3
+    db = tmp_path / "s.db"
+    cfg = load_config("", {"trials": 2, "storage": str(db), "study": "s", "val_fraction": 0.3,
+                           "strategy": strategy, "max_drop": 1.0})
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    run_search(g, digits, cfg, {})
+    with sqlite3.connect(db) as c:
+        assert c.execute("update trial_user_attributes set value_json = ? where key = ? and trial_id = "
+                         "(select min(trial_id) from trial_user_attributes where key = ?)",
+                         (value, key, key)).rowcount == 1
+    with pytest.raises(UserError) as e:
+        run_search(g, digits, cfg, {})
+    assert str(e.value).startswith(f"--storage {db}: study 's', trial 0: {words}") and "\n" not in str(e.value)
+
+
 # ---- the staged strategy (sfn_deploy/staged.py) --------------------------------------------------------------
 
 from sfn_deploy import staged  # noqa: E402
