@@ -602,7 +602,11 @@ def _checked_choice(points: list[staged.Candidate], c: staged.Context, evaluator
 
 def _check_figures(study, shown: str, sites: set[str]) -> None:
     """Refuse a study whose finished trials carry figures this module never writes (the study file was edited or
-    damaged): the choice and the staged plan read them."""
+    damaged): the choice and the staged plan read them, and the result reports the study's ANN accuracy."""
+    ann = study.user_attrs.get("ann_accuracy")
+    if ann is not None and not _number(ann):
+        raise UserError(f"--storage {shown}: study {study.study_name!r}: its ANN accuracy {ann!r} is not a finite "
+                        "number; the study was changed outside sfn-deploy (use another --study or --storage)")
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                       optuna.trial.TrialState.PRUNED)):
         what = _damage(t.user_attrs, sites)
@@ -611,12 +615,13 @@ def _check_figures(study, shown: str, sites: set[str]) -> None:
                             "was changed outside sfn-deploy (use another --study or --storage)")
 
 
-def _damage(a: dict, sites: set[str]) -> str | None:
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+
+def _damage(a: dict, sites: set[str]) -> str | None:
     for k in ("accuracy", "energy_ratio", "diff_sum", "diff_squares"):
-        if a.get(k) is not None and not number(a[k]):
+        if a.get(k) is not None and not _number(a[k]):
             return f"{k} {a[k]!r} is not a finite number"
     for k in ("images", "ann_only", "snn_only"):
         v = a.get(k)
@@ -624,7 +629,7 @@ def _damage(a: dict, sites: set[str]) -> str | None:
             return f"{k} {v!r} is not a count"
     lam = a.get("lam")
     if lam is not None and not (isinstance(lam, dict) and all(
-            k in sites and number(v) and v > 0 for k, v in lam.items())):
+            k in sites and _number(v) and v > 0 for k, v in lam.items())):
         return "its λ is not a map of this model's sites to positive numbers"
     return None
 

@@ -374,6 +374,18 @@ def test_a_study_with_damaged_figures_is_refused_in_one_line(tmp_path, digits, d
     assert str(e.value).startswith(f"--storage {db}: study 's', trial 0: {words}") and "\n" not in str(e.value)
 
 
+def test_a_study_with_a_damaged_ann_accuracy_is_refused_in_one_line(tmp_path, digits, digits_mlp):
+    import sqlite3
+    db = tmp_path / "s.db"
+    cfg = load_config("", {"trials": 1, "storage": str(db), "study": "s", "val_fraction": 0.3})
+    g = build_graph(digits_mlp, digits, cfg, quiet=True)
+    run_search(g, digits, cfg, {})
+    with sqlite3.connect(db) as c:
+        c.execute("update study_user_attributes set value_json = '\"x\"' where key = 'ann_accuracy'")
+    with pytest.raises(UserError, match=r"^--storage .*: study 's': its ANN accuracy 'x' is not a finite number"):
+        run_search(g, digits, cfg, {})
+
+
 # ---- the staged strategy (sfn_deploy/staged.py) --------------------------------------------------------------
 
 from sfn_deploy import staged  # noqa: E402
