@@ -469,10 +469,10 @@ def run_search(graph: Graph, data: Dataset, cfg: ConvertConfig, source: dict, qu
 
     heartbeat_interval = heartbeat_interval or HEARTBEAT_INTERVAL
     grace_period = grace_period or GRACE_PERIOD
-    shown = redacted(cfg.storage) if cfg.storage else "memory"
+    shown = redacted(cfg.storage) or "memory"
     storage = _storage(cfg.storage, heartbeat_interval, grace_period)
     try:
-        return _run(graph, data, cfg, source, quiet, storage, grace_period)
+        return _run(graph, data, cfg, source, quiet, storage, grace_period, shown)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
         raise UserError(f"--storage {shown}: {_first_line(e)}") from None
     finally:                # the trials' corrections (--bias-correction search) are not the chosen point's
@@ -648,7 +648,7 @@ def _reseed_beside_others(study, seed: int, here: str | None, multivariate: bool
     study.sampler = optuna.samplers.TPESampler(seed=mixed, multivariate=multivariate)
 
 
-def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
+def _run(graph, data, cfg, source, quiet, storage, grace, shown: str) -> SearchResult:
     val, record = data.validation_split(cfg.val_size, cfg.val_fraction, cfg.seed)
     val = val.in_memory(quiet=quiet)      # every trial reads it: decoded once (--val-size images, docs/data.md)
     ref = evaluation.ann_reference(graph, val, fidelity.of(cfg.to_dict()), cfg.batch_size)
@@ -668,7 +668,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
     attrs = {"ann_accuracy": ann_acc, "val_samples": len(val), "validation": record.to_dict()}
     study = _open_study(name, storage, sampler, groups, {**attrs, "strategy": strategy} if plan else attrs,
                         strategy, plan.pruner if plan else None)
-    shown, sites = redacted(cfg.storage) or "memory", {s.name for s in graph.sites}
+    sites = {s.name for s in graph.sites}
     _check_figures(study, shown, sites)
     here = _namespace()
     rdb = _heartbeats(storage)   # a database or journal storage
@@ -722,7 +722,7 @@ def _run(graph, data, cfg, source, quiet, storage, grace) -> SearchResult:
             chosen, checks = _checked_choice(_points(trials, context), context, evaluator)
     else:
         front, chosen, checks = plan.finish(study)
-    return SearchResult(study=name, storage=redacted(cfg.storage) or "memory",
+    return SearchResult(study=name, storage=shown,
                         trials_completed=_completed(study),
                         ann_accuracy=study.user_attrs.get("ann_accuracy", ann_acc), val_samples=len(val),
                         groups={g: len(m) for g, m in groups.items()}, pareto_front=front, chosen=chosen,
