@@ -447,27 +447,30 @@ def _describe_fidelity(r) -> str:
     return f"ANN {r.ann_accuracy:.2f}%  SNN {r.accuracy:.2f}%  agreement {r.agreement:.2f}%"
 
 
-def _loose_budget(r, max_drop: float | None, kind: str) -> str | None:
+def _loose_budget(r, max_drop: float | None, kind: str, goal: bool = False) -> str | None:
     """After the fact, from the drop's measured interval: cosine budgets have no image-count rule (budget_warning
     counts discordant images), so say when the validation images measured the drop less precisely than half the
     budget; for accuracy, that rule's floor assumes no disagreement, so say when the interval's half-width exceeds
     the budget itself (the test drop may then pass it by that much: held-out CIFAR models, docs/benchmarks.md)
-    and about how many images would bring it to the budget (the half-width falls as 1/√n)."""
+    and about how many images would bring it to the budget (the half-width falls as 1/√n). ``goal``: there was
+    no ``--max-drop`` and ``max_drop`` is the goal the default's search keeps to (``config.GOAL``): the same
+    rule, said of it."""
     from .evaluation import budget_warning
     if max_drop is None or r.drop is None:
         return None
     half = (r.drop.high - r.drop.low) / 2
+    budget = (f"the default's goal of {max_drop:g} (no --max-drop)" if goal else f"--max-drop {max_drop:g}")
     if kind == "output":
         if half <= max_drop / 2:
             return None
         return (f"the validation images measure the drop to ±{half:.2g} points of 100·cosine, more than half of "
-                f"--max-drop {max_drop:g}: give more images (--val-size, --val-data) for a budget this tight")
-    if max_drop <= 0 or half <= max_drop or budget_warning(r.samples, max_drop):   # (said before the search)
+                f"{budget}: give more images (--val-size, --val-data) for a budget this tight")
+    if max_drop <= 0 or half <= max_drop or (not goal and budget_warning(r.samples, max_drop)):  # (said before)
         return None
     need = math.ceil(r.samples * (half / max_drop) ** 2)
-    return (f"the {r.samples:,} validation images measure the drop to ±{half:.2g} points, more than --max-drop "
-            f"{max_drop:g}: the drop on other images may pass the budget by that much; about {need:,} would "
-            f"measure it to ±{max_drop:g} (--val-size, --val-data)")
+    return (f"the {r.samples:,} validation images measure the drop to ±{half:.2g} points, more than {budget}: "
+            f"the drop on other images may pass {'it' if goal else 'the budget'} by that much; about {need:,} "
+            f"would measure it to ±{max_drop:g} (--val-size, --val-data)")
 
 
 def _chance_warning(r, classes: int) -> str | None:
@@ -537,7 +540,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     chance = _chance_warning(result, classes) if cfg.fidelity == "accuracy" else None
     if chance:
         _warn(chance)
-    loose = _loose_budget(result, cfg.max_drop, cfg.fidelity)
+    goal = cfg.max_drop is None and bool(converted.search) and cfg.method == "sfn"   # the default's search
+    loose = _loose_budget(result, cfg.goal if goal else cfg.max_drop, cfg.fidelity, goal)
     if loose:
         _warn(loose)
     if _writer():

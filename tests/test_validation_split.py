@@ -215,6 +215,26 @@ def test_convert_warns_when_the_measured_interval_is_wider_than_the_budget(tmp_p
     assert (drop["high"] - drop["low"]) / 2 < 30 and lines == []
 
 
+def test_convert_without_a_budget_warns_when_the_interval_is_wider_than_the_goal(tmp_path, digits_pt2, val_files):
+    """No --max-drop: the search keeps to the default's goal (config.GOAL), so the same after-the-fact line names
+    it when the measured interval is wider; a fixed λ keeps to no goal and gets none."""
+    from sfn_deploy.config import GOAL
+    code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "--val-data",
+                                val_files / "val.npz", "-o", tmp_path / "m.pt", "--trials", 3, "--json")
+    assert code == 0, stderr
+    drop = json.loads(stdout)["drop"]
+    half = (drop["high"] - drop["low"]) / 2
+    assert half > GOAL, drop
+    need = math.ceil(300 * (half / GOAL) ** 2)
+    assert stderr.strip().splitlines() == [
+        f"warning: the 300 validation images measure the drop to ±{half:.2g} points, more than the default's goal "
+        f"of {GOAL:g} (no --max-drop): the drop on other images may pass it by that much; about {need:,} would "
+        f"measure it to ±{GOAL:g} (--val-size, --val-data)"]
+    code, _, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "--val-data", val_files / "val.npz",
+                           "-o", tmp_path / "m.pt", "--scale", 0.2)
+    assert code == 0 and stderr == "", stderr
+
+
 def test_convert_default_validates_on_all_small_data(tmp_path, digits_pt2):
     code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "-o", tmp_path / "m.pt",
                                 "--scale", 0.2)
