@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/lava_integer_reference.py --out /tmp/lava_ref                  # the three models
     .venv/bin/python examples/lava_integer_reference.py --out /tmp/lava_ref resnet20 --n 20  # one, 20 images
+    .venv/bin/python examples/lava_integer_reference.py --cnn-families >> rows.jsonl        # every CNN family
 
 For each model: calibration on 256 CIFAR-10 training images (file k of every class in turn, k = 0…25, as
 ``examples/zoo.py``'s ``cifar()``), conversion at a fixed λ (``--scale``, default 0.5; no search), then one
@@ -31,6 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
 TRAINED = ("resnet20", "mobilenetv2")
+# every CNN family of the zoo's coverage table (examples/zoo.py ZOO), for issue 15's "every CNN family runs in Lava
+# fixed point" (docs/lava.md, "Measured in Lava")
+CNN_FAMILIES = ("resnet18", "resnet50", "resnet26d", "resnext26ts", "seresnet18", "regnetx_002", "regnety_002",
+                "densenet121", "vgg11_bn", "repvgg_a0", "mobilenetv2_100", "mobilenetv3_small_100",
+                "mobilenetv3_large_100", "efficientnet_b0", "efficientnet_lite0", "mnasnet_100", "ghostnet_100",
+                "convnext_atto", "convnextv2_atto", "poolformer_s12", "tv:resnet18", "tv:mobilenet_v2",
+                "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1", "resnet20_cifar")
 
 
 def images(start: int, n: int, size: int):
@@ -105,13 +113,15 @@ def measure(name: str, n: int, out: str | None, scale: float = 0.5) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="*", default=["resnet20", "mobilenetv2", "resnet18"])
+    ap.add_argument("--cnn-families", action="store_true",
+                    help="run every CNN family of the zoo's coverage table (random weights) instead")
     ap.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
     ap.add_argument("--out", default=None, help="keep the converted models and the data here")
     ap.add_argument("--scale", type=float, default=0.5, help="λ of the conversion (default 0.5)")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(2)
-    for name in args.models:
+    for name in CNN_FAMILIES if args.cnn_families else args.models:
         print(json.dumps(measure(name, args.n, args.out, args.scale)), flush=True)
     return 0
 
