@@ -13,6 +13,7 @@ the test split, refined at ratio 2^(1/16) above it (3 more λ, the grid's step s
     python examples/heldout/shared_sweep.py --rows examples/heldout/default_convert_budget_search_check_results.jsonl \\
         --rows examples/heldout/default_convert_budget05_results.jsonl > sweeps.jsonl
     python examples/heldout/shared_sweep.py --summary sweeps.jsonl
+    python examples/heldout/shared_sweep.py --rows other_rows.jsonl --reuse sweeps.jsonl > other.jsonl
 
 Needs the data of default_rows.sh (/tmp/heldout, /tmp/heldout2, /tmp/heldout3, /tmp/cifar_splits).
 """
@@ -47,7 +48,8 @@ def rows_of_default_rows(mnist: str) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def sweep(model_path: str, calibration: str, test_spec: str, targets: list[dict]) -> dict:
+def sweep(model_path: str, calibration: str, test_spec: str, targets: list[dict],
+          known: list[dict] | None = None) -> dict:
     import torch
 
     from sfn_deploy.config import load_config
@@ -71,6 +73,14 @@ def sweep(model_path: str, calibration: str, test_spec: str, targets: list[dict]
                 pred, counter = measure(graph, test)
             points[lam] = (accuracy(pred, test.y), counter.result().energy_ratio(*e))
         return points[lam]
+    if known:       # an earlier run of the same calibration: check one of its points, then take them all
+        check = known[len(known) // 2]
+        acc, energy = run(check["lam"])
+        if round(acc, 2) == check["acc"] and round(energy, 4) == check["energy"]:
+            points.update({p["lam"]: (p["acc"], p["energy"]) for p in known if p["lam"] != check["lam"]})
+        else:
+            print(f"--reuse: λ {check['lam']} gives {acc:.2f} % / {energy:.4f} here, {check['acc']} % / "
+                  f"{check['energy']} there: running every λ", file=sys.stderr)
     for lam in GRID:
         run(lam)
     compared = []
@@ -113,6 +123,8 @@ def main() -> int:
     ap.add_argument("models", nargs="*", help="row names of default_rows.sh (default: every row in --rows)")
     ap.add_argument("--rows", action="append", default=[], help="default_rows.sh results to compare (repeatable)")
     ap.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
+    ap.add_argument("--reuse", metavar="JSONL", help="an earlier run's results: take their sweeps (one point of "
+                    "each is run again and must agree), run only the refinements the new rows need")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summary", metavar="JSONL", help="print the table of a results file and stop")
     args = ap.parse_args()
@@ -127,12 +139,17 @@ def main() -> int:
             rows = [json.loads(line) for line in f]
         for r in rows:
             targets.setdefault(r["model"], []).append({k: r[k] for k in ("tag", "test_snn", "test_drop", "energy")})
+    earlier: dict[str, list[dict]] = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = {r["model"]: r["sweep"] for r in map(json.loads, f)}
     known = rows_of_default_rows(args.mnist)
     for name in args.models or [n for n in known if n in targets]:
         if name not in known:
             print(f"unknown row {name!r} (known: {', '.join(known)})", file=sys.stderr)
             return 2
-        print(json.dumps({"model": name, **sweep(*known[name], targets.get(name, []))}), flush=True)
+        print(json.dumps({"model": name, **sweep(*known[name], targets.get(name, []), earlier.get(name))}),
+              flush=True)
     return 0
 
 
