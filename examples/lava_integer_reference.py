@@ -32,13 +32,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
 TRAINED = ("resnet20", "mobilenetv2")
-# every CNN family of the zoo's coverage table (examples/zoo.py ZOO), for issue 15's "every CNN family runs in Lava
-# fixed point" (docs/lava.md, "Measured in Lava")
-CNN_FAMILIES = ("resnet18", "resnet50", "resnet26d", "resnext26ts", "seresnet18", "regnetx_002", "regnety_002",
-                "densenet121", "vgg11_bn", "repvgg_a0", "mobilenetv2_100", "mobilenetv3_small_100",
-                "mobilenetv3_large_100", "efficientnet_b0", "efficientnet_lite0", "mnasnet_100", "ghostnet_100",
-                "convnext_atto", "convnextv2_atto", "poolformer_s12", "tv:resnet18", "tv:mobilenet_v2",
-                "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1", "resnet20_cifar")
+# the coverage table's rows (examples/zoo.py ZOO) that are not CNN families: every other row is one, for issue 15's
+# "every CNN family runs in Lava fixed point" (docs/lava.md, "Every CNN family of the coverage table")
+NOT_CNN = ("mixer_b16_224", "resmlp_12_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+           "vit_small_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "efficientformer_l1",
+           "mobilevit_xxs", "cait_xxs24_224", "eva02_tiny_patch14_224")
+
+
+def cnn_families() -> list[str]:
+    sys.path.insert(0, HERE)
+    import zoo
+    return [name for name in zoo.ZOO if name not in NOT_CNN]
 
 
 def images(start: int, n: int, size: int):
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(2)
-    for name in CNN_FAMILIES if args.cnn_families else args.models:
+    for name in cnn_families() if args.cnn_families else args.models:
         print(json.dumps(measure(name, args.n, args.out, args.scale)), flush=True)
     return 0
 
