@@ -43,10 +43,11 @@ nodes with the torch reference ops).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import numpy as np
@@ -64,7 +65,7 @@ __all__ = ["to_nir", "export_nir", "export_size", "nir_node_map", "load_nir", "c
            "export_nir_partial", "load_partial", "run_partial", "PARTIAL_FORMAT"]
 
 _F32 = np.float32
-_LAYOUT_OK = {"input", "linear", "conv2d", "sfn", "flatten", "reshape", "avg_pool2d", "max_pool2d"}
+_LAYOUT_OK = {"input", "linear", "conv2d", "sfn", "flatten", "reshape", "avg_pool2d", "max_pool2d", "add"}
 PARTIAL_FORMAT = "sfn-deploy/nir-partial"
 PARTIAL_VERSION = 1
 
@@ -137,6 +138,15 @@ _HOST_WHY = {
 }
 
 
+def _offset(node: Node, graph: Graph) -> bool:
+    """A constant added to the value that one SFN site alone reads (the input neuron's offset, sfn_deploy/passes.py
+    offset_input): the bias of that site's fan-out layer."""
+    if len(node.inputs) != 1 or node.attrs.get("alpha", 1) != 1 or not math.isfinite(node.attrs.get("other", math.inf)):
+        return False
+    users = [u for u in graph if node.name in u.inputs]
+    return len(users) == 1 and users[0].op == "sfn"
+
+
 def _problem(node: Node, graph: Graph) -> str | None:
     """Why NIR cannot express this node, whatever its neighbours (None when it can)."""
     op, a = node.op, node.attrs
@@ -148,6 +158,8 @@ def _problem(node: Node, graph: Graph) -> str | None:
             return "max pooling with padding, dilation or ceil_mode"
     if op not in _LAYOUT_OK:
         return _HOST_WHY.get(op, "no NIR primitive expresses it")
+    if op == "add" and not _offset(node, graph):
+        return _HOST_WHY["add"]
     if node.bdim != 0:
         return "batch axis is not the first axis"
     if op == "conv2d" and a.get("groups", 1) != 1:
@@ -218,6 +230,8 @@ class _Plan:
             for n in self.members():
                 if n.op == "max_pool2d" and n.inputs[0] in self.host:
                     self.host[n.name] = f"max pooling of spikes whose site {n.inputs[0]} runs on the host"
+                if n.op == "add" and users[n.name][0].name in self.host:
+                    self.host[n.name] = f"the offset of site {users[n.name][0].name}, which runs on the host"
                 clip_site = users[n.name][0].name if n.name in self.clips else None
                 if clip_site is not None and (clip_site in self.host or n.inputs[0] in self.host):
                     self.host[n.name] = f"a clip whose layer or site {clip_site} runs on the host"
@@ -240,7 +254,7 @@ class _Plan:
                 v = parent[v]
             return v
         for n in self.members():
-            if n.op == "sfn" or n.name in self.clips:   # elementwise: its input and output share a layout
+            if n.op in ("sfn", "add") or n.name in self.clips:   # elementwise: input and output share a layout
                 parent[find(n.name)] = find(n.inputs[0])
         chosen = {}
         for root, rs in self._layout_requests(find).items():
@@ -348,6 +362,7 @@ class _Value:
     shape: tuple
     inc: np.ndarray | None = None
     base: tuple | None = None
+    offset: float = 0.0             # a constant still to add (the input neuron's offset: its fan-out's bias)
 
 
 def _site_channels(site: Node, clip: float | None = None):
@@ -453,7 +468,7 @@ class _Lowering:
         c = base[0]
         kind, attrs = self._pointwise(len(base))
         w = np.eye(c).reshape((c, c) + (1,) * (len(base) - 1))
-        return self.weight_layer(name, kind, w, None, attrs, x, site, base)
+        return self.weight_layer(name, kind, w, np.full(c, x.offset) if x.offset else None, attrs, x, site, base)
 
     def max_pool(self, node: Node, x: _Value) -> _Value:
         """Max pooling of threshold channels: the pooled level reaches g iff some input in the window does
@@ -508,6 +523,8 @@ class _Lowering:
                                                                   clip)
                 if site is not None:
                     fused.add(site.name)
+            elif op == "add":                   # an offset (_offset): the bias of the site's fan-out below
+                self.env[node.name] = replace(x, offset=x.offset + float(a["other"]))
             elif op == "sfn":
                 if x.inc is not None:           # spikes straight into another site: recombine first
                     x = self.identity(node.name + "_recombine", x, None)

@@ -222,6 +222,8 @@ def _sum_ranks(pos: dict, neg: dict, modes: dict) -> None:
     for i, h in enumerate(hists):
         hi = max(r[i][0] for r in ranges)
         h.max = max(r[i][1] for r in ranges)
+        if hi == 0.0:                   # no value on any rank (the input neuron's negative branch)
+            continue
         if h.hi == 0.0:
             h.hi = hi
         h.widen(hi / 2)                 # hi is a power of two: widening to above hi/2 reaches it exactly

@@ -254,6 +254,11 @@ def convert_options(fn):
         click.option("--softmax-levels", type=click.Choice(["dense", "fire"]), default=None,
                      help="Post-softmax neurons: every integer level up to the fire function's top level, or the "
                           "fire function's own levels (the paper's; default dense; docs/concepts.md, 'The neuron')."),
+        click.option("--input-encoding", type=click.Choice(["auto", "analog", "spikes"]), default=None,
+                     help="The network input: analog (the first weight layers compute MACs), or spikes from an "
+                          "input neuron on x − min (their work becomes ACs); auto: spikes where those layers hold "
+                          "10%% or more of the ANN's MACs and the offset folds exactly into their biases (default "
+                          "auto; docs/concepts.md, 'Input encoding')."),
         click.option("--percentile", type=float, default=None, help="p: θ is the top-p%% activation (default 1)."),
         click.option("--search", type=click.Choice(["shared", "per-block", "per-site"]), default=None,
                      help="λ search space (default shared)."),

@@ -36,6 +36,11 @@ LEVELS_IF_MISSED = 12      # docs/zoo.md "With M = 12 levels": every trained CIF
 # LEVELS_IF_MISSED, and bias correction is not kept where it takes the drop past this.
 GOAL = 0.5
 
+# --input-encoding auto gives the input a neuron where the layers reading it hold at least this share of the
+# ANN's MACs (an MLP's first layer: 85 %); below it the analog input costs little and quantising a natural image
+# costs accuracy (docs/concepts.md "Input encoding").
+INPUT_SHARE = 0.1
+
 
 @dataclass
 class ConvertConfig:
@@ -50,6 +55,9 @@ class ConvertConfig:
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
     softmax_levels: str = "dense"   # post-softmax neurons: dense (every integer up to the top level) | fire
+    input_encoding: str = "auto"    # analog (the first weight layers read the input: MACs) | spikes (an input
+    #                                 neuron on x − min: their work becomes ACs) | auto (spikes where those layers
+    #                                 hold INPUT_SHARE of the MACs and the offset folds exactly); docs/concepts.md
     percentile: float = 1.0         # p: θ is the top-p% activation
     scale: float | None = None      # a fixed λ (skips the search)
     tune: bool = True               # search λ (on by default unless scale is given)
@@ -128,8 +136,10 @@ def storage_path(url: str | None) -> str | None:
 
 _VAL_KEYS = {"val_size", "val_fraction"}
 BIAS_CORRECTION = ("auto", "on", "off", "search")
+INPUT_ENCODINGS = ("auto", "analog", "spikes")
 _CHOICES = {"fire": FIRE_FUNCTIONS, "rounding": ROUNDINGS, "softmax_levels": SOFTMAX_LEVELS,
-            "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION, "fidelity": FIDELITY}
+            "search": SEARCH_SPACES, "bias_correction": BIAS_CORRECTION, "fidelity": FIDELITY,
+            "input_encoding": INPUT_ENCODINGS}
 
 
 def _bad(key: str, why: str) -> NoReturn:

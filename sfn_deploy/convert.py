@@ -16,14 +16,15 @@ from typing import Any
 from . import bias_correction, distributed, fidelity
 from .calibrate import calibrate
 from .capture import capture
-from .config import ConvertConfig, load_config
+from .config import INPUT_SHARE, ConvertConfig, load_config
 from .data import Dataset
 from .errors import UserError
 from .evaluation import budget_warning, check_data, evaluate, from_passes
 from .ir import Graph, GraphError, validate_graph
 from .methods import METHODS, Applied
 from .model_file import ConvertedModel
-from .passes import fold_batchnorm, insert_sfn, set_levels, set_scale
+from .passes import fold_batchnorm, folds_offset, input_readers, insert_sfn, offset_input, set_levels, set_scale
+from .simulators.counting import count_ops
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Conversion:
     graph: Graph | None = None
     applied: Applied = field(default_factory=Applied)
     input_abs_max: float | None = None            # max |x| of the calibration images (calibrate sets it)
+    input_encoding: str = "analog"                # what insert_sfn resolved: analog | spikes (an input neuron)
     checked: bias_correction.Checked | None = None   # bias correction's validation passes, reused by validate()
 
     def captured(self) -> Graph:
@@ -74,10 +76,40 @@ def _capture(c: Conversion) -> None:
 
 
 def _insert_sfn(c: Conversion) -> None:
-    graph = insert_sfn(c.captured(), c.config.levels, c.config.fire, c.config.rounding,
-                       c.config.softmax_levels)
+    cfg = c.config
+    spikes, low = _input_encoding(c)
+    cfg.input_encoding = "spikes" if spikes else "analog"      # auto resolved in the record, as fidelity is
+    graph = insert_sfn(c.captured(), cfg.levels, cfg.fire, cfg.rounding, cfg.softmax_levels, input_spikes=spikes)
     if not graph.sites:
         raise UserError("the model has no activation feeding a weight layer: nothing to convert into spikes")
+    if low:
+        offset_input(graph, low)
+
+
+def _input_encoding(c: Conversion) -> tuple[bool, float]:
+    """Whether the input gets a neuron, and the offset it fires above (docs/concepts.md "Input encoding")."""
+    cfg, graph = c.config, c.captured()
+    if cfg.input_encoding == "spikes" and cfg.method != "sfn":
+        raise UserError(f"--input-encoding spikes is an SFN neuron on the input; --method {cfg.method} keeps it "
+                        "analog")
+    if cfg.input_encoding == "analog" or cfg.method != "sfn":
+        return False, 0.0
+    readers = input_readers(graph)
+    if not readers:
+        if cfg.input_encoding == "spikes":
+            raise UserError("--input-encoding spikes: the network input is read by more than weight layers "
+                            "(through layout ops); only those can read spikes")
+        return False, 0.0
+    if cfg.input_encoding == "auto":        # the share first: it needs one sample, the offset a pass
+        macs = {layer.name: layer.mac_ann for layer in count_ops(graph, [c.data.head(1)], spiking=False).layers}
+        if sum(macs.get(r.name, 0.0) for r in readers) < INPUT_SHARE * sum(macs.values()):
+            return False, 0.0
+    low = min(float(xb.min()) for xb in distributed.shard(c.data.limit(cfg.calib_limit), cfg.batch_size)
+              .batches(cfg.batch_size))
+    low = -distributed.reduce_max(-low)
+    if low == 0 or folds_offset(readers):
+        return True, low
+    return cfg.input_encoding == "spikes", 0.0      # spikes asked for: without an offset
 
 
 def _calibrate(c: Conversion) -> None:
@@ -180,7 +212,8 @@ PIPELINE: list[Pass] = [
                     "softmax, ·v)", _capture),
     Pass("fold_batchnorm", "fold inference BatchNorm into the preceding conv/linear",
          lambda c: fold_batchnorm(c.captured())),
-    Pass("insert_sfn", "place an SFN on each activation feeding a weight layer or activation product", _insert_sfn),
+    Pass("insert_sfn", "place an SFN on each activation feeding a weight layer or activation product (and on the "
+                       "input, --input-encoding)", _insert_sfn),
     Pass("calibrate", "θ⁺/θ⁻ = top-p% positive/negative activation per site, o_max per softmax (streaming "
                       "histograms)", _calibrate),
     Pass("scale", "set λ: fixed, or chosen by the accuracy/energy search (--method: the method's neurons "

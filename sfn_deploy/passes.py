@@ -75,7 +75,7 @@ def _role(src: Node, consumer: Node, slot: int, users: dict) -> str:
 
 
 def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: str = "paper",
-               softmax_levels: str = "dense") -> Graph:
+               softmax_levels: str = "dense", input_spikes: bool = False) -> Graph:
     """Put a Scale-and-Fire neuron on every activation that feeds a weight layer or an activation product.
 
     The neuron sits on the value that the consumer reads, moved back through
@@ -94,7 +94,7 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
             v = graph[node.inputs[slot]]
             while _spike_transparent(v) and len(users[v.inputs[0]]) == 1:
                 v = graph[v.inputs[0]]
-            if v.op in ("input", "constant", "sfn") or _analog_only(v, graph):
+            if v.op in ("constant", "sfn") or (not input_spikes and (v.op == "input" or _analog_only(v, graph))):
                 continue
             sources.setdefault(v.name, (v, node, slot))
     for name, (src, consumer, slot) in sources.items():
@@ -102,7 +102,8 @@ def insert_sfn(graph: Graph, levels: int = 8, fire: str = "sformer", rounding: s
         kind = "softmax" if src.op == "softmax" else "dual"
         attrs = {"kind": kind, "fire": fire, "M": levels, "levels": site_levels(levels, fire, kind, softmax_levels),
                  "rounding": rounding, "lam": 1.0,
-                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0, "role": _role(src, consumer, slot, users),
+                 "theta_pos": 0.0, "theta_neg": 0.0, "o_max": 0.0,
+                 "role": "input" if src.op == "input" else _role(src, consumer, slot, users),
                  "absorbs": "relu" if absorb else None, "feeds": consumer.name}
         sfn = Node(graph.fresh_name(f"sfn_{name}"), "sfn", [src.inputs[0] if absorb else name], attrs, {},
                    list(src.shape), src.bdim, src.source)
@@ -185,3 +186,43 @@ def set_scale(graph: Graph, lam: float | dict[str, float]) -> Graph:
         value = lam.get(node.name, node.attrs["lam"]) if isinstance(lam, dict) else lam
         configure(node, value)
     return graph
+
+
+def input_readers(graph: Graph) -> list[Node] | None:
+    """The weight layers that read the network input through layout ops (and input neurons), or None when
+    anything else reads it (a residual, a host op, explicit padding)."""
+    users, readers, todo = graph.users(), [], [graph.input]
+    while todo:
+        for u in users[todo.pop().name]:
+            if (u.kind == "layout" and u.op != "pad") or (u.op == "sfn" and u.attrs.get("role") == "input"):
+                todo.append(u)
+            elif u.op in ("linear", "conv2d"):
+                readers.append(u)
+            else:
+                return None
+    return readers
+
+
+def folds_offset(readers: list[Node]) -> bool:
+    """Whether a constant added to the input folds exactly into its readers' biases: linear layers and
+    unpadded convolutions (a padded one reads zeros at the border, not the constant)."""
+    return all(r.op == "linear" or not any(r.attrs["padding"]) for r in readers)
+
+
+def offset_input(graph: Graph, low: float) -> None:
+    """Feed the input neuron x − low (``low``: the calibration images' smallest value), so that the darkest
+    value, often the background, fires no spike; each layer that reads it gets W·low added to its bias, which
+    keeps the network's function (the readers must pass :func:`folds_offset`)."""
+    site = next(s for s in graph.sites if s.attrs.get("role") == "input")
+    readers = input_readers(graph)
+    if low == 0 or not readers or not folds_offset(readers):
+        raise ValueError("the input offset does not fold into the layers that read the input")
+    for r in readers:
+        w = r.params["weight"]
+        shift = low * w.sum(dim=tuple(range(1, w.dim())))
+        r.params["bias"] = r.params["bias"] + shift if "bias" in r.params else shift
+    src = graph[site.inputs[0]]
+    node = Node(graph.fresh_name("input_offset"), "add", [src.name], {"other": -float(low)}, {},
+                list(src.shape), src.bdim, "")
+    graph.insert_after(src.name, node)
+    site.inputs[0] = node.name

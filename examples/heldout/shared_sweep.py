@@ -14,6 +14,9 @@ the test split, refined at ratio 2^(1/16) above it (3 more λ, the grid's step s
         --rows examples/heldout/default_convert_budget05_results.jsonl > sweeps.jsonl
     python examples/heldout/shared_sweep.py --summary sweeps.jsonl
     python examples/heldout/shared_sweep.py --rows other_rows.jsonl --reuse sweeps.jsonl > other.jsonl
+    python examples/heldout/shared_sweep.py --rows other_rows.jsonl --input-encoding auto > same_input.jsonl
+
+The shared-λ points keep the input analog (the paper's) unless ``--input-encoding`` says otherwise.
 
 Needs the data of default_rows.sh (/tmp/heldout, /tmp/heldout2, /tmp/heldout3, /tmp/cifar_splits).
 """
@@ -49,7 +52,7 @@ def rows_of_default_rows(mnist: str) -> dict[str, tuple[str, str, str]]:
 
 
 def sweep(model_path: str, calibration: str, test_spec: str, targets: list[dict],
-          known: list[dict] | None = None) -> dict:
+          known: list[dict] | None = None, input_encoding: str = "analog") -> dict:
     import torch
 
     from sfn_deploy.config import load_config
@@ -61,7 +64,7 @@ def sweep(model_path: str, calibration: str, test_spec: str, targets: list[dict]
 
     model, _ = load_model(model_path)
     calib, test = load_data(calibration), load_data(test_spec)
-    graph = build_graph(model, calib, load_config("", {"scale": 1.0}), quiet=True)
+    graph = build_graph(model, calib, load_config("", {"scale": 1.0, "input_encoding": input_encoding}), quiet=True)
     ann_pred, _ = measure(graph, test, spiking=False)
     e = energy_constants()
     points: dict[float, tuple[float, float]] = {}
@@ -125,6 +128,8 @@ def main() -> int:
     ap.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     ap.add_argument("--reuse", metavar="JSONL", help="an earlier run's results: take their sweeps (one point of "
                     "each is run again and must agree), run only the refinements the new rows need")
+    ap.add_argument("--input-encoding", choices=("analog", "spikes", "auto"), default="analog",
+                    help="of the shared-λ points (default analog: the paper's; docs/concepts.md 'Input encoding')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summary", metavar="JSONL", help="print the table of a results file and stop")
     args = ap.parse_args()
@@ -148,7 +153,8 @@ def main() -> int:
         if name not in known:
             print(f"unknown row {name!r} (known: {', '.join(known)})", file=sys.stderr)
             return 2
-        print(json.dumps({"model": name, **sweep(*known[name], targets.get(name, []), earlier.get(name))}),
+        print(json.dumps({"model": name, "input_encoding": args.input_encoding,
+                          **sweep(*known[name], targets.get(name, []), earlier.get(name), args.input_encoding)}),
               flush=True)
     return 0
 

@@ -1,0 +1,115 @@
+"""Input encoding (docs/concepts.md "Input encoding"): a neuron on the network input, firing above the calibration
+images' minimum, so the first weight layers accumulate spikes instead of multiplying analog values."""
+import pytest
+import torch
+import torch.nn as nn
+from test_nir import assert_same, roundtrip
+
+from sfn_deploy.convert import convert
+from sfn_deploy.data import Dataset
+from sfn_deploy.errors import UserError
+from sfn_deploy.evaluation import measure
+from sfn_deploy.simulators.interpreter import run, run_with_levels
+
+BACKGROUND = -0.4242        # normalised MNIST's black
+
+
+def images(n=256, size=8, seed=0):
+    """Digit-like images: a constant negative background with brighter strokes, labels from the strokes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 1, size, size), BACKGROUND)
+    mask = torch.rand(n, 1, size, size, generator=g) < 0.2
+    x[mask] = torch.rand(int(mask.sum()), generator=g) * 3.0
+    return Dataset(x, x.flatten(1)[:, :10].argmax(1), "strokes")
+
+
+def mlp(size=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(size * size, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+def padded_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
+
+
+def _input_site(snn):
+    return next((s for s in snn.sites if s.attrs["role"] == "input"), None)
+
+
+def test_the_offset_keeps_the_network_and_the_background_fires_nothing():
+    data, model = images(), mlp()
+    snn = convert(model, data, scale=0.05, input_encoding="spikes")
+    assert snn.config["input_encoding"] == "spikes"
+    site = _input_site(snn)
+    offset = snn.graph[site.inputs[0]]
+    assert offset.op == "add" and offset.attrs["other"] == pytest.approx(-BACKGROUND)
+    with torch.no_grad():           # the ANN reference is the source model: W·low is in the first bias
+        torch.testing.assert_close(run(snn.graph, data.x, spiking=False), model(data.x), rtol=1e-5, atol=1e-5)
+        _, levels = run_with_levels(snn.graph, data.x)
+    background = data.x == BACKGROUND
+    assert (levels[site.name][background] == 0).all() and (levels[site.name][~background] > 0).any()
+    assert site.attrs["theta_neg"] == 0 and site.params["bounds_neg"].numel() == 0
+    _, counter = measure(snn.graph, data)
+    first = next(c for c in counter.result().layers if c.op == "linear")
+    assert counter.result().mac_snn == 0 and first.ac > 0 and first.mac_ann == 64 * 32
+
+
+def test_analog_input_is_unchanged():
+    data = images()
+    snn = convert(mlp(), data, scale=0.05, input_encoding="analog")
+    assert _input_site(snn) is None and snn.config["input_encoding"] == "analog"
+    _, counter = measure(snn.graph, data)
+    assert counter.result().mac_snn == 64 * 32
+
+
+def test_auto_encodes_where_the_input_layer_holds_a_tenth_of_the_macs_and_the_offset_folds():
+    data = images()
+    assert convert(mlp(), data, scale=0.1).config["input_encoding"] == "spikes"     # the default: auto
+    # the same first layer before a layer 20× dearer: under a tenth of the MACs, the input stays analog
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1280), nn.ReLU(),
+                         nn.Linear(1280, 10)).eval()
+    assert convert(deep, data, scale=0.1).config["input_encoding"] == "analog"
+    # a padded convolution reads zeros at the border, not the offset: no exact fold, so analog
+    assert convert(padded_cnn(), data, scale=0.1).config["input_encoding"] == "analog"
+    # ... unless the darkest value is already 0: then there is nothing to fold
+    shifted = Dataset(data.x - BACKGROUND, data.y, "strokes from 0")
+    assert convert(padded_cnn(), shifted, scale=0.1).config["input_encoding"] == "spikes"
+
+
+def test_spikes_asked_for_without_an_exact_fold_have_no_offset():
+    data, model = images(), padded_cnn()
+    snn = convert(model, data, scale=0.05, input_encoding="spikes")
+    site = _input_site(snn)
+    assert site is not None and snn.graph[site.inputs[0]].op == "input"
+    assert site.attrs["theta_neg"] > 0                      # the background is a negative value to encode
+    with torch.no_grad():
+        torch.testing.assert_close(run(snn.graph, data.x, spiking=False), model(data.x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_sfn_method_and_weight_layer_readers_take_spikes():
+    data = images()
+    with pytest.raises(UserError, match="--method if"):
+        convert(mlp(), data, method="if", input_encoding="spikes")
+    torch.manual_seed(0)
+
+    class Skip(nn.Module):      # the input also read by a residual sum: no neuron can stand in for it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) + x)
+    flat = Dataset(data.x.flatten(1)[:, :8], data.y, "rows")
+    with pytest.raises(UserError, match="read by more than weight layers"):
+        convert(Skip().eval(), flat, scale=0.1, input_encoding="spikes")
+    assert convert(Skip().eval(), flat, scale=0.1).config["input_encoding"] == "analog"
+
+
+def test_nir_carries_the_offset_as_the_fan_out_bias(tmp_path):
+    data = images()
+    snn = convert(mlp(), data, scale=0.1, input_encoding="spikes")
+    info, got, ref, gl, rl = roundtrip(snn, tmp_path, data.x[:64])
+    assert_same(got, ref, gl, rl)
+    assert info["sites"] == 2
