@@ -257,3 +257,19 @@ def test_native_calibration_is_the_torch_ops_bit_for_bit(monkeypatch):
     for a, b in zip(native, calibrated(), strict=True):
         for u, v in zip(a, b, strict=True):
             assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v
+
+
+def test_ranks_summed_with_a_branch_empty_everywhere():
+    """The input neuron above the minimum has no negative value on any rank: summing its empty histogram ends
+    (it looped for ever under torchrun) and leaves it empty."""
+    import signal
+
+    from sfn_deploy.calibrate import _sum_ranks
+    pos, neg = StreamingHistogram(), StreamingHistogram()
+    pos.update(torch.tensor([0.5, 1.5, 3.0]))
+    signal.alarm(20)
+    try:
+        _sum_ranks({"s": pos}, {"s": neg}, {})
+    finally:
+        signal.alarm(0)
+    assert neg.n == 0 and neg.hi == 0.0 and pos.n == 3

@@ -65,17 +65,18 @@ def test_analog_input_is_unchanged():
 
 def test_auto_encodes_where_the_input_layer_holds_a_tenth_of_the_macs_and_the_offset_folds():
     data = images()
-    assert convert(mlp(), data, scale=0.1).config["input_encoding"] == "spikes"     # the default: auto
+    assert convert(mlp(), data, scale=0.1).config["input_encoding"] == "analog"     # the default
+    assert convert(mlp(), data, scale=0.1, input_encoding="auto").config["input_encoding"] == "spikes"
     # the same first layer before a layer 20× dearer: under a tenth of the MACs, the input stays analog
     torch.manual_seed(0)
     deep = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1280), nn.ReLU(),
                          nn.Linear(1280, 10)).eval()
-    assert convert(deep, data, scale=0.1).config["input_encoding"] == "analog"
+    assert convert(deep, data, scale=0.1, input_encoding="auto").config["input_encoding"] == "analog"
     # a padded convolution reads zeros at the border, not the offset: no exact fold, so analog
-    assert convert(padded_cnn(), data, scale=0.1).config["input_encoding"] == "analog"
+    assert convert(padded_cnn(), data, scale=0.1, input_encoding="auto").config["input_encoding"] == "analog"
     # ... unless the darkest value is already 0: then there is nothing to fold
     shifted = Dataset(data.x - BACKGROUND, data.y, "strokes from 0")
-    assert convert(padded_cnn(), shifted, scale=0.1).config["input_encoding"] == "spikes"
+    assert convert(padded_cnn(), shifted, scale=0.1, input_encoding="auto").config["input_encoding"] == "spikes"
 
 
 def test_spikes_asked_for_without_an_exact_fold_have_no_offset():
@@ -104,7 +105,7 @@ def test_only_the_sfn_method_and_weight_layer_readers_take_spikes():
     flat = Dataset(data.x.flatten(1)[:, :8], data.y, "rows")
     with pytest.raises(UserError, match="read by more than weight layers"):
         convert(Skip().eval(), flat, scale=0.1, input_encoding="spikes")
-    assert convert(Skip().eval(), flat, scale=0.1).config["input_encoding"] == "analog"
+    assert convert(Skip().eval(), flat, scale=0.1, input_encoding="auto").config["input_encoding"] == "analog"
 
 
 def test_nir_carries_the_offset_as_the_fan_out_bias(tmp_path):
