@@ -39,7 +39,7 @@ class Conversion:
     graph: Graph | None = None
     applied: Applied = field(default_factory=Applied)
     input_abs_max: float | None = None            # max |x| of the calibration images (calibrate sets it)
-    input_encoding: str = "analog"                # what insert_sfn resolved: analog | spikes (an input neuron)
+    sample: Any = None                            # the images capture traced (input encoding reuses them)
     checked: bias_correction.Checked | None = None   # bias correction's validation passes, reused by validate()
 
     def captured(self) -> Graph:
@@ -59,7 +59,8 @@ class Pass:
 def _capture(c: Conversion) -> None:
     if c.config.method == "pmsm" and not c.data.labeled:
         raise UserError(f"{c.data.name}: --method pmsm fine-tunes on labels; this data has none")
-    graph = capture(c.model, c.data.head(2))
+    c.sample = c.data.head(2)
+    graph = capture(c.model, c.sample)
     # auto is resolved here, in the record that the search, bias correction and the converted file read. Without
     # labels nothing else tells a backbone returning N×D from a classifier: the output's producer does.
     val = c.data.validation if c.data.validation is not None else c.data
@@ -100,13 +101,13 @@ def _input_encoding(c: Conversion) -> tuple[bool, float]:
             raise UserError("--input-encoding spikes: the network input is read by more than weight layers "
                             "(through layout ops); only those can read spikes")
         return False, 0.0
-    if cfg.input_encoding == "auto":        # the share first: it needs one sample, the offset a pass
-        macs = {layer.name: layer.mac_ann for layer in count_ops(graph, [c.data.head(1)], spiking=False).layers}
+    if cfg.input_encoding == "auto":
+        macs = {layer.name: layer.mac_ann for layer in count_ops(graph, [c.sample], spiking=False).layers}
         if sum(macs.get(r.name, 0.0) for r in readers) < INPUT_SHARE * sum(macs.values()):
             return False, 0.0
-    low = min(float(xb.min()) for xb in distributed.shard(c.data.limit(cfg.calib_limit), cfg.batch_size)
-              .batches(cfg.batch_size))
-    low = -distributed.reduce_max(-low)
+    # the traced images' smallest value (no pass over the data: a value below it is a negative level, and the
+    # fold is exact whatever the offset); on every rank the same images
+    low = float(c.sample.min())
     if low == 0 or folds_offset(readers):
         return True, low
     return cfg.input_encoding == "spikes", 0.0      # spikes asked for: without an offset
