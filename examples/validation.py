@@ -82,8 +82,9 @@ def predict(entry: dict) -> dict:
         model = torch.nn.Sequential(torch.nn.Flatten(), model).eval()
         x = x.reshape(SAMPLES, 1, 1, -1)
     data = Dataset(x, torch.zeros(SAMPLES, dtype=torch.long), entry["id"])
+    # the input stays analog, as when the bands were measured (its layer is then reported unpriced)
     how = ({"method": entry["method"], "timesteps": entry["timesteps"]} if entry.get("method") else
-           {"scale": LAM, "tune": False})
+           {"scale": LAM, "tune": False, "input_encoding": "analog"})
     converted = convert(model, data, quiet=True, **how)
     counts = count_ops(converted.graph, data.batches(SAMPLES))
     target = load_target(entry["target"])

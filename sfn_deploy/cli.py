@@ -258,7 +258,7 @@ def convert_options(fn):
                      help="The network input: analog (the first weight layers compute MACs), or spikes from an "
                           "input neuron on x − min (their work becomes ACs); auto: spikes where those layers hold "
                           "10%% or more of the ANN's MACs and the offset folds exactly into their biases (default "
-                          "analog; docs/concepts.md, 'Input encoding')."),
+                          "auto; docs/concepts.md, 'Input encoding')."),
         click.option("--percentile", type=float, default=None, help="p: θ is the top-p%% activation (default 1)."),
         click.option("--search", type=click.Choice(["shared", "per-block", "per-site"]), default=None,
                      help="λ search space (default shared)."),

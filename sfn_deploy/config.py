@@ -55,7 +55,7 @@ class ConvertConfig:
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
     softmax_levels: str = "dense"   # post-softmax neurons: dense (every integer up to the top level) | fire
-    input_encoding: str = "analog"  # analog (the first weight layers read the input: MACs) | spikes (an input
+    input_encoding: str = "auto"    # analog (the first weight layers read the input: MACs) | spikes (an input
     #                                 neuron on x − min: their work becomes ACs) | auto (spikes where those layers
     #                                 hold INPUT_SHARE of the MACs and the offset folds exactly); docs/concepts.md
     percentile: float = 1.0         # p: θ is the top-p% activation

@@ -38,8 +38,8 @@ def _bias(graph, x):
 
 def test_corrected_snn_is_closer_and_the_ann_is_the_source(cnn_data):
     m, data = cnn_data
-    off = convert(m, data, scale=0.4, bias_correction="off").graph
-    on = convert(m, data, scale=0.4, bias_correction="on").graph
+    off = convert(m, data, scale=0.4, bias_correction="off", input_encoding="analog").graph
+    on = convert(m, data, scale=0.4, bias_correction="on", input_encoding="analog").graph
     x = data.x[300:]
     with torch.no_grad():
         assert torch.allclose(run(on, x, spiking=False), m(x), atol=1e-5)       # the ANN is still the source model

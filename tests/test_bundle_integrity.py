@@ -29,7 +29,7 @@ from sfn_deploy.exporters.lava.bundle import read_bundle
 
 @pytest.fixture(scope="module")
 def snn(digits_mlp, digits):
-    return convert(digits_mlp, digits.limit(400), scale=0.3)
+    return convert(digits_mlp, digits.limit(400), scale=0.3, input_encoding="analog")   # a host op in the bundle
 
 
 @pytest.fixture(scope="module")

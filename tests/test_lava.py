@@ -400,7 +400,7 @@ def test_fixed_point_derives_the_range_of_an_analog_host_value(digits):
             h = nn.functional.avg_pool2d(torch.relu(self.c1(x)), 3, 2, 1)        # 8×8 → 4×4, overlapping
             return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
     torch.manual_seed(0)
-    snn = convert(Net().eval(), digits.limit(200), scale=0.3)
+    snn = convert(Net().eval(), digits.limit(200), scale=0.3, input_encoding="analog")
     from sfn_deploy.exporters.lava.plan import _Lowering
     low = _Lowering(snn.graph, snn.input_shape, "graded", "fixed_pt", 1.0)
     plan = low.lower()
@@ -441,7 +441,7 @@ def test_pooling_layer_form_runs_on_cores_in_both_precisions(digits, tmp_path):
     floating point reproduces the torch SNN's levels, fixed point the integer reference's bit for bit."""
     from sfn_deploy.exporters.lava.bundle import read_bundle
     from sfn_deploy.exporters.lava.reference import integer_reference
-    snn = convert(_SiluPoolNet.build(), digits.limit(300), scale=0.3)
+    snn = convert(_SiluPoolNet.build(), digits.limit(300), scale=0.3, input_encoding="analog")
     assert all(s.params["bounds_neg"].numel() for s in snn.sites)          # both polarities are pooled
     folded, layer = lower(snn, "graded", "floating_pt"), lower(snn, "graded", "floating_pt", avg_pool="layer")
     assert folded.summary()["pooling_layers"] == 0 and layer.summary()["pooling_layers"] == 2
@@ -813,7 +813,7 @@ def test_relu6_clips_run_in_the_neurons_and_the_inverted_residual_on_cores(digit
     """The clips to [0, 6] run in the neurons they feed (thresholds above 6 dropped: the same levels as firing on
     the clipped value), the residual sum on cores: nothing but the input and output on the host. Floating point
     gives the torch SNN's levels; fixed point equals the integer reference in every level and logit."""
-    snn = convert(_InvertedResidualNet.build(), digits.limit(300), scale=0.3)
+    snn = convert(_InvertedResidualNet.build(), digits.limit(300), scale=0.3, input_encoding="analog")
     plan = lower(snn, "graded", "fixed_pt", input_abs_max=1.0)
     summary = plan.summary()
     assert summary["host_ops"] == [] and summary["residual_sums"] == 1, summary

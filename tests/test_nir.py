@@ -86,7 +86,7 @@ def assert_same(got, ref, got_levels, ref_levels):
 
 @pytest.fixture(scope="module")
 def mlp_snn(digits_mlp, digits):
-    return convert(digits_mlp, digits, scale=0.3)
+    return convert(digits_mlp, digits, scale=0.3, input_encoding="analog")    # counts below: analog input
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def cnn_snn(digits):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
                       nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
-    return convert(m, digits.limit(200), scale=0.3)       # random weights, calibrated sites
+    return convert(m, digits.limit(200), scale=0.3, input_encoding="analog")   # random weights, 2 sites
 
 
 def test_digits_mlp_roundtrip(mlp_snn, digits, tmp_path):
@@ -412,7 +412,8 @@ def test_token_linear_layers_are_exact_pointwise_convolutions(tmp_path):
     nir.read. The full export cannot transpose the network input, so it refuses; --partial permutes."""
     torch.manual_seed(0)
     x = torch.randn(64, 3, 4, 8)
-    snn = convert(_Tokens().eval(), Dataset(x, torch.zeros(64, dtype=torch.long), "random"), scale=0.3)
+    snn = convert(_Tokens().eval(), Dataset(x, torch.zeros(64, dtype=torch.long), "random"), scale=0.3,
+                  input_encoding="analog")
     with pytest.raises(UserError, match=r"linear ×1 \(e\.g\. linear: needs value input in channel-first order"):
         to_nir(snn)
     path = str(tmp_path / "tok.nir")
@@ -444,7 +445,7 @@ def test_regions_are_cut_to_one_output_each(digits, tmp_path):
     it directly (a top-level NIR edge). One output per region keeps nir.read's type check and nirtorch
     (one Output per graph) working."""
     torch.manual_seed(0)
-    snn = convert(_Residual().eval(), digits.limit(200), scale=0.3)
+    snn = convert(_Residual().eval(), digits.limit(200), scale=0.3, input_encoding="analog")
     path = str(tmp_path / "res.nir")
     info = nir_exp.export_nir_partial(snn, path)
     assert [r["nodes"] for r in info["regions"]] == [["flatten", "linear", "sfn_relu"], ["linear_1"],

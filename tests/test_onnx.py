@@ -198,7 +198,7 @@ def test_sample_on_a_threshold_through_a_trained_network(digits):
     with torch.no_grad():
         m[1].weight.copy_(torch.eye(64))
         m[1].bias.zero_()
-    snn = convert(m.eval(), digits, scale=0.3)
+    snn = convert(m.eval(), digits, scale=0.3, input_encoding="analog")     # sites[0]: the hidden layer's
     site = snn.sites[0]
     b = site.params["bounds_pos"]
     pixels = torch.cat([b, torch.from_numpy(np.nextafter(b.numpy(), np.float32(-np.inf))),

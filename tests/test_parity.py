@@ -7,7 +7,7 @@ from sfn_deploy.parity import compare, format_parity, layer_outputs, parity
 
 @pytest.fixture(scope="module")
 def snn(digits_mlp, digits):
-    return convert(digits_mlp, digits.limit(400), scale=0.3)
+    return convert(digits_mlp, digits.limit(400), scale=0.3, input_encoding="analog")    # the two hidden sites
 
 
 def test_compare_names_the_first_differing_site_and_by_how_much(snn, digits):

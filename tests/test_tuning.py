@@ -608,7 +608,7 @@ def test_without_a_budget_a_point_past_the_goal_is_searched_again(digits_mlp, di
     assert s["missed"]["accuracy"] < c.metrics["ann_accuracy"] - GOAL      # what decided: after bias correction
     assert c.config["levels"] == s["levels"] == 8 and c.metrics["accuracy"] > s["missed"]["accuracy"]
     assert f"not within {GOAL:g} points of the ANN" in _describe_search(s)
-    within = convert(digits_mlp, digits, trials=8, levels=8, levels_if_missed=12)
+    within = convert(digits_mlp, digits, trials=8, levels=8, levels_if_missed=12, input_encoding="analog")
     assert within.search["chosen"]["accuracy"] >= within.search["ann_accuracy"] - GOAL
     assert "missed" not in within.search and within.config["levels"] == 8
 

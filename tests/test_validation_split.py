@@ -201,7 +201,7 @@ def test_convert_warns_when_the_measured_interval_is_wider_than_the_budget(tmp_p
     def run(d):
         code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "--val-data",
                                     val_files / "val.npz", "-o", tmp_path / "m.pt", "--trials", 3,
-                                    "--max-drop", d, "--json")
+                                    "--max-drop", d, "--input-encoding", "analog", "--json")
         assert code == 0, stderr
         return json.loads(stdout)["drop"], stderr.strip().splitlines()
     drop, lines = run(1.5)
