@@ -65,7 +65,7 @@ __all__ = ["to_nir", "export_nir", "export_size", "nir_node_map", "load_nir", "c
            "export_nir_partial", "load_partial", "run_partial", "PARTIAL_FORMAT"]
 
 _F32 = np.float32
-_LAYOUT_OK = {"input", "linear", "conv2d", "sfn", "flatten", "reshape", "avg_pool2d", "max_pool2d", "add"}
+_LAYOUT_OK = {"input", "linear", "conv2d", "sfn", "flatten", "reshape", "avg_pool2d", "max_pool2d", "add", "pad"}
 PARTIAL_FORMAT = "sfn-deploy/nir-partial"
 PARTIAL_VERSION = 1
 
@@ -138,13 +138,37 @@ _HOST_WHY = {
 }
 
 
+def _sole_user(node: Node, graph: Graph) -> Node | None:
+    users = [u for u in graph if node.name in u.inputs]
+    return users[0] if len(users) == 1 else None
+
+
 def _offset(node: Node, graph: Graph) -> bool:
-    """A constant added to the value that one SFN site alone reads (the input neuron's offset, sfn_deploy/passes.py
-    offset_input): the bias of that site's fan-out layer."""
+    """A constant added to the value that one SFN site alone reads, directly or through a padding by that
+    constant (the input neuron's offset and moved padding, sfn_deploy/passes.py offset_input): the bias and
+    padding of that site's fan-out layer."""
     if len(node.inputs) != 1 or node.attrs.get("alpha", 1) != 1 or not math.isfinite(node.attrs.get("other", math.inf)):
         return False
-    users = [u for u in graph if node.name in u.inputs]
-    return len(users) == 1 and users[0].op == "sfn"
+    u = _sole_user(node, graph)
+    return u is not None and (u.op == "sfn" or (u.op == "pad" and _moved_padding(u, node, graph)))
+
+
+def _moved_padding(pad: Node, offset: Node, graph: Graph) -> bool:
+    """A constant padding of the last two axes by the offset's constant, read by one SFN site alone: a padded
+    fan-out reads x = 0 there, as the padding of x − low by −low gives."""
+    a = pad.attrs
+    u = _sole_user(pad, graph)
+    return (a.get("mode", "constant") == "constant" and len(a["pad"]) == 4 and min(a["pad"]) >= 0
+            and a["pad"][0] == a["pad"][1] and a["pad"][2] == a["pad"][3]
+            and a.get("value", 0.0) == offset.attrs.get("other") and u is not None and u.op == "sfn")
+
+
+def _pending(node: Node, x: _Value) -> _Value:
+    """An offset (:func:`_offset`) or moved padding (:func:`_moved_padding`) carried to the site's fan-out layer."""
+    a = node.attrs
+    if node.op == "add":
+        return replace(x, offset=x.offset + float(a["other"]))
+    return replace(x, padding=(int(a["pad"][2]), int(a["pad"][0])))
 
 
 def _problem(node: Node, graph: Graph) -> str | None:
@@ -160,6 +184,9 @@ def _problem(node: Node, graph: Graph) -> str | None:
         return _HOST_WHY.get(op, "no NIR primitive expresses it")
     if op == "add" and not _offset(node, graph):
         return _HOST_WHY["add"]
+    if op == "pad" and not (graph[node.inputs[0]].op == "add" and _offset(graph[node.inputs[0]], graph)
+                            and _moved_padding(node, graph[node.inputs[0]], graph)):
+        return "padding: no NIR primitive (only the input neuron's moved padding, as its fan-out layer's)"
     if node.bdim != 0:
         return "batch axis is not the first axis"
     if op == "conv2d" and a.get("groups", 1) != 1:
@@ -230,8 +257,8 @@ class _Plan:
             for n in self.members():
                 if n.op == "max_pool2d" and n.inputs[0] in self.host:
                     self.host[n.name] = f"max pooling of spikes whose site {n.inputs[0]} runs on the host"
-                if n.op == "add" and users[n.name][0].name in self.host:
-                    self.host[n.name] = f"the offset of site {users[n.name][0].name}, which runs on the host"
+                if n.op in ("add", "pad") and users[n.name][0].name in self.host:
+                    self.host[n.name] = f"the input offset of {users[n.name][0].name}, which runs on the host"
                 clip_site = users[n.name][0].name if n.name in self.clips else None
                 if clip_site is not None and (clip_site in self.host or n.inputs[0] in self.host):
                     self.host[n.name] = f"a clip whose layer or site {clip_site} runs on the host"
@@ -254,7 +281,7 @@ class _Plan:
                 v = parent[v]
             return v
         for n in self.members():
-            if n.op in ("sfn", "add") or n.name in self.clips:   # elementwise: input and output share a layout
+            if n.op in ("sfn", "add", "pad") or n.name in self.clips:   # input and output share a layout
                 parent[find(n.name)] = find(n.inputs[0])
         chosen = {}
         for root, rs in self._layout_requests(find).items():
@@ -363,6 +390,7 @@ class _Value:
     inc: np.ndarray | None = None
     base: tuple | None = None
     offset: float = 0.0             # a constant still to add (the input neuron's offset: its fan-out's bias)
+    padding: tuple = (0, 0)         # a padding still to apply (the input neuron's: its fan-out's)
 
 
 def _site_channels(site: Node, clip: float | None = None):
@@ -468,6 +496,10 @@ class _Lowering:
         c = base[0]
         kind, attrs = self._pointwise(len(base))
         w = np.eye(c).reshape((c, c) + (1,) * (len(base) - 1))
+        if any(x.padding):              # the input neuron's moved padding: a padded 1×1 convolution
+            ph, pw = x.padding
+            attrs = {**attrs, "padding": [ph, pw]}
+            base = (c, base[1] + 2 * ph, base[2] + 2 * pw)
         return self.weight_layer(name, kind, w, np.full(c, x.offset) if x.offset else None, attrs, x, site, base)
 
     def max_pool(self, node: Node, x: _Value) -> _Value:
@@ -523,8 +555,8 @@ class _Lowering:
                                                                   clip)
                 if site is not None:
                     fused.add(site.name)
-            elif op == "add":                   # an offset (_offset): the bias of the site's fan-out below
-                self.env[node.name] = replace(x, offset=x.offset + float(a["other"]))
+            elif op in ("add", "pad"):          # the input neuron's offset and padding: its fan-out's below
+                self.env[node.name] = _pending(node, x)
             elif op == "sfn":
                 if x.inc is not None:           # spikes straight into another site: recombine first
                     x = self.identity(node.name + "_recombine", x, None)

@@ -108,7 +108,7 @@ def _input_encoding(c: Conversion) -> tuple[bool, float]:
     # the traced images' smallest value (no pass over the data: a value below it is a negative level, and the
     # fold is exact whatever the offset); on every rank the same images
     low = float(c.sample.min())
-    if low == 0 or folds_offset(readers):
+    if low == 0 or folds_offset(graph, readers):
         return True, low
     return cfg.input_encoding == "spikes", 0.0      # spikes asked for: without an offset
 

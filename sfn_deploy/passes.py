@@ -203,19 +203,29 @@ def input_readers(graph: Graph) -> list[Node] | None:
     return readers
 
 
-def folds_offset(readers: list[Node]) -> bool:
-    """Whether a constant added to the input folds exactly into its readers' biases: linear layers and
-    unpadded convolutions (a padded one reads zeros at the border, not the constant)."""
-    return all(r.op == "linear" or not any(r.attrs["padding"]) for r in readers)
+def folds_offset(graph: Graph, readers: list[Node]) -> bool:
+    """Whether a constant added to the input folds exactly into its readers' biases: linear layers and unpadded
+    convolutions; or convolutions that all read the input itself with the same zero padding, which then moves
+    in front of the input neuron with the padding value −low (:func:`offset_input`)."""
+    if all(r.op == "linear" or not any(r.attrs["padding"]) for r in readers):
+        return True
+    return (all(r.op == "conv2d" and r.inputs[0] == graph.input.name for r in readers)
+            and len({tuple(r.attrs["padding"]) for r in readers}) == 1)
 
 
 def offset_input(graph: Graph, low: float) -> None:
-    """Feed the input neuron x − low (``low``: the calibration images' smallest value), so that the darkest
+    """Feed the input neuron x − low (``low``: the smallest value of the traced images), so that the darkest
     value, often the background, fires no spike; each layer that reads it gets W·low added to its bias, which
-    keeps the network's function (the readers must pass :func:`folds_offset`)."""
+    keeps the network's function (the readers must pass :func:`folds_offset`). A padded convolution's zero
+    padding becomes an explicit padding of x − low with −low before the neuron (the border reads x = 0 as
+    before, now as spikes: a value filling the border is kept exactly by the repeated-value step cap)."""
     site = next(s for s in graph.sites if s.attrs.get("role") == "input")
     readers = input_readers(graph)
-    if low == 0 or not readers or not folds_offset(readers):
+    if low == 0 or not readers:
+        raise ValueError("the input offset does not fold into the layers that read the input")
+    padded = [r for r in readers if r.op == "conv2d" and any(r.attrs["padding"])]
+    if padded and not (site.inputs[0] == graph.input.name and all(graph[r.inputs[0]] is site for r in readers)
+                       and len({tuple(r.attrs["padding"]) for r in readers}) == 1):
         raise ValueError("the input offset does not fold into the layers that read the input")
     for r in readers:
         w = r.params["weight"]
@@ -226,3 +236,14 @@ def offset_input(graph: Graph, low: float) -> None:
                 list(src.shape), src.bdim, "")
     graph.insert_after(src.name, node)
     site.inputs[0] = node.name
+    if padded:
+        ph, pw = (int(v) for v in padded[0].attrs["padding"])
+        shape = list(src.shape[:-2]) + [src.shape[-2] + 2 * ph, src.shape[-1] + 2 * pw]
+        pad = Node(graph.fresh_name("input_padding"), "pad", [node.name], {"pad": [pw, pw, ph, ph],
+                                                                          "value": -float(low)},
+                   {}, shape, src.bdim, "")
+        graph.insert_after(node.name, pad)
+        site.inputs[0] = pad.name
+        site.shape = list(shape)
+        for r in readers:
+            r.attrs["padding"] = [0, 0]

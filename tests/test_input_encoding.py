@@ -33,6 +33,22 @@ def padded_cnn():
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
 
 
+class TwoPaddings(nn.Module):
+    """Two convolutions with different zero padding read the input: no one padding can move before the neuron."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 1)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.a(x) + self.b(x)).flatten(1))
+
+
+def two_paddings():
+    torch.manual_seed(0)
+    return TwoPaddings().eval()
+
+
 def _input_site(snn):
     return next((s for s in snn.sites if s.attrs["role"] == "input"), None)
 
@@ -71,15 +87,39 @@ def test_auto_encodes_where_the_input_layer_holds_a_tenth_of_the_macs_and_the_of
     deep = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1280), nn.ReLU(),
                          nn.Linear(1280, 10)).eval()
     assert convert(deep, data, scale=0.1, input_encoding="auto").config["input_encoding"] == "analog"
-    # a padded convolution reads zeros at the border, not the offset: no exact fold, so analog
-    assert convert(padded_cnn(), data, scale=0.1, input_encoding="auto").config["input_encoding"] == "analog"
+    # two paddings of the input: neither moves before the neuron, no exact fold, so analog
+    assert convert(two_paddings(), data, scale=0.1, input_encoding="auto").config["input_encoding"] == "analog"
     # ... unless the darkest value is already 0: then there is nothing to fold
     shifted = Dataset(data.x - BACKGROUND, data.y, "strokes from 0")
-    assert convert(padded_cnn(), shifted, scale=0.1, input_encoding="auto").config["input_encoding"] == "spikes"
+    assert convert(two_paddings(), shifted, scale=0.1, input_encoding="auto").config["input_encoding"] == "spikes"
+
+
+def test_a_padded_convolution_gets_its_padding_before_the_neuron(tmp_path):
+    """Zero padding of x is padding of x − low by −low: it moves in front of the input neuron, the convolution
+    reads it unpadded and takes W·low in its bias; the border fires its level in every image, the background
+    inside none; NIR writes the offset and padding as the fan-out layer's bias and padding."""
+    data, model = images(), padded_cnn()
+    snn = convert(model, data, scale=0.1)
+    assert snn.config["input_encoding"] == "spikes"
+    site = _input_site(snn)
+    pad = snn.graph[site.inputs[0]]
+    assert pad.op == "pad" and pad.attrs["value"] == pytest.approx(-BACKGROUND) and pad.attrs["pad"] == [1, 1, 1, 1]
+    conv = next(n for n in snn.graph if n.op == "conv2d")
+    assert conv.attrs["padding"] == [0, 0] and site.shape[-2:] == [10, 10]
+    with torch.no_grad():
+        torch.testing.assert_close(run(snn.graph, data.x, spiking=False), model(data.x), rtol=1e-5, atol=1e-5)
+        _, levels = run_with_levels(snn.graph, data.x)
+    inner = levels[site.name][:, :, 1:-1, 1:-1]
+    assert (inner[data.x == BACKGROUND] == 0).all()
+    border = levels[site.name].clone()
+    border[:, :, 1:-1, 1:-1] = 0
+    assert (border.sum((1, 2, 3)) == border[0].sum()).all() and border[0].sum() > 0     # the same in every image
+    info, got, ref, gl, rl = roundtrip(snn, tmp_path, data.x[:64])
+    assert_same(got, ref, gl, rl)
 
 
 def test_spikes_asked_for_without_an_exact_fold_have_no_offset():
-    data, model = images(), padded_cnn()
+    data, model = images(), two_paddings()
     snn = convert(model, data, scale=0.05, input_encoding="spikes")
     site = _input_site(snn)
     assert site is not None and snn.graph[site.inputs[0]].op == "input"
