@@ -139,7 +139,7 @@ _HOST_WHY = {
 
 
 def _sole_user(node: Node, graph: Graph) -> Node | None:
-    users = [u for u in graph if node.name in u.inputs]
+    users = graph.users()[node.name]
     return users[0] if len(users) == 1 else None
 
 
@@ -184,8 +184,7 @@ def _problem(node: Node, graph: Graph) -> str | None:
         return _HOST_WHY.get(op, "no NIR primitive expresses it")
     if op == "add" and not _offset(node, graph):
         return _HOST_WHY["add"]
-    if op == "pad" and not (graph[node.inputs[0]].op == "add" and _offset(graph[node.inputs[0]], graph)
-                            and _moved_padding(node, graph[node.inputs[0]], graph)):
+    if op == "pad" and not (graph[node.inputs[0]].op == "add" and _offset(graph[node.inputs[0]], graph)):
         return "padding: no NIR primitive (only the input neuron's moved padding, as its fan-out layer's)"
     if node.bdim != 0:
         return "batch axis is not the first axis"

@@ -209,7 +209,11 @@ def folds_offset(graph: Graph, readers: list[Node]) -> bool:
     in front of the input neuron with the padding value −low (:func:`offset_input`)."""
     if all(r.op == "linear" or not any(r.attrs["padding"]) for r in readers):
         return True
-    return (all(r.op == "conv2d" and r.inputs[0] == graph.input.name for r in readers)
+
+    def reads_input(r: Node) -> bool:       # the input itself, or the input neuron on it (after insert_sfn)
+        v = graph[r.inputs[0]]
+        return v.op == "input" or (v.attrs.get("role") == "input" and graph[v.inputs[0]].op == "input")
+    return (all(r.op == "conv2d" and reads_input(r) for r in readers)
             and len({tuple(r.attrs["padding"]) for r in readers}) == 1)
 
 
@@ -221,12 +225,9 @@ def offset_input(graph: Graph, low: float) -> None:
     before, now as spikes: a value filling the border is kept exactly by the repeated-value step cap)."""
     site = next(s for s in graph.sites if s.attrs.get("role") == "input")
     readers = input_readers(graph)
-    if low == 0 or not readers:
+    if low == 0 or not readers or not folds_offset(graph, readers):
         raise ValueError("the input offset does not fold into the layers that read the input")
     padded = [r for r in readers if r.op == "conv2d" and any(r.attrs["padding"])]
-    if padded and not (site.inputs[0] == graph.input.name and all(graph[r.inputs[0]] is site for r in readers)
-                       and len({tuple(r.attrs["padding"]) for r in readers}) == 1):
-        raise ValueError("the input offset does not fold into the layers that read the input")
     for r in readers:
         w = r.params["weight"]
         shift = low * w.sum(dim=tuple(range(1, w.dim())))
