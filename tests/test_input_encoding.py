@@ -153,3 +153,27 @@ def test_nir_carries_the_offset_as_the_fan_out_bias(tmp_path):
     info, got, ref, gl, rl = roundtrip(snn, tmp_path, data.x[:64])
     assert_same(got, ref, gl, rl)
     assert info["sites"] == 2
+
+
+def test_nir_partial_runs_the_offset_with_an_input_neuron_left_on_the_host(tmp_path):
+    """A 4-axis input: its neuron cannot be written in NIR, so --partial leaves it to the host, and its offset
+    with it (the first layer's bias keeps W·low); run back from the file, the network is the same."""
+    from test_nir import _levels_from_channels
+
+    from sfn_deploy.exporters import nir as nir_exp
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((128, 2, 2, 4, 4), BACKGROUND)
+    mask = torch.rand(x.shape, generator=g) < 0.3
+    x[mask] = torch.rand(int(mask.sum()), generator=g) * 2
+    snn = convert(mlp(), Dataset(x, torch.zeros(128, dtype=torch.long), "r"), scale=0.1, input_encoding="spikes")
+    site = _input_site(snn)
+    path = str(tmp_path / "p.nir")
+    info = nir_exp.export_nir_partial(snn, path)
+    assert [(h["name"], h["op"]) for h in info["host_nodes"]] == [(site.inputs[0], "add"), (site.name, "sfn")]
+    got, spikes = nir_exp.run_partial(path, x, spikes=True)
+    ref, levels = run_with_levels(snn.graph, x)
+    assert (got - ref).abs().max().item() < 1e-5
+    sites = {s.name: s for s in snn.sites}
+    assert set(spikes) == set(levels) - {site.name}
+    for k, v in spikes.items():
+        assert torch.equal(_levels_from_channels(sites[k], v), levels[k]), k
