@@ -3,10 +3,9 @@
 # candidate default does on models it was not tuned on (docs/concepts.md "Knobs measured and not kept").
 #   bash examples/heldout/default_rows.sh OUT TAG [convert options...]
 #   e.g. TAG paper (no options), nearest --rounding nearest, p0.1 --percentile 0.1, levels12 --levels 12
-# Models: examples/models/heldout and the fresh seed-offset-1 set /tmp/heldout2 (MNIST: calibrate on images
-# 0..7,999, test 8,000..9,999; the avg-pool CNN on /tmp/heldout/mnist01_*.npz), the CIFAR models on
-# cifar10_calib1k (30 trials) and the 35-minute CIFAR models on cifar10_calib4k (30 trials), both tested on the
-# 4,000 held-out images. Rows: OUT/rows.jsonl; a row whose evaluation exists is skipped, so a rerun resumes.
+# Models: the rows of examples/heldout/models.txt (MNIST: calibrate on images 0..7,999, test 8,000..9,999; the
+# avg-pool CNNs on /tmp/heldout/mnist01_*.npz; the CIFAR models on cifar10_calib1k, the 35-minute ones on
+# cifar10_calib4k, 30 trials, both tested on the 4,000 held-out images). Rows: OUT/rows.jsonl; a row whose evaluation exists is skipped, so a rerun resumes.
 # Needs /tmp/heldout (train_mnist.py --write-npz), /tmp/heldout2 (train_mnist.py --seed-offset 1 --out) and
 # /tmp/cifar_splits (train_cifar.py --write-splits); /tmp/heldout3 (--seed-offset 2) is used when it exists.
 # ROWS=REGEX runs only the rows whose name matches (e.g. ROWS='^(heldout3|cifar)_').
@@ -37,20 +36,9 @@ print(json.dumps({"model": name, "tag": tag, "flags": flags.strip(), "lam": c["l
                   "levels": c.get("levels"), "missed": c.get("missed")}))
 PY
 }
-for set in examples/models/heldout /tmp/heldout2 /tmp/heldout3; do
-  [ -d "$set" ] || continue
-  s=$(basename "$set")
-  row "${s}_avgpool_cnn" "$set/avgpool_cnn.pt2" /tmp/heldout/mnist01_train.npz /tmp/heldout/mnist01_test.npz
-  for m in mlp gap_cnn vit; do
-    row "${s}_$m" "$set/$m.pt2" "mnist:$M:0:8000" "mnist:$M:8000:10000"
-  done
-done
-for m in resnet20 mobilenetv2 efficientnet vit; do
-  row "cifar_$m" "examples/models/cifar/$m.pt2" /tmp/cifar_splits/cifar10_calib1k.npz \
-      /tmp/cifar_splits/cifar10_heldout.npz --trials 30
-done
-for m in resnet20 mobilenetv2; do
-  row "cifar35_$m" "examples/models/cifar35/$m.pt2" /tmp/cifar_splits/cifar10_calib4k.npz \
-      /tmp/cifar_splits/cifar10_heldout.npz --trials 30
-done
+while read -r -u 3 name model cal tst extra; do
+  [[ -z $name || $name == \#* || ! -f $model ]] && continue
+  # shellcheck disable=SC2086  # extra holds several options
+  row "$name" "$model" "${cal//\{mnist\}/$M}" "${tst//\{mnist\}/$M}" $extra
+done 3< examples/heldout/models.txt
 echo "DONE $tag" >> "$out/log"

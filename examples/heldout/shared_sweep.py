@@ -32,22 +32,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def rows_of_default_rows(mnist: str) -> dict[str, tuple[str, str, str]]:
-    """name → (model, calibration, test), as examples/heldout/default_rows.sh runs them."""
+    """name → (model, calibration, test) of examples/heldout/models.txt, as default_rows.sh runs them."""
     out = {}
-    for folder in (os.path.join(ROOT, "examples/models/heldout"), "/tmp/heldout2", "/tmp/heldout3"):
-        if not os.path.isdir(folder):
-            continue
-        s = os.path.basename(folder)
-        out[f"{s}_avgpool_cnn"] = (f"{folder}/avgpool_cnn.pt2", "/tmp/heldout/mnist01_train.npz",
-                                   "/tmp/heldout/mnist01_test.npz")
-        for m in ("mlp", "gap_cnn", "vit"):
-            out[f"{s}_{m}"] = (f"{folder}/{m}.pt2", f"mnist:{mnist}:0:8000", f"mnist:{mnist}:8000:10000")
-    for m in ("resnet20", "mobilenetv2", "efficientnet", "vit"):
-        out[f"cifar_{m}"] = (os.path.join(ROOT, f"examples/models/cifar/{m}.pt2"),
-                             "/tmp/cifar_splits/cifar10_calib1k.npz", "/tmp/cifar_splits/cifar10_heldout.npz")
-    for m in ("resnet20", "mobilenetv2"):
-        out[f"cifar35_{m}"] = (os.path.join(ROOT, f"examples/models/cifar35/{m}.pt2"),
-                               "/tmp/cifar_splits/cifar10_calib4k.npz", "/tmp/cifar_splits/cifar10_heldout.npz")
+    with open(os.path.join(ROOT, "examples/heldout/models.txt")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                name, model, cal, test = line.split()[:4]
+                model = model if os.path.isabs(model) else os.path.join(ROOT, model)
+                if os.path.isfile(model):
+                    out[name] = (model, cal.format(mnist=mnist), test.format(mnist=mnist))
     return out
 
 
