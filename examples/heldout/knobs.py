@@ -16,6 +16,12 @@ Each mode calibrates once (``convert``'s passes at λ = 1, a seeded random 2,000
   error of the logits with only site s quantised at ``--lam0`` (÷ λ0², 256 calibration images) and b_s the
   energy of the operations its spikes drive at λ0 (× λ0): minimises Σ a_s λ_s² (quantisation noise ∝ step²) at
   fixed Σ b_s / λ_s (operations ∝ 1/step); c takes the λ values.
+- ``refit``: at each λ, each weight layer refit to what the SNN actually feeds it, in graph order on 256
+  calibration images with the layers before it refit (as bias correction measures its shifts): ``bias`` (the
+  shipped bias correction: the mean shift), ``affine`` (per output channel SNN ≈ a·ANN + b by least squares, undone
+  by W/a and (bias − b)/a; a clamped to [0.8, 1.25]) and ``lsq`` (the layer's weights and bias solved by ridge
+  least squares so that, fed the SNN's inputs, it gives the ANN's outputs; per convolution group, ridge 10⁻³ of the
+  mean feature power).
 
     python examples/heldout/knobs.py sensitivity examples/models/mnist_vit.pt2 \\
         --data mnist:/work/shared/data/mnist:0:8000 --test mnist:/work/shared/data/mnist:8000:10000 \\
@@ -155,7 +161,85 @@ def sensitivity(args, graph, calib, test, ann_pred) -> None:
             _row(args, graph, test, ann_pred, point, mode=mode, lam=lam)
 
 
-MODES = {"levels": levels, "per-channel": per_channel, "sensitivity": sensitivity, "percentile": percentile}
+def _features(node, inp: torch.Tensor) -> list[torch.Tensor]:
+    """A weight layer's input as rows of features, one matrix per convolution group."""
+    if node.op == "linear":
+        return [inp.reshape(-1, inp.shape[-1])]
+    a, groups, w = node.attrs, node.attrs.get("groups", 1), node.params["weight"]
+    cols = torch.nn.functional.unfold(inp, w.shape[-2:], dilation=a.get("dilation", [1, 1]),
+                                      padding=a.get("padding", [0, 0]), stride=a.get("stride", [1, 1]))
+    per = cols.shape[1] // groups
+    return [cols[:, i * per:(i + 1) * per].transpose(1, 2).reshape(-1, per) for i in range(groups)]
+
+
+def _refit_layer(kind: str, node, s_in, out_snn, out_ann) -> tuple[torch.Tensor, torch.Tensor]:
+    w = node.params["weight"]
+    b = node.params.get("bias")
+    b = torch.zeros(w.shape[0]) if b is None else b
+    axis = 1 if node.op == "conv2d" else out_ann.dim() - 1
+    t_ann = out_ann.transpose(axis, -1).reshape(-1, w.shape[0]).double()
+    if kind == "affine":
+        t_snn = out_snn.transpose(axis, -1).reshape(-1, w.shape[0]).double()
+        ca, cs = t_ann - t_ann.mean(0), t_snn - t_snn.mean(0)
+        a = ((ca * cs).sum(0) / (ca ** 2).sum(0).clamp_min(1e-12)).clamp(0.8, 1.25)
+        shift = t_snn.mean(0) - a * t_ann.mean(0)
+        return (w / a.float().view(-1, *[1] * (w.dim() - 1))), ((b - shift.float()) / a.float())
+    if node.op == "conv2d":     # unfold's positions are row-major, as the output's transposed rows
+        t_ann = out_ann.permute(0, 2, 3, 1).reshape(-1, w.shape[0]).double()
+    feats = _features(node, s_in)
+    per = w.shape[0] // len(feats)
+    w2, b2 = torch.empty_like(w), torch.empty_like(b)
+    for g, f in enumerate(feats):
+        x = torch.cat([f, torch.ones(f.shape[0], 1)], 1).double()
+        gram = x.T @ x
+        gram += torch.eye(len(gram), dtype=gram.dtype) * 1e-3 * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+        sol = torch.linalg.solve(gram, x.T @ t_ann[:, g * per:(g + 1) * per])
+        w2[g * per:(g + 1) * per] = sol[:-1].T.reshape(per, *w.shape[1:]).float()
+        b2[g * per:(g + 1) * per] = sol[-1].float()
+    return w2, b2
+
+
+def refit(args, graph, calib, test, ann_pred) -> None:
+    from sfn_deploy import bias_correction
+    x = calib.head(256)
+    for lam in args.lams:
+        set_scale(graph, lam)
+        _row(args, graph, test, ann_pred, lam, refit="none", lam=lam)
+        bias_correction.apply(graph, bias_correction.shifts(graph, x))
+        _row(args, graph, test, ann_pred, lam, refit="bias", lam=lam)
+        bias_correction.revert(graph)
+        for kind in ("affine", "lsq"):
+            nets = (interp.AnnInterpreter(graph), interp.SnnInterpreter(graph))
+            envs: tuple[dict, dict] = ({}, {})
+            for net in nets:
+                net.x, net.batch = x, x.shape[0]
+            new = {}
+            with torch.no_grad():
+                for node in graph.nodes:
+                    for step, env in zip(nets, envs, strict=True):
+                        args_ = [env[i] for i in node.inputs]
+                        env[node.name] = step.run_node(node, args_, interp.Event(node, args_))
+                    s_in = envs[1][node.inputs[0]] if node.inputs else None
+                    if node.op not in ("linear", "conv2d") or torch.equal(s_in, envs[0][node.inputs[0]]):
+                        continue
+                    new[node.name] = _refit_layer(kind, node, s_in, envs[1][node.name], envs[0][node.name])
+                    kept = dict(node.params)
+                    node.params.update(weight=new[node.name][0], bias=new[node.name][1])
+                    args_ = [envs[1][i] for i in node.inputs]
+                    envs[1][node.name] = nets[1].run_node(node, args_, interp.Event(node, args_))
+                    node.params.clear()
+                    node.params.update(kept)
+            source = {k: dict(graph[k].params) for k in new}
+            for k, (w2, b2) in new.items():
+                graph[k].params.update(weight=w2.contiguous(), bias=b2.contiguous())
+            _row(args, graph, test, ann_pred, lam, refit=kind, lam=lam)
+            for k, p in source.items():
+                graph[k].params.clear()
+                graph[k].params.update(p)
+
+
+MODES = {"levels": levels, "refit": refit, "per-channel": per_channel, "sensitivity": sensitivity,
+         "percentile": percentile}
 
 
 def main() -> None:
