@@ -58,6 +58,7 @@ from ..clips import neuron_clips
 from ..errors import UserError
 from ..ir import Graph, Node
 from ..model_file import ConvertedModel, atomic_write
+from ..passes import input_readers
 from ..samples import Rows
 from ..untrusted import reason, regular_file
 
@@ -890,7 +891,18 @@ def export_nir(model: ConvertedModel, path: str, max_bytes: int | None = None) -
     g = to_nir(model, max_bytes)
     atomic_write(path, lambda tmp: nir.write(tmp, g))
     return {"path": path, "format": "nir", "nodes": len(g.nodes), "edges": len(g.edges),
-            "bytes": os.path.getsize(path), "sites": len(model.sites), **counts(model.graph, g)}
+            "bytes": os.path.getsize(path), "sites": len(model.sites), **counts(model.graph, g),
+            "input_synapses": _input_synapses(model, g)}
+
+
+def _input_synapses(model: ConvertedModel, nir_graph) -> int:
+    """Synapses of the layers that read the input neuron's channels (0 without one): what ``--input-encoding``
+    adds to the file, each input value being G binary channels (docs/concepts.md "Input encoding")."""
+    site = next((s for s in model.sites if s.attrs.get("role") == "input"), None)
+    if site is None:
+        return 0
+    readers = [nir_graph.nodes[r.name] for r in input_readers(model.graph, site) or () if r.name in nir_graph.nodes]
+    return _counts(model.graph, set(), readers)["synapses_after"]
 
 
 # -- running a NIR file with nirtorch ---------------------------------------------------------------------
@@ -1263,9 +1275,13 @@ class NirBackend(Simple):
     def describe_export(self, info: dict) -> str:
         if info.get("partial"):
             return describe_partial(info)
-        return (f"wrote {info['path']}: NIR, {info['nodes']} nodes, {info['bytes']:,} bytes, {info['sites']} SFN "
+        line = (f"wrote {info['path']}: NIR, {info['nodes']} nodes, {info['bytes']:,} bytes, {info['sites']} SFN "
                 f"sites; neurons {info['neurons_before']:,} graded -> {info['neurons_after']:,} binary, synapses "
                 f"{info['synapses_before']:,} -> {info['synapses_after']:,}")
+        if info.get("input_synapses", 0) * 2 > info["synapses_after"]:
+            line += (f"; {info['input_synapses']:,} of them read the input neuron's channels (convert with "
+                     "--input-encoding analog for a file without it)")
+        return line
 
     def support(self, model: ConvertedModel) -> str:
         try:

@@ -188,10 +188,10 @@ def set_scale(graph: Graph, lam: float | dict[str, float]) -> Graph:
     return graph
 
 
-def input_readers(graph: Graph) -> list[Node] | None:
-    """The weight layers that read the network input through layout ops (and input neurons), or None when
-    anything else reads it (a residual, a host op, explicit padding)."""
-    users, readers, todo = graph.users(), [], [graph.input]
+def input_readers(graph: Graph, start: Node | None = None) -> list[Node] | None:
+    """The weight layers that read the network input (or ``start``, e.g. the input neuron) through layout ops
+    (and input neurons), or None when anything else reads it (a residual, a host op, explicit padding)."""
+    users, readers, todo = graph.users(), [], [start or graph.input]
     while todo:
         for u in users[todo.pop().name]:
             if (u.kind == "layout" and u.op != "pad") or (u.op == "sfn" and u.attrs.get("role") == "input"):

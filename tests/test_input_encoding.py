@@ -9,6 +9,7 @@ from sfn_deploy.convert import convert
 from sfn_deploy.data import Dataset
 from sfn_deploy.errors import UserError
 from sfn_deploy.evaluation import measure
+from sfn_deploy.exporters.nir import BACKEND
 from sfn_deploy.simulators.interpreter import run, run_with_levels
 
 BACKGROUND = -0.4242        # normalised MNIST's black
@@ -153,6 +154,13 @@ def test_nir_carries_the_offset_as_the_fan_out_bias(tmp_path):
     info, got, ref, gl, rl = roundtrip(snn, tmp_path, data.x[:64])
     assert_same(got, ref, gl, rl)
     assert info["sites"] == 2
+    # the summary names what the input neuron's channels cost: the first layer, tiled by both sites' channels
+    site, relu = _input_site(snn), next(s for s in snn.sites if s.attrs["role"] != "input")
+    g_in, g_relu = (len(s.params["bounds_pos"]) + len(s.params["bounds_neg"]) for s in (site, relu))
+    assert info["input_synapses"] == 64 * g_in * 32 * g_relu
+    assert f"{info['input_synapses']:,} of them read the input neuron" in BACKEND.describe_export(info)
+    analog = roundtrip(convert(mlp(), data, scale=0.1, input_encoding="analog"), tmp_path, data.x[:8])[0]
+    assert analog["input_synapses"] == 0 and "input neuron" not in BACKEND.describe_export(analog)
 
 
 def test_nir_partial_runs_the_offset_with_an_input_neuron_left_on_the_host(tmp_path):
