@@ -174,12 +174,13 @@ def make_optimizer(model: nn.Module, hp: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=hp["lr"])
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, hp: dict, budget_minutes: float, tag: str) -> dict:
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, hp: dict, budget_minutes: float, tag: str,
+          seed: int = SEED) -> dict:
     """SGD/AdamW with a time-budgeted schedule: linear warm-up over the first ``warmup_epochs``, then a cosine
     from the peak learning rate to 0 over the wall-clock budget; training stops when the budget is spent (or
     after ``hp['epochs']`` epochs, whichever comes first). On a shared CPU the number of steps therefore
     depends on the machine's load; it is recorded, and the schedule always ends annealed."""
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(AugmentedImages(x, y, train=True), batch_size=hp["batch_size"],
                                          shuffle=True, drop_last=True, num_workers=0, generator=gen)
     opt = make_optimizer(model, hp)
@@ -228,7 +229,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, hp: dict, budget_minut
 
 
 def run(name: str, args, data: dict) -> dict:
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     builder, arch, hp = MODELS[name]
     hp = dict(hp)
     if name in args.epochs:
@@ -239,7 +240,7 @@ def run(name: str, args, data: dict) -> dict:
     example = torch.from_numpy(xte[:64]).float() / 255.0
     macs = weight_layer_macs(model, example)
     print(f"== {name}: {params:,} parameters, {sum(m for _, m in macs):,} Conv/Linear MACs per image", flush=True)
-    t = train(model, xtr, ytr, hp, args.budget_minutes, name)
+    t = train(model, xtr, ytr, hp, args.budget_minutes, name, args.seed)
     acc = accuracy(model, xte, yte)
     print(f"  [{name}] held-out accuracy {acc:.4f}", flush=True)
     big = params * 4 > 0.9 * MAX_FILE_BYTES
@@ -259,7 +260,7 @@ def run(name: str, args, data: dict) -> dict:
         "heldout_accuracy": acc, "epochs": t["epochs_run"], "steps": t["steps"],
         "steps_per_epoch": t["steps_per_epoch"], "budget_minutes": args.budget_minutes,
         "max_epochs": hp["epochs"], "train_seconds": t["train_seconds"],
-        "seed": SEED, "training": {k: v for k, v in hp.items() if k != "epochs"},
+        "seed": args.seed, "training": {k: v for k, v in hp.items() if k != "epochs"},
         "augmentation": "torchvision RandomCrop(32, padding=4), RandomHorizontalFlip() per image",
         "schedule": "linear warm-up (warmup_epochs), then cosine to 0 over the wall-clock budget, per step; "
                     "stop when the budget is spent", "history": t["history"],
@@ -299,6 +300,8 @@ def main(argv=None) -> int:
                         "ResNet-20 training step of 128 images took 4.9 s with 2 threads and 1.0 s with 1: the bundled "
                         "checkpoints were trained as two 1-thread processes side by side)")
     p.add_argument("--write-splits", metavar="DIR", help="also write the train/held-out/calibration .npz files")
+    p.add_argument("--seed", type=int, default=SEED, help="weights, data order and augmentation (default: "
+                   "%(default)s; another seed gives a fresh held-out model, examples/heldout/README.md)")
     args = p.parse_args(argv)
     try:
         args.epochs = {k: int(v) for k, v in (e.split("=", 1) for e in args.epochs)}
