@@ -549,6 +549,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     loose = _loose_budget(result, cfg.goal if goal else cfg.max_drop, cfg.fidelity, goal)
     if loose:
         _warn(loose)
+    short = _short_of_goal(result, cfg.goal, converted.config.get("levels"), converted.search) if goal else None
+    if short:
+        _warn(short)
     if _writer():
         save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
@@ -582,6 +585,18 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     if converted.search:
         text += "\n" + _describe_search(converted.search)
     _emit(as_json, payload, text)
+
+
+def _short_of_goal(r, goal: float, levels: int | None, search: dict) -> str | None:
+    """The default's result still more than its goal below the ANN on the validation images, after the search at
+    every M it tried: said in one line, since nothing else in the output calls it a miss."""
+    from .evaluation import format_drop
+    if r.drop is None or r.drop.points <= goal:
+        return None
+    tried = sorted(int(m) for m in (levels, (search.get("missed") or {}).get("levels")) if m)
+    return (f"the converted network's {format_drop(r.drop)} on the validation images is more than the default's "
+            f"goal of {goal:g} points: no λ at M = {' or '.join(map(str, tried))} reached it (docs/benchmarks.md "
+            "\"What the test split can tell\")")
 
 
 def _describe_search(search: dict) -> str:

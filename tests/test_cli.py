@@ -31,6 +31,21 @@ def sfn_process(*args):
     return Result(r.returncode, r.stdout, r.stderr)
 
 
+def test_convert_says_when_the_default_misses_its_goal(tmp_path, digits_pt2):
+    """Without --max-drop the search keeps to a 0.5-point goal; a result still further below the ANN on the
+    validation images (here two levels per polarity, which no λ rescues) is named in one warning line."""
+    r = sfn("convert", digits_pt2, "--data", "sklearn:digits", "--levels", 2, "--trials", 4, "-o", tmp_path / "m.pt",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    drop = json.loads(r.stdout)["drop"]["points"]
+    assert drop > 0.5
+    line = next(x for x in r.stderr.splitlines() if "default's goal of 0.5 points" in x)
+    assert f"drop {drop:.2f} points" in line and "no λ at M = 2 reached it" in line
+    r = sfn("convert", digits_pt2, "--data", "sklearn:digits", "--levels", 2, "--trials", 4, "--max-drop", 5,
+            "-o", tmp_path / "b.pt")
+    assert r.returncode == 0 and "default's goal" not in r.stderr      # a budget the user gave: no goal
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, digits_pt2):
     out = tmp_path_factory.mktemp("conv") / "model.pt"
