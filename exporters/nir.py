@@ -859,16 +859,21 @@ def _counts(graph: Graph, names, nir_nodes) -> dict:
             before_s += _numel(n.shape[1:]) * n.params["weight"].shape[1]
         elif n.op == "conv2d":
             before_s += _numel(n.shape[1:]) * _numel(n.params["weight"].shape[1:])
-    after_n, after_s = 0, 0
-    for v in nir_nodes:
-        if isinstance(v, nir.Threshold):
-            after_n += int(v.threshold.size)
-        elif isinstance(v, (nir.Affine, nir.Linear)):
-            after_s += int(v.weight.size)
-        elif isinstance(v, (nir.Conv1d, nir.Conv2d)):
-            after_s += int(np.prod(v.weight.shape[1:])) * v.weight.shape[0] * _conv_out_positions(v)
+    nir_nodes = list(nir_nodes)
+    after_n = sum(int(v.threshold.size) for v in nir_nodes if isinstance(v, nir.Threshold))
     return {"neurons_before": before_n, "neurons_after": after_n, "synapses_before": before_s,
-            "synapses_after": after_s}
+            "synapses_after": _synapses(nir_nodes)}
+
+
+def _synapses(nir_nodes) -> int:
+    """Synapses of NIR nodes: every weight of a Linear/Affine, every weight use of a convolution."""
+    nir, total = _nir(), 0
+    for v in nir_nodes:
+        if isinstance(v, (nir.Affine, nir.Linear)):
+            total += int(v.weight.size)
+        elif isinstance(v, (nir.Conv1d, nir.Conv2d)):
+            total += int(np.prod(v.weight.shape[1:])) * v.weight.shape[0] * _conv_out_positions(v)
+    return total
 
 
 def counts(graph: Graph, nir_graph) -> dict:
@@ -901,8 +906,8 @@ def _input_synapses(model: ConvertedModel, nir_graph) -> int:
     site = next((s for s in model.sites if s.attrs.get("role") == "input"), None)
     if site is None:
         return 0
-    readers = [nir_graph.nodes[r.name] for r in input_readers(model.graph, site) or () if r.name in nir_graph.nodes]
-    return _counts(model.graph, set(), readers)["synapses_after"]
+    return _synapses(nir_graph.nodes[r.name] for r in input_readers(model.graph, site) or ()
+                     if r.name in nir_graph.nodes)
 
 
 # -- running a NIR file with nirtorch ---------------------------------------------------------------------
