@@ -18,22 +18,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shared_sweep  # noqa: E402
+from shared_sweep import shared_graph  # noqa: E402
 
 
 def compare(name: str, converted: str, lam: float, mnist: str) -> dict:
-    from sfn_deploy.config import load_config
-    from sfn_deploy.convert import build_graph
     from sfn_deploy.data import load_data
     from sfn_deploy.evaluation import accuracy, measure, tango_interval
     from sfn_deploy.model_file import load
-    from sfn_deploy.models import load_model
     from sfn_deploy.passes import set_scale
 
     model_path, calibration, test_spec = shared_sweep.rows_of_default_rows(mnist)[name]
     test = load_data(test_spec)
     mine, _ = measure(load(converted).graph, test)
-    graph = build_graph(load_model(model_path)[0], load_data(calibration),
-                        load_config("", {"scale": 1.0, "input_encoding": "analog"}), quiet=True)
+    graph = shared_graph(model_path, calibration)
     set_scale(graph, lam)
     shared, _ = measure(graph, test)
     ok_mine, ok_shared = mine == test.y, shared == test.y

@@ -44,20 +44,27 @@ def rows_of_default_rows(mnist: str) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def shared_graph(model_path: str, calibration: str, input_encoding: str = "analog"):
+    """The model calibrated with convert's passes at λ = 1 (no bias correction): set_scale gives a shared λ."""
+    from sfn_deploy.config import load_config
+    from sfn_deploy.convert import build_graph
+    from sfn_deploy.data import load_data
+    from sfn_deploy.models import load_model
+
+    return build_graph(load_model(model_path)[0], load_data(calibration),
+                       load_config("", {"scale": 1.0, "input_encoding": input_encoding}), quiet=True)
+
+
 def sweep(model_path: str, calibration: str, test_spec: str, targets: list[dict],
           known: list[dict] | None = None, input_encoding: str = "analog") -> dict:
     import torch
 
-    from sfn_deploy.config import load_config
-    from sfn_deploy.convert import build_graph
     from sfn_deploy.data import load_data
     from sfn_deploy.evaluation import accuracy, energy_constants, measure
-    from sfn_deploy.models import load_model
     from sfn_deploy.passes import set_scale
 
-    model, _ = load_model(model_path)
-    calib, test = load_data(calibration), load_data(test_spec)
-    graph = build_graph(model, calib, load_config("", {"scale": 1.0, "input_encoding": input_encoding}), quiet=True)
+    test = load_data(test_spec)
+    graph = shared_graph(model_path, calibration, input_encoding)
     ann_pred, _ = measure(graph, test, spiking=False)
     e = energy_constants()
     points: dict[float, tuple[float, float]] = {}
