@@ -6,7 +6,8 @@ Each mode calibrates once (``convert``'s passes at λ = 1, a seeded random 2,000
 λ and prints one JSON row per point: top-1 agreement with the ANN, accuracy and energy ratio on a seeded random
 2,000 images of ``--test``, against the shared λ at the same calibration.
 
-- ``levels``: one global M (4, 6, 8, 10) and rounding (paper, nearest) at every λ (post-softmax levels dense).
+- ``levels``: one global M (``--levels``, default 4, 6, 8, 10) and rounding (``--rounding``, paper, nearest) at
+  every λ (post-softmax levels dense); or the given ``--pairs M:λ,…`` (``--fire`` for each).
 - ``per-channel``: θ per channel (the same top-1 % rule over each channel's positive / negative values, 500
   calibration images) instead of per site, applied as a prescale x·θ/θ_c before the site's fire rule and
   out·θ_c/θ after it: the same levels and the same counting (the repeated-value caps are not applied per channel).
@@ -38,7 +39,7 @@ import torch
 from sfn_deploy.config import load_config
 from sfn_deploy.convert import build_graph
 from sfn_deploy.data import load_data
-from sfn_deploy.evaluation import accuracy, energy_constants, measure
+from sfn_deploy.evaluation import accuracy, energy_constants, measure, paired_drop
 from sfn_deploy.models import load_model
 from sfn_deploy.neurons import site_levels
 from sfn_deploy.passes import set_scale
@@ -49,17 +50,25 @@ def _row(args, graph, test, ann_pred, point, **tags) -> None:
     set_scale(graph, point)
     pred, counter = measure(graph, test)
     e = energy_constants()
+    drop = paired_drop(ann_pred == test.y, pred == test.y)
     print(json.dumps({"model": args.model, **tags,
                       "agree": round(100 * float((pred == ann_pred).float().mean()), 2),
-                      "acc": round(accuracy(pred, test.y), 2),
+                      "acc": round(accuracy(pred, test.y), 2), "ann": round(accuracy(ann_pred, test.y), 2),
+                      "drop": [round(v, 2) for v in (drop.points, drop.low, drop.high)],
                       "energy": round(counter.result().energy_ratio(*e), 4)}), flush=True)
 
 
 def levels(args, graph, calib, test, ann_pred) -> None:
-    for m in (4, 6, 8, 10):
-        for rounding in ("paper", "nearest"):
+    if args.pairs:
+        for m, lam in args.pairs:
             for s in graph.sites:
-                s.attrs.update(M=m, rounding=rounding, levels=site_levels(m, "sformer", s.attrs["kind"]))
+                s.attrs.update(M=m, levels=site_levels(m, args.fire, s.attrs["kind"]))
+            _row(args, graph, test, ann_pred, lam, M=m, fire=args.fire, lam=lam)
+        return
+    for m in args.levels:
+        for rounding in args.rounding:
+            for s in graph.sites:
+                s.attrs.update(M=m, rounding=rounding, levels=site_levels(m, args.fire, s.attrs["kind"]))
             for lam in args.lams:
                 _row(args, graph, test, ann_pred, lam, M=m, rounding=rounding, lam=lam)
 
@@ -249,6 +258,12 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="calibration images (a --data form)")
     ap.add_argument("--test", required=True, help="test images (a --data form)")
     ap.add_argument("--lam", default="0.1,0.15,0.2,0.3")
+    ap.add_argument("--levels", default="4,6,8,10", type=lambda v: [int(m) for m in v.split(",")],
+                    help="levels: the global M values")
+    ap.add_argument("--rounding", default="paper,nearest", type=lambda v: v.split(","), help="levels: rules")
+    ap.add_argument("--fire", default="sformer", help="levels: the fire function")
+    ap.add_argument("--pairs", type=lambda v: [(int(p.split(":")[0]), float(p.split(":")[1])) for p in v.split(",")],
+                    help="levels: M:λ points to measure (paper rounding) instead of every --levels × --lam")
     ap.add_argument("--lam0", type=float, default=0.2, help="sensitivity: the λ the sensitivities are measured at")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
