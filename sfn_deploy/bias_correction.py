@@ -17,14 +17,16 @@ every λ trial is scored with its own correction (:func:`scaled`), so the search
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from . import devices, fidelity
 from .data import Dataset
 from .evaluation import measure, predict
-from .ir import Graph
+from .ir import Graph, Node
 from .passes import set_scale
 from .simulators.counting import OpCounter
 from .simulators.interpreter import AnnInterpreter, Event, Interpreter, SnnInterpreter, release_plan
@@ -46,33 +48,60 @@ def scaled(graph: Graph, lam: float | dict[str, float], x: torch.Tensor | None) 
         apply(graph, shifts(graph, x))
 
 
-def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per weight layer (linear, conv2d), its mean SNN − ANN output per channel on the batch ``x`` (float32
-    [out]), each measured with the layers before it already corrected."""
-    device = devices.current()                          # on a GPU: the device's mirror of the graph
+@dataclass
+class Layer:
+    """A weight layer as :func:`step_through` reaches it: its inputs and outputs in both nets."""
+    node: Node
+    snn_inputs: list[torch.Tensor]
+    ann_inputs: list[torch.Tensor]
+    snn: torch.Tensor
+    ann: torch.Tensor
+    rerun: Callable[[], torch.Tensor]     # the node again on snn_inputs (after the hook changed its parameters)
+
+
+def step_through(graph: Graph, x: torch.Tensor, at_layer: Callable[[Layer], torch.Tensor | None]) -> None:
+    """Run the ANN and the SNN side by side over the batch ``x``, node by node in graph order; at each weight layer
+    (linear, conv2d) ``at_layer`` sees both and may return a replacement for the SNN's output, so that every later
+    layer is measured with the ones before it corrected. On a GPU it runs on the device's mirror of the graph (the
+    hook gets the mirror's nodes); each value is freed after its last reader."""
+    device = devices.current()
     graph, x = devices.mirror(graph, device), x.to(device)
     nets: tuple[Interpreter, Interpreter] = (AnnInterpreter(graph), SnnInterpreter(graph))
     envs: tuple[dict, dict] = ({}, {})
     for net in nets:
         net.x, net.batch = x, x.shape[0]
     free = release_plan(graph)
-    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for node in graph.nodes:
             for step, env in zip(nets, envs, strict=True):
                 args = [env[i] for i in node.inputs]
                 env[node.name] = step.run_node(node, args, Event(node, args))
             if node.op in ("linear", "conv2d"):
-                d = (envs[1][node.name] - envs[0][node.name]).to(torch.float64)
-                axis = 1 if node.op == "conv2d" else d.dim() - 1
-                shift = d.transpose(0, axis).reshape(d.shape[axis], -1).mean(1).to(torch.float32)
-                shape = [1] * d.dim()
-                shape[axis] = -1
-                envs[1][node.name] = envs[1][node.name] - shift.view(shape)
-                out[node.name] = shift.cpu()
+                snn_in = [envs[1][i] for i in node.inputs]
+                layer = Layer(node, snn_in, [envs[0][i] for i in node.inputs], envs[1][node.name], envs[0][node.name],
+                              partial(nets[1].run_node, node, snn_in, Event(node, snn_in)))
+                new = at_layer(layer)
+                if new is not None:
+                    envs[1][node.name] = new
             for name in free.get(node.name, ()):
                 for env in envs:
                     del env[name]
+
+
+def shifts(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per weight layer (linear, conv2d), its mean SNN − ANN output per channel on the batch ``x`` (float32
+    [out]), each measured with the layers before it already corrected."""
+    out: dict[str, torch.Tensor] = {}
+
+    def subtract_mean(layer: Layer) -> torch.Tensor:
+        d = (layer.snn - layer.ann).to(torch.float64)
+        axis = 1 if layer.node.op == "conv2d" else d.dim() - 1
+        shift = d.transpose(0, axis).reshape(d.shape[axis], -1).mean(1).to(torch.float32)
+        shape = [1] * d.dim()
+        shape[axis] = -1
+        out[layer.node.name] = shift.cpu()
+        return layer.snn - shift.view(shape)
+    step_through(graph, x, subtract_mean)
     return out
 
 

@@ -52,6 +52,35 @@ def test_corrected_snn_is_closer_and_the_ann_is_the_source(cnn_data):
         assert not torch.equal(n.params["bias"], n.params["bias_ann"])
 
 
+def test_step_through_visits_each_weight_layer_in_order_and_carries_a_replaced_output(cnn_data):
+    """A hook that keeps the SNN's outputs ends where the SNN does; one that hands on the ANN's output of the last
+    layer makes the result the ANN's; rerun() recomputes the layer from the SNN's inputs with its parameters."""
+    m, data = cnn_data
+    g = convert(m, data, scale=0.4, bias_correction="off", input_encoding="analog").graph
+    x = data.x[:64]
+    seen, last = [], {}
+
+    def keep(layer):
+        seen.append(layer.node.name)
+        assert torch.equal(layer.rerun(), layer.snn)
+        last.update(snn=layer.snn, ann=layer.ann)
+    bias_correction.step_through(g, x, keep)
+    assert seen == [n.name for n in g.nodes if n.op in ("conv2d", "linear")]
+    assert torch.equal(last["snn"], run(g, x)) and torch.equal(last["ann"], run(g, x, spiking=False))
+
+    def ann_from_the_second(layer):       # the second layer hands on the ANN's output: the third reads its levels
+        if layer.node.name == seen[1]:
+            return layer.ann
+        if layer.node.name == seen[2]:
+            last.update(snn_in=layer.snn_inputs[0], ann_in=layer.ann_inputs[0])
+        return None
+    bias_correction.step_through(g, x, ann_from_the_second)
+    plain = {}
+    bias_correction.step_through(g, x, lambda layer: plain.update({layer.node.name: layer.snn_inputs[0]}))
+    assert not torch.equal(last["snn_in"], plain[seen[2]])
+    assert (last["snn_in"] - last["ann_in"]).abs().mean() < (plain[seen[2]] - last["ann_in"]).abs().mean()
+
+
 def test_shifts_leave_no_mean_shift_on_the_batch_they_were_measured_on(cnn_data):
     m, data = cnn_data
     g = convert(m, data, scale=0.4, bias_correction="off").graph

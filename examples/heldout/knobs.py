@@ -218,26 +218,21 @@ def refit(args, graph, calib, test, ann_pred) -> None:
         _row(args, graph, test, ann_pred, lam, refit="bias", lam=lam)
         bias_correction.revert(graph)
         for kind in ("affine", "lsq"):
-            nets = (interp.AnnInterpreter(graph), interp.SnnInterpreter(graph))
-            envs: tuple[dict, dict] = ({}, {})
-            for net in nets:
-                net.x, net.batch = x, x.shape[0]
             new = {}
-            with torch.no_grad():
-                for node in graph.nodes:
-                    for step, env in zip(nets, envs, strict=True):
-                        args_ = [env[i] for i in node.inputs]
-                        env[node.name] = step.run_node(node, args_, interp.Event(node, args_))
-                    s_in = envs[1][node.inputs[0]] if node.inputs else None
-                    if node.op not in ("linear", "conv2d") or torch.equal(s_in, envs[0][node.inputs[0]]):
-                        continue
-                    new[node.name] = _refit_layer(kind, node, s_in, envs[1][node.name], envs[0][node.name])
-                    kept = dict(node.params)
-                    node.params.update(weight=new[node.name][0], bias=new[node.name][1])
-                    args_ = [envs[1][i] for i in node.inputs]
-                    envs[1][node.name] = nets[1].run_node(node, args_, interp.Event(node, args_))
+
+            def refit_layer(layer, kind=kind, new=new):
+                node = layer.node
+                if torch.equal(layer.snn_inputs[0], layer.ann_inputs[0]):     # before the first site: as the ANN
+                    return None
+                new[node.name] = _refit_layer(kind, node, layer.snn_inputs[0], layer.snn, layer.ann)
+                kept = dict(node.params)
+                node.params.update(weight=new[node.name][0], bias=new[node.name][1])
+                try:
+                    return layer.rerun()
+                finally:
                     node.params.clear()
                     node.params.update(kept)
+            bias_correction.step_through(graph, x, refit_layer)
             source = {k: dict(graph[k].params) for k in new}
             for k, (w2, b2) in new.items():
                 graph[k].params.update(weight=w2.contiguous(), bias=b2.contiguous())
