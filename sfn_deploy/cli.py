@@ -247,6 +247,10 @@ def convert_options(fn):
                      help="When the result misses --max-drop (without it: 0.5 points) on the validation images, "
                           "bias correction included, search again with this M (default 12 unless --levels is "
                           "given; 0: off; docs/concepts.md, 'The λ search')."),
+        click.option("--fine-if-missed/--no-fine-if-missed", default=None,
+                     help="When the result still misses after --levels-if-missed, search once more with 32 "
+                          "linear levels (M 16, --fire linear), at up to about twice the energy (default on "
+                          "unless --levels or --fire is given)."),
         click.option("--fire", type=click.Choice(["sformer", "linear", "exponential"]), default=None,
                      help="Fire function (default sformer)."),
         click.option("--rounding", type=click.Choice(["paper", "nearest"]), default=None,
@@ -558,7 +562,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     payload = {"output": output, "sites": len(converted.sites), "lam": lams[0] if len(lams) == 1 else lams,
                **{k: v for k, v in result.to_dict().items() if k not in ("layers", "drop")},
                "chosen": converted.search.get("chosen"), "config": cfg.to_dict(),
-               "levels": converted.config.get("levels"), "missed": converted.search.get("missed")}
+               "levels": converted.config.get("levels"), "fire": converted.config.get("fire"),
+               "missed": converted.search.get("missed"), "tries": converted.search.get("tries")}
     from .methods import method_of
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
@@ -587,15 +592,32 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     _emit(as_json, payload, text)
 
 
+def _tries(search: dict, levels: int | None) -> list[dict]:
+    """The searches convert ran, in order ({levels, fire, accuracy, kept}): the ladder's record, or from files
+    converted before it the one retry in ``missed``."""
+    if "tries" in search:
+        return search["tries"]
+    missed = search.get("missed")
+    if missed is None:
+        return [{"levels": levels, "kept": True}]
+    kept = {"levels": search.get("levels", levels), "kept": True}
+    first_kept = kept["levels"] < missed["levels"]
+    return [kept, {**missed, "kept": False}] if first_kept else [{**missed, "kept": False}, kept]
+
+
+def _at(t: dict) -> str:
+    return f"M = {t['levels']}" + (f" {t['fire']}" if t.get("fire") and t["fire"] != "sformer" else "")
+
+
 def _short_of_goal(r, goal: float, levels: int | None, search: dict) -> str | None:
     """The default's result still more than its goal below the ANN on the validation images, after the search at
     every M it tried: said in one line, since nothing else in the output calls it a miss."""
     from .evaluation import format_drop
     if r.drop is None or r.drop.points <= goal:
         return None
-    tried = sorted(int(m) for m in (levels, (search.get("missed") or {}).get("levels")) if m)
+    tried = " or ".join(_at(t) for t in _tries(search, levels) if t.get("levels"))
     return (f"the converted network's {format_drop(r.drop)} on the validation images is more than the default's "
-            f"goal of {goal:g} points: no λ at M = {' or '.join(map(str, tried))} reached it (docs/benchmarks.md "
+            f"goal of {goal:g} points: no λ at {tried} reached it (docs/benchmarks.md "
             "\"What the test split can tell\")")
 
 
@@ -605,15 +627,21 @@ def _describe_search(search: dict) -> str:
     missed = search.get("missed")
     if missed is None:
         return line
-    m, other = search["levels"], missed["levels"]
     goal = missed.get("goal")             # files converted before the goal was recorded: a --max-drop budget
     within = "within the budget" if goal is None else f"within {goal:g} points of the ANN"
-    accuracy = missed.get("accuracy", missed["chosen"]["accuracy"])      # validation, bias correction included
-    if m > other:
-        return (f"λ search at M = {other}: not {within} (validation {accuracy:.2f}%); searched again at M = {m}:"
-                f"\n{line}")
-    return (f"{line}; a second search at M = {other} was not {within} either (validation {accuracy:.2f}%), "
-            f"M = {m} kept")
+    tries = _tries(search, search.get("levels"))
+    kept = next(i for i, t in enumerate(tries) if t["kept"])
+
+    def accuracy(t: dict) -> float:                # validation, bias correction included
+        return t.get("accuracy", (t.get("chosen") or {}).get("accuracy", float("nan")))
+    before = [f"{'searched again at' if i else 'λ search at'} {_at(t)}: not {within} (validation "
+              f"{accuracy(t):.2f}%)" for i, t in enumerate(tries[:kept])]
+    after = [f"a later search at {_at(t)} was not {within} either (validation {accuracy(t):.2f}%)"
+             for t in tries[kept + 1:]]
+    text = "; ".join(before) + f"; searched again at {_at(tries[kept])}:\n{line}" if before else line
+    if after:
+        text += "; " + "; ".join(after) + f", {_at(tries[kept])} kept"
+    return text
 
 
 @main.command("tune")

@@ -35,6 +35,11 @@ LEVELS_IF_MISSED = 12      # docs/zoo.md "With M = 12 levels": every trained CIF
 # further below the ANN on the validation images, bias correction included, is searched again at
 # LEVELS_IF_MISSED, and bias correction is not kept where it takes the drop past this.
 GOAL = 0.5
+# Still short after LEVELS_IF_MISSED: one more search with 32 linear levels (M 16, linear fire function: the
+# sformer's steps without its coarse tail, top level 32). On well-trained CIFAR CNNs the drop comes from the
+# step size and from the values above M·λθ that the tail rounds down; only a finer step with a longer linear
+# range removes it, at up to about twice the energy (docs/benchmarks.md "What the goal costs").
+FINE_IF_MISSED = (16, "linear")
 
 # --input-encoding auto gives the input a neuron where the layers reading it hold at least this share of the
 # ANN's MACs (an MLP's first layer: 85 %); below it the analog input costs little and quantising a natural image
@@ -52,6 +57,8 @@ class ConvertConfig:
     levels: int = 8                 # M: linear levels per polarity (2M levels, 4M thresholds in all)
     levels_if_missed: int | None = None  # M to search and correct again with when the result misses `goal`
     #                                     (None: 12 when `levels` was not given, else off; 0: off)
+    fine_if_missed: bool | None = None   # then FINE_IF_MISSED when still short (None: on unless `levels` or
+    #                                      `fire` was given)
     fire: str = "sformer"           # fire function: sformer | linear | exponential
     rounding: str = "paper"         # firing boundaries: paper (y − 1/2) | nearest (midpoints)
     softmax_levels: str = "dense"   # post-softmax neurons: dense (every integer up to the top level) | fire
@@ -265,6 +272,8 @@ def load_config(path: str, overrides: dict) -> ConvertConfig:
     cfg = ConvertConfig(**values)
     if cfg.levels_if_missed is None:     # the measured second try (docs/concepts.md), unless M was chosen
         cfg.levels_if_missed = LEVELS_IF_MISSED if values.get("levels") is None else 0
+    if cfg.fine_if_missed is None:       # the finer last try changes M and the fire function: not a chosen one
+        cfg.fine_if_missed = values.get("levels") is None and values.get("fire") is None
     if cfg.scale is not None and (values.get("tune") is True or cfg.max_drop is not None):
         raise UserError("option 'scale' fixes λ; it cannot be combined with 'tune' or 'max_drop'")
     if cfg.scale is not None and "tune" not in values:

@@ -16,13 +16,14 @@ from typing import Any
 from . import bias_correction, distributed, fidelity
 from .calibrate import calibrate
 from .capture import capture
-from .config import INPUT_SHARE, ConvertConfig, load_config
+from .config import FINE_IF_MISSED, INPUT_SHARE, ConvertConfig, load_config
 from .data import Dataset
 from .errors import UserError
 from .evaluation import budget_warning, check_data, evaluate, from_passes
 from .ir import Graph, GraphError, validate_graph
 from .methods import METHODS, Applied
 from .model_file import ConvertedModel
+from .neurons import linear_levels
 from .passes import fold_batchnorm, folds_offset, input_readers, insert_sfn, offset_input, set_levels, set_scale
 from .simulators.counting import count_ops
 
@@ -168,44 +169,89 @@ def _validation_scores(c: Conversion) -> tuple[float, float]:
     return fidelity.scores(cfg.fidelity, c.checked.snn, c.checked.ann, val.y if val.labeled else None)
 
 
+@dataclass
+class _Try:
+    """One search of :func:`_more_levels`' ladder and the state it left in the graph."""
+    levels: int
+    fire: str
+    applied: Applied
+    checked: Any
+    score: tuple[float, float]                  # (SNN, ANN) on the validation images, bias correction included
+    lam: dict[str, float]
+    bias: dict[str, tuple[Any, Any]]
+
+    def record(self, goal: float) -> dict:
+        return {"levels": self.levels, "fire": self.fire, "chosen": self.applied.search["chosen"],
+                "accuracy": self.score[0], "goal": goal}
+
+
+def _state(c: Conversion, levels: int, fire: str) -> _Try:
+    graph = c.captured()
+    return _Try(levels, fire, c.applied, c.checked, _validation_scores(c),
+                {s.name: s.attrs["lam"] for s in graph.sites},
+                {n.name: (n.params["bias"], n.params["bias_ann"]) for n in graph.nodes if "bias_ann" in n.params})
+
+
+def _restore(c: Conversion, t: _Try) -> None:
+    graph = c.captured()
+    bias_correction.revert(graph)
+    set_levels(graph, t.levels, c.config.softmax_levels, t.fire)
+    set_scale(graph, t.lam)
+    for name, (bias, bias_ann) in t.bias.items():
+        graph[name].params.update(bias=bias, bias_ann=bias_ann)
+    c.applied, c.checked = t.applied, t.checked
+
+
+def ladder(cfg: ConvertConfig) -> list[tuple[int, str]]:
+    """The (M, fire function) searches :func:`_more_levels` tries in turn after the first: ``levels_if_missed``
+    with the same fire function, then ``config.FINE_IF_MISSED`` when ``fine_if_missed``; each only when it has
+    more linear levels than the tries before it."""
+    steps = [(cfg.levels_if_missed or 0, cfg.fire)] + ([FINE_IF_MISSED] if cfg.fine_if_missed else [])
+    out: list[tuple[int, str]] = []
+    for m, fire in steps:
+        if linear_levels(m, fire) > max([linear_levels(cfg.levels, cfg.fire)] +
+                                        [linear_levels(*s) for s in out]):
+            out.append((m, fire))
+    return out
+
+
 def _more_levels(c: Conversion) -> None:
     """A searched result that is more than the budget (without one: ``config.GOAL``) below the ANN on the
-    validation images, bias correction included, is searched and corrected again at ``levels_if_missed`` (θ and
-    calibration kept; its own study); the second is kept when it meets the budget or is more accurate. A fixed
-    λ or M (``--scale``, ``--levels``) is the user's choice: nothing is retried (docs/concepts.md "The λ search")."""
+    validation images, bias correction included, is searched and corrected again at each step of
+    :func:`ladder` (θ and calibration kept; each its own study) until one meets it; the kept result is the
+    first that meets it, else the most accurate. A fixed λ, M or fire function (``--scale``, ``--levels``,
+    ``--fire``) is the user's choice: nothing is retried (docs/concepts.md "The λ search")."""
     cfg, graph = c.config, c.captured()
-    m = cfg.levels_if_missed or 0
-    if not c.applied.search or m <= cfg.levels:
+    steps = ladder(cfg)
+    if not c.applied.search or not steps:
         return
-    first = _validation_scores(c)
-    if first[0] >= first[1] - cfg.goal:
-        return
-    a, a_checked = c.applied, c.checked
-    a_lam = {s.name: s.attrs["lam"] for s in graph.sites}
-    a_bias = {n.name: (n.params["bias"], n.params["bias_ann"]) for n in graph.nodes if "bias_ann" in n.params}
-    bias_correction.revert(graph)
-    set_levels(graph, m, cfg.softmax_levels)
-    again = replace(cfg, levels=m, levels_if_missed=0,
-                    study=None if cfg.study is None else f"{cfg.study}-levels{m}")
-    c.applied = METHODS[cfg.method].apply(graph, c.data, again, source=c.source, quiet=c.quiet)
-    record, c.checked = correct_biases(graph, c.data, again)
-    if record is not None:
-        c.applied.metrics["bias_correction"] = record
-    second = _validation_scores(c)
-    b = c.applied
+    tries = [_state(c, cfg.levels, cfg.fire)]
 
-    def missed(applied: Applied, levels: int, score: tuple[float, float]) -> dict:
-        return {"levels": levels, "chosen": applied.search["chosen"], "accuracy": score[0], "goal": cfg.goal}
-    if second[0] < second[1] - cfg.goal and second[0] <= first[0]:        # no better: back to the first
+    def meets(t: _Try) -> bool:
+        return t.score[0] >= t.score[1] - cfg.goal
+
+    if meets(tries[0]):
+        return
+    for m, fire in steps:
         bias_correction.revert(graph)
-        set_levels(graph, cfg.levels, cfg.softmax_levels)
-        set_scale(graph, a_lam)
-        for name, (bias, bias_ann) in a_bias.items():
-            graph[name].params.update(bias=bias, bias_ann=bias_ann)
-        c.applied, c.checked = a, a_checked
-        a.search = {**a.search, "levels": cfg.levels, "missed": missed(b, m, second)}
-    else:
-        b.search = {**b.search, "levels": m, "missed": missed(a, cfg.levels, first)}
+        set_levels(graph, m, cfg.softmax_levels, fire)
+        suffix = "" if fire == cfg.fire else f"-{fire}"
+        again = replace(cfg, levels=m, fire=fire, levels_if_missed=0, fine_if_missed=False,
+                        study=None if cfg.study is None else f"{cfg.study}-levels{m}{suffix}")
+        c.applied = METHODS[cfg.method].apply(graph, c.data, again, source=c.source, quiet=c.quiet)
+        record, c.checked = correct_biases(graph, c.data, again)
+        if record is not None:
+            c.applied.metrics["bias_correction"] = record
+        tries.append(_state(c, m, fire))
+        if meets(tries[-1]):
+            break
+    kept = tries[-1] if meets(tries[-1]) else max(tries, key=lambda t: t.score[0])   # ties: the earlier
+    if kept is not tries[-1]:
+        _restore(c, kept)
+    missed = tries[0] if kept is not tries[0] else tries[-1]
+    kept.applied.search = {**kept.applied.search, "levels": kept.levels, "fire": kept.fire,
+                           "missed": missed.record(cfg.goal),
+                           "tries": [{**t.record(cfg.goal), "kept": t is kept} for t in tries]}
 
 
 PIPELINE: list[Pass] = [
@@ -223,7 +269,8 @@ PIPELINE: list[Pass] = [
                             "validation agreement does not fall and the drop stays within the budget or 0.5)",
          _bias_correction),
     Pass("more_levels", "a searched result more than the budget (or 0.5 points) below the ANN: search and correct "
-                        "again at --levels-if-missed, keep the better", _more_levels),
+                        "again at --levels-if-missed, then at 32 linear levels (--fine-if-missed), until one "
+                        "meets it; else keep the most accurate", _more_levels),
 ]
 
 
@@ -268,8 +315,9 @@ def convert(model, data: Dataset, config: ConvertConfig | None = None, *, source
 def finish(c: Conversion, t0: float, validate: bool = False) -> ConvertedModel:
     """The converted model of what the passes left (:func:`convert`; ``tune -o`` after its own search)."""
     cfg, data = c.config, c.data
-    if c.applied.search.get("levels", cfg.levels) != cfg.levels:     # the search's second try kept its M
-        cfg = replace(cfg, levels=c.applied.search["levels"])
+    search = c.applied.search
+    if (search.get("levels", cfg.levels), search.get("fire", cfg.fire)) != (cfg.levels, cfg.fire):
+        cfg = replace(cfg, levels=search["levels"], fire=search.get("fire", cfg.fire))  # a later try was kept
     converted = ConvertedModel(c.captured(), data.sample_shape, cfg.to_dict(), c.source, {},
                                c.applied.search, data.preprocessing, data.classes)
     calib = data.limit(cfg.calib_limit)

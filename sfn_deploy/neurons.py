@@ -89,6 +89,13 @@ def fire_levels(m: int, fire: str = "sformer") -> list[int]:
     raise ValueError(f"unknown fire function {fire!r}; choose one of {', '.join(FIRE_FUNCTIONS)}")
 
 
+def linear_levels(m: int, fire: str) -> int:
+    """How many of the fire function's levels run 1, 2, 3, … without a gap (0 for M < 1): the range that
+    a step λθ resolves before the coarser tail (sformer M: M + 1; linear M: 2M)."""
+    y = fire_levels(m, fire) if m >= 1 else []
+    return next((k for k, v in enumerate(y) if v != k + 1), len(y))
+
+
 def post_softmax_levels(levels: list[int], mode: str = "dense") -> list[int]:
     """Levels of a post-softmax neuron from its fire function's levels (:data:`SOFTMAX_LEVELS`).
 

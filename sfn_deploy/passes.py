@@ -170,11 +170,14 @@ def configure(node: Node, lam: float) -> Node:
     return node
 
 
-def set_levels(graph: Graph, m: int, softmax_levels: str) -> Graph:
-    """Give every site M = ``m`` levels per polarity (θ, calibration and λ kept)."""
+def set_levels(graph: Graph, m: int, softmax_levels: str, fire: str | None = None) -> Graph:
+    """Give every site M = ``m`` levels per polarity, and ``fire``'s levels when given (θ, calibration and λ
+    kept)."""
     from .neurons import site_levels
     for s in graph.sites:
         s.attrs["M"] = m
+        if fire is not None:
+            s.attrs["fire"] = fire
         s.attrs["levels"] = site_levels(m, s.attrs["fire"], s.attrs["kind"], softmax_levels)
         configure(s, s.attrs["lam"])
     return graph

@@ -46,6 +46,35 @@ def test_convert_says_when_the_default_misses_its_goal(tmp_path, digits_pt2):
     assert r.returncode == 0 and "default's goal" not in r.stderr      # a budget the user gave: no goal
 
 
+def test_convert_names_every_search_of_the_ladder(tmp_path, digits_pt2, monkeypatch):
+    """M = 1 and M = 2 miss the goal (their checked results made wrong everywhere), so the last step, 32 linear
+    levels, runs and is kept: the output names each search, the JSON gives M, fire function and every try, and
+    the file holds M = 16 linear."""
+    from dataclasses import replace
+
+    from sfn_deploy import bias_correction
+    real = bias_correction.correct
+
+    def fake(graph, *a, **k):
+        record, checked = real(graph, *a, **k)
+        short = graph.sites[0].attrs["M"] < 16
+        return record, replace(checked, snn=(checked.ann + 1) % 10 if short else checked.ann.clone())
+    monkeypatch.setattr(bias_correction, "correct", fake)
+    out = tmp_path / "m.pt"
+    args = ["convert", digits_pt2, "--data", "sklearn:digits", "--levels", 1, "--levels-if-missed", 2,
+            "--fine-if-missed", "--trials", 4, "-o", out]
+    r = sfn(*args)
+    assert r.returncode == 0, r.stderr
+    assert "λ search at M = 1: not within 0.5 points" in r.stdout
+    assert "searched again at M = 2: not within 0.5 points" in r.stdout
+    assert "searched again at M = 16 linear:" in r.stdout
+    payload = json.loads(sfn(*args, "--json").stdout)
+    assert payload["levels"] == 16 and payload["fire"] == "linear" and payload["missed"]["levels"] == 1
+    assert [(t["levels"], t["fire"], t["kept"]) for t in payload["tries"]] == \
+        [(1, "sformer", False), (2, "sformer", False), (16, "linear", True)]
+    assert (load(out).config["levels"], load(out).config["fire"]) == (16, "linear")
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, digits_pt2):
     out = tmp_path_factory.mktemp("conv") / "model.pt"

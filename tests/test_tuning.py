@@ -671,3 +671,72 @@ def test_levels_if_missed_defaults_to_12_unless_levels_is_given():
     assert load_config("", {"levels": 6, "levels_if_missed": 10}).levels_if_missed == 10
     with pytest.raises(UserError, match="levels_if_missed"):
         load_config("", {"levels_if_missed": 17})
+
+
+def test_fine_if_missed_is_the_last_step_unless_m_or_the_fire_function_was_chosen():
+    from sfn_deploy.config import FINE_IF_MISSED
+    from sfn_deploy.convert import ladder
+    assert FINE_IF_MISSED == (16, "linear")
+    assert ladder(load_config("", {})) == [(12, "sformer"), (16, "linear")]
+    assert ladder(load_config("", {"max_drop": 1.0})) == [(12, "sformer"), (16, "linear")]
+    assert ladder(load_config("", {"levels": 8})) == []
+    assert ladder(load_config("", {"fire": "linear"})) == [(12, "linear")]   # 24 linear levels; M 16 linear: 32
+    assert ladder(load_config("", {"fire": "linear", "fine_if_missed": True})) == [(12, "linear"), (16, "linear")]
+    assert ladder(load_config("", {"levels_if_missed": 0})) == [(16, "linear")]
+    assert ladder(load_config("", {"fine_if_missed": False})) == [(12, "sformer")]
+    # a step is tried only with more linear levels than the tries before it (sformer M 16: 17)
+    assert ladder(load_config("", {"levels": 16, "levels_if_missed": 12, "fine_if_missed": True})) == \
+        [(16, "linear")]
+
+
+def test_linear_levels_counts_the_gapless_start_of_the_fire_function():
+    from sfn_deploy.neurons import linear_levels
+    assert [linear_levels(m, "sformer") for m in (1, 8, 12)] == [2, 9, 13]
+    assert linear_levels(16, "linear") == 32 and linear_levels(3, "exponential") == 2
+    assert linear_levels(0, "linear") == 0
+
+
+def test_still_short_after_more_levels_the_finest_step_is_tried_and_kept(digits_mlp, digits, monkeypatch):
+    """M = 1 and M = 2 both miss the goal (their checked results made wrong everywhere): the ladder's last step,
+    32 linear levels, runs, meets it and is kept: M, fire function and levels on every site, in the config, in
+    the record of every try and in what the CLI prints."""
+    from sfn_deploy.cli import _describe_search
+    from sfn_deploy.convert import convert
+    _checked_as(monkeypatch, lambda graph, checked: (checked.ann + 1) % 10 if graph.sites[0].attrs["M"] < 16
+                else checked.ann.clone())
+    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=2, fine_if_missed=True, study="mine")
+    s = c.search
+    assert c.config["levels"] == s["levels"] == 16 and c.config["fire"] == s["fire"] == "linear"
+    assert all(n.attrs["M"] == 16 and n.attrs["fire"] == "linear" and max(n.attrs["levels"]) == 32 for n in c.sites
+               if n.attrs["kind"] == "dual")
+    assert [(t["levels"], t["fire"], t["kept"]) for t in s["tries"]] == \
+        [(1, "sformer", False), (2, "sformer", False), (16, "linear", True)]
+    assert s["missed"]["levels"] == 1 and s["study"] == "mine-levels16-linear"
+    assert "searched again at M = 2: not within" in _describe_search(s)
+    assert "searched again at M = 16 linear:" in _describe_search(s)
+
+
+def test_when_every_step_misses_the_most_accurate_try_is_kept(digits_mlp, digits, monkeypatch):
+    """Every try misses; M = 2's corrected result is the most accurate: the network goes back to it (M, fire
+    function, λ and biases) from the finest step, and the record says so."""
+    from sfn_deploy.cli import _describe_search
+    from sfn_deploy.convert import convert
+    from sfn_deploy.simulators.interpreter import run
+
+    def wrong(graph, checked):
+        m = graph.sites[0].attrs["M"]
+        out = (checked.ann + 1) % 10
+        if m == 2:
+            out[:len(out) // 2] = checked.ann[:len(out) // 2]      # half right: the most accurate, still short
+        return out
+    _checked_as(monkeypatch, wrong)
+    c = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=2, fine_if_missed=True)
+    s = c.search
+    assert [(t["levels"], t["kept"]) for t in s["tries"]] == [(1, False), (2, True), (16, False)]
+    assert c.config["levels"] == 2 and c.config["fire"] == "sformer"
+    assert all(n.attrs["M"] == 2 and n.attrs["fire"] == "sformer" for n in c.sites)
+    assert "a later search at M = 16 linear was not within" in _describe_search(s)
+    again = convert(digits_mlp, digits, trials=8, levels=1, levels_if_missed=2, fine_if_missed=False)
+    assert again.search["chosen"] == c.search["chosen"]          # M = 2's point, as without the last step
+    x = digits.x[:200]
+    assert torch.equal(run(c.graph, x), run(again.graph, x))
