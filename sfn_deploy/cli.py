@@ -249,7 +249,7 @@ def convert_options(fn):
                           "given; 0: off; docs/concepts.md, 'The λ search')."),
         click.option("--fine-if-missed/--no-fine-if-missed", default=None,
                      help="When the result still misses after --levels-if-missed, search once more with 32 "
-                          "linear levels (M 16, --fire linear), at up to about twice the energy (default on "
+                          "linear levels (M 16, --fire linear), at more energy (default on "
                           "unless --levels or --fire is given)."),
         click.option("--fire", type=click.Choice(["sformer", "linear", "exponential"]), default=None,
                      help="Fire function (default sformer)."),

@@ -38,7 +38,8 @@ GOAL = 0.5
 # Still short after LEVELS_IF_MISSED: one more search with 32 linear levels (M 16, linear fire function: the
 # sformer's steps without its coarse tail, top level 32). On well-trained CIFAR CNNs the drop comes from the
 # step size and from the values above M·λθ that the tail rounds down; only a finer step with a longer linear
-# range removes it, at up to about twice the energy (docs/benchmarks.md "What the goal costs").
+# range removes it, at more energy: +12 to +56 % on the held-out CIFAR CNNs where it ran, ×3.1 on an MNIST CNN
+# (docs/benchmarks.md "What the goal costs").
 FINE_IF_MISSED = (16, "linear")
 
 # --input-encoding auto gives the input a neuron where the layers reading it hold at least this share of the
