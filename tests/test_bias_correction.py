@@ -120,7 +120,7 @@ def test_auto_keeps_the_drop_within_the_budget_or_the_goal(cnn_data, monkeypatch
     correct = bias_correction.correct
     monkeypatch.setattr(bias_correction, "correct", lambda *a, **k: seen.append(a[5]) or correct(*a, **k))
     convert(m, data, scale=0.4)
-    convert(m, data, max_drop=1.0, trials=2, levels_if_missed=0)
+    convert(m, data, max_drop=1.0, trials=2, levels_if_missed=0, fine_if_missed=False)
     assert seen == [GOAL, 1.0]
 
 
