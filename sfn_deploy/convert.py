@@ -175,7 +175,7 @@ class _Try:
     levels: int
     fire: str
     applied: Applied
-    checked: Any
+    checked: bias_correction.Checked | None
     score: tuple[float, float]                  # (SNN, ANN) on the validation images, bias correction included
     lam: dict[str, float]
     bias: dict[str, tuple[Any, Any]]

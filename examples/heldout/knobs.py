@@ -41,8 +41,7 @@ from sfn_deploy.convert import build_graph
 from sfn_deploy.data import load_data
 from sfn_deploy.evaluation import accuracy, energy_constants, measure, paired_drop
 from sfn_deploy.models import load_model
-from sfn_deploy.neurons import site_levels
-from sfn_deploy.passes import set_scale
+from sfn_deploy.passes import set_levels, set_scale
 from sfn_deploy.simulators import interpreter as interp
 
 
@@ -61,14 +60,14 @@ def _row(args, graph, test, ann_pred, point, **tags) -> None:
 def levels(args, graph, calib, test, ann_pred) -> None:
     if args.pairs:
         for m, lam in args.pairs:
-            for s in graph.sites:
-                s.attrs.update(M=m, levels=site_levels(m, args.fire, s.attrs["kind"]))
+            set_levels(graph, m, "dense", args.fire)
             _row(args, graph, test, ann_pred, lam, M=m, fire=args.fire, lam=lam)
         return
     for m in args.levels:
         for rounding in args.rounding:
             for s in graph.sites:
-                s.attrs.update(M=m, rounding=rounding, levels=site_levels(m, args.fire, s.attrs["kind"]))
+                s.attrs["rounding"] = rounding
+            set_levels(graph, m, "dense", args.fire)
             for lam in args.lams:
                 _row(args, graph, test, ann_pred, lam, M=m, rounding=rounding, lam=lam)
 

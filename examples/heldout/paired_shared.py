@@ -18,7 +18,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shared_sweep  # noqa: E402
-from shared_sweep import shared_graph  # noqa: E402
 
 
 def compare(name: str, converted: str, lam: float, mnist: str) -> dict:
@@ -30,7 +29,7 @@ def compare(name: str, converted: str, lam: float, mnist: str) -> dict:
     model_path, calibration, test_spec = shared_sweep.rows_of_default_rows(mnist)[name]
     test = load_data(test_spec)
     mine, _ = measure(load(converted).graph, test)
-    graph = shared_graph(model_path, calibration)
+    graph = shared_sweep.shared_graph(model_path, calibration)
     set_scale(graph, lam)
     shared, _ = measure(graph, test)
     ok_mine, ok_shared = mine == test.y, shared == test.y
