@@ -280,6 +280,11 @@ def convert_options(fn):
         click.option("--val-data", default=None,
                      help="Validation images apart from --data (same forms as --data); calibration then uses all "
                           "of --data. Capped by --val-size."),
+        click.option("--check-size", type=int, default=None,
+                     help="Images the search did not choose on (after the validation images, else calibration "
+                          "images) that check the chosen point: its drop there is reported, and a miss there also "
+                          "runs --levels-if-missed and --fine-if-missed (default 2000; 0: off; docs/concepts.md, "
+                          "'Validation images and the drop')."),
         click.option("--storage", default=None,
                      help="Optuna storage: a database URL, a SQLite file path, or a PATH.journal file on a shared "
                           "file system (docs/cli.md, 'Many workers, many machines')."),
@@ -563,7 +568,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
                **{k: v for k, v in result.to_dict().items() if k not in ("layers", "drop")},
                "chosen": converted.search.get("chosen"), "config": cfg.to_dict(),
                "levels": converted.config.get("levels"), "fire": converted.config.get("fire"),
-               "missed": converted.search.get("missed"), "tries": converted.search.get("tries")}
+               "missed": converted.search.get("missed"), "tries": converted.search.get("tries"),
+               "check": converted.search.get("check")}
     from .methods import method_of
     method, steps = method_of(converted.graph)
     payload.update({"method": method, "timesteps": steps, "convert_seconds": converted.metrics["convert_seconds"]})
@@ -583,6 +589,8 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
             f"validation ({_describe_validation(record)}): {_describe_fidelity(result)}  "
             f"energy ratio {result.energy_ratio:.4f}"
             f"{'; ' + format_drop(result.drop) if result.drop else ''}")
+    if converted.search.get("check"):
+        text += "\n" + _describe_check(converted.search["check"])
     bc = converted.metrics.get("bias_correction")
     payload["bias_correction"] = bc
     if bc:
@@ -609,15 +617,28 @@ def _at(t: dict) -> str:
     return f"M = {t['levels']}" + (f" {t['fire']}" if t.get("fire") and t["fire"] != "sformer" else "")
 
 
+def _describe_check(check: dict) -> str:
+    """``check (2,000 of 8,000 images of --data the search did not choose on): drop …``."""
+    from .evaluation import PairedDrop, format_drop
+    where = "--val-data" if check["source"] == "val-data" else "--data"
+    return (f"check ({check['samples']:,} of {check['available']:,} images of {where} the search did not choose "
+            f"on): {format_drop(PairedDrop(**check['drop']))}")
+
+
 def _short_of_goal(r, goal: float, levels: int | None, search: dict) -> str | None:
-    """The default's result still more than its goal below the ANN on the validation images, after the search at
-    every M it tried: said in one line, since nothing else in the output calls it a miss."""
-    from .evaluation import format_drop
-    if r.drop is None or r.drop.points <= goal:
+    """The default's result still more than its goal below the ANN on the validation images or the check's,
+    after the search at every M it tried: said in one line, since nothing else in the output calls it a miss."""
+    from .evaluation import PairedDrop, format_drop
+    check = (search.get("check") or {}).get("drop")
+    where = [f"{format_drop(r.drop)} on the validation images"] if r.drop is not None and r.drop.points > goal \
+        else []
+    if check is not None and check["points"] > goal:
+        where.append(f"{format_drop(PairedDrop(**check))} on the images the search did not choose on")
+    if not where:
         return None
     tried = " or ".join(_at(t) for t in _tries(search, levels) if t.get("levels"))
-    return (f"the converted network's {format_drop(r.drop)} on the validation images is more than the default's "
-            f"goal of {goal:g} points: no λ at {tried} reached it (docs/benchmarks.md "
+    return (f"the converted network's {' and '.join(where)} {'is' if len(where) == 1 else 'are'} more than the "
+            f"default's goal of {goal:g} points: no λ at {tried} reached it (docs/benchmarks.md "
             "\"What the test split can tell\")")
 
 
@@ -632,12 +653,13 @@ def _describe_search(search: dict) -> str:
     tries = _tries(search, search.get("levels"))
     kept = next(i for i, t in enumerate(tries) if t["kept"])
 
-    def accuracy(t: dict) -> float:                # validation, bias correction included
-        return t.get("accuracy", (t.get("chosen") or {}).get("accuracy", float("nan")))
-    before = [f"{'searched again at' if i else 'λ search at'} {_at(t)}: not {within} (validation "
-              f"{accuracy(t):.2f}%)" for i, t in enumerate(tries[:kept])]
-    after = [f"a later search at {_at(t)} was not {within} either (validation {accuracy(t):.2f}%)"
-             for t in tries[kept + 1:]]
+    def reading(t: dict) -> str:                # validation, bias correction included; then the check's drop
+        accuracy = t.get("accuracy", (t.get("chosen") or {}).get("accuracy", float("nan")))
+        check = f", check drop {t['check_drop']:.2f}" if "check_drop" in t else ""
+        return f"validation {accuracy:.2f}%{check}"
+    before = [f"{'searched again at' if i else 'λ search at'} {_at(t)}: not {within} ({reading(t)})"
+              for i, t in enumerate(tries[:kept])]
+    after = [f"a later search at {_at(t)} was not {within} either ({reading(t)})" for t in tries[kept + 1:]]
     text = "; ".join(before) + f"; searched again at {_at(tries[kept])}:\n{line}" if before else line
     if after:
         text += "; " + "; ".join(after) + f", {_at(tries[kept])} kept"

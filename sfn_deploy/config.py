@@ -75,6 +75,8 @@ class ConvertConfig:
     strategy: str | None = None     # tpe | staged (default: tpe for shared, staged otherwise)
     val_size: int = VAL_SIZE        # validation images: all when at most this many, else a random this many
     val_fraction: float | None = None   # instead: a random share of --data (the paper: 0.02); refused with val_size
+    check_size: int = VAL_SIZE      # images the search did not choose on that check its chosen point (0: off);
+    #                                 the ladder (levels_if_missed, fine_if_missed) climbs on a miss there too
     storage: str | None = None      # Optuna storage URL (default: a SQLite file beside the output)
     study: str | None = None        # Optuna study name (default: derived from model and options)
     seed: int = 0
@@ -192,6 +194,8 @@ def _check_ranges(cfg: ConvertConfig) -> None:
         _bad("trials", f"must be ≥ 1, got {cfg.trials}")
     if cfg.val_size < 1:
         _bad("val_size", f"must be ≥ 1 images, got {cfg.val_size}")
+    if cfg.check_size < 0:
+        _bad("check_size", f"must be ≥ 0 images (0: off), got {cfg.check_size}")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction <= 1:
         _bad("val_fraction", f"must lie in (0, 1], got {cfg.val_fraction}")
     if cfg.batch_size < 1:

@@ -243,6 +243,29 @@ class Dataset:
         return val, Validation(source=source, data=pool.name, rule=rule, samples=len(val), available=len(pool),
                                seed=seed)
 
+    def check_split(self, size: int, val_size: int, fraction: float | None = None,
+                    seed: int = 0) -> tuple[Dataset, Validation] | None:
+        """Up to ``size`` images the λ search did not choose on (convert's check of its chosen point), and their
+        record; None when there are none. The readings of the point a search chose as the best of many on the
+        same images are optimistic (docs/concepts.md "Validation images and the drop"); these images are not.
+        They follow :meth:`validation_split`'s images in the same seeded permutation of its pool; when validation
+        took the whole pool (all of ``--val-data``), they are a seeded sample of this set (calibration images,
+        which set θ but were not chosen on)."""
+        pool, source = (self, "data") if self.validation is None else (self.validation, "val-data")
+        taken = (max(1, int(round(fraction * len(self)))) if fraction is not None and self.validation is None
+                 else min(val_size, len(pool)))
+        if taken >= len(pool):
+            if self.validation is None:
+                return None
+            pool, source, taken = self, "data", 0
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+        idx = perm[taken:taken + size]
+        if not len(idx):
+            return None
+        part = pool._part(idx, f"{pool.name}[{len(idx)} not chosen on]")
+        return part, Validation(source=source, data=pool.name, rule="not chosen on", samples=len(part),
+                                available=len(pool), seed=seed)
+
 
 def _check(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
     if x.ndim not in (2, 3, 4):

@@ -140,7 +140,8 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
 
     With ``val_fraction`` the name is the one earlier versions gave; with the count rule it names
     ``val_size`` instead, and a separate validation set (``--val-data``) by a hash of its contents. A staged
-    study also names its strategy and ``max_drop`` (its objective is the energy within that budget)."""
+    study also names its strategy and ``max_drop`` (its objective is the energy within that budget); a network
+    with an input neuron names it."""
     keys = ["levels", "fire", "rounding", "percentile", "search", "val_fraction", "seed", "calib_limit"]
     if cfg.val_fraction is None:
         keys[keys.index("val_fraction")] = "val_size"
@@ -153,6 +154,8 @@ def study_name(source: dict, cfg: ConvertConfig, val_data: Dataset | None = None
         record.update(strategy="staged", max_drop=cfg.max_drop)
     if cfg.correction == "search":            # trials scored corrected: other figures for the same λ
         record["bias_correction"] = "search"
+    if cfg.input_encoding == "spikes":        # an input neuron: another network (analog studies keep their names;
+        record["input_encoding"] = "spikes"   # convert resolves auto before the search)
     if val_data is not None:
         record["val_data"] = val_data.fingerprint()[:16]
     blob = json.dumps(record, sort_keys=True, default=str)

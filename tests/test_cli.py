@@ -75,6 +75,28 @@ def test_convert_names_every_search_of_the_ladder(tmp_path, digits_pt2, monkeypa
     assert (load(out).config["levels"], load(out).config["fire"]) == (16, "linear")
 
 
+def test_convert_reports_the_check_and_warns_of_a_miss_there(tmp_path, digits_pt2, monkeypatch):
+    """The check's drop (images the search did not choose on) is a line of the output and the JSON's ``check``;
+    without a budget, a check still past the goal after every M is named in the goal warning."""
+    import importlib
+
+    from sfn_deploy.evaluation import PairedDrop
+    args = ["convert", digits_pt2, "--data", "sklearn:digits", "--levels", 8, "--trials", 4, "--val-size", 600,
+            "--check-size", 1000, "-o", tmp_path / "m.pt"]
+    r = sfn(*args)
+    assert r.returncode == 0, r.stderr
+    assert "check (1,000 of 1,797 images of --data the search did not choose on): drop " in r.stdout
+    payload = json.loads(sfn(*args, "--json").stdout)
+    assert payload["check"]["samples"] == 1000 and payload["check"]["drop"]["n"] == 1000
+    conversion = importlib.import_module("sfn_deploy.convert")
+    monkeypatch.setattr(conversion._Check, "drop", lambda self, graph, batch_size: PairedDrop(
+        points=2.5, low=1.5, high=3.5, confidence=0.95, n=len(self.data), ann_only=30, snn_only=5))
+    r = sfn(*args)
+    line = next(x for x in r.stderr.splitlines() if "default's goal of 0.5 points" in x)
+    assert "drop 2.50 points (95 % CI 1.50 to 3.50, paired, n = 1,000) on the images the search did not " \
+           "choose on" in line and "no λ at M = 8 reached it" in line
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, digits_pt2):
     out = tmp_path_factory.mktemp("conv") / "model.pt"

@@ -564,6 +564,18 @@ def test_staged_study_resumes_without_losing_trials(tmp_path, digits, digits_mlp
     assert result.chosen is not None
 
 
+def test_an_input_neuron_is_another_study(tmp_path, digits, digits_mlp):
+    """The same storage, the input analog and then read by an input neuron: two networks, two studies (the
+    second runs its own trials instead of reading the first's accuracies); auto resolves before the name."""
+    from sfn_deploy.convert import convert
+    url = f"sqlite:///{tmp_path / 'enc.db'}"
+    runs = {enc: convert(digits_mlp, digits, trials=2, levels=8, storage=url, input_encoding=enc).search
+            for enc in ("analog", "spikes", "auto")}
+    assert runs["analog"]["study"] != runs["spikes"]["study"] == runs["auto"]["study"]   # auto: spikes (48 %)
+    assert runs["spikes"]["trials_completed"] == 2 and runs["auto"]["trials_completed"] == 2    # auto reused it
+    assert runs["analog"]["chosen"]["energy_ratio"] != runs["spikes"]["chosen"]["energy_ratio"]
+
+
 def test_staged_and_tpe_studies_are_told_apart(tmp_path, digits, digits_mlp):
     url = f"sqlite:///{tmp_path / 'both.db'}"
     cfg = load_config("", {"trials": 2, "storage": url, "study": "s", "val_fraction": 0.3, "search": "per-site",
@@ -740,3 +752,61 @@ def test_when_every_step_misses_the_most_accurate_try_is_kept(digits_mlp, digits
     assert again.search["chosen"] == c.search["chosen"]          # M = 2's point, as without the last step
     x = digits.x[:200]
     assert torch.equal(run(c.graph, x), run(again.graph, x))
+
+
+def _check_drops(monkeypatch, points_at):
+    """convert's check (``_Check.drop``) reads ``points_at(M)`` points instead of running the SNN."""
+    import importlib
+
+    from sfn_deploy.evaluation import PairedDrop
+    conversion = importlib.import_module("sfn_deploy.convert")       # the package exports convert(), a function
+
+    def fake(self, graph, batch_size):
+        p = points_at(graph.sites[0].attrs["M"])
+        return PairedDrop(points=p, low=p - 1, high=p + 1, confidence=0.95, n=len(self.data))
+    monkeypatch.setattr(conversion._Check, "drop", fake)
+
+
+def test_the_check_is_the_drop_on_images_the_search_did_not_choose_on(digits_mlp, digits):
+    """600 validation images choose λ; the check's record is evaluate's drop on the next 1,000 of the same
+    permutation, none of them validation images."""
+    from sfn_deploy.convert import convert
+    from sfn_deploy.evaluation import evaluate
+    c = convert(digits_mlp, digits, trials=4, levels=8, val_size=600, check_size=1000, validate=True)
+    check = c.search["check"]
+    images, _ = digits.check_split(1000, 600)
+    assert (check["samples"], check["available"], check["source"]) == (1000, 1797, "data")
+    assert check["drop"]["points"] == pytest.approx(evaluate(c, images).drop.points)
+    assert c.metrics["samples"] == 600 and "missed" not in c.search
+    assert "check" not in convert(digits_mlp, digits, trials=4, levels=8, val_size=600, check_size=0).search
+    # fewer images than resolve the goal (images_needed(0.5) = 765): no check
+    assert "check" not in convert(digits_mlp, digits, trials=4, levels=8, val_size=600, check_size=700).search
+
+
+def test_without_a_budget_a_miss_on_the_check_alone_climbs_the_ladder(digits_mlp, digits, monkeypatch):
+    """Validation says M = 1 is within the goal (its corrected result agrees with the ANN everywhere), the check
+    says 3 points: M = 2 is searched and kept, where the check reads 0.1; each try records its check drop."""
+    from sfn_deploy.convert import convert
+    _checked_as(monkeypatch, lambda graph, checked: checked.ann.clone())
+    _check_drops(monkeypatch, lambda m: 3.0 if m == 1 else 0.1)
+    c = convert(digits_mlp, digits, trials=4, levels=1, levels_if_missed=2, fine_if_missed=False, val_size=600,
+                check_size=1000)
+    s = c.search
+    assert [(t["levels"], t["check_drop"], t["kept"]) for t in s["tries"]] == [(1, 3.0, False), (2, 0.1, True)]
+    assert c.config["levels"] == 2 and s["check"]["drop"]["points"] == 0.1
+    # every try misses the check: the one with the smallest check drop is kept, whatever validation says
+    _check_drops(monkeypatch, lambda m: 2.0 if m == 1 else 4.0)
+    c = convert(digits_mlp, digits, trials=4, levels=1, levels_if_missed=2, fine_if_missed=False, val_size=600,
+                check_size=1000)
+    assert c.config["levels"] == 1 and [t["kept"] for t in c.search["tries"]] == [True, False]
+    assert c.search["check"]["drop"]["points"] == 2.0
+
+
+def test_with_a_budget_a_miss_on_the_check_alone_is_reported_not_searched_again(digits_mlp, digits, monkeypatch):
+    """With --max-drop every step takes the cheapest point within the budget on the same validation images, so a
+    check miss repeats at every M (the bundled CNN: 0.50, 0.65, 0.65 at budget 0.3): it is recorded only."""
+    from sfn_deploy.convert import convert
+    _check_drops(monkeypatch, lambda m: 9.0)
+    c = convert(digits_mlp, digits, trials=4, levels=8, levels_if_missed=12, max_drop=3.0, val_size=600,
+                check_size=1000)
+    assert "missed" not in c.search and c.config["levels"] == 8 and c.search["check"]["drop"]["points"] == 9.0

@@ -78,6 +78,37 @@ def test_val_data_is_the_validation_pool():
         _data(10).with_validation(wrong)
 
 
+def _values(d):
+    return set(d.x.flatten().tolist())
+
+
+def test_check_images_follow_the_validation_images_and_are_none_of_them():
+    big = _data(10_000)
+    val, _ = big.validation_split(2000, seed=3)
+    check, rec = big.check_split(2000, 2000, seed=3)
+    assert len(check) == 2000 and not _values(check) & _values(val)
+    assert (rec.source, rec.rule, rec.samples, rec.available) == ("data", "not chosen on", 2000, 10_000)
+    # the next images of validation's permutation: a larger validation set takes the check's first images
+    assert _values(check.limit(500)) <= _values(big.validation_split(2500, seed=3)[0])
+    assert len(_data(3000).check_split(2000, 2000)[0]) == 1000           # what is left after validation
+    assert _data(1797).check_split(2000, 2000) is None                   # validation took every image
+    frac, _ = _data(2000).check_split(2000, 2000, fraction=0.02)         # after --val-fraction's 40 images
+    assert len(frac) == 1960 and not _values(frac) & _values(_data(2000).validation_split(2000, 0.02)[0])
+
+
+def test_with_val_data_the_check_takes_its_rest_else_calibration_images():
+    d = _data(3000).with_validation(_data(2500, "v"))
+    check, rec = d.check_split(2000, 2000)
+    assert len(check) == 500 and (rec.source, rec.data) == ("val-data", "v")
+    assert not _values(check) & _values(d.validation_split(2000)[0])
+    small = _data(3000).with_validation(_data(1000, "v"))                # validation took all of --val-data
+    check, rec = small.check_split(2000, 2000)
+    assert len(check) == 2000 and (rec.source, rec.data, rec.available) == ("data", "d", 3000)
+    with pytest.raises(UserError, match="'check_size'"):
+        load_config("", {"check_size": -1})
+    assert load_config("", {}).check_size == VAL_SIZE
+
+
 # ---------------------------------------------------------------- the paired interval
 
 def test_tango_interval_known_answers():

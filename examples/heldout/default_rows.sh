@@ -33,7 +33,9 @@ print(json.dumps({"model": name, "tag": tag, "flags": flags.strip(), "lam": c["l
                   "test_ann": round(e["ann_accuracy"], 2), "test_snn": round(e["accuracy"], 2),
                   "test_drop": round(e["ann_accuracy"] - e["accuracy"], 2), "agreement": round(e["agreement"], 2),
                   "energy": round(e["energy_ratio"], 4), "convert_seconds": c.get("convert_seconds"),
-                  "levels": c.get("levels"), "missed": c.get("missed")}))
+                  "levels": c.get("levels"), "missed": c.get("missed"),
+                  "check_drop": ((c.get("check") or {}).get("drop") or {}).get("points"),
+                  "tries": [[t["levels"], t["fire"], t.get("check_drop"), t["kept"]] for t in c.get("tries") or []]}))
 PY
 }
 while read -r -u 3 name model cal tst extra; do
