@@ -561,6 +561,9 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
     short = _short_of_goal(result, cfg.goal, converted.config.get("levels"), converted.search) if goal else None
     if short:
         _warn(short)
+    over = _check_over_budget(converted.search, cfg.max_drop)
+    if over:
+        _warn(over)
     if _writer():
         save(converted, output)
     lams = sorted({round(s.attrs["lam"], 4) for s in converted.sites if s.attrs["kind"] != "softmax"})
@@ -623,6 +626,17 @@ def _describe_check(check: dict) -> str:
     where = "--val-data" if check["source"] == "val-data" else "--data"
     return (f"check ({check['samples']:,} of {check['available']:,} images of {where} the search did not choose "
             f"on): {format_drop(PairedDrop(**check['drop']))}")
+
+
+def _check_over_budget(search: dict, max_drop: float | None) -> str | None:
+    """With --max-drop, a check drop past the budget: said, since nothing is searched again for it."""
+    check = (search.get("check") or {}).get("drop")
+    if max_drop is None or check is None or check["points"] <= max_drop:
+        return None
+    from .evaluation import PairedDrop, format_drop
+    return (f"on the images the search did not choose on, the {format_drop(PairedDrop(**check))} is more than "
+            f"--max-drop {max_drop:g}: the budget may not hold on other images (more validation images, or "
+            "--val-data with unseen ones, choose more reliably; docs/concepts.md \"Validation images and the drop\")")
 
 
 def _short_of_goal(r, goal: float, levels: int | None, search: dict) -> str | None:

@@ -95,6 +95,11 @@ def test_convert_reports_the_check_and_warns_of_a_miss_there(tmp_path, digits_pt
     line = next(x for x in r.stderr.splitlines() if "default's goal of 0.5 points" in x)
     assert "drop 2.50 points (95 % CI 1.50 to 3.50, paired, n = 1,000) on the images the search did not " \
            "choose on" in line and "no λ at M = 8 reached it" in line
+    r = sfn(*args, "--max-drop", 2)                    # a budget: reported, with the budget it passes
+    assert "default's goal" not in r.stderr
+    line = next(x for x in r.stderr.splitlines() if "did not choose on" in x)
+    assert "drop 2.50 points" in line and "more than --max-drop 2:" in line
+    assert "did not choose on" not in sfn(*args, "--max-drop", 3).stderr
 
 
 @pytest.fixture(scope="module")
