@@ -734,6 +734,8 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
             f"chosen: trial {chosen.trial} ({chosen.rule})")
     if "missed" in search:
         text += "\n" + _describe_search(search)
+    if search.get("check"):
+        text += "\n" + _describe_check(search["check"])
     _emit(as_json, {**search, "output": output}, text)
 
 

@@ -318,3 +318,15 @@ def test_tune_records_the_validation(tmp_path, digits_pt2):
     assert d["val_samples"] == 100 and "validation" in d and list(d)[-1] == "output"
     assert d["checks"] and d["images"] >= 2 * 100           # the chosen point was checked at its neighbours
     assert d["validation"]["rule"] == "random subset" and d["validation"]["available"] == 1797
+
+
+def test_tune_with_an_output_checks_its_point_as_convert_does(tmp_path, digits_pt2):
+    """``tune -o`` writes what convert would, the check on images the search did not choose on included."""
+    args = ("tune", digits_pt2, "--data", "sklearn:digits", "--trials", 2, "--levels", 8, "--val-size", 600,
+            "--storage", tmp_path / "t.db", "-o", tmp_path / "m.pt")
+    code, stdout, stderr = _cli(*args)
+    assert code == 0, stderr
+    assert "check (1,197 of 1,797 images of --data the search did not choose on): drop " in stdout   # the rest
+    assert load(str(tmp_path / "m.pt")).search["check"]["samples"] == 1197
+    code, stdout, _ = _cli(*args[:-2], "--json")                         # without -o: no conversion, no check
+    assert code == 0 and "check" not in json.loads(stdout)
