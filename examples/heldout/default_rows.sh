@@ -8,7 +8,8 @@
 # cifar10_calib4k, 30 trials, both tested on the 4,000 held-out images). Rows: OUT/rows.jsonl; a row whose evaluation exists is skipped, so a rerun resumes.
 # Needs /tmp/heldout (train_mnist.py --write-npz), /tmp/heldout2 (train_mnist.py --seed-offset 1 --out) and
 # /tmp/cifar_splits (train_cifar.py --write-splits); /tmp/heldout3 (--seed-offset 2) is used when it exists.
-# ROWS=REGEX runs only the rows whose name matches (e.g. ROWS='^(heldout3|cifar)_').
+# ROWS=REGEX runs only the rows whose name matches (e.g. ROWS='^(heldout3|cifar)_'); MODELS=FILE reads rows in the
+# same form from FILE instead (e.g. examples/heldout/models_calib4k.txt).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 M=${SFN_MNIST:-../shared/data/mnist}
@@ -39,8 +40,8 @@ print(json.dumps({"model": name, "tag": tag, "flags": flags.strip(), "lam": c["l
 PY
 }
 while read -r -u 3 name model cal tst extra; do
-  [[ -z $name || $name == \#* || ! -f $model ]] && continue
+  [[ -z $name || $name == \#* || ($model != *:* && ! -f $model) ]] && continue
   # shellcheck disable=SC2086  # extra holds several options
   row "$name" "$model" "${cal//\{mnist\}/$M}" "${tst//\{mnist\}/$M}" $extra
-done 3< examples/heldout/models.txt
+done 3< "${MODELS:-examples/heldout/models.txt}"
 echo "DONE $tag" >> "$out/log"
