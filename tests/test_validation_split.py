@@ -208,10 +208,15 @@ def test_convert_warns_validates_on_val_data_and_records_it(tmp_path, digits_pt2
     code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "--val-data",
                                 val_files / "val.npz", "-o", out, "--trials", 3, "--max-drop", 0.5, "--json")
     assert code == 0, stderr
-    assert stderr.strip().splitlines() == [
+    first, *rest = stderr.strip().splitlines()
+    assert first == (
         "warning: 300 validation images resolve 0.33 points (one image; a drop below 1.3 cannot be told from "
-        "zero); --max-drop 0.5 needs at least 765 (only 300 images are available: give more with --val-data)"]
+        "zero); --max-drop 0.5 needs at least 765 (only 300 images are available: give more with --val-data)")
+    assert all(x.startswith("warning: on the images the search did not choose on, the drop ") for x in rest)
     d = json.loads(stdout)
+    # validation took all of --val-data: the check runs on calibration images (all 1,797, fewer than 2,000)
+    assert (d["check"]["source"], d["check"]["samples"], d["check"]["available"]) == ("data", 1797, 1797)
+    assert bool(rest) == (d["check"]["drop"]["points"] > 0.5)
     assert list(d)[:3] == ["output", "sites", "lam"] and {"drop", "validation"} <= set(d)
     assert d["samples"] == 300 and d["drop"]["n"] == 300
     assert set(d["drop"]) == {"points", "low", "high", "confidence", "n", "ann_only", "snn_only", "method"}
@@ -232,7 +237,7 @@ def test_convert_warns_when_the_measured_interval_is_wider_than_the_budget(tmp_p
     def run(d):
         code, stdout, stderr = _cli("convert", digits_pt2, "--data", "sklearn:digits", "--val-data",
                                     val_files / "val.npz", "-o", tmp_path / "m.pt", "--trials", 3,
-                                    "--max-drop", d, "--input-encoding", "analog", "--json")
+                                    "--max-drop", d, "--input-encoding", "analog", "--check-size", 0, "--json")
         assert code == 0, stderr
         return json.loads(stdout)["drop"], stderr.strip().splitlines()
     drop, lines = run(1.5)
