@@ -200,7 +200,7 @@ def _check_images(c: Conversion) -> _Check | None:
     found = c.data.check_split(cfg.check_size, cfg.val_size, cfg.val_fraction, cfg.seed) if cfg.check_size else None
     if found is None or need is None or len(found[0]) < need:
         return None
-    data = found[0].in_memory(cfg.batch_size)
+    data = found[0]         # streamed photos stay streamed: decoded per pass, not held beside the validation images
     return _Check(data, found[1], ann_reference(c.captured(), data, cfg.fidelity, cfg.batch_size))
 
 

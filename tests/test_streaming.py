@@ -91,3 +91,15 @@ def test_the_search_decodes_its_validation_images_once(photos, net, monkeypatch)
     decoded = Decoded(monkeypatch)
     convert(net, ds, trials=3, val_size=12, batch_size=8, search="shared")
     assert sorted(decoded.sizes) == [2, 8, 12]      # capture's two, bias correction's batch, the validation images
+
+
+def test_the_check_streams_its_images_and_reads_as_in_memory(photos, net, monkeypatch):
+    """convert's check of its chosen point (here the 18 photos after validation's 12; a 30-point budget needs 9)
+    reads them batch by batch, never all at once, and gives the drop the same images give in memory."""
+    ds = load_data(photos, parse_options(OPTIONS))
+    mem = ds.in_memory()
+    decoded = Decoded(monkeypatch)
+    opts = dict(trials=2, val_size=12, batch_size=8, search="shared", max_drop=30.0)
+    streamed = convert(net, ds, **opts).search["check"]
+    assert streamed["samples"] == 18 and 18 not in decoded.sizes
+    assert streamed["drop"] == convert(net, mem, **opts).search["check"]["drop"]
