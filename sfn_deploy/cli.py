@@ -593,7 +593,7 @@ def convert_cmd(model, data, output, config_file, weights, model_args, trust_pic
             f"energy ratio {result.energy_ratio:.4f}"
             f"{'; ' + format_drop(result.drop) if result.drop else ''}")
     if converted.search.get("check"):
-        text += "\n" + _describe_check(converted.search["check"])
+        text += "\n" + _describe_check(converted.search)
     bc = converted.metrics.get("bias_correction")
     payload["bias_correction"] = bc
     if bc:
@@ -620,21 +620,29 @@ def _at(t: dict) -> str:
     return f"M = {t['levels']}" + (f" {t['fire']}" if t.get("fire") and t["fire"] != "sformer" else "")
 
 
-def _describe_check(check: dict) -> str:
+def _check_drop(search: dict):
+    """The recorded drop on the images the search did not choose on (a PairedDrop), or None."""
+    from .evaluation import PairedDrop
+    drop = (search.get("check") or {}).get("drop")
+    return None if drop is None else PairedDrop(**drop)
+
+
+def _describe_check(search: dict) -> str:
     """``check (2,000 of 8,000 images of --data the search did not choose on): drop …``."""
-    from .evaluation import PairedDrop, format_drop
+    from .evaluation import format_drop
+    check = search["check"]
     where = "--val-data" if check["source"] == "val-data" else "--data"
     return (f"check ({check['samples']:,} of {check['available']:,} images of {where} the search did not choose "
-            f"on): {format_drop(PairedDrop(**check['drop']))}")
+            f"on): {format_drop(_check_drop(search))}")
 
 
 def _check_over_budget(search: dict, max_drop: float | None) -> str | None:
     """With --max-drop, a check drop past the budget: said, since nothing is searched again for it."""
-    check = (search.get("check") or {}).get("drop")
-    if max_drop is None or check is None or check["points"] <= max_drop:
+    check = _check_drop(search)
+    if max_drop is None or check is None or check.points <= max_drop:
         return None
-    from .evaluation import PairedDrop, format_drop
-    return (f"on the images the search did not choose on, the {format_drop(PairedDrop(**check))} is more than "
+    from .evaluation import format_drop
+    return (f"on the images the search did not choose on, the {format_drop(check)} is more than "
             f"--max-drop {max_drop:g}: the budget may not hold on other images (more validation images, or "
             "--val-data with unseen ones, choose more reliably; docs/concepts.md \"Validation images and the drop\")")
 
@@ -642,12 +650,12 @@ def _check_over_budget(search: dict, max_drop: float | None) -> str | None:
 def _short_of_goal(r, goal: float, levels: int | None, search: dict) -> str | None:
     """The default's result still more than its goal below the ANN on the validation images or the check's,
     after the search at every M it tried: said in one line, since nothing else in the output calls it a miss."""
-    from .evaluation import PairedDrop, format_drop
-    check = (search.get("check") or {}).get("drop")
+    from .evaluation import format_drop
+    check = _check_drop(search)
     where = [f"{format_drop(r.drop)} on the validation images"] if r.drop is not None and r.drop.points > goal \
         else []
-    if check is not None and check["points"] > goal:
-        where.append(f"{format_drop(PairedDrop(**check))} on the images the search did not choose on")
+    if check is not None and check.points > goal:
+        where.append(f"{format_drop(check)} on the images the search did not choose on")
     if not where:
         return None
     tried = " or ".join(_at(t) for t in _tries(search, levels) if t.get("levels"))
@@ -735,7 +743,7 @@ def tune_cmd(model, data, output, config_file, weights, model_args, trust_pickle
     if "missed" in search:
         text += "\n" + _describe_search(search)
     if search.get("check"):
-        text += "\n" + _describe_check(search["check"])
+        text += "\n" + _describe_check(search)
     _emit(as_json, {**search, "output": output}, text)
 
 

@@ -201,10 +201,13 @@ class Dataset:
             return self
         return self._part(torch.arange(n), f"{self.name}[:{n}]")
 
+    def _permutation(self, seed: int) -> torch.Tensor:
+        """The seeded order :meth:`split`, :meth:`sample` and :meth:`check_split` draw from."""
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+
     def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """A random validation part of the given fraction (at least one sample) and the rest."""
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(self), generator=g)
+        perm = self._permutation(seed)
         k = max(1, int(round(fraction * len(self))))
         return self.subset(perm[:k]), self.subset(perm[k:])
 
@@ -213,8 +216,7 @@ class Dataset:
         the permutation :meth:`split` draws from, so a smaller sample is part of a larger one)."""
         if n >= len(self):
             return self
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self._part(perm[:n], f"{self.name}[random {n} of {len(self)}]")
+        return self._part(self._permutation(seed)[:n], f"{self.name}[random {n} of {len(self)}]")
 
     def with_validation(self, val: Dataset) -> Dataset:
         """This set with ``val`` kept apart for validation (``--val-data``); the sample shapes must match."""
@@ -251,15 +253,14 @@ class Dataset:
         They follow :meth:`validation_split`'s images in the same seeded permutation of its pool; when validation
         took the whole pool (all of ``--val-data``), they are a seeded sample of this set (calibration images,
         which set θ but were not chosen on)."""
-        pool, source = (self, "data") if self.validation is None else (self.validation, "val-data")
-        taken = (max(1, int(round(fraction * len(self)))) if fraction is not None and self.validation is None
-                 else min(val_size, len(pool)))
-        if taken >= len(pool):
+        taken = self.validation_split(val_size, fraction, seed)[1]
+        pool = self if self.validation is None else self.validation
+        source, start = taken.source, taken.samples
+        if start >= len(pool):
             if self.validation is None:
                 return None
-            pool, source, taken = self, "data", 0
-        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-        idx = perm[taken:taken + size]
+            pool, source, start = self, "data", 0
+        idx = pool._permutation(seed)[start:start + size]
         if not len(idx):
             return None
         part = pool._part(idx, f"{pool.name}[{len(idx)} not chosen on]")
